@@ -1,0 +1,29 @@
+"""Each benchmark owns one marked section of bench/RESULTS.md and rewrites only that section."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+HEADER = "# hashdb benchmark results\n\nEach section is rewritten by the script named in it; see its command line.\n"
+
+
+def machine_line() -> str:
+    return (
+        f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+        f"Python {sys.version.split()[0]}, {platform.system()} {platform.release()}"
+    )
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) the section between the markers for ``name`` in bench/RESULTS.md."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body.rstrip()}\n{end}\n"
+    text = RESULTS.read_text() if RESULTS.exists() else HEADER
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.S)
+    text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block
+    RESULTS.write_text(text)

@@ -1,0 +1,58 @@
+"""hashdb: find copies of neural-network models among millions.
+
+``import hashdb`` stays light: HashDB (numba, lmdb) and the client load on first use, and the codec never
+imports torch until a model is actually hashed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    BitsMismatch,
+    HashDBError,
+    InvalidArgument,
+    InvalidCode,
+    InvalidKey,
+    InvalidMeta,
+    KeyNotFound,
+    ModelFormatError,
+    ProtocolError,
+    ServerError,
+    StorageError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HashDB",
+    "connect",
+    "HashDBError",
+    "InvalidCode",
+    "InvalidKey",
+    "InvalidMeta",
+    "InvalidArgument",
+    "KeyNotFound",
+    "BitsMismatch",
+    "StorageError",
+    "ModelFormatError",
+    "ProtocolError",
+    "ServerError",
+    "__version__",
+]
+
+if TYPE_CHECKING:
+    from .client import connect
+    from .db import HashDB
+
+
+def __getattr__(name: str) -> Any:
+    if name == "HashDB":
+        from .db import HashDB
+
+        return HashDB
+    if name == "connect":
+        from .client import connect
+
+        return connect
+    raise AttributeError(f"module 'hashdb' has no attribute {name!r}")

@@ -1,0 +1,69 @@
+"""The error hierarchy. The CLI maps these to exit codes and the server to error replies."""
+
+from __future__ import annotations
+
+
+class HashDBError(Exception):
+    """Base class of every error hashdb raises on purpose."""
+
+
+class InvalidCode(HashDBError, ValueError):
+    """A code of the wrong length, bad hex, a non-binary array, or an unsupported type."""
+
+
+class InvalidKey(HashDBError, ValueError):
+    """A key that is not a non-empty str or is longer than 511 utf-8 bytes."""
+
+
+class InvalidMeta(HashDBError, ValueError):
+    """Metadata that msgpack cannot serialize (or that is not a mapping)."""
+
+
+class InvalidArgument(HashDBError, ValueError):
+    """Any other bad argument: a negative radius, k < 1, bits not a multiple of 64, an unknown force=..."""
+
+
+class KeyNotFound(HashDBError, KeyError):
+    """The key is not in the database."""
+
+    def __str__(self) -> str:  # KeyError's str() would quote the message
+        return str(self.args[0]) if self.args else "key not found"
+
+
+class BitsMismatch(HashDBError):
+    """The database was created with another code width than the one asked for."""
+
+
+class StorageError(HashDBError):
+    """The database directory cannot be opened, is of an unknown format, or is corrupted."""
+
+
+class ModelFormatError(HashDBError):
+    """A model file or object that cannot be read, is empty, or holds no convolution weights."""
+
+
+class ProtocolError(HashDBError):
+    """A malformed, oversized or unknown request or reply on the server socket."""
+
+
+class ServerError(HashDBError):
+    """The server is unreachable or answered with an error hashdb has no class for."""
+
+
+# Stable names used on the wire and by the CLI; the server sends type(e).__name__ and the client maps it back.
+ERROR_TYPES: dict[str, type[HashDBError]] = {
+    cls.__name__: cls
+    for cls in (
+        HashDBError,
+        InvalidCode,
+        InvalidKey,
+        InvalidMeta,
+        InvalidArgument,
+        KeyNotFound,
+        BitsMismatch,
+        StorageError,
+        ModelFormatError,
+        ProtocolError,
+        ServerError,
+    )
+}

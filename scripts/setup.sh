@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv and install hashdb with its test and bench extras. Idempotent; safe on a fresh machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+# The CPU build of torch; a looser spec can pull a multi-GB CUDA build.
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[test${HASHDB_EXTRAS:+,$HASHDB_EXTRAS}]"
