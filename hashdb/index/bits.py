@@ -1,0 +1,90 @@
+"""Bit-level numba kernels: popcount, row distances, substring extraction, growable result buffers.
+
+Everything here is a small pure function over arrays and scalars, inlined into the structures' kernels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, types
+from numba.extending import intrinsic
+
+
+@intrinsic
+def _ctpop64(typingctx, x):  # type: ignore[no-untyped-def]
+    # LLVM's ctpop lowers to the POPCNT instruction on the host CPU; typed int64 so sums stay integer.
+    sig = types.int64(types.uint64)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.ctpop(args[0])
+
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def popcount64(x: np.uint64) -> int:
+    return _ctpop64(x)
+
+
+@njit(cache=True, inline="always")
+def row_distance(codes: np.ndarray, i: int, query: np.ndarray) -> int:
+    """Hamming distance between row ``i`` of a (n, words) uint64 matrix and a (words,) query."""
+    d = 0
+    for w in range(query.shape[0]):
+        d += _ctpop64(codes[i, w] ^ query[w])
+    return d
+
+
+@njit(cache=True, inline="always")
+def substring_of(row: np.ndarray, start: int, length: int) -> np.uint64:
+    """Bits [start, start+length) of a code (bit b = bit b%64 of word b//64), length <= 32, as an integer."""
+    w = start >> 6
+    off = start & 63
+    mask = (np.uint64(1) << np.uint64(length)) - np.uint64(1)
+    v = row[w] >> np.uint64(off)
+    if off + length > 64:
+        v |= row[w + 1] << np.uint64(64 - off)
+    return v & mask
+
+
+@njit(cache=True)
+def grow_i64(a: np.ndarray, need: int) -> np.ndarray:
+    if need <= a.shape[0]:
+        return a
+    b = np.empty(max(need, 2 * a.shape[0]), a.dtype)
+    b[: a.shape[0]] = a
+    return b
+
+
+@njit(cache=True)
+def grow_i32(a: np.ndarray, need: int) -> np.ndarray:
+    if need <= a.shape[0]:
+        return a
+    b = np.empty(max(need, 2 * a.shape[0]), a.dtype)
+    b[: a.shape[0]] = a
+    return b
+
+
+@njit(cache=True)
+def distances_to(codes: np.ndarray, ids: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Distances from ``query`` to the rows ``ids`` of ``codes``."""
+    out = np.empty(ids.shape[0], np.int32)
+    for j in range(ids.shape[0]):
+        out[j] = row_distance(codes, ids[j], query)
+    return out
+
+
+@njit(cache=True)
+def knn_threshold(hist: np.ndarray, k: int) -> int:
+    """Smallest distance t with at least k entries at distance <= t in ``hist``; -1 if there are fewer."""
+    c = 0
+    for t in range(hist.shape[0]):
+        c += hist[t]
+        if c >= k:
+            return t
+    return -1
+
+
+def popcount_rows(x: np.ndarray) -> np.ndarray:
+    """Plain numpy popcount per row of a uint64 matrix (oracle helper, not a hot path)."""
+    return np.unpackbits(np.ascontiguousarray(x).view(np.uint8), axis=-1).sum(axis=-1, dtype=np.int64)

@@ -1,0 +1,139 @@
+"""MemoryIndex: the shell HashDB talks to. Argument checking and bookkeeping only; kernels live elsewhere."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..codes import check_bits
+from ..errors import InvalidArgument
+from .base import CodeMatrix, Result, Structure
+from .scan import Scan
+
+FORCES = (None, "mih", "bktree", "scan")
+
+
+class MemoryIndex:
+    """Exact Hamming radius and k-NN over codes keyed by dense integer ids."""
+
+    def __init__(self, bits: int) -> None:
+        self.bits = check_bits(bits)
+        self.words = self.bits // 64
+        self.matrix = CodeMatrix(self.bits)
+        self.scan = Scan(self.matrix)
+        self.structures: dict[str, Structure] = {"scan": self.scan}
+
+    # ---- contents -------------------------------------------------------------------------------------
+    def _check_ids(self, ids: Any) -> np.ndarray:
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+            raise InvalidArgument(f"ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+        ids = ids.astype(np.int64, copy=False)
+        if ids.size and ids.min() < 0:
+            raise InvalidArgument("ids must be >= 0")
+        return ids
+
+    def _check_codes(self, codes: Any, n: int) -> np.ndarray:
+        codes = np.asarray(codes)
+        if codes.dtype != np.uint64 or codes.shape != (n, self.words):
+            raise InvalidArgument(f"codes must be uint64 of shape ({n}, {self.words}), got {codes.dtype} {codes.shape}")
+        return np.ascontiguousarray(codes)
+
+    def bulk_load(self, ids: np.ndarray, codes: np.ndarray) -> None:
+        ids = self._check_ids(ids)
+        codes = self._check_codes(codes, ids.size)
+        if np.unique(ids).size != ids.size:
+            raise InvalidArgument("bulk_load ids must be distinct")
+        self.matrix.load(ids, codes)
+        for s in self.structures.values():
+            s.rebuild()
+
+    def add(self, ids: np.ndarray, codes: np.ndarray) -> None:
+        ids = self._check_ids(ids)
+        codes = self._check_codes(codes, ids.size)
+        if ids.size == 0:
+            return
+        # Last occurrence wins when an id repeats within one call.
+        rev_unique, rev_idx = np.unique(ids[::-1], return_index=True)
+        keep = ids.size - 1 - rev_idx
+        ids, codes = ids[keep], codes[keep]
+        self.matrix.put(ids, codes)
+        for s in self.structures.values():
+            s.added(ids)
+
+    def remove(self, ids: np.ndarray) -> None:
+        ids = self._check_ids(ids)
+        gone = self.matrix.kill(np.unique(ids))
+        if gone.size:
+            for s in self.structures.values():
+                s.removed(gone)
+
+    def __len__(self) -> int:
+        return self.matrix.n_alive
+
+    def __contains__(self, id: object) -> bool:
+        if isinstance(id, bool) or not isinstance(id, int | np.integer):
+            return False
+        i = int(id)
+        return 0 <= i < self.matrix.capacity and bool(self.matrix.alive[i])
+
+    # ---- queries --------------------------------------------------------------------------------------
+    def _check_query(self, query: Any) -> np.ndarray:
+        q = np.asarray(query)
+        if q.dtype != np.uint64 or q.shape != (self.words,):
+            raise InvalidArgument(f"query must be uint64 of shape ({self.words},), got {q.dtype} {q.shape}")
+        return np.ascontiguousarray(q)
+
+    @staticmethod
+    def _check_force(force: str | None) -> None:
+        if force not in FORCES:
+            raise InvalidArgument(f"force must be one of {FORCES}, got {force!r}")
+
+    @staticmethod
+    def _check_int(name: str, value: Any, low: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+            raise InvalidArgument(f"{name} must be an int >= {low}, got {value!r}")
+        return int(value)
+
+    def _structure(self, name: str) -> Structure:
+        return self.structures[name]
+
+    def plan(self, r: int) -> str:
+        self._check_int("r", r, 0)
+        return "scan"
+
+    def radius(self, query: np.ndarray, r: int, force: str | None = None) -> Result:
+        self._check_force(force)
+        r = self._check_int("r", r, 0)
+        q = self._check_query(query)
+        name = force or self.plan(r)
+        return self._structure(name).radius(q, r)  # type: ignore[return-value]
+
+    def radius_many(self, queries: np.ndarray, r: int, force: str | None = None) -> list[Result]:
+        self._check_force(force)
+        r = self._check_int("r", r, 0)
+        qs = np.asarray(queries)
+        if qs.dtype != np.uint64 or qs.ndim != 2 or qs.shape[1] != self.words:
+            raise InvalidArgument(f"queries must be uint64 of shape (n, {self.words}), got {qs.dtype} {qs.shape}")
+        return [self.radius(q, r, force) for q in qs]
+
+    def knn(self, query: np.ndarray, k: int, force: str | None = None) -> Result:
+        self._check_force(force)
+        k = self._check_int("k", k, 1)
+        q = self._check_query(query)
+        return self._structure(force or "scan").knn(q, k)  # type: ignore[return-value]
+
+    # ---- introspection --------------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        return self.matrix.nbytes() + sum(s.nbytes() for s in self.structures.values())
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "bits": self.bits,
+            "live": len(self),
+            "capacity": self.matrix.capacity,
+            "code_bytes": int(self.matrix.codes.nbytes),
+            "nbytes": self.nbytes(),
+            "structures": {name: s.stats() for name, s in self.structures.items()},
+        }
