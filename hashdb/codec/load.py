@@ -1,0 +1,185 @@
+"""Any model source -> a list of (name, float32 ndarray).
+
+Sources: a torch ``nn.Module``, a state_dict or any mapping of name -> tensor/array (also a full checkpoint
+holding one under "state_dict"/"model"), or a path to ``.pt``/``.pth``/``.bin`` (torch.load with
+``weights_only=True``), ``.safetensors`` (read here with numpy: the format is a JSON header plus raw
+little-endian buffers, so neither torch nor the safetensors package is needed), ``.npz``
+(``allow_pickle=False``) or ``.onnx`` (initializers, needs the optional onnx package).
+
+torch is imported only when the source is a torch object or a torch file: hashing an ``.npz`` or a mapping
+of numpy arrays never imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ModelFormatError
+
+Tensors = list[tuple[str, np.ndarray]]
+
+# Keys under which training scripts nest the weights inside a full checkpoint, most specific first.
+_NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights", "params")
+
+_SAFETENSORS_DTYPES: dict[str, str] = {
+    "F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2",
+    "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?",
+}  # fmt: skip
+
+
+def load_tensors(source: Any) -> Tensors:
+    """Return the floating-point tensors of ``source`` as (name, float32 array) pairs, in source order.
+
+    Raises ModelFormatError (naming the file for paths) when the source cannot be read or holds no tensor.
+    """
+    if isinstance(source, str | os.PathLike):
+        tensors = load_file(Path(source))
+        if not tensors:
+            raise ModelFormatError(f"{source}: no floating-point tensors found")
+        return tensors
+    tensors = _from_object(source, where=type(source).__name__)
+    if not tensors:
+        raise ModelFormatError(f"{type(source).__name__} holds no floating-point tensors")
+    return tensors
+
+
+def load_file(path: Path) -> Tensors:
+    """Read one model file by its suffix; every failure becomes a ModelFormatError naming the file."""
+    if not path.is_file():
+        raise ModelFormatError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            return _read_safetensors(path)
+        if suffix == ".npz":
+            return _read_npz(path)
+        if suffix == ".onnx":
+            return _read_onnx(path)
+        if suffix in (".pt", ".pth", ".bin", ".ckpt", ".tar"):
+            return _read_torch(path)
+    except ModelFormatError:
+        raise
+    except Exception as exc:  # any parser failure on a bad file is a format error, not a crash
+        raise ModelFormatError(f"{path}: cannot read {suffix} model ({type(exc).__name__}: {exc})") from exc
+    raise ModelFormatError(f"{path}: unknown model file type {suffix!r} (want .pt, .pth, .safetensors, .npz, .onnx)")
+
+
+def _read_torch(path: Path) -> Tensors:
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise ModelFormatError(
+            f"{path}: checkpoint needs arbitrary unpickling, refused (only weights_only=True files are read; "
+            f"save a state_dict instead): {str(exc).splitlines()[0][:200]}"
+        ) from exc
+    return _from_object(obj, where=str(path))
+
+
+def _read_npz(path: Path) -> Tensors:
+    with np.load(path, allow_pickle=False) as data:
+        return [(name, arr) for name in data.files if (arr := _float32(data[name])) is not None]
+
+
+def _read_onnx(path: Path) -> Tensors:
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError as exc:
+        raise ModelFormatError(f"{path}: reading .onnx needs the optional 'onnx' package") from exc
+    model = onnx.load(str(path), load_external_data=False)
+    out: Tensors = []
+    for init in model.graph.initializer:
+        arr = _float32(numpy_helper.to_array(init))
+        if arr is not None:
+            out.append((init.name, arr))
+    return out
+
+
+def _read_safetensors(path: Path) -> Tensors:
+    raw = path.read_bytes()
+    if len(raw) < 8:
+        raise ModelFormatError(f"{path}: truncated safetensors file")
+    header_len = int.from_bytes(raw[:8], "little")
+    if header_len <= 0 or 8 + header_len > len(raw):
+        raise ModelFormatError(f"{path}: bad safetensors header length {header_len}")
+    header = json.loads(raw[8 : 8 + header_len])
+    body = memoryview(raw)[8 + header_len :]
+    out: Tensors = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            continue
+        start, end = info["data_offsets"]
+        arr = np.frombuffer(body[start:end], dtype=dtype).reshape(info["shape"])
+        if info["dtype"] == "BF16":  # bf16 is the top half of a float32
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        arr32 = _float32(arr)
+        if arr32 is not None:
+            out.append((name, arr32))
+    return out
+
+
+def _float32(arr: Any) -> np.ndarray | None:
+    """A float32 copy of a floating numpy array, None for integer/bool/object arrays (step counters, masks)."""
+    arr = np.asarray(arr)
+    if arr.dtype.kind != "f" or arr.size == 0:
+        return None
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _is_torch_tensor(obj: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)
+
+
+def _tensor_to_numpy(t: Any) -> np.ndarray | None:
+    if not t.is_floating_point() or t.numel() == 0:
+        return None
+    return t.detach().to(device="cpu").float().contiguous().numpy().copy()
+
+
+def _from_object(obj: Any, where: str) -> Tensors:
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if not isinstance(obj, Mapping):
+        raise ModelFormatError(f"{where}: expected a model, a state_dict or a mapping of tensors, got {type(obj).__name__}")
+    tensors = _flat_tensors(obj)
+    if tensors:
+        return tensors
+    for key in _NESTED_KEYS:  # a full checkpoint: {"epoch": 3, "state_dict": {...}, "optimizer": {...}}
+        inner = obj.get(key)
+        if torch is not None and isinstance(inner, torch.nn.Module):
+            inner = inner.state_dict()
+        if isinstance(inner, Mapping):
+            tensors = _flat_tensors(inner)
+            if tensors:
+                return tensors
+    return []
+
+
+def _flat_tensors(mapping: Mapping) -> Tensors:
+    out: Tensors = []
+    for name, value in mapping.items():
+        if _is_torch_tensor(value):
+            arr = _tensor_to_numpy(value)
+        elif isinstance(value, np.ndarray):
+            arr = _float32(value)
+        else:
+            continue
+        if arr is not None:
+            out.append((str(name), arr))
+    return out

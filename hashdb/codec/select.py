@@ -1,0 +1,189 @@
+"""Important weights: which tensors are convolutions, how to make them invariant, which kernels matter.
+
+Steps, each a pure function over numpy arrays:
+
+1. ``conv_layers``: pick convolution kernels (4-D conv2d, 3-D conv1d, 5-D conv3d; 2-D linear on request)
+   and bring them to (out, in, k) with k the flattened spatial positions. Names and storage order are not
+   used for anything but error messages.
+2. ``balance``: remove every positive per-output-filter and per-input-channel scale. With N[o, i] the norm
+   of kernel (o, i), the log-norms are double-centred (a two-way additive model solved in closed form), and
+   each kernel is multiplied by exp(-row effect - column effect). A ReLU network's function-preserving
+   rescaling (row o of layer l times a, column o of layer l+1 divided by a), a per-layer scale and BatchNorm
+   folding (a row scaling) all leave the balanced layer unchanged, and a channel permutation only permutes
+   it. Balanced values are rounded to float32 so that such transformations give bit-identical values.
+3. ``important_kernels``: pool the balanced kernels of all layers (an order-free multiset, so layer order
+   and names cannot matter), rank them by balanced norm (filter/kernel-norm pruning: the large ones carry
+   the function and survive magnitude pruning) and keep the top ``fraction``, in canonical order: norm
+   descending, exact ties broken by content.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..errors import ModelFormatError
+
+MAX_KERNEL = 15  # largest spatial kernel extent we believe in when telling OIHW from HWIO
+
+
+def _spatial_ok(dims: Sequence[int]) -> bool:
+    return all(1 <= d <= MAX_KERNEL for d in dims)
+
+
+def guess_layout(shape: Sequence[int]) -> str | None:
+    """'oihw' (kernel dims last, torch/ONNX), 'hwio' (kernel dims first, Keras/TF), 'both' or None."""
+    nd = len(shape)
+    if nd < 3:
+        return None
+    ks = nd - 2
+    last, first = shape[2:], shape[:ks]
+    oihw, hwio = _spatial_ok(last), _spatial_ok(first)
+    if nd == 3 and hwio and shape[0] == 1 and not oihw:
+        hwio = False  # (1, N, D) is a batch-1 embedding table, not a width-1 Keras conv1d
+    if oihw and hwio:
+        # Square kernels are the common case; then prefer the reading whose kernel is smaller than the channels.
+        sq_oihw, sq_hwio = len(set(last)) == 1, len(set(first)) == 1
+        if sq_oihw != sq_hwio:
+            return "oihw" if sq_oihw else "hwio"
+        k_oihw, k_hwio = int(np.prod(last)), int(np.prod(first))
+        if k_oihw != k_hwio:
+            return "oihw" if k_oihw < k_hwio else "hwio"
+        return "both"
+    if oihw:
+        return "oihw"
+    if hwio:
+        return "hwio"
+    return None
+
+
+def conv_layers(
+    tensors: Sequence[tuple[str, np.ndarray]], layout: str = "auto", include_linear: bool = False
+) -> list[np.ndarray]:
+    """Convolution (and optionally linear) weights as float64 arrays of shape (out, in, k), in source order.
+
+    1-D tensors (biases, BatchNorm statistics) and scalars are dropped. ``layout`` is 'auto', 'oihw' or
+    'hwio'; 'auto' reads each unambiguous tensor by its shape and ambiguous ones (3x3x3x3) by the majority.
+    """
+    if layout not in ("auto", "oihw", "hwio"):
+        raise ValueError(f"layout must be 'auto', 'oihw' or 'hwio', got {layout!r}")
+    guesses = [guess_layout(arr.shape) for _, arr in tensors]
+    if layout == "auto":
+        n_oihw, n_hwio = guesses.count("oihw"), guesses.count("hwio")
+        majority = "hwio" if n_hwio > n_oihw else "oihw"
+    out: list[np.ndarray] = []
+    for (_, arr), guess in zip(tensors, guesses, strict=True):
+        if arr.ndim == 2 and include_linear:
+            if min(arr.shape) >= 2:  # orientation is irrelevant: balancing and pooling treat rows and columns alike
+                out.append(arr.astype(np.float64)[:, :, None])
+            continue
+        if guess is None:
+            continue
+        read = layout if layout != "auto" else (majority if guess == "both" else guess)
+        if layout != "auto" and guess not in (read, "both"):
+            continue  # a tensor that cannot be a kernel in the forced layout
+        w = arr.astype(np.float64)
+        if read == "hwio":
+            ks = arr.ndim - 2
+            w = np.moveaxis(w, (ks + 1, ks), (0, 1))  # (..., in, out) -> (out, in, ...)
+        out.append(w.reshape(w.shape[0], w.shape[1], -1))
+    return out
+
+
+def balance(w: np.ndarray, sweeps: int = 30) -> np.ndarray:
+    """Divide out every per-row and per-column positive scale of a (out, in, k) layer.
+
+    All-zero filters and input channels (structured pruning leaves them) are removed first. Kernel log-norms
+    are double-centred; with pruned (all-zero) kernels inside, the masked additive model is fitted by a few
+    alternating sweeps. Returns float32-rounded values so that rescaled and permuted copies round identically.
+    """
+    norms = np.sqrt(np.einsum("oik,oik->oi", w, w))
+    rows = norms.max(axis=1) > 0
+    cols = norms.max(axis=0) > 0
+    if not rows.all() or not cols.all():
+        w, norms = w[rows][:, cols], norms[rows][:, cols]
+    if w.size == 0:
+        return np.zeros((0, 0, w.shape[2]), dtype=np.float32)
+    mask = norms > 0
+    logn = np.log(np.where(mask, norms, 1.0))
+    if mask.all():
+        row = logn.mean(axis=1)
+        col = (logn - row[:, None]).mean(axis=0)
+    else:
+        row = np.zeros(w.shape[0])
+        col = np.zeros(w.shape[1])
+        cnt_r = mask.sum(axis=1)
+        cnt_c = mask.sum(axis=0)
+        for _ in range(sweeps):
+            row = np.where(mask, logn - col[None, :], 0.0).sum(axis=1) / cnt_r
+            col = np.where(mask, logn - row[:, None], 0.0).sum(axis=0) / cnt_c
+    scale = np.exp(-row)[:, None, None] * np.exp(-col)[None, :, None]
+    return (w * scale).astype(np.float32)
+
+
+def important_kernels(layers: Sequence[np.ndarray], fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """The top ``fraction`` of all balanced kernels by norm, in canonical order.
+
+    Returns (values, lengths): the kernels' values concatenated (float64) and each kernel's length. Canonical
+    order is norm descending; kernels with exactly equal norms are ordered by their values, so that the
+    order never depends on how the layers or channels were stored.
+    """
+    flat: list[np.ndarray] = []
+    lens: list[np.ndarray] = []
+    for w in layers:
+        if w.size == 0:
+            continue
+        k = w.shape[2]
+        flat.append(w.reshape(-1, k))
+        lens.append(np.full(w.shape[0] * w.shape[1], k, dtype=np.int64))
+    if not flat:
+        raise ModelFormatError("no convolution kernels left after dropping all-zero filters")
+    # Group kernels by length so each group is a 2-D array; the pooled ranking runs over all groups together.
+    by_len: dict[int, list[np.ndarray]] = {}
+    for f in flat:
+        by_len.setdefault(f.shape[1], []).append(f)
+    groups = [(k, np.concatenate(by_len[k]).astype(np.float64)) for k in sorted(by_len)]
+    keys = np.concatenate([np.sqrt(np.einsum("nk,nk->n", g, g)) for _, g in groups])
+    group_of = np.concatenate([np.full(len(g), j, dtype=np.int64) for j, (_, g) in enumerate(groups)])
+    index_in = np.concatenate([np.arange(len(g), dtype=np.int64) for _, g in groups])
+    n_keep = max(1, int(np.ceil(fraction * len(keys))))
+    order = _break_ties(np.argsort(-keys, kind="stable"), keys, groups, group_of, index_in, n_keep)[:n_keep]
+    klen = np.array([k for k, _ in groups], dtype=np.int64)
+    base = np.cumsum([0] + [g.size for _, g in groups])[:-1]
+    flat_all = np.concatenate([g.ravel() for _, g in groups])
+    lengths = klen[group_of[order]]
+    starts = base[group_of[order]] + index_in[order] * lengths
+    first = np.cumsum(lengths) - lengths
+    idx = np.repeat(starts - first, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
+    return flat_all[idx], lengths
+
+
+def _break_ties(
+    order: np.ndarray,
+    keys: np.ndarray,
+    groups: list[tuple[int, np.ndarray]],
+    group_of: np.ndarray,
+    index_in: np.ndarray,
+    upto: int,
+) -> np.ndarray:
+    """Reorder runs of exactly equal keys that reach below rank ``upto`` by (kernel length, sorted values)."""
+    k = keys[order]
+    same = np.flatnonzero(k[1:] == k[:-1])
+    same = same[same < upto]
+    if same.size == 0:
+        return order
+    order = order.copy()
+    starts = same[np.r_[True, np.diff(same) > 1]]
+    for s in starts:
+        e = s + 1
+        while e < len(order) and k[e] == k[s]:
+            e += 1
+        run = order[s:e]
+
+        def content(j: int) -> tuple:
+            g = group_of[j]
+            return (groups[g][0], tuple(np.sort(groups[g][1][index_in[j]]).tolist()))
+
+        order[s:e] = sorted(run.tolist(), key=content)
+    return order
