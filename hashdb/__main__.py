@@ -1,0 +1,7 @@
+"""``python -m hashdb``: the same as the ``hashdb`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

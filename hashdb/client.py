@@ -1,0 +1,337 @@
+"""The client of ``hashdb serve``: ``hashdb.connect(path)`` gives an object that behaves like HashDB.
+
+Same methods, same return types, same error classes (a reply's error type maps back through ERROR_TYPES).
+A Client may be shared between threads (each call holds a lock for its round trip), but calls on one
+connection are then serialized: give each thread its own Client for parallel queries. ``pipeline()``
+queues many calls and sends them in one write, which is how to get high throughput from one thread.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import msgpack
+
+from .codes import many_to_bytes, to_bytes
+from .errors import HashDBError, InvalidArgument, InvalidMeta, ProtocolError, ServerError
+from .protocol import DEFAULT_MAX_FRAME, HEADER_SIZE, error_from_payload, unpack_body
+
+RECV_SIZE = 256 * 1024
+
+Convert = Callable[[Any], Any] | None
+
+
+def _pairs(result: Any) -> list[tuple[str, int]]:
+    return [(key, dist) for key, dist in result]
+
+
+def _many_pairs(result: Any) -> list[list[tuple[str, int]]]:
+    return [[(key, dist) for key, dist in rows] for rows in result]
+
+
+def _code_meta(result: Any) -> tuple[bytes, dict | None]:
+    code, meta = result
+    return code, meta
+
+
+class _Calls:
+    """Argument handling shared by Client (call now) and Pipeline (queue for later)."""
+
+    bits: int
+
+    def _submit(self, op: str, args: dict[str, Any], convert: Convert = None) -> Any:
+        raise NotImplementedError
+
+    def insert(self, key: str, code: Any, meta: dict | None = None) -> Any:
+        args: dict[str, Any] = {"key": key, "code": to_bytes(code, self.bits)}
+        if meta is not None:
+            args["meta"] = meta
+        return self._submit("insert", args)
+
+    def insert_many(self, keys: Iterable[str], codes: Any, metas: Iterable[dict | None] | None = None) -> Any:
+        args: dict[str, Any] = {"keys": list(keys), "codes": many_to_bytes(codes, self.bits)}
+        if metas is not None:
+            args["metas"] = list(metas)
+        return self._submit("insert_many", args)
+
+    def delete(self, key: str) -> Any:
+        return self._submit("delete", {"key": key})
+
+    def get(self, key: str) -> Any:
+        return self._submit("get", {"key": key}, _code_meta)
+
+    def radius(self, code: Any, r: int, force: str | None = None) -> Any:
+        args: dict[str, Any] = {"code": to_bytes(code, self.bits), "r": r}
+        if force is not None:
+            args["force"] = force
+        return self._submit("radius", args, _pairs)
+
+    def radius_many(self, codes: Any, r: int) -> Any:
+        return self._submit("radius_many", {"codes": many_to_bytes(codes, self.bits), "r": r}, _many_pairs)
+
+    def knn(self, code: Any, k: int) -> Any:
+        return self._submit("knn", {"code": to_bytes(code, self.bits), "k": k}, _pairs)
+
+    def contains(self, key: str) -> Any:
+        return self._submit("contains", {"key": key})
+
+    def len(self) -> Any:
+        return self._submit("len", {})
+
+    def stats(self) -> Any:
+        return self._submit("stats", {})
+
+    def ping(self) -> Any:
+        return self._submit("ping", {})
+
+
+class Client(_Calls):
+    """A connection to a hashdb server; see the module docstring. Use ``hashdb.connect(path)``."""
+
+    def __init__(self, path: str | os.PathLike[str], timeout: float | None = None):
+        self.path = os.fspath(path)
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+        self._rbuf = bytearray()
+        self._next_id = 1
+        self._sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(self.path)
+        except OSError as e:
+            self._sock.close()
+            self._sock = None
+            raise ServerError(f"no hashdb server at {self.path}: {e.strerror or e}") from None
+        self.max_frame = DEFAULT_MAX_FRAME
+        self.bits = 64  # replaced by the server's width below; ping sends no code
+        info = self._submit("ping", {})
+        self.bits = int(info["bits"])
+        self.max_frame = int(info["max_frame"])
+        self.server_info: dict[str, Any] = info
+
+    # -- HashDB's dunder protocol ----------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self.len()
+
+    def __contains__(self, key: object) -> bool:
+        return self.contains(key)  # type: ignore[arg-type]
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._sock is None else "open"
+        return f"<hashdb.Client {self.path} bits={self.bits} {state}>"
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+    def pipeline(self) -> Pipeline:
+        """A queue of calls sent in one write and answered in order by ``execute()``."""
+        return Pipeline(self)
+
+    # -- transport -------------------------------------------------------------------------------------
+
+    def _encode(self, op: str, args: dict[str, Any]) -> tuple[int, bytes]:
+        rid = self._next_id
+        self._next_id += 1
+        message = {"id": rid, "op": op}
+        message.update(args)
+        try:
+            body = self._packer.pack(message)
+        except (TypeError, ValueError, OverflowError) as e:
+            self._packer.reset()
+            bad_meta = "meta" in args or "metas" in args
+            raise (InvalidMeta if bad_meta else InvalidArgument)(f"cannot serialize {op} request: {e}") from None
+        if len(body) > self.max_frame:
+            raise ProtocolError(
+                f"{op} request of {len(body)} bytes exceeds the server's frame limit of {self.max_frame}; split it"
+            )
+        return rid, len(body).to_bytes(HEADER_SIZE, "big") + body
+
+    def _submit(self, op: str, args: dict[str, Any], convert: Convert = None) -> Any:
+        with self._lock:
+            sock = self._live_socket()
+            rid, data = self._encode(op, args)
+            try:
+                sock.sendall(data)
+                reply = self._read_reply(sock)
+            except BaseException:
+                self._break()
+                raise
+        return self._result(reply, rid, convert)
+
+    def _exchange(self, frames: list[tuple[int, bytes]]) -> list[Any]:
+        """Send many frames while reading replies, so neither side blocks on a full socket buffer."""
+        with self._lock:
+            sock = self._live_socket()
+            out = memoryview(b"".join(data for _, data in frames))
+            replies: list[Any] = []
+            sent = 0
+            sel = selectors.DefaultSelector()
+            sock.setblocking(False)
+            try:
+                sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+                while len(replies) < len(frames):
+                    events = sel.select(self.timeout)
+                    if not events:
+                        raise ServerError(f"timed out after {self.timeout} s waiting for {self.path}")
+                    mask = events[0][1]
+                    if mask & selectors.EVENT_WRITE and sent < len(out):
+                        try:
+                            sent += sock.send(out[sent : sent + RECV_SIZE])
+                        except BlockingIOError:
+                            pass
+                        if sent == len(out):
+                            sel.modify(sock, selectors.EVENT_READ)
+                    if mask & selectors.EVENT_READ:
+                        try:
+                            data = sock.recv(RECV_SIZE)
+                        except BlockingIOError:
+                            continue
+                        if not data:
+                            raise ServerError(f"the server at {self.path} closed the connection")
+                        self._rbuf += data
+                        replies.extend(self._frames_in_buffer())
+                if self._rbuf:
+                    raise ProtocolError("the server sent more replies than requests")
+            except BaseException:
+                self._break()
+                raise
+            finally:
+                sel.close()
+                if self._sock is not None:
+                    sock.settimeout(self.timeout)
+        return replies
+
+    def _live_socket(self) -> socket.socket:
+        if self._sock is None:
+            raise ServerError(f"the connection to {self.path} is closed")
+        return self._sock
+
+    def _break(self) -> None:
+        """After a failed exchange the stream position is unknown: drop the connection."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._rbuf.clear()
+
+    def _frames_in_buffer(self) -> Iterator[Any]:
+        buf = self._rbuf
+        pos = 0
+        while len(buf) - pos >= HEADER_SIZE:
+            size = int.from_bytes(buf[pos : pos + HEADER_SIZE], "big")
+            if len(buf) - pos - HEADER_SIZE < size:
+                break
+            yield unpack_body(buf[pos + HEADER_SIZE : pos + HEADER_SIZE + size])
+            pos += HEADER_SIZE + size
+        del buf[:pos]
+
+    def _read_reply(self, sock: socket.socket) -> Any:
+        buf = self._rbuf
+        while True:
+            if len(buf) >= HEADER_SIZE:
+                size = int.from_bytes(buf[:HEADER_SIZE], "big")
+                if len(buf) >= HEADER_SIZE + size:
+                    reply = unpack_body(buf[HEADER_SIZE : HEADER_SIZE + size])
+                    del buf[: HEADER_SIZE + size]
+                    return reply
+            try:
+                data = sock.recv(RECV_SIZE)
+            except TimeoutError:
+                raise ServerError(f"timed out after {self.timeout} s waiting for {self.path}") from None
+            if not data:
+                raise ServerError(f"the server at {self.path} closed the connection")
+            buf += data
+
+    def _result(self, reply: Any, rid: int, convert: Convert) -> Any:
+        if not isinstance(reply, dict):
+            raise ProtocolError(f"malformed reply: {reply!r:.200}")
+        if "error" in reply:
+            error = error_from_payload(reply["error"])
+            if isinstance(error, ProtocolError) and reply.get("id") is None:
+                self._break()  # the server could not read our frame; it may have closed the stream
+            raise error
+        if reply.get("id") != rid:
+            self._break()
+            raise ProtocolError(f"reply id {reply.get('id')!r} does not match request id {rid}")
+        value = reply.get("ok")
+        return convert(value) if convert is not None else value
+
+
+class Pipeline(_Calls):
+    """Queued calls of one Client: each method returns the pipeline; ``execute()`` returns the results.
+
+    >>> p = client.pipeline()
+    >>> p.radius(code_a, 8).radius(code_b, 8).get("key")   # doctest: +SKIP
+    >>> hits_a, hits_b, (code, meta) = p.execute()           # doctest: +SKIP
+    """
+
+    def __init__(self, client: Client):
+        self.client = client
+        self.bits = client.bits
+        self._calls: list[tuple[str, dict[str, Any], Convert]] = []
+
+    def _submit(self, op: str, args: dict[str, Any], convert: Convert = None) -> Pipeline:
+        self._calls.append((op, args, convert))
+        return self
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._calls.clear()
+
+    def execute(self, return_exceptions: bool = False) -> list[Any]:
+        """Send every queued call and return their results in order.
+
+        An error raises the first failed call's exception (after all replies are read, so the connection
+        stays usable), or with ``return_exceptions=True`` takes that call's place in the list.
+        """
+        calls, self._calls = self._calls, []
+        if not calls:
+            return []
+        client = self.client
+        frames = [client._encode(op, args) for op, args, _ in calls]
+        replies = client._exchange(frames)
+        results: list[Any] = []
+        first_error: HashDBError | None = None
+        for (rid, _), (_, _, convert), reply in zip(frames, calls, replies, strict=True):
+            try:
+                results.append(client._result(reply, rid, convert))
+            except HashDBError as e:
+                if client.closed:
+                    raise
+                first_error = first_error or e
+                results.append(e)
+        if first_error is not None and not return_exceptions:
+            raise first_error
+        return results
+
+
+def connect(path: str | os.PathLike[str], timeout: float | None = None) -> Client:
+    """Connect to the hashdb server listening on the Unix socket ``path``."""
+    return Client(path, timeout=timeout)
+
+
+__all__ = ["Client", "Pipeline", "connect"]
