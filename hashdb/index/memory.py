@@ -9,6 +9,8 @@ import numpy as np
 from ..codes import check_bits
 from ..errors import InvalidArgument
 from .base import CodeMatrix, Result, Structure
+from .mih import MIH
+from .planner import choose
 from .scan import Scan
 
 FORCES = (None, "mih", "bktree", "scan")
@@ -22,7 +24,8 @@ class MemoryIndex:
         self.words = self.bits // 64
         self.matrix = CodeMatrix(self.bits)
         self.scan = Scan(self.matrix)
-        self.structures: dict[str, Structure] = {"scan": self.scan}
+        self.mih = MIH(self.matrix)
+        self.structures: dict[str, Structure] = {"scan": self.scan, "mih": self.mih}
 
     # ---- contents -------------------------------------------------------------------------------------
     def _check_ids(self, ids: Any) -> np.ndarray:
@@ -99,16 +102,31 @@ class MemoryIndex:
     def _structure(self, name: str) -> Structure:
         return self.structures[name]
 
+    def costs(self, r: int) -> dict[str, float]:
+        """The planner's estimated nanoseconds of a radius-r query per structure."""
+        return {name: s.cost(r) for name, s in self.structures.items()}
+
     def plan(self, r: int) -> str:
-        self._check_int("r", r, 0)
-        return "scan"
+        r = self._check_int("r", r, 0)
+        if len(self) == 0:
+            return "scan"
+        return choose(self.costs(r))
+
+    def _radius(self, q: np.ndarray, r: int, force: str | None) -> Result:
+        if force is not None:
+            return self._structure(force).radius(q, r)  # type: ignore[return-value]
+        name = self.plan(r)
+        if name != "scan":
+            # Bounded by what the scan would cost, so a misestimate is never much slower than the scan.
+            res = self._structure(name).radius(q, r, budget=int(self.scan.cost(r)))
+            if res is not None:
+                return res
+        return self.scan.radius(q, r)
 
     def radius(self, query: np.ndarray, r: int, force: str | None = None) -> Result:
         self._check_force(force)
         r = self._check_int("r", r, 0)
-        q = self._check_query(query)
-        name = force or self.plan(r)
-        return self._structure(name).radius(q, r)  # type: ignore[return-value]
+        return self._radius(self._check_query(query), r, force)
 
     def radius_many(self, queries: np.ndarray, r: int, force: str | None = None) -> list[Result]:
         self._check_force(force)
@@ -116,13 +134,19 @@ class MemoryIndex:
         qs = np.asarray(queries)
         if qs.dtype != np.uint64 or qs.ndim != 2 or qs.shape[1] != self.words:
             raise InvalidArgument(f"queries must be uint64 of shape (n, {self.words}), got {qs.dtype} {qs.shape}")
-        return [self.radius(q, r, force) for q in qs]
+        return [self._radius(np.ascontiguousarray(q), r, force) for q in qs]
 
     def knn(self, query: np.ndarray, k: int, force: str | None = None) -> Result:
         self._check_force(force)
         k = self._check_int("k", k, 1)
         q = self._check_query(query)
-        return self._structure(force or "scan").knn(q, k)  # type: ignore[return-value]
+        if force is not None:
+            return self._structure(force).knn(q, k)  # type: ignore[return-value]
+        if k < len(self) and len(self) > 64:
+            res = self.mih.knn(q, k, budget=int(self.scan.cost(0)) // 2)
+            if res is not None:
+                return res
+        return self.scan.knn(q, k)
 
     # ---- introspection --------------------------------------------------------------------------------
     def nbytes(self) -> int:

@@ -1,11 +1,73 @@
-"""Cost model: estimated nanoseconds per query for each structure; the planner picks the cheapest."""
+"""Cost model: estimated nanoseconds per query for each structure; the planner picks the cheapest.
+
+The constants are single-thread timings measured on the development machine (2-core Xeon, 10M x 256-bit
+uniform codes; see docs/index.md for the measurement). Only their ratios matter for the choice.
+"""
 
 from __future__ import annotations
 
-# Calibrated on the development machine (2-core Xeon, see docs/index.md), single thread.
+import math
+
+import numpy as np
+
 SCAN_NS_PER_WORD = 0.9  # scan: per 64-bit word of the code matrix (alive rows and holes alike)
 SCAN_NS_FIXED = 2_000.0
+MIH_NS_FIXED = 4_000.0
+MIH_NS_PROBE = 30.0  # one directory lookup + short run of low bits
+MIH_NS_CAND = 60.0  # one random row of the code matrix verified (also per delta entry)
+BK_NS_NODE = 40.0  # one BK-tree node: distance + child range walk
+BK_NS_FIXED = 3_000.0
 
 
 def scan_cost(capacity: int, words: int) -> float:
     return SCAN_NS_FIXED + SCAN_NS_PER_WORD * capacity * words
+
+
+def probe_radii(m: int, r: int) -> np.ndarray:
+    """Refined pigeonhole, r = a*m + b: substrings 0..b at radius a, the rest at a-1 (-1 = not probed)."""
+    a, b = divmod(r, m)
+    return np.where(np.arange(m) <= b, a, a - 1)
+
+
+def probe_counts(lens: np.ndarray, r: int) -> np.ndarray:
+    """Values probed per substring table for radius r."""
+    if lens.size == 0:
+        return np.zeros(0)
+    radii = probe_radii(lens.size, r)
+    counts = [
+        sum(math.comb(int(s), d) for d in range(min(int(a), int(s)) + 1)) for s, a in zip(lens, radii, strict=True)
+    ]
+    return np.array(counts, dtype=np.float64)
+
+
+def mih_cost(
+    probes: np.ndarray, lens: np.ndarray, collisions: np.ndarray | None, n_base: int, n_delta: int, words: int
+) -> float:
+    """Probes x probe cost + expected candidates x verify cost. The exact-match bucket is sized from the
+    table's collisions (sum of squared bucket sizes / n: what a query drawn like the data meets); the
+    other probed buckets are assumed uniform, n / 2^s."""
+    if lens.size == 0:
+        return MIH_NS_FIXED + MIH_NS_CAND * n_delta
+    n = max(n_base, 1)
+    uniform = n_base / np.exp2(lens.astype(np.float64))
+    exact = uniform if collisions is None else np.maximum(collisions / n, uniform)
+    probed = probes > 0
+    cands = np.where(probed, exact + np.maximum(probes - 1, 0) * uniform, 0.0)
+    return float(MIH_NS_FIXED + MIH_NS_PROBE * probes.sum() + MIH_NS_CAND * (cands.sum() + n_delta))
+
+
+def bktree_cost(n: int, bits: int, r: int, branching: float) -> float:
+    """BK-tree visits ~ n^alpha: a child is entered when |d(q,node) - edge| <= r, which for codes spread
+    like random ones happens with probability f = P(|X| <= r + 1/2), X ~ Normal(0, bits/2); with branching
+    B the visited fraction per level is f, so alpha = 1 + ln f / ln B."""
+    if n <= 1:
+        return BK_NS_FIXED + BK_NS_NODE * n
+    f = math.erf((r + 0.5) / math.sqrt(bits))  # P(|X| <= x) for sd sqrt(bits/2) = erf(x / sqrt(bits))
+    b = max(branching, 2.0)
+    alpha = min(1.0, max(0.0, 1.0 + math.log(max(f, 1e-12)) / math.log(b)))
+    return BK_NS_FIXED + BK_NS_NODE * n**alpha
+
+
+def choose(costs: dict[str, float]) -> str:
+    """The cheapest structure; the scan wins ties so tiny indexes never pay for a structure."""
+    return min(costs, key=lambda name: (costs[name], name != "scan"))

@@ -9,6 +9,7 @@ from numba import njit
 
 from .base import CodeMatrix, Result
 from .bits import grow_i32, grow_i64, knn_threshold, row_distance
+from .planner import scan_cost
 
 
 @njit(cache=True)
@@ -96,8 +97,6 @@ class Scan:
         return scan_knn(m.codes, m.alive, query, k, m.bits)
 
     def cost(self, r: int) -> float:
-        from .planner import scan_cost
-
         return scan_cost(self.matrix.capacity, self.matrix.words)
 
     def nbytes(self) -> int:

@@ -1,0 +1,463 @@
+"""Multi-index hashing (Norouzi, Punjani, Fleet): m disjoint substrings, one sorted table per substring.
+
+A code within distance r of the query has, by the pigeonhole principle with r = a*m + b, at least one of
+the first b+1 substrings within a of the query's, or one of the others within a-1. So probing every
+value at those radii, deduping and verifying with the full popcount finds every answer exactly.
+
+Each table is a lean CSR: live ids sorted by substring value, a directory of offsets over the top ``t``
+bits of the value, and the low ``L = s - t`` bits of each entry stored beside it as uint8/uint16 so a
+probe reads one short run without touching the code matrix. Inserts go to a delta list scanned by every
+query; removes are tombstones (the alive mask); both are compacted by a rebuild once they pass a fraction
+of the table, checked lazily before a query so bulk insertion never rebuilds more than once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+from .base import CodeMatrix, Result
+from .bits import grow_i32, grow_i64, knn_threshold, row_distance, substring_of
+from .planner import MIH_NS_CAND, MIH_NS_PROBE, mih_cost, probe_counts
+
+# ---------------------------------------------------------------------------------------------------------
+# parameters
+
+
+def choose_substrings(n: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Substring starts and lengths: m = bits / log2(n) (Norouzi et al.), each substring at most 32 bits."""
+    lg = math.log2(max(n, 256))
+    m = max(math.ceil(bits / 32), round(bits / lg))
+    bounds = (np.arange(m + 1) * bits) // m
+    return bounds[:-1].astype(np.int64), np.diff(bounds).astype(np.int64)
+
+
+def choose_directory_bits(n: int, lens: np.ndarray) -> int:
+    """Top bits indexed by the directory: about 2^5 entries per directory slot keeps a probe to one or two
+    cache lines of low bits while the int32 directory costs only ~1/8 byte per code per table."""
+    t = max(0, round(math.log2(max(n, 1))) - 5)
+    t = min(t, int(lens.min()))
+    return max(t, int(lens.max()) - 16)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# kernels
+
+
+@njit(cache=True)
+def build_table(
+    codes: np.ndarray,
+    live: np.ndarray,
+    start: int,
+    length: int,
+    t: int,
+    offsets: np.ndarray,
+    ids_out: np.ndarray,
+    low_out: np.ndarray,
+) -> int:
+    """Fill one table with an LSD counting sort (low bits, then top bits). Returns sum of squared bucket
+    sizes (collisions), which the planner uses to estimate the bucket size a data-like query meets."""
+    n = live.shape[0]
+    L = length - t
+    lowmask = (1 << L) - 1
+    vals = np.empty(n, np.uint32)
+    for p in range(n):
+        vals[p] = substring_of(codes[live[p]], start, length)
+    cnt = np.zeros((1 << L) + 1, np.int64)
+    for p in range(n):
+        cnt[(vals[p] & lowmask) + 1] += 1
+    for v in range(1 << L):
+        cnt[v + 1] += cnt[v]
+    order = np.empty(n, np.int32)
+    for p in range(n):
+        lo = vals[p] & lowmask
+        order[cnt[lo]] = p
+        cnt[lo] += 1
+    offsets[:] = 0
+    for p in range(n):
+        offsets[(vals[p] >> L) + 1] += 1
+    for v in range(1 << t):
+        offsets[v + 1] += offsets[v]
+    pos = offsets[:-1].astype(np.int64)
+    for q in range(n):
+        p = order[q]
+        top = vals[p] >> L
+        dst = pos[top]
+        ids_out[dst] = live[p]
+        low_out[dst] = vals[p] & lowmask
+        pos[top] += 1
+    # collisions: runs of equal full values are contiguous after the sort
+    coll = 0
+    run = 0
+    prev = np.uint32(0)
+    for q in range(n):
+        v = vals[order[q]]
+        run = run + 1 if q > 0 and v == prev else 1
+        coll += 2 * run - 1
+        prev = v
+    return coll
+
+
+@njit(cache=True, inline="always")
+def _probe(
+    value: int,
+    j: int,
+    L: int,
+    offsets: np.ndarray,
+    ids_tab: np.ndarray,
+    low_tab: np.ndarray,
+    codes: np.ndarray,
+    alive: np.ndarray,
+    stamps: np.ndarray,
+    gen: int,
+    query: np.ndarray,
+    keep: int,
+    out_ids: np.ndarray,
+    out_d: np.ndarray,
+    n: int,
+    hist: np.ndarray,
+    work: int,
+    w_cand: int,
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    top = value >> L
+    low = value & ((1 << L) - 1)
+    lo = offsets[j, top]
+    hi = offsets[j, top + 1]
+    if hi - lo > 16:  # long run (clustered data): binary search the first low >= target
+        a, b = lo, hi
+        while a < b:
+            mid = (a + b) >> 1
+            if low_tab[j, mid] < low:
+                a = mid + 1
+            else:
+                b = mid
+        lo = a
+    for p in range(lo, hi):
+        lv = low_tab[j, p]
+        if lv != low:
+            if lv > low:
+                break
+            continue
+        i = ids_tab[j, p]
+        if stamps[i] == gen:
+            continue
+        stamps[i] = gen
+        work += w_cand
+        if alive[i]:
+            d = row_distance(codes, i, query)
+            if d <= keep:
+                hist[d] += 1
+                out_ids = grow_i64(out_ids, n + 1)
+                out_d = grow_i32(out_d, n + 1)
+                out_ids[n] = i
+                out_d[n] = d
+                n += 1
+    return out_ids, out_d, n, work
+
+
+@njit(cache=True)
+def _probe_level(
+    j: int,
+    dist: int,
+    starts: np.ndarray,
+    lens: np.ndarray,
+    t: int,
+    offsets: np.ndarray,
+    ids_tab: np.ndarray,
+    low_tab: np.ndarray,
+    codes: np.ndarray,
+    alive: np.ndarray,
+    stamps: np.ndarray,
+    gen: int,
+    query: np.ndarray,
+    keep: int,
+    out_ids: np.ndarray,
+    out_d: np.ndarray,
+    n: int,
+    hist: np.ndarray,
+    work: int,
+    budget: int,
+    w_probe: int,
+    w_cand: int,
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Probe every value of substring j at exactly Hamming distance ``dist`` from the query's substring,
+    enumerating the bit-flip masks of popcount ``dist`` in increasing order (Gosper's hack)."""
+    s = lens[j]
+    L = s - t
+    qv = np.int64(substring_of(query, starts[j], s))
+    if dist == 0:
+        out_ids, out_d, n, work = _probe(
+            qv, j, L, offsets, ids_tab, low_tab, codes, alive, stamps, gen, query, keep, out_ids, out_d, n, hist,
+            work + w_probe, w_cand,
+        )
+        return out_ids, out_d, n, work
+    limit = np.int64(1) << s
+    x = (np.int64(1) << dist) - 1
+    while x < limit:
+        out_ids, out_d, n, work = _probe(
+            qv ^ x, j, L, offsets, ids_tab, low_tab, codes, alive, stamps, gen, query, keep, out_ids, out_d, n,
+            hist, work + w_probe, w_cand,
+        )
+        if budget >= 0 and work > budget:
+            return out_ids, out_d, n, work
+        c = x & -x
+        y = x + c
+        x = (((y ^ x) >> 2) // c) | y
+    return out_ids, out_d, n, work
+
+
+@njit(cache=True)
+def _scan_delta(
+    delta: np.ndarray,
+    n_delta: int,
+    codes: np.ndarray,
+    alive: np.ndarray,
+    stamps: np.ndarray,
+    gen: int,
+    query: np.ndarray,
+    keep: int,
+    out_ids: np.ndarray,
+    out_d: np.ndarray,
+    hist: np.ndarray,
+) -> int:
+    n = 0
+    for p in range(n_delta):
+        i = delta[p]
+        if stamps[i] == gen:
+            continue
+        stamps[i] = gen
+        if alive[i]:
+            d = row_distance(codes, i, query)
+            if d <= keep:
+                hist[d] += 1
+                out_ids[n] = i
+                out_d[n] = d
+                n += 1
+    return n
+
+
+@njit(cache=True)
+def mih_radius(
+    codes: np.ndarray,
+    alive: np.ndarray,
+    stamps: np.ndarray,
+    gen: int,
+    query: np.ndarray,
+    r: int,
+    starts: np.ndarray,
+    lens: np.ndarray,
+    t: int,
+    offsets: np.ndarray,
+    ids_tab: np.ndarray,
+    low_tab: np.ndarray,
+    delta: np.ndarray,
+    n_delta: int,
+    budget: int,
+    w_probe: int,
+    w_cand: int,
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Every live id within r; ok=False if the work passed ``budget`` (then the result is partial)."""
+    hist = np.zeros(query.shape[0] * 64 + 1, np.int64)
+    out_ids = np.empty(max(64, n_delta), np.int64)
+    out_d = np.empty(max(64, n_delta), np.int32)
+    n = _scan_delta(delta, n_delta, codes, alive, stamps, gen, query, r, out_ids, out_d, hist)
+    work = n_delta * w_cand
+    m = starts.shape[0]
+    a = r // m
+    b = r % m
+    for j in range(m):
+        rad = a if j <= b else a - 1
+        for dist in range(min(rad, lens[j]) + 1):
+            out_ids, out_d, n, work = _probe_level(
+                j, dist, starts, lens, t, offsets, ids_tab, low_tab, codes, alive, stamps, gen, query, r,
+                out_ids, out_d, n, hist, work, budget, w_probe, w_cand,
+            )
+            if budget >= 0 and work > budget:
+                return out_ids[:0].copy(), out_d[:0].copy(), False
+    return out_ids[:n].copy(), out_d[:n].copy(), True
+
+
+@njit(cache=True)
+def mih_knn(
+    codes: np.ndarray,
+    alive: np.ndarray,
+    stamps: np.ndarray,
+    gen: int,
+    query: np.ndarray,
+    k: int,
+    starts: np.ndarray,
+    lens: np.ndarray,
+    t: int,
+    offsets: np.ndarray,
+    ids_tab: np.ndarray,
+    low_tab: np.ndarray,
+    delta: np.ndarray,
+    n_delta: int,
+    budget: int,
+    w_probe: int,
+    w_cand: int,
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """kNN-MIH: grow the search radius one step at a time (each step adds one substring at one more bit
+    of radius); once k answers lie within the radius searched so far, every tie of the k-th is found too."""
+    bits = query.shape[0] * 64
+    hist = np.zeros(bits + 1, np.int64)
+    out_ids = np.empty(max(64, n_delta), np.int64)
+    out_d = np.empty(max(64, n_delta), np.int32)
+    n = _scan_delta(delta, n_delta, codes, alive, stamps, gen, query, bits, out_ids, out_d, hist)
+    work = n_delta * w_cand
+    m = starts.shape[0]
+    thr = -1
+    for rr in range(bits + 1):
+        j = rr % m
+        dist = rr // m
+        if dist <= lens[j]:
+            out_ids, out_d, n, work = _probe_level(
+                j, dist, starts, lens, t, offsets, ids_tab, low_tab, codes, alive, stamps, gen, query, bits,
+                out_ids, out_d, n, hist, work, budget, w_probe, w_cand,
+            )
+            if budget >= 0 and work > budget:
+                return out_ids[:0].copy(), out_d[:0].copy(), False
+        c = 0
+        for d in range(rr + 1):
+            c += hist[d]
+        if c >= k:
+            thr = knn_threshold(hist, k)
+            break
+    if thr < 0:
+        thr = bits
+    j = 0
+    for p in range(n):
+        if out_d[p] <= thr:
+            out_ids[j] = out_ids[p]
+            out_d[j] = out_d[p]
+            j += 1
+    return out_ids[:j].copy(), out_d[:j].copy(), True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# shell
+
+
+class MIH:
+    """Multi-index hashing over the shared code matrix."""
+
+    name = "mih"
+
+    def __init__(self, matrix: CodeMatrix) -> None:
+        self.matrix = matrix
+        self.built = False
+        self.rebuilds = 0
+        self._clear()
+
+    def _clear(self) -> None:
+        self.starts = np.zeros(0, np.int64)
+        self.lens = np.zeros(0, np.int64)
+        self.t = 0
+        self.offsets = np.zeros((0, 1), np.int32)
+        self.ids_tab = np.zeros((0, 0), np.int32)
+        self.low_tab = np.zeros((0, 0), np.uint8)
+        self.collisions = np.zeros(0, np.float64)
+        self.n_base = 0
+        self.delta = np.zeros(256, np.int64)
+        self.n_delta = 0
+        self.n_removed = 0
+
+    # -- maintenance ----------------------------------------------------------------------------------
+    def rebuild(self) -> None:
+        mat = self.matrix
+        live = mat.live_ids()
+        n = live.size
+        self._clear()
+        self.starts, self.lens = choose_substrings(n, mat.bits)
+        self.t = choose_directory_bits(n, self.lens)
+        m = self.starts.size
+        low_dtype = np.uint8 if int(self.lens.max()) - self.t <= 8 else np.uint16
+        self.offsets = np.zeros((m, (1 << self.t) + 1), np.int32)
+        self.ids_tab = np.empty((m, n), np.int32)
+        self.low_tab = np.empty((m, n), low_dtype)
+        coll = np.empty(m, np.float64)
+        for j in range(m):
+            coll[j] = build_table(
+                mat.codes, live, int(self.starts[j]), int(self.lens[j]), self.t,
+                self.offsets[j], self.ids_tab[j], self.low_tab[j],
+            )
+        self.collisions = coll
+        self.n_base = n
+        self.built = True
+        self.rebuilds += 1
+
+    def added(self, ids: np.ndarray) -> None:
+        if not self.built:
+            return
+        need = self.n_delta + ids.size
+        if need > self.delta.size:
+            grown = np.empty(max(need, 2 * self.delta.size), np.int64)
+            grown[: self.n_delta] = self.delta[: self.n_delta]
+            self.delta = grown
+        self.delta[self.n_delta : need] = ids
+        self.n_delta = need
+
+    def removed(self, ids: np.ndarray) -> None:
+        if self.built:
+            self.n_removed += ids.size
+
+    def due(self) -> bool:
+        """Compaction is due when the delta a query must scan, or the tombstones, pass a fraction."""
+        return (not self.built) or self.n_delta > max(2048, self.n_base // 64) or self.n_removed > max(
+            2048, self.n_base // 4
+        )
+
+    def ready(self) -> None:
+        if self.due():
+            self.rebuild()
+
+    # -- queries --------------------------------------------------------------------------------------
+    def _args(self) -> tuple[Any, ...]:
+        return (self.starts, self.lens, self.t, self.offsets, self.ids_tab, self.low_tab, self.delta, self.n_delta)
+
+    def radius(self, query: np.ndarray, r: int, budget: int = -1) -> Result | None:
+        self.ready()
+        mat = self.matrix
+        ids, d, ok = mih_radius(
+            mat.codes, mat.alive, mat.stamps, mat.next_generation(), query, r, *self._args(),
+            budget, int(MIH_NS_PROBE), int(MIH_NS_CAND),
+        )
+        return (ids, d) if ok else None
+
+    def knn(self, query: np.ndarray, k: int, budget: int = -1) -> Result | None:
+        self.ready()
+        mat = self.matrix
+        ids, d, ok = mih_knn(
+            mat.codes, mat.alive, mat.stamps, mat.next_generation(), query, k, *self._args(),
+            budget, int(MIH_NS_PROBE), int(MIH_NS_CAND),
+        )
+        return (ids, d) if ok else None
+
+    def cost(self, r: int) -> float:
+        if self.due():
+            # what the structure would look like after the compaction a query triggers
+            n = self.matrix.n_alive
+            _, lens = choose_substrings(n, self.matrix.bits)
+            return mih_cost(probe_counts(lens, r), lens, None, n, 0, self.matrix.words)
+        return mih_cost(
+            probe_counts(self.lens, r), self.lens, self.collisions, self.n_base, self.n_delta, self.matrix.words
+        )
+
+    def nbytes(self) -> int:
+        return int(self.offsets.nbytes + self.ids_tab.nbytes + self.low_tab.nbytes + self.delta.nbytes)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "built": self.built,
+            "m": int(self.starts.size),
+            "substring_bits": [int(x) for x in self.lens],
+            "directory_bits": self.t,
+            "base": self.n_base,
+            "delta": self.n_delta,
+            "tombstones": self.n_removed,
+            "rebuilds": self.rebuilds,
+            "nbytes": self.nbytes(),
+        }
