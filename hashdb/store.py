@@ -1,0 +1,610 @@
+"""LMDB layout of a hashdb database: one environment (a directory) with named sub-databases.
+
+    meta     name -> msgpack value: format version, bits, codec config, creation time, next id
+    codes    key (utf-8) -> canonical code bytes
+    attrs    key -> msgpack map (user metadata; absent when the key has none)
+    ids      key -> dense id (8 bytes big-endian)
+    keys     dense id (8 bytes big-endian) -> key
+    free     ids of deleted keys (8 bytes big-endian) -> b"", handed out again before fresh ones
+    log      sequence (8 bytes big-endian) -> one batch of upserts or deletes (ids and codes)
+    readers  pid + token -> last sequence that reader's in-memory index applied (compaction hint only)
+
+A key gets an id on first insert and keeps it while it exists. Freed ids are reused (smallest first), because
+the in-memory index sizes its code matrix by the largest id: without reuse, churn would grow it without
+bound. Replaying the log stays exact: each entry holds the codes themselves, and the net effect of a run of
+entries is the last operation per id, whichever key the id named at the time.
+
+This module knows keys, bytes and numpy arrays; it does not know the in-memory index. ``HashDB`` (db.py)
+ties the two together.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import lmdb
+import msgpack
+import numpy as np
+
+from .codes import check_bits
+from .errors import BitsMismatch, InvalidArgument, StorageError
+
+FORMAT_VERSION = 1
+DEFAULT_MAP_SIZE = 1 << 30  # only address space: the file grows with the data, the map doubles when full
+MAX_MAP_SIZE = 1 << 44
+MAX_KEY_BYTES = 511
+LOG_BATCH = 1 << 16  # records per log value; bounds the size of one value without adding many entries
+OP_PUT = b"P"
+OP_DELETE = b"D"
+
+T = TypeVar("T")
+
+_SEQ = struct.Struct(">Q")
+_READER = struct.Struct(">IQ")
+_LOG_HEAD = struct.Struct("<cI")
+
+
+def pack_seq(seq: int) -> bytes:
+    return _SEQ.pack(seq)
+
+
+def unpack_seq(raw: bytes) -> int:
+    return _SEQ.unpack(raw)[0]
+
+
+def pack_meta(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def unpack_meta(raw: bytes) -> Any:
+    return msgpack.unpackb(raw, raw=False, strict_map_key=False)
+
+
+class RWLock:
+    """Many shared holders or one exclusive holder; a waiting exclusive request blocks new shared ones.
+
+    Not reentrant: a thread must not take the shared side twice (an exclusive waiter in between would
+    deadlock it).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive or self._waiting:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                if not self._shared:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._exclusive or self._shared:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+class LogBatch:
+    """What one write transaction did, as flat arrays: upserted ids with their codes, and deleted ids."""
+
+    __slots__ = ("put_ids", "put_codes", "deleted_ids")
+
+    def __init__(self, put_ids: np.ndarray, put_codes: np.ndarray, deleted_ids: np.ndarray) -> None:
+        self.put_ids = put_ids
+        self.put_codes = put_codes
+        self.deleted_ids = deleted_ids
+
+
+def pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+class Store:
+    """An open LMDB environment with the hashdb layout. Thread-safe; every call runs its own transaction."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        bits: int | None = None,
+        *,
+        readonly: bool = False,
+        map_size: int | None = None,
+        codec: dict[str, Any] | None = None,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.readonly = readonly
+        if bits is not None:
+            bits = check_bits(bits)
+        if map_size is not None and (isinstance(map_size, bool) or not isinstance(map_size, int) or map_size < 1):
+            raise InvalidArgument(f"map_size must be a positive int, got {map_size!r}")
+        exists = os.path.exists(os.path.join(self.path, "data.mdb"))
+        if not exists and (readonly or bits is None):
+            why = "it was opened read-only" if readonly else "no bits= was given to create it"
+            raise StorageError(f"no hashdb database at {self.path!r}, and {why}")
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise StorageError(f"{self.path!r} exists and is not a directory")
+        self._env_lock = RWLock()
+        self._map_lock = threading.Lock()
+        try:
+            self.env = lmdb.open(
+                self.path,
+                map_size=map_size or DEFAULT_MAP_SIZE,
+                max_dbs=8,
+                subdir=True,
+                readonly=readonly,
+                create=not readonly,
+                readahead=False,
+            )
+        except lmdb.Error as e:
+            raise StorageError(f"cannot open LMDB environment at {self.path!r}: {e}") from e
+        self.closed = False
+        try:
+            self._open_tables(readonly)
+            self.bits = self._init_meta(bits, codec)
+        except BaseException:
+            self.env.close()
+            self.closed = True
+            raise
+        self.nbytes = self.bits // 8
+        self.words = self.bits // 64
+
+    # ----------------------------------------------------------------------------------------- opening
+
+    def _open_tables(self, readonly: bool) -> None:
+        names = ("meta", "codes", "attrs", "ids", "keys", "free", "log", "readers")
+        try:
+            if readonly:
+                with self.env.begin() as txn:
+                    handles = {n: self.env.open_db(n.encode(), txn=txn, create=False) for n in names}
+            else:
+                with self.env.begin(write=True) as txn:
+                    handles = {n: self.env.open_db(n.encode(), txn=txn) for n in names}
+        except lmdb.NotFoundError as e:
+            raise StorageError(f"{self.path!r} is not a hashdb database (missing table: {e})") from e
+        except lmdb.Error as e:
+            raise StorageError(f"cannot open the tables of {self.path!r}: {e}") from e
+        self.meta_db = handles["meta"]
+        self.codes_db = handles["codes"]
+        self.attrs_db = handles["attrs"]
+        self.ids_db = handles["ids"]
+        self.keys_db = handles["keys"]
+        self.free_db = handles["free"]
+        self.log_db = handles["log"]
+        self.readers_db = handles["readers"]
+
+    def _init_meta(self, bits: int | None, codec: dict[str, Any] | None) -> int:
+        with self.read() as txn:
+            stored = txn.get(b"format", db=self.meta_db)
+            if stored is not None:
+                return self._check_meta(txn, bits, codec)
+        if bits is None:
+            raise StorageError(f"{self.path!r} holds no hashdb metadata, and no bits= was given to create it")
+        if self.readonly:
+            raise StorageError(f"{self.path!r} holds no hashdb metadata")
+
+        def create(txn: lmdb.Transaction) -> int:
+            if txn.get(b"format", db=self.meta_db) is not None:  # another process created it meanwhile
+                return -1
+            if txn.stat(self.codes_db)["entries"]:
+                raise StorageError(f"{self.path!r} has data but no hashdb metadata")
+            for name, value in (
+                (b"format", FORMAT_VERSION),
+                (b"bits", bits),
+                (b"created", time.time()),
+                (b"next_id", 0),
+                (b"codec", codec),
+            ):
+                txn.put(name, pack_meta(value), db=self.meta_db)
+            return bits
+
+        if self.write(create) == -1:
+            with self.read() as txn:
+                return self._check_meta(txn, bits, codec)
+        return bits
+
+    def _check_meta(self, txn: lmdb.Transaction, bits: int | None, codec: dict[str, Any] | None) -> int:
+        version = unpack_meta(txn.get(b"format", db=self.meta_db))
+        if version != FORMAT_VERSION:
+            raise StorageError(f"{self.path!r} has format version {version!r}; this hashdb reads {FORMAT_VERSION}")
+        raw = txn.get(b"bits", db=self.meta_db)
+        if raw is None:
+            raise StorageError(f"{self.path!r} has no stored code width")
+        stored = unpack_meta(raw)
+        if bits is not None and bits != stored:
+            raise BitsMismatch(f"{self.path!r} holds {stored}-bit codes, not {bits}")
+        if codec is not None:
+            current = self._get_meta(txn, b"codec")
+            if current is not None and current != codec:
+                raise InvalidArgument(f"{self.path!r} was built with another codec config: {current!r}")
+        return int(stored)
+
+    def close(self) -> None:
+        with self._env_lock.exclusive():
+            if not self.closed:
+                self.closed = True
+                self.env.close()
+
+    # ------------------------------------------------------------------------------------ transactions
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise StorageError(f"database {self.path!r} is closed")
+
+    @contextmanager
+    def read(self) -> Iterator[lmdb.Transaction]:
+        """A read transaction; adopts a map size another process grew."""
+        for _ in range(8):
+            with self._env_lock.shared():
+                self._check_open()
+                try:
+                    txn = self.env.begin(buffers=False)
+                except lmdb.MapResizedError:
+                    txn = None
+                if txn is not None:
+                    with txn:
+                        yield txn
+                    return
+            self._adopt_map_size()
+        raise StorageError("the LMDB map keeps being resized by another process")
+
+    def write(self, body: Callable[[lmdb.Transaction], T], reserve: int = 0) -> T:
+        """Run ``body`` in one write transaction and commit; on MapFullError grow the map and rerun it.
+
+        ``body`` must derive everything it writes from the transaction and its own arguments, so that a
+        rerun after an abort is the same transaction again. ``reserve`` is an estimate of the bytes it
+        adds, used to grow the map once up front rather than by repeated failures.
+        """
+        if self.readonly:
+            raise StorageError(f"database {self.path!r} is open read-only")
+        if reserve:
+            self._ensure_room(reserve)
+        for _ in range(64):
+            grow = False
+            with self._env_lock.shared():
+                self._check_open()
+                try:
+                    with self.env.begin(write=True) as txn:
+                        return body(txn)
+                except lmdb.MapFullError:
+                    grow = True
+                except lmdb.MapResizedError:
+                    pass
+            if grow:
+                self._grow_map()
+            else:
+                self._adopt_map_size()
+        raise StorageError("could not commit the write: the LMDB map could not grow enough")
+
+    def map_size(self) -> int:
+        return int(self.env.info()["map_size"])
+
+    def used_bytes(self) -> int:
+        info = self.env.info()
+        return (int(info["last_pgno"]) + 1) * int(self.env.stat()["psize"])
+
+    def _ensure_room(self, reserve: int) -> None:
+        # Twice the estimate: LMDB keeps the previous version of every touched page until commit.
+        need = self.used_bytes() + 2 * reserve
+        if need > self.map_size():
+            self._grow_map(need)
+
+    def _grow_map(self, at_least: int = 0) -> None:
+        with self._map_lock:
+            current = self.map_size()
+            target = max(2 * current, at_least)
+            if target > MAX_MAP_SIZE:
+                raise StorageError(f"the database needs a map larger than {MAX_MAP_SIZE} bytes")
+            with self._env_lock.exclusive():
+                self._check_open()
+                if self.map_size() == current:  # another thread may have grown it meanwhile
+                    self.env.set_mapsize(target)
+
+    def _adopt_map_size(self) -> None:
+        with self._env_lock.exclusive():
+            self._check_open()
+            self.env.set_mapsize(0)  # 0 = take the size another process recorded
+
+    # -------------------------------------------------------------------------------------------- meta
+
+    def _get_meta(self, txn: lmdb.Transaction, name: bytes) -> Any:
+        raw = txn.get(name, db=self.meta_db)
+        return None if raw is None else unpack_meta(raw)
+
+    def get_meta(self, name: str) -> Any:
+        with self.read() as txn:
+            return self._get_meta(txn, name.encode())
+
+    def set_meta(self, name: str, value: Any) -> None:
+        packed = pack_meta(value)
+        self.write(lambda txn: txn.put(name.encode(), packed, db=self.meta_db))
+
+    # --------------------------------------------------------------------------------------- reading
+
+    def count(self, txn: lmdb.Transaction) -> int:
+        return int(txn.stat(self.codes_db)["entries"])
+
+    def get(self, txn: lmdb.Transaction, key: bytes) -> tuple[bytes, Any] | None:
+        code = txn.get(key, db=self.codes_db)
+        if code is None:
+            return None
+        raw = txn.get(key, db=self.attrs_db)
+        return code, (None if raw is None else unpack_meta(raw))
+
+    def contains(self, txn: lmdb.Transaction, key: bytes) -> bool:
+        return txn.get(key, db=self.ids_db) is not None
+
+    def keys_after(self, txn: lmdb.Transaction, after: bytes | None, limit: int) -> list[bytes]:
+        """Up to ``limit`` keys in byte order, strictly after ``after`` (from the start when None)."""
+        cursor = txn.cursor(db=self.codes_db)
+        if after is None:
+            if not cursor.first():
+                return []
+        else:
+            if not cursor.set_range(after):
+                return []
+            if cursor.key() == after and not cursor.next():
+                return []
+        out: list[bytes] = []
+        for key in cursor.iternext(keys=True, values=False):
+            out.append(key)
+            if len(out) >= limit:
+                break
+        return out
+
+    def keys_of(self, txn: lmdb.Transaction, ids: np.ndarray) -> list[bytes]:
+        """Keys of ids the caller knows exist in ``txn``'s snapshot."""
+        get = txn.get
+        db = self.keys_db
+        packed = np.asarray(ids, dtype=">u8").tobytes()
+        out = []
+        for i in range(0, len(packed), 8):
+            key = get(packed[i : i + 8], db=db)
+            if key is None:
+                raise StorageError(f"id {unpack_seq(packed[i : i + 8])} is in the index but not in the database")
+            out.append(key)
+        return out
+
+    def load_all(self, txn: lmdb.Transaction) -> tuple[np.ndarray, np.ndarray]:
+        """Every (id, code) of the snapshot as int64 ids (n,) and uint64 words (n, bits/64).
+
+        ``codes`` and ``ids`` are both keyed by key, so their value streams line up row for row; each is
+        read with one C-level iteration and one join, without a Python step per record.
+        """
+        raw_codes = b"".join(txn.cursor(db=self.codes_db).iternext(keys=False, values=True))
+        raw_ids = b"".join(txn.cursor(db=self.ids_db).iternext(keys=False, values=True))
+        codes = np.frombuffer(raw_codes, dtype="<u8").reshape(-1, self.words)
+        ids = np.frombuffer(raw_ids, dtype=">u8").astype(np.int64)
+        if len(ids) != len(codes):
+            raise StorageError(f"tables disagree: {len(codes)} codes but {len(ids)} ids")
+        if codes.dtype != np.uint64:
+            codes = codes.astype(np.uint64)
+        return ids, codes
+
+    # ------------------------------------------------------------------------------------------- log
+
+    def last_seq(self, txn: lmdb.Transaction) -> int:
+        cursor = txn.cursor(db=self.log_db)
+        return unpack_seq(cursor.key()) if cursor.last() else 0
+
+    def first_seq(self, txn: lmdb.Transaction) -> int:
+        cursor = txn.cursor(db=self.log_db)
+        return unpack_seq(cursor.key()) if cursor.first() else 0
+
+    def log_entries(self, txn: lmdb.Transaction) -> int:
+        return int(txn.stat(self.log_db)["entries"])
+
+    def read_log(self, txn: lmdb.Transaction, after: int) -> tuple[LogBatch, int] | None:
+        """Net effect of every log entry with sequence > ``after``: the last operation per id wins.
+
+        Returns None when entries after ``after`` were compacted away (the caller must rebuild), else
+        the batch and the newest sequence in it.
+        """
+        cursor = txn.cursor(db=self.log_db)
+        if not cursor.set_range(pack_seq(after + 1)):
+            return LogBatch(np.empty(0, np.int64), np.empty((0, self.words), np.uint64), np.empty(0, np.int64)), after
+        if unpack_seq(cursor.key()) != after + 1:
+            return None
+        id_parts: list[np.ndarray] = []
+        is_put_parts: list[np.ndarray] = []
+        code_parts: list[np.ndarray] = []
+        last = after
+        for key, value in cursor.iternext():
+            last = unpack_seq(key)
+            op, n = _LOG_HEAD.unpack_from(value)
+            ids = np.frombuffer(value, dtype="<i8", count=n, offset=_LOG_HEAD.size)
+            id_parts.append(ids)
+            if op == OP_PUT:
+                start = _LOG_HEAD.size + 8 * n
+                codes = np.frombuffer(value, dtype="<u8", count=n * self.words, offset=start)
+                code_parts.append(codes.reshape(n, self.words))
+                is_put_parts.append(np.ones(n, dtype=bool))
+            else:
+                code_parts.append(np.zeros((n, self.words), dtype=np.uint64))
+                is_put_parts.append(np.zeros(n, dtype=bool))
+        if not id_parts:
+            return LogBatch(np.empty(0, np.int64), np.empty((0, self.words), np.uint64), np.empty(0, np.int64)), last
+        ids = np.concatenate(id_parts).astype(np.int64)
+        is_put = np.concatenate(is_put_parts)
+        codes = np.concatenate(code_parts).astype(np.uint64)
+        # Last occurrence of each id: unique over the reversed sequence keeps the first = the newest.
+        _, rev_first = np.unique(ids[::-1], return_index=True)
+        newest = len(ids) - 1 - rev_first
+        newest.sort()
+        put = newest[is_put[newest]]
+        gone = newest[~is_put[newest]]
+        return LogBatch(ids[put], codes[put], ids[gone]), last
+
+    def _append_log(self, txn: lmdb.Transaction, seq: int, op: bytes, ids: np.ndarray, codes: bytes) -> int:
+        """Append one or more entries after ``seq``; returns the newest sequence written."""
+        raw_ids = np.ascontiguousarray(ids, dtype="<i8")
+        nb = self.nbytes
+        cursor = txn.cursor(db=self.log_db)
+        for start in range(0, len(raw_ids), LOG_BATCH):
+            part = raw_ids[start : start + LOG_BATCH]
+            seq += 1
+            value = _LOG_HEAD.pack(op, len(part)) + part.tobytes()
+            if op == OP_PUT:
+                value += codes[start * nb : (start + len(part)) * nb]
+            cursor.put(pack_seq(seq), value, append=True)
+        return seq
+
+    # ----------------------------------------------------------------------------------------- writes
+
+    def put_many(
+        self,
+        txn: lmdb.Transaction,
+        keys: Sequence[bytes],
+        codes: Sequence[bytes],
+        metas: Sequence[bytes | None] | None,
+    ) -> tuple[int, int, LogBatch]:
+        """Upsert validated, de-duplicated records sorted by key. Returns (previous seq, new seq, batch)."""
+        prev = self.last_seq(txn)
+        n = len(keys)
+        get = txn.get
+        ids_db = self.ids_db
+        existing = [get(k, db=ids_db) for k in keys]
+        new_pos = [i for i, e in enumerate(existing) if e is None]
+        n_new = len(new_pos)
+        if n_new:
+            new_id_bytes = self._take_free_ids(txn, n_new)
+            reused = len(new_id_bytes)
+            if reused < n_new:
+                next_id = self._get_meta(txn, b"next_id")
+                fresh = np.arange(next_id, next_id + n_new - reused, dtype=">u8").tobytes()
+                new_id_bytes += [fresh[j * 8 : j * 8 + 8] for j in range(n_new - reused)]
+                txn.put(b"next_id", pack_meta(next_id + n_new - reused), db=self.meta_db)
+            new_keys = [keys[i] for i in new_pos]
+            txn.cursor(db=self.ids_db).putmulti(zip(new_keys, new_id_bytes, strict=True))
+            # Ids come out ascending; when all are fresh they extend the keys table at its end.
+            txn.cursor(db=self.keys_db).putmulti(zip(new_id_bytes, new_keys, strict=True), append=not reused)
+            for j, i in enumerate(new_pos):
+                existing[i] = new_id_bytes[j]
+        txn.cursor(db=self.codes_db).putmulti(zip(keys, codes, strict=True))
+        attrs_db = self.attrs_db
+        if metas is None:
+            if n_new < n:
+                new_set = set(new_pos)
+                for i in range(n):
+                    if i not in new_set:
+                        txn.delete(keys[i], db=attrs_db)
+        else:
+            with_meta = [(keys[i], m) for i, m in enumerate(metas) if m is not None]
+            if with_meta:
+                txn.cursor(db=attrs_db).putmulti(with_meta)
+            if n_new < n:
+                new_set = set(new_pos)
+                for i, m in enumerate(metas):
+                    if m is None and i not in new_set:
+                        txn.delete(keys[i], db=attrs_db)
+        ids = np.frombuffer(b"".join(existing), dtype=">u8").astype(np.int64)
+        joined = b"".join(codes)
+        seq = self._append_log(txn, prev, OP_PUT, ids, joined)
+        batch = LogBatch(ids, np.frombuffer(joined, dtype="<u8").reshape(n, self.words).astype(np.uint64),
+                         np.empty(0, np.int64))
+        return prev, seq, batch
+
+    def _take_free_ids(self, txn: lmdb.Transaction, limit: int) -> list[bytes]:
+        cursor = txn.cursor(db=self.free_db)
+        taken: list[bytes] = []
+        if not cursor.first():
+            return taken
+        while len(taken) < limit:
+            key = cursor.key()
+            if not key or not cursor.delete():
+                break
+            taken.append(key)
+        return taken
+
+    def delete_many(self, txn: lmdb.Transaction, keys: Sequence[bytes]) -> tuple[int, int, LogBatch]:
+        """Delete keys (absent ones ignored). Returns (previous seq, new seq, batch)."""
+        prev = self.last_seq(txn)
+        gone: list[bytes] = []
+        for key in keys:
+            raw_id = txn.pop(key, db=self.ids_db)
+            if raw_id is None:
+                continue
+            txn.delete(key, db=self.codes_db)
+            txn.delete(key, db=self.attrs_db)
+            txn.delete(raw_id, db=self.keys_db)
+            txn.put(raw_id, b"", db=self.free_db)
+            gone.append(raw_id)
+        ids = np.frombuffer(b"".join(gone), dtype=">u8").astype(np.int64)
+        seq = self._append_log(txn, prev, OP_DELETE, ids, b"") if gone else prev
+        return prev, seq, LogBatch(np.empty(0, np.int64), np.empty((0, self.words), np.uint64), ids)
+
+    # ------------------------------------------------------------------------- readers and compaction
+
+    def set_reader(self, txn: lmdb.Transaction, token: int, seq: int | None) -> None:
+        """Record (or with None, forget) how far this reader's index has applied the log."""
+        key = _READER.pack(os.getpid(), token)
+        if seq is None:
+            txn.delete(key, db=self.readers_db)
+        else:
+            txn.put(key, pack_seq(seq), db=self.readers_db)
+
+    def readers(self, txn: lmdb.Transaction) -> dict[tuple[int, int], int]:
+        out = {}
+        for key, value in txn.cursor(db=self.readers_db):
+            out[_READER.unpack(key)] = unpack_seq(value)
+        return out
+
+    def compact_log(self, txn: lmdb.Transaction, honour_readers: bool = True) -> int:
+        """Delete log entries every live registered reader has applied; always keep the newest entry.
+
+        Registered readers only delay truncation: a reader whose position was truncated away rebuilds its
+        index from the tables, so correctness never depends on this registry. Returns entries deleted.
+        """
+        last = self.last_seq(txn)
+        bound = last - 1
+        if honour_readers:
+            for (pid, token), seq in self.readers(txn).items():
+                if pid_alive(pid):
+                    bound = min(bound, seq)
+                else:
+                    txn.delete(_READER.pack(pid, token), db=self.readers_db)
+        cursor = txn.cursor(db=self.log_db)
+        deleted = 0
+        if not cursor.first():
+            return 0
+        while True:
+            key = cursor.key()
+            if not key or unpack_seq(key) > bound or not cursor.delete():
+                return deleted
+            deleted += 1
