@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit
 
 from .base import CodeMatrix, Result
-from .bits import grow_i32, grow_i64, knn_threshold, row_distance, substring_of
+from .bits import knn_threshold, row_distance, substring_of
 from .planner import MIH_NS_CAND, MIH_NS_PROBE, mih_cost, probe_counts
 
 # ---------------------------------------------------------------------------------------------------------
@@ -121,7 +121,8 @@ def _probe(
     hist: np.ndarray,
     work: int,
     w_cand: int,
-) -> tuple[np.ndarray, np.ndarray, int, int]:
+) -> tuple[int, int]:
+    """Look up one substring value; verify and record (while the buffers last) every new id in its run."""
     top = value >> L
     low = value & ((1 << L) - 1)
     lo = offsets[j, top]
@@ -135,6 +136,7 @@ def _probe(
             else:
                 b = mid
         lo = a
+    cap = out_ids.shape[0]
     for p in range(lo, hi):
         lv = low_tab[j, p]
         if lv != low:
@@ -150,12 +152,11 @@ def _probe(
             d = row_distance(codes, i, query)
             if d <= keep:
                 hist[d] += 1
-                out_ids = grow_i64(out_ids, n + 1)
-                out_d = grow_i32(out_d, n + 1)
-                out_ids[n] = i
-                out_d[n] = d
+                if n < cap:
+                    out_ids[n] = i
+                    out_d[n] = d
                 n += 1
-    return out_ids, out_d, n, work
+    return n, work
 
 
 @njit(cache=True)
@@ -182,31 +183,30 @@ def _probe_level(
     budget: int,
     w_probe: int,
     w_cand: int,
-) -> tuple[np.ndarray, np.ndarray, int, int]:
+) -> tuple[int, int]:
     """Probe every value of substring j at exactly Hamming distance ``dist`` from the query's substring,
     enumerating the bit-flip masks of popcount ``dist`` in increasing order (Gosper's hack)."""
     s = lens[j]
     L = s - t
     qv = np.int64(substring_of(query, starts[j], s))
     if dist == 0:
-        out_ids, out_d, n, work = _probe(
+        return _probe(
             qv, j, L, offsets, ids_tab, low_tab, codes, alive, stamps, gen, query, keep, out_ids, out_d, n, hist,
             work + w_probe, w_cand,
         )
-        return out_ids, out_d, n, work
     limit = np.int64(1) << s
     x = (np.int64(1) << dist) - 1
     while x < limit:
-        out_ids, out_d, n, work = _probe(
+        n, work = _probe(
             qv ^ x, j, L, offsets, ids_tab, low_tab, codes, alive, stamps, gen, query, keep, out_ids, out_d, n,
             hist, work + w_probe, w_cand,
         )
         if budget >= 0 and work > budget:
-            return out_ids, out_d, n, work
+            return n, work
         c = x & -x
         y = x + c
         x = (((y ^ x) >> 2) // c) | y
-    return out_ids, out_d, n, work
+    return n, work
 
 
 @njit(cache=True)
@@ -224,6 +224,7 @@ def _scan_delta(
     hist: np.ndarray,
 ) -> int:
     n = 0
+    cap = out_ids.shape[0]
     for p in range(n_delta):
         i = delta[p]
         if stamps[i] == gen:
@@ -233,8 +234,9 @@ def _scan_delta(
             d = row_distance(codes, i, query)
             if d <= keep:
                 hist[d] += 1
-                out_ids[n] = i
-                out_d[n] = d
+                if n < cap:
+                    out_ids[n] = i
+                    out_d[n] = d
                 n += 1
     return n
 
@@ -255,14 +257,15 @@ def mih_radius(
     low_tab: np.ndarray,
     delta: np.ndarray,
     n_delta: int,
+    out_ids: np.ndarray,
+    out_d: np.ndarray,
     budget: int,
     w_probe: int,
     w_cand: int,
-) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Every live id within r; ok=False if the work passed ``budget`` (then the result is partial)."""
+) -> int:
+    """Every live id within r into the buffers. Returns how many there are (more than the buffers hold:
+    rerun with bigger ones), or -1 if the work passed ``budget``."""
     hist = np.zeros(query.shape[0] * 64 + 1, np.int64)
-    out_ids = np.empty(max(64, n_delta), np.int64)
-    out_d = np.empty(max(64, n_delta), np.int32)
     n = _scan_delta(delta, n_delta, codes, alive, stamps, gen, query, r, out_ids, out_d, hist)
     work = n_delta * w_cand
     m = starts.shape[0]
@@ -271,13 +274,13 @@ def mih_radius(
     for j in range(m):
         rad = a if j <= b else a - 1
         for dist in range(min(rad, lens[j]) + 1):
-            out_ids, out_d, n, work = _probe_level(
+            n, work = _probe_level(
                 j, dist, starts, lens, t, offsets, ids_tab, low_tab, codes, alive, stamps, gen, query, r,
                 out_ids, out_d, n, hist, work, budget, w_probe, w_cand,
             )
             if budget >= 0 and work > budget:
-                return out_ids[:0].copy(), out_d[:0].copy(), False
-    return out_ids[:n].copy(), out_d[:n].copy(), True
+                return -1
+    return n
 
 
 @njit(cache=True)
@@ -296,16 +299,18 @@ def mih_knn(
     low_tab: np.ndarray,
     delta: np.ndarray,
     n_delta: int,
+    out_ids: np.ndarray,
+    out_d: np.ndarray,
     budget: int,
     w_probe: int,
     w_cand: int,
-) -> tuple[np.ndarray, np.ndarray, bool]:
+) -> tuple[int, int]:
     """kNN-MIH: grow the search radius one step at a time (each step adds one substring at one more bit
-    of radius); once k answers lie within the radius searched so far, every tie of the k-th is found too."""
+    of radius); once k answers lie within the radius searched so far, every tie of the k-th is found too.
+    Returns (candidates found, answers kept at the front of the buffers); found > buffer size means
+    rerun with bigger buffers; found = -1 means the budget ran out."""
     bits = query.shape[0] * 64
     hist = np.zeros(bits + 1, np.int64)
-    out_ids = np.empty(max(64, n_delta), np.int64)
-    out_d = np.empty(max(64, n_delta), np.int32)
     n = _scan_delta(delta, n_delta, codes, alive, stamps, gen, query, bits, out_ids, out_d, hist)
     work = n_delta * w_cand
     m = starts.shape[0]
@@ -314,27 +319,29 @@ def mih_knn(
         j = rr % m
         dist = rr // m
         if dist <= lens[j]:
-            out_ids, out_d, n, work = _probe_level(
+            n, work = _probe_level(
                 j, dist, starts, lens, t, offsets, ids_tab, low_tab, codes, alive, stamps, gen, query, bits,
                 out_ids, out_d, n, hist, work, budget, w_probe, w_cand,
             )
             if budget >= 0 and work > budget:
-                return out_ids[:0].copy(), out_d[:0].copy(), False
+                return -1, 0
         c = 0
         for d in range(rr + 1):
             c += hist[d]
         if c >= k:
             thr = knn_threshold(hist, k)
             break
+    if n > out_ids.shape[0]:
+        return n, 0
     if thr < 0:
         thr = bits
-    j = 0
+    kept = 0
     for p in range(n):
         if out_d[p] <= thr:
-            out_ids[j] = out_ids[p]
-            out_d[j] = out_d[p]
-            j += 1
-    return out_ids[:j].copy(), out_d[:j].copy(), True
+            out_ids[kept] = out_ids[p]
+            out_d[kept] = out_d[p]
+            kept += 1
+    return n, kept
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -350,6 +357,8 @@ class MIH:
         self.matrix = matrix
         self.built = False
         self.rebuilds = 0
+        # Reused result buffers; kernels count past their end and the shell reruns with bigger ones.
+        self._bufs = (np.empty(4096, np.int64), np.empty(4096, np.int32))
         self._clear()
 
     def _clear(self) -> None:
@@ -421,20 +430,34 @@ class MIH:
     def radius(self, query: np.ndarray, r: int, budget: int = -1) -> Result | None:
         self.ready()
         mat = self.matrix
-        ids, d, ok = mih_radius(
-            mat.codes, mat.alive, mat.stamps, mat.next_generation(), query, r, *self._args(),
-            budget, int(MIH_NS_PROBE), int(MIH_NS_CAND),
-        )
-        return (ids, d) if ok else None
+        while True:
+            n = mih_radius(
+                mat.codes, mat.alive, mat.stamps, mat.next_generation(), query, r, *self._args(), *self._bufs,
+                budget, int(MIH_NS_PROBE), int(MIH_NS_CAND),
+            )
+            if n < 0:
+                return None
+            if n <= self._bufs[0].size:
+                return self._bufs[0][:n].copy(), self._bufs[1][:n].copy()
+            self._grow(n)
 
     def knn(self, query: np.ndarray, k: int, budget: int = -1) -> Result | None:
         self.ready()
         mat = self.matrix
-        ids, d, ok = mih_knn(
-            mat.codes, mat.alive, mat.stamps, mat.next_generation(), query, k, *self._args(),
-            budget, int(MIH_NS_PROBE), int(MIH_NS_CAND),
-        )
-        return (ids, d) if ok else None
+        while True:
+            n, kept = mih_knn(
+                mat.codes, mat.alive, mat.stamps, mat.next_generation(), query, k, *self._args(), *self._bufs,
+                budget, int(MIH_NS_PROBE), int(MIH_NS_CAND),
+            )
+            if n < 0:
+                return None
+            if n <= self._bufs[0].size:
+                return self._bufs[0][:kept].copy(), self._bufs[1][:kept].copy()
+            self._grow(n)
+
+    def _grow(self, n: int) -> None:
+        size = 1 << max(12, (2 * n - 1).bit_length())
+        self._bufs = (np.empty(size, np.int64), np.empty(size, np.int32))
 
     def cost(self, r: int) -> float:
         if self.due():
