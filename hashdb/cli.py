@@ -72,9 +72,10 @@ class _Hashers:
             self._hasher = ModelHasher(bits=self.bits)
         return self._hasher
 
-    def hash_file(self, path: str) -> bytes:
+    def hash_file(self, path: str, or_code: bool = False) -> bytes:
         if not os.path.exists(path):
-            raise ModelFormatError(f"{path}: no such file (and not a {self.bits}-bit hex code)")
+            also = f" (and not a {self.bits}-bit hex code)" if or_code else ""
+            raise ModelFormatError(f"{path}: no such file{also}")
         if os.path.isdir(path):
             raise ModelFormatError(f"{path}: is a directory, not a model file")
         try:
@@ -90,7 +91,7 @@ class _Hashers:
             from .codes import to_bytes
 
             return to_bytes(text, self.bits), False
-        return self.hash_file(text), True
+        return self.hash_file(text, or_code=True), True
 
 
 # -- output --------------------------------------------------------------------------------------------
@@ -358,7 +359,9 @@ def _print_mapping(mapping: dict, indent: str = "") -> None:
 
 
 def cmd_hash(args: argparse.Namespace) -> int:
-    bits = args.bits if args.bits is not None else DEFAULT_BITS
+    from .codes import check_bits
+
+    bits = check_bits(args.bits if args.bits is not None else DEFAULT_BITS)
     hashers = _Hashers(bits)
     paths = list(_inputs(args.models))
     failed = 0
@@ -403,6 +406,7 @@ def cmd_demo(argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser; its subcommand parsers are in ``parser.commands`` (name -> parser)."""
     parser = _Parser(prog="hashdb", description="Find copies of neural-network models among millions.")
     parser.add_argument("--version", action="version", version=f"hashdb {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -462,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("demo", help="end-to-end demo: train CNNs, copy them, find the copies (see 'hashdb demo -h')",
                    add_help=False)  # fmt: skip
+    parser.commands = dict(sub.choices)  # type: ignore[attr-defined]
     return parser
 
 
@@ -471,10 +476,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv and argv[0] == "demo":  # the demo parses its own arguments
             return cmd_demo(argv[1:])
         parser = build_parser()
-        args = parser.parse_args(argv)
-        if args.command is None:
+        if not argv or argv[0].startswith("-"):  # --help, --version, or nothing
+            parser.parse_args(argv)
             parser.print_help(sys.stderr)
             return EXIT_ERROR
+        command = parser.commands.get(argv[0])  # type: ignore[attr-defined]
+        if command is None:
+            raise UsageError(f"unknown command {argv[0]!r} (see 'hashdb --help')")
+        # Intermixed: `add DB --key K CODE` puts a positional after an option, which plain parse_args rejects.
+        args = command.parse_intermixed_args(argv[1:])
         if getattr(args, "max_frame", "unset") is None:
             from .protocol import DEFAULT_MAX_FRAME
 

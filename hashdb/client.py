@@ -71,11 +71,17 @@ class _Calls:
             args["force"] = force
         return self._submit("radius", args, _pairs)
 
-    def radius_many(self, codes: Any, r: int) -> Any:
-        return self._submit("radius_many", {"codes": many_to_bytes(codes, self.bits), "r": r}, _many_pairs)
+    def radius_many(self, codes: Any, r: int, force: str | None = None) -> Any:
+        args: dict[str, Any] = {"codes": many_to_bytes(codes, self.bits), "r": r}
+        if force is not None:
+            args["force"] = force
+        return self._submit("radius_many", args, _many_pairs)
 
-    def knn(self, code: Any, k: int) -> Any:
-        return self._submit("knn", {"code": to_bytes(code, self.bits), "k": k}, _pairs)
+    def knn(self, code: Any, k: int, force: str | None = None) -> Any:
+        args: dict[str, Any] = {"code": to_bytes(code, self.bits), "k": k}
+        if force is not None:
+            args["force"] = force
+        return self._submit("knn", args, _pairs)
 
     def contains(self, key: str) -> Any:
         return self._submit("contains", {"key": key})

@@ -300,18 +300,19 @@ class Server:
     def _answer_reads(self, reads: list[tuple[_Connection, _Request]]) -> None:
         results: list[Any] = [None] * len(reads)
         done = [False] * len(reads)
-        by_radius: dict[int, list[int]] = {}
+        by_radius: dict[tuple[int, Any], list[int]] = {}
         for i, (_conn, request) in enumerate(reads):
-            if request.op == "radius" and request.error is None and request.args.get("force") is None:  # type: ignore[union-attr]
-                r = request.args["r"]  # type: ignore[index]
-                if type(r) is int:
-                    by_radius.setdefault(r, []).append(i)
-        for r, indices in by_radius.items():
+            if request.op == "radius" and request.error is None:
+                args = request.args
+                r, force = args["r"], args.get("force")  # type: ignore[union-attr,index]
+                if type(r) is int and (force is None or type(force) is str):
+                    by_radius.setdefault((r, force), []).append(i)
+        for (r, force), indices in by_radius.items():
             if len(indices) < 2:
                 continue
             try:
                 codes = [to_bytes(reads[i][1].args["code"], self.bits) for i in indices]  # type: ignore[index]
-                answers = self.db.radius_many(codes, r)
+                answers = self.db.radius_many(codes, r, force=force)
             except HashDBError:
                 continue  # answer one by one below, so each request gets its own error
             for i, answer in zip(indices, answers, strict=True):
