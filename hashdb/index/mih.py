@@ -55,11 +55,12 @@ def build_table(
     length: int,
     t: int,
     offsets: np.ndarray,
-    ids_out: np.ndarray,
-    low_out: np.ndarray,
+    entries: np.ndarray,
+    id_bits: int,
 ) -> int:
-    """Fill one table with an LSD counting sort (low bits, then top bits). Returns sum of squared bucket
-    sizes (collisions), which the planner uses to estimate the bucket size a data-like query meets."""
+    """Fill one table with an LSD counting sort (low bits, then top bits); each entry packs the value's
+    low bits above the id, so entries sort by value and one read gives both. Returns the sum of squared
+    bucket sizes (collisions), which the planner uses to size the bucket a data-like query meets."""
     n = live.shape[0]
     L = length - t
     lowmask = (1 << L) - 1
@@ -86,8 +87,7 @@ def build_table(
         p = order[q]
         top = vals[p] >> L
         dst = pos[top]
-        ids_out[dst] = live[p]
-        low_out[dst] = vals[p] & lowmask
+        entries[dst] = ((np.int64(vals[p]) & lowmask) << id_bits) | live[p]
         pos[top] += 1
     # collisions: runs of equal full values are contiguous after the sort
     coll = 0
@@ -107,8 +107,8 @@ def _probe(
     j: int,
     L: int,
     offsets: np.ndarray,
-    ids_tab: np.ndarray,
-    low_tab: np.ndarray,
+    entries: np.ndarray,
+    id_bits: int,
     codes: np.ndarray,
     alive: np.ndarray,
     stamps: np.ndarray,
@@ -127,23 +127,26 @@ def _probe(
     low = value & ((1 << L) - 1)
     lo = offsets[j, top]
     hi = offsets[j, top + 1]
-    if hi - lo > 16:  # long run (clustered data): binary search the first low >= target
+    if hi - lo > 16:  # long run (clustered data): binary search the first entry with low bits >= target
+        target = low << id_bits
         a, b = lo, hi
         while a < b:
             mid = (a + b) >> 1
-            if low_tab[j, mid] < low:
+            if np.int64(entries[j, mid]) < target:
                 a = mid + 1
             else:
                 b = mid
         lo = a
     cap = out_ids.shape[0]
+    idmask = (np.int64(1) << id_bits) - 1
     for p in range(lo, hi):
-        lv = low_tab[j, p]
+        e = np.int64(entries[j, p])
+        lv = e >> id_bits
         if lv != low:
             if lv > low:
                 break
             continue
-        i = ids_tab[j, p]
+        i = e & idmask
         if stamps[i] == gen:
             continue
         stamps[i] = gen
@@ -167,8 +170,8 @@ def _probe_level(
     lens: np.ndarray,
     t: int,
     offsets: np.ndarray,
-    ids_tab: np.ndarray,
-    low_tab: np.ndarray,
+    entries: np.ndarray,
+    id_bits: int,
     codes: np.ndarray,
     alive: np.ndarray,
     stamps: np.ndarray,
@@ -191,14 +194,14 @@ def _probe_level(
     qv = np.int64(substring_of(query, starts[j], s))
     if dist == 0:
         return _probe(
-            qv, j, L, offsets, ids_tab, low_tab, codes, alive, stamps, gen, query, keep, out_ids, out_d, n, hist,
+            qv, j, L, offsets, entries, id_bits, codes, alive, stamps, gen, query, keep, out_ids, out_d, n, hist,
             work + w_probe, w_cand,
         )
     limit = np.int64(1) << s
     x = (np.int64(1) << dist) - 1
     while x < limit:
         n, work = _probe(
-            qv ^ x, j, L, offsets, ids_tab, low_tab, codes, alive, stamps, gen, query, keep, out_ids, out_d, n,
+            qv ^ x, j, L, offsets, entries, id_bits, codes, alive, stamps, gen, query, keep, out_ids, out_d, n,
             hist, work + w_probe, w_cand,
         )
         if budget >= 0 and work > budget:
@@ -253,8 +256,8 @@ def mih_radius(
     lens: np.ndarray,
     t: int,
     offsets: np.ndarray,
-    ids_tab: np.ndarray,
-    low_tab: np.ndarray,
+    entries: np.ndarray,
+    id_bits: int,
     delta: np.ndarray,
     n_delta: int,
     out_ids: np.ndarray,
@@ -275,7 +278,7 @@ def mih_radius(
         rad = a if j <= b else a - 1
         for dist in range(min(rad, lens[j]) + 1):
             n, work = _probe_level(
-                j, dist, starts, lens, t, offsets, ids_tab, low_tab, codes, alive, stamps, gen, query, r,
+                j, dist, starts, lens, t, offsets, entries, id_bits, codes, alive, stamps, gen, query, r,
                 out_ids, out_d, n, hist, work, budget, w_probe, w_cand,
             )
             if budget >= 0 and work > budget:
@@ -295,8 +298,8 @@ def mih_knn(
     lens: np.ndarray,
     t: int,
     offsets: np.ndarray,
-    ids_tab: np.ndarray,
-    low_tab: np.ndarray,
+    entries: np.ndarray,
+    id_bits: int,
     delta: np.ndarray,
     n_delta: int,
     out_ids: np.ndarray,
@@ -320,7 +323,7 @@ def mih_knn(
         dist = rr // m
         if dist <= lens[j]:
             n, work = _probe_level(
-                j, dist, starts, lens, t, offsets, ids_tab, low_tab, codes, alive, stamps, gen, query, bits,
+                j, dist, starts, lens, t, offsets, entries, id_bits, codes, alive, stamps, gen, query, bits,
                 out_ids, out_d, n, hist, work, budget, w_probe, w_cand,
             )
             if budget >= 0 and work > budget:
@@ -366,8 +369,8 @@ class MIH:
         self.lens = np.zeros(0, np.int64)
         self.t = 0
         self.offsets = np.zeros((0, 1), np.int32)
-        self.ids_tab = np.zeros((0, 0), np.int32)
-        self.low_tab = np.zeros((0, 0), np.uint8)
+        self.entries = np.zeros((0, 0), np.uint32)
+        self.id_bits = 1
         self.collisions = np.zeros(0, np.float64)
         self.n_base = 0
         self.delta = np.zeros(256, np.int64)
@@ -383,15 +386,17 @@ class MIH:
         self.starts, self.lens = choose_substrings(n, mat.bits)
         self.t = choose_directory_bits(n, self.lens)
         m = self.starts.size
-        low_dtype = np.uint8 if int(self.lens.max()) - self.t <= 8 else np.uint16
+        # uint32 entries whenever id and low bits fit (10M ids: 24 + 5 bits): 4 bytes per code per table.
+        self.id_bits = max(1, (mat.capacity - 1).bit_length())
+        low_bits = int(self.lens.max()) - self.t
+        dtype = np.uint32 if self.id_bits + low_bits <= 32 else np.uint64
         self.offsets = np.zeros((m, (1 << self.t) + 1), np.int32)
-        self.ids_tab = np.empty((m, n), np.int32)
-        self.low_tab = np.empty((m, n), low_dtype)
+        self.entries = np.empty((m, n), dtype)
         coll = np.empty(m, np.float64)
         for j in range(m):
             coll[j] = build_table(
                 mat.codes, live, int(self.starts[j]), int(self.lens[j]), self.t,
-                self.offsets[j], self.ids_tab[j], self.low_tab[j],
+                self.offsets[j], self.entries[j], self.id_bits,
             )
         self.collisions = coll
         self.n_base = n
@@ -425,7 +430,9 @@ class MIH:
 
     # -- queries --------------------------------------------------------------------------------------
     def _args(self) -> tuple[Any, ...]:
-        return (self.starts, self.lens, self.t, self.offsets, self.ids_tab, self.low_tab, self.delta, self.n_delta)
+        return (
+            self.starts, self.lens, self.t, self.offsets, self.entries, self.id_bits, self.delta, self.n_delta
+        )
 
     def radius(self, query: np.ndarray, r: int, budget: int = -1) -> Result | None:
         self.ready()
@@ -470,7 +477,7 @@ class MIH:
         )
 
     def nbytes(self) -> int:
-        return int(self.offsets.nbytes + self.ids_tab.nbytes + self.low_tab.nbytes + self.delta.nbytes)
+        return int(self.offsets.nbytes + self.entries.nbytes + self.delta.nbytes)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -478,6 +485,7 @@ class MIH:
             "m": int(self.starts.size),
             "substring_bits": [int(x) for x in self.lens],
             "directory_bits": self.t,
+            "entry_bytes": int(self.entries.dtype.itemsize),
             "base": self.n_base,
             "delta": self.n_delta,
             "tombstones": self.n_removed,
