@@ -491,16 +491,28 @@ class Store:
         self,
         txn: lmdb.Transaction,
         keys: Sequence[bytes],
-        codes: Sequence[bytes],
+        codes: bytes,
         metas: Sequence[bytes | None] | None,
     ) -> tuple[int, int, LogBatch]:
-        """Upsert validated, de-duplicated records sorted by key. Returns (previous seq, new seq, batch)."""
+        """Upsert validated records: distinct keys in ascending order, ``codes`` their joined canonical bytes.
+
+        Returns (sequence before, sequence after, what changed).
+        """
         prev = self.last_seq(txn)
         n = len(keys)
-        get = txn.get
-        ids_db = self.ids_db
-        existing = [get(k, db=ids_db) for k in keys]
-        new_pos = [i for i, e in enumerate(existing) if e is None]
+        nb = self.nbytes
+        cursor = txn.cursor(db=self.ids_db)
+        # Keys beyond the table's last key (always so for a bulk load into an empty database) can be
+        # appended: LMDB then fills pages without searching or splitting.
+        beyond = not cursor.last() or cursor.key() < keys[0]
+        if not beyond:
+            get = txn.get
+            ids_db = self.ids_db
+            existing: list[bytes | None] = [get(k, db=ids_db) for k in keys]
+            new_pos = [i for i, e in enumerate(existing) if e is None]
+        else:
+            existing = [None] * n
+            new_pos = list(range(n))
         n_new = len(new_pos)
         if n_new:
             new_id_bytes = self._take_free_ids(txn, n_new)
@@ -508,37 +520,34 @@ class Store:
             if reused < n_new:
                 next_id = self._get_meta(txn, b"next_id")
                 fresh = np.arange(next_id, next_id + n_new - reused, dtype=">u8").tobytes()
-                new_id_bytes += [fresh[j * 8 : j * 8 + 8] for j in range(n_new - reused)]
+                new_id_bytes += [fresh[j : j + 8] for j in range(0, len(fresh), 8)]
                 txn.put(b"next_id", pack_meta(next_id + n_new - reused), db=self.meta_db)
-            new_keys = [keys[i] for i in new_pos]
-            txn.cursor(db=self.ids_db).putmulti(zip(new_keys, new_id_bytes, strict=True))
+            new_keys = keys if n_new == n else [keys[i] for i in new_pos]
+            cursor.putmulti(zip(new_keys, new_id_bytes, strict=True), append=beyond)
             # Ids come out ascending; when all are fresh they extend the keys table at its end.
             txn.cursor(db=self.keys_db).putmulti(zip(new_id_bytes, new_keys, strict=True), append=not reused)
-            for j, i in enumerate(new_pos):
-                existing[i] = new_id_bytes[j]
-        txn.cursor(db=self.codes_db).putmulti(zip(keys, codes, strict=True))
+            if n_new == n:
+                existing = new_id_bytes  # type: ignore[assignment]
+            else:
+                for j, i in enumerate(new_pos):
+                    existing[i] = new_id_bytes[j]
+        rows = (codes[i : i + nb] for i in range(0, n * nb, nb))
+        txn.cursor(db=self.codes_db).putmulti(zip(keys, rows, strict=True), append=beyond)
         attrs_db = self.attrs_db
-        if metas is None:
-            if n_new < n:
-                new_set = set(new_pos)
-                for i in range(n):
-                    if i not in new_set:
-                        txn.delete(keys[i], db=attrs_db)
-        else:
+        # A replaced record's old metadata goes unless new metadata overwrites it.
+        if n_new < n:
+            new_set = set(new_pos)
+            for i in range(n):
+                if i not in new_set and (metas is None or metas[i] is None):
+                    txn.delete(keys[i], db=attrs_db)
+        if metas is not None:
             with_meta = [(keys[i], m) for i, m in enumerate(metas) if m is not None]
             if with_meta:
-                txn.cursor(db=attrs_db).putmulti(with_meta)
-            if n_new < n:
-                new_set = set(new_pos)
-                for i, m in enumerate(metas):
-                    if m is None and i not in new_set:
-                        txn.delete(keys[i], db=attrs_db)
-        ids = np.frombuffer(b"".join(existing), dtype=">u8").astype(np.int64)
-        joined = b"".join(codes)
-        seq = self._append_log(txn, prev, OP_PUT, ids, joined)
-        batch = LogBatch(ids, np.frombuffer(joined, dtype="<u8").reshape(n, self.words).astype(np.uint64),
-                         np.empty(0, np.int64))
-        return prev, seq, batch
+                txn.cursor(db=attrs_db).putmulti(with_meta, append=beyond)
+        ids = np.frombuffer(b"".join(existing), dtype=">u8").astype(np.int64)  # type: ignore[arg-type]
+        seq = self._append_log(txn, prev, OP_PUT, ids, codes)
+        words = np.frombuffer(codes, dtype="<u8").reshape(n, self.words).astype(np.uint64)
+        return prev, seq, LogBatch(ids, words, np.empty(0, np.int64))
 
     def _take_free_ids(self, txn: lmdb.Transaction, limit: int) -> list[bytes]:
         cursor = txn.cursor(db=self.free_db)
