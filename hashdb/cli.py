@@ -200,6 +200,8 @@ def cmd_add(args: argparse.Namespace) -> int:
             code, from_model = hashers.code_or_model(inputs[0])
             meta = _model_meta(user_meta, hashers) if from_model else user_meta
             db.insert(args.key, code, meta)
+            if from_model:
+                _record_codec(db, hashers)
             _report_added(args, [(args.key, code)])
             return EXIT_OK
         paths = list(_inputs(inputs))
@@ -228,6 +230,8 @@ def cmd_add(args: argparse.Namespace) -> int:
                     keys, codes = [], []
             if keys:
                 _insert_chunk(db, keys, codes, user_meta, hashers, args)
+            if len(paths) > failed:
+                _record_codec(db, hashers)
         finally:
             progress.close()
         if failed:
@@ -247,6 +251,18 @@ def _model_meta(user_meta: dict | None, hashers: _Hashers) -> dict:
     meta = dict(user_meta or {})
     meta["codec"] = hashers.hasher.config
     return meta
+
+
+def _record_codec(db: Any, hashers: _Hashers) -> None:
+    """Store the codec config in an embedded database's meta the first time models are added to it."""
+    if not hasattr(db, "set_codec"):  # a server connection: the per-code meta still carries the config
+        return
+    config = hashers.hasher.config
+    stored = db.codec
+    if stored is None:
+        db.set_codec(config)
+    elif stored != config:
+        _warn("warning: the database's codes were made with another codec configuration; distances may mislead")
 
 
 def _report_added(args: argparse.Namespace, added: list[tuple[str, bytes]]) -> None:

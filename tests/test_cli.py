@@ -118,6 +118,7 @@ def test_add_models_then_query_finds_the_copy(models, tmp_path, capsys):
     assert doc["matches"][0]["distance"] <= 20
     with HashDB(db, bits=None) as embedded:
         _, meta = embedded.get(models["m1"])
+        assert embedded.codec == meta["codec"]
     assert meta["owner"] == "lab"
     assert meta["codec"]["bits"] == BITS and "encoding" in meta["codec"]
 
