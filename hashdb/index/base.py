@@ -48,7 +48,13 @@ class CodeMatrix:
         self.alive = np.zeros(cap, np.uint8)
         self.stamps = np.zeros(cap, np.uint16)
         self.generation = 0
-        self.codes[ids] = codes
+        if ids.size == cap:  # distinct ids 0..n-1: rows land in order when ids are sorted
+            if ids.size and ids[0] == 0 and bool(np.all(np.diff(ids) == 1)):
+                self.codes[:] = codes
+            else:
+                self.codes[ids] = codes
+        else:
+            self.codes[ids] = codes
         self.alive[ids] = 1
         self.n_alive = int(ids.size)
 

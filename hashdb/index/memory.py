@@ -14,6 +14,7 @@ from .planner import choose
 from .scan import Scan
 
 FORCES = (None, "mih", "bktree", "scan")
+KNN_MIH_BUDGET = 0.1  # fraction of a scan's estimated cost kNN-MIH may spend before the scan takes over
 
 
 class MemoryIndex:
@@ -26,6 +27,9 @@ class MemoryIndex:
         self.scan = Scan(self.matrix)
         self.mih = MIH(self.matrix)
         self.structures: dict[str, Structure] = {"scan": self.scan, "mih": self.mih}
+        self._version = 0
+        self._plans: dict[int, str] = {}
+        self._plans_key: tuple[int, int] = (-1, -1)
 
     # ---- contents -------------------------------------------------------------------------------------
     def _check_ids(self, ids: Any) -> np.ndarray:
@@ -44,6 +48,7 @@ class MemoryIndex:
         return np.ascontiguousarray(codes)
 
     def bulk_load(self, ids: np.ndarray, codes: np.ndarray) -> None:
+        self._version += 1
         ids = self._check_ids(ids)
         codes = self._check_codes(codes, ids.size)
         if np.unique(ids).size != ids.size:
@@ -53,6 +58,7 @@ class MemoryIndex:
             s.rebuild()
 
     def add(self, ids: np.ndarray, codes: np.ndarray) -> None:
+        self._version += 1
         ids = self._check_ids(ids)
         codes = self._check_codes(codes, ids.size)
         if ids.size == 0:
@@ -66,6 +72,7 @@ class MemoryIndex:
             s.added(ids)
 
     def remove(self, ids: np.ndarray) -> None:
+        self._version += 1
         ids = self._check_ids(ids)
         gone = self.matrix.kill(np.unique(ids))
         if gone.size:
@@ -110,7 +117,13 @@ class MemoryIndex:
         r = self._check_int("r", r, 0)
         if len(self) == 0:
             return "scan"
-        return choose(self.costs(r))
+        key = (self._version, self.mih.rebuilds)
+        if self._plans_key != key:
+            self._plans, self._plans_key = {}, key
+        name = self._plans.get(r)
+        if name is None:  # the cost model costs ~20 us of Python; cache it until the contents change
+            name = self._plans[r] = choose(self.costs(r))
+        return name
 
     def _radius(self, q: np.ndarray, r: int, force: str | None) -> Result:
         if force is not None:
@@ -143,7 +156,8 @@ class MemoryIndex:
         if force is not None:
             return self._structure(force).knn(q, k)  # type: ignore[return-value]
         if k < len(self) and len(self) > 64:
-            res = self.mih.knn(q, k, budget=int(self.scan.cost(0)) // 2)
+            # kNN-MIH pays off only when the k-th neighbour is near; past a tenth of a scan's cost, scan.
+            res = self.mih.knn(q, k, budget=int(self.scan.cost(0) * KNN_MIH_BUDGET))
             if res is not None:
                 return res
         return self.scan.knn(q, k)

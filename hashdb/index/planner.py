@@ -10,11 +10,14 @@ import math
 
 import numpy as np
 
-SCAN_NS_PER_WORD = 0.9  # scan: per 64-bit word of the code matrix (alive rows and holes alike)
+# Measured at 10M x 256 bits (/tmp-style script in docs/index.md): scan 67 ms = 1.7 ns per word; MIH at
+# r=24 (1023 probes, ~1200 candidates) 0.34 ms and r=32 (3047 probes, ~3600 candidates) 0.93 ms, i.e.
+# ~140 ns per probe-or-candidate, each being two or three cache misses.
+SCAN_NS_PER_WORD = 1.7  # scan: per 64-bit word of the code matrix (alive rows and holes alike)
 SCAN_NS_FIXED = 2_000.0
-MIH_NS_FIXED = 4_000.0
-MIH_NS_PROBE = 30.0  # one directory lookup + short run of low bits
-MIH_NS_CAND = 60.0  # one random row of the code matrix verified (also per delta entry)
+MIH_NS_FIXED = 5_000.0
+MIH_NS_PROBE = 120.0  # one directory lookup + one short run of packed entries
+MIH_NS_CAND = 150.0  # one new id: stamp, alive flag and code row, each a likely cache miss
 BK_NS_NODE = 40.0  # one BK-tree node: distance + child range walk
 BK_NS_FIXED = 3_000.0
 
