@@ -20,7 +20,7 @@ import numpy as np
 
 from .codes import bytes_to_words, check_bits, many_to_bytes, to_bytes
 from .errors import InvalidArgument, InvalidKey, InvalidMeta, KeyNotFound, StorageError
-from .store import MAX_KEY_BYTES, LogBatch, Store, pack_meta
+from .store import MAX_KEY_BYTES, LogBatch, Store, open_store, pack_meta, release_store
 
 FORCES = (None, "mih", "bktree", "scan")
 REGISTRY_INTERVAL_S = 5.0  # how stale this reader's log position in the readers table may get (a hint only)
@@ -115,9 +115,9 @@ class HashDB:
             raise InvalidArgument(f"codec must be a dict or None, got {type(codec).__name__}")
         if codec is not None:
             meta_bytes(codec)
-        if not readonly and bits is not None:
-            os.makedirs(path, exist_ok=True)
-        self._store = Store(path, bits, readonly=readonly, map_size=map_size, codec=codec)
+        self._store = open_store(path, bits, readonly=readonly, map_size=map_size, codec=codec)
+        self._readonly = readonly
+        self._closed = False
         if codec is not None and not readonly and self._store.get_meta("codec") is None:
             self._store.set_meta("codec", codec)
         self._lock = threading.Lock()  # guards the index: its queries use shared scratch arrays
@@ -131,6 +131,20 @@ class HashDB:
     # ------------------------------------------------------------------------------------- properties
 
     @property
+    def _s(self) -> Store:
+        """The store, or StorageError once this handle is closed."""
+        if self._closed:
+            raise StorageError(f"database {self._store.path!r} is closed")
+        return self._store
+
+    @property
+    def _w(self) -> Store:
+        """The store for a write, or StorageError when closed or read-only."""
+        if self._readonly:
+            raise StorageError(f"database {self._store.path!r} is open read-only")
+        return self._s
+
+    @property
     def bits(self) -> int:
         return self._store.bits
 
@@ -140,22 +154,22 @@ class HashDB:
 
     @property
     def readonly(self) -> bool:
-        return self._store.readonly
+        return self._readonly
 
     @property
     def codec(self) -> dict[str, Any] | None:
         """The codec configuration stored with the database (None if never set)."""
-        return self._store.get_meta("codec")
+        return self._s.get_meta("codec")
 
     def set_codec(self, config: dict[str, Any] | None) -> None:
         """Store the codec configuration the codes were made with (replaces any earlier one)."""
         if config is not None and not isinstance(config, dict):
             raise InvalidArgument(f"codec must be a dict or None, got {type(config).__name__}")
         meta_bytes(config)
-        self._store.set_meta("codec", config)
+        self._w.set_meta("codec", config)
 
     def __repr__(self) -> str:
-        state = "closed" if self._store.closed else f"{self.bits} bits"
+        state = "closed" if self._closed else f"{self.bits} bits"
         return f"HashDB({self.path!r}, {state})"
 
     # ----------------------------------------------------------------------------------------- writes
@@ -213,16 +227,16 @@ class HashDB:
         return np.frombuffer(b"".join(raw), dtype=np.uint8).reshape(len(raw), nb)
 
     def _put(self, kb: list[bytes], codes: bytes, mb: list[bytes | None] | None) -> None:
-        reserve = sum(map(len, kb)) * 3 + len(kb) * (3 * self._store.nbytes + 120)
+        reserve = sum(map(len, kb)) * 3 + len(kb) * (3 * self._s.nbytes + 120)
         if mb is not None:
             reserve += sum(len(m) for m in mb if m is not None) + 40 * len(mb)
 
         def body(txn: lmdb.Transaction) -> tuple[int, int, LogBatch]:
-            result = self._store.put_many(txn, kb, codes, mb)
+            result = self._s.put_many(txn, kb, codes, mb)
             self._maintain(txn)
             return result
 
-        self._after_write(*self._store.write(body, reserve=reserve))
+        self._after_write(*self._w.write(body, reserve=reserve))
 
     def delete(self, key: str) -> bool:
         """Delete ``key``; False if it was absent."""
@@ -235,20 +249,20 @@ class HashDB:
             return 0
 
         def body(txn: lmdb.Transaction) -> tuple[int, int, LogBatch]:
-            result = self._store.delete_many(txn, kb)
+            result = self._s.delete_many(txn, kb)
             if result[1] != result[0]:
                 self._maintain(txn)
             return result
 
-        prev, seq, batch = self._store.write(body)
+        prev, seq, batch = self._w.write(body)
         self._after_write(prev, seq, batch)
         return len(batch.deleted_ids)
 
     def _maintain(self, txn: lmdb.Transaction) -> None:
         """Inside a write: record our log position (a compaction hint) and compact the log."""
         if self._index is not None:
-            self._store.set_reader(txn, self._token, self._applied)
-        self._store.compact_log(txn)
+            self._s.set_reader(txn, self._token, self._applied)
+        self._s.compact_log(txn)
 
     def _after_write(self, prev: int, seq: int, batch: LogBatch) -> None:
         """Apply our own committed write to the index directly when nothing else came in between."""
@@ -265,15 +279,15 @@ class HashDB:
         Writes compact automatically; this is for tools and tests. Readers left behind rebuild their index
         from the tables on their next query. Returns the number of entries dropped.
         """
-        return self._store.write(lambda txn: self._store.compact_log(txn, honour_readers))
+        return self._w.write(lambda txn: self._s.compact_log(txn, honour_readers))
 
     # ------------------------------------------------------------------------------------------ reads
 
     def get(self, key: str) -> tuple[bytes, dict[str, Any] | None]:
         """(code bytes, meta or None) of ``key``; KeyNotFound if absent."""
         kb = key_bytes(key)
-        with self._store.read() as txn:
-            found = self._store.get(txn, kb)
+        with self._s.read() as txn:
+            found = self._s.get(txn, kb)
         if found is None:
             raise KeyNotFound(f"key not found: {key!r}")
         return found
@@ -283,19 +297,19 @@ class HashDB:
             kb = key_bytes(key)
         except InvalidKey:
             return False
-        with self._store.read() as txn:
-            return self._store.contains(txn, kb)
+        with self._s.read() as txn:
+            return self._s.contains(txn, kb)
 
     def __len__(self) -> int:
-        with self._store.read() as txn:
-            return self._store.count(txn)
+        with self._s.read() as txn:
+            return self._s.count(txn)
 
     def __iter__(self) -> Iterator[str]:
         """Keys in utf-8 byte order. Each chunk is read in its own snapshot: concurrent writes may show."""
         after = None
         while True:
-            with self._store.read() as txn:
-                chunk = self._store.keys_after(txn, after, ITER_CHUNK)
+            with self._s.read() as txn:
+                chunk = self._s.keys_after(txn, after, ITER_CHUNK)
             if not chunk:
                 return
             for kb in chunk:
@@ -340,8 +354,8 @@ class HashDB:
 
     def _query(self, ask: Any) -> list[list[Match]]:
         for _ in range(100):
-            with self._store.read() as txn:
-                last = self._store.last_seq(txn)
+            with self._s.read() as txn:
+                last = self._s.last_seq(txn)
                 with self._lock:
                     if self._index is not None and self._applied > last:
                         continue  # another thread refreshed from a newer snapshot: take a newer one too
@@ -356,20 +370,20 @@ class HashDB:
     def _to_matches(self, txn: lmdb.Transaction, ids: np.ndarray, dists: np.ndarray) -> list[Match]:
         if len(ids) == 0:
             return []
-        keys = self._store.keys_of(txn, ids)
+        keys = self._s.keys_of(txn, ids)
         pairs = sorted(zip(np.asarray(dists).tolist(), keys, strict=True))
         return [(k.decode("utf-8"), d) for d, k in pairs]
 
     def _refresh(self, txn: lmdb.Transaction, last: int) -> None:
         """Under self._lock: make the index reflect exactly sequence ``last`` of ``txn``'s snapshot."""
         if self._index is not None:
-            found = self._store.read_log(txn, self._applied)
+            found = self._s.read_log(txn, self._applied)
             # Replaying far more than the index holds costs more than rebuilding from the tables.
             if found is not None and found[1] == last and len(found[0].put_ids) <= len(self._index) + 100_000:
                 self._apply(found[0])
                 self._applied = last
                 return
-        ids, codes = self._store.load_all(txn)
+        ids, codes = self._s.load_all(txn)
         index = _new_index(self.bits)
         index.bulk_load(ids, codes)
         self._index = index
@@ -392,13 +406,13 @@ class HashDB:
         self._registered_at = now
         seq = self._applied
         self._registered_seq = seq
-        self._store.write(lambda txn: self._store.set_reader(txn, self._token, seq))
+        self._s.write(lambda txn: self._s.set_reader(txn, self._token, seq))
 
     # ------------------------------------------------------------------------------------ housekeeping
 
     def stats(self) -> dict[str, Any]:
         """Counts, sizes and log positions (for the CLI's ``stats`` and monitoring)."""
-        store = self._store
+        store = self._s
         with store.read() as txn:
             count = store.count(txn)
             last = store.last_seq(txn)
@@ -406,6 +420,7 @@ class HashDB:
             entries = store.log_entries(txn)
             readers = len(store.readers(txn))
             created = store._get_meta(txn, b"created")
+            next_id = store._get_meta(txn, b"next_id")
         with self._lock:
             index = None if self._index is None else self._index.stats()
             index_bytes = 0 if self._index is None else int(self._index.nbytes())
@@ -418,6 +433,7 @@ class HashDB:
             "created": created,
             "map_size": store.map_size(),
             "map_used": store.used_bytes(),
+            "ids_allocated": next_id,
             "log_seq": last,
             "log_first_seq": first,
             "log_entries": entries,
@@ -429,15 +445,16 @@ class HashDB:
         }
 
     def close(self) -> None:
-        """Release the index and close LMDB; idempotent. Other methods raise StorageError afterwards."""
-        if self._store.closed:
+        """Release the index and this handle's share of LMDB; idempotent. Other methods raise StorageError."""
+        if self._closed:
             return
         if not self.readonly and self._registered_at is not None:
             try:
                 self._store.write(lambda txn: self._store.set_reader(txn, self._token, None))
             except (StorageError, lmdb.Error):
                 pass  # a stale registry entry only delays compaction until its pid is gone
-        self._store.close()
+        self._closed = True
+        release_store(self._store)
         with self._lock:
             self._index = None
 

@@ -160,6 +160,11 @@ class Store:
             raise StorageError(f"no hashdb database at {self.path!r}, and {why}")
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise StorageError(f"{self.path!r} exists and is not a directory")
+        if not readonly:
+            try:
+                os.makedirs(self.path, exist_ok=True)
+            except OSError as e:
+                raise StorageError(f"cannot create the database directory {self.path!r}: {e}") from e
         self._env_lock = RWLock()
         self._map_lock = threading.Lock()
         try:
@@ -175,6 +180,7 @@ class Store:
         except lmdb.Error as e:
             raise StorageError(f"cannot open LMDB environment at {self.path!r}: {e}") from e
         self.closed = False
+        self.refs = 0
         try:
             self._open_tables(readonly)
             self.bits = self._init_meta(bits, codec)
@@ -190,9 +196,8 @@ class Store:
     def _open_tables(self, readonly: bool) -> None:
         names = ("meta", "codes", "attrs", "ids", "keys", "free", "log", "readers")
         try:
-            if readonly:
-                with self.env.begin() as txn:
-                    handles = {n: self.env.open_db(n.encode(), txn=txn, create=False) for n in names}
+            if readonly:  # handles opened inside a read transaction die with it: let lmdb commit its own
+                handles = {n: self.env.open_db(n.encode(), create=False) for n in names}
             else:
                 with self.env.begin(write=True) as txn:
                     handles = {n: self.env.open_db(n.encode(), txn=txn) for n in names}
@@ -293,6 +298,7 @@ class Store:
         """
         if self.readonly:
             raise StorageError(f"database {self.path!r} is open read-only")
+        self._check_open()
         if reserve:
             self._ensure_room(reserve)
         for _ in range(64):
@@ -313,9 +319,11 @@ class Store:
         raise StorageError("could not commit the write: the LMDB map could not grow enough")
 
     def map_size(self) -> int:
+        self._check_open()
         return int(self.env.info()["map_size"])
 
     def used_bytes(self) -> int:
+        self._check_open()
         info = self.env.info()
         return (int(info["last_pgno"]) + 1) * int(self.env.stat()["psize"])
 
@@ -617,3 +625,52 @@ class Store:
             if not key or unpack_seq(key) > bound or not cursor.delete():
                 return deleted
             deleted += 1
+
+
+_OPEN: dict[str, Store] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+def open_store(
+    path: str | os.PathLike[str],
+    bits: int | None = None,
+    *,
+    readonly: bool = False,
+    map_size: int | None = None,
+    codec: dict[str, Any] | None = None,
+) -> Store:
+    """The process's one Store for ``path``, opened on first use and shared by reference count.
+
+    LMDB allows an environment to be open only once per process, so a second HashDB on the same directory
+    shares the first one's Store (with its own index). Release with release_store().
+    """
+    if bits is not None:
+        bits = check_bits(bits)
+    real = os.path.realpath(os.fspath(path))
+    with _OPEN_LOCK:
+        store = _OPEN.get(real)
+        if store is not None and not store.closed:
+            if store.readonly and not readonly:
+                raise StorageError(f"{os.fspath(path)!r} is already open read-only in this process")
+            if bits is not None and bits != store.bits:
+                raise BitsMismatch(f"{os.fspath(path)!r} holds {store.bits}-bit codes, not {bits}")
+            with store.read() as txn:
+                store._check_meta(txn, bits, codec)
+            store.refs += 1
+            return store
+        store = Store(path, bits, readonly=readonly, map_size=map_size, codec=codec)
+        store.refs = 1
+        _OPEN[real] = store
+        return store
+
+
+def release_store(store: Store) -> None:
+    """Drop one reference; the last one closes the environment."""
+    with _OPEN_LOCK:
+        store.refs -= 1
+        if store.refs > 0:
+            return
+        for real, known in list(_OPEN.items()):
+            if known is store:
+                del _OPEN[real]
+    store.close()
