@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import selectors
 import socket
+import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -22,6 +23,7 @@ from .errors import HashDBError, InvalidArgument, InvalidMeta, ProtocolError, Se
 from .protocol import DEFAULT_MAX_FRAME, HEADER_SIZE, error_from_payload, unpack_body
 
 RECV_SIZE = 256 * 1024
+_HEADER = struct.Struct(">I")
 
 Convert = Callable[[Any], Any] | None
 
@@ -116,7 +118,7 @@ class Client(_Calls):
             raise ServerError(f"no hashdb server at {self.path}: {e.strerror or e}") from None
         self.max_frame = DEFAULT_MAX_FRAME
         self.bits = 64  # replaced by the server's width below; ping sends no code
-        info = self._submit("ping", {})
+        info = self.ping()
         self.bits = int(info["bits"])
         self.max_frame = int(info["max_frame"])
         self.server_info: dict[str, Any] = info
@@ -157,9 +159,10 @@ class Client(_Calls):
 
     def _encode(self, op: str, args: dict[str, Any]) -> tuple[int, bytes]:
         rid = self._next_id
-        self._next_id += 1
-        message = {"id": rid, "op": op}
-        message.update(args)
+        self._next_id = rid + 1
+        message = args  # built by our own methods for this one request: safe to extend
+        message["id"] = rid
+        message["op"] = op
         try:
             body = self._packer.pack(message)
         except (TypeError, ValueError, OverflowError) as e:
@@ -170,7 +173,7 @@ class Client(_Calls):
             raise ProtocolError(
                 f"{op} request of {len(body)} bytes exceeds the server's frame limit of {self.max_frame}; split it"
             )
-        return rid, len(body).to_bytes(HEADER_SIZE, "big") + body
+        return rid, _HEADER.pack(len(body)) + body
 
     def _submit(self, op: str, args: dict[str, Any], convert: Convert = None) -> Any:
         with self._lock:
@@ -178,7 +181,20 @@ class Client(_Calls):
             rid, data = self._encode(op, args)
             try:
                 sock.sendall(data)
-                reply = self._read_reply(sock)
+                if not self._rbuf:  # the common case: the whole reply arrives in one recv, parse it in place
+                    chunk = sock.recv(RECV_SIZE)
+                    if len(chunk) >= HEADER_SIZE and len(chunk) == HEADER_SIZE + _HEADER.unpack_from(chunk)[0]:
+                        reply = unpack_body(memoryview(chunk)[HEADER_SIZE:])
+                    else:
+                        if not chunk:
+                            raise ServerError(f"the server at {self.path} closed the connection")
+                        self._rbuf += chunk
+                        reply = self._read_reply(sock)
+                else:
+                    reply = self._read_reply(sock)
+            except TimeoutError:
+                self._break()
+                raise ServerError(f"timed out after {self.timeout} s waiting for {self.path}") from None
             except BaseException:
                 self._break()
                 raise

