@@ -85,6 +85,40 @@ def knn_threshold(hist: np.ndarray, k: int) -> int:
     return -1
 
 
+@njit(cache=True)
+def scan_ids(
+    ids: np.ndarray,
+    n_ids: int,
+    codes: np.ndarray,
+    alive: np.ndarray,
+    stamps: np.ndarray,
+    gen: int,
+    query: np.ndarray,
+    keep: int,
+    out_ids: np.ndarray,
+    out_d: np.ndarray,
+    hist: np.ndarray,
+) -> int:
+    """Verify ids[:n_ids] (a structure's delta of recent inserts) not yet stamped this query: record those
+    alive within ``keep`` while the buffers last, count them all; returns the count."""
+    n = 0
+    cap = out_ids.shape[0]
+    for p in range(n_ids):
+        i = ids[p]
+        if stamps[i] == gen:
+            continue
+        stamps[i] = gen
+        if alive[i]:
+            d = row_distance(codes, i, query)
+            if d <= keep:
+                hist[d] += 1
+                if n < cap:
+                    out_ids[n] = i
+                    out_d[n] = d
+                n += 1
+    return n
+
+
 def popcount_rows(x: np.ndarray) -> np.ndarray:
     """Plain numpy popcount per row of a uint64 matrix (oracle helper, not a hot path)."""
     return np.unpackbits(np.ascontiguousarray(x).view(np.uint8), axis=-1).sum(axis=-1, dtype=np.int64)

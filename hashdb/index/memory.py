@@ -9,6 +9,7 @@ import numpy as np
 from ..codes import check_bits
 from ..errors import InvalidArgument
 from .base import CodeMatrix, Result, Structure
+from .bktree import BKTree
 from .mih import MIH
 from .planner import choose
 from .scan import Scan
@@ -26,7 +27,8 @@ class MemoryIndex:
         self.matrix = CodeMatrix(self.bits)
         self.scan = Scan(self.matrix)
         self.mih = MIH(self.matrix)
-        self.structures: dict[str, Structure] = {"scan": self.scan, "mih": self.mih}
+        self.bktree = BKTree(self.matrix)
+        self.structures: dict[str, Structure] = {"scan": self.scan, "mih": self.mih, "bktree": self.bktree}
         self._version = 0
         self._plans: dict[int, str] = {}
         self._plans_key: tuple[int, int] = (-1, -1)

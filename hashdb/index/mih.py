@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 from numba import njit, prange
 
-from .base import CodeMatrix, Result
-from .bits import knn_threshold, row_distance, substring_of
+from .base import CodeMatrix, Pending, Result
+from .bits import knn_threshold, row_distance, scan_ids, substring_of
 from .planner import MIH_NS_CAND, MIH_NS_PROBE, mih_cost, probe_counts
 
 # ---------------------------------------------------------------------------------------------------------
@@ -212,38 +212,6 @@ def _probe_level(
 
 
 @njit(cache=True)
-def _scan_delta(
-    delta: np.ndarray,
-    n_delta: int,
-    codes: np.ndarray,
-    alive: np.ndarray,
-    stamps: np.ndarray,
-    gen: int,
-    query: np.ndarray,
-    keep: int,
-    out_ids: np.ndarray,
-    out_d: np.ndarray,
-    hist: np.ndarray,
-) -> int:
-    n = 0
-    cap = out_ids.shape[0]
-    for p in range(n_delta):
-        i = delta[p]
-        if stamps[i] == gen:
-            continue
-        stamps[i] = gen
-        if alive[i]:
-            d = row_distance(codes, i, query)
-            if d <= keep:
-                hist[d] += 1
-                if n < cap:
-                    out_ids[n] = i
-                    out_d[n] = d
-                n += 1
-    return n
-
-
-@njit(cache=True)
 def mih_radius(
     codes: np.ndarray,
     alive: np.ndarray,
@@ -268,7 +236,7 @@ def mih_radius(
     """Every live id within r into the buffers. Returns how many there are (more than the buffers hold:
     rerun with bigger ones), or -1 if the work passed ``budget``."""
     hist = np.zeros(query.shape[0] * 64 + 1, np.int64)
-    n = _scan_delta(delta, n_delta, codes, alive, stamps, gen, query, r, out_ids, out_d, hist)
+    n = scan_ids(delta, n_delta, codes, alive, stamps, gen, query, r, out_ids, out_d, hist)
     work = n_delta * w_cand
     m = starts.shape[0]
     a = r // m
@@ -313,7 +281,7 @@ def mih_knn(
     rerun with bigger buffers; found = -1 means the budget ran out."""
     bits = query.shape[0] * 64
     hist = np.zeros(bits + 1, np.int64)
-    n = _scan_delta(delta, n_delta, codes, alive, stamps, gen, query, bits, out_ids, out_d, hist)
+    n = scan_ids(delta, n_delta, codes, alive, stamps, gen, query, bits, out_ids, out_d, hist)
     work = n_delta * w_cand
     m = starts.shape[0]
     thr = -1
@@ -391,9 +359,7 @@ class MIH:
         self.id_bits = 1
         self.collisions = np.zeros(0, np.float64)
         self.n_base = 0
-        self.delta = np.zeros(256, np.int64)
-        self.n_delta = 0
-        self.n_removed = 0
+        self.pending = Pending()
 
     # -- maintenance ----------------------------------------------------------------------------------
     def rebuild(self) -> None:
@@ -418,25 +384,15 @@ class MIH:
         self.rebuilds += 1
 
     def added(self, ids: np.ndarray) -> None:
-        if not self.built:
-            return
-        need = self.n_delta + ids.size
-        if need > self.delta.size:
-            grown = np.empty(max(need, 2 * self.delta.size), np.int64)
-            grown[: self.n_delta] = self.delta[: self.n_delta]
-            self.delta = grown
-        self.delta[self.n_delta : need] = ids
-        self.n_delta = need
+        if self.built:
+            self.pending.add(ids)
 
     def removed(self, ids: np.ndarray) -> None:
         if self.built:
-            self.n_removed += ids.size
+            self.pending.removed += ids.size
 
     def due(self) -> bool:
-        """Compaction is due when the delta a query must scan, or the tombstones, pass a fraction."""
-        return (not self.built) or self.n_delta > max(2048, self.n_base // 64) or self.n_removed > max(
-            2048, self.n_base // 4
-        )
+        return (not self.built) or self.pending.due(self.n_base)
 
     def ready(self) -> None:
         if self.due():
@@ -445,7 +401,7 @@ class MIH:
     # -- queries --------------------------------------------------------------------------------------
     def _args(self) -> tuple[Any, ...]:
         return (
-            self.starts, self.lens, self.t, self.offsets, self.entries, self.id_bits, self.delta, self.n_delta
+            self.starts, self.lens, self.t, self.offsets, self.entries, self.id_bits, self.pending.ids, self.pending.n
         )
 
     def radius(self, query: np.ndarray, r: int, budget: int = -1) -> Result | None:
@@ -487,11 +443,11 @@ class MIH:
             _, lens = choose_substrings(n, self.matrix.bits)
             return mih_cost(probe_counts(lens, r), lens, None, n, 0, self.matrix.words)
         return mih_cost(
-            probe_counts(self.lens, r), self.lens, self.collisions, self.n_base, self.n_delta, self.matrix.words
+            probe_counts(self.lens, r), self.lens, self.collisions, self.n_base, self.pending.n, self.matrix.words
         )
 
     def nbytes(self) -> int:
-        return int(self.offsets.nbytes + self.entries.nbytes + self.delta.nbytes)
+        return int(self.offsets.nbytes + self.entries.nbytes + self.pending.nbytes())
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -501,8 +457,8 @@ class MIH:
             "directory_bits": self.t,
             "entry_bytes": int(self.entries.dtype.itemsize),
             "base": self.n_base,
-            "delta": self.n_delta,
-            "tombstones": self.n_removed,
+            "delta": self.pending.n,
+            "tombstones": self.pending.removed,
             "rebuilds": self.rebuilds,
             "nbytes": self.nbytes(),
         }

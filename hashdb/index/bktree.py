@@ -1,0 +1,299 @@
+"""BK-tree (Burkhard-Keller) in flat arrays: node i holds one code; its children are the contiguous
+nodes child_start[i] .. child_start[i] + child_count[i], sorted by ``edge`` = distance to node i.
+
+Built in bulk by recursive partitioning with an explicit work stack: pick a segment's first code as its
+node, counting-sort the rest by distance to it, and each group of equal distance becomes a child
+segment. That is a few sequential passes over the codes per tree level instead of one root-to-leaf walk
+per insert. Codes at distance 0 from their node become leaf children (a chain of duplicates would make
+the build quadratic). Nodes keep their own copy of their code (in node order, so siblings are adjacent
+in memory): routing must use the code a node was inserted with even after the id's code is replaced.
+
+Built lazily (first forced use or when the planner picks it), so it costs no memory otherwise. Inserts
+after the build go to a pending delta, removes are tombstones; both trigger a rebuild past a fraction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+from .base import CodeMatrix, Pending, Result
+from .bits import knn_threshold, row_distance, scan_ids
+from .planner import BK_NS_NODE, bktree_cost
+
+
+@njit(cache=True)
+def build_bktree(
+    codes: np.ndarray, live: np.ndarray, bits: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Returns (node_ids, child_start, child_count, edge) for the live ids; node 0 is the root."""
+    n = live.shape[0]
+    perm = live.copy()
+    node_ids = np.empty(n, np.int64)
+    child_start = np.zeros(n, np.int32)
+    child_count = np.zeros(n, np.int32)
+    edge = np.zeros(n, np.int32)
+    if n == 0:
+        return node_ids, child_start, child_count, edge
+    seg_lo = np.empty(n, np.int64)
+    seg_hi = np.empty(n, np.int64)
+    seg_node = np.empty(n, np.int64)
+    dist = np.empty(n, np.int32)
+    tmp_ids = np.empty(n, np.int64)
+    tmp_d = np.empty(n, np.int32)
+    cnt = np.zeros(bits + 2, np.int64)
+    sp = 0
+    seg_lo[0], seg_hi[0], seg_node[0] = 0, n, 0
+    sp = 1
+    next_node = 1
+    while sp > 0:
+        sp -= 1
+        lo, hi, node = seg_lo[sp], seg_hi[sp], seg_node[sp]
+        pivot = perm[lo]
+        node_ids[node] = pivot
+        if hi - lo == 1:
+            continue
+        pc = codes[pivot]
+        for p in range(lo + 1, hi):
+            dist[p] = row_distance(codes, perm[p], pc)
+        a = lo + 1
+        if hi - a <= 32:  # short segment: insertion sort by distance
+            for p in range(a + 1, hi):
+                d, i = dist[p], perm[p]
+                q = p - 1
+                while q >= a and dist[q] > d:
+                    dist[q + 1] = dist[q]
+                    perm[q + 1] = perm[q]
+                    q -= 1
+                dist[q + 1] = d
+                perm[q + 1] = i
+        else:  # counting sort by distance
+            cnt[:] = 0
+            for p in range(a, hi):
+                cnt[dist[p] + 1] += 1
+            for d in range(bits + 1):
+                cnt[d + 1] += cnt[d]
+            for p in range(a, hi):
+                dst = cnt[dist[p]]
+                tmp_ids[dst] = perm[p]
+                tmp_d[dst] = dist[p]
+                cnt[dist[p]] += 1
+            for p in range(a, hi):
+                perm[p] = tmp_ids[p - a]
+                dist[p] = tmp_d[p - a]
+        # children: every distance-0 code a leaf of its own, then one child per distinct distance
+        first = next_node
+        p = a
+        while p < hi:
+            q = p + 1
+            if dist[p] != 0:
+                while q < hi and dist[q] == dist[p]:
+                    q += 1
+            child = next_node
+            next_node += 1
+            edge[child] = dist[p]
+            seg_lo[sp], seg_hi[sp], seg_node[sp] = p, q, child
+            sp += 1
+            p = q
+        child_start[node] = first
+        child_count[node] = next_node - first
+    return node_ids, child_start, child_count, edge
+
+
+@njit(cache=True)
+def _same_code(a: np.ndarray, i: int, b: np.ndarray, j: int) -> bool:
+    for w in range(a.shape[1]):
+        if a[i, w] != b[j, w]:
+            return False
+    return True
+
+
+@njit(cache=True)
+def bk_search(
+    node_codes: np.ndarray,
+    node_ids: np.ndarray,
+    child_start: np.ndarray,
+    child_count: np.ndarray,
+    edge: np.ndarray,
+    codes: np.ndarray,
+    alive: np.ndarray,
+    stamps: np.ndarray,
+    gen: int,
+    query: np.ndarray,
+    r: int,
+    k: int,
+    pend: np.ndarray,
+    n_pend: int,
+    stack: np.ndarray,
+    out_ids: np.ndarray,
+    out_d: np.ndarray,
+    budget: int,
+    w_node: int,
+) -> tuple[int, int]:
+    """Radius search (k = 0) or kNN (k >= 1, the radius shrinking to the k-th distance found so far).
+    Returns (status, answers in the buffers): status 0 ok, -1 budget exceeded, -2 stack too small,
+    -3 result buffers too small."""
+    bits = query.shape[0] * 64
+    hist = np.zeros(bits + 1, np.int64)
+    cap = out_ids.shape[0]
+    thr = r
+    n = scan_ids(pend, n_pend, codes, alive, stamps, gen, query, thr, out_ids, out_d, hist)
+    if n > cap:
+        return -3, 0
+    if k > 0:
+        t = knn_threshold(hist, k)
+        if t >= 0:
+            thr = t
+    work = n_pend * w_node
+    sp = 0
+    if node_ids.shape[0] > 0:
+        stack[0] = 0
+        sp = 1
+    while sp > 0:
+        sp -= 1
+        node = stack[sp]
+        d = row_distance(node_codes, node, query)
+        work += w_node
+        if budget >= 0 and work > budget:
+            return -1, 0
+        if d <= thr:
+            i = node_ids[node]
+            if alive[i] and stamps[i] != gen and _same_code(node_codes, node, codes, i):
+                stamps[i] = gen
+                if n == cap:  # compact what fell above a shrunk kNN radius before giving up
+                    j = 0
+                    for p in range(n):
+                        if out_d[p] <= thr:
+                            out_ids[j] = out_ids[p]
+                            out_d[j] = out_d[p]
+                            j += 1
+                    n = j
+                    if n == cap:
+                        return -3, 0
+                out_ids[n] = i
+                out_d[n] = d
+                n += 1
+                hist[d] += 1
+                if k > 0 and d < thr:
+                    t = knn_threshold(hist, k)
+                    if t >= 0:
+                        thr = t
+        lo = d - thr
+        hi = d + thr
+        c0 = child_start[node]
+        for c in range(c0, c0 + child_count[node]):
+            e = edge[c]
+            if e < lo:
+                continue
+            if e > hi:
+                break
+            if sp == stack.shape[0]:
+                return -2, 0
+            stack[sp] = c
+            sp += 1
+    j = 0
+    for p in range(n):
+        if out_d[p] <= thr:
+            out_ids[j] = out_ids[p]
+            out_d[j] = out_d[p]
+            j += 1
+    return 0, j
+
+
+class BKTree:
+    """BK-tree over the shared code matrix, built on first use."""
+
+    name = "bktree"
+
+    def __init__(self, matrix: CodeMatrix) -> None:
+        self.matrix = matrix
+        self.built = False
+        self.rebuilds = 0
+        self._stack = np.empty(1024, np.int64)
+        self._bufs = (np.empty(4096, np.int64), np.empty(4096, np.int32))
+        self._clear()
+
+    def _clear(self) -> None:
+        words = self.matrix.words
+        self.node_codes = np.zeros((0, words), np.uint64)
+        self.node_ids = np.zeros(0, np.int64)
+        self.child_start = np.zeros(0, np.int32)
+        self.child_count = np.zeros(0, np.int32)
+        self.edge = np.zeros(0, np.int32)
+        self.branching = 2.0
+        self.pending = Pending()
+
+    def rebuild(self) -> None:
+        """Called on bulk_load: only rebuilds a tree that exists; an unbuilt one stays lazy."""
+        if self.built:
+            self.build()
+
+    def build(self) -> None:
+        mat = self.matrix
+        self._clear()
+        live = mat.live_ids()
+        self.node_ids, self.child_start, self.child_count, self.edge = build_bktree(mat.codes, live, mat.bits)
+        self.node_codes = mat.codes[self.node_ids]
+        internal = np.count_nonzero(self.child_count)
+        self.branching = float(self.child_count.sum() / internal) if internal else 2.0
+        self.built = True
+        self.rebuilds += 1
+
+    def added(self, ids: np.ndarray) -> None:
+        if self.built:
+            self.pending.add(ids)
+
+    def removed(self, ids: np.ndarray) -> None:
+        if self.built:
+            self.pending.removed += ids.size
+
+    def ready(self) -> None:
+        if not self.built or self.pending.due(self.node_ids.size):
+            self.build()
+
+    def _search(self, query: np.ndarray, r: int, k: int, budget: int) -> Result | None:
+        self.ready()
+        mat = self.matrix
+        while True:
+            status, n = bk_search(
+                self.node_codes, self.node_ids, self.child_start, self.child_count, self.edge,
+                mat.codes, mat.alive, mat.stamps, mat.next_generation(), query, r, k,
+                self.pending.ids, self.pending.n, self._stack, *self._bufs, budget, int(BK_NS_NODE),
+            )
+            if status == 0:
+                return self._bufs[0][:n].copy(), self._bufs[1][:n].copy()
+            if status == -1:
+                return None
+            if status == -2:
+                self._stack = np.empty(2 * self._stack.size, np.int64)
+            else:
+                size = 2 * self._bufs[0].size
+                self._bufs = (np.empty(size, np.int64), np.empty(size, np.int32))
+
+    def radius(self, query: np.ndarray, r: int, budget: int = -1) -> Result | None:
+        return self._search(query, r, 0, budget)
+
+    def knn(self, query: np.ndarray, k: int, budget: int = -1) -> Result | None:
+        return self._search(query, self.matrix.bits, k, budget)
+
+    def cost(self, r: int) -> float:
+        n = self.matrix.n_alive
+        branching = self.branching if self.built else 2.5 * np.sqrt(self.matrix.bits)
+        return bktree_cost(n, self.matrix.bits, r, branching) + BK_NS_NODE * self.pending.n
+
+    def nbytes(self) -> int:
+        arrays = (self.node_codes, self.node_ids, self.child_start, self.child_count, self.edge, self._stack)
+        return int(sum(a.nbytes for a in arrays) + self.pending.nbytes())
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "built": self.built,
+            "nodes": int(self.node_ids.size),
+            "branching": round(self.branching, 2),
+            "delta": self.pending.n,
+            "tombstones": self.pending.removed,
+            "rebuilds": self.rebuilds,
+            "nbytes": self.nbytes(),
+        }
