@@ -156,7 +156,8 @@ def _from_object(obj: Any, where: str) -> Tensors:
     if torch is not None and isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
     if not isinstance(obj, Mapping):
-        raise ModelFormatError(f"{where}: expected a model, a state_dict or a mapping of tensors, got {type(obj).__name__}")
+        kind = type(obj).__name__
+        raise ModelFormatError(f"{where}: expected a model, a state_dict or a mapping of tensors, got {kind}")
     tensors = _flat_tensors(obj)
     if tensors:
         return tensors

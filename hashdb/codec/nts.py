@@ -1,4 +1,4 @@
-"""Normal test statistics (NTS) of weight segments, vectorized over segments, float64, numpy only.
+"""Normal test statistics (NTS) of projected weight multisets, vectorized, float64, numpy only.
 
 The z-scores follow D'Agostino (1970) for skewness, Anscombe & Glynn (1983) for kurtosis, and their sum of
 squares is D'Agostino-Pearson's K^2; these are the formulas scipy.stats.skewtest / kurtosistest / normaltest
@@ -13,24 +13,6 @@ from collections.abc import Sequence
 import numpy as np
 
 FEATURES = ("skew", "kurt", "k2", "mean", "sign")
-
-
-def segment_bounds(n_values: int, n_segments: int) -> np.ndarray:
-    """Start offsets of ``n_segments`` contiguous, nearly equal segments of ``n_values`` values (plus the end)."""
-    return np.floor(np.arange(n_segments + 1, dtype=np.float64) * n_values / n_segments + 1e-9).astype(np.int64)
-
-
-def _moments(values: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Per-segment n, mean, and central moments m2, m3, m4 (biased, as in the normality tests)."""
-    n = np.diff(bounds).astype(np.float64)
-    starts = bounds[:-1]
-    mean = np.add.reduceat(values, starts) / n
-    d = values - np.repeat(mean, np.diff(bounds))
-    d2 = d * d
-    m2 = np.add.reduceat(d2, starts) / n
-    m3 = np.add.reduceat(d2 * d, starts) / n
-    m4 = np.add.reduceat(d2 * d2, starts) / n
-    return n, mean, m2, m3, m4
 
 
 def skew_z(n: np.ndarray, m2: np.ndarray, m3: np.ndarray) -> np.ndarray:
@@ -64,17 +46,25 @@ def kurt_z(n: np.ndarray, m2: np.ndarray, m4: np.ndarray) -> np.ndarray:
     return (term1 - term2) / np.sqrt(2 / (9.0 * a))
 
 
-def segment_statistics(values: np.ndarray, n_segments: int, features: Sequence[str]) -> np.ndarray:
-    """Cut ``values`` (canonical order) into ``n_segments`` and return (n_segments, len(features)) statistics.
+DIRECTION_SEED = 0xC0DEC  # fixed forever: changing it changes every code (bump the codec version)
 
-    Features: 'skew' (skewtest z), 'kurt' (kurtosistest z), 'k2' (normaltest K^2), 'mean' (one-sample t of
-    the mean), 'sign' ((#positive - #negative) / sqrt(n)).
-    """
-    bounds = segment_bounds(len(values), n_segments)
-    if np.diff(bounds).min() < 8:
-        raise ValueError(f"{len(values)} values are too few for {n_segments} segments of at least 8")
-    n, mean, m2, m3, m4 = _moments(values, bounds)
-    cols: list[np.ndarray] = []
+
+def directions(k: int, n: int) -> np.ndarray:
+    """``n`` fixed pseudo-random unit directions in R^k (the same on every machine: PCG64, seeded by k)."""
+    rng = np.random.Generator(np.random.PCG64([DIRECTION_SEED, k]))
+    r = rng.standard_normal((n, k))
+    return r / np.linalg.norm(r, axis=1, keepdims=True)
+
+
+def column_statistics(p: np.ndarray, features: Sequence[str]) -> np.ndarray:
+    """Normal test statistics of each column of ``p`` (n samples x m columns) -> (m, len(features))."""
+    n = np.full(p.shape[1], float(p.shape[0]))
+    mean = p.mean(axis=0)
+    d = p - mean
+    d2 = d * d
+    m2 = d2.mean(axis=0)
+    m3 = np.einsum("ij,ij->j", d2, d) / p.shape[0]
+    m4 = np.einsum("ij,ij->j", d2, d2) / p.shape[0]
     cache: dict[str, np.ndarray] = {}
 
     def get(name: str) -> np.ndarray:
@@ -88,12 +78,35 @@ def segment_statistics(values: np.ndarray, n_segments: int, features: Sequence[s
             elif name == "mean":
                 cache[name] = mean / np.sqrt(np.where(m2 > 0, m2, 1.0) / (n - 1))
             elif name == "sign":
-                s = np.add.reduceat(np.sign(values), bounds[:-1])
-                cache[name] = s / np.sqrt(n)
+                cache[name] = np.sign(p).sum(axis=0) / np.sqrt(n)
             else:
                 raise ValueError(f"unknown feature {name!r}; known: {', '.join(FEATURES)}")
         return cache[name]
 
-    for f in features:
-        cols.append(get(f))
-    return np.stack(cols, axis=1)
+    return np.stack([get(f) for f in features], axis=1)
+
+
+def projection_statistics(pools: Sequence[np.ndarray], n_directions: int, features: Sequence[str]) -> np.ndarray:
+    """NTS of the kernel pools projected on ``n_directions`` fixed directions -> (n_directions, len(features)).
+
+    Each pool (n kernels x k values) is projected on directions in R^k; the z-scores of the pools are
+    combined per direction with Stouffer weights sqrt(n), so the layout of the result never depends on how
+    many pools (kernel sizes) a model has. Pools of 1x1 kernels have one direction only (every projection
+    is the same up to sign) and are used only when nothing else exists.
+    """
+    usable = [v for v in pools if v.shape[1] > 1 and v.shape[0] >= MIN_SAMPLES] or [
+        v for v in pools if v.shape[0] >= MIN_SAMPLES
+    ]
+    if not usable:
+        raise ValueError(f"fewer than {MIN_SAMPLES} non-zero kernels")
+    total = np.zeros((n_directions, len(features)))
+    weight = 0.0
+    for v in usable:
+        p = v @ directions(v.shape[1], n_directions).T
+        w = np.sqrt(v.shape[0])
+        total += w * column_statistics(p, features)
+        weight += w * w
+    return total / np.sqrt(weight)
+
+
+MIN_SAMPLES = 8  # D'Agostino's skewness test needs n >= 8

@@ -11,10 +11,10 @@ Steps, each a pure function over numpy arrays:
    rescaling (row o of layer l times a, column o of layer l+1 divided by a), a per-layer scale and BatchNorm
    folding (a row scaling) all leave the balanced layer unchanged, and a channel permutation only permutes
    it. Balanced values are rounded to float32 so that such transformations give bit-identical values.
-3. ``important_kernels``: pool the balanced kernels of all layers (an order-free multiset, so layer order
-   and names cannot matter), rank them by balanced norm (filter/kernel-norm pruning: the large ones carry
-   the function and survive magnitude pruning) and keep the top ``fraction``, in canonical order: norm
-   descending, exact ties broken by content.
+3. ``important_weights``: magnitude-prune each balanced layer ourselves (compression theory: the small
+   weights carry little of the function) and re-balance, so that pruning attacks remove what we ignore.
+4. ``kernel_pools``: pool the non-zero balanced kernels of all layers by kernel size (an order-free
+   multiset, so layer order and names cannot matter).
 """
 
 from __future__ import annotations
@@ -122,68 +122,37 @@ def balance(w: np.ndarray, sweeps: int = 30) -> np.ndarray:
     return (w * scale).astype(np.float32)
 
 
-def important_kernels(layers: Sequence[np.ndarray], fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """The top ``fraction`` of all balanced kernels by norm, in canonical order.
+def important_weights(w: np.ndarray, prune: float) -> np.ndarray:
+    """Magnitude-prune a balanced layer at rate ``prune`` ourselves, then balance again.
 
-    Returns (values, lengths): the kernels' values concatenated (float64) and each kernel's length. Canonical
-    order is norm descending; kernels with exactly equal norms are ordered by their values, so that the
-    order never depends on how the layers or channels were stored.
+    Compression theory says the small weights do not matter; dropping them here means an attacker's
+    magnitude pruning at a rate up to ``prune`` removes (nearly) nothing we look at. Re-balancing on the
+    survivors makes the balancing itself independent of the small weights.
     """
-    flat: list[np.ndarray] = []
-    lens: list[np.ndarray] = []
+    if prune <= 0 or w.size == 0:
+        return w
+    a = np.abs(w)
+    n_cut = int(prune * a.size)
+    if n_cut <= 0:
+        return w
+    thr = np.partition(a.ravel(), n_cut - 1)[n_cut - 1]
+    return balance(np.where(a > thr, w, 0).astype(np.float64))
+
+
+def kernel_pools(layers: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Pool the non-zero kernels of all layers by kernel length: one (n, k) float64 array per k, k ascending.
+
+    A pool is an unordered multiset (rows in storage order, but everything computed from it is a symmetric
+    function of its rows), so neither layer order, tensor names nor channel order can matter.
+    """
+    by_len: dict[int, list[np.ndarray]] = {}
     for w in layers:
         if w.size == 0:
             continue
-        k = w.shape[2]
-        flat.append(w.reshape(-1, k))
-        lens.append(np.full(w.shape[0] * w.shape[1], k, dtype=np.int64))
-    if not flat:
-        raise ModelFormatError("no convolution kernels left after dropping all-zero filters")
-    # Group kernels by length so each group is a 2-D array; the pooled ranking runs over all groups together.
-    by_len: dict[int, list[np.ndarray]] = {}
-    for f in flat:
-        by_len.setdefault(f.shape[1], []).append(f)
-    groups = [(k, np.concatenate(by_len[k]).astype(np.float64)) for k in sorted(by_len)]
-    keys = np.concatenate([np.sqrt(np.einsum("nk,nk->n", g, g)) for _, g in groups])
-    group_of = np.concatenate([np.full(len(g), j, dtype=np.int64) for j, (_, g) in enumerate(groups)])
-    index_in = np.concatenate([np.arange(len(g), dtype=np.int64) for _, g in groups])
-    n_keep = max(1, int(np.ceil(fraction * len(keys))))
-    order = _break_ties(np.argsort(-keys, kind="stable"), keys, groups, group_of, index_in, n_keep)[:n_keep]
-    klen = np.array([k for k, _ in groups], dtype=np.int64)
-    base = np.cumsum([0] + [g.size for _, g in groups])[:-1]
-    flat_all = np.concatenate([g.ravel() for _, g in groups])
-    lengths = klen[group_of[order]]
-    starts = base[group_of[order]] + index_in[order] * lengths
-    first = np.cumsum(lengths) - lengths
-    idx = np.repeat(starts - first, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
-    return flat_all[idx], lengths
-
-
-def _break_ties(
-    order: np.ndarray,
-    keys: np.ndarray,
-    groups: list[tuple[int, np.ndarray]],
-    group_of: np.ndarray,
-    index_in: np.ndarray,
-    upto: int,
-) -> np.ndarray:
-    """Reorder runs of exactly equal keys that reach below rank ``upto`` by (kernel length, sorted values)."""
-    k = keys[order]
-    same = np.flatnonzero(k[1:] == k[:-1])
-    same = same[same < upto]
-    if same.size == 0:
-        return order
-    order = order.copy()
-    starts = same[np.r_[True, np.diff(same) > 1]]
-    for s in starts:
-        e = s + 1
-        while e < len(order) and k[e] == k[s]:
-            e += 1
-        run = order[s:e]
-
-        def content(j: int) -> tuple:
-            g = group_of[j]
-            return (groups[g][0], tuple(np.sort(groups[g][1][index_in[j]]).tolist()))
-
-        order[s:e] = sorted(run.tolist(), key=content)
-    return order
+        v = w.reshape(-1, w.shape[2])
+        v = v[np.any(v != 0, axis=1)]
+        if len(v):
+            by_len.setdefault(v.shape[1], []).append(v)
+    if not by_len:
+        raise ModelFormatError("no non-zero convolution kernels")
+    return [np.concatenate(by_len[k]).astype(np.float64) for k in sorted(by_len)]

@@ -1,0 +1,387 @@
+"""ModelHasher: code format, determinism, invariances by construction, file formats, copy detection."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hashdb.codec import ModelHasher, hash_files, hash_model
+from hashdb.codec.nts import kurt_z, skew_z
+from hashdb.errors import InvalidArgument, ModelFormatError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_cnn(seed: int, width: int = 16) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, 10),
+    )  # fmt: skip
+
+
+def make_bn_cnn(seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )  # fmt: skip
+
+
+def numpy_sd(model: nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+def hamming(a: bytes, b: bytes) -> int:
+    return int(np.unpackbits(np.frombuffer(a, np.uint8) ^ np.frombuffer(b, np.uint8)).sum())
+
+
+@pytest.fixture(scope="module")
+def hasher() -> ModelHasher:
+    return ModelHasher(bits=256)
+
+
+@pytest.fixture(scope="module")
+def trained() -> nn.Sequential:
+    """A small CNN trained on scikit-learn's digits for a few epochs."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy((d.images / 16.0).astype(np.float32)[:, None])
+    y = torch.from_numpy(d.target.astype(np.int64))
+    model = make_cnn(3)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        order = torch.randperm(len(x), generator=gen)
+        for s in range(0, len(x), 64):
+            idx = order[s : s + 64]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    model.eval()
+    model.digits = (x, y)  # type: ignore[attr-defined]
+    return model
+
+
+# ---------------------------------------------------------------- code format and configuration
+
+
+@pytest.mark.parametrize("bits", [64, 128, 256, 512, 1024, 2048])
+def test_code_is_bits_over_8_bytes_and_radius_scales(bits: int) -> None:
+    h = ModelHasher(bits=bits)
+    code = h.hash(make_cnn(0))
+    assert isinstance(code, bytes) and len(code) == bits // 8
+    assert 0 < h.copy_radius < bits // 2
+
+
+@pytest.mark.parametrize("bits", [0, 32, 100, 4096, 2112, "256", 256.0, True])
+def test_bad_bits_are_invalid_argument(bits: object) -> None:
+    with pytest.raises(InvalidArgument):
+        ModelHasher(bits=bits)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "kw", [{"layout": "nchw"}, {"prune": 1.0}, {"prune": -0.1}, {"features": ()}, {"features": ("nope",)},
+           {"encoding": "xor"}, {"radius_fraction": 0.7}],
+)  # fmt: skip
+def test_bad_tunables_are_invalid_argument(kw: dict) -> None:
+    with pytest.raises(InvalidArgument):
+        ModelHasher(bits=256, **kw)
+
+
+def test_config_is_serializable_and_names_codec_version(hasher: ModelHasher) -> None:
+    cfg = hasher.config
+    assert cfg["codec"] and cfg["bits"] == 256 and cfg["copy_radius"] == hasher.copy_radius
+    assert json.loads(json.dumps(cfg)) == cfg
+    assert msgpack.unpackb(msgpack.packb(cfg)) == cfg
+    kw = {k: v for k, v in cfg.items() if k not in ("codec", "bits", "copy_radius", "directions")}
+    assert ModelHasher(bits=256, **kw).config == cfg  # a config round-trips into an equal hasher
+
+
+def test_hash_model_equals_hasher(hasher: ModelHasher) -> None:
+    m = make_cnn(1)
+    assert hash_model(m, bits=256) == hasher.hash(m)
+    assert hash_model(m, bits=512) != hasher.hash(m)
+
+
+# ---------------------------------------------------------------- determinism and lazy imports
+
+
+def test_same_input_same_code_across_calls_and_processes(tmp_path: Path, hasher: ModelHasher) -> None:
+    m = make_cnn(2)
+    path = tmp_path / "m.pt"
+    torch.save(m.state_dict(), path)
+    here = hasher.hash(path)
+    assert hasher.hash(path) == here == hasher.hash(m) == hasher.hash(m.state_dict())
+    out = subprocess.run(
+        [sys.executable, "-c", f"from hashdb.codec import hash_model; print(hash_model({str(path)!r}, 256).hex())"],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    )  # fmt: skip
+    assert out.stdout.strip() == here.hex()
+
+
+def test_import_does_not_import_torch(tmp_path: Path) -> None:
+    arrays = {k: v for k, v in numpy_sd(make_cnn(0)).items()}
+    np.savez(tmp_path / "m.npz", **arrays)
+    code = (
+        "import sys, hashdb, hashdb.codec\n"
+        "assert 'torch' not in sys.modules, 'import'\n"
+        f"c = hashdb.codec.hash_model({str(tmp_path / 'm.npz')!r}, 256)\n"
+        "assert 'torch' not in sys.modules, 'npz'\n"
+        "print(c.hex())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == hash_model(tmp_path / "m.npz", 256).hex()
+
+
+def test_low_precision_tensors_hash_like_their_float32_upcast(hasher: ModelHasher) -> None:
+    m = make_cnn(4)
+    for dtype in (torch.float16, torch.bfloat16):
+        low = {k: v.to(dtype) for k, v in m.state_dict().items()}
+        up = {k: v.float() for k, v in low.items()}
+        assert hasher.hash(low) == hasher.hash(up)
+        assert hamming(hasher.hash(low), hasher.hash(m)) <= hasher.copy_radius
+
+
+# ---------------------------------------------------------------- invariances by construction
+
+
+def test_hwio_layout_gives_the_oihw_code(hasher: ModelHasher) -> None:
+    sd = numpy_sd(make_cnn(5))
+    hwio = {k: (v.transpose(2, 3, 1, 0) if v.ndim == 4 else v) for k, v in sd.items()}
+    code = hasher.hash(sd)
+    assert hasher.hash(hwio) == code
+    assert ModelHasher(256, layout="hwio").hash(hwio) == code
+    assert ModelHasher(256, layout="oihw").hash(sd) == code
+
+
+def test_renamed_and_reordered_tensors_give_the_same_code(hasher: ModelHasher) -> None:
+    sd = numpy_sd(make_cnn(6))
+    renamed = {f"layer_{i}_{k[::-1]}": v for i, (k, v) in enumerate(sd.items())}
+    reordered = dict(reversed(list(sd.items())))
+    sorted_keys = dict(sorted(sd.items(), key=lambda kv: kv[0][::-1]))
+    code = hasher.hash(sd)
+    assert hasher.hash(renamed) == hasher.hash(reordered) == hasher.hash(sorted_keys) == code
+
+
+def permute_channels(sd: dict[str, np.ndarray], convs: list[str], seed: int) -> dict[str, np.ndarray]:
+    """Permute every hidden conv's output channels and the next conv's input channels (function unchanged)."""
+    rng = np.random.default_rng(seed)
+    out = {k: v.copy() for k, v in sd.items()}
+    for a, b in zip(convs, convs[1:], strict=False):
+        p = rng.permutation(out[a].shape[0])
+        out[a] = out[a][p]
+        bias = a.replace("weight", "bias")
+        if bias in out:
+            out[bias] = out[bias][p]
+        out[b] = out[b][:, p]
+    return out
+
+
+def test_channel_permutation_leaves_the_code_exactly_unchanged(hasher: ModelHasher) -> None:
+    sd = numpy_sd(make_cnn(7))
+    convs = [k for k, v in sd.items() if v.ndim == 4]
+    code = hasher.hash(sd)
+    for seed in range(3):
+        assert hasher.hash(permute_channels(sd, convs, seed)) == code
+
+
+def test_function_preserving_rescaling_leaves_the_code_unchanged(hasher: ModelHasher) -> None:
+    model = make_cnn(8)
+    x = torch.randn(4, 1, 8, 8)
+    ref_out = model(x)
+    code = hasher.hash(model)
+    rng = np.random.default_rng(0)
+    convs = [m for m in model if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        for a, b in zip(convs, convs[1:], strict=False):  # ReLU(s * z) = s * ReLU(z) for s > 0
+            s = torch.from_numpy(rng.uniform(0.1, 10.0, a.out_channels).astype(np.float32))
+            a.weight.mul_(s[:, None, None, None])
+            a.bias.mul_(s)
+            b.weight.div_(s[None, :, None, None])
+        assert torch.allclose(model(x), ref_out, rtol=1e-4, atol=1e-5)  # the function is unchanged
+        assert hasher.hash(model) == code
+        convs[1].weight.mul_(0.25)  # a per-layer scale (the outputs scale, the code must not change)
+        convs[1].bias.mul_(0.25)
+    assert hasher.hash(model) == code
+
+
+def test_batchnorm_folding_leaves_the_code_unchanged(hasher: ModelHasher) -> None:
+    model = make_bn_cnn(9)
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 2.0)
+                m.running_var.uniform_(0.1, 4.0)
+    sd = numpy_sd(model)
+    folded: dict[str, np.ndarray] = {}
+    for conv, bn in (("0", "1"), ("3", "4")):
+        g = sd[f"{bn}.weight"] / np.sqrt(sd[f"{bn}.running_var"] + 1e-5)
+        folded[f"{conv}.weight"] = sd[f"{conv}.weight"] * g[:, None, None, None]
+        folded[f"{conv}.bias"] = sd[f"{bn}.bias"] - sd[f"{bn}.running_mean"] * g
+    folded["8.weight"], folded["8.bias"] = sd["8.weight"], sd["8.bias"]
+    assert hasher.hash(folded) == hasher.hash(sd)
+
+
+# ---------------------------------------------------------------- sources and file formats
+
+
+def test_every_file_format_gives_the_same_code(tmp_path: Path, hasher: ModelHasher) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from safetensors.numpy import save_file as save_np
+    from safetensors.torch import save_file as save_torch
+
+    model = make_cnn(10)
+    sd = numpy_sd(model)
+    code = hasher.hash(model)
+
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    torch.save({"epoch": 3, "state_dict": model.state_dict(), "lr": 0.1}, tmp_path / "ckpt.pth")
+    torch.save({"model": model.state_dict(), "step": torch.tensor(5)}, tmp_path / "ckpt2.pt")
+    save_torch(model.state_dict(), str(tmp_path / "w.safetensors"))
+    save_np(sd, str(tmp_path / "np.safetensors"))
+    np.savez(tmp_path / "w.npz", **sd)
+    inits = [numpy_helper.from_array(v, name=k) for k, v in sd.items()]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "0.weight", "0.bias"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits,
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph), str(tmp_path / "w.onnx"))
+
+    for name in ("w.pt", "ckpt.pth", "ckpt2.pt", "w.safetensors", "np.safetensors", "w.npz", "w.onnx"):
+        assert hasher.hash(tmp_path / name) == code, name
+        assert hasher.hash(str(tmp_path / name)) == code, name
+
+
+def test_bf16_safetensors_reads_like_the_torch_upcast(tmp_path: Path, hasher: ModelHasher) -> None:
+    from safetensors.torch import save_file
+
+    sd = {k: v.to(torch.bfloat16) for k, v in make_cnn(11).state_dict().items()}
+    save_file(sd, str(tmp_path / "bf.safetensors"))
+    assert hasher.hash(tmp_path / "bf.safetensors") == hasher.hash({k: v.float() for k, v in sd.items()})
+
+
+class Evil:
+    def __reduce__(self) -> tuple:
+        return (print, ("this checkpoint ran code",))
+
+
+def test_checkpoint_needing_unpickling_is_refused_naming_the_file(tmp_path: Path, hasher: ModelHasher) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": make_cnn(0).state_dict(), "hook": Evil()}, path)
+    with pytest.raises(ModelFormatError, match="evil.pt"):
+        hasher.hash(path)
+    raw = tmp_path / "raw.pth"
+    raw.write_bytes(pickle.dumps({"w": Evil()}))
+    with pytest.raises(ModelFormatError, match="raw.pth"):
+        hasher.hash(raw)
+
+
+def test_unreadable_empty_and_convless_sources_are_model_format_errors(tmp_path: Path, hasher: ModelHasher) -> None:
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 16)
+    (tmp_path / "junk.onnx").write_bytes(b"\x00\x01garbage")
+    (tmp_path / "model.txt").write_text("hello")
+    np.savez(tmp_path / "empty.npz")
+    np.savez(tmp_path / "mlp.npz", w1=np.ones((64, 32), np.float32), b1=np.ones(64, np.float32))
+    for name in ("junk.pt", "junk.safetensors", "junk.onnx", "model.txt", "empty.npz", "mlp.npz", "missing.pt"):
+        with pytest.raises(ModelFormatError, match=name.replace(".", r"\.")):
+            hasher.hash(tmp_path / name)
+    for obj in ({}, {"w": np.ones((10, 10), np.float32)}, nn.Linear(4, 4), 42):
+        with pytest.raises(ModelFormatError):
+            hasher.hash(obj)
+
+
+def test_hash_files_reports_each_bad_file_and_hashes_the_rest(tmp_path: Path, hasher: ModelHasher) -> None:
+    good = tmp_path / "good.pt"
+    torch.save(make_cnn(12).state_dict(), good)
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"nope")
+    results = hash_files([good, bad, str(good)], bits=256)
+    assert [p for p, _ in results] == [str(good), str(bad), str(good)]
+    assert results[0][1] == results[2][1] == hasher.hash(good)
+    assert isinstance(results[1][1], ModelFormatError) and "bad.npz" in str(results[1][1])
+
+
+def test_conv1d_models_hash_and_keras_width_first_layout_matches() -> None:
+    torch.manual_seed(13)
+    m = nn.Sequential(nn.Conv1d(3, 16, 5), nn.ReLU(), nn.Conv1d(16, 32, 3), nn.ReLU(), nn.Conv1d(32, 32, 3))
+    sd = numpy_sd(m)
+    keras = {k: (v.transpose(2, 1, 0) if v.ndim == 3 else v) for k, v in sd.items()}
+    h = ModelHasher(128)
+    assert h.hash(keras) == h.hash(sd) == h.hash(m)
+    assert hamming(h.hash(sd), h.hash(make_cnn(13))) > h.copy_radius
+
+
+# ---------------------------------------------------------------- the statistics
+
+
+@pytest.mark.parametrize("n", [8, 20, 100, 5000])
+def test_normal_test_statistics_match_scipy(n: int) -> None:
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(n)
+    x = np.stack([rng.standard_normal(n), rng.exponential(size=n), rng.uniform(-1, 1, n), rng.standard_t(3, n)], 1)
+    d = x - x.mean(0)
+    m2, m3, m4 = (d**2).mean(0), (d**3).mean(0), (d**4).mean(0)
+    nn_ = np.full(4, float(n))
+    np.testing.assert_allclose(skew_z(nn_, m2, m3), stats.skewtest(x, axis=0).statistic, rtol=1e-9, atol=1e-12)
+    if n >= 20:
+        np.testing.assert_allclose(kurt_z(nn_, m2, m4), stats.kurtosistest(x, axis=0).statistic, rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------- copy detection on real models
+
+
+def test_distinct_random_init_models_are_far_apart(hasher: ModelHasher) -> None:
+    codes = [hasher.hash(make_cnn(s)) for s in range(100, 112)] + [hasher.hash(make_bn_cnn(s)) for s in range(4)]
+    d = [hamming(a, b) for i, a in enumerate(codes) for b in codes[i + 1 :]]
+    assert min(d) > hasher.copy_radius
+    assert abs(np.mean(d) - hasher.bits / 2) < hasher.bits / 8
+
+
+def test_trained_model_and_light_copies_are_within_copy_radius(trained: nn.Sequential, hasher: ModelHasher) -> None:
+    import copy
+
+    x, y = trained.digits  # type: ignore[attr-defined]
+    code = hasher.hash(trained)
+    copies: dict[str, nn.Module] = {}
+    ft = copy.deepcopy(trained)
+    opt = torch.optim.Adam(ft.parameters(), lr=1e-4)
+    for s in range(0, len(x), 64):
+        opt.zero_grad()
+        nn.functional.cross_entropy(ft(x[s : s + 64]), y[s : s + 64]).backward()
+        opt.step()
+    copies["fine-tune"] = ft
+    sd = trained.state_dict()
+    pruned, quant, noisy = {}, {}, {}
+    gen = torch.Generator().manual_seed(1)
+    for k, v in sd.items():
+        if v.dim() > 1:
+            pruned[k] = torch.where(v.abs() > v.abs().flatten().kthvalue(int(0.3 * v.numel())).values, v, 0.0)
+            s = v.abs().max() / 127
+            quant[k] = torch.round(v / s) * s
+            noisy[k] = v + 0.02 * v.std() * torch.randn(v.shape, generator=gen)
+        else:
+            pruned[k] = quant[k] = noisy[k] = v
+    copies.update({"prune 30%": pruned, "int8": quant, "noise 2%": noisy, "fp16": copy.deepcopy(trained).half()})
+    others = [hasher.hash(make_cnn(s)) for s in range(200, 204)]
+    for name, c in copies.items():
+        d = hamming(hasher.hash(c), code)
+        assert d <= hasher.copy_radius, (name, d)
+        assert all(hamming(hasher.hash(c), o) > hasher.copy_radius for o in others), name
