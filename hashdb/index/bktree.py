@@ -21,7 +21,7 @@ from numba import njit
 
 from .base import CodeMatrix, Pending, Result
 from .bits import knn_threshold, row_distance, scan_ids
-from .planner import BK_NS_NODE, bktree_cost
+from .planner import BK_NS_FIXED, BK_NS_NODE, bktree_prior_cost
 
 
 @njit(cache=True)
@@ -131,22 +131,22 @@ def bk_search(
     out_d: np.ndarray,
     budget: int,
     w_node: int,
-) -> tuple[int, int]:
+) -> tuple[int, int, int]:
     """Radius search (k = 0) or kNN (k >= 1, the radius shrinking to the k-th distance found so far).
-    Returns (status, answers in the buffers): status 0 ok, -1 budget exceeded, -2 stack too small,
+    Returns (status, answers in the buffers, work): status 0 ok, -1 budget exceeded, -2 stack too small,
     -3 result buffers too small."""
     bits = query.shape[0] * 64
     hist = np.zeros(bits + 1, np.int64)
     cap = out_ids.shape[0]
     thr = r
+    work = n_pend * w_node
     n = scan_ids(pend, n_pend, codes, alive, stamps, gen, query, thr, out_ids, out_d, hist)
     if n > cap:
-        return -3, 0
+        return -3, 0, work
     if k > 0:
         t = knn_threshold(hist, k)
         if t >= 0:
             thr = t
-    work = n_pend * w_node
     sp = 0
     if node_ids.shape[0] > 0:
         stack[0] = 0
@@ -157,7 +157,7 @@ def bk_search(
         d = row_distance(node_codes, node, query)
         work += w_node
         if budget >= 0 and work > budget:
-            return -1, 0
+            return -1, 0, work
         if d <= thr:
             i = node_ids[node]
             if alive[i] and stamps[i] != gen and _same_code(node_codes, node, codes, i):
@@ -171,7 +171,7 @@ def bk_search(
                             j += 1
                     n = j
                     if n == cap:
-                        return -3, 0
+                        return -3, 0, work
                 out_ids[n] = i
                 out_d[n] = d
                 n += 1
@@ -190,7 +190,7 @@ def bk_search(
             if e > hi:
                 break
             if sp == stack.shape[0]:
-                return -2, 0
+                return -2, 0, work
             stack[sp] = c
             sp += 1
     j = 0
@@ -199,7 +199,10 @@ def bk_search(
             out_ids[j] = out_ids[p]
             out_d[j] = out_d[p]
             j += 1
-    return 0, j
+    return 0, j, work
+
+
+BK_COST_SAMPLES = 4
 
 
 class BKTree:
@@ -224,6 +227,7 @@ class BKTree:
         self.edge = np.zeros(0, np.int32)
         self.branching = 2.0
         self.pending = Pending()
+        self._costs: dict[int, float] = {}
 
     def rebuild(self) -> None:
         """Called on bulk_load: only rebuilds a tree that exists; an unbuilt one stays lazy."""
@@ -257,7 +261,7 @@ class BKTree:
         self.ready()
         mat = self.matrix
         while True:
-            status, n = bk_search(
+            status, n, _ = bk_search(
                 self.node_codes, self.node_ids, self.child_start, self.child_count, self.edge,
                 mat.codes, mat.alive, mat.stamps, mat.next_generation(), query, r, k,
                 self.pending.ids, self.pending.n, self._stack, *self._bufs, budget, int(BK_NS_NODE),
@@ -279,9 +283,27 @@ class BKTree:
         return self._search(query, self.matrix.bits, k, budget)
 
     def cost(self, r: int) -> float:
+        """Sampled once per radius and build: the mean work of a few queries drawn from the tree's own
+        codes (BK-tree visits depend on the data too much for a formula to be of use)."""
         n = self.matrix.n_alive
-        branching = self.branching if self.built else 2.5 * np.sqrt(self.matrix.bits)
-        return bktree_cost(n, self.matrix.bits, r, branching) + BK_NS_NODE * self.pending.n
+        if not self.built or self.pending.due(self.node_ids.size) or self.node_ids.size == 0:
+            return bktree_prior_cost(n)
+        cached = self._costs.get(r)
+        if cached is None:
+            mat = self.matrix
+            rng = np.random.default_rng(r)
+            budget = int(BK_NS_NODE * (self.node_ids.size + self.pending.n))
+            work = []
+            for node in rng.integers(0, self.node_ids.size, BK_COST_SAMPLES):
+                query = self.node_codes[node].copy()
+                _, _, w = bk_search(
+                    self.node_codes, self.node_ids, self.child_start, self.child_count, self.edge,
+                    mat.codes, mat.alive, mat.stamps, mat.next_generation(), query, r, 0,
+                    self.pending.ids, 0, self._stack, *self._bufs, budget, int(BK_NS_NODE),
+                )
+                work.append(w)
+            cached = self._costs[r] = BK_NS_FIXED + float(np.mean(work))
+        return cached + BK_NS_NODE * self.pending.n
 
     def nbytes(self) -> int:
         arrays = (self.node_codes, self.node_ids, self.child_start, self.child_count, self.edge, self._stack)

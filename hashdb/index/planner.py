@@ -13,21 +13,22 @@ import numpy as np
 # Measured at 10M x 256 bits (/tmp-style script in docs/index.md): scan 67 ms = 1.7 ns per word; MIH at
 # r=24 (1023 probes, ~1200 candidates) 0.34 ms and r=32 (3047 probes, ~3600 candidates) 0.93 ms, i.e.
 # ~140 ns per probe-or-candidate, each being two or three cache misses.
-SCAN_NS_PER_WORD = 1.7  # scan: per 64-bit word of the code matrix (alive rows and holes alike)
+SCAN_NS_PER_ROW = 0.4  # scan: per row of the code matrix (alive rows and holes alike; 1M x 64 bits: 0.7 ms)
+SCAN_NS_PER_WORD = 1.6  # ... plus per 64-bit word
 # ... but a matrix that fits the last-level cache streams 4x faster (1M x 256 bits = 32 MB: 1.43 ms).
-SCAN_NS_PER_WORD_CACHED = 0.4
+SCAN_NS_PER_WORD_CACHED = 0.3
 SCAN_CACHED_BYTES = 48 << 20
 SCAN_NS_FIXED = 2_000.0
 MIH_NS_FIXED = 5_000.0
 MIH_NS_PROBE = 120.0  # one directory lookup + one short run of packed entries
 MIH_NS_CAND = 150.0  # one new id: stamp, alive flag and code row, each a likely cache miss
-BK_NS_NODE = 40.0  # one BK-tree node: distance + child range walk
-BK_NS_FIXED = 3_000.0
+BK_NS_NODE = 15.0  # one BK-tree node: distance + child range walk (100k x 64 bits, r=4: 83 us for ~5.5k nodes)
+BK_NS_FIXED = 5_000.0
 
 
 def scan_cost(capacity: int, words: int) -> float:
     per_word = SCAN_NS_PER_WORD_CACHED if capacity * words * 8 <= SCAN_CACHED_BYTES else SCAN_NS_PER_WORD
-    return SCAN_NS_FIXED + per_word * capacity * words
+    return SCAN_NS_FIXED + capacity * (SCAN_NS_PER_ROW + per_word * words)
 
 
 def probe_radii(m: int, r: int) -> np.ndarray:
@@ -63,16 +64,12 @@ def mih_cost(
     return float(MIH_NS_FIXED + MIH_NS_PROBE * probes.sum() + MIH_NS_CAND * (cands.sum() + n_delta))
 
 
-def bktree_cost(n: int, bits: int, r: int, branching: float) -> float:
-    """BK-tree visits ~ n^alpha: a child is entered when |d(q,node) - edge| <= r, which for codes spread
-    like random ones happens with probability f = P(|X| <= r + 1/2), X ~ Normal(0, bits/2); with branching
-    B the visited fraction per level is f, so alpha = 1 + ln f / ln B."""
-    if n <= 1:
-        return BK_NS_FIXED + BK_NS_NODE * n
-    f = math.erf((r + 0.5) / math.sqrt(bits))  # P(|X| <= x) for sd sqrt(bits/2) = erf(x / sqrt(bits))
-    b = max(branching, 2.0)
-    alpha = min(1.0, max(0.0, 1.0 + math.log(max(f, 1e-12)) / math.log(b)))
-    return BK_NS_FIXED + BK_NS_NODE * n**alpha
+def bktree_prior_cost(n: int) -> float:
+    """Before a BK-tree exists the planner assumes it visits every node: it never builds one on its own.
+    Measured, it never beat MIH (uniform codes; 100k x 256 bits r=2: 10 us vs MIH 5 us, r=8: 147 vs 8 us;
+    1M x 64 bits r=4: 0.53 ms vs 0.015 ms), so the prior only keeps it out of the way. Once a tree was
+    forced into existence its cost is sampled (BKTree.cost)."""
+    return BK_NS_FIXED + BK_NS_NODE * n
 
 
 def choose(costs: dict[str, float]) -> str:
