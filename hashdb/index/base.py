@@ -117,6 +117,14 @@ class Structure(Protocol):
     def stats(self) -> dict[str, Any]: ...
 
 
+# A delta of n/64 costs a query about what n/64 random rows cost: a few percent over MIH's own work at
+# r <= 16 on 10M codes. Tombstones only cost probes, so they may pile up to a quarter. (Module attributes so
+# tests can shrink them to exercise compaction on small sets.)
+PENDING_MIN = 2048
+PENDING_FRACTION = 64
+TOMBSTONE_FRACTION = 4
+
+
 class Pending:
     """Changes a built structure has not absorbed yet: ids inserted since its build (scanned by every
     query, verified against the matrix) and a count of removals (tombstones: the alive mask hides them).
@@ -138,9 +146,9 @@ class Pending:
         self.n = need
 
     def due(self, n_base: int) -> bool:
-        # A delta of n/64 costs a query about what ~n/64 random rows do: a few percent over MIH's own work
-        # at r <= 16 on 10M codes; tombstones only cost probes, so they may pile up to a quarter.
-        return self.n > max(2048, n_base // 64) or self.removed > max(2048, n_base // 4)
+        return self.n > max(PENDING_MIN, n_base // PENDING_FRACTION) or self.removed > max(
+            PENDING_MIN, n_base // TOMBSTONE_FRACTION
+        )
 
     def nbytes(self) -> int:
         return int(self.ids.nbytes)
