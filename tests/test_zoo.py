@@ -1,0 +1,145 @@
+"""The model zoo's modifications do what they claim: function-preserving ones keep outputs, pruning hits
+its sparsity, and the small library carries consistent labels."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+from bench import zoo  # noqa: E402
+
+ALL_ARCHS = [a for a in zoo.ARCHS if a != "widevgg"]  # the 10M net is covered by the library build, not here
+
+
+@pytest.fixture(scope="module")
+def trained() -> dict[str, torch.nn.Module]:
+    """One briefly trained model per architecture (BN statistics away from their init values)."""
+    torch.manual_seed(0)
+    x, y = zoo.dataset("digits")
+    out = {}
+    for arch in ALL_ARCHS:
+        m = zoo.make_model(arch, 3)
+        zoo.train(m, x[:256], y[:256], 15, zoo.ARCHS[arch][3], seed=1)
+        out[arch] = m.eval()
+    return out
+
+
+@pytest.fixture(scope="module")
+def probe() -> torch.Tensor:
+    return zoo.dataset("digits", "test")[0][:128]
+
+
+def _same_function(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        ya, yb = a.eval()(x), b.eval()(x)
+    torch.testing.assert_close(yb, ya, rtol=1e-4, atol=1e-5 * float(ya.abs().max()))
+
+
+def _changed_weights(a: torch.nn.Module, b: torch.nn.Module) -> int:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sum(not torch.equal(sa[k], sb[k]) for k in sa if k in sb and sa[k].shape == sb[k].shape)
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_channel_permutation_keeps_the_function_and_changes_weights(trained, probe, arch, seed) -> None:
+    m = trained[arch]
+    p = zoo.permute_channels(m, 1.0, seed)
+    _same_function(m, p, probe)
+    assert _changed_weights(m, p) > 0
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_positive_rescaling_keeps_the_function(trained, probe, arch, per_channel) -> None:
+    m = trained[arch]
+    r = zoo.rescale(m, 1.5, 7, per_channel=per_channel)
+    _same_function(m, r, probe)
+    w0 = m.get_submodule(m.channel_groups()[0].out[0]).weight
+    w1 = r.get_submodule(r.channel_groups()[0].out[0]).weight
+    ratio = (w1.flatten(1).norm(dim=1) / w0.flatten(1).norm(dim=1)).detach()
+    assert float(ratio.max() / ratio.min()) > (1.05 if per_channel else 0.0)
+    assert float((ratio - 1).abs().max()) > 0.01
+
+
+@pytest.mark.parametrize("arch", [a for a in ALL_ARCHS if zoo.ARCHS[a][1]])
+def test_batchnorm_folding_keeps_the_function_and_removes_bn(trained, probe, arch) -> None:
+    m = trained[arch]
+    f = zoo.fold_batchnorm(m)
+    _same_function(m, f, probe)
+    assert not any("running_var" in k for k in f.state_dict())
+    assert any("running_var" in k for k in m.state_dict())
+
+
+def test_modifications_leave_the_original_untouched(trained) -> None:
+    m = trained["resnet"]
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    for fn, s in [(zoo.permute_channels, 1.0), (zoo.rescale, 1.0), (zoo.fold_batchnorm, 1.0),
+                  (zoo.prune_magnitude, 0.5), (zoo.prune_filters, 0.3), (zoo.gaussian_noise, 0.1),
+                  (zoo.quantize, 8), (zoo.cast, "bf16")]:  # fmt: skip
+        fn(m, s, 3)
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.3, 0.5, 0.7])
+def test_magnitude_pruning_reaches_the_asked_sparsity(trained, fraction) -> None:
+    p = zoo.prune_magnitude(trained["vgg"], fraction)
+    for _, mod in zoo._weights(p):
+        w = mod.weight
+        assert int((w == 0).sum()) == int(fraction * w.numel())
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5])
+def test_filter_pruning_zeroes_the_lowest_norm_filters(trained, fraction) -> None:
+    m = trained["mobilenet"]
+    p = zoo.prune_filters(m, fraction)
+    for (name, mod), (_, orig) in zip(zoo._weights(p), zoo._weights(m), strict=True):
+        if isinstance(mod, torch.nn.Linear):
+            continue
+        dead = mod.weight.flatten(1).abs().sum(1) == 0
+        assert int(dead.sum()) == int(fraction * mod.weight.shape[0]), name
+        norms = orig.weight.detach().flatten(1).norm(dim=1)
+        if dead.any() and (~dead).any():
+            assert float(norms[dead].max()) <= float(norms[~dead].min())
+
+
+def test_quantization_uses_at_most_255_levels_per_channel(trained) -> None:
+    q = zoo.quantize(trained["plain"], 8, per_channel=True)
+    for _, mod in zoo._weights(q):
+        for row in mod.weight.flatten(1):
+            assert len(torch.unique(row)) <= 255
+
+
+def test_small_library_labels_are_consistent() -> None:
+    lib = zoo.small_library()
+    originals = {e.key for e in lib.originals}
+    assert len(originals) == sum(n for _, n in zoo.SMALL_ORIGINALS)
+    assert {e.arch for e in lib.originals} == {a for a, _ in zoo.SMALL_ORIGINALS}
+    for e in lib.entries:
+        if e.original is None:
+            assert e.mclass == "original" and not e.steps
+        else:
+            assert e.original in originals and e.steps and e.mclass != "original"
+            assert lib[e.original].arch == e.arch
+    classes = set(lib.counts())
+    assert {"prune_magnitude", "quantize", "cast", "permute", "fold_bn", "combo"} <= classes
+    # a permuted copy materializes to the same function as its original
+    perm = next(e for e in lib.entries if e.mclass == "permute")
+    x = zoo.dataset("digits", "test")[0][:64]
+    _same_function(lib.model(perm.original), lib.model(perm), x)
+    heavy = [e for e in lib.entries if e.mclass == "prune_magnitude" and e.strength in ("60%", "70%")]
+    assert heavy and not any(e.light for e in heavy)
+
+
+def test_full_library_plan_has_the_paper_size_and_enough_originals() -> None:
+    entries = zoo.library_plan()
+    assert len(entries) >= 3565
+    originals = [e for e in entries if e.original is None]
+    assert len(originals) >= 30
+    assert len({e.arch for e in originals}) >= 5
+    assert len({e.data for e in originals}) >= 2
+    keys = [e.key for e in entries]
+    assert len(set(keys)) == len(keys)
