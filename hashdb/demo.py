@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     for arch in ("plain", "bn"):
         for seed in range(args.seeds):
             torch.manual_seed(seed)
-            model = _train(_build(arch), x[~test], y[~test], epochs=4, lr=3e-3, seed=seed)
+            model = _train(_build(arch), x[~test], y[~test], epochs=8, lr=3e-3, seed=seed)
             name = f"{arch}-seed{seed}"
             path = models_dir / f"{name}.pt"
             torch.save(model.state_dict(), path)
