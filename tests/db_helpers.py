@@ -40,7 +40,7 @@ def random_codes(n: int, bits: int, seed: int) -> np.ndarray:
 _CHILD = r"""
 import json, os, sys
 from hashdb import HashDB
-path, ops = sys.argv[1], json.loads(sys.argv[2])
+path, ops = sys.argv[1], json.loads(sys.stdin.read())
 db = HashDB(path)
 out = []
 for op, *args in ops:
@@ -69,7 +69,8 @@ def run_child(path: str | os.PathLike[str], ops: list[list[Any]], timeout: float
     """Run ``ops`` against the database at ``path`` in a fresh Python process; returns its results."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, os.fspath(path), json.dumps(ops)],
+        [sys.executable, "-c", _CHILD, os.fspath(path)],
+        input=json.dumps(ops),
         capture_output=True,
         text=True,
         timeout=timeout,
