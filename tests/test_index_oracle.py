@@ -103,7 +103,7 @@ def check_queries(index: MemoryIndex, oracle: Oracle, rng: np.random.Generator) 
 operation = st.sampled_from(["bulk_load", "add", "replace", "remove", "remove_absent"])
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     bits=st.sampled_from([64, 128, 256, 512]),
     clustered=st.booleans(),
