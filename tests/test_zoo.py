@@ -143,3 +143,47 @@ def test_full_library_plan_has_the_paper_size_and_enough_originals() -> None:
     assert len({e.data for e in originals}) >= 2
     keys = [e.key for e in entries]
     assert len(set(keys)) == len(keys)
+
+
+def _fake_run(codes: list[list[int]], bits: int, radius: int):
+    import numpy as np
+
+    from bench.codec_bench import HashRun
+
+    c = np.array(codes, bool)
+    n = len(c)
+    return HashRun("fake", bits, radius, c, np.ones(n, bool), np.full(n, 1e-3), np.full(n, 1e5))
+
+
+def test_bench_metrics_on_a_hand_made_library() -> None:
+    """Originals a=00000000, b=11000000; copies a1=10000000 (light), ad=11100000 (distillation of a),
+    b1=01000000 (light). From a: a1 and b1 at 1, b at 2 (ad left out). From b: a1, ad and b1 at 1."""
+    import numpy as np
+
+    from bench.codec_bench import _auc, metrics
+
+    E = zoo.Entry
+    entries = [
+        E("a", "plain", "digits", 0, None, "original", "", True),
+        E("b", "plain", "digits", 1, None, "original", "", True),
+        E("a/1", "plain", "digits", 0, "a", "noise", "0.01", True, (zoo.step("noise", 0.01),)),
+        E("a/d", "plain", "digits", 0, "a", "distill", "T=4", False, (zoo.step("distill", 4.0),)),
+        E("b/1", "plain", "digits", 1, "b", "noise", "0.01", True, (zoo.step("noise", 0.01),)),
+    ]
+    lib = zoo.Library(entries, cache_dir=zoo.DEFAULT_CACHE)
+    z = [0] * 8
+    codes = [z, [1, 1, 0, 0, 0, 0, 0, 0], [1] + z[1:], [1, 1, 1] + z[3:], [0, 1] + z[2:]]
+    m = metrics(_fake_run(codes, 8, 1), lib)
+    assert m["recall_light"] == 1.0  # d(a, a1) = 1, d(b, b1) = 1 (codes differ in bit 0 only)
+    assert m["false_positive_pairs"] == 3  # b1 near a; a1 and a's distillation near b
+    assert m["precision_light"] == 2 / 5
+    assert m["recall_distill"] == 0.0  # d(a, ad) = 3
+    # pessimistic ties: a ranks a1 second (AP 1/2), b ranks b1 third behind a1 and ad (AP 1/3)
+    assert abs(m["mAP"] - (1 / 2 + 1 / 3) / 2) < 1e-12
+    assert abs(m["mAP_with_distill"] - (1 / 2 * (1 / 2 + 2 / 4) + 1 / 3) / 2) < 1e-12
+    rng = np.random.default_rng(0)
+    pos, neg = rng.integers(0, 20, 50).astype(float), rng.integers(5, 40, 70).astype(float)
+    from sklearn.metrics import roc_auc_score
+
+    want = roc_auc_score(np.r_[np.ones(50), np.zeros(70)], -np.r_[pos, neg])
+    assert abs(_auc(pos, neg) - want) < 1e-12
