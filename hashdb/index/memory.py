@@ -9,6 +9,7 @@ import numpy as np
 from ..codes import check_bits
 from ..errors import InvalidArgument
 from .base import CodeMatrix, Result, Structure
+from .bits import last_occurrences
 from .bktree import BKTree
 from .mih import MIH
 from .planner import choose
@@ -53,7 +54,7 @@ class MemoryIndex:
         self._version += 1
         ids = self._check_ids(ids)
         codes = self._check_codes(codes, ids.size)
-        if np.unique(ids).size != ids.size:
+        if last_occurrences(ids).size != ids.size:
             raise InvalidArgument("bulk_load ids must be distinct")
         self.matrix.load(ids, codes)
         for s in self.structures.values():
@@ -66,9 +67,9 @@ class MemoryIndex:
         if ids.size == 0:
             return
         # Last occurrence wins when an id repeats within one call.
-        rev_unique, rev_idx = np.unique(ids[::-1], return_index=True)
-        keep = ids.size - 1 - rev_idx
-        ids, codes = ids[keep], codes[keep]
+        keep = last_occurrences(ids)
+        if keep.size != ids.size:
+            ids, codes = ids[keep], codes[keep]
         self.matrix.put(ids, codes)
         for s in self.structures.values():
             s.added(ids)
@@ -76,7 +77,8 @@ class MemoryIndex:
     def remove(self, ids: np.ndarray) -> None:
         self._version += 1
         ids = self._check_ids(ids)
-        gone = self.matrix.kill(np.unique(ids))
+        ids = ids[ids < self.matrix.capacity]
+        gone = self.matrix.kill(ids[last_occurrences(ids)])
         if gone.size:
             for s in self.structures.values():
                 s.removed(gone)
