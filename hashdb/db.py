@@ -98,6 +98,11 @@ class HashDB:
     ``HashDB(path, bits=256)`` creates the directory or opens it; ``bits`` is stored and must match on
     reopen (BitsMismatch); ``bits=None`` opens an existing database with its stored width. Safe to share
     between threads of one process; several processes may open the same directory at once.
+
+    Options: ``readonly`` (no writes, no lock-step registry entry), ``map_size`` (initial LMDB map in bytes;
+    it doubles by itself when full), ``codec`` (the codec config to store with a new database, checked
+    against the stored one on open), ``durable=False`` (no fsync per commit: many times more single-record
+    writes per second; a crash may lose the newest transactions, never corrupt the file).
     """
 
     def __init__(
@@ -108,6 +113,7 @@ class HashDB:
         readonly: bool = False,
         map_size: int | None = None,
         codec: dict[str, Any] | None = None,
+        durable: bool = True,
     ) -> None:
         if bits is not None:
             bits = check_bits(bits)
@@ -115,7 +121,7 @@ class HashDB:
             raise InvalidArgument(f"codec must be a dict or None, got {type(codec).__name__}")
         if codec is not None:
             meta_bytes(codec)
-        self._store = open_store(path, bits, readonly=readonly, map_size=map_size, codec=codec)
+        self._store = open_store(path, bits, readonly=readonly, map_size=map_size, codec=codec, durable=durable)
         self._readonly = readonly
         self._closed = False
         if codec is not None and not readonly and self._store.get_meta("codec") is None:

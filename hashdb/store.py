@@ -147,8 +147,10 @@ class Store:
         readonly: bool = False,
         map_size: int | None = None,
         codec: dict[str, Any] | None = None,
+        durable: bool = True,
     ) -> None:
         self.path = os.fspath(path)
+        self.durable = durable
         self.readonly = readonly
         if bits is not None:
             bits = check_bits(bits)
@@ -176,6 +178,10 @@ class Store:
                 readonly=readonly,
                 create=not readonly,
                 readahead=False,
+                # durable=False skips the fsync per commit: a crash may lose the newest transactions, but
+                # without writemap LMDB never corrupts the file.
+                sync=durable,
+                metasync=durable,
             )
         except lmdb.Error as e:
             raise StorageError(f"cannot open LMDB environment at {self.path!r}: {e}") from e
@@ -638,11 +644,13 @@ def open_store(
     readonly: bool = False,
     map_size: int | None = None,
     codec: dict[str, Any] | None = None,
+    durable: bool = True,
 ) -> Store:
     """The process's one Store for ``path``, opened on first use and shared by reference count.
 
     LMDB allows an environment to be open only once per process, so a second HashDB on the same directory
-    shares the first one's Store (with its own index). Release with release_store().
+    shares the first one's Store (with its own index); the first opener's map_size and durable apply.
+    Release with release_store().
     """
     if bits is not None:
         bits = check_bits(bits)
@@ -658,7 +666,7 @@ def open_store(
                 store._check_meta(txn, bits, codec)
             store.refs += 1
             return store
-        store = Store(path, bits, readonly=readonly, map_size=map_size, codec=codec)
+        store = Store(path, bits, readonly=readonly, map_size=map_size, codec=codec, durable=durable)
         store.refs = 1
         _OPEN[real] = store
         return store

@@ -144,3 +144,13 @@ def test_log_stays_bounded_under_many_small_writes(tmp_path):
         stats = db.stats()
         assert stats["log_seq"] == 201
         assert stats["log_entries"] <= 2  # we apply our own writes at once, so nothing stays pinned
+
+
+def test_non_durable_mode_keeps_data_across_a_clean_close(tmp_path):
+    with HashDB(tmp_path / "db", bits=64, durable=False) as db:
+        for i in range(50):
+            db.insert(f"k{i:02d}", np.full(8, i, np.uint8))
+        assert db.knn(np.full(8, 3, np.uint8), 1) == [("k03", 0)]
+    with HashDB(tmp_path / "db") as db:
+        assert len(db) == 50
+        assert db.get("k49")[0] == bytes([49]) * 8
