@@ -1,6 +1,6 @@
 """Projection features -> bits, deterministic and free of any per-architecture reference data.
 
-- 'odd_sign' (default): odd statistics (skewness, mean, sign balance) are compared with 0: their expectation
+- 'odd_sign' (default): odd statistics (skewness, mean) are compared with 0: their expectation
   is zero for any sign-symmetric weight distribution, so for an unrelated model the bit is a fair coin.
   Even statistics (kurtosis, K^2) have no such natural zero and are compared with their median over the
   model's directions (balanced bits).
@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 ENCODINGS = ("odd_sign", "median", "sign")
-ODD_FEATURES = ("skew", "mean", "sign")
+ODD_FEATURES = ("skew", "mean")
 
 
 def encode(features: np.ndarray, bits: int, encoding: str, names: tuple[str, ...]) -> np.ndarray:

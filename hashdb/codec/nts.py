@@ -9,10 +9,11 @@ and the z-transforms make segments of different sizes comparable.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-FEATURES = ("skew", "kurt", "k2", "mean", "sign")
+FEATURES = ("skew", "kurt", "k2", "mean")
 
 
 def skew_z(n: np.ndarray, m2: np.ndarray, m3: np.ndarray) -> np.ndarray:
@@ -47,6 +48,8 @@ def kurt_z(n: np.ndarray, m2: np.ndarray, m4: np.ndarray) -> np.ndarray:
 
 
 DIRECTION_SEED = 0xC0DEC  # fixed forever: changing it changes every code (bump the codec version)
+MIN_SAMPLES = 8  # D'Agostino's skewness test needs n >= 8
+_CHUNK = 1 << 16  # rows per block when accumulating moments: bounds memory at a few MB per block
 
 
 def directions(k: int, n: int) -> np.ndarray:
@@ -56,15 +59,62 @@ def directions(k: int, n: int) -> np.ndarray:
     return r / np.linalg.norm(r, axis=1, keepdims=True)
 
 
-def column_statistics(p: np.ndarray, features: Sequence[str]) -> np.ndarray:
-    """Normal test statistics of each column of ``p`` (n samples x m columns) -> (m, len(features))."""
-    n = np.full(p.shape[1], float(p.shape[0]))
-    mean = p.mean(axis=0)
-    d = p - mean
-    d2 = d * d
-    m2 = d2.mean(axis=0)
-    m3 = np.einsum("ij,ij->j", d2, d) / p.shape[0]
-    m4 = np.einsum("ij,ij->j", d2, d2) / p.shape[0]
+@dataclass(frozen=True)
+class PoolMoments:
+    """Moments of a pool of n kernels in R^k, enough for the first four moments along any direction.
+
+    ``mean`` (k,), ``c2`` (k, k) = E[c c^T], ``m3`` (p, k) = E[c_a c_b c_d] and ``m4`` (p, p) =
+    E[c_a c_b c_d c_e] over the p = k(k+1)/2 pairs a <= b, with c = v - mean. Computing these once (two
+    matrix products, BLAS) makes any number of directions free, which is what keeps a 25M-parameter model
+    fast: the projections themselves would be n x directions values.
+    """
+
+    n: int
+    mean: np.ndarray
+    c2: np.ndarray
+    m3: np.ndarray
+    m4: np.ndarray
+
+
+def pool_moments(v: np.ndarray) -> PoolMoments:
+    n, k = v.shape
+    mean = v.mean(axis=0)
+    p = k * (k + 1) // 2
+    c2 = np.zeros((k, k))
+    m3 = np.zeros((p, k))
+    m4 = np.zeros((p, p))
+    for s in range(0, n, _CHUNK):
+        c = v[s : s + _CHUNK] - mean
+        q = np.empty((len(c), p))
+        off = 0
+        for a in range(
+            k
+        ):  # q[:, (a, b)] = c_a * c_b for b >= a, in triu_indices order (a fancy-index gather is slower)
+            np.multiply(c[:, a : a + 1], c[:, a:], out=q[:, off : off + k - a])
+            off += k - a
+        c2 += c.T @ c
+        m3 += q.T @ c
+        m4 += q.T @ q
+    return PoolMoments(n, mean, c2 / n, m3 / n, m4 / n)
+
+
+def directional_moments(mom: PoolMoments, r: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Mean and central moments m2, m3, m4 of the pool projected on each row of ``r`` (J, k)."""
+    k = r.shape[1]
+    ia, ib = np.triu_indices(k)
+    w = np.where(ia == ib, 1.0, 2.0)  # sum over all (a, b) = sum over a <= b with off-diagonals twice
+    rq = r[:, ia] * r[:, ib] * w
+    mean = r @ mom.mean
+    m2 = np.einsum("jk,kl,jl->j", r, mom.c2, r)
+    m3 = np.einsum("jp,pk,jk->j", rq, mom.m3, r)
+    m4 = np.einsum("jp,pq,jq->j", rq, mom.m4, rq)
+    return mean, m2, m3, m4
+
+
+def direction_features(mom: PoolMoments, r: np.ndarray, features: Sequence[str]) -> np.ndarray:
+    """Normal test statistics of the pool projected on each row of ``r`` -> (J, len(features))."""
+    mean, m2, m3, m4 = directional_moments(mom, r)
+    n = np.full(len(r), float(mom.n))
     cache: dict[str, np.ndarray] = {}
 
     def get(name: str) -> np.ndarray:
@@ -77,8 +127,6 @@ def column_statistics(p: np.ndarray, features: Sequence[str]) -> np.ndarray:
                 cache[name] = get("skew") ** 2 + get("kurt") ** 2
             elif name == "mean":
                 cache[name] = mean / np.sqrt(np.where(m2 > 0, m2, 1.0) / (n - 1))
-            elif name == "sign":
-                cache[name] = np.sign(p).sum(axis=0) / np.sqrt(n)
             else:
                 raise ValueError(f"unknown feature {name!r}; known: {', '.join(FEATURES)}")
         return cache[name]
@@ -86,13 +134,22 @@ def column_statistics(p: np.ndarray, features: Sequence[str]) -> np.ndarray:
     return np.stack([get(f) for f in features], axis=1)
 
 
-def projection_statistics(pools: Sequence[np.ndarray], n_directions: int, features: Sequence[str]) -> np.ndarray:
+def whitened_directions(mom: PoolMoments, r: np.ndarray) -> np.ndarray:
+    """Directions r C^{-1/2}: projecting on them is projecting the whitened pool on r."""
+    e, u = np.linalg.eigh(mom.c2)
+    e = np.maximum(e, 1e-12 * max(e.max(), 1e-300))
+    return r @ (u / np.sqrt(e)) @ u.T
+
+
+def projection_statistics(
+    pools: Sequence[np.ndarray], n_directions: int, features: Sequence[str], whiten: bool = False
+) -> np.ndarray:
     """NTS of the kernel pools projected on ``n_directions`` fixed directions -> (n_directions, len(features)).
 
-    Each pool (n kernels x k values) is projected on directions in R^k; the z-scores of the pools are
-    combined per direction with Stouffer weights sqrt(n), so the layout of the result never depends on how
-    many pools (kernel sizes) a model has. Pools of 1x1 kernels have one direction only (every projection
-    is the same up to sign) and are used only when nothing else exists.
+    Each pool (n kernels x k values) is projected on directions in R^k (after whitening the pool, if asked);
+    the z-scores of the pools are combined per direction with Stouffer weights sqrt(n), so the layout of
+    the result never depends on how many pools (kernel sizes) a model has. Pools of 1x1 kernels have one
+    direction only (every projection is the same up to sign) and are used only when nothing else exists.
     """
     usable = [v for v in pools if v.shape[1] > 1 and v.shape[0] >= MIN_SAMPLES] or [
         v for v in pools if v.shape[0] >= MIN_SAMPLES
@@ -102,11 +159,11 @@ def projection_statistics(pools: Sequence[np.ndarray], n_directions: int, featur
     total = np.zeros((n_directions, len(features)))
     weight = 0.0
     for v in usable:
-        p = v @ directions(v.shape[1], n_directions).T
+        mom = pool_moments(v)
+        r = directions(v.shape[1], n_directions)
+        if whiten:
+            r = whitened_directions(mom, r)
         w = np.sqrt(v.shape[0])
-        total += w * column_statistics(p, features)
+        total += w * direction_features(mom, r, features)
         weight += w * w
     return total / np.sqrt(weight)
-
-
-MIN_SAMPLES = 8  # D'Agostino's skewness test needs n >= 8

@@ -1,0 +1,203 @@
+"""Tune the codec on the zoo: cache pre-binarization features per entry, then sweep encodings cheaply.
+
+    nice -n 10 python3 bench/codec_sweep.py features --prune 0.3 0.5 0.7      # one materialization pass
+    nice -n 10 python3 bench/codec_sweep.py sweep                             # encodings x bits x radius
+
+The feature pass materializes every library entry once (bench.zoo) and, for each self-pruning rate, stores
+the normal test statistics of the kernel pools along 1024 fixed directions, raw and whitened, for every
+feature. Every ModelHasher setting that differs only in directions/features/encoding/bits is a cheap
+function of these arrays, so the sweep evaluates it with bench/codec_bench.metrics without re-hashing.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+J_MAX = 1024
+ALL_FEATURES = ("skew", "kurt", "k2", "mean")
+FEAT_DIR = Path("/tmp/codec_sweep")
+
+
+def available_entries(lib: Any) -> list[Any]:
+    """Entries whose trained parts are already in the zoo cache (never train here: the zoo owner does)."""
+    from bench import zoo
+
+    def cached(key: str) -> bool:
+        return (lib.cache_dir / zoo._cache_name(key)).exists()
+
+    out = []
+    for e in lib.entries:
+        if e.original is None:
+            ok = cached(e.key)
+        else:
+            ok = cached(e.original)
+            for i, st in enumerate(e.steps):
+                if st[0] in zoo.TRAINED:
+                    ok = ok and cached(f"{e.original}|" + json.dumps(e.steps[: i + 1], default=str))
+        if ok:
+            out.append(e)
+    return out
+
+
+def entry_features(sd: dict[str, np.ndarray], prune: float, rebalance: bool = True) -> dict[str, np.ndarray]:
+    """{'raw': (J_MAX, 4), 'white': (J_MAX, 4)} Stouffer-combined pool statistics, or {} on failure."""
+    from hashdb.codec.load import load_tensors
+    from hashdb.codec.nts import MIN_SAMPLES, direction_features, directions, pool_moments, whitened_directions
+    from hashdb.codec.select import balance, conv_layers, important_weights, kernel_pools
+
+    layers = conv_layers(load_tensors(sd))
+    pools = kernel_pools([important_weights(balance(w), prune) for w in layers])
+    usable = [v for v in pools if v.shape[1] > 1 and v.shape[0] >= MIN_SAMPLES] or [
+        v for v in pools if v.shape[0] >= MIN_SAMPLES
+    ]
+    out = {"raw": np.zeros((J_MAX, 4)), "white": np.zeros((J_MAX, 4))}
+    wsum = 0.0
+    for v in usable:
+        mom = pool_moments(v)
+        r = directions(v.shape[1], J_MAX)
+        w = np.sqrt(v.shape[0])
+        out["raw"] += w * direction_features(mom, r, ALL_FEATURES)
+        out["white"] += w * direction_features(mom, whitened_directions(mom, r), ALL_FEATURES)
+        wsum += w * w
+    return {k: v / np.sqrt(wsum) for k, v in out.items()}
+
+
+def compute_features(prunes: list[float], limit: int | None) -> None:
+    import torch
+
+    from bench import zoo
+
+    torch.set_num_threads(1)
+    lib = zoo.Library(zoo.library_plan(), zoo.DEFAULT_CACHE)
+    entries = available_entries(lib)
+    if limit:
+        entries = entries[:limit]
+    print(f"{len(entries)} of {len(lib.entries)} entries available", flush=True)
+    FEAT_DIR.mkdir(parents=True, exist_ok=True)
+    feats = {p: {"raw": [], "white": []} for p in prunes}
+    keys, ok = [], []
+    t0 = time.perf_counter()
+    for i, e in enumerate(entries):
+        sd = {k: v.detach().float().numpy() for k, v in lib.state_dict(e).items() if v.is_floating_point()}
+        keys.append(e.key)
+        good = True
+        for p in prunes:
+            try:
+                f = entry_features(sd, p)
+            except Exception as exc:  # noqa: BLE001 - a failed hash is a measured miss
+                print(f"  {e.key}: {type(exc).__name__}: {exc}")
+                f, good = {"raw": np.full((J_MAX, 4), np.nan), "white": np.full((J_MAX, 4), np.nan)}, False
+            feats[p]["raw"].append(f["raw"])
+            feats[p]["white"].append(f["white"])
+        ok.append(good)
+        if i % 200 == 0:
+            print(f"  [{time.perf_counter() - t0:7.1f} s] {i + 1}/{len(entries)}", flush=True)
+    for p in prunes:
+        np.savez(
+            FEAT_DIR / f"prune{p:g}.npz",
+            keys=np.array(keys),
+            ok=np.array(ok),
+            raw=np.array(feats[p]["raw"]),
+            white=np.array(feats[p]["white"]),
+        )
+    print(f"done in {time.perf_counter() - t0:.0f} s")
+
+
+def encode_all(f: np.ndarray, bits: int, features: tuple[str, ...], encoding: str) -> np.ndarray:
+    """Codes (N, bits) bool from cached features (N, J_MAX, 4), exactly as hashdb.codec.encode would."""
+    from hashdb.codec.encode import encode
+
+    cols = [ALL_FEATURES.index(x) for x in features]
+    j = -(-bits // len(features))
+    out = np.zeros((len(f), bits), bool)
+    for i in range(len(f)):
+        if np.isfinite(f[i]).all():
+            out[i] = encode(f[i, :j][:, cols], bits, encoding, features)
+    return out
+
+
+def load_library_subset(keys: np.ndarray) -> Any:
+    from bench import zoo
+
+    lib = zoo.Library(zoo.library_plan(), zoo.DEFAULT_CACHE)
+    want = set(keys.tolist())
+    sub = zoo.Library([e for e in lib.entries if e.key in want], lib.cache_dir)
+    order = {k: i for i, k in enumerate(keys.tolist())}
+    sub.entries.sort(key=lambda e: order[e.key])
+    return sub
+
+
+def run_metrics(codes: np.ndarray, ok: np.ndarray, lib: Any, radius: int) -> dict[str, Any]:
+    from bench.codec_bench import HashRun, metrics
+
+    n, bits = codes.shape
+    run = HashRun("sweep", bits, radius, codes, ok, np.zeros(n), np.zeros(n))
+    return metrics(run, lib, radius)
+
+
+def sweep(args: argparse.Namespace) -> None:
+    rows = []
+    for path in sorted(FEAT_DIR.glob("prune*.npz")):
+        z = np.load(path)
+        lib = load_library_subset(z["keys"])
+        for space in ("raw", "white"):
+            for features in [("skew", "kurt"), ("skew",), ("skew", "kurt", "mean"), ("skew", "k2")]:
+                for bits in args.bits:
+                    codes = encode_all(z[space], bits, features, "odd_sign")
+                    m = run_metrics(codes, z["ok"], lib, int(round(args.radius_fraction * bits)))
+                    row = (
+                        f"{path.stem:9s} {space:5s} {'+'.join(features):14s} {bits:5d} | r={m['radius']:4d} "
+                        f"R={m['recall_light']:.4f} P={m['precision_light']:.4f} mAP={m['mAP']:.4f} "
+                        f"mAPl={m['mAP_light']:.4f} AUC={m['auc_light']:.4f} best r={m['best_radius']} "
+                        f"({m['best_radius_precision']:.3f}/{m['best_radius_recall']:.3f}) "
+                        f"distinct p1={m['distinct_pair_distances']['p1']:.0f} "
+                        f"min={m['distinct_pair_distances']['min']:.0f}"
+                    )
+                    print(row, flush=True)
+                    rows.append(row)
+                    if args.classes:
+                        pc = m["per_class"]
+                        print(
+                            "    "
+                            + "  ".join(
+                                f"{k}:{v['median']:.0f}/{v['p95']:.0f}/{v['recall']:.2f}"
+                                for k, v in sorted(pc.items())
+                                if "|" not in k
+                            )
+                        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("features")
+    f.add_argument("--prune", type=float, nargs="+", default=[0.5])
+    f.add_argument("--limit", type=int, default=None)
+    s = sub.add_parser("sweep")
+    s.add_argument("--bits", type=int, nargs="+", default=[256])
+    s.add_argument("--radius-fraction", type=float, default=0.18)
+    s.add_argument("--classes", action="store_true")
+    args = ap.parse_args()
+    if args.cmd == "features":
+        compute_features(args.prune, args.limit)
+    else:
+        sweep(args)
+
+
+if __name__ == "__main__":
+    main()
