@@ -6,6 +6,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .bits import scatter_rows
+
 Result = tuple[np.ndarray, np.ndarray]
 
 
@@ -48,13 +50,7 @@ class CodeMatrix:
         self.alive = np.zeros(cap, np.uint8)
         self.stamps = np.zeros(cap, np.uint16)
         self.generation = 0
-        if ids.size == cap:  # distinct ids 0..n-1: rows land in order when ids are sorted
-            if ids.size and ids[0] == 0 and bool(np.all(np.diff(ids) == 1)):
-                self.codes[:] = codes
-            else:
-                self.codes[ids] = codes
-        else:
-            self.codes[ids] = codes
+        scatter_rows(self.codes, ids, codes)
         self.alive[ids] = 1
         self.n_alive = int(ids.size)
 

@@ -147,3 +147,11 @@ def last_occurrences(ids: np.ndarray) -> np.ndarray:
             out[j] = p
             j += 1
     return out
+
+
+@njit(cache=True)
+def scatter_rows(dst: np.ndarray, ids: np.ndarray, src: np.ndarray) -> None:
+    """dst[ids[p]] = src[p] row by row (numpy's fancy assignment took 1.2 s for 10M x 4 words)."""
+    for p in range(ids.shape[0]):
+        for w in range(src.shape[1]):
+            dst[ids[p], w] = src[p, w]
