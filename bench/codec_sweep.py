@@ -29,7 +29,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 J_MAX = 1024
-ALL_FEATURES = ("skew", "kurt", "k2", "mean")
+ALL_FEATURES = ("skew", "kurt")
 FEAT_DIR = Path("/tmp/codec_sweep")
 
 
@@ -54,27 +54,44 @@ def available_entries(lib: Any) -> list[Any]:
     return out
 
 
-def entry_features(sd: dict[str, np.ndarray], prune: float, rebalance: bool = True) -> dict[str, np.ndarray]:
-    """{'raw': (J_MAX, 4), 'white': (J_MAX, 4)} Stouffer-combined pool statistics, or {} on failure."""
+def entry_features(sd: dict[str, np.ndarray], prune: float, max_kernels: int = 1 << 17) -> dict[str, np.ndarray]:
+    """Per variant ('base', 'sym' = symmetry-moved directions; '_w' = whitened) a (J_MAX, 2) array of
+    Stouffer-combined (skew z, kurt z), exactly the quantities ModelHasher combines."""
     from hashdb.codec.load import load_tensors
-    from hashdb.codec.nts import MIN_SAMPLES, direction_features, directions, pool_moments, whitened_directions
-    from hashdb.codec.select import balance, conv_layers, important_weights, kernel_pools
+    from hashdb.codec.nts import (
+        MIN_SAMPLES,
+        contrast_directions,
+        direction_features,
+        directions,
+        pool_moments,
+        whitened_directions,
+    )
+    from hashdb.codec.select import cap_pool, conv_layers, important_kernels, kernel_pools
 
     layers = conv_layers(load_tensors(sd))
-    pools = kernel_pools([important_weights(balance(w), prune) for w in layers])
-    usable = [v for v in pools if v.shape[1] > 1 and v.shape[0] >= MIN_SAMPLES] or [
-        v for v in pools if v.shape[0] >= MIN_SAMPLES
-    ]
-    out = {"raw": np.zeros((J_MAX, 4)), "white": np.zeros((J_MAX, 4))}
+    if any(w[0, 0].size > 1 for w in layers):
+        layers = [w for w in layers if w[0, 0].size > 1]
+    pools = kernel_pools([(w.shape[2:], important_kernels(w, prune)) for w in layers])
+    pools = [(ks, cap_pool(b, max_kernels)) for ks, b in pools]
+    sizes = [(sum(len(b) for b in blocks), blocks[0].shape[1]) for _, blocks in pools]
+    usable = [p for p, (n, k) in zip(pools, sizes, strict=True) if k > 1 and n >= MIN_SAMPLES]
+    out = {v: np.zeros((J_MAX, 2)) for v in VARIANTS}
     wsum = 0.0
-    for v in usable:
-        mom = pool_moments(v)
-        r = directions(v.shape[1], J_MAX)
-        w = np.sqrt(v.shape[0])
-        out["raw"] += w * direction_features(mom, r, ALL_FEATURES)
-        out["white"] += w * direction_features(mom, whitened_directions(mom, r), ALL_FEATURES)
+    for kshape, blocks in usable:
+        mom = pool_moments(blocks)
+        r = directions(blocks[0].shape[1], J_MAX)
+        rg = contrast_directions(r, kshape)
+        w = np.sqrt(mom.n)
+        fs = ("skew", "kurt")
+        out["base"] += w * direction_features(mom, r, fs)
+        out["sym"] += w * direction_features(mom, rg, fs)
+        out["base_w"] += w * direction_features(mom, whitened_directions(mom, r), fs)
+        out["sym_w"] += w * direction_features(mom, whitened_directions(mom, rg), fs)
         wsum += w * w
-    return {k: v / np.sqrt(wsum) for k, v in out.items()}
+    return {k: (v / np.sqrt(wsum)).astype(np.float32) for k, v in out.items()}
+
+
+VARIANTS = ("base", "sym", "base_w", "sym_w")
 
 
 def compute_features(prunes: list[float], limit: int | None) -> None:
@@ -89,7 +106,7 @@ def compute_features(prunes: list[float], limit: int | None) -> None:
         entries = entries[:limit]
     print(f"{len(entries)} of {len(lib.entries)} entries available", flush=True)
     FEAT_DIR.mkdir(parents=True, exist_ok=True)
-    feats = {p: {"raw": [], "white": []} for p in prunes}
+    feats = {p: {v: [] for v in VARIANTS} for p in prunes}
     keys, ok = [], []
     t0 = time.perf_counter()
     for i, e in enumerate(entries):
@@ -101,9 +118,9 @@ def compute_features(prunes: list[float], limit: int | None) -> None:
                 f = entry_features(sd, p)
             except Exception as exc:  # noqa: BLE001 - a failed hash is a measured miss
                 print(f"  {e.key}: {type(exc).__name__}: {exc}")
-                f, good = {"raw": np.full((J_MAX, 4), np.nan), "white": np.full((J_MAX, 4), np.nan)}, False
-            feats[p]["raw"].append(f["raw"])
-            feats[p]["white"].append(f["white"])
+                f, good = {v: np.full((J_MAX, 2), np.nan, np.float32) for v in VARIANTS}, False
+            for v in VARIANTS:
+                feats[p][v].append(f[v])
         ok.append(good)
         if i % 200 == 0:
             print(f"  [{time.perf_counter() - t0:7.1f} s] {i + 1}/{len(entries)}", flush=True)
@@ -112,22 +129,29 @@ def compute_features(prunes: list[float], limit: int | None) -> None:
             FEAT_DIR / f"prune{p:g}.npz",
             keys=np.array(keys),
             ok=np.array(ok),
-            raw=np.array(feats[p]["raw"]),
-            white=np.array(feats[p]["white"]),
+            **{v: np.array(feats[p][v]) for v in VARIANTS},
         )
     print(f"done in {time.perf_counter() - t0:.0f} s")
 
 
-def encode_all(f: np.ndarray, bits: int, features: tuple[str, ...], encoding: str) -> np.ndarray:
-    """Codes (N, bits) bool from cached features (N, J_MAX, 4), exactly as hashdb.codec.encode would."""
+def codes_from(z: Any, variant: str, bits: int, features: tuple[str, ...]) -> np.ndarray:
+    """Codes (N, bits) from cached features: variant 'base' (odd_sign on r_j), 'dihedral' (r_j minus the
+    symmetry-moved r_j, sign), with a '_w' suffix for whitened directions."""
     from hashdb.codec.encode import encode
 
+    white = "_w" if variant.endswith("_w") else ""
     cols = [ALL_FEATURES.index(x) for x in features]
     j = -(-bits // len(features))
+    f = z["base" + white][:, :j][:, :, cols].astype(np.float64)
+    if variant.startswith("dihedral"):
+        f = f - z["sym" + white][:, :j][:, :, cols]
+        enc = "sign"
+    else:
+        enc = "odd_sign"
     out = np.zeros((len(f), bits), bool)
     for i in range(len(f)):
         if np.isfinite(f[i]).all():
-            out[i] = encode(f[i, :j][:, cols], bits, encoding, features)
+            out[i] = encode(f[i], bits, enc, features)
     return out
 
 
@@ -151,31 +175,30 @@ def run_metrics(codes: np.ndarray, ok: np.ndarray, lib: Any, radius: int) -> dic
 
 
 def sweep(args: argparse.Namespace) -> None:
-    rows = []
     for path in sorted(FEAT_DIR.glob("prune*.npz")):
-        z = np.load(path)
+        z = dict(np.load(path))
         lib = load_library_subset(z["keys"])
-        for space in ("raw", "white"):
-            for features in [("skew", "kurt"), ("skew",), ("skew", "kurt", "mean"), ("skew", "k2")]:
+        for variant in args.variants:
+            for features in [("skew", "kurt"), ("skew",), ("kurt",)]:
                 for bits in args.bits:
-                    codes = encode_all(z[space], bits, features, "odd_sign")
+                    codes = codes_from(z, variant, bits, features)
                     m = run_metrics(codes, z["ok"], lib, int(round(args.radius_fraction * bits)))
-                    row = (
-                        f"{path.stem:9s} {space:5s} {'+'.join(features):14s} {bits:5d} | r={m['radius']:4d} "
+                    print(
+                        f"{path.stem:9s} {variant:10s} {'+'.join(features):10s} {bits:5d} | r={m['radius']:4d} "
                         f"R={m['recall_light']:.4f} P={m['precision_light']:.4f} mAP={m['mAP']:.4f} "
                         f"mAPl={m['mAP_light']:.4f} AUC={m['auc_light']:.4f} best r={m['best_radius']} "
                         f"({m['best_radius_precision']:.3f}/{m['best_radius_recall']:.3f}) "
                         f"distinct p1={m['distinct_pair_distances']['p1']:.0f} "
-                        f"min={m['distinct_pair_distances']['min']:.0f}"
+                        f"min={m['distinct_pair_distances']['min']:.0f} "
+                        f"med={m['distinct_pair_distances']['median']:.0f}",
+                        flush=True,
                     )
-                    print(row, flush=True)
-                    rows.append(row)
                     if args.classes:
                         pc = m["per_class"]
                         print(
                             "    "
                             + "  ".join(
-                                f"{k}:{v['median']:.0f}/{v['p95']:.0f}/{v['recall']:.2f}"
+                                f"{k}:{v['median']:.0f}/{v['p95']:.0f}/{v['max']:.0f}/{v['recall']:.2f}"
                                 for k, v in sorted(pc.items())
                                 if "|" not in k
                             )
@@ -192,6 +215,7 @@ def main() -> None:
     s.add_argument("--bits", type=int, nargs="+", default=[256])
     s.add_argument("--radius-fraction", type=float, default=0.18)
     s.add_argument("--classes", action="store_true")
+    s.add_argument("--variants", nargs="+", default=["base", "dihedral", "base_w", "dihedral_w"])
     args = ap.parse_args()
     if args.cmd == "features":
         compute_features(args.prune, args.limit)

@@ -12,8 +12,8 @@ from ..codes import check_bits
 from ..errors import InvalidArgument, ModelFormatError
 from .encode import ENCODINGS, encode
 from .load import load_tensors
-from .nts import FEATURES, projection_statistics
-from .select import balance, conv_layers, important_weights, kernel_pools
+from .nts import CONTRASTS, FEATURES, projection_statistics
+from .select import cap_pool, conv_layers, important_kernels, kernel_pools
 
 CODEC_VERSION = "nts-proj-1"
 
@@ -27,7 +27,8 @@ class ModelHasher:
     ``bits``: code length, a multiple of 64 in 64..2048. Tunables (keyword arguments; defaults are the
     measured choices, see docs/codec.md): ``layout`` ('auto' | 'oihw' | 'hwio'), ``prune`` (the fraction of
     each layer's smallest balanced weights ignored), ``include_linear``, ``features`` (normal test statistics
-    per projection), ``encoding`` ('odd_sign' | 'median' | 'sign'), ``radius_fraction`` (copy_radius / bits).
+    per projection), ``encoding`` ('odd_sign' | 'median' | 'sign'), ``max_kernels`` (largest kernels kept
+    per kernel size: bounds the cost on big models), ``radius_fraction`` (copy_radius / bits).
     """
 
     def __init__(
@@ -38,7 +39,9 @@ class ModelHasher:
         prune: float = 0.5,
         include_linear: bool = False,
         features: Sequence[str] = ("skew", "kurt"),
-        encoding: str = "odd_sign",
+        encoding: str = "sign",
+        contrast: str = "dihedral",
+        max_kernels: int = 1 << 17,
         radius_fraction: float | None = None,
     ) -> None:
         self.bits = check_bits(bits)
@@ -51,6 +54,12 @@ class ModelHasher:
             raise InvalidArgument(f"features must be distinct names from {FEATURES}, got {features!r}")
         if encoding not in ENCODINGS:
             raise InvalidArgument(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+        if not isinstance(max_kernels, int) or max_kernels < 64:
+            raise InvalidArgument(f"max_kernels must be an int >= 64, got {max_kernels!r}")
+        self.max_kernels = max_kernels
+        if contrast not in CONTRASTS:
+            raise InvalidArgument(f"contrast must be one of {CONTRASTS}, got {contrast!r}")
+        self.contrast = contrast
         self.layout = layout
         self.prune = float(prune)
         self.include_linear = bool(include_linear)
@@ -77,7 +86,9 @@ class ModelHasher:
             "include_linear": self.include_linear,
             "features": list(self.features),
             "encoding": self.encoding,
+            "contrast": self.contrast,
             "directions": self.directions,
+            "max_kernels": self.max_kernels,
             "copy_radius": self.copy_radius,
         }
 
@@ -95,9 +106,12 @@ class ModelHasher:
         layers = conv_layers(tensors, layout=self.layout, include_linear=self.include_linear)
         if not layers:
             raise ModelFormatError(f"{where}: no convolution weights found ({len(tensors)} tensors)")
+        if any(w[0, 0].size > 1 for w in layers):  # 1x1 kernels have no direction to project on: skip their cost
+            layers = [w for w in layers if w[0, 0].size > 1]
         try:
-            pools = kernel_pools([important_weights(balance(w), self.prune) for w in layers])
-            stats = projection_statistics(pools, self.directions, self.features)
+            pools = kernel_pools([(w.shape[2:], important_kernels(w, self.prune)) for w in layers])
+            pools = [(ks, cap_pool(blocks, self.max_kernels)) for ks, blocks in pools]
+            stats = projection_statistics(pools, self.directions, self.features, contrast=self.contrast)
         except (ModelFormatError, ValueError) as exc:
             raise ModelFormatError(f"{where}: {exc}") from None
         return encode(stats, self.bits, self.encoding, names=self.features)

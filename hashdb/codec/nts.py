@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 FEATURES = ("skew", "kurt", "k2", "mean")
+CONTRASTS = ("dihedral", "none")
 
 
 def skew_z(n: np.ndarray, m2: np.ndarray, m3: np.ndarray) -> np.ndarray:
@@ -76,15 +77,17 @@ class PoolMoments:
     m4: np.ndarray
 
 
-def pool_moments(v: np.ndarray) -> PoolMoments:
-    n, k = v.shape
-    mean = v.mean(axis=0)
+def pool_moments(blocks: Sequence[np.ndarray]) -> PoolMoments:
+    """Moments of the rows of several (n_i, k) blocks taken together (float64 accumulation)."""
+    k = blocks[0].shape[1]
+    n = sum(len(b) for b in blocks)
+    mean = sum(b.sum(axis=0, dtype=np.float64) for b in blocks) / n
     p = k * (k + 1) // 2
     c2 = np.zeros((k, k))
     m3 = np.zeros((p, k))
     m4 = np.zeros((p, p))
-    for s in range(0, n, _CHUNK):
-        c = v[s : s + _CHUNK] - mean
+    for blk, s in ((b, s) for b in blocks for s in range(0, len(b), _CHUNK)):
+        c = blk[s : s + _CHUNK] - mean
         q = np.empty((len(c), p))
         off = 0
         for a in range(
@@ -105,9 +108,9 @@ def directional_moments(mom: PoolMoments, r: np.ndarray) -> tuple[np.ndarray, ..
     w = np.where(ia == ib, 1.0, 2.0)  # sum over all (a, b) = sum over a <= b with off-diagonals twice
     rq = r[:, ia] * r[:, ib] * w
     mean = r @ mom.mean
-    m2 = np.einsum("jk,kl,jl->j", r, mom.c2, r)
-    m3 = np.einsum("jp,pk,jk->j", rq, mom.m3, r)
-    m4 = np.einsum("jp,pq,jq->j", rq, mom.m4, rq)
+    m2 = ((r @ mom.c2) * r).sum(axis=1)
+    m3 = ((rq @ mom.m3) * r).sum(axis=1)
+    m4 = ((rq @ mom.m4) * rq).sum(axis=1)
     return mean, m2, m3, m4
 
 
@@ -141,29 +144,75 @@ def whitened_directions(mom: PoolMoments, r: np.ndarray) -> np.ndarray:
     return r @ (u / np.sqrt(e)) @ u.T
 
 
+def kernel_symmetries(kshape: Sequence[int]) -> list[np.ndarray]:
+    """Index maps of the non-identity symmetries of a kernel grid: the 7 rotations/reflections of a square,
+    the 3 flips of a rectangle, the reversal of a 1-D kernel (and the axis flips of a 3-D one)."""
+    k = int(np.prod(kshape)) if len(kshape) else 1
+    idx = np.arange(k).reshape(tuple(kshape) if len(kshape) else (1,))
+    if idx.ndim == 2 and idx.shape[0] == idx.shape[1] > 1:
+        maps = [np.rot90(idx, t) for t in (1, 2, 3)] + [idx[::-1], idx[:, ::-1], idx.T, np.rot90(idx, 2).T]
+    else:
+        maps = []
+        for mask in range(1, 1 << idx.ndim):
+            sl = tuple(slice(None, None, -1) if (mask >> a) & 1 else slice(None) for a in range(idx.ndim))
+            if all(idx.shape[a] > 1 for a in range(idx.ndim) if (mask >> a) & 1):
+                maps.append(idx[sl])
+    return [m.ravel() for m in maps if not np.array_equal(m.ravel(), np.arange(k))]
+
+
+def contrast_directions(r: np.ndarray, kshape: Sequence[int]) -> np.ndarray | None:
+    """Direction j moved by symmetry j mod (number of symmetries): projecting a kernel on it is projecting
+    the flipped/rotated kernel on r_j. None when the kernel shape has no symmetry (1x1)."""
+    maps = kernel_symmetries(kshape)
+    if not maps:
+        return None
+    out = np.empty_like(r)
+    for j in range(len(r)):
+        out[j, maps[j % len(maps)]] = r[j]
+    return out
+
+
 def projection_statistics(
-    pools: Sequence[np.ndarray], n_directions: int, features: Sequence[str], whiten: bool = False
+    pools: Sequence[tuple[tuple[int, ...], Sequence[np.ndarray]]],
+    n_directions: int,
+    features: Sequence[str],
+    whiten: bool = False,
+    contrast: str = "dihedral",
 ) -> np.ndarray:
     """NTS of the kernel pools projected on ``n_directions`` fixed directions -> (n_directions, len(features)).
 
-    Each pool (n kernels x k values) is projected on directions in R^k (after whitening the pool, if asked);
-    the z-scores of the pools are combined per direction with Stouffer weights sqrt(n), so the layout of
-    the result never depends on how many pools (kernel sizes) a model has. Pools of 1x1 kernels have one
-    direction only (every projection is the same up to sign) and are used only when nothing else exists.
+    Each pool (blocks of kernels, n kernels x k values in all) is projected on directions in R^k (after
+    whitening the pool, if asked); the z-scores of the pools are combined per direction with Stouffer
+    weights sqrt(n), so the layout of the result never depends on how many pools (kernel sizes) a model
+    has. Pools of 1x1 kernels have one direction only (every projection is the same up to sign) and are
+    used only when nothing else exists.
+
+    ``contrast='dihedral'``: each statistic is the difference between direction r_j and r_j moved by a
+    symmetry of the kernel grid (rotation/reflection). Structure that every model of an architecture shares
+    (centre-heavy kernels, smoothness) is symmetric and cancels, so the sign of the difference is a fair coin
+    for an unrelated model; what is left is the model's own asymmetry.
     """
-    usable = [v for v in pools if v.shape[1] > 1 and v.shape[0] >= MIN_SAMPLES] or [
-        v for v in pools if v.shape[0] >= MIN_SAMPLES
+    if contrast not in CONTRASTS:
+        raise ValueError(f"unknown contrast {contrast!r}")
+    sizes = [(sum(len(b) for b in blocks), blocks[0].shape[1]) for _, blocks in pools]
+    usable = [p for p, (n, k) in zip(pools, sizes, strict=True) if k > 1 and n >= MIN_SAMPLES] or [
+        p for p, (n, _) in zip(pools, sizes, strict=True) if n >= MIN_SAMPLES
     ]
     if not usable:
         raise ValueError(f"fewer than {MIN_SAMPLES} non-zero kernels")
     total = np.zeros((n_directions, len(features)))
     weight = 0.0
-    for v in usable:
-        mom = pool_moments(v)
-        r = directions(v.shape[1], n_directions)
+    for kshape, blocks in usable:
+        mom = pool_moments(blocks)
+        r = directions(blocks[0].shape[1], n_directions)
+        rg = contrast_directions(r, kshape) if contrast == "dihedral" else None
         if whiten:
             r = whitened_directions(mom, r)
-        w = np.sqrt(v.shape[0])
-        total += w * direction_features(mom, r, features)
+            rg = None if rg is None else whitened_directions(mom, rg)
+        w = np.sqrt(mom.n)
+        f = direction_features(mom, r, features)
+        if rg is not None:
+            f = f - direction_features(mom, rg, features)
+        total += w * f
         weight += w * w
     return total / np.sqrt(weight)

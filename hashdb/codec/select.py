@@ -11,7 +11,7 @@ Steps, each a pure function over numpy arrays:
    rescaling (row o of layer l times a, column o of layer l+1 divided by a), a per-layer scale and BatchNorm
    folding (a row scaling) all leave the balanced layer unchanged, and a channel permutation only permutes
    it. Balanced values are rounded to float32 so that such transformations give bit-identical values.
-3. ``important_weights``: magnitude-prune each balanced layer ourselves (compression theory: the small
+3. ``important_kernels``: magnitude-prune each balanced layer ourselves (compression theory: the small
    weights carry little of the function) and re-balance, so that pruning attacks remove what we ignore.
 4. ``kernel_pools``: pool the non-zero balanced kernels of all layers by kernel size (an order-free
    multiset, so layer order and names cannot matter).
@@ -61,7 +61,7 @@ def guess_layout(shape: Sequence[int]) -> str | None:
 def conv_layers(
     tensors: Sequence[tuple[str, np.ndarray]], layout: str = "auto", include_linear: bool = False
 ) -> list[np.ndarray]:
-    """Convolution (and optionally linear) weights as float64 arrays of shape (out, in, k), in source order.
+    """Convolution (and optionally linear) weights as float32 arrays (out, in, *kernel shape), in source order.
 
     1-D tensors (biases, BatchNorm statistics) and scalars are dropped. ``layout`` is 'auto', 'oihw' or
     'hwio'; 'auto' reads each unambiguous tensor by its shape and ambiguous ones (3x3x3x3) by the majority.
@@ -76,36 +76,31 @@ def conv_layers(
     for (_, arr), guess in zip(tensors, guesses, strict=True):
         if arr.ndim == 2 and include_linear:
             if min(arr.shape) >= 2:  # orientation is irrelevant: balancing and pooling treat rows and columns alike
-                out.append(arr.astype(np.float64)[:, :, None])
+                out.append(arr)
             continue
         if guess is None:
             continue
         read = layout if layout != "auto" else (majority if guess == "both" else guess)
         if layout != "auto" and guess not in (read, "both"):
             continue  # a tensor that cannot be a kernel in the forced layout
-        w = arr.astype(np.float64)
+        w = arr
         if read == "hwio":
             ks = arr.ndim - 2
-            w = np.moveaxis(w, (ks + 1, ks), (0, 1))  # (..., in, out) -> (out, in, ...)
-        out.append(w.reshape(w.shape[0], w.shape[1], -1))
+            w = np.ascontiguousarray(np.moveaxis(w, (ks + 1, ks), (0, 1)))  # (..., in, out) -> (out, in, ...)
+        out.append(w)
     return out
 
 
-def balance(w: np.ndarray, sweeps: int = 30) -> np.ndarray:
-    """Divide out every per-row and per-column positive scale of a (out, in, k) layer.
-
-    All-zero filters and input channels (structured pruning leaves them) are removed first. Kernel log-norms
-    are double-centred; with pruned (all-zero) kernels inside, the masked additive model is fitted by a few
-    alternating sweeps. Returns float32-rounded values so that rescaled and permuted copies round identically.
-    """
-    norms = np.sqrt(np.einsum("oik,oik->oi", w, w))
+def _balance(w: np.ndarray, sweeps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(balanced float32 layer without all-zero rows/columns, its kernels' non-zero mask)."""
+    norms = np.sqrt(np.einsum("oik,oik->oi", w, w).astype(np.float64))
     rows = norms.max(axis=1) > 0
     cols = norms.max(axis=0) > 0
     if not rows.all() or not cols.all():
         w, norms = w[rows][:, cols], norms[rows][:, cols]
-    if w.size == 0:
-        return np.zeros((0, 0, w.shape[2]), dtype=np.float32)
     mask = norms > 0
+    if w.size == 0:
+        return np.zeros((0, 0, w.shape[2]), dtype=np.float32), mask
     logn = np.log(np.where(mask, norms, 1.0))
     if mask.all():
         row = logn.mean(axis=1)
@@ -115,44 +110,75 @@ def balance(w: np.ndarray, sweeps: int = 30) -> np.ndarray:
         col = np.zeros(w.shape[1])
         cnt_r = mask.sum(axis=1)
         cnt_c = mask.sum(axis=0)
-        for _ in range(sweeps):
-            row = np.where(mask, logn - col[None, :], 0.0).sum(axis=1) / cnt_r
-            col = np.where(mask, logn - row[:, None], 0.0).sum(axis=0) / cnt_c
-    scale = np.exp(-row)[:, None, None] * np.exp(-col)[None, :, None]
-    return (w * scale).astype(np.float32)
+        logn = np.where(mask, logn, 0.0)
+        for _ in range(sweeps):  # alternating masked means; converges in a few sweeps on pruning patterns
+            row = (logn - mask * col[None, :]).sum(axis=1) / cnt_r
+            new_col = (logn - mask * row[:, None]).sum(axis=0) / cnt_c
+            done = np.abs(new_col - col).max() < 1e-9
+            col = new_col
+            if done:
+                break
+    scale = (np.exp(-row)[:, None] * np.exp(-col)[None, :]).astype(np.float32)
+    return w * scale[:, :, None], mask
 
 
-def important_weights(w: np.ndarray, prune: float) -> np.ndarray:
-    """Magnitude-prune a balanced layer at rate ``prune`` ourselves, then balance again.
+def balance(w: np.ndarray, sweeps: int = 30) -> np.ndarray:
+    """Divide out every per-row and per-column positive scale of a (out, in, k) layer.
+
+    All-zero filters and input channels (structured pruning leaves them) are removed first. Kernel log-norms
+    are double-centred; with pruned (all-zero) kernels inside, the masked additive model is fitted by a few
+    alternating sweeps. Returns float32 values.
+    """
+    return _balance(w, sweeps)[0]
+
+
+Pool = tuple[tuple[int, ...], list[np.ndarray]]  # (kernel shape, blocks of (n_i, prod(kernel shape)) kernels)
+
+
+def important_kernels(w: np.ndarray, prune: float) -> np.ndarray:
+    """Balance an (out, in, *kernel shape) layer, magnitude-prune it at rate ``prune`` ourselves, balance the
+    survivors again, and return its non-zero kernels as an (n, k) float32 array, k = prod(kernel shape).
 
     Compression theory says the small weights do not matter; dropping them here means an attacker's
     magnitude pruning at a rate up to ``prune`` removes (nearly) nothing we look at. Re-balancing on the
     survivors makes the balancing itself independent of the small weights.
     """
-    if prune <= 0 or w.size == 0:
-        return w
-    a = np.abs(w)
-    n_cut = int(prune * a.size)
-    if n_cut <= 0:
-        return w
-    thr = np.partition(a.ravel(), n_cut - 1)[n_cut - 1]
-    return balance(np.where(a > thr, w, 0).astype(np.float64))
+    b, mask = _balance(w.reshape(w.shape[0], w.shape[1], -1), 30)
+    if prune > 0 and b.size:
+        a = np.abs(b)
+        n_cut = int(prune * a.size)
+        if n_cut > 0:
+            thr = np.partition(a.ravel(), n_cut - 1)[n_cut - 1]
+            b[a <= thr] = 0.0
+            b, mask = _balance(b, 30)
+    return b.reshape(-1, b.shape[2])[mask.ravel()]
 
 
-def kernel_pools(layers: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Pool the non-zero kernels of all layers by kernel length: one (n, k) float64 array per k, k ascending.
+def kernel_pools(layers: Sequence[tuple[tuple[int, ...], np.ndarray]]) -> list[Pool]:
+    """Group (kernel shape, (n, k) kernels) per layer by kernel shape, ordered by (size, shape).
 
-    A pool is an unordered multiset (rows in storage order, but everything computed from it is a symmetric
-    function of its rows), so neither layer order, tensor names nor channel order can matter.
+    A pool is an unordered multiset (everything computed from it is a symmetric function of its rows), so
+    neither layer order, tensor names nor channel order can matter.
     """
-    by_len: dict[int, list[np.ndarray]] = {}
-    for w in layers:
-        if w.size == 0:
-            continue
-        v = w.reshape(-1, w.shape[2])
-        v = v[np.any(v != 0, axis=1)]
+    by_shape: dict[tuple[int, ...], list[np.ndarray]] = {}
+    for kshape, v in layers:
         if len(v):
-            by_len.setdefault(v.shape[1], []).append(v)
-    if not by_len:
+            by_shape.setdefault(tuple(kshape), []).append(v)
+    if not by_shape:
         raise ModelFormatError("no non-zero convolution kernels")
-    return [np.concatenate(by_len[k]).astype(np.float64) for k in sorted(by_len)]
+    return [(ks, by_shape[ks]) for ks in sorted(by_shape, key=lambda ks: (int(np.prod(ks)), ks))]
+
+
+def cap_pool(blocks: Sequence[np.ndarray], max_kernels: int) -> list[np.ndarray]:  # blocks of one pool
+    """Keep the ``max_kernels`` largest-norm kernels of a pool (all kernels tied with the last one too).
+
+    Selecting by a threshold, not by position, keeps the choice independent of storage order. Only large
+    models hit the cap; it bounds the cost of the moment computation (about 2,500 flops per kernel).
+    """
+    n = sum(len(b) for b in blocks)
+    if n <= max_kernels:
+        return list(blocks)
+    norms = [np.einsum("nk,nk->n", b, b) for b in blocks]
+    allnorms = np.concatenate(norms)
+    thr = np.partition(allnorms, n - max_kernels)[n - max_kernels]
+    return [b[nb >= thr] for b, nb in zip(blocks, norms, strict=True)]
