@@ -1,13 +1,20 @@
 """LMDB layout of a hashdb database: one environment (a directory) with named sub-databases.
 
-    meta     name -> msgpack value: format version, bits, codec config, creation time, next id
-    codes    key (utf-8) -> canonical code bytes
-    attrs    key -> msgpack map (user metadata; absent when the key has none)
-    ids      key -> dense id (8 bytes big-endian)
+    meta     name -> msgpack value: format version, bits, codec config, creation time, next id, block size
+    ids      key (utf-8) -> dense id (8 bytes big-endian)
     keys     dense id (8 bytes big-endian) -> key
+    blocks   block number b (8 bytes big-endian) -> the codes of ids b*B .. b*B+B-1: an alive bitmap of B
+             bits (little-endian bit order), then B canonical codes (zeros where not alive)
+    attrs    key -> msgpack map (user metadata; absent when the key has none)
     free     ids of deleted keys (8 bytes big-endian) -> b"", handed out again before fresh ones
     log      sequence (8 bytes big-endian) -> one batch of upserts or deletes (ids and codes)
     readers  pid + token -> last sequence that reader's in-memory index applied (compaction hint only)
+
+Codes live in ``blocks``, by id, rather than in a key -> code table: reopening then reads a few thousand
+page-sized values (one join, then numpy) instead of one value per key. Measured at 10M codes of 256 bits on
+2 busy cores: reading a key -> code table and the key -> id table took 6.5 s, the codes table alone 3.75 s;
+B is chosen so that one block fills two 4 KiB pages (248 codes at 256 bits), so rewriting the block of a
+single insert stays cheap.
 
 A key gets an id on first insert and keeps it while it exists. Freed ids are reused (smallest first), because
 the in-memory index sizes its code matrix by the largest id: without reuse, churn would grow it without
@@ -48,6 +55,15 @@ T = TypeVar("T")
 _SEQ = struct.Struct(">Q")
 _READER = struct.Struct(">IQ")
 _LOG_HEAD = struct.Struct("<cI")
+
+
+TABLES = ("meta", "ids", "keys", "blocks", "attrs", "free", "log", "readers")
+
+
+def block_size(bits: int) -> int:
+    """Codes per block: a multiple of 8 whose block (bitmap + codes + LMDB's 16-byte page header) fits 8 KiB."""
+    per_code_bits = bits + 1
+    return max(8, ((8192 - 64) * 8 // per_code_bits) // 8 * 8)
 
 
 def pack_seq(seq: int) -> bytes:
@@ -196,23 +212,35 @@ class Store:
             raise
         self.nbytes = self.bits // 8
         self.words = self.bits // 64
+        with self.read() as txn:
+            block = self._get_meta(txn, b"block")
+        if not isinstance(block, int) or block <= 0 or block % 8:
+            self.close()
+            raise StorageError(f"{self.path!r} has no valid block size in its metadata: {block!r}")
+        self.block = block
+        self.bitmap_bytes = self.block // 8
+        self.block_bytes = self.bitmap_bytes + self.block * self.nbytes
 
     # ----------------------------------------------------------------------------------------- opening
 
     def _open_tables(self, readonly: bool) -> None:
-        names = ("meta", "codes", "attrs", "ids", "keys", "free", "log", "readers")
+        names = TABLES
         try:
             if readonly:  # handles opened inside a read transaction die with it: let lmdb commit its own
                 handles = {n: self.env.open_db(n.encode(), create=False) for n in names}
             else:
                 with self.env.begin(write=True) as txn:
+                    # Refuse (and leave untouched) an environment holding anything but our tables.
+                    foreign = [k for k in txn.cursor().iternext(values=False) if k.decode("latin-1") not in names]
+                    if foreign:
+                        raise StorageError(f"{self.path!r} is an LMDB environment but not a hashdb database")
                     handles = {n: self.env.open_db(n.encode(), txn=txn) for n in names}
         except lmdb.NotFoundError as e:
             raise StorageError(f"{self.path!r} is not a hashdb database (missing table: {e})") from e
         except lmdb.Error as e:
             raise StorageError(f"cannot open the tables of {self.path!r}: {e}") from e
         self.meta_db = handles["meta"]
-        self.codes_db = handles["codes"]
+        self.blocks_db = handles["blocks"]
         self.attrs_db = handles["attrs"]
         self.ids_db = handles["ids"]
         self.keys_db = handles["keys"]
@@ -233,11 +261,12 @@ class Store:
         def create(txn: lmdb.Transaction) -> int:
             if txn.get(b"format", db=self.meta_db) is not None:  # another process created it meanwhile
                 return -1
-            if txn.stat(self.codes_db)["entries"]:
+            if txn.stat(self.ids_db)["entries"]:
                 raise StorageError(f"{self.path!r} has data but no hashdb metadata")
             for name, value in (
                 (b"format", FORMAT_VERSION),
                 (b"bits", bits),
+                (b"block", block_size(bits)),
                 (b"created", time.time()),
                 (b"next_id", 0),
                 (b"codec", codec),
@@ -372,21 +401,30 @@ class Store:
     # --------------------------------------------------------------------------------------- reading
 
     def count(self, txn: lmdb.Transaction) -> int:
-        return int(txn.stat(self.codes_db)["entries"])
+        return int(txn.stat(self.ids_db)["entries"])
 
     def get(self, txn: lmdb.Transaction, key: bytes) -> tuple[bytes, Any] | None:
-        code = txn.get(key, db=self.codes_db)
-        if code is None:
+        raw_id = txn.get(key, db=self.ids_db)
+        if raw_id is None:
             return None
+        code = self._code_of(txn, unpack_seq(raw_id))
         raw = txn.get(key, db=self.attrs_db)
         return code, (None if raw is None else unpack_meta(raw))
+
+    def _code_of(self, txn: lmdb.Transaction, id_: int) -> bytes:
+        blk, slot = divmod(id_, self.block)
+        raw = txn.get(pack_seq(blk), db=self.blocks_db)
+        if raw is None or not raw[slot >> 3] >> (slot & 7) & 1:
+            raise StorageError(f"id {id_} has a key but no code: the database is inconsistent")
+        start = self.bitmap_bytes + slot * self.nbytes
+        return bytes(raw[start : start + self.nbytes])
 
     def contains(self, txn: lmdb.Transaction, key: bytes) -> bool:
         return txn.get(key, db=self.ids_db) is not None
 
     def keys_after(self, txn: lmdb.Transaction, after: bytes | None, limit: int) -> list[bytes]:
         """Up to ``limit`` keys in byte order, strictly after ``after`` (from the start when None)."""
-        cursor = txn.cursor(db=self.codes_db)
+        cursor = txn.cursor(db=self.ids_db)
         if after is None:
             if not cursor.first():
                 return []
@@ -416,20 +454,66 @@ class Store:
         return out
 
     def load_all(self, txn: lmdb.Transaction) -> tuple[np.ndarray, np.ndarray]:
-        """Every (id, code) of the snapshot as int64 ids (n,) and uint64 words (n, bits/64).
+        """Every (id, code) of the snapshot as int64 ids (n,) and uint64 words (n, bits/64), ids ascending.
 
-        ``codes`` and ``ids`` are both keyed by key, so their value streams line up row for row; each is
-        read with one C-level iteration and one join, without a Python step per record.
+        Two joins over the blocks table (its keys, its values) and a few numpy passes; no step per record.
         """
-        raw_codes = b"".join(txn.cursor(db=self.codes_db).iternext(keys=False, values=True))
-        raw_ids = b"".join(txn.cursor(db=self.ids_db).iternext(keys=False, values=True))
-        codes = np.frombuffer(raw_codes, dtype="<u8").reshape(-1, self.words)
-        ids = np.frombuffer(raw_ids, dtype=">u8").astype(np.int64)
-        if len(ids) != len(codes):
-            raise StorageError(f"tables disagree: {len(codes)} codes but {len(ids)} ids")
-        if codes.dtype != np.uint64:
-            codes = codes.astype(np.uint64)
-        return ids, codes
+        raw_keys = b"".join(txn.cursor(db=self.blocks_db).iternext(keys=True, values=False))
+        raw_vals = b"".join(txn.cursor(db=self.blocks_db).iternext(keys=False, values=True))
+        blocks = np.frombuffer(raw_keys, dtype=">u8").astype(np.int64)
+        n_blocks, per, bm = len(blocks), self.block, self.bitmap_bytes
+        if len(raw_vals) != n_blocks * self.block_bytes:
+            raise StorageError(f"the blocks table holds {len(raw_vals)} bytes, not {n_blocks} blocks")
+        matrix = np.frombuffer(raw_vals, dtype=np.uint8).reshape(n_blocks, self.block_bytes)
+        alive = np.unpackbits(matrix[:, :bm], axis=1, bitorder="little").ravel()
+        flat = np.flatnonzero(alive)
+        row, slot = np.divmod(flat, per)
+        ids = blocks[row] * per + slot
+        body = np.lib.stride_tricks.as_strided(
+            matrix[:, bm:], shape=(n_blocks, per, self.nbytes), strides=(self.block_bytes, self.nbytes, 1)
+        )
+        codes = np.ascontiguousarray(body[row, slot]).view("<u8").astype(np.uint64, copy=False)
+        if len(ids) != self.count(txn):
+            raise StorageError(f"{len(ids)} codes in blocks but {self.count(txn)} keys: the database is inconsistent")
+        return ids, codes.reshape(len(ids), self.words)
+
+    def _write_blocks(self, txn: lmdb.Transaction, ids: np.ndarray, rows: np.ndarray | None) -> None:
+        """Set the codes of distinct ``ids`` to ``rows`` (n, bits/8) uint8, or clear them when rows is None."""
+        if not len(ids):
+            return
+        order = np.argsort(ids, kind="stable")
+        ids = ids[order]
+        per, bm = self.block, self.bitmap_bytes
+        blk = ids // per
+        slot = ids - blk * per
+        touched = np.unique(blk)
+        pos = np.searchsorted(touched, blk)
+        packed_keys = touched.astype(">u8").tobytes()
+        bitmap = np.zeros((len(touched), bm), dtype=np.uint8)
+        body = np.zeros((len(touched), per, self.nbytes), dtype=np.uint8)
+        cursor = txn.cursor(db=self.blocks_db)
+        last = unpack_seq(cursor.key()) if cursor.last() else -1
+        get = txn.get
+        db = self.blocks_db
+        for i in range(int(np.searchsorted(touched, last, side="right"))):  # blocks past the end are new
+            raw = get(packed_keys[8 * i : 8 * i + 8], db=db)
+            if raw is not None:
+                bitmap[i] = np.frombuffer(raw, dtype=np.uint8, count=bm)
+                body[i] = np.frombuffer(raw, dtype=np.uint8, offset=bm).reshape(per, self.nbytes)
+        alive = np.unpackbits(bitmap, axis=1, bitorder="little")
+        if rows is None:
+            alive[pos, slot] = 0
+            body[pos, slot] = 0
+        else:
+            alive[pos, slot] = 1
+            body[pos, slot] = rows[order]
+        bitmap = np.packbits(alive, axis=1, bitorder="little")
+        values = np.concatenate([bitmap, body.reshape(len(touched), -1)], axis=1)
+        keep = alive.any(axis=1)
+        items = [(packed_keys[8 * i : 8 * i + 8], values[i].tobytes()) for i in np.flatnonzero(keep).tolist()]
+        cursor.putmulti(items, append=bool(items) and last < int(touched[0]))
+        for i in np.flatnonzero(~keep).tolist():  # a block with no code left goes away
+            txn.delete(packed_keys[8 * i : 8 * i + 8], db=db)
 
     # ------------------------------------------------------------------------------------------- log
 
@@ -545,8 +629,8 @@ class Store:
             else:
                 for j, i in enumerate(new_pos):
                     existing[i] = new_id_bytes[j]
-        rows = (codes[i : i + nb] for i in range(0, n * nb, nb))
-        txn.cursor(db=self.codes_db).putmulti(zip(keys, rows, strict=True), append=beyond)
+        ids = np.frombuffer(b"".join(existing), dtype=">u8").astype(np.int64)  # type: ignore[arg-type]
+        self._write_blocks(txn, ids, np.frombuffer(codes, dtype=np.uint8).reshape(n, nb))
         attrs_db = self.attrs_db
         # A replaced record's old metadata goes unless new metadata overwrites it.
         if n_new < n:
@@ -558,7 +642,6 @@ class Store:
             with_meta = [(keys[i], m) for i, m in enumerate(metas) if m is not None]
             if with_meta:
                 txn.cursor(db=attrs_db).putmulti(with_meta, append=beyond)
-        ids = np.frombuffer(b"".join(existing), dtype=">u8").astype(np.int64)  # type: ignore[arg-type]
         seq = self._append_log(txn, prev, OP_PUT, ids, codes)
         words = np.frombuffer(codes, dtype="<u8").reshape(n, self.words).astype(np.uint64)
         return prev, seq, LogBatch(ids, words, np.empty(0, np.int64))
@@ -583,12 +666,12 @@ class Store:
             raw_id = txn.pop(key, db=self.ids_db)
             if raw_id is None:
                 continue
-            txn.delete(key, db=self.codes_db)
             txn.delete(key, db=self.attrs_db)
             txn.delete(raw_id, db=self.keys_db)
             txn.put(raw_id, b"", db=self.free_db)
             gone.append(raw_id)
         ids = np.frombuffer(b"".join(gone), dtype=">u8").astype(np.int64)
+        self._write_blocks(txn, ids, None)
         seq = self._append_log(txn, prev, OP_DELETE, ids, b"") if gone else prev
         return prev, seq, LogBatch(np.empty(0, np.int64), np.empty((0, self.words), np.uint64), ids)
 
