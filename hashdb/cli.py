@@ -515,16 +515,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HashDBError as e:
         _warn(f"error: {e}")
         return EXIT_ERROR
-    except OSError as e:
-        _warn(f"error: {e}")
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        return 130
     except BrokenPipeError:
         # The reader (e.g. `head`) went away: exit quietly, and keep Python from complaining at shutdown.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
+    except OSError as e:
+        _warn(f"error: {e}")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import signal
+import threading
 
 import numpy as np
 import pytest
@@ -223,3 +224,34 @@ def test_progress_bar_draws_only_when_enabled():
     bar.advance(4)
     bar.close()
     assert quiet.getvalue() == ""
+
+
+def test_a_closed_stdout_pipe_ends_quietly(tmp_path):
+    import subprocess
+    import sys
+
+    from frontend_helpers import REPO
+
+    db = str(tmp_path / "db")
+    assert run_cli("add", db, "--key", "only", hex_code(0)).returncode == 0
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hashdb", "query", db, "--knn", "1"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(REPO),
+    )  # fmt: skip
+    lines = ("\n".join(hex_code(i) for i in range(3000)) + "\n").encode()
+
+    def feed() -> None:
+        try:
+            proc.stdin.write(lines)
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()  # from a thread: stdin and stdout pipes both fill up otherwise
+    first = proc.stdout.readline()
+    proc.stdout.close()  # like `| head -1`: the reader goes away with output still coming
+    assert proc.wait(120) == 0
+    feeder.join(60)
+    assert first.startswith(b"query ")
+    assert b"Traceback" not in proc.stderr.read()
