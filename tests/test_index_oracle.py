@@ -96,8 +96,9 @@ def check_queries(index: MemoryIndex, oracle: Oracle, rng: np.random.Generator) 
                 assert as_dict(index.radius(q, r, force=force)) == oracle.radius(q, r), (force, r)
             k = int(rng.integers(1, 12))
             assert as_dict(index.knn(q, k, force=force)) == oracle.knn(q, k), (force, k)
-    many = index.radius_many(np.stack(queries), radii[1])
-    assert [as_dict(res) for res in many] == [oracle.radius(q, radii[1]) for q in queries]
+    for force in STRUCTURES:
+        many = index.radius_many(np.stack(queries), radii[1], force=force)
+        assert [as_dict(res) for res in many] == [oracle.radius(q, radii[1]) for q in queries], force
 
 
 operation = st.sampled_from(["bulk_load", "add", "replace", "remove", "remove_absent"])

@@ -151,7 +151,10 @@ class MemoryIndex:
         qs = np.asarray(queries)
         if qs.dtype != np.uint64 or qs.ndim != 2 or qs.shape[1] != self.words:
             raise InvalidArgument(f"queries must be uint64 of shape (n, {self.words}), got {qs.dtype} {qs.shape}")
-        return [self._radius(np.ascontiguousarray(q), r, force) for q in qs]
+        qs = np.ascontiguousarray(qs)
+        if len(qs) > 1 and (force == "scan" or (force is None and self.plan(r) == "scan")):
+            return self.scan.radius_many(qs, r)  # one pass over the matrix for all queries
+        return [self._radius(q, r, force) for q in qs]
 
     def knn(self, query: np.ndarray, k: int, force: str | None = None) -> Result:
         self._check_force(force)

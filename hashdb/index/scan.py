@@ -8,7 +8,7 @@ import numpy as np
 from numba import njit
 
 from .base import CodeMatrix, Result
-from .bits import grow_i32, grow_i64, knn_threshold, row_distance
+from .bits import grow_i32, grow_i64, knn_threshold, popcount64, row_distance
 from .planner import scan_cost
 
 
@@ -100,6 +100,47 @@ def scan_knn(
     return out_ids[:n].copy(), out_d[:n].copy()
 
 
+@njit(cache=True)
+def _block_many(
+    codes: np.ndarray, alive: np.ndarray, queries: np.ndarray, r: int, start: int, stop: int,
+    out_q: np.ndarray, out_i: np.ndarray, out_d: np.ndarray, n: int,
+) -> int:
+    for i in range(start, stop):
+        if alive[i]:
+            for qi in range(queries.shape[0]):
+                d = 0
+                for w in range(queries.shape[1]):
+                    d += popcount64(codes[i, w] ^ queries[qi, w])
+                if d <= r:
+                    out_q[n] = qi
+                    out_i[n] = i
+                    out_d[n] = d
+                    n += 1
+    return n
+
+
+@njit(cache=True)
+def scan_radius_many(
+    codes: np.ndarray, alive: np.ndarray, queries: np.ndarray, r: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One pass over the matrix for all queries (each block of rows is read once and compared with every
+    query while it is in cache). Returns flat (query index, id, distance) triples, grouped by row."""
+    block = 256
+    room = block * queries.shape[0]
+    out_q = np.empty(room + 1024, np.int32)
+    out_i = np.empty(room + 1024, np.int64)
+    out_d = np.empty(room + 1024, np.int32)
+    n = 0
+    total = alive.shape[0]
+    for start in range(0, total, block):
+        if out_i.shape[0] - n < room:  # a whole block's worst case fits, so the row loop never grows arrays
+            out_q = grow_i32(out_q, 2 * (n + room))
+            out_i = grow_i64(out_i, 2 * (n + room))
+            out_d = grow_i32(out_d, 2 * (n + room))
+        n = _block_many(codes, alive, queries, r, start, min(total, start + block), out_q, out_i, out_d, n)
+    return out_q[:n].copy(), out_i[:n].copy(), out_d[:n].copy()
+
+
 class Scan:
     """Stateless: every query reads the whole code matrix."""
 
@@ -120,6 +161,14 @@ class Scan:
     def radius(self, query: np.ndarray, r: int, budget: int = -1) -> Result:
         m = self.matrix
         return scan_radius(m.codes, m.alive, query, r)
+
+    def radius_many(self, queries: np.ndarray, r: int) -> list[Result]:
+        m = self.matrix
+        qi, ids, d = scan_radius_many(m.codes, m.alive, queries, r)
+        order = np.argsort(qi, kind="stable")
+        bounds = np.searchsorted(qi[order], np.arange(queries.shape[0] + 1))
+        ids, d = ids[order], d[order]
+        return [(ids[a:b], d[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     def knn(self, query: np.ndarray, k: int, budget: int = -1) -> Result:
         m = self.matrix
