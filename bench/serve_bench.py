@@ -63,35 +63,33 @@ def pct(values: list[float] | np.ndarray, q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def embedded_run(path: str, queries: list[bytes], r: int, depth: int, seconds: float) -> dict:
-    from hashdb.db import HashDB
+def embedded_run(db: object, queries: list[bytes], r: int, depth: int, seconds: float) -> dict:
+    """One thread on an open HashDB: radius() one at a time, then radius_many() in batches of ``depth``."""
+    lat: list[float] = []
+    t0 = time.perf_counter()
+    i = 0
+    while time.perf_counter() - t0 < seconds:
+        q = queries[i % len(queries)]
+        s = time.perf_counter_ns()
+        db.radius(q, r)  # type: ignore[attr-defined]
+        lat.append((time.perf_counter_ns() - s) / 1000)
+        i += 1
+    single = {"qps": i / (time.perf_counter() - t0), "p50": pct(lat, 50), "p99": pct(lat, 99)}
+    blat: list[float] = []
+    t0 = time.perf_counter()
+    n = 0
+    while time.perf_counter() - t0 < seconds:
+        batch = [queries[(n + j) % len(queries)] for j in range(depth)]
+        s = time.perf_counter_ns()
+        db.radius_many(batch, r)  # type: ignore[attr-defined]
+        blat.append((time.perf_counter_ns() - s) / 1000)
+        n += depth
+    batched = {"qps": n / (time.perf_counter() - t0), "p50": pct(blat, 50), "p99": pct(blat, 99)}
+    return {"single": single, "batched": batched}
 
-    with HashDB(path, bits=None) as db:
-        db.refresh()
-        for q in queries[:200]:  # warm caches and jit
-            db.radius(q, r)
-        lat: list[float] = []
-        t0 = time.perf_counter()
-        i = 0
-        while time.perf_counter() - t0 < seconds:
-            q = queries[i % len(queries)]
-            s = time.perf_counter_ns()
-            db.radius(q, r)
-            lat.append((time.perf_counter_ns() - s) / 1000)
-            i += 1
-        single = {"qps": i / (time.perf_counter() - t0), "p50": pct(lat, 50), "p99": pct(lat, 99)}
-        blat: list[float] = []
-        t0 = time.perf_counter()
-        n = 0
-        while time.perf_counter() - t0 < seconds:
-            batch = [queries[(n + j) % len(queries)] for j in range(depth)]
-            s = time.perf_counter_ns()
-            db.radius_many(batch, r)
-            blat.append((time.perf_counter_ns() - s) / 1000)
-            n += depth
-        batched = {"qps": n / (time.perf_counter() - t0), "p50": pct(blat, 50), "p99": pct(blat, 99)}
-        expected = [db.radius(q, r) for q in queries[:50]]
-    return {"single": single, "batched": batched, "expected": expected}
+
+def median_of(runs: list[dict]) -> dict:
+    return {name: float(np.median([run[name] for run in runs])) for name in ("qps", "p50", "p99")}
 
 
 def client_worker(sock_path: str, queries: list[bytes], r: int, depth: int, offset: int, start_at: float,
@@ -180,11 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", default="1,4,16")
     parser.add_argument("--depth", type=int, default=16, help="requests in flight per pipelined client")
     parser.add_argument("--seconds", type=float, default=3.0, help="measured time per configuration")
-    parser.add_argument("--quick", action="store_true", help="50k codes, 1 s per configuration")
+    parser.add_argument("--repeats", type=int, default=3, help="median over this many rounds")
+    parser.add_argument("--quick", action="store_true", help="50k codes, 1 s per configuration, 1 round")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = parser.parse_args(argv)
     if args.quick:
-        args.n, args.seconds = min(args.n, 50_000), 1.0
+        args.n, args.seconds, args.repeats = min(args.n, 50_000), 1.0, 1
     command = "python3 bench/serve_bench.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     clients = [int(c) for c in args.clients.split(",")]
 
@@ -196,15 +195,16 @@ def main(argv: list[str] | None = None) -> int:
     del codes
     print(f"built {args.n} codes of {args.bits} bits in {build_s:.1f} s ({workdir})", flush=True)
 
-    emb = embedded_run(db_path, queries, args.r, args.depth, args.seconds)
-    print(f"embedded radius: {emb['single']['qps']:.0f}/s p50 {emb['single']['p50']:.1f} us; "
-          f"radius_many({args.depth}): {emb['batched']['qps']:.0f}/s", flush=True)  # fmt: skip
-
     from hashdb.db import HashDB
 
-    with HashDB(db_path, bits=None) as db:
-        db.refresh()
-        plan = db.stats()["index"]
+    # The embedded database stays open in this process (its index built once); client processes are
+    # forked from it but never touch it.
+    db = HashDB(db_path, bits=None)
+    db.refresh()
+    for q in queries[:200]:  # warm caches and jit
+        db.radius(q, args.r)
+    expected = [db.radius(q, args.r) for q in queries[:50]]
+    plan = db.stats()["index"]
     index_line = "index: " + ", ".join(
         f"{name}" + (f" (m={s.get('m')})" if isinstance(s, dict) and "m" in s else "")
         for name, s in (plan or {}).get("structures", {}).items()
@@ -215,34 +215,51 @@ def main(argv: list[str] | None = None) -> int:
         [sys.executable, "-m", "hashdb", "serve", db_path, "--socket", sock_path, "--log-level", "warning"],
         env=env,
     )
-    rows = []
+    configs = [(c, depth) for c in clients for depth in (1, args.depth)]
+    emb_runs: list[dict] = []
+    socket_runs: dict[tuple[int, int], list[dict]] = {cfg: [] for cfg in configs}
+    overheads: list[float] = []
     try:
         wait_for(sock_path, server)
         import hashdb
 
         with hashdb.connect(sock_path) as client:  # the server answers what the library answers
             got = [client.radius(q, args.r) for q in queries[:50]]
-            assert got == emb["expected"], "server results differ from the embedded HashDB"
+            assert got == expected, "server results differ from the embedded HashDB"
             client.radius_many(queries[:1000], args.r)  # build the server's index before timing
-        for c in clients:
-            for depth in (1, args.depth):
+        # Each repeat measures the embedded database and then every socket configuration, so each
+        # comparison is between runs minutes apart at most; the table reports medians over repeats.
+        for rep in range(args.repeats):
+            emb = embedded_run(db, queries, args.r, args.depth, args.seconds)
+            emb_runs.append(emb)
+            print(f"[{rep + 1}/{args.repeats}] embedded radius: {emb['single']['qps']:.0f}/s p50 "
+                  f"{emb['single']['p50']:.1f} us; radius_many({args.depth}): {emb['batched']['qps']:.0f}/s",
+                  flush=True)  # fmt: skip
+            for c, depth in configs:
                 res = server_run(sock_path, queries, args.r, c, depth, args.seconds)
-                rows.append((c, depth, res))
-                print(f"server clients={c:2d} depth={depth:2d}: {res['qps']:8.0f} q/s  p50 {res['p50']:8.1f} us  "
-                      f"p99 {res['p99']:8.1f} us", flush=True)  # fmt: skip
+                socket_runs[(c, depth)].append(res)
+                if c == 1 and depth == 1:
+                    overheads.append(res["p50"] - emb["single"]["p50"])
+                print(f"[{rep + 1}/{args.repeats}] server clients={c:2d} depth={depth:2d}: {res['qps']:8.0f} q/s  "
+                      f"p50 {res['p50']:8.1f} us  p99 {res['p99']:8.1f} us", flush=True)  # fmt: skip
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
+        db.close()
 
-    one = next(res for c, d, res in rows if c == 1 and d == 1)
-    overhead = one["p50"] - emb["single"]["p50"]
+    emb_single = median_of([e["single"] for e in emb_runs])
+    emb_batched = median_of([e["batched"] for e in emb_runs])
+    rows = [(c, depth, median_of(socket_runs[(c, depth)])) for c, depth in configs]
+    overhead = float(np.median(overheads)) if overheads else float("nan")
+    emb = {"single": emb_single, "batched": emb_batched}
     lines = [
         f"`{command}`",
         "",
         machine_line(),
         "",
         f"{args.n:,} random codes of {args.bits} bits (seed {args.seed}), queries = stored codes with 0..{args.r} "
-        f"bits flipped, r = {args.r}; {args.seconds:g} s per row; clients are separate processes on the same "
+        f"bits flipped, r = {args.r}; median of {args.repeats} rounds of {args.seconds:g} s per row; "
+        f"clients are separate processes on the same "
         f"machine as the server (they compete for the same cores). Build {build_s:.1f} s. {index_line}.",
         "",
         "| path | clients | in flight per client | queries/s | p50 latency (us) | p99 latency (us) |",
@@ -257,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| socket | {c} | {how} | {res['qps']:,.0f} | {res['p50']:.1f} | {res['p99']:.1f} |")
     lines += [
         "",
-        f"Per-request overhead of the socket path at the median (1 client, sequential, minus embedded "
-        f"radius()): **{overhead:.1f} us**. Pipelined rows report the latency of a whole pipeline of "
+        f"Per-request overhead of the socket path at the median (1 client, sequential p50 minus embedded "
+        f"radius() p50 of the same round, median over rounds): **{overhead:.1f} us**. "
+        f"Pipelined rows report the latency of a whole pipeline of "
         f"{args.depth} requests.",
     ]
     body = "\n".join(lines)
