@@ -275,20 +275,22 @@ class Server:
         if self._dirty:
             self._flush_dirty()
 
-    def _accept(self) -> None:
+    def _accept(self) -> bool:
+        """Accept up to 64 waiting connections; True if there may be more."""
         assert self._listener is not None
         for _ in range(64):
             try:
                 sock, _addr = self._listener.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                return False
             except OSError as e:  # e.g. EMFILE: keep serving the clients we have
                 log.error("accept failed: %s", e)
-                return
+                return False
             sock.setblocking(False)
             conn = _Connection(sock)
             self._conns[conn.fd] = conn
             self._update_events(conn)
+        return True
 
     def _read(self, conn: _Connection) -> None:
         try:
@@ -524,6 +526,9 @@ class Server:
 
     def _drain(self) -> None:
         """Stop accepting; answer every request already received (and waiting in the kernel); then return."""
+        if self._listener is not None:  # clients already in the backlog sent their requests too: take them
+            while self._accept():
+                pass
         self._close_listener()
         for conn in list(self._conns.values()):
             self._read_available(conn)
