@@ -6,9 +6,14 @@ asserting the same things of both.
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import numpy as np
 import pytest
 from frontend_helpers import server_thread, short_socket_path
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import hashdb
 from hashdb.codes import hamming
@@ -151,3 +156,43 @@ def test_stats_is_a_mapping_with_the_count(db):
     stats = db.stats()
     assert isinstance(stats, dict)
     assert stats["count"] == 2 and stats["bits"] == BITS
+
+
+_keys = st.sampled_from([f"key{i}" for i in range(6)])
+_codes = st.binary(min_size=BITS // 8, max_size=BITS // 8)
+_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("insert"), _keys, _codes),
+        st.tuples(st.just("delete"), _keys),
+        st.tuples(st.just("get"), _keys),
+        st.tuples(st.just("contains"), _keys),
+        st.tuples(st.just("radius"), _codes, st.integers(-1, BITS)),
+        st.tuples(st.just("knn"), _codes, st.integers(0, 8)),
+        st.tuples(st.just("len")),
+    ),
+    max_size=25,
+)
+
+
+def _apply(target, op: tuple) -> object:
+    name, *args = op
+    try:
+        if name == "contains":
+            return args[0] in target
+        if name == "len":
+            return len(target)
+        return getattr(target, name)(*args)
+    except hashdb.HashDBError as e:
+        return type(e)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=_ops)
+def test_client_and_embedded_agree_on_any_sequence_of_operations(ops):
+    with tempfile.TemporaryDirectory(prefix="hdb") as tmp:
+        embedded = HashDB(os.path.join(tmp, "a"), bits=BITS)
+        served = HashDB(os.path.join(tmp, "b"), bits=BITS)
+        path = os.path.join(tmp, "s.sock")
+        with embedded, server_thread(served, path, close_db=True), hashdb.connect(path) as client:
+            for op in ops:
+                assert _apply(client, op) == _apply(embedded, op), op
