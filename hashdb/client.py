@@ -200,10 +200,13 @@ class Client(_Calls):
                 raise
         return self._result(reply, rid, convert)
 
-    def _exchange(self, frames: list[tuple[int, bytes]]) -> list[Any]:
-        """Send many frames while reading replies, so neither side blocks on a full socket buffer."""
+    def _exchange(self, calls: list[tuple[str, dict[str, Any]]]) -> tuple[list[int], list[Any]]:
+        """Send many requests while reading replies, so neither side blocks on a full socket buffer.
+
+        Returns the request ids and the replies, in order."""
         with self._lock:
             sock = self._live_socket()
+            frames = [self._encode(op, args) for op, args in calls]  # under the lock: ids stay unique
             out = memoryview(b"".join(data for _, data in frames))
             replies: list[Any] = []
             sent = 0
@@ -241,7 +244,7 @@ class Client(_Calls):
                 sel.close()
                 if self._sock is not None:
                     sock.settimeout(self.timeout)
-        return replies
+        return [rid for rid, _ in frames], replies
 
     def _live_socket(self) -> socket.socket:
         if self._sock is None:
@@ -334,11 +337,10 @@ class Pipeline(_Calls):
         if not calls:
             return []
         client = self.client
-        frames = [client._encode(op, args) for op, args, _ in calls]
-        replies = client._exchange(frames)
+        ids, replies = client._exchange([(op, args) for op, args, _ in calls])
         results: list[Any] = []
         first_error: HashDBError | None = None
-        for (rid, _), (_, _, convert), reply in zip(frames, calls, replies, strict=True):
+        for rid, (_, _, convert), reply in zip(ids, calls, replies, strict=True):
             try:
                 results.append(client._result(reply, rid, convert))
             except HashDBError as e:
