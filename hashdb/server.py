@@ -8,7 +8,8 @@ Why a single loop thread and not a thread per client or a read pool: with the GI
 hand-off cost (a round trip to a worker thread and back through two SimpleQueues measured 5-11 us on this
 2-core machine) while a radius query costs HashDB about 20 us. Instead, every loop
 turn gathers the ready requests of all connections and answers the radius queries that share a radius with
-one ``radius_many`` call. Pipelined requests on one connection are answered in order: while a write of a
+one ``radius_many`` call, and the writer commits the inserts waiting from several connections in one
+transaction (group commit: an fsync costs ~7.7 ms here). Pipelined requests on one connection are answered in order: while a write of a
 connection is in flight, its later requests wait (so a client always reads its own writes), while the other
 connections keep being served.
 """
@@ -48,6 +49,7 @@ SHUTDOWN_GRACE_S = 10.0
 
 _HEADER = struct.Struct(">I")
 _LISTENER = object()
+_NO_JOB = object()
 _WAKE = object()
 
 
@@ -425,15 +427,50 @@ class Server:
 
     def _writer_loop(self) -> None:
         packer = _new_packer()  # Packer objects are not thread-safe: one per thread
+        carry: Any = _NO_JOB  # a job taken from the queue that must run after the current group
         while True:
-            job = self._jobs.get()
+            job = carry if carry is not _NO_JOB else self._jobs.get()
+            carry = _NO_JOB
             if job is None:
                 return
-            conn, request = job
-            kind, value = self._run(request)
-            body = self._encode(request, kind, value, packer)
-            self._done.append((conn, body))
+            group = [job]
+            if job[1].op == "insert":
+                # Group commit: inserts waiting from other connections share one transaction (one fsync).
+                keys = {job[1].args["key"]} if isinstance(job[1].args["key"], str) else None  # type: ignore[index]
+                while keys is not None:
+                    try:
+                        nxt = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    key = nxt[1].args["key"] if nxt is not None and nxt[1].op == "insert" else None  # type: ignore[index]
+                    if not isinstance(key, str) or key in keys:  # anything else runs after this group
+                        carry = nxt
+                        break
+                    keys.add(key)
+                    group.append(nxt)
+            for conn, (kind, value), request in zip(
+                (c for c, _ in group), self.run_writes([r for _, r in group]), (r for _, r in group), strict=True
+            ):
+                self._done.append((conn, self._encode(request, kind, value, packer)))
             self._wake()
+
+    def run_writes(self, requests: list[_Request]) -> list[tuple[str, Any]]:
+        """Results of write requests: several inserts (distinct keys) as one insert_many, else one by one.
+
+        If the combined insert fails, nothing of it was committed (one LMDB transaction), and each insert is
+        run alone so that only the bad one gets the error."""
+        if len(requests) > 1:
+            args = [r.args for r in requests]
+            try:
+                self.db.insert_many(
+                    [a["key"] for a in args],  # type: ignore[index]
+                    [a["code"] for a in args],  # type: ignore[index]
+                    [a.get("meta") for a in args],  # type: ignore[union-attr]
+                )
+                return [("ok", None)] * len(requests)
+            except HashDBError:
+                pass
+        return [self._run(request) for request in requests]
 
     def _collect_writes(self) -> None:
         while self._done:

@@ -16,7 +16,7 @@ from frontend_helpers import server_thread, short_socket_path, start_server_proc
 
 import hashdb
 from hashdb.db import HashDB
-from hashdb.server import Server
+from hashdb.server import Server, parse_request
 
 BITS = 64
 
@@ -327,3 +327,49 @@ def test_writes_are_durable_before_the_reply(tmp_path):
             proc.wait()
     with HashDB(db_path, bits=None) as db:
         assert db.get("durable") == (code_of(6), {"n": 2})
+
+
+def test_inserts_grouped_into_one_commit_keep_their_own_results(tmp_path):
+    db = HashDB(str(tmp_path / "db"), bits=BITS)
+    server = Server(db, short_socket_path(tmp_path))
+    good = parse_request({"id": 1, "op": "insert", "key": "a", "code": code_of(1), "meta": {"m": 1}})
+    bad = parse_request({"id": 2, "op": "insert", "key": "", "code": code_of(2)})
+    other = parse_request({"id": 3, "op": "insert", "key": "c", "code": code_of(3).hex()})
+    results = server.run_writes([good, bad, other])
+    assert results[0] == ("ok", None) and results[2] == ("ok", None)
+    assert results[1][0] == "error" and isinstance(results[1][1], hashdb.InvalidKey)
+    assert db.get("a") == (code_of(1), {"m": 1}) and db.get("c") == (code_of(3), None)
+    assert server.run_writes([parse_request({"id": 4, "op": "insert", "key": "d", "code": code_of(4)}),
+                              parse_request({"id": 5, "op": "insert", "key": "e", "code": code_of(5)})]) == [
+        ("ok", None), ("ok", None)]  # fmt: skip
+    assert len(db) == 4
+    db.close()
+
+
+def test_many_clients_inserting_at_once_all_land(tmp_path):
+    db = HashDB(str(tmp_path / "db"), bits=BITS)
+    path = short_socket_path(tmp_path)
+    errors: list[BaseException] = []
+
+    def writer(w: int) -> None:
+        try:
+            with hashdb.connect(path) as client:
+                for i in range(15):
+                    assert client.insert(f"c{w}-{i}", code_of(w * 100 + i), {"w": w}) is None
+                if w == 0:
+                    client.insert("", code_of(0))
+        except hashdb.InvalidKey:
+            pass  # the one bad insert: it must fail alone
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    with server_thread(db, path):
+        threads = [threading.Thread(target=writer, args=(w,)) for w in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert not errors, errors
+    assert len(db) == 12 * 15
+    assert db.get("c7-3") == (code_of(703), {"w": 7})
+    db.close()
