@@ -9,9 +9,9 @@ hand-off cost (a round trip to a worker thread and back through two SimpleQueues
 2-core machine) while a radius query costs HashDB about 20 us. Instead, every loop
 turn gathers the ready requests of all connections and answers the radius queries that share a radius with
 one ``radius_many`` call, and the writer commits the inserts waiting from several connections in one
-transaction (group commit: an fsync costs ~7.7 ms here). Pipelined requests on one connection are answered in order: while a write of a
-connection is in flight, its later requests wait (so a client always reads its own writes), while the other
-connections keep being served.
+transaction (group commit: an fsync costs ~7.7 ms here). Pipelined requests on one connection are answered
+in order: while a write of a connection is in flight, its later requests wait (so a client always reads its
+own writes), while the other connections keep being served.
 """
 
 from __future__ import annotations
