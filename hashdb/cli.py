@@ -143,6 +143,15 @@ class Progress:
         )
         self.stream.flush()
 
+    def clear(self) -> None:
+        if self.enabled:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+    def redraw(self) -> None:
+        if self.enabled and self.done:
+            self._draw(time.monotonic())
+
     def message(self, line: str) -> None:
         """Print a line on the stream above the bar (clearing the bar's line first)."""
         self.stream.write(("\r\033[K" if self.enabled else "") + line + "\n")
@@ -226,10 +235,10 @@ def cmd_add(args: argparse.Namespace) -> int:
                     codes.append(code)
                 progress.advance()
                 if len(keys) >= ADD_CHUNK:
-                    _insert_chunk(db, keys, codes, user_meta, hashers, args)
+                    _insert_chunk(db, keys, codes, user_meta, hashers, args, progress)
                     keys, codes = [], []
             if keys:
-                _insert_chunk(db, keys, codes, user_meta, hashers, args)
+                _insert_chunk(db, keys, codes, user_meta, hashers, args, progress)
             if len(paths) > failed:
                 _record_codec(db, hashers)
         finally:
@@ -241,10 +250,13 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def _insert_chunk(db: Any, keys: list[str], codes: list[bytes], user_meta: dict | None, hashers: _Hashers,
-                  args: argparse.Namespace) -> None:  # fmt: skip
+                  args: argparse.Namespace, progress: Progress) -> None:  # fmt: skip
     meta = _model_meta(user_meta, hashers)
     db.insert_many(keys, codes, [meta] * len(keys))
+    progress.clear()  # stdout and the bar may share one terminal
     _report_added(args, list(zip(keys, codes, strict=True)))
+    sys.stdout.flush()
+    progress.redraw()
 
 
 def _model_meta(user_meta: dict | None, hashers: _Hashers) -> dict:
