@@ -140,3 +140,19 @@ def test_mih_compacts_its_delta_once_it_passes_a_fraction() -> None:
     assert index.radius(q, 0, force="mih")[0].tolist() == [12_345]  # ... the next query does
     assert index.stats()["structures"]["mih"]["rebuilds"] == rebuilds + 1
     assert index.stats()["structures"]["mih"]["delta"] == 0
+
+
+def test_a_structure_over_its_budget_gives_up_and_the_planner_falls_back_to_the_scan(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    codes = random_codes(5_000, 128, seed=10)
+    index = MemoryIndex(128)
+    index.bulk_load(np.arange(5_000), codes)
+    q = codes[42]
+    assert index.mih.radius(q, 40, budget=10) is None
+    assert index.mih.knn(q, 50, budget=10) is None
+    assert index.bktree.radius(q, 40, budget=10) is None
+    from hashdb.index import memory
+
+    monkeypatch.setattr(memory, "choose", lambda costs: "mih")  # a planner that misjudges a huge radius
+    expected = np.flatnonzero(np.unpackbits((codes ^ q).view(np.uint8), axis=1).sum(axis=1) <= 50)
+    ids, _ = index.radius(q, 50)
+    assert sorted(ids.tolist()) == expected.tolist()
