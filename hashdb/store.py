@@ -454,7 +454,7 @@ class Store:
         return out
 
     def load_all(self, txn: lmdb.Transaction) -> tuple[np.ndarray, np.ndarray]:
-        """Every (id, code) of the snapshot as int64 ids (n,) and uint64 words (n, bits/64), ids ascending.
+        """Every (id, code) of the snapshot as int64 ids (n,) and uint64 words (n, bits/64), in no set order.
 
         Two joins over the blocks table (its keys, its values) and a few numpy passes; no step per record.
         """
@@ -465,14 +465,30 @@ class Store:
         if len(raw_vals) != n_blocks * self.block_bytes:
             raise StorageError(f"the blocks table holds {len(raw_vals)} bytes, not {n_blocks} blocks")
         matrix = np.frombuffer(raw_vals, dtype=np.uint8).reshape(n_blocks, self.block_bytes)
-        alive = np.unpackbits(matrix[:, :bm], axis=1, bitorder="little").ravel()
-        flat = np.flatnonzero(alive)
-        row, slot = np.divmod(flat, per)
-        ids = blocks[row] * per + slot
-        body = np.lib.stride_tricks.as_strided(
-            matrix[:, bm:], shape=(n_blocks, per, self.nbytes), strides=(self.block_bytes, self.nbytes, 1)
-        )
-        codes = np.ascontiguousarray(body[row, slot]).view("<u8").astype(np.uint64, copy=False)
+        slots = np.arange(per, dtype=np.int64)
+        full = np.all(matrix[:, :bm] == 0xFF, axis=1)
+        # Full blocks (nearly all, after bulk loads) are copied whole, bitmaps dropped by a strided copy;
+        # only partial blocks go through a row mask, which costs about 2.5x more per row (measured at 10M).
+        if full.all():
+            codes = np.ascontiguousarray(matrix[:, bm:]).reshape(-1, self.nbytes)
+            ids = (blocks[:, None] * per + slots).ravel()
+        else:
+            whole = np.flatnonzero(full)
+            part = np.flatnonzero(~full)
+            alive = np.unpackbits(matrix[part, :bm], axis=1, bitorder="little").view(bool)
+            part_rows = matrix[part, bm:].reshape(len(part) * per, self.nbytes)[alive.ravel()]
+            part_ids = (blocks[part, None] * per + slots)[alive]
+            n_whole = len(whole) * per
+            codes = np.empty((n_whole + len(part_ids), self.nbytes), dtype=np.uint8)
+            dest = codes[:n_whole].reshape(len(whole), per * self.nbytes)
+            # Copy runs of consecutive full blocks as slices: no temporary, one pass over the bytes.
+            breaks = np.flatnonzero(np.diff(whole) != 1) + 1
+            runs = zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(whole)].tolist(), strict=True)
+            for lo, hi in runs if len(whole) else ():
+                dest[lo:hi] = matrix[whole[lo] : whole[hi - 1] + 1, bm:]
+            codes[n_whole:] = part_rows
+            ids = np.concatenate([(blocks[whole, None] * per + slots).ravel(), part_ids])
+        codes = codes.view("<u8").astype(np.uint64, copy=False)
         if len(ids) != self.count(txn):
             raise StorageError(f"{len(ids)} codes in blocks but {self.count(txn)} keys: the database is inconsistent")
         return ids, codes.reshape(len(ids), self.words)

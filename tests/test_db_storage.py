@@ -154,3 +154,28 @@ def test_non_durable_mode_keeps_data_across_a_clean_close(tmp_path):
     with HashDB(tmp_path / "db") as db:
         assert len(db) == 50
         assert db.get("k49")[0] == bytes([49]) * 8
+
+
+def test_reopen_reads_full_partial_and_missing_blocks(tmp_path):
+    from hashdb.store import block_size
+
+    per = block_size(64)
+    n = 5 * per + 7
+    mat = random_codes(n, 64, seed=23)
+    keys = [f"k{i:06d}" for i in range(n)]
+    with HashDB(tmp_path / "db", bits=64) as db:
+        db.insert_many(keys, mat)
+        # Block 1 partial, block 3 emptied (gone), the last block partial: full runs [0], [2], [4].
+        gone = [keys[per + 5]] + keys[3 * per : 4 * per] + [keys[-1]]
+        assert db.delete_many(gone) == len(gone)
+    expected = {k: mat[i].tobytes() for i, k in enumerate(keys) if k not in set(gone)}
+    with HashDB(tmp_path / "db") as db:
+        for qi in (0, per + 6, 4 * per + 3):
+            q = mat[qi].tobytes()
+            assert db.radius(q, 14) == brute_radius(expected, q, 14)
+        assert db.stats()["index"]["live"] == len(expected)
+        # Freed ids come back: the emptied block fills again.
+        db.insert_many([f"new{i}" for i in range(per)], mat[:per])
+        assert db.stats()["ids_allocated"] == n
+    with HashDB(tmp_path / "db") as db:
+        assert db.radius(mat[0], 0) == [("k000000", 0), ("new0", 0)]
