@@ -131,23 +131,30 @@ class _Request:
         self.rid, self.op, self.args, self.error = rid, op, args, error
 
 
+# op -> (required arguments, every name a request of that op may carry)
+_SPECS = {op: (required, frozenset(required + optional + ("id", "op"))) for op, (_, required, optional) in OPS.items()}
+
+
 def parse_request(message: Any) -> _Request:
-    """Check a decoded request map against protocol.OPS; a bad one becomes a request carrying its error."""
+    """Check a decoded request map against protocol.OPS; a bad one becomes a request carrying its error.
+
+    ``message`` is consumed: its arguments become the request's (it is a fresh map from the decoder)."""
     if not isinstance(message, dict):
         return _Request(None, None, None, ProtocolError(f"a request must be a map, got {type(message).__name__}"))
-    rid = message.get("id")
-    op = message.get("op")
-    spec = OPS.get(op) if isinstance(op, str) else None
+    rid = message.pop("id", None)
+    op = message.pop("op", None)
+    spec = _SPECS.get(op) if type(op) is str else None
     if spec is None:
         return _Request(rid, None, None, ProtocolError(f"unknown op {op!r:.100}"))
-    _, required, optional = spec
-    missing = [name for name in required if name not in message]
-    if missing:
-        return _Request(rid, op, None, ProtocolError(f"op {op!r} is missing {', '.join(missing)}"))
-    unknown = [str(name) for name in message if name not in ("id", "op") and name not in required + optional]
-    if unknown:
+    required, allowed = spec
+    if not message.keys() <= allowed:
+        unknown = sorted(str(name) for name in message if name not in allowed)
         return _Request(rid, op, None, ProtocolError(f"op {op!r} takes no argument {', '.join(unknown)}"))
-    return _Request(rid, op, {name: message[name] for name in required + optional if name in message})
+    for name in required:
+        if name not in message:
+            missing = [n for n in required if n not in message]
+            return _Request(rid, op, None, ProtocolError(f"op {op!r} is missing {', '.join(missing)}"))
+    return _Request(rid, op, message)
 
 
 def call(db: Any, op: str, args: dict[str, Any], info: dict[str, Any]) -> Any:
@@ -308,6 +315,19 @@ class Server:
                 conn.inbuf.clear()
             self._after_io(conn)
             return
+        if not conn.inbuf and len(data) >= HEADER_SIZE:
+            size = _HEADER.unpack_from(data)[0]
+            if len(data) == HEADER_SIZE + size and size <= self.max_frame:
+                # The common case, one whole request per recv: decode it in place, no buffer copies.
+                try:
+                    request = parse_request(unpack_body(memoryview(data)[HEADER_SIZE:]))
+                except ProtocolError as e:
+                    request = _Request(None, None, None, e)
+                conn.pending.append(request)
+                if not conn.busy:
+                    self._ready[conn.fd] = conn
+                self._after_io(conn)
+                return
         conn.inbuf += data
         self._parse_frames(conn)
         self._after_io(conn)
