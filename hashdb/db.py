@@ -464,6 +464,15 @@ class HashDB:
         with self._lock:
             self._index = None
 
+    def __del__(self) -> None:
+        # A handle dropped without close() must not keep the shared environment open forever.
+        try:
+            if not self._closed:
+                self._closed = True
+                release_store(self._store)
+        except Exception:  # noqa: BLE001 - nothing sensible to do in a finalizer (e.g. at interpreter exit)
+            pass
+
     def __enter__(self) -> HashDB:
         return self
 

@@ -47,6 +47,9 @@ DEFAULT_MAP_SIZE = 1 << 30  # only address space: the file grows with the data, 
 MAX_MAP_SIZE = 1 << 44
 MAX_KEY_BYTES = 511
 LOG_BATCH = 1 << 16  # records per log value; bounds the size of one value without adding many entries
+# A live reader that stops querying pins the log at its position. Past this much log (or the size of the
+# blocks table, if larger) compaction ignores such readers: they rebuild, which costs less than replaying.
+LOG_PIN_BYTES = 64 << 20
 OP_PUT = b"P"
 OP_DELETE = b"D"
 
@@ -138,6 +141,15 @@ class LogBatch:
         self.deleted_ids = deleted_ids
 
 
+def file_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the database file, to notice a directory deleted and created anew."""
+    try:
+        st = os.stat(os.path.join(path, "data.mdb"))
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -212,6 +224,7 @@ class Store:
             raise
         self.nbytes = self.bits // 8
         self.words = self.bits // 64
+        self.identity = file_identity(self.path)
         with self.read() as txn:
             block = self._get_meta(txn, b"block")
         if not isinstance(block, int) or block <= 0 or block % 8:
@@ -701,6 +714,11 @@ class Store:
         else:
             txn.put(key, pack_seq(seq), db=self.readers_db)
 
+    @staticmethod
+    def _table_bytes(txn: lmdb.Transaction, db: Any) -> int:
+        st = txn.stat(db)
+        return int(st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]) * int(st["psize"])
+
     def readers(self, txn: lmdb.Transaction) -> dict[tuple[int, int], int]:
         out = {}
         for key, value in txn.cursor(db=self.readers_db):
@@ -721,6 +739,10 @@ class Store:
                     bound = min(bound, seq)
                 else:
                     txn.delete(_READER.pack(pid, token), db=self.readers_db)
+            if bound < last - 1 and self._table_bytes(txn, self.log_db) > max(
+                LOG_PIN_BYTES, self._table_bytes(txn, self.blocks_db)
+            ):
+                bound = last - 1
         cursor = txn.cursor(db=self.log_db)
         deleted = 0
         if not cursor.first():
@@ -756,6 +778,8 @@ def open_store(
     real = os.path.realpath(os.fspath(path))
     with _OPEN_LOCK:
         store = _OPEN.get(real)
+        if store is not None and store.identity != file_identity(real):
+            store = None  # the directory was replaced: its holders keep the old env, we open the new one
         if store is not None and not store.closed:
             if store.readonly and not readonly:
                 raise StorageError(f"{os.fspath(path)!r} is already open read-only in this process")

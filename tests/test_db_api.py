@@ -519,3 +519,32 @@ def test_two_handles_in_one_process_share_the_environment(tmp_path):
     reader.close()
     with HashDB(path) as again:
         assert list(again) == ["b"]
+
+
+def test_a_dropped_handle_releases_the_environment(tmp_path):
+    import gc
+    import shutil
+
+    path = tmp_path / "db"
+    db = HashDB(path, bits=64)
+    db.insert("old", b"\x00" * 8)
+    del db
+    gc.collect()
+    shutil.rmtree(path)
+    with HashDB(path, bits=128) as fresh:  # a new database at the same path, not the old environment
+        assert fresh.bits == 128
+        assert len(fresh) == 0
+
+
+def test_a_replaced_directory_is_not_served_from_a_stale_environment(tmp_path):
+    import shutil
+
+    path = tmp_path / "db"
+    old = HashDB(path, bits=64)
+    old.insert("old", b"\x00" * 8)
+    shutil.rmtree(path)
+    with HashDB(path, bits=64) as new:
+        assert list(new) == []
+        new.insert("new", b"\x01" * 8)
+    assert list(old) == ["old"]  # the old handle keeps its (deleted) environment
+    old.close()

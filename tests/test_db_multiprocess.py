@@ -145,3 +145,25 @@ def test_a_bulk_load_by_another_process_is_replayed_in_one_step(db):
     assert db.radius(bytes(32), 0) == [("first", 0)] + [(f"m{i:04d}", 0) for i in range(5)]
     assert len(db) == 3001
     np.testing.assert_array_equal(np.frombuffer(db.get("m2999")[0], np.uint8), mat[2999])
+
+
+def test_an_idle_reader_cannot_pin_the_log_without_bound(tmp_path, monkeypatch):
+    import hashdb.store
+
+    monkeypatch.setattr(hashdb.store, "LOG_PIN_BYTES", 1)  # cap = the size of the blocks table
+    path = tmp_path / "db"
+    idle, writer = HashDB(path, bits=64), HashDB(path)
+    mat = random_codes(400, 64, seed=14)
+    keys = [f"k{i:03d}" for i in range(400)]
+    writer.insert_many(keys, mat)
+    assert idle.radius(mat[0], 0) == [("k000", 0)]  # registers idle's position in the log
+    rebuilds = idle.stats()["index_rebuilds"]
+    for rnd in range(1, 30):  # far more log than table: every round rewrites every code
+        writer.insert_many(keys, mat ^ np.uint8(rnd))
+    assert writer.stats()["log_entries"] < 29
+    expected = {k: (mat[i] ^ np.uint8(29)).tobytes() for i, k in enumerate(keys)}
+    q = expected["k007"]
+    assert idle.radius(q, 10) == brute_radius(expected, q, 10)
+    assert idle.stats()["index_rebuilds"] == rebuilds + 1
+    idle.close()
+    writer.close()
