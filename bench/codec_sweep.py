@@ -54,7 +54,9 @@ def available_entries(lib: Any) -> list[Any]:
     return out
 
 
-def entry_features(sd: dict[str, np.ndarray], prune: float, max_kernels: int = 1 << 17) -> dict[str, np.ndarray]:
+def entry_features(
+    sd: dict[str, np.ndarray], prune: float, max_kernels: int = 1 << 17, mode: str = "relative"
+) -> dict[str, np.ndarray]:
     """Per variant ('base', 'sym' = symmetry-moved directions; '_w' = whitened) a (J_MAX, 2) array of
     Stouffer-combined (skew z, kurt z), exactly the quantities ModelHasher combines."""
     from hashdb.codec.load import load_tensors
@@ -71,7 +73,7 @@ def entry_features(sd: dict[str, np.ndarray], prune: float, max_kernels: int = 1
     layers = conv_layers(load_tensors(sd))
     if any(w[0, 0].size > 1 for w in layers):
         layers = [w for w in layers if w[0, 0].size > 1]
-    pools = kernel_pools([(w.shape[2:], important_kernels(w, prune)) for w in layers])
+    pools = kernel_pools([(w.shape[2:], important_kernels(w, prune, mode)) for w in layers])
     pools = [(ks, cap_pool(b, max_kernels)) for ks, b in pools]
     sizes = [(sum(len(b) for b in blocks), blocks[0].shape[1]) for _, blocks in pools]
     usable = [p for p, (n, k) in zip(pools, sizes, strict=True) if k > 1 and n >= MIN_SAMPLES]
@@ -94,7 +96,9 @@ def entry_features(sd: dict[str, np.ndarray], prune: float, max_kernels: int = 1
 VARIANTS = ("base", "sym", "base_w", "sym_w")
 
 
-def compute_features(prunes: list[float], limit: int | None) -> None:
+def compute_features(
+    prunes: list[float], limit: int | None, mode: str = "quantile", max_kernels: int = 1 << 17, skip: str = ""
+) -> None:
     import torch
 
     from bench import zoo
@@ -102,6 +106,8 @@ def compute_features(prunes: list[float], limit: int | None) -> None:
     torch.set_num_threads(1)
     lib = zoo.Library(zoo.library_plan(), zoo.DEFAULT_CACHE)
     entries = available_entries(lib)
+    if skip:
+        entries = [e for e in entries if e.arch not in skip.split(",")]
     if limit:
         entries = entries[:limit]
     print(f"{len(entries)} of {len(lib.entries)} entries available", flush=True)
@@ -115,7 +121,7 @@ def compute_features(prunes: list[float], limit: int | None) -> None:
         good = True
         for p in prunes:
             try:
-                f = entry_features(sd, p)
+                f = entry_features(sd, p, max_kernels, mode)
             except Exception as exc:  # noqa: BLE001 - a failed hash is a measured miss
                 print(f"  {e.key}: {type(exc).__name__}: {exc}")
                 f, good = {v: np.full((J_MAX, 2), np.nan, np.float32) for v in VARIANTS}, False
@@ -124,9 +130,11 @@ def compute_features(prunes: list[float], limit: int | None) -> None:
         ok.append(good)
         if i % 200 == 0:
             print(f"  [{time.perf_counter() - t0:7.1f} s] {i + 1}/{len(entries)}", flush=True)
+    tag = ("" if mode == "quantile" else f"-{mode}") + ("" if max_kernels == 1 << 17 else f"-cap{max_kernels}")
+    tag += f"-skip{skip.replace(',', '+')}" if skip else ""
     for p in prunes:
         np.savez(
-            FEAT_DIR / f"prune{p:g}.npz",
+            FEAT_DIR / f"prune{p:g}{tag}.npz",
             keys=np.array(keys),
             ok=np.array(ok),
             **{v: np.array(feats[p][v]) for v in VARIANTS},
@@ -175,7 +183,7 @@ def run_metrics(codes: np.ndarray, ok: np.ndarray, lib: Any, radius: int) -> dic
 
 
 def sweep(args: argparse.Namespace) -> None:
-    for path in sorted(FEAT_DIR.glob("prune*.npz")):
+    for path in sorted(FEAT_DIR.glob(args.glob)):
         z = dict(np.load(path))
         lib = load_library_subset(z["keys"])
         for variant in args.variants:
@@ -211,14 +219,18 @@ def main() -> None:
     f = sub.add_parser("features")
     f.add_argument("--prune", type=float, nargs="+", default=[0.5])
     f.add_argument("--limit", type=int, default=None)
+    f.add_argument("--mode", default="quantile", choices=["quantile", "relative"])
+    f.add_argument("--max-kernels", type=int, default=1 << 17)
+    f.add_argument("--skip", default="", help="comma-separated architectures to leave out")
     s = sub.add_parser("sweep")
     s.add_argument("--bits", type=int, nargs="+", default=[256])
     s.add_argument("--radius-fraction", type=float, default=0.18)
     s.add_argument("--classes", action="store_true")
+    s.add_argument("--glob", default="prune*.npz")
     s.add_argument("--variants", nargs="+", default=["base", "dihedral", "base_w", "dihedral_w"])
     args = ap.parse_args()
     if args.cmd == "features":
-        compute_features(args.prune, args.limit)
+        compute_features(args.prune, args.limit, args.mode, args.max_kernels, args.skip)
     else:
         sweep(args)
 

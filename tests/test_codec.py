@@ -95,7 +95,8 @@ def test_bad_bits_are_invalid_argument(bits: object) -> None:
 
 @pytest.mark.parametrize(
     "kw", [{"layout": "nchw"}, {"prune": 1.0}, {"prune": -0.1}, {"features": ()}, {"features": ("nope",)},
-           {"encoding": "xor"}, {"radius_fraction": 0.7}],
+           {"encoding": "xor"}, {"radius_fraction": 0.7}, {"prune_rule": "top"}, {"contrast": "rot"},
+           {"max_kernels": 3}],
 )  # fmt: skip
 def test_bad_tunables_are_invalid_argument(kw: dict) -> None:
     with pytest.raises(InvalidArgument):
@@ -385,3 +386,47 @@ def test_trained_model_and_light_copies_are_within_copy_radius(trained: nn.Seque
         d = hamming(hasher.hash(c), code)
         assert d <= hasher.copy_radius, (name, d)
         assert all(hamming(hasher.hash(c), o) > hasher.copy_radius for o in others), name
+
+
+# ---------------------------------------------------------------- internals
+
+
+@pytest.mark.parametrize("kshape", [(3, 3), (5, 5), (3,), (1, 7), (2, 3), (3, 3, 3)])
+def test_kernel_symmetries_are_non_identity_permutations(kshape: tuple[int, ...]) -> None:
+    from hashdb.codec.nts import kernel_symmetries
+
+    k = int(np.prod(kshape))
+    maps = kernel_symmetries(kshape)
+    assert maps, kshape
+    for m in maps:
+        assert sorted(m.tolist()) == list(range(k)) and not np.array_equal(m, np.arange(k))
+    assert len({m.tobytes() for m in maps}) == len(maps)
+    assert kernel_symmetries((1, 1)) == [] and kernel_symmetries(()) == []
+
+
+def test_dihedral_contrast_vanishes_on_symmetric_kernels() -> None:
+    from hashdb.codec.nts import projection_statistics
+
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((500, 3, 3))
+    v = v + v[:, ::-1] + v[:, :, ::-1] + v[:, ::-1, ::-1]
+    v = v + v.transpose(0, 2, 1)  # every kernel invariant under the whole dihedral group
+    f = projection_statistics([((3, 3), [v.reshape(500, 9)])], 32, ("skew", "kurt"))
+    assert np.abs(f).max() < 1e-8
+    g = projection_statistics([((3, 3), [rng.standard_normal((500, 9))])], 32, ("skew", "kurt"))
+    assert np.abs(g).max() > 0.1
+
+
+def test_kernel_cap_keeps_the_largest_kernels_whatever_their_order() -> None:
+    from hashdb.codec.select import cap_pool
+
+    rng = np.random.default_rng(1)
+    blocks = [rng.standard_normal((300, 9)).astype(np.float32), rng.standard_normal((200, 9)).astype(np.float32)]
+    kept = np.concatenate(cap_pool(blocks, 100))
+    shuffled = [b[rng.permutation(len(b))] for b in blocks[::-1]]
+    kept2 = np.concatenate(cap_pool(shuffled, 100))
+    assert len(kept) == 100
+    assert sorted(map(tuple, kept.tolist())) == sorted(map(tuple, kept2.tolist()))
+    norms = np.linalg.norm(np.concatenate(blocks), axis=1)
+    assert np.linalg.norm(kept, axis=1).min() >= np.sort(norms)[-100] - 1e-6
+    assert cap_pool(blocks, 10_000) == blocks

@@ -13,22 +13,27 @@ from ..errors import InvalidArgument, ModelFormatError
 from .encode import ENCODINGS, encode
 from .load import load_tensors
 from .nts import CONTRASTS, FEATURES, projection_statistics
-from .select import cap_pool, conv_layers, important_kernels, kernel_pools
+from .select import PRUNE_RULES, cap_pool, conv_layers, important_kernels, kernel_pools
 
 CODEC_VERSION = "nts-proj-1"
 
 # Copy radius as a fraction of the code length, measured on the zoo (docs/codec.md, bench/codec_sweep.py).
-COPY_RADIUS_FRACTION = 0.18
+# At 0.30 the zoo's light copies and distinct models balance (best min(precision, recall)) at every code length
+# measured: 64: 0.28, 128: 0.29, 256: 0.31, 512: 0.32, 1024: 0.31, 2048: 0.32 (docs/codec.md).
+COPY_RADIUS_FRACTION = 0.30
 
 
 class ModelHasher:
     """Perceptual hash of a CNN's weights: near copies land within ``copy_radius`` bits of each other.
 
     ``bits``: code length, a multiple of 64 in 64..2048. Tunables (keyword arguments; defaults are the
-    measured choices, see docs/codec.md): ``layout`` ('auto' | 'oihw' | 'hwio'), ``prune`` (the fraction of
-    each layer's smallest balanced weights ignored), ``include_linear``, ``features`` (normal test statistics
-    per projection), ``encoding`` ('odd_sign' | 'median' | 'sign'), ``max_kernels`` (largest kernels kept
-    per kernel size: bounds the cost on big models), ``radius_fraction`` (copy_radius / bits).
+    measured choices, see docs/codec.md): ``layout`` ('auto' | 'oihw' | 'hwio'), ``prune`` and ``prune_rule``
+    (which small balanced weights to ignore: 'relative' drops |w| <= prune / 0.9 * the layer's 90th
+    percentile of |w|, i.e. the fraction ``prune`` of a uniform layer; 'quantile' drops the fraction
+    ``prune`` of each layer), ``contrast`` ('dihedral' | 'none'), ``include_linear``, ``features`` (normal
+    test statistics per projection), ``encoding`` ('sign' | 'odd_sign' | 'median'), ``max_kernels``
+    (largest kernels kept per kernel size: bounds the cost on big models), ``radius_fraction``
+    (copy_radius / bits).
     """
 
     def __init__(
@@ -37,6 +42,7 @@ class ModelHasher:
         *,
         layout: str = "auto",
         prune: float = 0.5,
+        prune_rule: str = "relative",
         include_linear: bool = False,
         features: Sequence[str] = ("skew", "kurt"),
         encoding: str = "sign",
@@ -60,8 +66,11 @@ class ModelHasher:
         if contrast not in CONTRASTS:
             raise InvalidArgument(f"contrast must be one of {CONTRASTS}, got {contrast!r}")
         self.contrast = contrast
+        if prune_rule not in PRUNE_RULES:
+            raise InvalidArgument(f"prune_rule must be one of {PRUNE_RULES}, got {prune_rule!r}")
         self.layout = layout
         self.prune = float(prune)
+        self.prune_rule = prune_rule
         self.include_linear = bool(include_linear)
         self.features = features
         self.encoding = encoding
@@ -83,6 +92,7 @@ class ModelHasher:
             "bits": self.bits,
             "layout": self.layout,
             "prune": self.prune,
+            "prune_rule": self.prune_rule,
             "include_linear": self.include_linear,
             "features": list(self.features),
             "encoding": self.encoding,
@@ -109,7 +119,7 @@ class ModelHasher:
         if any(w[0, 0].size > 1 for w in layers):  # 1x1 kernels have no direction to project on: skip their cost
             layers = [w for w in layers if w[0, 0].size > 1]
         try:
-            pools = kernel_pools([(w.shape[2:], important_kernels(w, self.prune)) for w in layers])
+            pools = kernel_pools([(w.shape[2:], important_kernels(w, self.prune, self.prune_rule)) for w in layers])
             pools = [(ks, cap_pool(blocks, self.max_kernels)) for ks, blocks in pools]
             stats = projection_statistics(pools, self.directions, self.features, contrast=self.contrast)
         except (ModelFormatError, ValueError) as exc:

@@ -132,25 +132,32 @@ def balance(w: np.ndarray, sweeps: int = 30) -> np.ndarray:
     return _balance(w, sweeps)[0]
 
 
+PRUNE_RULES = ("relative", "quantile")
 Pool = tuple[tuple[int, ...], list[np.ndarray]]  # (kernel shape, blocks of (n_i, prod(kernel shape)) kernels)
 
 
-def important_kernels(w: np.ndarray, prune: float) -> np.ndarray:
-    """Balance an (out, in, *kernel shape) layer, magnitude-prune it at rate ``prune`` ourselves, balance the
-    survivors again, and return its non-zero kernels as an (n, k) float32 array, k = prod(kernel shape).
+def important_kernels(w: np.ndarray, prune: float, rule: str = "relative") -> np.ndarray:
+    """Balance an (out, in, *kernel shape) layer, magnitude-prune it ourselves, balance the survivors again,
+    and return its non-zero kernels as an (n, k) float32 array, k = prod(kernel shape).
 
     Compression theory says the small weights do not matter; dropping them here means an attacker's
-    magnitude pruning at a rate up to ``prune`` removes (nearly) nothing we look at. Re-balancing on the
-    survivors makes the balancing itself independent of the small weights.
+    magnitude pruning removes (nearly) nothing we look at. Rule 'quantile' drops the fraction ``prune`` of
+    the layer's smallest |w|; rule 'relative' drops |w| <= prune / 0.9 * (90th percentile of |w|), which is
+    the fraction ``prune`` of a uniform (freshly initialized) layer, and which an attacker's pruning of up
+    to ~90 % of the weights does not move. Re-balancing on the survivors makes the balancing itself
+    independent of the small weights.
     """
     b, mask = _balance(w.reshape(w.shape[0], w.shape[1], -1), 30)
     if prune > 0 and b.size:
         a = np.abs(b)
-        n_cut = int(prune * a.size)
-        if n_cut > 0:
-            thr = np.partition(a.ravel(), n_cut - 1)[n_cut - 1]
-            b[a <= thr] = 0.0
-            b, mask = _balance(b, 30)
+        if rule == "quantile":
+            n_cut = int(prune * a.size)
+            thr = np.partition(a.ravel(), n_cut - 1)[n_cut - 1] if n_cut > 0 else -1.0
+        else:  # relative to the 90th percentile, which pruning the small weights does not move
+            i90 = min(a.size - 1, int(0.9 * a.size))
+            thr = prune / 0.9 * np.partition(a.ravel(), i90)[i90]
+        b[a <= thr] = 0.0
+        b, mask = _balance(b, 30)
     return b.reshape(-1, b.shape[2])[mask.ravel()]
 
 
