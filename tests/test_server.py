@@ -13,9 +13,13 @@ import msgpack
 import numpy as np
 import pytest
 from frontend_helpers import server_thread, short_socket_path, start_server_process
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import hashdb
 from hashdb.db import HashDB
+from hashdb.errors import ERROR_TYPES
+from hashdb.protocol import OPS
 from hashdb.server import Server, parse_request
 
 BITS = 64
@@ -373,3 +377,40 @@ def test_many_clients_inserting_at_once_all_land(tmp_path):
     assert len(db) == 12 * 15
     assert db.get("c7-3") == (code_of(703), {"w": 7})
     db.close()
+
+
+_values = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**63), max_value=2**64 - 1), st.floats(allow_nan=False),
+    st.text(max_size=12), st.binary(max_size=12), st.just(code_of(3)), st.just(code_of(3).hex()),
+    st.lists(st.one_of(st.text(max_size=4), st.binary(min_size=8, max_size=8)), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(min_value=-(2**63), max_value=2**63), max_size=2),
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fuzz_target(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fuzz")
+    db = HashDB(str(tmp / "db"), bits=BITS)
+    db.insert_many([f"k{i}" for i in range(10)], [code_of(i) for i in range(10)])
+    path = short_socket_path(tmp)
+    with server_thread(db, path):
+        yield db, path
+    db.close()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    op=st.sampled_from([*OPS, "bogus"]),
+    args=st.dictionaries(st.sampled_from(["key", "code", "meta", "keys", "codes", "metas", "r", "k", "force", "x"]),
+                         _values, max_size=4),
+)  # fmt: skip
+def test_any_request_gets_a_typed_reply_and_the_server_lives_on(fuzz_target, op, args):
+    db, path = fuzz_target
+    with raw_connect(path) as sock:
+        reply = request(sock, id=11, op=op, **args)
+        assert reply["id"] == 11
+        assert ("ok" in reply) != ("error" in reply)
+        if "error" in reply:
+            assert reply["error"]["type"] in ERROR_TYPES
+        assert request(sock, id=12, op="ping")["ok"]["bits"] == BITS
+    assert db.get("k3") == (code_of(3), None) or op in ("insert", "insert_many", "delete")
