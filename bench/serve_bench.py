@@ -16,6 +16,7 @@ import argparse
 import multiprocessing as mp
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -246,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
         db.close()
+        shutil.rmtree(workdir, ignore_errors=True)
 
     emb_single = median_of([e["single"] for e in emb_runs])
     emb_batched = median_of([e["batched"] for e in emb_runs])
