@@ -213,6 +213,65 @@ def sweep(args: argparse.Namespace) -> None:
                         )
 
 
+def speed(args: argparse.Namespace) -> None:
+    """Single-thread hashing time of a ResNet-50-shaped model (weights already in memory as numpy), per stage."""
+    import torch
+
+    from bench._results import machine_line, write_section
+    from bench.codec_bench import RandomProjectionHasher, resnet50_state_dict
+    from hashdb.codec import ModelHasher
+    from hashdb.codec.load import load_tensors
+    from hashdb.codec.nts import projection_statistics
+    from hashdb.codec.select import cap_pool, conv_layers, important_kernels, kernel_pools
+
+    torch.set_num_threads(1)
+    sd = {k: v.numpy() for k, v in resnet50_state_dict().items()}
+    n = sum(v.size for v in sd.values())
+    h = ModelHasher(args.bits)
+    base = RandomProjectionHasher(args.bits)
+
+    def timed(fn: Any) -> float:
+        fn()
+        ts = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return float(np.median(ts))
+
+    layers = [w for w in conv_layers(load_tensors(sd)) if w[0, 0].size > 1]
+    kernels = [(w.shape[2:], important_kernels(w, h.prune, h.prune_rule)) for w in layers]
+    pools = [(ks, cap_pool(b, h.max_kernels)) for ks, b in kernel_pools(kernels)]
+    rows = [
+        ("load + find convs", timed(lambda: conv_layers(load_tensors(sd)))),
+        ("balance + prune + balance", timed(lambda: [important_kernels(w, h.prune, h.prune_rule) for w in layers])),
+        ("pool + cap", timed(lambda: [cap_pool(b, h.max_kernels) for _, b in kernel_pools(kernels)])),
+        ("moments + NTS", timed(lambda: projection_statistics(pools, h.directions, h.features))),
+        ("ModelHasher.hash total", timed(lambda: h.hash(sd))),
+        ("RandomProjectionHasher (bench baseline)", timed(lambda: base.hash(sd))),
+    ]
+    cmd = "python3 bench/codec_sweep.py speed " + " ".join(sys.argv[2:])
+    text = "\n".join(
+        [
+            "## Codec speed: hashing a ResNet-50-shaped model on one thread",
+            "",
+            f"`{cmd.strip()}`",
+            "",
+            machine_line() + f"; one thread; median of {args.repeats} after a warm-up; load average at start "
+            f"{os.getloadavg()[0]:.1f} (the machine is shared, so these are upper bounds)",
+            "",
+            f"{n / 1e6:.1f}M parameters (random tensors with ResNet-50 shapes, numpy in memory), bits={args.bits}.",
+            "",
+            "| stage | seconds |",
+            "|---|---|",
+            *[f"| {name} | {sec:.3f} |" for name, sec in rows],
+        ]
+    )
+    print(text)
+    if args.write:
+        write_section("codec_speed", text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -228,9 +287,15 @@ def main() -> None:
     s.add_argument("--classes", action="store_true")
     s.add_argument("--glob", default="prune*.npz")
     s.add_argument("--variants", nargs="+", default=["base", "dihedral", "base_w", "dihedral_w"])
+    sp = sub.add_parser("speed")
+    sp.add_argument("--bits", type=int, default=256)
+    sp.add_argument("--repeats", type=int, default=5)
+    sp.add_argument("--write", action="store_true", help="write the 'codec_speed' section of bench/RESULTS.md")
     args = ap.parse_args()
     if args.cmd == "features":
         compute_features(args.prune, args.limit, args.mode, args.max_kernels, args.skip)
+    elif args.cmd == "speed":
+        speed(args)
     else:
         sweep(args)
 

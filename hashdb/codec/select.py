@@ -91,8 +91,9 @@ def conv_layers(
     return out
 
 
-def _balance(w: np.ndarray, sweeps: int) -> tuple[np.ndarray, np.ndarray]:
-    """(balanced float32 layer without all-zero rows/columns, its kernels' non-zero mask)."""
+def _balance(w: np.ndarray, sweeps: int, inplace: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(balanced float32 layer without all-zero rows/columns, its kernels' non-zero mask); ``inplace`` lets
+    it scale ``w`` itself when no row or column had to be removed."""
     norms = np.sqrt(np.einsum("oik,oik->oi", w, w).astype(np.float64))
     rows = norms.max(axis=1) > 0
     cols = norms.max(axis=0) > 0
@@ -119,6 +120,9 @@ def _balance(w: np.ndarray, sweeps: int) -> tuple[np.ndarray, np.ndarray]:
             if done:
                 break
     scale = (np.exp(-row)[:, None] * np.exp(-col)[None, :]).astype(np.float32)
+    if inplace and w.flags.writeable and w.dtype == np.float32:
+        w *= scale[:, :, None]
+        return w, mask
     return w * scale[:, :, None], mask
 
 
@@ -156,9 +160,10 @@ def important_kernels(w: np.ndarray, prune: float, rule: str = "relative") -> np
         else:  # relative to the 90th percentile, which pruning the small weights does not move
             i90 = min(a.size - 1, int(0.9 * a.size))
             thr = prune / 0.9 * np.partition(a.ravel(), i90)[i90]
-        b[a <= thr] = 0.0
-        b, mask = _balance(b, 30)
-    return b.reshape(-1, b.shape[2])[mask.ravel()]
+        b *= a > thr
+        b, mask = _balance(b, 30, inplace=True)
+    flat = b.reshape(-1, b.shape[2])
+    return flat if mask.all() else flat[mask.ravel()]
 
 
 def kernel_pools(layers: Sequence[tuple[tuple[int, ...], np.ndarray]]) -> list[Pool]:
