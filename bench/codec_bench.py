@@ -125,6 +125,22 @@ class HashRun:
     seconds: np.ndarray
     params: np.ndarray
     errors: dict[str, str] = field(default_factory=dict)
+    rel_change: np.ndarray | None = None  # ||w' - w|| / ||w|| over same-named weights (original: 0)
+
+
+def relative_change(original: Mapping[str, Any], copy: Mapping[str, Any]) -> float:
+    """||w' - w|| / ||w|| over the conv/linear weights (ndim >= 2) present with the same name and shape in
+    both: how far a modification moved the raw weights (permutation and rescaling move them a lot while
+    keeping the function; keys a modification removed, e.g. folded BN, are skipped)."""
+    num = den = 0.0
+    for k, w in original.items():
+        c = copy.get(k)
+        if c is None or w.ndim < 2 or not w.is_floating_point() or c.shape != w.shape:
+            continue
+        w32, c32 = w.detach().float(), c.detach().float()
+        num += float((c32 - w32).pow(2).sum())
+        den += float(w32.pow(2).sum())
+    return (num / den) ** 0.5 if den > 0 else float("nan")
 
 
 def hash_all(hashers: Mapping[str, Hasher], library: Any, verbose: bool = False) -> dict[str, HashRun]:
@@ -136,10 +152,15 @@ def hash_all(hashers: Mapping[str, Hasher], library: Any, verbose: bool = False)
         )
         for name, h in hashers.items()
     }
+    rel = np.zeros(n)
+    for run in runs.values():
+        run.rel_change = rel
     t0 = time.perf_counter()
     for i, e in enumerate(library.entries):
         sd = library.state_dict(e)
         n_params = sum(v.numel() for v in sd.values() if v.is_floating_point())
+        if e.original is not None:
+            rel[i] = relative_change(library.state_dict(e.original), sd)
         for name, h in hashers.items():
             run = runs[name]
             run.params[i] = n_params
@@ -251,13 +272,20 @@ def metrics(run: HashRun, library: Any, radius: int | None = None) -> dict[str, 
         if e.original is None:
             continue
         for key in (e.mclass, f"{e.mclass} | {e.strength}"):
-            c = classes.setdefault(key, {"d": [], "light": e.light, "failed": 0})
+            c = classes.setdefault(key, {"d": [], "light": e.light, "failed": 0, "rel": []})
             c["d"].append(to_orig[i])
+            c["rel"].append(run.rel_change[i] if run.rel_change is not None else float("nan"))
             c["failed"] += int(not run.ok[i])
     per_class = {}
     for key, c in classes.items():
         d = np.array(c["d"])
-        per_class[key] = {**_summary(d), "recall": float((d <= r).mean()), "light": c["light"], "failed": c["failed"]}
+        per_class[key] = {
+            **_summary(d),
+            "recall": float((d <= r).mean()),
+            "light": c["light"],
+            "failed": c["failed"],
+            "rel_change_median": float(np.median(c["rel"])),
+        }
     ok_t = run.ok & (run.seconds > 0)
     return {
         "hasher": run.name,
@@ -389,7 +417,8 @@ def summary_table(results: Mapping[str, dict[str, Any]], big: Mapping[str, dict[
 def class_table(m: Mapping[str, Any], detail: bool = True) -> str:
     """Distance to the original per modification class (and strength): n, min/median/p95/max, recall@r."""
     head = (
-        f"| class | strength | light | n | failed | min | median | p95 | max | recall@{m['radius']} |\n|" + "---|" * 10
+        f"| class | strength | light | n | failed | min | median | p95 | max | recall@{m['radius']} | "
+        "median weight change |\n|" + "---|" * 11
     )
     rows = []
     for key in sorted(m["per_class"]):
@@ -399,7 +428,8 @@ def class_table(m: Mapping[str, Any], detail: bool = True) -> str:
         cls, _, strength = key.partition(" | ")
         rows.append(
             f"| {cls} | {strength or 'all'} | {'yes' if c['light'] else 'no'} | {c['n']} | {c['failed']} | "
-            f"{c['min']:.0f} | {c['median']:.0f} | {c['p95']:.0f} | {c['max']:.0f} | {c['recall']:.3f} |"
+            f"{c['min']:.0f} | {c['median']:.0f} | {c['p95']:.0f} | {c['max']:.0f} | {c['recall']:.3f} | "
+            f"{_f(c['rel_change_median'], 3)} |"
         )
     return head + "\n" + "\n".join(rows)
 

@@ -453,9 +453,13 @@ def prune_magnitude(model: nn.Module, strength: float, seed: int = 0) -> nn.Modu
         for _, mod in _weights(m):
             w = mod.weight
             k = int(float(strength) * w.numel())
-            if k > 0:
-                idx = torch.argsort(w.abs().flatten(), stable=True)[:k]
-                w.view(-1)[idx] = 0.0
+            if k > 0:  # exactly k zeros: everything below the k-th smallest |w|, then ties in index order
+                a = w.abs().flatten()
+                thr = torch.kthvalue(a, k).values
+                below = a < thr
+                ties = torch.nonzero(a == thr).flatten()[: k - int(below.sum())]
+                below[ties] = True
+                w.view(-1)[below] = 0.0
     return m
 
 
@@ -675,6 +679,14 @@ class Library:
         for i, st in enumerate(e.steps):
             m = _apply(m, st, self.cache_dir, e.original, e.steps[: i + 1])
         return m
+
+    def subset(self, keep: Callable[[Entry], bool]) -> Library:
+        """A library of the entries ``keep`` accepts plus the originals they derive from (same cache)."""
+        chosen = [e for e in self.entries if keep(e)]
+        needed = {e.original for e in chosen if e.original is not None}
+        have = {e.key for e in chosen}
+        extra = [e for e in self.entries if e.key in needed and e.key not in have]
+        return Library(extra + chosen, self.cache_dir, self.max_memo)
 
     def state_dict(self, entry: Entry | str) -> dict[str, torch.Tensor]:
         return self.model(entry).state_dict()

@@ -92,6 +92,13 @@ def test_magnitude_pruning_reaches_the_asked_sparsity(trained, fraction) -> None
         assert int((w == 0).sum()) == int(fraction * w.numel())
 
 
+def test_pruning_an_already_pruned_model_still_hits_the_sparsity_exactly(trained) -> None:
+    """Ties at zero: pruning 50 % of a 30 %-pruned model zeroes exactly 50 %, not more."""
+    p = zoo.prune_magnitude(zoo.prune_magnitude(trained["resnet"], 0.3), 0.5)
+    for _, mod in zoo._weights(p):
+        assert int((mod.weight == 0).sum()) == int(0.5 * mod.weight.numel())
+
+
 @pytest.mark.parametrize("fraction", [0.1, 0.5])
 def test_filter_pruning_zeroes_the_lowest_norm_filters(trained, fraction) -> None:
     m = trained["mobilenet"]
