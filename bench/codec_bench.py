@@ -222,6 +222,11 @@ def _summary(x: np.ndarray) -> dict[str, float]:
     }
 
 
+def _pct(x: np.ndarray) -> dict[str, float]:
+    x = x.astype(float)
+    return _summary(x) | {"p1": float(np.percentile(x, 1))} if len(x) else {"n": 0}
+
+
 def metrics(run: HashRun, library: Any, radius: int | None = None) -> dict[str, Any]:
     """Every number of the benchmark for one HashRun (see the module docstring for definitions)."""
     r = run.radius if radius is None else int(radius)
@@ -234,6 +239,10 @@ def metrics(run: HashRun, library: Any, radius: int | None = None) -> dict[str, 
     to_orig = np.full(len(entries), -1)
     queries = [i for i, e in enumerate(entries) if e.original is None]
     pos_light, pos_distill, negs, aps, aps_light, aps_distill = [], [], [], [], [], []
+    arch = np.array([e.arch for e in entries])
+    negs_same: list[np.ndarray] = []
+    negs_other: list[np.ndarray] = []
+    arch_pos: dict[str, list[np.ndarray]] = {}
     tp = fp = 0
     fp_originals = 0
     min_distinct_orig = run.bits + 1
@@ -248,6 +257,10 @@ def metrics(run: HashRun, library: Any, radius: int | None = None) -> dict[str, 
         pos_light.append(d[mine & light])
         pos_distill.append(d[mine & distill])
         negs.append(d[distinct])
+        same_arch = distinct & (arch == arch[q])
+        negs_same.append(d[same_arch])
+        negs_other.append(d[distinct & ~same_arch])
+        arch_pos.setdefault(entries[q].arch, []).append(d[mine & light])
         tp += int((d[mine & light] <= r).sum())
         fp += int((d[distinct] <= r).sum())
         others = np.array([j for j in queries if j != q])
@@ -300,6 +313,12 @@ def metrics(run: HashRun, library: Any, radius: int | None = None) -> dict[str, 
         "false_positive_original_pairs": fp_originals // 2,
         "min_distance_distinct_originals": min_distinct_orig,
         "distinct_pair_distances": _summary(neg.astype(float)) | {"p1": float(np.percentile(neg, 1))},
+        "distinct_same_arch": _pct(np.concatenate(negs_same)),
+        "distinct_other_arch": _pct(np.concatenate(negs_other)),
+        "per_arch": {
+            a_: {"n": int(sum(len(x) for x in v)), "recall": float((np.concatenate(v) <= r).mean())}
+            for a_, v in arch_pos.items()
+        },
         "recall_distill": float((pos_d <= r).mean()) if len(pos_d) else float("nan"),
         "mAP": float(np.nanmean(aps)),
         "mAP_light": float(np.nanmean(aps_light)),
@@ -392,6 +411,28 @@ def time_big(hasher: Hasher, repeats: int = 3) -> dict[str, float]:
 
 def _f(x: float, nd: int = 3) -> str:
     return "nan" if x != x else f"{x:.{nd}f}"
+
+
+def _mpm(x: Mapping[str, float]) -> str:
+    return f"{x['min']:.0f} / {x['p1']:.0f} / {x['median']:.0f}" if x.get("n") else "-"
+
+
+def arch_table(results: Mapping[str, dict[str, Any]]) -> str:
+    names = list(results)
+    archs = list(results[names[0]]["per_arch"])
+    head = (
+        "| architecture | light copies | "
+        + " | ".join(f"{n} recall" for n in names)
+        + " |\n|"
+        + "---|" * (2 + len(names))
+    )
+    rows = [
+        f"| {a} | {results[names[0]]['per_arch'][a]['n']} | "
+        + " | ".join(f"{results[n]['per_arch'][a]['recall']:.3f}" for n in names)
+        + " |"
+        for a in archs
+    ]
+    return head + "\n" + "\n".join(rows)
 
 
 def summary_table(results: Mapping[str, dict[str, Any]], big: Mapping[str, dict[str, float]]) -> str:
@@ -533,19 +574,25 @@ def main(argv: list[str] | None = None) -> int:
         "",
         recall_by_class_table(results),
         "",
+        "### Recall of light copies at each hasher's radius, per architecture",
+        "",
+        arch_table(results),
+        "",
         f"### {main_name}: distance to the original per class and strength",
         "",
         class_table(results[main_name]),
         "",
         "### Distinct pairs (original vs every model not derived from it)",
         "",
-        "| hasher | pairs | min | p1 | median | max | false-positive pairs at r | of which original-original |",
-        "|---|---|---|---|---|---|---|---|",
+        "| hasher | pairs | min | p1 | median | max | false-positive pairs at r | of which original-original | "
+        "same arch: min / p1 / median | other arch: min / p1 / median |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *[
             f"| {n} | {m['distinct_pair_distances']['n']} | {m['distinct_pair_distances']['min']:.0f} | "
             f"{m['distinct_pair_distances']['p1']:.0f} | {m['distinct_pair_distances']['median']:.0f} | "
             f"{m['distinct_pair_distances']['max']:.0f} | {m['false_positive_pairs']} | "
-            f"{m['false_positive_original_pairs']} |"
+            f"{m['false_positive_original_pairs']} | {_mpm(m['distinct_same_arch'])} | "
+            f"{_mpm(m['distinct_other_arch'])} |"
             for n, m in results.items()
         ],
         "",
