@@ -8,6 +8,7 @@ query sees every write committed before it began, by this process or any other.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import threading
@@ -21,6 +22,8 @@ import numpy as np
 from .codes import bytes_to_words, check_bits, many_to_bytes, to_bytes
 from .errors import InvalidArgument, InvalidKey, InvalidMeta, KeyNotFound, StorageError
 from .store import MAX_KEY_BYTES, LogBatch, Store, open_store, pack_meta, release_store
+
+log = logging.getLogger(__name__)
 
 FORCES = (None, "mih", "bktree", "scan")
 REGISTRY_INTERVAL_S = 5.0  # how stale this reader's log position in the readers table may get (a hint only)
@@ -274,7 +277,12 @@ class HashDB:
         """Apply our own committed write to the index directly when nothing else came in between."""
         with self._lock:
             if self._index is not None and self._applied == prev and seq != prev:
-                self._apply(batch)
+                try:
+                    self._apply(batch)
+                except Exception:  # the write is committed: never report it as failed
+                    log.exception("could not apply a committed write to the index; it will be rebuilt")
+                    self._index = None
+                    return
                 self._applied = seq
                 self._registered_seq = seq
                 self._registered_at = time.monotonic()
@@ -412,7 +420,10 @@ class HashDB:
         self._registered_at = now
         seq = self._applied
         self._registered_seq = seq
-        self._s.write(lambda txn: self._s.set_reader(txn, self._token, seq))
+        try:
+            self._s.write(lambda txn: self._s.set_reader(txn, self._token, seq))
+        except (StorageError, lmdb.Error) as e:  # a hint for compaction only: a query must not fail on it
+            log.warning("could not record this reader's log position: %s", e)
 
     # ------------------------------------------------------------------------------------ housekeeping
 
