@@ -60,14 +60,7 @@ def entry_features(
     """Per variant ('base', 'sym' = symmetry-moved directions; '_w' = whitened) a (J_MAX, 2) array of
     Stouffer-combined (skew z, kurt z), exactly the quantities ModelHasher combines."""
     from hashdb.codec.load import load_tensors
-    from hashdb.codec.nts import (
-        MIN_SAMPLES,
-        contrast_directions,
-        direction_features,
-        directions,
-        pool_moments,
-        whitened_directions,
-    )
+    from hashdb.codec.nts import MIN_SAMPLES, pool_direction_features
     from hashdb.codec.select import cap_pool, conv_layers, important_kernels, kernel_pools
 
     layers = conv_layers(load_tensors(sd))
@@ -79,16 +72,13 @@ def entry_features(
     usable = [p for p, (n, k) in zip(pools, sizes, strict=True) if k > 1 and n >= MIN_SAMPLES]
     out = {v: np.zeros((J_MAX, 2)) for v in VARIANTS}
     wsum = 0.0
+    fs = ("skew", "kurt")
     for kshape, blocks in usable:
-        mom = pool_moments(blocks)
-        r = directions(blocks[0].shape[1], J_MAX)
-        rg = contrast_directions(r, kshape)
-        w = np.sqrt(mom.n)
-        fs = ("skew", "kurt")
-        out["base"] += w * direction_features(mom, r, fs)
-        out["sym"] += w * direction_features(mom, rg, fs)
-        out["base_w"] += w * direction_features(mom, whitened_directions(mom, r), fs)
-        out["sym_w"] += w * direction_features(mom, whitened_directions(mom, rg), fs)
+        for white in (False, True):
+            w, base, moved = pool_direction_features(kshape, blocks, J_MAX, fs, white)
+            sfx = "_w" if white else ""
+            out["base" + sfx] += w * base
+            out["sym" + sfx] += w * (moved if moved is not None else 0.0)
         wsum += w * w
     return {k: (v / np.sqrt(wsum)).astype(np.float32) for k, v in out.items()}
 
@@ -213,6 +203,49 @@ def sweep(args: argparse.Namespace) -> None:
                         )
 
 
+def report(args: argparse.Namespace) -> None:
+    """The default ModelHasher (dihedral, skew+kurt) on cached features of ``--file``: metrics per code
+    length at ModelHasher's copy_radius, and distance per modification class at ``--detail-bits``."""
+    from bench._results import machine_line, write_section
+    from hashdb.codec.hasher import radius_fraction_for
+
+    z = dict(np.load(FEAT_DIR / args.file))
+    lib = load_library_subset(z["keys"])
+    lines = [
+        "## Codec sweep: the default ModelHasher on the zoo, per code length",
+        "",
+        f"`python3 bench/codec_sweep.py features --prune 0.5` then `python3 bench/codec_sweep.py report "
+        f"{' '.join(sys.argv[2:])}`",
+        "",
+        machine_line() + f"; {len(lib.entries)} library models (bench/zoo.py), definitions of bench/codec_bench.py",
+        "",
+        "| bits | copy_radius | recall light | precision light | mAP | mAP light | AUC light | best r (P/R) | "
+        "distinct p1 / median | min distinct (original pairs) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    detail = None
+    for bits in args.bits:
+        codes = codes_from(z, "dihedral", bits, ("skew", "kurt"))
+        m = run_metrics(codes, z["ok"], lib, int(round(radius_fraction_for(bits) * bits)))
+        dd = m["distinct_pair_distances"]
+        lines.append(
+            f"| {bits} | {m['radius']} | {m['recall_light']:.4f} | {m['precision_light']:.4f} | {m['mAP']:.4f} | "
+            f"{m['mAP_light']:.4f} | {m['auc_light']:.4f} | {m['best_radius']} ({m['best_radius_precision']:.4f}/"
+            f"{m['best_radius_recall']:.4f}) | {dd['p1']:.0f} / {dd['median']:.0f} | {dd['min']:.0f} "
+            f"({m['min_distance_distinct_originals']}) |"
+        )
+        if bits == args.detail_bits:
+            detail = m
+    if detail is not None:
+        from bench.codec_bench import class_table
+
+        lines += ["", f"### Distance to the original per class at {args.detail_bits} bits", "", class_table(detail)]
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        write_section("codec_sweep", text)
+
+
 def speed(args: argparse.Namespace) -> None:
     """Single-thread hashing time of a ResNet-50-shaped model (weights already in memory as numpy), per stage."""
     import torch
@@ -287,6 +320,11 @@ def main() -> None:
     s.add_argument("--classes", action="store_true")
     s.add_argument("--glob", default="prune*.npz")
     s.add_argument("--variants", nargs="+", default=["base", "dihedral", "base_w", "dihedral_w"])
+    rp = sub.add_parser("report")
+    rp.add_argument("--file", default="prune0.5.npz")
+    rp.add_argument("--bits", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048])
+    rp.add_argument("--detail-bits", type=int, default=256)
+    rp.add_argument("--write", action="store_true", help="write the 'codec_sweep' section of bench/RESULTS.md")
     sp = sub.add_parser("speed")
     sp.add_argument("--bits", type=int, default=256)
     sp.add_argument("--repeats", type=int, default=5)
@@ -294,6 +332,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.cmd == "features":
         compute_features(args.prune, args.limit, args.mode, args.max_kernels, args.skip)
+    elif args.cmd == "report":
+        report(args)
     elif args.cmd == "speed":
         speed(args)
     else:

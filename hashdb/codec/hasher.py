@@ -18,9 +18,16 @@ from .select import PRUNE_RULES, cap_pool, conv_layers, important_kernels, kerne
 CODEC_VERSION = "nts-proj-1"
 
 # Copy radius as a fraction of the code length, measured on the zoo (docs/codec.md, bench/codec_sweep.py).
-# At 0.30 the zoo's light copies and distinct models balance (best min(precision, recall)) at every code length
-# measured: 64: 0.28, 128: 0.29, 256: 0.31, 512: 0.32, 1024: 0.31, 2048: 0.32 (docs/codec.md).
-COPY_RADIUS_FRACTION = 0.30
+# copy_radius / bits that maximizes min(precision, recall) of light copies vs distinct models on the zoo, per
+# code length (bench/codec_sweep.py report; docs/codec.md); other lengths interpolate in log2(bits).
+RADIUS_FRACTIONS = {64: 0.22, 128: 0.30, 256: 0.31, 512: 0.32, 1024: 0.33, 2048: 0.33}
+
+
+def radius_fraction_for(bits: int) -> float:
+    """The measured copy-radius fraction for ``bits``, linear in log2(bits) between measured lengths."""
+    xs = np.log2(sorted(RADIUS_FRACTIONS))
+    ys = [RADIUS_FRACTIONS[b] for b in sorted(RADIUS_FRACTIONS)]
+    return float(np.interp(np.log2(bits), xs, ys))
 
 
 class ModelHasher:
@@ -75,7 +82,7 @@ class ModelHasher:
         self.features = features
         self.encoding = encoding
         self.directions = -(-self.bits // len(features))
-        self.radius_fraction = COPY_RADIUS_FRACTION if radius_fraction is None else float(radius_fraction)
+        self.radius_fraction = radius_fraction_for(self.bits) if radius_fraction is None else float(radius_fraction)
         if not 0.0 <= self.radius_fraction < 0.5:
             raise InvalidArgument(f"radius_fraction must be in [0, 0.5), got {radius_fraction!r}")
 
@@ -99,6 +106,7 @@ class ModelHasher:
             "contrast": self.contrast,
             "directions": self.directions,
             "max_kernels": self.max_kernels,
+            "radius_fraction": self.radius_fraction,
             "copy_radius": self.copy_radius,
         }
 

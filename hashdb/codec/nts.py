@@ -53,9 +53,9 @@ MIN_SAMPLES = 8  # D'Agostino's skewness test needs n >= 8
 _CHUNK = 1 << 16  # rows per block when accumulating moments: bounds memory at a few MB per block
 
 
-def directions(k: int, n: int) -> np.ndarray:
+def directions(k: int, n: int, salt: int = 0) -> np.ndarray:
     """``n`` fixed pseudo-random unit directions in R^k (the same on every machine: PCG64, seeded by k)."""
-    rng = np.random.Generator(np.random.PCG64([DIRECTION_SEED, k]))
+    rng = np.random.Generator(np.random.PCG64([DIRECTION_SEED, k] + ([salt] if salt else [])))
     r = rng.standard_normal((n, k))
     return r / np.linalg.norm(r, axis=1, keepdims=True)
 
@@ -160,16 +160,63 @@ def kernel_symmetries(kshape: Sequence[int]) -> list[np.ndarray]:
     return [m.ravel() for m in maps if not np.array_equal(m.ravel(), np.arange(k))]
 
 
-def contrast_directions(r: np.ndarray, kshape: Sequence[int]) -> np.ndarray | None:
+LIFT_BELOW = 9  # kernels with fewer values (conv1d k=3, 5, 7; 2x2) are lifted, see lift_kernels
+
+
+def lift_kernels(blocks: Sequence[np.ndarray], maps: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Append the pairwise products v_a v_b (a <= b) to each kernel, and extend the symmetry maps to them.
+
+    A 3-value kernel's projections live in R^3, whose third and fourth moment tensors have 10 + 15 degrees
+    of freedom: a code of hundreds of bits from them is mostly copies of a few bits, and unrelated conv1d
+    models collided (bench/codec_sweep.py). The lifted vector's moments reach the 8th order of the kernel
+    (165 monomials for k = 3). The balanced layers have a fixed scale, so mixing degrees is well defined.
+    """
+    k = blocks[0].shape[1]
+    ia, ib = np.triu_indices(k)
+    pair_index = {(int(a), int(b)): j for j, (a, b) in enumerate(zip(ia, ib, strict=True))}
+    lifted = [np.concatenate([v, v[:, ia] * v[:, ib]], axis=1) for v in blocks]
+    new_maps = []
+    for m in maps:
+        # the symmetry moves value a to position m[a]; the product (a, b) moves to (m[a], m[b]), sorted
+        moved = [pair_index[tuple(sorted((int(m[a]), int(m[b]))))] for a, b in zip(ia, ib, strict=True)]
+        new_maps.append(np.concatenate([m, k + np.array(moved, dtype=np.int64)]))
+    return lifted, new_maps
+
+
+def contrast_directions(
+    r: np.ndarray, kshape: Sequence[int], maps: list[np.ndarray] | None = None
+) -> np.ndarray | None:
     """Direction j moved by symmetry j mod (number of symmetries): projecting a kernel on it is projecting
     the flipped/rotated kernel on r_j. None when the kernel shape has no symmetry (1x1)."""
-    maps = kernel_symmetries(kshape)
+    maps = kernel_symmetries(kshape) if maps is None else maps
     if not maps:
         return None
     out = np.empty_like(r)
     for j in range(len(r)):
         out[j, maps[j % len(maps)]] = r[j]
     return out
+
+
+def pool_direction_features(
+    kshape: Sequence[int], blocks: Sequence[np.ndarray], n_directions: int, features: Sequence[str], whiten: bool
+) -> tuple[float, np.ndarray, np.ndarray | None]:
+    """(Stouffer weight sqrt(n), statistics along r_j, statistics along the symmetry-moved r_j or None)."""
+    maps = kernel_symmetries(kshape)
+    salt = 0
+    if 1 < blocks[0].shape[1] < LIFT_BELOW:
+        blocks, maps = lift_kernels(blocks, maps)
+        salt = 1
+    mom = pool_moments(blocks)
+    r = directions(blocks[0].shape[1], n_directions, salt)
+    rg = contrast_directions(r, kshape, maps)
+    # A lifted pool is whitened: its squared coordinates share a large common mean that would otherwise make
+    # every random direction see the same "energy" component (conv1d distinct-pair false positives 163 -> 25).
+    if whiten or salt:
+        r = whitened_directions(mom, r)
+        rg = None if rg is None else whitened_directions(mom, rg)
+    base = direction_features(mom, r, features)
+    moved = None if rg is None else direction_features(mom, rg, features)
+    return float(np.sqrt(mom.n)), base, moved
 
 
 def projection_statistics(
@@ -203,16 +250,9 @@ def projection_statistics(
     total = np.zeros((n_directions, len(features)))
     weight = 0.0
     for kshape, blocks in usable:
-        mom = pool_moments(blocks)
-        r = directions(blocks[0].shape[1], n_directions)
-        rg = contrast_directions(r, kshape) if contrast == "dihedral" else None
-        if whiten:
-            r = whitened_directions(mom, r)
-            rg = None if rg is None else whitened_directions(mom, rg)
-        w = np.sqrt(mom.n)
-        f = direction_features(mom, r, features)
-        if rg is not None:
-            f = f - direction_features(mom, rg, features)
+        w, f, moved = pool_direction_features(kshape, blocks, n_directions, features, whiten)
+        if contrast == "dihedral" and moved is not None:
+            f = f - moved
         total += w * f
         weight += w * w
     return total / np.sqrt(weight)
