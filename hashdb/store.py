@@ -215,6 +215,7 @@ class Store:
             raise StorageError(f"cannot open LMDB environment at {self.path!r}: {e}") from e
         self.closed = False
         self.refs = 0
+        self.page_size = int(self.env.stat()["psize"])
         try:
             self._open_tables(readonly)
             self.bits = self._init_meta(bits, codec)
@@ -367,13 +368,14 @@ class Store:
         raise StorageError("could not commit the write: the LMDB map could not grow enough")
 
     def map_size(self) -> int:
-        self._check_open()
-        return int(self.env.info()["map_size"])
+        with self._env_lock.shared():  # env.info() must not race set_mapsize in another thread
+            self._check_open()
+            return int(self.env.info()["map_size"])
 
     def used_bytes(self) -> int:
-        self._check_open()
-        info = self.env.info()
-        return (int(info["last_pgno"]) + 1) * int(self.env.stat()["psize"])
+        with self._env_lock.shared():
+            self._check_open()
+            return (int(self.env.info()["last_pgno"]) + 1) * self.page_size
 
     def _ensure_room(self, reserve: int) -> None:
         # Twice the estimate: LMDB keeps the previous version of every touched page until commit.
@@ -389,7 +391,7 @@ class Store:
                 raise StorageError(f"the database needs a map larger than {MAX_MAP_SIZE} bytes")
             with self._env_lock.exclusive():
                 self._check_open()
-                if self.map_size() == current:  # another thread may have grown it meanwhile
+                if int(self.env.info()["map_size"]) == current:  # another thread may have grown it meanwhile
                     self.env.set_mapsize(target)
 
     def _adopt_map_size(self) -> None:

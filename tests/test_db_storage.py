@@ -179,3 +179,42 @@ def test_reopen_reads_full_partial_and_missing_blocks(tmp_path):
         assert db.stats()["ids_allocated"] == n
     with HashDB(tmp_path / "db") as db:
         assert db.radius(mat[0], 0) == [("k000000", 0), ("new0", 0)]
+
+
+def test_map_growth_while_other_threads_read_and_write(tmp_path):
+    import threading
+
+    errors: list[BaseException] = []
+    with HashDB(tmp_path / "db", bits=256, map_size=TINY) as db:
+        db.insert("seed", bytes(32))
+
+        def writer(tag: str) -> None:
+            try:
+                for i in range(60):
+                    db.insert(f"{tag}{i:03d}", np.full(32, i, np.uint8), {"tag": tag})
+                db.insert_many([f"{tag}-bulk{i:04d}" for i in range(1500)], random_codes(1500, 256, seed=len(tag)))
+            except BaseException as e:  # noqa: BLE001 - surfaced by the assertion below
+                errors.append(e)
+
+        def reader() -> None:
+            try:
+                for _ in range(80):
+                    db.radius(bytes(32), 0)
+                    len(db)
+                    db.get("seed")
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=writer, args=(t,)) for t in ("a", "bb", "ccc")]
+        threads += [threading.Thread(target=reader) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert db.stats()["map_size"] > TINY
+        assert len(db) == 1 + 3 * (60 + 1500)
+        assert db.radius(np.full(32, 7, np.uint8), 0) == [("a007", 0), ("bb007", 0), ("ccc007", 0)]
+    with HashDB(tmp_path / "db") as db:
+        assert len(db) == 1 + 3 * (60 + 1500)
+        assert db.get("bb059") == (bytes([59]) * 32, {"tag": "bb"})
