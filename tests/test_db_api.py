@@ -548,3 +548,21 @@ def test_a_replaced_directory_is_not_served_from_a_stale_environment(tmp_path):
         new.insert("new", b"\x01" * 8)
     assert list(old) == ["old"]  # the old handle keeps its (deleted) environment
     old.close()
+
+
+def test_opening_and_writing_do_not_load_numba_or_torch(tmp_path):
+    import subprocess
+    import sys
+
+    from db_helpers import REPO
+
+    script = (
+        "import sys, hashdb\n"
+        f"db = hashdb.HashDB({str(tmp_path / 'db')!r}, bits=64)\n"
+        "db.insert('a', bytes(8)); db.get('a'); len(db)\n"
+        "print('numba' in sys.modules, 'torch' in sys.modules)\n"
+        "db.knn(bytes(8), 1)\n"
+        "print('numba' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.split() == ["False", "False", "True"]
