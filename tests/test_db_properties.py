@@ -141,7 +141,7 @@ class HashDBMachine(RuleBasedStateMachine):
 
 
 SETTINGS = settings(
-    max_examples=25,
+    max_examples=40,
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
