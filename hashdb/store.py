@@ -216,6 +216,8 @@ class Store:
         self.closed = False
         self.refs = 0
         self.page_size = int(self.env.stat()["psize"])
+        # Free reader slots left by crashed processes; while held they keep LMDB from reusing pages.
+        self.env.reader_check()
         try:
             self._open_tables(readonly)
             self.bits = self._init_meta(bits, codec)
