@@ -167,3 +167,39 @@ def test_an_idle_reader_cannot_pin_the_log_without_bound(tmp_path, monkeypatch):
     assert idle.stats()["index_rebuilds"] == rebuilds + 1
     idle.close()
     writer.close()
+
+
+_BATCHES = r"""
+import sys
+import numpy as np
+from hashdb import HashDB
+db = HashDB(sys.argv[1])
+rng = np.random.default_rng(0)
+for b in range(1000):
+    db.insert_many([f"b{b:04d}-{i:04d}" for i in range(2000)], rng.integers(0, 256, (2000, 32), dtype=np.uint8))
+    print(b, flush=True)
+"""
+
+
+def test_a_writer_killed_mid_transaction_leaves_only_whole_batches(db):
+    import signal
+
+    db.insert("before", bytes(32))
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", _BATCHES, db.path], stdout=subprocess.PIPE, text=True, env=env)
+    committed = [int(proc.stdout.readline()) for _ in range(3)]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    proc.stdout.close()
+    keys = list(db)
+    per_batch: dict[str, int] = {}
+    for k in keys:
+        if k != "before":
+            per_batch[k[:5]] = per_batch.get(k[:5], 0) + 1
+    assert committed == [0, 1, 2]
+    assert set(per_batch.values()) == {2000}  # every batch whole, none partial
+    assert len(per_batch) >= 3 and sorted(per_batch) == [f"b{b:04d}" for b in range(len(per_batch))]
+    assert db.radius(bytes(32), 0) == [("before", 0)]
+    assert len(db) == 1 + 2000 * len(per_batch)
+    db.insert("after", bytes(32))  # the killed writer left no lock behind
+    assert db.radius(bytes(32), 0) == [("after", 0), ("before", 0)]
