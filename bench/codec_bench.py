@@ -126,6 +126,7 @@ class HashRun:
     params: np.ndarray
     errors: dict[str, str] = field(default_factory=dict)
     rel_change: np.ndarray | None = None  # ||w' - w|| / ||w|| over same-named weights (original: 0)
+    accuracy: np.ndarray | None = None  # test accuracy on the model's own task (NaN when not measured)
 
 
 def relative_change(original: Mapping[str, Any], copy: Mapping[str, Any]) -> float:
@@ -143,8 +144,26 @@ def relative_change(original: Mapping[str, Any], copy: Mapping[str, Any]) -> flo
     return (num / den) ** 0.5 if den > 0 else float("nan")
 
 
-def hash_all(hashers: Mapping[str, Hasher], library: Any, verbose: bool = False) -> dict[str, HashRun]:
-    """Materialize each library entry once and hash its state_dict with every hasher (only hash() is timed)."""
+ACCURACY_IMAGES = 300  # test images per model for --accuracy (enough to tell a working copy from a broken one)
+
+
+def model_accuracy(model: Any, data: str) -> float:
+    """Accuracy of ``model`` (evaluated in float32) on the first ACCURACY_IMAGES test images of ``data``."""
+    import torch
+
+    from bench import zoo
+
+    x, y = zoo.dataset(data, "test")
+    with torch.no_grad():
+        out = model.float().eval()(x[:ACCURACY_IMAGES])
+    return float((out.argmax(1) == y[:ACCURACY_IMAGES]).float().mean())
+
+
+def hash_all(
+    hashers: Mapping[str, Hasher], library: Any, verbose: bool = False, accuracy: bool = False
+) -> dict[str, HashRun]:
+    """Materialize each library entry once and hash its state_dict with every hasher (only hash() is timed);
+    with ``accuracy`` also measure each model's test accuracy on its own task (after hashing)."""
     n = len(library.entries)
     runs = {
         name: HashRun(
@@ -153,11 +172,14 @@ def hash_all(hashers: Mapping[str, Hasher], library: Any, verbose: bool = False)
         for name, h in hashers.items()
     }
     rel = np.zeros(n)
+    acc = np.full(n, np.nan)
     for run in runs.values():
         run.rel_change = rel
+        run.accuracy = acc
     t0 = time.perf_counter()
     for i, e in enumerate(library.entries):
-        sd = library.state_dict(e)
+        model = library.model(e)
+        sd = model.state_dict()
         n_params = sum(v.numel() for v in sd.values() if v.is_floating_point())
         if e.original is not None:
             rel[i] = relative_change(library.state_dict(e.original), sd)
@@ -173,6 +195,10 @@ def hash_all(hashers: Mapping[str, Hasher], library: Any, verbose: bool = False)
             run.seconds[i] = time.perf_counter() - t
             run.codes[i] = np.unpackbits(np.frombuffer(code, np.uint8))[: h.bits].astype(bool)
             run.ok[i] = True
+        if accuracy and e.original is not None:
+            acc[i] = model_accuracy(model, getattr(model, "zoo_data", e.data))
+        elif accuracy:
+            acc[i] = model_accuracy(model, e.data)
         if verbose and (i % 250 == 0 or i == n - 1):
             print(f"  [{time.perf_counter() - t0:7.1f} s] hashed {i + 1}/{n}", flush=True)
     return runs
@@ -220,6 +246,11 @@ def _summary(x: np.ndarray) -> dict[str, float]:
         "p95": float(np.percentile(x, 95)),
         "max": float(x.max()),
     }
+
+
+def _nanmedian(x: list[float]) -> float:
+    a = np.asarray(x, float)
+    return float(np.median(a[~np.isnan(a)])) if (~np.isnan(a)).any() else float("nan")
 
 
 def _pct(x: np.ndarray) -> dict[str, float]:
@@ -285,7 +316,8 @@ def metrics(run: HashRun, library: Any, radius: int | None = None) -> dict[str, 
         if e.original is None:
             continue
         for key in (e.mclass, f"{e.mclass} | {e.strength}"):
-            c = classes.setdefault(key, {"d": [], "light": e.light, "failed": 0, "rel": []})
+            c = classes.setdefault(key, {"d": [], "light": e.light, "failed": 0, "rel": [], "acc": []})
+            c["acc"].append(run.accuracy[i] if run.accuracy is not None else float("nan"))
             c["d"].append(to_orig[i])
             c["rel"].append(run.rel_change[i] if run.rel_change is not None else float("nan"))
             c["failed"] += int(not run.ok[i])
@@ -297,7 +329,8 @@ def metrics(run: HashRun, library: Any, radius: int | None = None) -> dict[str, 
             "recall": float((d <= r).mean()),
             "light": c["light"],
             "failed": c["failed"],
-            "rel_change_median": float(np.median(c["rel"])),
+            "rel_change_median": _nanmedian(c["rel"]),
+            "accuracy_median": _nanmedian(c["acc"]),
         }
     ok_t = run.ok & (run.seconds > 0)
     return {
@@ -335,14 +368,21 @@ def metrics(run: HashRun, library: Any, radius: int | None = None) -> dict[str, 
         "per_class": per_class,
         "errors": dict(list(run.errors.items())[:10]),
         "copy": int(copy.sum()),
+        "originals_accuracy_median": _nanmedian([run.accuracy[q] for q in queries])
+        if run.accuracy is not None
+        else float("nan"),
     }
 
 
 def evaluate_many(
-    hashers: Mapping[str, Hasher], library: Any, radius: int | None = None, verbose: bool = False
+    hashers: Mapping[str, Hasher],
+    library: Any,
+    radius: int | None = None,
+    verbose: bool = False,
+    accuracy: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Metrics for several hashers over one materialization pass of ``library``."""
-    runs = hash_all(hashers, library, verbose=verbose)
+    runs = hash_all(hashers, library, verbose=verbose, accuracy=accuracy)
     return {name: metrics(run, library, radius) for name, run in runs.items()}
 
 
@@ -459,7 +499,7 @@ def class_table(m: Mapping[str, Any], detail: bool = True) -> str:
     """Distance to the original per modification class (and strength): n, min/median/p95/max, recall@r."""
     head = (
         f"| class | strength | light | n | failed | min | median | p95 | max | recall@{m['radius']} | "
-        "median weight change |\n|" + "---|" * 11
+        "median weight change | median accuracy |\n|" + "---|" * 12
     )
     rows = []
     for key in sorted(m["per_class"]):
@@ -470,7 +510,7 @@ def class_table(m: Mapping[str, Any], detail: bool = True) -> str:
         rows.append(
             f"| {cls} | {strength or 'all'} | {'yes' if c['light'] else 'no'} | {c['n']} | {c['failed']} | "
             f"{c['min']:.0f} | {c['median']:.0f} | {c['p95']:.0f} | {c['max']:.0f} | {c['recall']:.3f} | "
-            f"{_f(c['rel_change_median'], 3)} |"
+            f"{_f(c['rel_change_median'], 3)} | {_f(c['accuracy_median'], 3)} |"
         )
     return head + "\n" + "\n".join(rows)
 
@@ -518,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-min", type=int, default=3565)
     ap.add_argument("--cache", default=None, help="zoo cache directory (default bench/cache/zoo)")
     ap.add_argument("--repeats", type=int, default=3, help="repeats of the 25.6M-parameter timing (median)")
+    ap.add_argument("--accuracy", action="store_true", help="also measure each copy's test accuracy (slower)")
     ap.add_argument("--json", default=None, help="also dump every metric to this JSON file")
     ap.add_argument("--write", action="store_true", help="write the 'codec' section even with --quick")
     ap.add_argument("--no-write", action="store_true", help="never write bench/RESULTS.md")
@@ -549,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     t_lib = time.perf_counter() - t0
     print(f"library: {len(library)} models ({t_lib:.1f} s to build/load)", flush=True)
     t0 = time.perf_counter()
-    results = evaluate_many(hashers, library, args.radius, verbose=True)
+    results = evaluate_many(hashers, library, args.radius, verbose=True, accuracy=args.accuracy)
     t_hash = time.perf_counter() - t0
     big = {name: time_big(h, 1 if args.quick else args.repeats) for name, h in hashers.items()}
 
@@ -566,7 +607,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{main_name} config: `{json.dumps(config)}`. Library built/loaded in {t_lib:.0f} s, materialized and "
         f"hashed by {len(hashers)} hashers in {t_hash:.0f} s. Definitions: docs/codec_bench.md. "
         f"Big model: random ResNet-50 shapes, {big[main_name]['params'] / 1e6:.1f}M parameters, median of "
-        f"{1 if args.quick else args.repeats} after a warm-up.",
+        f"{1 if args.quick else args.repeats} after a warm-up."
+        + (
+            f" Median test accuracy of the originals on their own task: "
+            f"{results[main_name]['originals_accuracy_median']:.3f} (first {ACCURACY_IMAGES} test images)."
+            if args.accuracy
+            else ""
+        ),
         "",
         summary_table(results, big),
         "",
