@@ -600,7 +600,7 @@ def fold_batchnorm(model: nn.Module, strength: float = 1.0, seed: int = 0) -> nn
     return m
 
 
-# name -> (function, is light for the codec targets (None: decided by strength), is trained)
+# Every modification by name; TRAINED ones are cached on disk, the others recomputed when materialized.
 MODIFICATIONS: dict[str, Callable[..., nn.Module]] = {
     "finetune": finetune,
     "transfer": transfer,
@@ -813,7 +813,7 @@ def _copy_plan(arch: str, big: bool, rng: np.random.Generator) -> list[tuple[str
 
 
 # Filler modifications (seeded, cheap) used to reach n_min: each call yields one more copy.
-def _filler(rng: np.random.Generator, has_bn: bool) -> tuple[str, str, bool, tuple[Step, ...]]:
+def _filler(rng: np.random.Generator) -> tuple[str, str, bool, tuple[Step, ...]]:
     kind = int(rng.integers(4))
     s = int(rng.integers(1 << 30))
     if kind == 0:
@@ -849,7 +849,7 @@ def library_plan(
     i = 0
     while len(entries) < n_min:
         o = origs[i % len(origs)]
-        mclass, label, light, steps = _filler(rng, ARCHS[o.arch][1])
+        mclass, label, light, steps = _filler(rng)
         entries.append(Entry(f"{o.key}/x{i}-{mclass}", o.arch, o.data, o.seed, o.key, mclass, label, light, steps))
         i += 1
     return entries
