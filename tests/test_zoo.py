@@ -4,11 +4,9 @@ its sparsity, and the small library carries consistent labels."""
 from __future__ import annotations
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("sklearn")
-
-from bench import zoo  # noqa: E402
+from bench import zoo
 
 ALL_ARCHS = [a for a in zoo.ARCHS if a != "widevgg"]  # the 10M net is covered by the library build, not here
 
