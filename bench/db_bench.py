@@ -129,6 +129,33 @@ def bench_single_inserts(path: str, count: int, durable: bool) -> float:
         return time.perf_counter() - t0
 
 
+def bench_replay(path: str, n: int, rounds: int) -> dict[str, float]:
+    """Query latency at rest, after a write through another handle (log replay), and after our own write."""
+    from hashdb import HashDB
+
+    shutil.rmtree(path, ignore_errors=True)
+    keys, codes = make_data(n, 256, seed=n)
+    # Two handles in one process have separate indexes and meet only through the log, as two processes do.
+    ours = HashDB(path, bits=256, durable=False)
+    ours.insert_many(keys, codes)
+    other = HashDB(path)
+    probe = codes[5].tobytes()
+    ours.radius(probe, 8)
+    times: dict[str, list[float]] = {"at rest": [], "after another handle's insert": [], "after our own insert": []}
+    for i in range(rounds):
+        for tag, (label, write) in enumerate((("at rest", None), ("after another handle's insert", other),
+                                              ("after our own insert", ours))):
+            if write is not None:
+                write.insert(f"new-{tag}-{i}", codes[i])
+            t0 = time.perf_counter()
+            ours.radius(probe, 8)
+            times[label].append(time.perf_counter() - t0)
+    other.close()
+    ours.close()
+    shutil.rmtree(path, ignore_errors=True)
+    return {label: statistics.median(v) for label, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="+", default=[1_000_000])
@@ -137,7 +164,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dir", default=None, help="scratch directory (default: a temp dir, removed after)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    ap.add_argument("--replay", action="store_true",
+                    help="only measure query latency after writes by another handle (section db-replay)")
     args = ap.parse_args()
+    if args.replay:
+        main_replay(args)
+        return
 
     scratch = args.dir or tempfile.mkdtemp(prefix="hashdb-dbbench-")
     os.makedirs(scratch, exist_ok=True)
@@ -190,6 +222,26 @@ def main() -> None:
             shutil.rmtree(scratch, ignore_errors=True)
     if not args.no_write:
         write_section("db", "## HashDB storage (bench/db_bench.py)\n\n" + "\n".join(sections))
+
+
+def main_replay(args: argparse.Namespace) -> None:
+    scratch = args.dir or tempfile.mkdtemp(prefix="hashdb-dbbench-")
+    rounds = 300
+    lines = [f"`{shlex.join(['python3', 'bench/db_bench.py', *sys.argv[1:]])}`", "", machine_line(), "",
+             f"radius(r=8) latency, median of {rounds} rounds, 256-bit codes, `durable=False` writes:", "",
+             "| N | " + " | ".join(["at rest", "after another handle's insert (log replay)", "after our own insert"])
+             + " |", "|---:|---:|---:|---:|"]
+    try:
+        for n in args.n:
+            med = bench_replay(os.path.join(scratch, "replay"), n, rounds)
+            lines.append(f"| {n:,} | " + " | ".join(f"{v * 1e6:.0f} us" for v in med.values()) + " |")
+            print(lines[-1], flush=True)
+    finally:
+        if args.dir is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if not args.no_write:
+        write_section("db-replay", "## HashDB: query latency after writes (bench/db_bench.py --replay)\n\n"
+                      + "\n".join(lines))
 
 
 if __name__ == "__main__":
