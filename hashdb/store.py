@@ -215,10 +215,13 @@ class Store:
             raise StorageError(f"cannot open LMDB environment at {self.path!r}: {e}") from e
         self.closed = False
         self.refs = 0
-        self.page_size = int(self.env.stat()["psize"])
-        # Free reader slots left by crashed processes; while held they keep LMDB from reusing pages.
-        self.env.reader_check()
         try:
+            self.page_size = int(self.env.stat()["psize"])
+            # Free reader slots left by crashed processes; while held they keep LMDB from reusing pages.
+            try:
+                self.env.reader_check()
+            except lmdb.Error:
+                pass  # e.g. a lock file we may not write: only space reuse suffers
             self._open_tables(readonly)
             self.bits = self._init_meta(bits, codec)
         except BaseException:
