@@ -232,7 +232,8 @@ def summarize(res: dict[str, Any], bits: int) -> str:
     light = [d for k, v in res["per_kind"].items() if k in LIGHT for d in v]
     ds, do = res["distinct_same"], res["distinct_other"]
     lines.append(
-        f"light copies: mean {np.mean(light) / bits:.3f} p99 {np.percentile(light, 99) / bits:.3f} max {max(light) / bits:.3f}"
+        f"light copies: mean {np.mean(light) / bits:.3f} p99 {np.percentile(light, 99) / bits:.3f} "
+        f"max {max(light) / bits:.3f}"
         f" | distinct same-arch mean {ds.mean() / bits:.3f} min {ds.min() / bits:.3f}"
         f" | other-arch mean {do.mean() / bits:.3f} min {do.min() / bits:.3f}"
     )

@@ -15,7 +15,7 @@ from .load import load_tensors
 from .nts import CONTRASTS, FEATURES, projection_statistics
 from .select import PRUNE_RULES, cap_pool, conv_layers, important_kernels, kernel_pools
 
-CODEC_VERSION = "nts-proj-1"
+CODEC_VERSION = "nts-dihedral-2"
 
 # Copy radius as a fraction of the code length, measured on the zoo (docs/codec.md, bench/codec_sweep.py).
 # copy_radius / bits that maximizes min(precision, recall) of light copies vs distinct models on the zoo, per
