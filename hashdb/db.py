@@ -359,7 +359,8 @@ class HashDB:
         k = _check_int("k", k, 1)
         force = _check_force(force)
         query = bytes_to_words(to_bytes(code, self.bits), self.bits)
-        return self._query(lambda index: [index.knn(query, k, force=force)])[0][:k]
+        # Any k past the number of codes means "all of them"; clamping keeps huge k out of the int64 kernels.
+        return self._query(lambda index: [index.knn(query, max(1, min(k, len(index))), force=force)])[0][:k]
 
     def refresh(self) -> int:
         """Bring the in-memory index up to date (building it if needed); returns the log sequence it reflects."""

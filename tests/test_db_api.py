@@ -288,6 +288,13 @@ def test_knn_breaks_ties_by_key(db):
     assert len(db.knn(code(1), 99)) == 5
 
 
+@pytest.mark.parametrize("force", [None, "scan", "mih", "bktree"])
+def test_knn_with_k_beyond_any_count_returns_everything(db, force):
+    assert db.knn(code(0), 2**63, force=force) == []
+    db.insert_many(["b", "a"], [code(1), code(3)])
+    assert db.knn(code(1), 2**63, force=force) == [("b", 0), ("a", NB)]  # 0x01 vs 0x03: one bit per byte
+
+
 def test_queries_on_an_empty_database(db):
     assert db.radius(code(0), 5) == []
     assert db.knn(code(0), 3) == []
