@@ -17,7 +17,6 @@ from .select import PRUNE_RULES, cap_pool, conv_layers, important_kernels, kerne
 
 CODEC_VERSION = "nts-dihedral-2"
 
-# Copy radius as a fraction of the code length, measured on the zoo (docs/codec.md, bench/codec_sweep.py).
 # copy_radius / bits that maximizes min(precision, recall) of light copies vs distinct models on the zoo, per
 # code length (bench/codec_sweep.py report; docs/codec.md); other lengths interpolate in log2(bits).
 RADIUS_FRACTIONS = {64: 0.22, 128: 0.30, 256: 0.31, 512: 0.32, 1024: 0.33, 2048: 0.33}
