@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import signal
-import threading
 
 import numpy as np
 import pytest
@@ -227,31 +226,42 @@ def test_progress_bar_draws_only_when_enabled():
 
 
 def test_a_closed_stdout_pipe_ends_quietly(tmp_path):
+    import os
+    import select
     import subprocess
     import sys
+    import time
 
     from frontend_helpers import REPO
 
     db = str(tmp_path / "db")
     assert run_cli("add", db, "--key", "only", hex_code(0)).returncode == 0
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hashdb", "query", db, "--knn", "1"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(REPO),
-    )  # fmt: skip
-    lines = ("\n".join(hex_code(i) for i in range(3000)) + "\n").encode()
-
-    def feed() -> None:
+    # The queries come from a file, not a pipe fed by a thread: nothing in this test can block forever.
+    queries = tmp_path / "queries.txt"
+    queries.write_text("\n".join(hex_code(i) for i in range(3000)) + "\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with open(queries, "rb") as stdin, open(tmp_path / "stderr.txt", "w+b") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hashdb", "query", db, "--knn", "1"],
+            stdin=stdin, stdout=subprocess.PIPE, stderr=stderr, cwd=str(REPO), env=env,
+        )  # fmt: skip
         try:
-            proc.stdin.write(lines)
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
-
-    feeder = threading.Thread(target=feed)
-    feeder.start()  # from a thread: stdin and stdout pipes both fill up otherwise
-    first = proc.stdout.readline()
-    proc.stdout.close()  # like `| head -1`: the reader goes away with output still coming
-    assert proc.wait(120) == 0
-    feeder.join(60)
-    assert first.startswith(b"query ")
-    assert b"Traceback" not in proc.stderr.read()
+            first = b""
+            deadline = time.monotonic() + 120
+            while not first.endswith(b"\n") and time.monotonic() < deadline:
+                ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+                if ready:
+                    chunk = os.read(proc.stdout.fileno(), 1)
+                    if not chunk:
+                        break
+                    first += chunk
+            proc.stdout.close()  # like `| head -1`: the reader goes away with output still coming
+            assert proc.wait(120) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
+        stderr.seek(0)
+        errors = stderr.read()
+    assert first.startswith(b"query "), (first, errors)
+    assert b"Traceback" not in errors and errors == b"", errors

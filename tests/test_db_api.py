@@ -348,7 +348,8 @@ def test_queries_from_many_threads_during_writes(db):
     for i in range(40):
         db.insert(f"w{i:02d}", q)
     for t in threads:
-        t.join()
+        t.join(120)
+        assert not t.is_alive(), "a reader thread hung"
     assert errors == []
     for seen in counts:
         assert seen == sorted(seen)  # a later query never sees fewer of the committed inserts
@@ -571,5 +572,6 @@ def test_opening_and_writing_do_not_load_numba_or_torch(tmp_path):
         "db.knn(bytes(8), 1)\n"
         "print('numba' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True,
+                         timeout=120)
     assert out.stdout.split() == ["False", "False", "True"]

@@ -210,7 +210,8 @@ def test_map_growth_while_other_threads_read_and_write(tmp_path):
         for t in threads:
             t.start()
         for t in threads:
-            t.join()
+            t.join(120)
+            assert not t.is_alive(), "a thread hung"
         assert errors == []
         assert db.stats()["map_size"] > TINY
         assert len(db) == 1 + 3 * (60 + 1500)

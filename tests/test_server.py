@@ -305,7 +305,7 @@ def test_sigterm_answers_in_flight_requests_and_cleans_up(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+            proc.wait(30)
     assert [r["id"] for r in replies] == list(range(300))
     assert replies[42]["ok"] == [["s42", 0]]
     assert not os.path.exists(sock_path)
@@ -328,7 +328,7 @@ def test_writes_are_durable_before_the_reply(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+            proc.wait(30)
     with HashDB(db_path, bits=None) as db:
         assert db.get("durable") == (code_of(6), {"n": 2})
 
