@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -98,7 +99,22 @@ class _Hashers:
 
 
 def _emit(doc: Any) -> None:
-    sys.stdout.write(json.dumps(doc, sort_keys=True, default=_json_default) + "\n")
+    try:
+        text = json.dumps(doc, sort_keys=True, default=_json_default, allow_nan=False)
+    except ValueError:  # NaN or infinity (in metadata stored through the Python API): not valid JSON
+        text = json.dumps(_finite(doc), sort_keys=True, default=_json_default, allow_nan=False)
+    sys.stdout.write(text + "\n")
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by the string JSON parsers print for it."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _json_default(obj: Any) -> Any:
@@ -288,9 +304,18 @@ def _report_added(args: argparse.Namespace, added: list[tuple[str, bytes]]) -> N
 def _parse_meta(text: str | None) -> dict | None:
     if text is None:
         return None
+    def finite(number: str) -> float:
+        value = float(number)
+        if not math.isfinite(value):
+            raise ValueError(f"number {number} is out of range")
+        return value
+
+    def no_constant(name: str) -> NoReturn:
+        raise ValueError(f"{name} is not valid JSON")
+
     try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as e:
+        meta = json.loads(text, parse_float=finite, parse_constant=no_constant)
+    except ValueError as e:  # JSONDecodeError is a ValueError
         raise UsageError(f"--meta is not valid JSON: {e}") from None
     if not isinstance(meta, dict):
         raise UsageError("--meta must be a JSON object")

@@ -265,3 +265,20 @@ def test_a_closed_stdout_pipe_ends_quietly(tmp_path):
         errors = stderr.read()
     assert first.startswith(b"query "), (first, errors)
     assert b"Traceback" not in errors and errors == b"", errors
+
+
+def test_json_output_is_strict_json_even_with_non_finite_floats(tmp_path, capsys):
+    db = str(tmp_path / "db")
+    for meta in ('{"a": NaN}', '{"a": 1e999}', '{"a": -Infinity}'):
+        code, _, err = cli(capsys, "add", db, "--key", "k", hex_code(1), "--meta", meta)
+        assert code == 2 and "--meta" in err
+    with HashDB(db, bits=BITS) as embedded:
+        assert len(embedded) == 0
+        embedded.insert("k", hex_code(1), {"x": [float("nan"), float("-inf"), 1.5]})
+
+    def strict(constant: str) -> None:
+        raise AssertionError(f"{constant} in --json output")
+
+    code, out, _ = cli(capsys, "get", db, "k", "--json")
+    assert code == 0
+    assert json.loads(out, parse_constant=strict)["meta"] == {"x": ["NaN", "-Infinity", 1.5]}
