@@ -248,6 +248,28 @@ def _summary(x: np.ndarray) -> dict[str, float]:
     }
 
 
+WORKING_DROP = 0.10  # a copy "works" if its accuracy is at most 10 points below its original's
+
+
+def _working_recall(
+    run: HashRun, entries: list, orig_of: np.ndarray, light: np.ndarray, to_orig: np.ndarray, r: int
+) -> dict[str, float]:
+    """Recall at r over light copies that still work (accuracy measured, within WORKING_DROP of the original),
+    and how many light copies are broken: a copy a thief would not publish tells little about the codec."""
+    if run.accuracy is None or np.isnan(run.accuracy).all():
+        return {}
+    acc = run.accuracy
+    has = light & (orig_of >= 0) & ~np.isnan(acc)
+    base = np.where(orig_of >= 0, acc[np.maximum(orig_of, 0)], np.nan)
+    working = has & (acc >= base - WORKING_DROP)
+    return {
+        "light_working": int(working.sum()),
+        "light_broken": int((has & ~working).sum()),
+        "recall_light_working": float((to_orig[working] <= r).mean()) if working.any() else float("nan"),
+        "recall_light_broken": float((to_orig[has & ~working] <= r).mean()) if (has & ~working).any() else float("nan"),
+    }
+
+
 def _nanmedian(x: list[float]) -> float:
     a = np.asarray(x, float)
     return float(np.median(a[~np.isnan(a)])) if (~np.isnan(a)).any() else float("nan")
@@ -341,6 +363,7 @@ def metrics(run: HashRun, library: Any, radius: int | None = None) -> dict[str, 
         "originals": len(queries),
         "failed": int((~run.ok).sum()),
         "recall_light": float((pos_l <= r).mean()) if len(pos_l) else float("nan"),
+        **_working_recall(run, entries, orig_of, light, to_orig, r),
         "precision_light": tp / (tp + fp) if tp + fp else 1.0,
         "false_positive_pairs": fp,
         "false_positive_original_pairs": fp_originals // 2,
@@ -611,6 +634,15 @@ def main(argv: list[str] | None = None) -> int:
         + (
             f" Median test accuracy of the originals on their own task: "
             f"{results[main_name]['originals_accuracy_median']:.3f} (first {ACCURACY_IMAGES} test images)."
+            + " Light copies that still work (accuracy at most "
+            f"{WORKING_DROP * 100:.0f} points below the original's): "
+            + ", ".join(
+                f"{n}: {m.get('light_working', 0)} working "
+                f"(recall {_f(m.get('recall_light_working', float('nan')), 4)}) / {m.get('light_broken', 0)} "
+                f"broken (recall {_f(m.get('recall_light_broken', float('nan')), 4)})"
+                for n, m in results.items()
+            )
+            + "."
             if args.accuracy
             else ""
         ),
