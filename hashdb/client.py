@@ -41,6 +41,17 @@ def _code_meta(result: Any) -> tuple[bytes, dict | None]:
     return code, meta
 
 
+# msgpack carries ints below 2**64 only; larger radii and counts mean the same as these, as they do embedded.
+_MAX_K = 2**63 - 1
+
+
+def _clamp(value: Any, top: int) -> Any:
+    """A valid int above ``top`` lowered to ``top`` (same answer); anything else is left for the server to judge."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > top:
+        return top
+    return value
+
+
 class _Calls:
     """Argument handling shared by Client (call now) and Pipeline (queue for later)."""
 
@@ -68,19 +79,19 @@ class _Calls:
         return self._submit("get", {"key": key}, _code_meta)
 
     def radius(self, code: Any, r: int, force: str | None = None) -> Any:
-        args: dict[str, Any] = {"code": to_bytes(code, self.bits), "r": r}
+        args: dict[str, Any] = {"code": to_bytes(code, self.bits), "r": _clamp(r, self.bits)}
         if force is not None:
             args["force"] = force
         return self._submit("radius", args, _pairs)
 
     def radius_many(self, codes: Any, r: int, force: str | None = None) -> Any:
-        args: dict[str, Any] = {"codes": many_to_bytes(codes, self.bits), "r": r}
+        args: dict[str, Any] = {"codes": many_to_bytes(codes, self.bits), "r": _clamp(r, self.bits)}
         if force is not None:
             args["force"] = force
         return self._submit("radius_many", args, _many_pairs)
 
     def knn(self, code: Any, k: int, force: str | None = None) -> Any:
-        args: dict[str, Any] = {"code": to_bytes(code, self.bits), "k": k}
+        args: dict[str, Any] = {"code": to_bytes(code, self.bits), "k": _clamp(k, _MAX_K)}
         if force is not None:
             args["force"] = force
         return self._submit("knn", args, _pairs)

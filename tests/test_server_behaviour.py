@@ -196,3 +196,14 @@ def test_client_and_embedded_agree_on_any_sequence_of_operations(ops):
         with embedded, server_thread(served, path, close_db=True), hashdb.connect(path) as client:
             for op in ops:
                 assert _apply(client, op) == _apply(embedded, op), op
+
+
+def test_radius_and_k_beyond_any_distance_mean_everything(db):
+    codes = random_codes(3, 7)
+    db.insert_many(["a", "b", "c"], codes)
+    everything = brute_radius(dict(zip("abc", codes, strict=True)), codes[0], BITS)
+    assert db.radius(codes[0], 2**70) == everything  # wider than msgpack's ints: still an answer, not an error
+    assert db.radius_many([codes[0]], 2**70) == [everything]
+    assert db.knn(codes[0], 2**70) == everything
+    with pytest.raises(hashdb.InvalidArgument):
+        db.radius(codes[0], -(2**70))
