@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -187,7 +188,12 @@ def test_a_writer_killed_mid_transaction_leaves_only_whole_batches(db):
     db.insert("before", bytes(32))
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-c", _BATCHES, db.path], stdout=subprocess.PIPE, text=True, env=env)
-    committed = [int(proc.stdout.readline()) for _ in range(3)]
+    watchdog = threading.Timer(120, proc.kill)  # a stuck writer must fail the test, not hang it
+    watchdog.start()
+    try:
+        committed = [int(proc.stdout.readline() or -1) for _ in range(3)]
+    finally:
+        watchdog.cancel()
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     proc.stdout.close()
