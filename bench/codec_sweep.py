@@ -87,7 +87,7 @@ VARIANTS = ("base", "sym", "base_w", "sym_w")
 
 
 def compute_features(
-    prunes: list[float], limit: int | None, mode: str = "quantile", max_kernels: int = 1 << 17, skip: str = ""
+    prunes: list[float], limit: int | None, mode: str = "relative", max_kernels: int = 1 << 17, skip: str = ""
 ) -> None:
     import torch
 
@@ -120,7 +120,7 @@ def compute_features(
         ok.append(good)
         if i % 200 == 0:
             print(f"  [{time.perf_counter() - t0:7.1f} s] {i + 1}/{len(entries)}", flush=True)
-    tag = ("" if mode == "quantile" else f"-{mode}") + ("" if max_kernels == 1 << 17 else f"-cap{max_kernels}")
+    tag = ("" if mode == "relative" else f"-{mode}") + ("" if max_kernels == 1 << 17 else f"-cap{max_kernels}")
     tag += f"-skip{skip.replace(',', '+')}" if skip else ""
     for p in prunes:
         np.savez(
@@ -311,7 +311,7 @@ def main() -> None:
     f = sub.add_parser("features")
     f.add_argument("--prune", type=float, nargs="+", default=[0.5])
     f.add_argument("--limit", type=int, default=None)
-    f.add_argument("--mode", default="quantile", choices=["quantile", "relative"])
+    f.add_argument("--mode", default="relative", choices=["quantile", "relative"])
     f.add_argument("--max-kernels", type=int, default=1 << 17)
     f.add_argument("--skip", default="", help="comma-separated architectures to leave out")
     s = sub.add_parser("sweep")

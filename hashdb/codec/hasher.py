@@ -19,7 +19,7 @@ CODEC_VERSION = "nts-dihedral-2"
 
 # copy_radius / bits that maximizes min(precision, recall) of light copies vs distinct models on the zoo, per
 # code length (bench/codec_sweep.py report; docs/codec.md); other lengths interpolate in log2(bits).
-RADIUS_FRACTIONS = {64: 0.22, 128: 0.30, 256: 0.31, 512: 0.32, 1024: 0.33, 2048: 0.33}
+RADIUS_FRACTIONS = {64: 0.20, 128: 0.266, 256: 0.305, 512: 0.315, 1024: 0.325, 2048: 0.33}
 
 
 def radius_fraction_for(bits: int) -> float:
