@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import IO, Any, NoReturn
 
@@ -80,7 +81,9 @@ class _Hashers:
         if os.path.isdir(path):
             raise ModelFormatError(f"{path}: is a directory, not a model file")
         try:
-            return self.hasher.hash(path)
+            with warnings.catch_warnings():  # torch's loader warnings would break the one-line-per-file output
+                warnings.filterwarnings("ignore", module=r"torch(\.|$)")
+                return self.hasher.hash(path)
         except ModelFormatError as e:
             raise ModelFormatError(e if path in str(e) else f"{path}: {e}") from None
         except OSError as e:

@@ -282,3 +282,15 @@ def test_json_output_is_strict_json_even_with_non_finite_floats(tmp_path, capsys
     code, out, _ = cli(capsys, "get", db, "k", "--json")
     assert code == 0
     assert json.loads(out, parse_constant=strict)["meta"] == {"x": ["NaN", "-Infinity", 1.5]}
+
+
+def test_hash_prints_one_error_line_per_bad_file_without_library_warnings(models, tmp_path):
+    import pickle
+
+    bad = tmp_path / "pickled.pt"
+    bad.write_bytes(pickle.dumps({"weight": "not a tensor"}, protocol=4))  # torch warns about protocol 4
+    done = run_cli("hash", str(bad), models["m0"])
+    assert done.returncode == 2
+    assert done.stdout.split() == [done.stdout.split()[0], models["m0"]]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hashdb: error:") and str(bad) in lines[0], done.stderr
