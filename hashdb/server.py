@@ -38,6 +38,7 @@ from .codes import to_bytes
 from .errors import HashDBError, ProtocolError, ServerError
 from .protocol import DEFAULT_MAX_FRAME, HEADER_SIZE, OPS, PROTOCOL_VERSION, READ, WRITE, error_payload, unpack_body
 
+MAX_SOCKET_PATH = 108  # bytes in sun_path on Linux (what socket.bind accepts)
 log = logging.getLogger("hashdb.server")
 
 RECV_SIZE = 256 * 1024
@@ -688,6 +689,11 @@ def serve(
 
     # Check the socket before opening the database, so a second `serve` fails fast and touches nothing.
     _clear_stale_socket(socket_path)
+    folder = os.path.dirname(os.path.abspath(socket_path))
+    if not os.path.isdir(folder):
+        raise ServerError(f"cannot create socket {socket_path}: no directory {folder}")
+    if len(os.fsencode(socket_path)) > MAX_SOCKET_PATH:
+        raise ServerError(f"cannot create socket {socket_path}: AF_UNIX path longer than {MAX_SOCKET_PATH} bytes")
     db = HashDB(db_path, bits=bits)
     server = Server(db, socket_path, max_frame=max_frame, close_db=True)
     try:

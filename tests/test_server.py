@@ -414,3 +414,12 @@ def test_any_request_gets_a_typed_reply_and_the_server_lives_on(fuzz_target, op,
             assert reply["error"]["type"] in ERROR_TYPES
         assert request(sock, id=12, op="ping")["ok"]["bits"] == BITS
     assert db.get("k3") == (code_of(3), None) or op in ("insert", "insert_many", "delete")
+
+
+def test_serve_with_an_impossible_socket_path_creates_no_database(tmp_path):
+    from hashdb.server import serve
+
+    for sock in (str(tmp_path / "no" / "such" / "dir" / "s.sock"), "/tmp/" + "y" * 120 + ".sock"):
+        with pytest.raises(hashdb.ServerError, match="cannot create socket"):
+            serve(str(tmp_path / "db"), sock, bits=BITS, install_signals=False)
+        assert not (tmp_path / "db").exists()
