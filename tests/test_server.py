@@ -100,6 +100,7 @@ def test_malformed_frame_gets_an_error_and_the_connection_stays_usable(served):
         send_frame(sock, b"\xc1\xc1\xc1")  # 0xc1 is never valid msgpack
         reply = read_frame(sock)
         assert reply["id"] is None and reply["error"]["type"] == "ProtocolError"
+        assert reply["error"]["message"] != "malformed msgpack frame: "  # says something about the error
         assert request(sock, id=7, op="len") == {"id": 7, "ok": 10}
 
 
