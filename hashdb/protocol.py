@@ -49,7 +49,7 @@ def unpack_body(body: bytes | bytearray | memoryview) -> Any:
         # strict_map_key=False: user metadata may use int keys, as HashDB itself allows.
         return msgpack.unpackb(body, raw=False, strict_map_key=False)
     except Exception as e:  # msgpack raises several unrelated types for malformed input
-        raise ProtocolError(f"malformed msgpack frame: {e or type(e).__name__}") from None
+        raise ProtocolError(f"malformed msgpack frame: {str(e) or type(e).__name__}") from None
 
 
 def error_payload(exc: BaseException) -> dict[str, str]:
