@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from typing import IO, Any, NoReturn
 
 from . import __version__
-from .errors import HashDBError, KeyNotFound, ModelFormatError
+from .errors import HashDBError, InvalidCode, KeyNotFound, ModelFormatError
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_ERROR = 0, 1, 2
 DEFAULT_BITS = 256
@@ -332,10 +332,16 @@ def cmd_query(args: argparse.Namespace) -> int:
     if args.knn is not None and args.knn < 1:
         raise UsageError("--knn must be >= 1")
     found_any = False
+    failed = 0
     with _open(args) as db:
         hashers = _Hashers(db.bits)
         for text in _inputs(inputs):
-            code, _ = hashers.code_or_model(text)
+            try:
+                code, _ = hashers.code_or_model(text)
+            except (ModelFormatError, InvalidCode) as e:  # a bad input: say so, and answer the others
+                failed += 1
+                _warn(f"error: {e}")
+                continue
             matches = db.radius(code, args.radius) if args.radius is not None else db.knn(code, args.knn)
             found_any = found_any or bool(matches)
             if args.json:
@@ -343,6 +349,9 @@ def cmd_query(args: argparse.Namespace) -> int:
                        "matches": [{"key": key, "distance": int(dist)} for key, dist in matches]})  # fmt: skip
             else:
                 _print_matches(text, matches)
+            sys.stdout.flush()  # each answer is out before a later input can fail
+    if failed:
+        return EXIT_ERROR
     return EXIT_OK if found_any else EXIT_NOT_FOUND
 
 

@@ -294,3 +294,17 @@ def test_hash_prints_one_error_line_per_bad_file_without_library_warnings(models
     assert done.stdout.split() == [done.stdout.split()[0], models["m0"]]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hashdb: error:") and str(bad) in lines[0], done.stderr
+
+
+def test_query_answers_every_good_input_and_names_each_bad_one(tmp_path):
+    db = str(tmp_path / "db")
+    assert run_cli("add", db, "--key", "k1", hex_code(1)).returncode == 0
+    lines = [hex_code(1), "not-a-code", hex_code(1)[:-2], hex_code(2), hex_code(1)]
+    done = run_cli("query", db, "--radius", "0", "--json", stdin="\n".join(lines) + "\n")
+    assert done.returncode == 2  # an input error, even though the good ones were answered
+    docs = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [d["query"] for d in docs] == [hex_code(1), hex_code(2), hex_code(1)]
+    assert [len(d["matches"]) for d in docs] == [1, 0, 1]
+    errors = done.stderr.strip().splitlines()
+    assert len(errors) == 2 and "not-a-code" in errors[0] and hex_code(1)[:-2] in errors[1], done.stderr
+    assert "Traceback" not in done.stderr
