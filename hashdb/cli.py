@@ -111,6 +111,8 @@ def _emit(doc: Any) -> None:
 
 def _finite(obj: Any) -> Any:
     """``obj`` with every non-finite float replaced by the string JSON parsers print for it."""
+    if type(obj).__module__ == "numpy" and hasattr(obj, "item"):  # numpy scalars and arrays (in stats)
+        obj = obj.tolist() if hasattr(obj, "tolist") else obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
         return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
     if isinstance(obj, dict):

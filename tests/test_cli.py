@@ -308,3 +308,15 @@ def test_query_answers_every_good_input_and_names_each_bad_one(tmp_path):
     errors = done.stderr.strip().splitlines()
     assert len(errors) == 2 and "not-a-code" in errors[0] and hex_code(1)[:-2] in errors[1], done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_json_documents_with_numpy_non_finite_values_stay_strict(capsys):
+    from hashdb.cli import _emit
+
+    _emit({"a": np.float64("nan"), "b": np.array([1.0, np.inf]), "c": np.int64(3), "d": b"\x01"})
+
+    def strict(constant: str) -> None:
+        raise AssertionError(f"{constant} in --json output")
+
+    out = capsys.readouterr().out
+    assert json.loads(out, parse_constant=strict) == {"a": "NaN", "b": [1.0, "Infinity"], "c": 3, "d": "01"}
