@@ -430,3 +430,13 @@ def test_kernel_cap_keeps_the_largest_kernels_whatever_their_order() -> None:
     norms = np.linalg.norm(np.concatenate(blocks), axis=1)
     assert np.linalg.norm(kept, axis=1).min() >= np.sort(norms)[-100] - 1e-6
     assert cap_pool(blocks, 10_000) == blocks
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_conv_weights_are_refused_naming_the_file(tmp_path, value):
+    w = np.random.default_rng(0).standard_normal((16, 8, 3, 3)).astype(np.float32)
+    w[3, 2, 1, 1] = value
+    path = tmp_path / "broken.npz"
+    np.savez(path, **{"conv.weight": w})
+    with pytest.raises(ModelFormatError, match=r"broken\.npz: 1 convolution weight tensor\(s\) hold NaN"):
+        ModelHasher(bits=256).hash(path)

@@ -123,6 +123,9 @@ class ModelHasher:
         layers = conv_layers(tensors, layout=self.layout, include_linear=self.include_linear)
         if not layers:
             raise ModelFormatError(f"{where}: no convolution weights found ({len(tensors)} tensors)")
+        bad = sum(not np.isfinite(w).all() for w in layers)
+        if bad:  # NaN/inf would silently poison every statistic of a pool
+            raise ModelFormatError(f"{where}: {bad} convolution weight tensor(s) hold NaN or infinite values")
         if any(w[0, 0].size > 1 for w in layers):  # 1x1 kernels have no direction to project on: skip their cost
             layers = [w for w in layers if w[0, 0].size > 1]
         try:
