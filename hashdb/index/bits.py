@@ -48,7 +48,8 @@ def substring_of(row: np.ndarray, start: int, length: int) -> np.uint64:
 
 
 @njit(cache=True)
-def grow_i64(a: np.ndarray, need: int) -> np.ndarray:
+def grow(a: np.ndarray, need: int) -> np.ndarray:
+    """``a`` itself if it holds ``need`` items, else a copy at least twice as long (numba compiles one per dtype)."""
     if need <= a.shape[0]:
         return a
     b = np.empty(max(need, 2 * a.shape[0]), a.dtype)
@@ -57,12 +58,15 @@ def grow_i64(a: np.ndarray, need: int) -> np.ndarray:
 
 
 @njit(cache=True)
-def grow_i32(a: np.ndarray, need: int) -> np.ndarray:
-    if need <= a.shape[0]:
-        return a
-    b = np.empty(max(need, 2 * a.shape[0]), a.dtype)
-    b[: a.shape[0]] = a
-    return b
+def keep_within(out_ids: np.ndarray, out_d: np.ndarray, n: int, thr: int) -> int:
+    """Compact the first ``n`` results in place to those at distance <= ``thr``; returns how many remain."""
+    j = 0
+    for p in range(n):
+        if out_d[p] <= thr:
+            out_ids[j] = out_ids[p]
+            out_d[j] = out_d[p]
+            j += 1
+    return j
 
 
 @njit(cache=True)

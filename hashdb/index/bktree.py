@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit
 
 from .base import CodeMatrix, Pending, Result
-from .bits import knn_threshold, row_distance, scan_ids
+from .bits import keep_within, knn_threshold, row_distance, scan_ids
 from .planner import BK_NS_FIXED, BK_NS_NODE, bktree_prior_cost
 
 
@@ -163,13 +163,7 @@ def bk_search(
             if alive[i] and stamps[i] != gen and _same_code(node_codes, node, codes, i):
                 stamps[i] = gen
                 if n == cap:  # compact what fell above a shrunk kNN radius before giving up
-                    j = 0
-                    for p in range(n):
-                        if out_d[p] <= thr:
-                            out_ids[j] = out_ids[p]
-                            out_d[j] = out_d[p]
-                            j += 1
-                    n = j
+                    n = keep_within(out_ids, out_d, n, thr)
                     if n == cap:
                         return -3, 0, work
                 out_ids[n] = i
@@ -193,13 +187,7 @@ def bk_search(
                 return -2, 0, work
             stack[sp] = c
             sp += 1
-    j = 0
-    for p in range(n):
-        if out_d[p] <= thr:
-            out_ids[j] = out_ids[p]
-            out_d[j] = out_d[p]
-            j += 1
-    return 0, j, work
+    return 0, keep_within(out_ids, out_d, n, thr), work
 
 
 BK_COST_SAMPLES = 4

@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 from .base import CodeMatrix, Pending, Result
-from .bits import knn_threshold, row_distance, scan_ids, substring_of
+from .bits import keep_within, knn_threshold, row_distance, scan_ids, substring_of
 from .planner import MIH_NS_CAND, MIH_NS_PROBE, mih_cost, probe_counts
 
 # ---------------------------------------------------------------------------------------------------------
@@ -305,13 +305,7 @@ def mih_knn(
         return n, 0
     if thr < 0:
         thr = bits
-    kept = 0
-    for p in range(n):
-        if out_d[p] <= thr:
-            out_ids[kept] = out_ids[p]
-            out_d[kept] = out_d[p]
-            kept += 1
-    return n, kept
+    return n, keep_within(out_ids, out_d, n, thr)
 
 
 @njit(cache=True, parallel=True)

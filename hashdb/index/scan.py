@@ -8,7 +8,7 @@ import numpy as np
 from numba import njit
 
 from .base import CodeMatrix, Result
-from .bits import grow_i32, grow_i64, knn_threshold, popcount64, row_distance
+from .bits import grow, keep_within, knn_threshold, popcount64, row_distance
 from .planner import scan_cost
 
 
@@ -39,8 +39,8 @@ def scan_radius(codes: np.ndarray, alive: np.ndarray, query: np.ndarray, r: int)
     out_d = np.empty(256, np.int32)
     i, n = _scan_chunk(codes, alive, query, r, 0, out_ids, out_d, 0)
     while i < alive.shape[0]:
-        out_ids = grow_i64(out_ids, 2 * n)
-        out_d = grow_i32(out_d, 2 * n)
+        out_ids = grow(out_ids, 2 * n)
+        out_d = grow(out_d, 2 * n)
         i, n = _scan_chunk(codes, alive, query, r, i, out_ids, out_d, n)
     return out_ids[:n].copy(), out_d[:n].copy()
 
@@ -69,17 +69,6 @@ def _knn_chunk(
 
 
 @njit(cache=True)
-def _keep_within(out_ids: np.ndarray, out_d: np.ndarray, n: int, thr: int) -> int:
-    j = 0
-    for p in range(n):
-        if out_d[p] <= thr:
-            out_ids[j] = out_ids[p]
-            out_d[j] = out_d[p]
-            j += 1
-    return j
-
-
-@njit(cache=True)
 def scan_knn(
     codes: np.ndarray, alive: np.ndarray, query: np.ndarray, k: int, bits: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -91,12 +80,12 @@ def scan_knn(
     thr = bits
     i, n, thr = _knn_chunk(codes, alive, query, k, 0, hist, out_ids, out_d, 0, thr)
     while i < alive.shape[0]:
-        n = _keep_within(out_ids, out_d, n, thr)
+        n = keep_within(out_ids, out_d, n, thr)
         if 2 * n > out_ids.shape[0]:  # mostly ties at the threshold: make room
-            out_ids = grow_i64(out_ids, 2 * n)
-            out_d = grow_i32(out_d, 2 * n)
+            out_ids = grow(out_ids, 2 * n)
+            out_d = grow(out_d, 2 * n)
         i, n, thr = _knn_chunk(codes, alive, query, k, i, hist, out_ids, out_d, n, thr)
-    n = _keep_within(out_ids, out_d, n, thr)
+    n = keep_within(out_ids, out_d, n, thr)
     return out_ids[:n].copy(), out_d[:n].copy()
 
 
@@ -134,9 +123,9 @@ def scan_radius_many(
     total = alive.shape[0]
     for start in range(0, total, block):
         if out_i.shape[0] - n < room:  # a whole block's worst case fits, so the row loop never grows arrays
-            out_q = grow_i32(out_q, 2 * (n + room))
-            out_i = grow_i64(out_i, 2 * (n + room))
-            out_d = grow_i32(out_d, 2 * (n + room))
+            out_q = grow(out_q, 2 * (n + room))
+            out_i = grow(out_i, 2 * (n + room))
+            out_d = grow(out_d, 2 * (n + room))
         n = _block_many(codes, alive, queries, r, start, min(total, start + block), out_q, out_i, out_d, n)
     return out_q[:n].copy(), out_i[:n].copy(), out_d[:n].copy()
 
