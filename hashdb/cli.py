@@ -14,7 +14,6 @@ import os
 import re
 import sys
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import IO, Any, NoReturn
 
@@ -78,12 +77,8 @@ class _Hashers:
         if not os.path.exists(path):
             also = f" (and not a {self.bits}-bit hex code)" if or_code else ""
             raise ModelFormatError(f"{path}: no such file{also}")
-        if os.path.isdir(path):
-            raise ModelFormatError(f"{path}: is a directory, not a model file")
         try:
-            with warnings.catch_warnings():  # torch's loader warnings would break the one-line-per-file output
-                warnings.filterwarnings("ignore", module=r"torch(\.|$)")
-                return self.hasher.hash(path)
+            return self.hasher.hash(path)
         except ModelFormatError as e:
             raise ModelFormatError(e if path in str(e) else f"{path}: {e}") from None
         except OSError as e:

@@ -320,6 +320,23 @@ def test_hash_files_reports_each_bad_file_and_hashes_the_rest(tmp_path: Path, ha
     assert isinstance(results[1][1], ModelFormatError) and "bad.npz" in str(results[1][1])
 
 
+def test_a_directory_or_missing_path_is_named_for_what_it_is(tmp_path: Path) -> None:
+    results = dict(hash_files([tmp_path, tmp_path / "gone.pt"], bits=256))
+    assert str(results[str(tmp_path)]) == f"{tmp_path}: is a directory, not a model file"
+    assert str(results[str(tmp_path / "gone.pt")]) == f"{tmp_path / 'gone.pt'}: no such file"
+
+
+def test_torch_loader_warnings_do_not_leak_to_the_caller(tmp_path: Path) -> None:
+    import warnings
+
+    path = tmp_path / "proto4.pt"
+    path.write_bytes(pickle.dumps({"weight": "not a tensor"}, protocol=4))  # torch.load warns about protocol 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a leaked warning would surface as an exception instead
+        with pytest.raises(ModelFormatError, match="proto4.pt: checkpoint needs arbitrary unpickling"):
+            ModelHasher(bits=256).hash(path)
+
+
 def test_conv1d_models_hash_and_keras_width_first_layout_matches() -> None:
     torch.manual_seed(13)
     m = nn.Sequential(nn.Conv1d(3, 16, 5), nn.ReLU(), nn.Conv1d(16, 32, 3), nn.ReLU(), nn.Conv1d(32, 32, 3))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,8 @@ def load_tensors(source: Any) -> Tensors:
 
 def load_file(path: Path) -> Tensors:
     """Read one model file by its suffix; every failure becomes a ModelFormatError naming the file."""
+    if path.is_dir():
+        raise ModelFormatError(f"{path}: is a directory, not a model file")
     if not path.is_file():
         raise ModelFormatError(f"{path}: no such file")
     suffix = path.suffix.lower()
@@ -77,7 +80,9 @@ def _read_torch(path: Path) -> Tensors:
     import torch
 
     try:
-        obj = torch.load(path, weights_only=True, map_location="cpu")
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4": noise for a caller hashing many files
+            warnings.filterwarnings("ignore", module=r"torch(\.|$)")
+            obj = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
         raise ModelFormatError(
             f"{path}: checkpoint needs arbitrary unpickling, refused (only weights_only=True files are read; "
