@@ -309,7 +309,7 @@ def main() -> None:
             "",
             f"`{cmd}` (run under `nice -n 10`; {wall / 60:.1f} min wall)",
             "",
-            machine_line() + "; queries single-threaded for every method (faiss omp 1); the machine was shared",
+            machine_line() + "; queries single-threaded for every method (faiss omp 1); the machine may be shared",
             "with other jobs, so absolute times are noisy (a numba scan of 10M x 256 bits was reported at ~35 ms on",
             "the reference 2-core machine; see this run's own scan rows); compare ratios within the run.",
             "",
