@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelFormatError
+from .readers import DEFAULT_MAX_BYTES, NamedTensor
 
-Tensors = list[tuple[str, np.ndarray]]
+Tensors = list[NamedTensor]
 
 # Keys under which training scripts nest the weights inside a full checkpoint, most specific first.
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights", "params")
@@ -51,21 +52,58 @@ def load_tensors(source: Any) -> Tensors:
     return tensors
 
 
-def load_file(path: Path) -> Tensors:
-    """Read one model file by its suffix; every failure becomes a ModelFormatError naming the file."""
+# Formats read by a module of hashdb.codec.readers: format -> (module, function); imported on first use.
+_READER_MODULES: dict[str, tuple[str, str]] = {
+    "keras_h5": ("keras", "read_h5"),
+    "keras": ("keras", "read_keras"),
+    "tflite": ("tflite", "read"),
+    "flax": ("flax", "read"),
+}
+_SUFFIX_FORMATS: dict[str, str] = {
+    ".safetensors": "safetensors", ".npz": "npz", ".onnx": "onnx",
+    ".pt": "torch", ".pth": "torch", ".bin": "torch", ".ckpt": "torch", ".tar": "torch",
+    ".h5": "keras_h5", ".hdf5": "keras_h5", ".keras": "keras", ".tflite": "tflite", ".msgpack": "flax",
+}  # fmt: skip
+
+
+def sniff_format(path: Path) -> str | None:
+    """The format of ``path`` by its leading bytes first and its suffix second; None when neither tells."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    suffix = path.suffix.lower()
+    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+        return "keras_h5"
+    if head[4:8] == b"TFL3":
+        return "tflite"
+    if head.startswith(b"PK\x03\x04"):  # zip: torch, TorchScript, .keras and .npz are all zip archives
+        return {".keras": "keras", ".npz": "npz"}.get(suffix, "torch")
+    if len(head) >= 9 and head[8:9] == b"{" and suffix == ".safetensors":
+        return "safetensors"
+    return _SUFFIX_FORMATS.get(suffix)
+
+
+def load_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Tensors:
+    """Read one model file by its format; every failure becomes a ModelFormatError naming the file."""
     if path.is_dir():
         raise ModelFormatError(f"{path}: is a directory, not a model file")
     if not path.is_file():
         raise ModelFormatError(f"{path}: no such file")
     suffix = path.suffix.lower()
     try:
-        if suffix == ".safetensors":
+        fmt = sniff_format(path)
+        if fmt in _READER_MODULES:
+            import importlib
+
+            module, function = _READER_MODULES[fmt]
+            reader = getattr(importlib.import_module(f".readers.{module}", __package__), function)
+            return reader(path, max_bytes)
+        if fmt == "safetensors":
             return _read_safetensors(path)
-        if suffix == ".npz":
+        if fmt == "npz":
             return _read_npz(path)
-        if suffix == ".onnx":
+        if fmt == "onnx":
             return _read_onnx(path)
-        if suffix in (".pt", ".pth", ".bin", ".ckpt", ".tar"):
+        if fmt == "torch":
             return _read_torch(path)
     except ModelFormatError:
         raise
@@ -93,7 +131,7 @@ def _read_torch(path: Path) -> Tensors:
 
 def _read_npz(path: Path) -> Tensors:
     with np.load(path, allow_pickle=False) as data:
-        return [(name, arr) for name in data.files if (arr := _float32(data[name])) is not None]
+        return [NamedTensor(name, arr) for name in data.files if (arr := _float32(data[name])) is not None]
 
 
 def _read_onnx(path: Path) -> Tensors:
@@ -107,7 +145,7 @@ def _read_onnx(path: Path) -> Tensors:
     for init in model.graph.initializer:
         arr = _float32(numpy_helper.to_array(init))
         if arr is not None:
-            out.append((init.name, arr))
+            out.append(NamedTensor(init.name, arr))
     return out
 
 
@@ -133,7 +171,7 @@ def _read_safetensors(path: Path) -> Tensors:
             arr = (arr.astype(np.uint32) << 16).view(np.float32)
         arr32 = _float32(arr)
         if arr32 is not None:
-            out.append((name, arr32))
+            out.append(NamedTensor(name, arr32))
     return out
 
 
@@ -187,5 +225,5 @@ def _flat_tensors(mapping: Mapping) -> Tensors:
         else:
             continue
         if arr is not None:
-            out.append((str(name), arr))
+            out.append(NamedTensor(str(name), arr))
     return out

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import ModelFormatError
+from .readers import NamedTensor
 
 MAX_KERNEL = 15  # largest spatial kernel extent we believe in when telling OIHW from HWIO
 
@@ -59,21 +60,27 @@ def guess_layout(shape: Sequence[int]) -> str | None:
 
 
 def conv_layers(
-    tensors: Sequence[tuple[str, np.ndarray]], layout: str = "auto", include_linear: bool = False
+    tensors: Sequence[NamedTensor], layout: str = "auto", include_linear: bool = False
 ) -> list[np.ndarray]:
     """Convolution (and optionally linear) weights as float32 arrays (out, in, *kernel shape), in source order.
 
-    1-D tensors (biases, BatchNorm statistics) and scalars are dropped. ``layout`` is 'auto', 'oihw' or
-    'hwio'; 'auto' reads each unambiguous tensor by its shape and ambiguous ones (3x3x3x3) by the majority.
+    1-D tensors (biases, BatchNorm statistics) and scalars are dropped. A tensor whose file stated its layout
+    (``NamedTensor.layout == 'oihw'``: the reader transposed it) is taken as it is. For the others ``layout``
+    is 'auto', 'oihw' or 'hwio'; 'auto' reads each unambiguous tensor by its shape and ambiguous ones
+    (3x3x3x3) by the majority.
     """
     if layout not in ("auto", "oihw", "hwio"):
         raise ValueError(f"layout must be 'auto', 'oihw' or 'hwio', got {layout!r}")
-    guesses = [guess_layout(arr.shape) for _, arr in tensors]
+    stated = [t.layout == "oihw" and t.array.ndim >= 3 for t in tensors]
+    guesses = ["stated" if known else guess_layout(t.array.shape) for t, known in zip(tensors, stated, strict=True)]
     if layout == "auto":
         n_oihw, n_hwio = guesses.count("oihw"), guesses.count("hwio")
         majority = "hwio" if n_hwio > n_oihw else "oihw"
     out: list[np.ndarray] = []
-    for (_, arr), guess in zip(tensors, guesses, strict=True):
+    for (_, arr, _), guess in zip(tensors, guesses, strict=True):
+        if guess == "stated":
+            out.append(arr)
+            continue
         if arr.ndim == 2 and include_linear:
             if min(arr.shape) >= 2:  # orientation is irrelevant: balancing and pooling treat rows and columns alike
                 out.append(arr)

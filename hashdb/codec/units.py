@@ -1,0 +1,112 @@
+"""Model units: what one entry of a database is, found in a file or a folder.
+
+A unit is a model file, or a folder that is one model: a Hugging Face style folder (``config.json`` beside
+weight files, or an ``*.index.json`` with its shards), or a snapshot of the Hugging Face cache
+(``models--ORG--NAME/snapshots/REV/``). A folder of many models yields one unit per model, walked in sorted
+order; files with no model suffix (README, tokenizer files, images) and hidden folders are passed over.
+
+Keys (one rule everywhere: library, CLI, workers): a unit's key is its path, normalized, relative to the
+current directory when it lies inside it and absolute otherwise, with '/' separators, so ``./C.pt``,
+``C.pt`` and ``$PWD/C.pt`` are one key. A Hugging Face cache snapshot is keyed by the repo id the layout
+names, ``ORG/NAME@REV``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import NamedTuple
+
+from ..errors import ModelFormatError
+
+# Suffixes a file must have to count as a model when a folder is walked (a file named on its own is always read).
+MODEL_SUFFIXES = frozenset({
+    ".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors", ".npz", ".npy", ".onnx", ".h5", ".hdf5", ".keras",
+    ".tflite", ".msgpack", ".pdparams",
+})  # fmt: skip
+# Weight files that make a folder with a config.json one model (Hugging Face names, any of them).
+_HF_WEIGHT_PREFIXES = ("model", "pytorch_model", "tf_model", "flax_model", "diffusion_pytorch_model", "adapter_model")
+
+
+class ModelUnit(NamedTuple):
+    key: str
+    path: Path  # a file, or a folder that is one model
+
+
+def unit_key(path: str | os.PathLike) -> str:
+    """The key of a model at ``path``: normalized, relative to the current directory if inside it."""
+    absolute = os.path.normpath(os.path.abspath(os.fspath(path)))
+    cwd = os.getcwd()
+    if absolute == cwd or absolute.startswith(cwd.rstrip(os.sep) + os.sep):
+        key = os.path.relpath(absolute, cwd)
+    else:
+        key = absolute
+    repo = _hf_cache_repo(Path(absolute))
+    if repo is not None:
+        return repo
+    return key.replace(os.sep, "/")
+
+
+def _hf_cache_repo(path: Path) -> str | None:
+    """``ORG/NAME@REV`` for a folder ``.../models--ORG--NAME/snapshots/REV``, else None."""
+    parts = path.parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        repo = parts[-3][len("models--") :].replace("--", "/")
+        return f"{repo}@{parts[-1]}"
+    return None
+
+
+def is_model_folder(path: Path) -> bool:
+    """True for a folder that holds one model (Hugging Face layout, sharded or not)."""
+    if _hf_cache_repo(path) is not None:
+        return True
+    try:
+        names = [e.name for e in os.scandir(path) if e.is_file()]
+    except OSError:
+        return False
+    if any(n.endswith(".index.json") for n in names):
+        return True
+    if "config.json" in names:
+        return any(
+            n.startswith(_HF_WEIGHT_PREFIXES) and Path(n).suffix.lower() in MODEL_SUFFIXES for n in names
+        )
+    return False
+
+
+def find_units(source: str | os.PathLike) -> list[ModelUnit]:
+    """The model units at ``source`` (a file, a one-model folder, or a folder of models), keys per the rule above.
+
+    Raises ModelFormatError when ``source`` does not exist; a folder with no model in it yields [].
+    """
+    path = Path(source)
+    if path.is_file():
+        return [ModelUnit(unit_key(path), path)]
+    if not path.exists():
+        raise ModelFormatError(f"{source}: no such file or folder")
+    if not path.is_dir():
+        raise ModelFormatError(f"{source}: not a file or a folder")
+    return list(_walk(path))
+
+
+def _walk(folder: Path) -> Iterable[ModelUnit]:
+    if is_model_folder(folder):
+        yield ModelUnit(unit_key(folder), folder)
+        return
+    snapshots = folder / "snapshots"
+    if folder.name.startswith("models--") and snapshots.is_dir():
+        for rev in sorted(p for p in snapshots.iterdir() if p.is_dir()):
+            yield ModelUnit(unit_key(rev), rev)
+        return
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        raise ModelFormatError(f"{folder}: cannot list folder ({exc.strerror or exc})") from None
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        path = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            yield from _walk(path)
+        elif entry.is_file() and path.suffix.lower() in MODEL_SUFFIXES:
+            yield ModelUnit(unit_key(path), path)
