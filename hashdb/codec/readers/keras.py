@@ -1,0 +1,341 @@
+"""Keras weights: HDF5 ``.h5``/``.hdf5`` (Keras 2 and legacy Keras 3 ``model.save``/``save_weights``), Keras 3
+``.weights.h5`` and Keras 3 ``.keras`` archives (a zip holding ``config.json`` and ``model.weights.h5``).
+
+Keras stores every convolution kernel with the spatial dims first: Conv1D/2D/3D kernels are
+``(*k, in/groups, out)``, transposed convolutions ``(*k, out, in)``, depthwise kernels ``(*k, C, M)`` and Dense
+kernels ``(in, out)``. Which array is which kernel comes from the layer's class, read from the model config
+(``config.json``, or the ``model_config`` attribute of a legacy file) and, where there is none, from the names
+Keras gives groups and weights (``depthwise_conv2d_1``, ``depthwise_kernel``). Kernels are returned as
+``(out, in, *k)`` with ``layout="oihw"``: depthwise as ``(C*M, 1, *k)`` (torch's grouped layout), Dense as
+``(out, in)``. Other float arrays (BatchNorm, biases, unknown layers) are returned unchanged with
+``layout=None``. The config is parsed as JSON only: no layer, lambda or custom object is ever built.
+
+Needs the optional ``h5py`` package (``pip install hashdb[keras]``); Keras itself is never imported.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...errors import ModelFormatError
+from . import NamedTensor, check_size
+
+# Keras layer classes whose kernels we read: class -> {weight: kind}. A weight is its Keras 3 variable index
+# (``vars/0``) or its Keras 2 / legacy weight name. kind: 'conv' (*k, in, out), 'depthwise' (*k, C, M),
+# 'dense' (in, out).
+_CONV = {0: "conv", "kernel": "conv"}
+_DEPTHWISE = {0: "depthwise", "kernel": "depthwise", "depthwise_kernel": "depthwise"}
+_SEPARABLE = {0: "depthwise", 1: "conv", "depthwise_kernel": "depthwise", "pointwise_kernel": "conv"}
+_LAYER_KERNELS: dict[str, dict[int | str, str]] = {
+    "Conv1D": _CONV, "Conv2D": _CONV, "Conv3D": _CONV,
+    "Convolution1D": _CONV, "Convolution2D": _CONV, "Convolution3D": _CONV,
+    "Conv1DTranspose": _CONV, "Conv2DTranspose": _CONV, "Conv3DTranspose": _CONV,
+    "DepthwiseConv1D": _DEPTHWISE, "DepthwiseConv2D": _DEPTHWISE,
+    "SeparableConv1D": _SEPARABLE, "SeparableConv2D": _SEPARABLE,
+    "Dense": {0: "dense", "kernel": "dense"},
+}  # fmt: skip
+# Keras names a layer (Keras 2, default names) or its weights group (Keras 3) by its class in snake case.
+
+
+def _snake(cls: str) -> str:
+    """Keras' snake-case rule: a capitalized word starts a new part, as does a capital after a lowercase
+    letter ('DepthwiseConv2D' -> 'depthwise_conv2d', 'Conv2DTranspose' -> 'conv2d_transpose')."""
+    return re.sub(r"([a-z])([A-Z])", r"\1_\2", re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", cls)).lower()
+
+
+_SNAKE_CLASSES = {_snake(c): c for c in _LAYER_KERNELS}
+_MAX_CONFIG_BYTES = 64 << 20  # config.json of the largest Keras applications is a few MB
+_COPY_CHUNK = 1 << 20
+
+
+def read_h5(path: Path, max_bytes: int) -> list[NamedTensor]:
+    """Tensors of a Keras HDF5 file: legacy ``model_weights/<layer>/...``, ``save_weights`` files of Keras 2
+    (``<layer>/<layer>/kernel:0``) and Keras 3 ``.weights.h5`` files (``layers/<class>/vars/<i>``)."""
+    h5py = _h5py(path)
+    with _open_h5(h5py, path, path) as f:
+        return _read_h5_file(h5py, f, path, max_bytes, config=None)
+
+
+def read_keras(path: Path, max_bytes: int) -> list[NamedTensor]:
+    """Tensors of a Keras 3 ``.keras`` archive; its ``model.weights.h5`` is read in place when stored
+    uncompressed (as Keras writes it), else inflated into a bounded temporary file."""
+    h5py = _h5py(path)
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise ModelFormatError(f"{path}: not a readable .keras archive ({_reason(exc)})") from None
+    with archive:
+        names = set(archive.namelist())
+        if "model.weights.h5" not in names:
+            raise ModelFormatError(f"{path}: .keras archive without model.weights.h5")
+        config = None
+        if "config.json" in names:
+            info = archive.getinfo("config.json")
+            if info.file_size > _MAX_CONFIG_BYTES:
+                raise ModelFormatError(f"{path}: config.json of {info.file_size:,} bytes is implausibly large")
+            try:
+                config = json.loads(_read_member(archive, info, _MAX_CONFIG_BYTES))
+            except (ValueError, zipfile.BadZipFile, OSError) as exc:
+                raise ModelFormatError(f"{path}: unreadable config.json in .keras archive ({_reason(exc)})") from None
+        info = archive.getinfo("model.weights.h5")
+        with _member_file(path, archive, info, max_bytes) as fileobj, _open_h5(h5py, fileobj, path) as f:
+            return _read_h5_file(h5py, f, path, max_bytes, config=config)
+
+
+# ---------------------------------------------------------------- opening
+
+
+def _h5py(path: Path) -> Any:
+    try:
+        import h5py
+    except ImportError:
+        raise ModelFormatError(f"{path}: needs the optional 'h5py' package: pip install hashdb[keras]") from None
+    return h5py
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0][:120] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@contextmanager
+def _open_h5(h5py: Any, source: Any, path: Path) -> Iterator[Any]:
+    try:
+        f = h5py.File(source, "r")
+    except Exception:  # h5py raises OSError with HDF5's internal wording for every bad file
+        raise ModelFormatError(f"{path}: not a readable HDF5 file (truncated or corrupt)") from None
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+class _Window(io.RawIOBase):
+    """Read-only file object over bytes [start, start + size) of another file: a stored zip member in place."""
+
+    def __init__(self, fileobj: Any, start: int, size: int) -> None:
+        self._f, self._start, self._size, self._pos = fileobj, start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        n = max(0, min(len(buffer), self._size - self._pos))
+        if n == 0:
+            return 0
+        self._f.seek(self._start + self._pos)
+        got = self._f.readinto(memoryview(buffer)[:n])
+        self._pos += got
+        return got
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+    with archive.open(info) as member:
+        data = member.read(limit + 1)
+    if len(data) > limit:
+        raise ModelFormatError(f"{info.filename}: member inflates past {limit:,} bytes")
+    return data
+
+
+@contextmanager
+def _member_file(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, max_bytes: int) -> Iterator[Any]:
+    if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            local = f.read(30)
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                raise ModelFormatError(f"{path}: corrupt .keras archive (bad local header of model.weights.h5)")
+            name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+            start = info.header_offset + 30 + name_len + extra_len
+            if start + info.file_size > f.seek(0, io.SEEK_END):
+                raise ModelFormatError(f"{path}: truncated .keras archive")
+            yield io.BufferedReader(_Window(f, start, info.file_size), buffer_size=1 << 16)
+        return
+    # Compressed member: inflate into an anonymous temporary file, never more than the tensor bound allows
+    # (plus room for HDF5's own metadata).
+    limit = max_bytes + (64 << 20)
+    with tempfile.TemporaryFile() as tmp:
+        try:
+            with archive.open(info) as member:
+                total = 0
+                while chunk := member.read(_COPY_CHUNK):
+                    total += len(chunk)
+                    if total > limit:
+                        check_size(path, total, max_bytes)
+                    tmp.write(chunk)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:  # zlib.error is not one of these
+            raise ModelFormatError(f"{path}: corrupt .keras archive ({_reason(exc)})") from None
+        except Exception as exc:
+            raise ModelFormatError(f"{path}: corrupt .keras archive ({_reason(exc)})") from None
+        tmp.seek(0)
+        yield tmp
+
+
+# ---------------------------------------------------------------- the HDF5 layouts
+
+
+def _read_h5_file(h5py: Any, f: Any, path: Path, max_bytes: int, config: Any) -> list[NamedTensor]:
+    try:
+        if "model_weights" in f and isinstance(f["model_weights"], h5py.Group):
+            config = config if config is not None else _json_attr(f.attrs.get("model_config"))
+            entries = _legacy_entries(h5py, f["model_weights"], _config_classes(config))
+        elif "layer_names" in f.attrs:
+            config = config if config is not None else _json_attr(f.attrs.get("model_config"))
+            entries = _legacy_entries(h5py, f, _config_classes(config))
+        elif "layers" in f or "vars" in f:
+            entries = _v3_entries(h5py, f, _config_classes(config))
+        else:
+            raise ModelFormatError(f"{path}: HDF5 file without Keras weights (no model_weights, layers or layer_names)")
+        check_size(path, sum(int(np.prod(ds.shape, dtype=np.int64)) * 4 for _, ds, _ in entries), max_bytes)
+        out: list[NamedTensor] = []
+        for name, ds, kind in entries:
+            arr = ds[()]
+            if arr.dtype.kind != "f" or arr.size == 0:
+                continue
+            out.append(_to_tensor(name, np.asarray(arr, dtype=np.float32), kind))
+        return out
+    except ModelFormatError as exc:
+        if str(exc).startswith(f"{path}: "):
+            raise
+        raise ModelFormatError(f"{path}: {exc}") from None
+    except Exception as exc:  # a corrupt object table or data chunk inside an HDF5 file that opened
+        raise ModelFormatError(f"{path}: corrupt Keras HDF5 file ({_reason(exc)})") from None
+
+
+def _to_tensor(name: str, arr: np.ndarray, kind: str | None) -> NamedTensor:
+    if kind == "dense" and arr.ndim == 2:
+        return NamedTensor(name, np.ascontiguousarray(arr.T), "oihw")
+    if kind == "conv" and arr.ndim >= 3:
+        ks = arr.ndim - 2
+        return NamedTensor(name, np.ascontiguousarray(np.moveaxis(arr, (ks + 1, ks), (0, 1))), "oihw")
+    if kind == "depthwise" and arr.ndim >= 3:
+        ks = arr.ndim - 2
+        c, m = arr.shape[ks], arr.shape[ks + 1]
+        w = np.moveaxis(arr, (ks, ks + 1), (0, 1)).reshape(c * m, 1, *arr.shape[:ks])  # out channel = c * M + m
+        return NamedTensor(name, np.ascontiguousarray(w), "oihw")
+    return NamedTensor(name, arr, None)
+
+
+def _json_attr(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    try:
+        return json.loads(str(value))
+    except ValueError:
+        return None
+
+
+def _config_classes(config: Any) -> dict[str, str | None]:
+    """Layer name -> class name over a model config's nested layers (None where a name is used twice)."""
+    classes: dict[str, str | None] = {}
+    stack, seen = [config], 0
+    while stack and seen < 1_000_000:
+        node = stack.pop()
+        seen += 1
+        if isinstance(node, dict):
+            cls, cfg = node.get("class_name"), node.get("config")
+            name = cfg.get("name") if isinstance(cfg, dict) else None
+            if isinstance(cls, str) and isinstance(name, str):
+                classes[name] = cls if classes.get(name, cls) == cls else None
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return classes
+
+
+def _class_from_name(name: str) -> str | None:
+    """The layer class Keras' default naming implies: 'depthwise_conv2d_3' -> 'DepthwiseConv2D'."""
+    return _SNAKE_CLASSES.get(re.sub(r"_\d+$", "", name.lower()))
+
+
+def _attr_strings(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in np.asarray(value).ravel()]
+
+
+def _datasets(h5py: Any, group: Any) -> list[tuple[str, Any]]:
+    """Datasets under ``group`` reached through hard links only, in name order; external links, external
+    storage and virtual datasets (which read other files) are refused."""
+    found: list[tuple[str, Any]] = []
+
+    def visit(name: str, link: Any) -> None:
+        if isinstance(link, h5py.ExternalLink):
+            raise ModelFormatError(f"external link {name!r} to another file")
+        if isinstance(link, h5py.HardLink):
+            obj = group[name]
+            if isinstance(obj, h5py.Dataset):
+                if obj.is_virtual or obj.external:
+                    raise ModelFormatError(f"dataset {name!r} stores its data in another file")
+                found.append((name, obj))
+
+    group.visititems_links(visit)
+    return found
+
+
+def _legacy_entries(h5py: Any, root: Any, classes: dict[str, str | None]) -> list[tuple[str, Any, str | None]]:
+    """Keras 2 / legacy layout: ``<layer>`` groups listed in the ``layer_names`` attribute, each holding its
+    weights under the paths of its ``weight_names`` attribute (``conv2d/kernel:0``)."""
+    entries: list[tuple[str, Any, str | None]] = []
+    layer_names = _attr_strings(root.attrs.get("layer_names")) or list(root.keys())
+    for layer in layer_names:
+        group = root.get(layer, getlink=True)
+        if not isinstance(group, h5py.HardLink) or not isinstance(root[layer], h5py.Group):
+            continue
+        group = root[layer]
+        cls = classes.get(layer) or _class_from_name(layer)
+        datasets = dict(_datasets(h5py, group))
+        order = [w for w in _attr_strings(group.attrs.get("weight_names")) if w in datasets]
+        order += [w for w in datasets if w not in order]
+        for wname in order:
+            base = wname.rsplit("/", 1)[-1].split(":", 1)[0]
+            kinds = _LAYER_KERNELS.get(cls or "", {})
+            kind = kinds.get(base)
+            if kind is None and cls not in _LAYER_KERNELS:  # a nested model's weights: their own layer names tell
+                parts = wname.split("/")
+                inner = classes.get(parts[-2]) or _class_from_name(parts[-2]) if len(parts) >= 2 else None
+                kind = _LAYER_KERNELS.get(inner or "", {}).get(base)
+                if kind is None and base in ("kernel", "depthwise_kernel", "pointwise_kernel"):
+                    kind = "depthwise" if base == "depthwise_kernel" else "conv"
+            entries.append((f"{layer}/{wname}", datasets[wname], kind))
+    return entries
+
+
+def _v3_entries(h5py: Any, root: Any, classes: dict[str, str | None]) -> list[tuple[str, Any, str | None]]:
+    """Keras 3 layout: ``.../layers/<class in snake case>[_N]/vars/<i>``, the ``vars`` group carrying the
+    layer's name as an attribute."""
+    entries: list[tuple[str, Any, str | None]] = []
+    for name, ds in _datasets(h5py, root):
+        parts = name.split("/")
+        kind = None
+        if len(parts) >= 3 and parts[-2] == "vars" and parts[-1].isdigit():
+            layer_name = root[name].parent.attrs.get("name")
+            layer_name = layer_name.decode() if isinstance(layer_name, bytes) else layer_name
+            cls = classes.get(layer_name) if isinstance(layer_name, str) else None
+            cls = cls or _class_from_name(parts[-3])
+            kind = _LAYER_KERNELS.get(cls or "", {}).get(int(parts[-1]))
+        entries.append((name, ds, kind))
+    return entries
