@@ -57,7 +57,8 @@ class TFLiteModel:
         return len(self.tensors) - 1
 
     def const(self, name: str, arr: np.ndarray, **kw: object) -> int:
-        ttype = {np.float32: FLOAT32, np.float16: FLOAT16, np.int8: INT8, np.uint8: UINT8, np.int32: INT32}[arr.dtype.type]
+        types = {np.float32: FLOAT32, np.float16: FLOAT16, np.int8: INT8, np.uint8: UINT8, np.int32: INT32}
+        ttype = types[arr.dtype.type]
         return self.tensor(name, arr.shape, ttype, np.ascontiguousarray(arr).tobytes(), **kw)  # type: ignore[arg-type]
 
     def op(self, code: int, inputs: list[int], outputs: list[int], options: int = 0,
