@@ -32,7 +32,7 @@ from . import NamedTensor, check_size
 
 # Keras layer classes whose kernels we read: class -> {weight: kind}. A weight is its Keras 3 variable index
 # (``vars/0``) or its Keras 2 / legacy weight name. kind: 'conv' (*k, in, out), 'depthwise' (*k, C, M),
-# 'dense' (in, out).
+# 'dense' (in, out); 'kernel' (a kernel of an unknown layer) is 'dense' when 2-D, else 'conv'.
 _CONV = {0: "conv", "kernel": "conv"}
 _DEPTHWISE = {0: "depthwise", "kernel": "depthwise", "depthwise_kernel": "depthwise"}
 _SEPARABLE = {0: "depthwise", 1: "conv", "depthwise_kernel": "depthwise", "pointwise_kernel": "conv"}
@@ -224,6 +224,8 @@ def _read_h5_file(h5py: Any, f: Any, path: Path, max_bytes: int, config: Any) ->
 
 
 def _to_tensor(name: str, arr: np.ndarray, kind: str | None) -> NamedTensor:
+    if kind == "kernel":  # a Keras 'kernel' of a layer whose class is unknown: Dense when 2-D, else a conv
+        kind = "dense" if arr.ndim == 2 else "conv"
     if kind == "dense" and arr.ndim == 2:
         return NamedTensor(name, np.ascontiguousarray(arr.T), "oihw")
     if kind == "conv" and arr.ndim >= 3:
@@ -280,9 +282,10 @@ def _attr_strings(value: Any) -> list[str]:
 def _datasets(h5py: Any, group: Any) -> list[tuple[str, Any]]:
     """Datasets under ``group`` reached through hard links only, in name order; external links, external
     storage and virtual datasets (which read other files) are refused."""
+    links: list[tuple[str, Any]] = []
+    group.visititems_links(lambda name, link: links.append((name, link)))  # raising inside h5py's visit breaks it
     found: list[tuple[str, Any]] = []
-
-    def visit(name: str, link: Any) -> None:
+    for name, link in links:
         if isinstance(link, h5py.ExternalLink):
             raise ModelFormatError(f"external link {name!r} to another file")
         if isinstance(link, h5py.HardLink):
@@ -291,8 +294,6 @@ def _datasets(h5py: Any, group: Any) -> list[tuple[str, Any]]:
                 if obj.is_virtual or obj.external:
                     raise ModelFormatError(f"dataset {name!r} stores its data in another file")
                 found.append((name, obj))
-
-    group.visititems_links(visit)
     return found
 
 
@@ -319,7 +320,7 @@ def _legacy_entries(h5py: Any, root: Any, classes: dict[str, str | None]) -> lis
                 inner = classes.get(parts[-2]) or _class_from_name(parts[-2]) if len(parts) >= 2 else None
                 kind = _LAYER_KERNELS.get(inner or "", {}).get(base)
                 if kind is None and base in ("kernel", "depthwise_kernel", "pointwise_kernel"):
-                    kind = "depthwise" if base == "depthwise_kernel" else "conv"
+                    kind = {"kernel": "kernel", "depthwise_kernel": "depthwise", "pointwise_kernel": "conv"}[base]
             entries.append((f"{layer}/{wname}", datasets[wname], kind))
     return entries
 
