@@ -46,7 +46,7 @@ def keras_depthwise(w: np.ndarray, channels: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def keras() -> Any:
-    os.environ.setdefault("KERAS_BACKEND", "torch")
+    os.environ["KERAS_BACKEND"] = "torch"  # the test suite has torch; TensorFlow and JAX are not installed
     import keras
 
     return keras

@@ -18,8 +18,8 @@ from hashdb.codec.readers import tflite
 from hashdb.errors import ModelFormatError
 
 FLOAT32, FLOAT16, INT32, UINT8, INT8, INT4 = 0, 1, 2, 3, 9, 17
-CONV_2D, DEPTHWISE_CONV_2D, DEQUANTIZE, FULLY_CONNECTED, RESHAPE = 3, 4, 6, 9, 22
-CONV_OPTIONS, DEPTHWISE_OPTIONS, FC_OPTIONS = 1, 2, 8  # BuiltinOptions union tags
+CONV_2D, DEPTHWISE_CONV_2D, DEQUANTIZE, FULLY_CONNECTED, RESHAPE, TRANSPOSE_CONV = 3, 4, 6, 9, 22, 67
+CONV_OPTIONS, DEPTHWISE_OPTIONS, FC_OPTIONS, TRANSPOSE_CONV_OPTIONS = 1, 2, 8, 49  # BuiltinOptions union tags
 VALID = 1
 
 
@@ -490,3 +490,22 @@ def test_interpreter_computes_what_our_oihw_weights_compute(tmp_path: Path, form
     assert got.shape == expected.shape
     tolerance = 0.03 if form == "hybrid" else 1e-4
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=tolerance * np.abs(expected).max())
+
+
+def test_transpose_conv_reads_in_torch_conv_transpose_order(tmp_path: Path) -> None:
+    """TRANSPOSE_CONV keeps (out, kh, kw, in); we return torch's ConvTranspose2d weight (in, out, kh, kw), and
+    torch's conv_transpose2d with it computes what the interpreter computes."""
+    w = np.random.default_rng(9).normal(size=(4, 6, 3, 3)).astype(np.float32)  # torch: (in=4, out=6, kh, kw)
+    m = TFLiteModel()
+    shape = m.const("output_shape", np.array([1, 7, 7, 6], np.int32))
+    wt = m.const("tconv/w", np.ascontiguousarray(w.transpose(1, 2, 3, 0)))  # (out, kh, kw, in)
+    x = m.tensor("in", (1, 5, 5, 4))
+    y = m.tensor("out", (1, 7, 7, 6))
+    m.op(TRANSPOSE_CONV, [shape, wt, x], [y], TRANSPOSE_CONV_OPTIONS, CONV_FIELDS)
+    p = save(m, tmp_path / "tconv.tflite", [x], [y])
+    (t,) = load_tensors(p)
+    np.testing.assert_array_equal(t.array, w)
+    inp = np.random.default_rng(10).normal(size=(1, 5, 5, 4)).astype(np.float32)
+    expected = torch.nn.functional.conv_transpose2d(torch.from_numpy(inp).permute(0, 3, 1, 2), torch.from_numpy(w))
+    got = run_interpreter(p, inp)
+    np.testing.assert_allclose(got, expected.permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-4)

@@ -1,8 +1,9 @@
 """TensorFlow Lite ``.tflite`` flatbuffers, parsed here (no TensorFlow, no generated schema code).
 
-Read: the weight inputs of CONV_2D (OHWI), DEPTHWISE_CONV_2D ``(1, H, W, C*M)``, TRANSPOSE_CONV (OHWI),
-CONV_3D and CONV_3D_TRANSPOSE (``(D, H, W, I, O)``) and FULLY_CONNECTED ``(out, in)``, returned as
-``(out, in, *k)`` with ``layout="oihw"`` (depthwise as ``(C*M, 1, H, W)``, torch's grouped layout). A weight
+Read: the weight inputs of CONV_2D (OHWI), DEPTHWISE_CONV_2D ``(1, H, W, C*M)``, CONV_3D ``(D, H, W, I, O)``
+and FULLY_CONNECTED ``(out, in)``, returned as ``(out, in, *k)`` with ``layout="oihw"`` (depthwise as
+``(C*M, 1, H, W)``, torch's grouped layout); TRANSPOSE_CONV (OHWI) and CONV_3D_TRANSPOSE ``(D, H, W, O, I)``
+in torch's ConvTranspose order ``(in, out, *k)``. A weight
 may be a constant float32/float16/bfloat16/float64 tensor, the constant input of a DEQUANTIZE op (fp16 and
 int8 models), or an int8/uint8/int16 tensor with per-tensor or per-channel quantization (``scale``,
 ``zero_point`` along ``quantized_dimension``), which is dequantized. Buffers are read from the flatbuffer or,
@@ -36,7 +37,7 @@ CONV_3D, CONV_3D_TRANSPOSE = 132, 141
 # op -> (index of its weight input, the weight's layout)
 _WEIGHT_OPS: dict[int, tuple[int, str]] = {
     CONV_2D: (1, "ohwi"), DEPTHWISE_CONV_2D: (1, "depthwise"), FULLY_CONNECTED: (1, "oi"),
-    TRANSPOSE_CONV: (1, "ohwi"), CONV_3D: (1, "dhwio"), CONV_3D_TRANSPOSE: (1, "dhwio"),
+    TRANSPOSE_CONV: (1, "ohwi_transpose"), CONV_3D: (1, "dhwio"), CONV_3D_TRANSPOSE: (1, "dhwio"),
 }  # fmt: skip
 
 # TensorType -> (name, numpy dtype): floats are read as they are, integers only as quantized weights.
@@ -275,6 +276,8 @@ def _to_oihw(w: np.ndarray, layout: str) -> np.ndarray:
         return np.ascontiguousarray(w)
     if layout == "ohwi":  # (O, *k, I) -> (O, I, *k)
         return np.ascontiguousarray(np.moveaxis(w, -1, 1))
+    if layout == "ohwi_transpose":  # TRANSPOSE_CONV (O, *k, I) -> torch's ConvTranspose order (I, O, *k)
+        return np.ascontiguousarray(np.moveaxis(w, -1, 0))
     if layout == "depthwise":  # (1, *k, C*M) -> (C*M, 1, *k); output channel c*M + m as in torch
         return np.ascontiguousarray(np.moveaxis(w, -1, 0))
     ks = w.ndim - 2  # "dhwio": (*k, I, O) -> (O, I, *k)
