@@ -93,7 +93,10 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
     except Exception as exc:  # msgpack's ExtraData, FormatError, StackError, ValueError on bad bytes
         raise ModelFormatError(f"{path}: not a flax msgpack checkpoint ({type(exc).__name__})") from None
     finally:
-        mm.close()
+        try:
+            mm.close()
+        except BufferError:  # a view still referenced by a traceback; the GC closes the map
+            pass
     if not isinstance(tree, dict):
         raise ModelFormatError(f"{path}: not a flax msgpack checkpoint (top level is {type(tree).__name__})")
     if isinstance(tree.get("params"), dict):

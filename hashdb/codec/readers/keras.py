@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import tempfile
 import zipfile
@@ -85,7 +86,9 @@ def read_keras(path: Path, max_bytes: int) -> list[NamedTensor]:
                 raise ModelFormatError(f"{path}: config.json of {info.file_size:,} bytes is implausibly large")
             try:
                 config = json.loads(_read_member(archive, info, _MAX_CONFIG_BYTES))
-            except (ValueError, zipfile.BadZipFile, OSError) as exc:
+            except ModelFormatError:
+                raise
+            except Exception as exc:  # bad JSON, nesting too deep, a corrupt zip member
                 raise ModelFormatError(f"{path}: unreadable config.json in .keras archive ({_reason(exc)})") from None
         info = archive.getinfo("model.weights.h5")
         with _member_file(path, archive, info, max_bytes) as fileobj, _open_h5(h5py, fileobj, path) as f:
@@ -197,9 +200,10 @@ def _member_file(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, ma
 
 def _read_h5_file(h5py: Any, f: Any, path: Path, max_bytes: int, config: Any) -> list[NamedTensor]:
     try:
-        if "model_weights" in f and isinstance(f["model_weights"], h5py.Group):
+        model_weights = _hard_group(h5py, f, "model_weights")
+        if model_weights is not None:
             config = config if config is not None else _json_attr(f.attrs.get("model_config"))
-            entries = _legacy_entries(h5py, f["model_weights"], _config_classes(config))
+            entries = _legacy_entries(h5py, model_weights, _config_classes(config))
         elif "layer_names" in f.attrs:
             config = config if config is not None else _json_attr(f.attrs.get("model_config"))
             entries = _legacy_entries(h5py, f, _config_classes(config))
@@ -207,7 +211,8 @@ def _read_h5_file(h5py: Any, f: Any, path: Path, max_bytes: int, config: Any) ->
             entries = _v3_entries(h5py, f, _config_classes(config))
         else:
             raise ModelFormatError(f"{path}: HDF5 file without Keras weights (no model_weights, layers or layer_names)")
-        check_size(path, sum(int(np.prod(ds.shape, dtype=np.int64)) * 4 for _, ds, _ in entries), max_bytes)
+        declared = sum(math.prod(ds.shape or ()) * max(4, ds.dtype.itemsize) for _, ds, _ in entries)
+        check_size(path, declared, max_bytes)
         out: list[NamedTensor] = []
         for name, ds, kind in entries:
             arr = ds[()]
@@ -246,7 +251,7 @@ def _json_attr(value: Any) -> Any:
         value = value.decode("utf-8", "replace")
     try:
         return json.loads(str(value))
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON: read the file without a config
         return None
 
 
@@ -279,6 +284,19 @@ def _attr_strings(value: Any) -> list[str]:
     return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in np.asarray(value).ravel()]
 
 
+def _hard_group(h5py: Any, parent: Any, name: str) -> Any:
+    """``parent[name]`` when it is a group reached by a hard link (never following a link to another file)."""
+    if "/" in name or name in (".", ".."):
+        return None
+    link = parent.get(name, getlink=True)
+    if isinstance(link, h5py.ExternalLink):
+        raise ModelFormatError(f"external link {name!r} to another file")
+    if not isinstance(link, h5py.HardLink):
+        return None
+    obj = parent[name]
+    return obj if isinstance(obj, h5py.Group) else None
+
+
 def _datasets(h5py: Any, group: Any) -> list[tuple[str, Any]]:
     """Datasets under ``group`` reached through hard links only, in name order; external links, external
     storage and virtual datasets (which read other files) are refused."""
@@ -303,10 +321,9 @@ def _legacy_entries(h5py: Any, root: Any, classes: dict[str, str | None]) -> lis
     entries: list[tuple[str, Any, str | None]] = []
     layer_names = _attr_strings(root.attrs.get("layer_names")) or list(root.keys())
     for layer in layer_names:
-        group = root.get(layer, getlink=True)
-        if not isinstance(group, h5py.HardLink) or not isinstance(root[layer], h5py.Group):
+        group = _hard_group(h5py, root, layer)
+        if group is None:
             continue
-        group = root[layer]
         cls = classes.get(layer) or _class_from_name(layer)
         datasets = dict(_datasets(h5py, group))
         order = [w for w in _attr_strings(group.attrs.get("weight_names")) if w in datasets]
