@@ -161,6 +161,7 @@ def test_bad_files_give_one_clean_line(tmp_path: Path) -> None:
     good = flax_bytes({"params": flax_params(torch_layout(6))})
     cases = {
         "truncated.msgpack": good[: len(good) // 2],
+        "trailing.msgpack": good + b"\xc0",
         "empty.msgpack": b"",
         "list.msgpack": msgpack.packb([1, 2, 3]),
         "badshape.msgpack": msgpack.packb({"k": msgpack.ExtType(1, msgpack.packb(([4, 4], "float32", b"\0" * 8)))}),

@@ -20,7 +20,6 @@ dict) is read from there only, so optimizer moments are never hashed as weights;
 from __future__ import annotations
 
 import math
-import mmap
 import re
 from pathlib import Path
 from typing import Any
@@ -81,22 +80,26 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
         raise _Bad(f"unknown msgpack ext type {code}")
 
     with open(path, "rb") as f:
-        if f.seek(0, 2) == 0:
+        size = f.seek(0, 2)
+        if size == 0:
             raise ModelFormatError(f"{path}: empty file")
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    try:
-        tree = msgpack.unpackb(mm, ext_hook=ext_hook, raw=False, strict_map_key=False)
-    except ModelFormatError:
-        raise
-    except _Bad as exc:
-        raise ModelFormatError(f"{path}: bad flax msgpack checkpoint: {exc}") from None
-    except Exception as exc:  # msgpack's ExtraData, FormatError, StackError, ValueError on bad bytes
-        raise ModelFormatError(f"{path}: not a flax msgpack checkpoint ({type(exc).__name__})") from None
-    finally:
+        f.seek(0)
+        # Streamed: the unpacker holds at most one array's bytes besides the arrays it has decoded, so the
+        # file is never in memory twice.
+        unpacker = msgpack.Unpacker(
+            f, ext_hook=ext_hook, raw=False, strict_map_key=False, max_buffer_size=min(size, 2**32 - 1)
+        )
         try:
-            mm.close()
-        except BufferError:  # a view still referenced by a traceback; the GC closes the map
-            pass
+            tree = unpacker.unpack()
+            extra = unpacker.tell() < size
+        except ModelFormatError:
+            raise
+        except _Bad as exc:
+            raise ModelFormatError(f"{path}: bad flax msgpack checkpoint: {exc}") from None
+        except Exception as exc:  # msgpack's OutOfData, FormatError, StackError, ValueError on bad bytes
+            raise ModelFormatError(f"{path}: not a flax msgpack checkpoint ({type(exc).__name__})") from None
+    if extra:
+        raise ModelFormatError(f"{path}: not a flax msgpack checkpoint (bytes after the state dict)")
     if not isinstance(tree, dict):
         raise ModelFormatError(f"{path}: not a flax msgpack checkpoint (top level is {type(tree).__name__})")
     if isinstance(tree.get("params"), dict):
@@ -116,7 +119,8 @@ def _walk(node: Any, names: list[str], out: list[NamedTensor]) -> None:
         if node.get(_CHUNKED) is True:
             _leaf(_unchunk(node, names), names, out)
             return
-        for key, value in node.items():
+        for key in list(node):
+            value, node[key] = node[key], None  # drop the raw array once read: no second copy of the model
             _walk(value, [*names, str(key)], out)
     elif isinstance(node, _Array):
         _leaf(node, names, out)

@@ -122,28 +122,32 @@ def _get(buf: Any, fmt: str, at: int) -> Any:
 
 
 def read(path: Path, max_bytes: int) -> list[NamedTensor]:
-    """The conv / depthwise / fully-connected weights of every subgraph of a ``.tflite`` model."""
+    """The conv / depthwise / fully-connected weights of every subgraph of a ``.tflite`` model.
+
+    The flatbuffer's tables are parsed from a memory map; tensor data is read from the file straight into
+    the arrays (``readinto``), so the weights' pages never count twice in the process's memory.
+    """
     with open(path, "rb") as f:
         size = f.seek(0, 2)
         if size < 8:
             raise ModelFormatError(f"{path}: truncated TFLite file ({size} bytes)")
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    try:
-        return _read_model(path, mm, max_bytes)
-    except _Corrupt as exc:
-        raise ModelFormatError(f"{path}: truncated or corrupt TFLite flatbuffer ({exc})") from None
-    except ModelFormatError:
-        raise
-    except Exception as exc:  # e.g. a shape that does not fit its buffer's dtype: a corrupt file, not a crash
-        raise ModelFormatError(f"{path}: corrupt TFLite flatbuffer ({type(exc).__name__})") from None
-    finally:
         try:
-            mm.close()
-        except BufferError:  # a view is still referenced by an exception traceback; the GC closes it
-            pass
+            return _read_model(path, mm, f, max_bytes)
+        except _Corrupt as exc:
+            raise ModelFormatError(f"{path}: truncated or corrupt TFLite flatbuffer ({exc})") from None
+        except ModelFormatError:
+            raise
+        except Exception as exc:  # e.g. a shape that does not fit its buffer's dtype: a corrupt file, not a crash
+            raise ModelFormatError(f"{path}: corrupt TFLite flatbuffer ({type(exc).__name__})") from None
+        finally:
+            try:
+                mm.close()
+            except BufferError:  # a view is still referenced by an exception traceback; the GC closes it
+                pass
 
 
-def _read_model(path: Path, buf: Any, max_bytes: int) -> list[NamedTensor]:
+def _read_model(path: Path, buf: Any, file: Any, max_bytes: int) -> list[NamedTensor]:
     if bytes(buf[4:8]) != b"TFL3":
         raise ModelFormatError(f"{path}: not a TFLite model (no TFL3 identifier)")
     model = _Table(buf, _get(buf, "<I", 0))
@@ -188,7 +192,7 @@ def _read_model(path: Path, buf: Any, max_bytes: int) -> list[NamedTensor]:
             planned.append((name if g == 0 else f"subgraph{g}/{name}", source, spec[1]))
     check_size(path, sum(4 * math.prod(_shape(path, t)) for _, t, _ in planned), max_bytes)
     for name, tensor, layout in planned:
-        out.append(NamedTensor(name, _to_oihw(_values(path, buf, tensor, buffers, name), layout), "oihw"))
+        out.append(NamedTensor(name, _to_oihw(_values(path, buf, file, tensor, buffers, name), layout), "oihw"))
     return out
 
 
@@ -213,7 +217,7 @@ def _has_data(tensor: _Table, buffers: list[_Table]) -> bool:
     return buffer.vector(0, 1)[1] > 0 or int(buffer.scalar(1, "<Q", 0)) > 1
 
 
-def _values(path: Path, buf: Any, tensor: _Table, buffers: list[_Table], name: str) -> np.ndarray:
+def _values(path: Path, buf: Any, file: Any, tensor: _Table, buffers: list[_Table], name: str) -> np.ndarray:
     """The tensor's values as float32 in its stored shape, dequantized."""
     if tensor.scalar(10, "<I", 0):
         raise ModelFormatError(f"{path}: tensor {name!r} keeps its data in an external buffer file (unsupported)")
@@ -239,11 +243,14 @@ def _values(path: Path, buf: Any, tensor: _Table, buffers: list[_Table], name: s
             raise ModelFormatError(f"{path}: buffer of {name!r} runs past the end of the file (truncated)")
     if n != nbytes:
         raise ModelFormatError(f"{path}: tensor {name!r} of shape {shape} ({type_name}) has a {n}-byte buffer")
-    raw = np.frombuffer(buf, dtype=dtype, count=count, offset=start).reshape(shape)
+    raw = np.empty(shape, dtype=dtype)
+    file.seek(start)
+    if file.readinto(memoryview(raw.reshape(-1)).cast("B")) != nbytes:
+        raise ModelFormatError(f"{path}: buffer of {name!r} is cut short (truncated file)")
     if ttype in _FLOAT_TYPES:
         if type_name == "bfloat16":
             return (raw.astype(np.uint32) << 16).view(np.float32)
-        return raw.astype(np.float32)
+        return raw.astype(np.float32, copy=False)
     return _dequantize(path, tensor, raw, name, type_name)
 
 
