@@ -187,9 +187,9 @@ def _member_file(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, ma
                     if total > limit:
                         check_size(path, total, max_bytes)
                     tmp.write(chunk)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:  # zlib.error is not one of these
-            raise ModelFormatError(f"{path}: corrupt .keras archive ({_reason(exc)})") from None
-        except Exception as exc:
+        except ModelFormatError:
+            raise
+        except Exception as exc:  # BadZipFile, zlib.error, an unsupported compression method, EOFError
             raise ModelFormatError(f"{path}: corrupt .keras archive ({_reason(exc)})") from None
         tmp.seek(0)
         yield tmp
