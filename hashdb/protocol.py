@@ -22,13 +22,14 @@ HEADER_SIZE = HEADER.size
 # One recv of this size holds a whole reply or pipelined batch in the common case (both sides use it).
 RECV_SIZE = 256 * 1024
 PROTOCOL_VERSION = 1
-# Most keys one "keys" request may ask for: a page of 4096 keys of at most 511 bytes stays near 2 MiB.
+# Most keys one "keys_after" request may ask for: a page of 4096 keys of at most 511 bytes stays near 2 MiB.
 MAX_KEYS_PAGE = 4096
 
 READ, WRITE, INFO = "read", "write", "info"
 
 # op -> (kind, required arguments, optional arguments). Each maps onto the HashDB method of the same
-# name, except len / contains / ping (``len(db)``, ``key in db``, server information).
+# name, except len / contains / ping (``len(db)``, ``key in db``, server information); keys_after returns at
+# most MAX_KEYS_PAGE keys whatever its limit.
 OPS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "insert": (WRITE, ("key", "code"), ("meta",)),
     "insert_many": (WRITE, ("keys", "codes"), ("metas",)),
@@ -40,7 +41,7 @@ OPS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "len": (READ, (), ()),
     "contains": (READ, ("key",), ()),
     "stats": (READ, (), ()),
-    "keys": (READ, (), ("after", "limit")),
+    "keys_after": (READ, (), ("after", "limit")),
     "ping": (INFO, (), ()),
 }
 
