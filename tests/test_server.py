@@ -171,6 +171,22 @@ def test_garbage_and_half_frames_never_hurt_other_clients(served):
     assert sorted(db) == sorted(f"k{i}" for i in range(10))
 
 
+def test_a_page_of_keys_is_bounded_whatever_the_limit_asked(tmp_path):
+    from hashdb.protocol import MAX_KEYS_PAGE
+
+    db = HashDB(str(tmp_path / "db"), bits=BITS)
+    keys = [f"p{i:05d}" for i in range(MAX_KEYS_PAGE + 10)]
+    db.insert_many(keys, [code_of(i) for i in range(len(keys))])
+    path = short_socket_path(tmp_path)
+    with server_thread(db, path), raw_connect(path) as sock:
+        page = request(sock, id=1, op="keys_after", limit=10**9)["ok"]
+        assert page == keys[:MAX_KEYS_PAGE]
+        rest = request(sock, id=2, op="keys_after", after=page[-1])["ok"]
+        assert rest == keys[MAX_KEYS_PAGE:]
+        assert request(sock, id=3, op="keys_after", limit=0)["error"]["type"] == "InvalidArgument"
+    db.close()
+
+
 def test_pipelined_requests_are_answered_in_order_and_see_earlier_writes(served):
     _, path = served
     messages = [
