@@ -154,6 +154,53 @@ def server_run(sock_path: str, queries: list[bytes], r: int, clients: int, depth
     return {"qps": total / wall, "p50": pct(lat, 50), "p99": pct(lat, 99), "requests": total}
 
 
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def ping_latencies(client: object, seconds: float) -> list[float]:
+    lat: list[float] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        s = time.perf_counter_ns()
+        client.ping()  # type: ignore[attr-defined]
+        lat.append((time.perf_counter_ns() - s) / 1000)
+        time.sleep(0.002)
+    return lat
+
+
+def hostile_run(sock_path: str, server_pid: int, queries: list[bytes], bits: int, frames: int, seconds: float) -> dict:
+    """A client sends ``frames`` radius r=bits requests (each answered by the whole database) in one write
+    and never reads; another client pings meanwhile. Returns ping latencies and the server's RSS."""
+    import msgpack
+
+    import hashdb
+    from hashdb.protocol import encode_frame
+
+    data = b"".join(
+        encode_frame(msgpack.packb({"id": i, "op": "radius", "code": queries[i], "r": bits})) for i in range(frames)
+    )
+    with hashdb.connect(sock_path, timeout=600) as client:
+        calm = ping_latencies(client, 1.0)
+        rss_before = rss_mb(server_pid)
+        hostile = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        hostile.connect(sock_path)
+        hostile.sendall(data)
+        t0 = time.perf_counter()
+        under = ping_latencies(client, seconds)
+        first_ms = under[0] / 1000 if under else float("nan")
+        rss_after = rss_mb(server_pid)
+        hostile.close()
+        elapsed = time.perf_counter() - t0
+    return {"bytes": len(data), "calm_p50": pct(calm, 50), "p50": pct(under, 50), "max": max(under),
+            "pings": len(under), "elapsed": elapsed, "first_ms": first_ms, "rss_before": rss_before,
+            "rss_after": rss_after}  # fmt: skip
+
+
 def wait_for(sock_path: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -181,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="measured time per configuration")
     parser.add_argument("--repeats", type=int, default=3, help="median over this many rounds")
     parser.add_argument("--quick", action="store_true", help="50k codes, 1 s per configuration, 1 round")
+    parser.add_argument("--hostile-frames", type=int, default=20,
+                        help="radius r=bits frames a never-reading client sends (0: skip that run)")  # fmt: skip
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = parser.parse_args(argv)
     if args.quick:
@@ -243,6 +292,12 @@ def main(argv: list[str] | None = None) -> int:
                     overheads.append(res["p50"] - emb["single"]["p50"])
                 print(f"[{rep + 1}/{args.repeats}] server clients={c:2d} depth={depth:2d}: {res['qps']:8.0f} q/s  "
                       f"p50 {res['p50']:8.1f} us  p99 {res['p99']:8.1f} us", flush=True)  # fmt: skip
+        hostile = None
+        if args.hostile_frames:
+            hostile = hostile_run(sock_path, server.pid, queries, args.bits, args.hostile_frames, 2 * args.seconds)
+            print(f"hostile client: ping p50 {hostile['p50']:.0f} us (calm {hostile['calm_p50']:.0f} us), "
+                  f"max {hostile['max'] / 1000:.1f} ms; server RSS {hostile['rss_before']:.0f} -> "
+                  f"{hostile['rss_after']:.0f} MB", flush=True)  # fmt: skip
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
@@ -280,6 +335,15 @@ def main(argv: list[str] | None = None) -> int:
         f"radius() p50 of the same round, median over rounds): **{overhead:.1f} us**. "
         f"Pipelined rows report the latency of a whole pipeline of "
         f"{args.depth} requests.",
+    ]
+    lines += [] if hostile is None else [
+        "",
+        f"Hostile client: one connection sends {args.hostile_frames} `radius` requests with r = {args.bits} "
+        f"(each answered by all {args.n:,} codes) in one {hostile['bytes']:,}-byte write and never reads; "
+        f"another client pings every 2 ms for {2 * args.seconds:g} s meanwhile: ping p50 "
+        f"**{hostile['p50']:.0f} us** (calm, just before: {hostile['calm_p50']:.0f} us), max "
+        f"{hostile['max'] / 1000:.1f} ms over {hostile['pings']} pings; server RSS {hostile['rss_before']:.0f} MB "
+        f"-> {hostile['rss_after']:.0f} MB.",
     ]
     body = "\n".join(lines)
     print()
