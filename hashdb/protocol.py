@@ -72,7 +72,7 @@ class FrameReader:
         """Bytes of an incomplete frame held back for the next chunk."""
         return len(self._buf)
 
-    def feed(self, chunk: bytes) -> list[memoryview | bytearray]:
+    def feed(self, chunk: bytes) -> list[bytes | bytearray | memoryview]:
         if self.too_big is not None:
             return []
         if self._buf:
@@ -80,7 +80,7 @@ class FrameReader:
             data: bytes | bytearray = self._buf
         else:
             data = chunk
-        bodies: list[memoryview | bytearray] = []
+        bodies: list[bytes | bytearray | memoryview] = []
         view = memoryview(data) if data is chunk else None
         pos, end, limit = 0, len(data), self.max_frame
         while end - pos >= HEADER_SIZE:

@@ -440,3 +440,27 @@ def test_serve_with_an_impossible_socket_path_creates_no_database(tmp_path):
         with pytest.raises(hashdb.ServerError, match="cannot create socket"):
             serve(str(tmp_path / "db"), sock, bits=BITS, install_signals=False)
         assert not (tmp_path / "db").exists()
+
+
+@settings(max_examples=200, deadline=None)
+@given(bodies=st.lists(st.binary(max_size=300), max_size=8), cuts=st.lists(st.integers(0, 3000), max_size=6))
+def test_frame_reader_returns_the_same_frames_however_the_stream_is_cut(bodies, cuts):
+    from hashdb.protocol import FrameReader, encode_frame
+
+    stream = b"".join(encode_frame(b) for b in bodies)
+    points = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
+    reader = FrameReader(max_frame=300)
+    got: list = []
+    for a, b in zip(points, points[1:], strict=False):
+        got.extend(reader.feed(stream[a:b]))
+    assert [bytes(g) for g in got] == bodies  # earlier bodies stay valid after later feeds
+    assert reader.buffered == 0 and reader.too_big is None
+
+
+def test_frame_reader_stops_at_a_frame_over_the_limit():
+    from hashdb.protocol import FrameReader, encode_frame
+
+    reader = FrameReader(max_frame=10)
+    stream = encode_frame(b"ok") + encode_frame(b"x" * 11) + encode_frame(b"no")
+    assert [bytes(b) for b in reader.feed(stream)] == [b"ok"]
+    assert reader.too_big == 11 and reader.feed(encode_frame(b"later")) == []
