@@ -90,7 +90,8 @@ def embedded_run(db: object, queries: list[bytes], r: int, depth: int, seconds: 
 
 
 def median_of(runs: list[dict]) -> dict:
-    return {name: float(np.median([run[name] for run in runs])) for name in ("qps", "p50", "p99")}
+    names = [name for name in ("qps", "p50", "p99", "cpu") if name in runs[0]]
+    return {name: float(np.median([run[name] for run in runs])) for name in names}
 
 
 def client_worker(sock_path: str, queries: list[bytes], r: int, depth: int, offset: int, start_at: float,
@@ -134,7 +135,16 @@ def client_worker(sock_path: str, queries: list[bytes], r: int, depth: int, offs
     out.put((n, elapsed, lat))
 
 
-def server_run(sock_path: str, queries: list[bytes], r: int, clients: int, depth: int, seconds: float) -> dict:
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process: what a request costs the server, whatever the machine's load."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_run(sock_path: str, server_pid: int, queries: list[bytes], r: int, clients: int, depth: int,
+               seconds: float) -> dict:  # fmt: skip
+    cpu0 = cpu_s(server_pid)
     ctx = mp.get_context("fork")
     out: mp.Queue = ctx.Queue()
     start_at = time.time() + 0.5 + 0.05 * clients
@@ -151,7 +161,8 @@ def server_run(sock_path: str, queries: list[bytes], r: int, clients: int, depth
     total = sum(n for n, _, _ in results)
     wall = max(elapsed for _, elapsed, _ in results)
     lat = np.concatenate([np.asarray(x) for _, _, x in results])
-    return {"qps": total / wall, "p50": pct(lat, 50), "p99": pct(lat, 99), "requests": total}
+    cpu_us = (cpu_s(server_pid) - cpu0) * 1e6 / (total + 50 * clients)  # 50 warm-up requests per client
+    return {"qps": total / wall, "p50": pct(lat, 50), "p99": pct(lat, 99), "requests": total, "cpu": cpu_us}
 
 
 def rss_mb(pid: int) -> float:
@@ -286,12 +297,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"{emb['single']['p50']:.1f} us; radius_many({args.depth}): {emb['batched']['qps']:.0f}/s",
                   flush=True)  # fmt: skip
             for c, depth in configs:
-                res = server_run(sock_path, queries, args.r, c, depth, args.seconds)
+                res = server_run(sock_path, server.pid, queries, args.r, c, depth, args.seconds)
                 socket_runs[(c, depth)].append(res)
                 if c == 1 and depth == 1:
                     overheads.append(res["p50"] - emb["single"]["p50"])
                 print(f"[{rep + 1}/{args.repeats}] server clients={c:2d} depth={depth:2d}: {res['qps']:8.0f} q/s  "
-                      f"p50 {res['p50']:8.1f} us  p99 {res['p99']:8.1f} us", flush=True)  # fmt: skip
+                      f"p50 {res['p50']:8.1f} us  p99 {res['p99']:8.1f} us  server CPU {res['cpu']:6.1f} us/req",
+                      flush=True)  # fmt: skip
         hostile = None
         if args.hostile_frames:
             hostile = hostile_run(sock_path, server.pid, queries, args.bits, args.hostile_frames, 2 * args.seconds)
@@ -319,16 +331,19 @@ def main(argv: list[str] | None = None) -> int:
         f"clients are separate processes on the same "
         f"machine as the server (they compete for the same cores). Build {build_s:.1f} s. {index_line}.",
         "",
-        "| path | clients | in flight per client | queries/s | p50 latency (us) | p99 latency (us) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| path | clients | in flight per client | queries/s | p50 latency (us) | p99 latency (us) "
+        "| server CPU (us/request) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         f"| embedded radius() | 1 thread | 1 | {emb['single']['qps']:,.0f} | {emb['single']['p50']:.1f} | "
-        f"{emb['single']['p99']:.1f} |",
+        f"{emb['single']['p99']:.1f} | |",
         f"| embedded radius_many() | 1 thread | {args.depth} (batch) | {emb['batched']['qps']:,.0f} | "
-        f"{emb['batched']['p50']:.1f} | {emb['batched']['p99']:.1f} |",
+        f"{emb['batched']['p50']:.1f} | {emb['batched']['p99']:.1f} | |",
     ]
     for c, depth, res in rows:
         how = "1" if depth == 1 else f"{depth} (pipelined)"
-        lines.append(f"| socket | {c} | {how} | {res['qps']:,.0f} | {res['p50']:.1f} | {res['p99']:.1f} |")
+        lines.append(
+            f"| socket | {c} | {how} | {res['qps']:,.0f} | {res['p50']:.1f} | {res['p99']:.1f} | {res['cpu']:.1f} |"
+        )
     lines += [
         "",
         f"Per-request overhead of the socket path at the median (1 client, sequential p50 minus embedded "
