@@ -297,7 +297,10 @@ class Server:
             self._accept_failures = 0
         self._accept_backoff = min(2 * self._accept_backoff, ACCEPT_BACKOFF_S[1])
         if self._listener is not None and self._accept_paused_until is None:
-            self._sel.unregister(self._listener.fileno())
+            try:
+                self._sel.unregister(self._listener.fileno())
+            except (KeyError, ValueError, OSError):
+                pass  # not registered (shutting down)
         self._accept_paused_until = now + pause
 
     def _resume_accepting(self) -> None:
