@@ -90,7 +90,8 @@ def embedded_run(db: object, queries: list[bytes], r: int, depth: int, seconds: 
 
 
 def median_of(runs: list[dict]) -> dict:
-    return {name: float(np.median([run[name] for run in runs])) for name in ("qps", "p50", "p99")}
+    names = [name for name in ("qps", "p50", "p99", "cpu") if name in runs[0]]
+    return {name: float(np.median([run[name] for run in runs])) for name in names}
 
 
 def client_worker(sock_path: str, queries: list[bytes], r: int, depth: int, offset: int, start_at: float,
@@ -134,7 +135,16 @@ def client_worker(sock_path: str, queries: list[bytes], r: int, depth: int, offs
     out.put((n, elapsed, lat))
 
 
-def server_run(sock_path: str, queries: list[bytes], r: int, clients: int, depth: int, seconds: float) -> dict:
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process: what a request costs the server, whatever the machine's load."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_run(sock_path: str, server_pid: int, queries: list[bytes], r: int, clients: int, depth: int,
+               seconds: float) -> dict:  # fmt: skip
+    cpu0 = cpu_s(server_pid)
     ctx = mp.get_context("fork")
     out: mp.Queue = ctx.Queue()
     start_at = time.time() + 0.5 + 0.05 * clients
@@ -151,7 +161,55 @@ def server_run(sock_path: str, queries: list[bytes], r: int, clients: int, depth
     total = sum(n for n, _, _ in results)
     wall = max(elapsed for _, elapsed, _ in results)
     lat = np.concatenate([np.asarray(x) for _, _, x in results])
-    return {"qps": total / wall, "p50": pct(lat, 50), "p99": pct(lat, 99), "requests": total}
+    cpu_us = (cpu_s(server_pid) - cpu0) * 1e6 / (total + 50 * clients)  # 50 warm-up requests per client
+    return {"qps": total / wall, "p50": pct(lat, 50), "p99": pct(lat, 99), "requests": total, "cpu": cpu_us}
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def ping_latencies(client: object, seconds: float) -> list[float]:
+    lat: list[float] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        s = time.perf_counter_ns()
+        client.ping()  # type: ignore[attr-defined]
+        lat.append((time.perf_counter_ns() - s) / 1000)
+        time.sleep(0.002)
+    return lat
+
+
+def hostile_run(sock_path: str, server_pid: int, queries: list[bytes], bits: int, frames: int, seconds: float) -> dict:
+    """A client sends ``frames`` radius r=bits requests (each answered by the whole database) in one write
+    and never reads; another client pings meanwhile. Returns ping latencies and the server's RSS."""
+    import msgpack
+
+    import hashdb
+    from hashdb.protocol import encode_frame
+
+    data = b"".join(
+        encode_frame(msgpack.packb({"id": i, "op": "radius", "code": queries[i], "r": bits})) for i in range(frames)
+    )
+    with hashdb.connect(sock_path, timeout=600) as client:
+        calm = ping_latencies(client, 1.0)
+        rss_before = rss_mb(server_pid)
+        hostile = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        hostile.connect(sock_path)
+        hostile.sendall(data)
+        t0 = time.perf_counter()
+        under = ping_latencies(client, seconds)
+        first_ms = under[0] / 1000 if under else float("nan")
+        rss_after = rss_mb(server_pid)
+        hostile.close()
+        elapsed = time.perf_counter() - t0
+    return {"bytes": len(data), "calm_p50": pct(calm, 50), "p50": pct(under, 50), "max": max(under),
+            "pings": len(under), "elapsed": elapsed, "first_ms": first_ms, "rss_before": rss_before,
+            "rss_after": rss_after}  # fmt: skip
 
 
 def wait_for(sock_path: str, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -181,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="measured time per configuration")
     parser.add_argument("--repeats", type=int, default=3, help="median over this many rounds")
     parser.add_argument("--quick", action="store_true", help="50k codes, 1 s per configuration, 1 round")
+    parser.add_argument("--hostile-frames", type=int, default=20,
+                        help="radius r=bits frames a never-reading client sends (0: skip that run)")  # fmt: skip
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = parser.parse_args(argv)
     if args.quick:
@@ -237,12 +297,19 @@ def main(argv: list[str] | None = None) -> int:
                   f"{emb['single']['p50']:.1f} us; radius_many({args.depth}): {emb['batched']['qps']:.0f}/s",
                   flush=True)  # fmt: skip
             for c, depth in configs:
-                res = server_run(sock_path, queries, args.r, c, depth, args.seconds)
+                res = server_run(sock_path, server.pid, queries, args.r, c, depth, args.seconds)
                 socket_runs[(c, depth)].append(res)
                 if c == 1 and depth == 1:
                     overheads.append(res["p50"] - emb["single"]["p50"])
                 print(f"[{rep + 1}/{args.repeats}] server clients={c:2d} depth={depth:2d}: {res['qps']:8.0f} q/s  "
-                      f"p50 {res['p50']:8.1f} us  p99 {res['p99']:8.1f} us", flush=True)  # fmt: skip
+                      f"p50 {res['p50']:8.1f} us  p99 {res['p99']:8.1f} us  server CPU {res['cpu']:6.1f} us/req",
+                      flush=True)  # fmt: skip
+        hostile = None
+        if args.hostile_frames:
+            hostile = hostile_run(sock_path, server.pid, queries, args.bits, args.hostile_frames, 2 * args.seconds)
+            print(f"hostile client: ping p50 {hostile['p50']:.0f} us (calm {hostile['calm_p50']:.0f} us), "
+                  f"max {hostile['max'] / 1000:.1f} ms; server RSS {hostile['rss_before']:.0f} -> "
+                  f"{hostile['rss_after']:.0f} MB", flush=True)  # fmt: skip
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
@@ -264,22 +331,34 @@ def main(argv: list[str] | None = None) -> int:
         f"clients are separate processes on the same "
         f"machine as the server (they compete for the same cores). Build {build_s:.1f} s. {index_line}.",
         "",
-        "| path | clients | in flight per client | queries/s | p50 latency (us) | p99 latency (us) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| path | clients | in flight per client | queries/s | p50 latency (us) | p99 latency (us) "
+        "| server CPU (us/request) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         f"| embedded radius() | 1 thread | 1 | {emb['single']['qps']:,.0f} | {emb['single']['p50']:.1f} | "
-        f"{emb['single']['p99']:.1f} |",
+        f"{emb['single']['p99']:.1f} | |",
         f"| embedded radius_many() | 1 thread | {args.depth} (batch) | {emb['batched']['qps']:,.0f} | "
-        f"{emb['batched']['p50']:.1f} | {emb['batched']['p99']:.1f} |",
+        f"{emb['batched']['p50']:.1f} | {emb['batched']['p99']:.1f} | |",
     ]
     for c, depth, res in rows:
         how = "1" if depth == 1 else f"{depth} (pipelined)"
-        lines.append(f"| socket | {c} | {how} | {res['qps']:,.0f} | {res['p50']:.1f} | {res['p99']:.1f} |")
+        lines.append(
+            f"| socket | {c} | {how} | {res['qps']:,.0f} | {res['p50']:.1f} | {res['p99']:.1f} | {res['cpu']:.1f} |"
+        )
     lines += [
         "",
         f"Per-request overhead of the socket path at the median (1 client, sequential p50 minus embedded "
         f"radius() p50 of the same round, median over rounds): **{overhead:.1f} us**. "
         f"Pipelined rows report the latency of a whole pipeline of "
         f"{args.depth} requests.",
+    ]
+    lines += [] if hostile is None else [
+        "",
+        f"Hostile client: one connection sends {args.hostile_frames} `radius` requests with r = {args.bits} "
+        f"(each answered by all {args.n:,} codes) in one {hostile['bytes']:,}-byte write and never reads; "
+        f"another client pings every 2 ms for {2 * args.seconds:g} s meanwhile: ping p50 "
+        f"**{hostile['p50']:.0f} us** (calm, just before: {hostile['calm_p50']:.0f} us), max "
+        f"{hostile['max'] / 1000:.1f} ms over {hostile['pings']} pings; server RSS {hostile['rss_before']:.0f} MB "
+        f"-> {hostile['rss_after']:.0f} MB.",
     ]
     body = "\n".join(lines)
     print()

@@ -8,10 +8,10 @@ queues many calls and sends them in one write, which is how to get high throughp
 
 from __future__ import annotations
 
+import collections
 import os
 import selectors
 import socket
-import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -20,10 +20,15 @@ import msgpack
 
 from .codes import many_to_bytes, to_bytes
 from .errors import HashDBError, InvalidArgument, InvalidMeta, ProtocolError, ServerError
-from .protocol import DEFAULT_MAX_FRAME, HEADER_SIZE, error_from_payload, unpack_body
-
-RECV_SIZE = 256 * 1024
-_HEADER = struct.Struct(">I")
+from .protocol import (
+    DEFAULT_MAX_FRAME,
+    MAX_KEYS_PAGE,
+    RECV_SIZE,
+    FrameReader,
+    encode_frame,
+    error_from_payload,
+    unpack_body,
+)
 
 Convert = Callable[[Any], Any] | None
 
@@ -102,6 +107,13 @@ class _Calls:
     def len(self) -> Any:
         return self._submit("len", {})
 
+    def keys_after(self, after: str | None = None, limit: int = MAX_KEYS_PAGE) -> Any:
+        """One page of keys in utf-8 byte order after ``after``; the server caps a page at MAX_KEYS_PAGE."""
+        args: dict[str, Any] = {"limit": _clamp(limit, MAX_KEYS_PAGE)}
+        if after is not None:
+            args["after"] = after
+        return self._submit("keys_after", args)
+
     def stats(self) -> Any:
         return self._submit("stats", {})
 
@@ -117,7 +129,8 @@ class Client(_Calls):
         self.timeout = timeout
         self._lock = threading.Lock()
         self._packer = msgpack.Packer(use_bin_type=True, autoreset=True)
-        self._rbuf = bytearray()
+        self._reader = FrameReader()  # replies have no size limit: the server bounds what it sends
+        self._frames: collections.deque[Any] = collections.deque()  # bodies read but not yet consumed
         self._next_id = 1
         self._sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
@@ -141,6 +154,19 @@ class Client(_Calls):
 
     def __contains__(self, key: object) -> bool:
         return self.contains(key)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[str]:
+        """Keys in utf-8 byte order, a page per request (HashDB's rule: concurrent writes may show)."""
+        after = None
+        while True:
+            page = self.keys_after(after)
+            if not page:
+                return
+            yield from page
+            after = page[-1]
+
+    def keys(self) -> list[str]:
+        return list(self)
 
     def __enter__(self) -> Client:
         return self
@@ -184,7 +210,7 @@ class Client(_Calls):
             raise ProtocolError(
                 f"{op} request of {len(body)} bytes exceeds the server's frame limit of {self.max_frame}; split it"
             )
-        return rid, _HEADER.pack(len(body)) + body
+        return rid, encode_frame(body)
 
     def _submit(self, op: str, args: dict[str, Any], convert: Convert = None) -> Any:
         with self._lock:
@@ -192,17 +218,7 @@ class Client(_Calls):
             rid, data = self._encode(op, args)
             try:
                 sock.sendall(data)
-                if not self._rbuf:  # the common case: the whole reply arrives in one recv, parse it in place
-                    chunk = sock.recv(RECV_SIZE)
-                    if len(chunk) >= HEADER_SIZE and len(chunk) == HEADER_SIZE + _HEADER.unpack_from(chunk)[0]:
-                        reply = unpack_body(memoryview(chunk)[HEADER_SIZE:])
-                    else:
-                        if not chunk:
-                            raise ServerError(f"the server at {self.path} closed the connection")
-                        self._rbuf += chunk
-                        reply = self._read_reply(sock)
-                else:
-                    reply = self._read_reply(sock)
+                reply = unpack_body(self._next_frame(sock))
             except TimeoutError:
                 self._break()
                 raise ServerError(f"timed out after {self.timeout} s waiting for {self.path}") from None
@@ -244,9 +260,8 @@ class Client(_Calls):
                             continue
                         if not data:
                             raise ServerError(f"the server at {self.path} closed the connection")
-                        self._rbuf += data
-                        replies.extend(self._frames_in_buffer())
-                if self._rbuf:
+                        replies.extend(unpack_body(body) for body in self._reader.feed(data))
+                if self._reader.buffered:
                     raise ProtocolError("the server sent more replies than requests")
             except BaseException:
                 self._break()
@@ -267,35 +282,18 @@ class Client(_Calls):
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-        self._rbuf.clear()
+        self._reader = FrameReader()
+        self._frames.clear()
 
-    def _frames_in_buffer(self) -> Iterator[Any]:
-        buf = self._rbuf
-        pos = 0
-        while len(buf) - pos >= HEADER_SIZE:
-            size = int.from_bytes(buf[pos : pos + HEADER_SIZE], "big")
-            if len(buf) - pos - HEADER_SIZE < size:
-                break
-            yield unpack_body(buf[pos + HEADER_SIZE : pos + HEADER_SIZE + size])
-            pos += HEADER_SIZE + size
-        del buf[:pos]
-
-    def _read_reply(self, sock: socket.socket) -> Any:
-        buf = self._rbuf
-        while True:
-            if len(buf) >= HEADER_SIZE:
-                size = int.from_bytes(buf[:HEADER_SIZE], "big")
-                if len(buf) >= HEADER_SIZE + size:
-                    reply = unpack_body(buf[HEADER_SIZE : HEADER_SIZE + size])
-                    del buf[: HEADER_SIZE + size]
-                    return reply
-            try:
-                data = sock.recv(RECV_SIZE)
-            except TimeoutError:
-                raise ServerError(f"timed out after {self.timeout} s waiting for {self.path}") from None
+    def _next_frame(self, sock: socket.socket) -> Any:
+        """The next reply body; in the common case the whole reply is one recv, sliced without a copy."""
+        frames = self._frames
+        while not frames:
+            data = sock.recv(RECV_SIZE)
             if not data:
                 raise ServerError(f"the server at {self.path} closed the connection")
-            buf += data
+            frames.extend(self._reader.feed(data))
+        return frames.popleft()
 
     def _result(self, reply: Any, rid: int, convert: Convert) -> Any:
         if not isinstance(reply, dict):

@@ -224,6 +224,49 @@ class HashDB:
         self._put(kb, matrix[np.fromiter(order, np.intp, len(order))].tobytes(), mb)
         return len(kb)
 
+    def write_batch(self, ops: Sequence[tuple[str, dict[str, Any]]]) -> list[Any]:
+        """Run writes in order: ``[("insert", {"key", "code", "meta"?}), ("delete", {"key"}), ...]``.
+
+        Returns one entry per op: its result, or the exception it raised (never raised; lmdb failures come
+        as StorageError), and the later ops still run. Inserts next to each other commit as one
+        insert_many (one transaction, one fsync), a key written twice taking its last code and meta as if
+        they ran one after the other; if that commit fails, nothing of it was written and each insert of
+        the group runs alone, so only a bad one gets the error. Ops: insert, insert_many, delete, delete_many.
+        """
+        results: list[Any] = []
+        i = 0
+        while i < len(ops):
+            j = i
+            while j < len(ops) and ops[j][0] == "insert":
+                j += 1
+            if j - i > 1:
+                group = [args for _, args in ops[i:j]]
+                try:
+                    metas = [a.get("meta") for a in group]
+                    self.insert_many([a["key"] for a in group], [a["code"] for a in group], metas)
+                except Exception:  # noqa: BLE001 - a bad entry or a failed commit: run them one by one below
+                    pass
+                else:
+                    results.extend([None] * len(group))
+                    i = j
+                    continue
+            for name, args in ops[i : max(j, i + 1)]:
+                results.append(self._write_one(name, args))
+            i = max(j, i + 1)
+        return results
+
+    def _write_one(self, name: str, args: dict[str, Any]) -> Any:
+        if name not in ("insert", "insert_many", "delete", "delete_many"):
+            return InvalidArgument(f"not a write operation: {name!r}")
+        try:
+            return getattr(self, name)(**args)
+        except TypeError as e:  # arguments that do not fit the method
+            return InvalidArgument(f"{name}: {e}")
+        except lmdb.Error as e:
+            return StorageError(f"{name} failed in LMDB: {e}")
+        except Exception as e:  # noqa: BLE001 - returned in the op's place, by contract
+            return e
+
     def _code_matrix(self, codes: Any) -> np.ndarray:
         """Codes as an (n, bits/8) uint8 matrix; an array input is converted without a step per row."""
         nb = self.bits // 8
@@ -332,6 +375,13 @@ class HashDB:
 
     def keys(self) -> list[str]:
         return list(self)
+
+    def keys_after(self, after: str | None = None, limit: int = ITER_CHUNK) -> list[str]:
+        """Up to ``limit`` keys in utf-8 byte order, strictly after ``after`` (from the first when None)."""
+        limit = _check_int("limit", limit, 1)
+        start = None if after is None else key_bytes(after)
+        with self._s.read() as txn:
+            return [kb.decode("utf-8") for kb in self._s.keys_after(txn, start, limit)]
 
     # ---------------------------------------------------------------------------------------- queries
 

@@ -8,6 +8,7 @@ A frame is a 4-byte big-endian length followed by that many bytes of one msgpack
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import msgpack
@@ -16,13 +17,19 @@ from .errors import ERROR_TYPES, HashDBError, ProtocolError, ServerError
 
 # 16 MiB holds an insert_many of ~250k codes of 256 bits with short keys; larger batches should be split.
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
-HEADER_SIZE = 4
+HEADER = struct.Struct(">I")
+HEADER_SIZE = HEADER.size
+# One recv of this size holds a whole reply or pipelined batch in the common case (both sides use it).
+RECV_SIZE = 256 * 1024
 PROTOCOL_VERSION = 1
+# Most keys one "keys_after" request may ask for: a page of 4096 keys of at most 511 bytes stays near 2 MiB.
+MAX_KEYS_PAGE = 4096
 
 READ, WRITE, INFO = "read", "write", "info"
 
 # op -> (kind, required arguments, optional arguments). Each maps onto the HashDB method of the same
-# name, except len / contains / ping (``len(db)``, ``key in db``, server information).
+# name, except len / contains / ping (``len(db)``, ``key in db``, server information); keys_after returns at
+# most MAX_KEYS_PAGE keys whatever its limit.
 OPS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "insert": (WRITE, ("key", "code"), ("meta",)),
     "insert_many": (WRITE, ("keys", "codes"), ("metas",)),
@@ -34,13 +41,66 @@ OPS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "len": (READ, (), ()),
     "contains": (READ, ("key",), ()),
     "stats": (READ, (), ()),
+    "keys_after": (READ, (), ("after", "limit")),
     "ping": (INFO, (), ()),
 }
 
 
-def frame(body: bytes) -> bytes:
-    """Prefix an encoded msgpack body with its length."""
-    return len(body).to_bytes(HEADER_SIZE, "big") + body
+def encode_frame(body: bytes) -> bytes:
+    """One frame: ``body`` (an encoded msgpack map) prefixed with its length."""
+    return HEADER.pack(len(body)) + body
+
+
+class FrameReader:
+    """Splits a byte stream into frame bodies, however the stream was cut into chunks.
+
+    ``feed(chunk)`` returns the bodies completed by ``chunk``, in order. When nothing is buffered, frames
+    are sliced out of ``chunk`` itself (memoryviews over the immutable bytes, no copy): the common case of
+    one recv holding whole frames costs no buffering. A header announcing more than ``max_frame`` bytes
+    sets ``too_big`` to that size and stops the reader (the rest of such a stream cannot be trusted).
+    """
+
+    __slots__ = ("max_frame", "too_big", "_buf")
+
+    def __init__(self, max_frame: int | None = None) -> None:
+        self.max_frame = max_frame
+        self.too_big: int | None = None
+        self._buf = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete frame held back for the next chunk."""
+        return len(self._buf)
+
+    def feed(self, chunk: bytes) -> list[bytes | bytearray | memoryview]:
+        if self.too_big is not None:
+            return []
+        if self._buf:
+            self._buf += chunk
+            data: bytes | bytearray = self._buf
+        else:
+            data = chunk
+        bodies: list[bytes | bytearray | memoryview] = []
+        view = memoryview(data) if data is chunk else None
+        pos, end, limit = 0, len(data), self.max_frame
+        while end - pos >= HEADER_SIZE:
+            size = HEADER.unpack_from(data, pos)[0]
+            if limit is not None and size > limit:
+                self.too_big = size
+                self._buf = bytearray()
+                return bodies
+            start = pos + HEADER_SIZE
+            if end - start < size:
+                break
+            # Slices of the bytearray are copies (it is cut below); views of an immutable chunk are not.
+            bodies.append(view[start : start + size] if view is not None else data[start : start + size])
+            pos = start + size
+        if view is not None:
+            if pos < end:
+                self._buf += view[pos:]
+        elif pos:
+            del self._buf[:pos]
+        return bodies
 
 
 def unpack_body(body: bytes | bytearray | memoryview) -> Any:

@@ -1,17 +1,22 @@
-"""A Unix-socket server in front of one HashDB: ``hashdb serve DB --socket PATH``.
+"""A Unix-socket server in front of one HashDB: ``hashdb serve DB --socket PATH``. The transport.
 
-One thread runs a selector loop that accepts connections, reads frames, answers every read request itself
-and packs replies; a single writer thread runs the writes, one at a time, so each is committed before its
-reply is sent. The loop holds no database logic: each op is one HashDB method call (see protocol.OPS).
+One thread runs an epoll loop that accepts connections, cuts their byte streams into frames
+(protocol.FrameReader), and sends replies. What is done with a request lives in dispatch.py: the loop
+answers cheap reads itself, a pool of reader threads runs the expensive ones (wide radius, kNN, many
+codes), and a single writer thread runs the writes through ``HashDB.write_batch`` (group commit), each
+committed before its reply is sent.
 
-Why a single loop thread and not a thread per client or a read pool: with the GIL, threads only add
-hand-off cost (a round trip to a worker thread and back through two SimpleQueues measured 5-11 us on this
-2-core machine) while a radius query costs HashDB about 20 us. Instead, every loop
-turn gathers the ready requests of all connections and answers the radius queries that share a radius with
-one ``radius_many`` call, and the writer commits the inserts waiting from several connections in one
-transaction (group commit: an fsync costs ~7.7 ms here). Pipelined requests on one connection are answered
-in order: while a write of a connection is in flight, its later requests wait (so a client always reads its
-own writes), while the other connections keep being served.
+Why cheap reads stay on the loop thread: with the GIL, threads only add hand-off cost (a round trip to a
+worker thread and back through two SimpleQueues measured 5-11 us on this 2-core machine) while a radius
+query costs HashDB about 20 us. Every loop turn gathers the ready requests of all connections and answers
+the radius queries that share a radius with one ``radius_many`` call. An expensive read would hold up
+every connection for its duration, so it goes to a reader thread (the GIL is shared, but the loop gets
+its turns). Pipelined requests on one connection are answered in order: while a write or an expensive
+read of a connection is in flight, its later requests wait (so a client always reads its own writes).
+
+Bounds per connection: it is not read while it pipelines MAX_PENDING requests ahead or has
+OUT_HIGH_WATER bytes of replies unsent, and none of its requests is started while its replies exceed
+OUT_HIGH_WATER, so a client that never reads costs the server at most that much memory, whatever it sent.
 """
 
 from __future__ import annotations
@@ -26,48 +31,46 @@ import selectors
 import signal
 import socket
 import stat
-import struct
 import threading
 import time
 from typing import Any
 
-import msgpack
-import numpy as np
-
-from .codes import to_bytes
-from .errors import HashDBError, ProtocolError, ServerError
-from .protocol import DEFAULT_MAX_FRAME, HEADER_SIZE, OPS, PROTOCOL_VERSION, READ, WRITE, error_payload, unpack_body
+from .dispatch import (
+    Request,
+    answer_reads,
+    encode_reply,
+    is_heavy,
+    is_write,
+    new_packer,
+    parse_request,
+    run,
+    run_writes,
+)
+from .dispatch import call as call
+from .errors import ProtocolError, ServerError
+from .protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, READ, RECV_SIZE, WRITE, FrameReader, unpack_body
 
 MAX_SOCKET_PATH = 108  # bytes in sun_path on Linux (what socket.bind accepts)
 log = logging.getLogger("hashdb.server")
 
-RECV_SIZE = 256 * 1024
 # Stop reading from a connection whose client does not read its replies (or pipelines this far ahead);
 # resume when it drains. Bounds the server's memory per connection.
 MAX_PENDING = 4096
-OUT_HIGH_WATER = 64 * 1024 * 1024
+OUT_HIGH_WATER = 16 * 1024 * 1024
+# Cheap reads one connection may have answered per loop turn, so one pipelining client cannot make a
+# turn (and the other clients' wait) arbitrarily long; the rest waits for the next turn.
+MAX_READS_PER_TURN = 64
+READ_THREADS = 2
+MAX_WRITE_GROUP = 1024  # writes the writer takes from its queue for one write_batch
 SHUTDOWN_GRACE_S = 10.0
+# Out of file descriptors, accept() fails at once for as long as the backlog is full: stop polling the
+# listener for a while (doubling up to a second) instead of spinning, and log it at most this often.
+ACCEPT_BACKOFF_S = (0.01, 1.0)
+ACCEPT_LOG_INTERVAL_S = 10.0
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
-_HEADER = struct.Struct(">I")
 _LISTENER = object()
-_NO_JOB = object()
 _WAKE = object()
-
-
-def _to_builtin(obj: Any) -> Any:
-    """msgpack fallback for numpy values a HashDB method may return (stats, distances)."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, tuple):
-        return list(obj)
-    raise TypeError(f"cannot serialize {type(obj).__name__}")
-
-
-def _new_packer() -> msgpack.Packer:
-    return msgpack.Packer(default=_to_builtin, use_bin_type=True, autoreset=True)
-
 
 READABLE, WRITABLE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
@@ -125,60 +128,16 @@ class _Poller:
             self._sel.close()  # type: ignore[union-attr]
 
 
-class _Request:
-    __slots__ = ("rid", "op", "args", "error")
-
-    def __init__(self, rid: Any, op: str | None, args: dict[str, Any] | None, error: HashDBError | None = None):
-        self.rid, self.op, self.args, self.error = rid, op, args, error
-
-
-# op -> (required arguments, every name a request of that op may carry)
-_SPECS = {op: (required, frozenset(required + optional + ("id", "op"))) for op, (_, required, optional) in OPS.items()}
-
-
-def parse_request(message: Any) -> _Request:
-    """Check a decoded request map against protocol.OPS; a bad one becomes a request carrying its error.
-
-    ``message`` is consumed: its arguments become the request's (it is a fresh map from the decoder)."""
-    if not isinstance(message, dict):
-        return _Request(None, None, None, ProtocolError(f"a request must be a map, got {type(message).__name__}"))
-    rid = message.pop("id", None)
-    op = message.pop("op", None)
-    spec = _SPECS.get(op) if type(op) is str else None
-    if spec is None:
-        return _Request(rid, None, None, ProtocolError(f"unknown op {op!r:.100}"))
-    required, allowed = spec
-    if not message.keys() <= allowed:
-        unknown = sorted(str(name) for name in message if name not in allowed)
-        return _Request(rid, op, None, ProtocolError(f"op {op!r} takes no argument {', '.join(unknown)}"))
-    for name in required:
-        if name not in message:
-            missing = [n for n in required if n not in message]
-            return _Request(rid, op, None, ProtocolError(f"op {op!r} is missing {', '.join(missing)}"))
-    return _Request(rid, op, message)
-
-
-def call(db: Any, op: str, args: dict[str, Any], info: dict[str, Any]) -> Any:
-    """Run one checked request against ``db``: the HashDB method of that name, len(), ``in``, or ping."""
-    if op == "len":
-        return len(db)
-    if op == "contains":
-        return args["key"] in db
-    if op == "ping":
-        return info
-    return getattr(db, op)(**args)
-
-
 class _Connection:
-    __slots__ = ("sock", "fd", "inbuf", "outbuf", "pending", "busy", "eof", "closing", "events", "closed")
+    __slots__ = ("sock", "fd", "reader", "outbuf", "pending", "busy", "eof", "closing", "events", "closed")
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, max_frame: int):
         self.sock = sock
         self.fd = sock.fileno()
-        self.inbuf = bytearray()
+        self.reader = FrameReader(max_frame)
         self.outbuf = bytearray()
-        self.pending: collections.deque[_Request] = collections.deque()
-        self.busy = False  # a write of this connection is with the writer thread
+        self.pending: collections.deque[Request] = collections.deque()
+        self.busy = False  # a write or an expensive read of this connection is with a worker thread
         self.eof = False  # the client shut down its sending side
         self.closing = False  # the stream cannot be re-synchronized: answer what we have, then close
         self.events = 0
@@ -186,6 +145,10 @@ class _Connection:
 
     def idle(self) -> bool:
         return not self.pending and not self.busy and not self.outbuf
+
+    def startable(self) -> bool:
+        """May its next request start now: nothing of it in flight, and its unsent replies under the bound."""
+        return bool(self.pending) and not self.busy and not self.closed and len(self.outbuf) < OUT_HIGH_WATER
 
 
 class Server:
@@ -210,14 +173,24 @@ class Server:
         self._conns: dict[int, _Connection] = {}
         self._ready: dict[int, _Connection] = {}  # connections with requests to dispatch (ordered set)
         self._dirty: dict[int, _Connection] = {}  # connections with replies to send
-        self._packer = _new_packer()
-        self._jobs: queue.SimpleQueue[tuple[_Connection, _Request] | None] = queue.SimpleQueue()
+        self._packer = new_packer()
+        # Work for the threads: (connection, request), None to stop. Answers come back through _done.
+        self._jobs: queue.SimpleQueue[tuple[_Connection, Request] | None] = queue.SimpleQueue()
+        self._read_jobs: queue.SimpleQueue[tuple[_Connection, Request] | None] = queue.SimpleQueue()
         self._done: collections.deque[tuple[_Connection, bytes]] = collections.deque()
-        self._writer = threading.Thread(target=self._writer_loop, name="hashdb-writer", daemon=True)
+        self._workers = [threading.Thread(target=self._writer_loop, name="hashdb-writer", daemon=True)]
+        self._workers += [
+            threading.Thread(target=self._reader_loop, name=f"hashdb-reader-{i}", daemon=True)
+            for i in range(READ_THREADS)
+        ]
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._stopping = False
+        self._accept_paused_until: float | None = None
+        self._accept_backoff = ACCEPT_BACKOFF_S[0]
+        self._accept_failures = 0  # since the last log line about them
+        self._accept_logged_at = -ACCEPT_LOG_INTERVAL_S
         self.ready = threading.Event()  # set once the socket accepts connections
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -245,7 +218,8 @@ class Server:
         assert self._listener is not None
         self._sel.register(self._listener.fileno(), READABLE, _LISTENER)
         self._sel.register(self._wake_r, READABLE, _WAKE)
-        self._writer.start()
+        for worker in self._workers:
+            worker.start()
         log.info("serving %s codes of %d bits on %s (pid %d)", _safe_len(self.db), self.bits, self.path, os.getpid())
         self.ready.set()
         try:
@@ -269,6 +243,14 @@ class Server:
     # -- the loop --------------------------------------------------------------------------------------
 
     def _turn(self, timeout: float | None) -> None:
+        if self._ready:
+            timeout = 0  # requests held back from the last turn
+        if self._accept_paused_until is not None:
+            left = self._accept_paused_until - time.monotonic()
+            if left <= 0:
+                self._resume_accepting()
+            else:
+                timeout = left if timeout is None else min(timeout, left)
         for data, mask in self._sel.poll(timeout):
             if data is _LISTENER:
                 self._accept()
@@ -279,7 +261,7 @@ class Server:
                     self._read(data)
                 if mask & WRITABLE and not data.closed:
                     self._dirty[data.fd] = data
-        self._collect_writes()
+        self._collect_done()
         if self._ready:
             self._dispatch()
         if self._dirty:
@@ -287,20 +269,44 @@ class Server:
 
     def _accept(self) -> bool:
         """Accept up to 64 waiting connections; True if there may be more."""
-        assert self._listener is not None
+        if self._listener is None or self._accept_paused_until is not None:
+            return False
         for _ in range(64):
             try:
                 sock, _addr = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return False
-            except OSError as e:  # e.g. EMFILE: keep serving the clients we have
-                log.error("accept failed: %s", e)
+            except OSError as e:  # keep serving the clients we have
+                self._accept_failed(e)
                 return False
+            self._accept_backoff = ACCEPT_BACKOFF_S[0]
             sock.setblocking(False)
-            conn = _Connection(sock)
+            conn = _Connection(sock, self.max_frame)
             self._conns[conn.fd] = conn
             self._update_events(conn)
         return True
+
+    def _accept_failed(self, e: OSError) -> None:
+        self._accept_failures += 1
+        pause = self._accept_backoff if e.errno in _OUT_OF_RESOURCES else ACCEPT_BACKOFF_S[1]
+        now = time.monotonic()
+        if now - self._accept_logged_at >= ACCEPT_LOG_INTERVAL_S:
+            more = f" ({self._accept_failures - 1} more since the last report)" if self._accept_failures > 1 else ""
+            log.error("accept failed: %s%s; not accepting for %.2f s", e.strerror or e, more, pause)
+            self._accept_logged_at = now
+            self._accept_failures = 0
+        self._accept_backoff = min(2 * self._accept_backoff, ACCEPT_BACKOFF_S[1])
+        if self._listener is not None and self._accept_paused_until is None:
+            try:
+                self._sel.unregister(self._listener.fileno())
+            except (KeyError, ValueError, OSError):
+                pass  # not registered (shutting down)
+        self._accept_paused_until = now + pause
+
+    def _resume_accepting(self) -> None:
+        self._accept_paused_until = None
+        if self._listener is not None and not self._stopping:
+            self._sel.register(self._listener.fileno(), READABLE, _LISTENER)
 
     def _read(self, conn: _Connection) -> None:
         try:
@@ -311,198 +317,142 @@ class Server:
             self._close(conn)
             return
         if not data:
-            conn.eof = True
-            if conn.inbuf:  # a truncated frame: nothing to answer it with
-                conn.inbuf.clear()
-            self._after_io(conn)
-            return
-        if not conn.inbuf and len(data) >= HEADER_SIZE:
-            size = _HEADER.unpack_from(data)[0]
-            if len(data) == HEADER_SIZE + size and size <= self.max_frame:
-                # The common case, one whole request per recv: decode it in place, no buffer copies.
-                try:
-                    request = parse_request(unpack_body(memoryview(data)[HEADER_SIZE:]))
-                except ProtocolError as e:
-                    request = _Request(None, None, None, e)
-                conn.pending.append(request)
-                if not conn.busy:
-                    self._ready[conn.fd] = conn
-                self._after_io(conn)
-                return
-        conn.inbuf += data
-        self._parse_frames(conn)
+            conn.eof = True  # a truncated frame left in the reader has nothing to answer it with
+        else:
+            self._take(conn, data)
         self._after_io(conn)
 
-    def _parse_frames(self, conn: _Connection) -> None:
-        buf = conn.inbuf
-        pos, end = 0, len(buf)
-        while end - pos >= HEADER_SIZE and not conn.closing:
-            size = _HEADER.unpack_from(buf, pos)[0]
-            if size > self.max_frame:
-                # The rest of the stream is likely garbage: answer once, then close.
-                too_big = ProtocolError(f"frame of {size} bytes exceeds the limit of {self.max_frame}")
-                conn.pending.append(_Request(None, None, None, too_big))
-                conn.closing = True
-                pos = end
-                break
-            if end - pos - HEADER_SIZE < size:
-                break
-            body = buf[pos + HEADER_SIZE : pos + HEADER_SIZE + size]
-            pos += HEADER_SIZE + size
+    def _take(self, conn: _Connection, data: bytes) -> None:
+        """Parse the frames ``data`` completes into pending requests."""
+        if conn.closing:
+            return
+        reader = conn.reader
+        for body in reader.feed(data):
             try:
                 request = parse_request(unpack_body(body))
             except ProtocolError as e:
-                request = _Request(None, None, None, e)
+                request = Request(None, None, None, e)
             conn.pending.append(request)
-        if pos:
-            del buf[:pos]
+        if reader.too_big is not None:
+            # The rest of the stream is likely garbage: answer once, then close.
+            too_big = ProtocolError(f"frame of {reader.too_big} bytes exceeds the limit of {self.max_frame}")
+            conn.pending.append(Request(None, None, None, too_big))
+            conn.closing = True
         if conn.pending and not conn.busy:
             self._ready[conn.fd] = conn
 
     def _dispatch(self) -> None:
-        """Answer the reads of every ready connection (radius queries batched); hand writes to the writer."""
-        reads: list[tuple[_Connection, _Request]] = []
-        writes: list[tuple[_Connection, _Request]] = []
-        for conn in self._ready.values():
-            if conn.closed:
-                continue
+        """Answer the cheap reads of every ready connection (radius queries batched); hand the rest to threads."""
+        ready, self._ready = self._ready, {}
+        conns: list[_Connection] = []
+        reads: list[Request] = []
+        heavy: list[tuple[_Connection, Request]] = []
+        writes: list[tuple[_Connection, Request]] = []
+        bits = self.bits
+        for conn in ready.values():
+            if not conn.startable():
+                continue  # in flight (resumes when it is answered) or too much unsent (when it drains)
             pending = conn.pending
+            taken = 0
             while pending:
+                if taken == MAX_READS_PER_TURN:
+                    self._ready[conn.fd] = conn
+                    break
                 request = pending.popleft()
-                if request.error is None and OPS[request.op][0] == WRITE:  # type: ignore[index]
+                if is_write(request):
                     writes.append((conn, request))
                     conn.busy = True
                     break
-                reads.append((conn, request))
-        self._ready.clear()
+                if is_heavy(request, bits):
+                    heavy.append((conn, request))
+                    conn.busy = True
+                    break
+                conns.append(conn)
+                reads.append(request)
+                taken += 1
         if reads:
-            self._answer_reads(reads)
+            packer = self._packer
+            for conn, request, (kind, value) in zip(
+                conns, reads, answer_reads(self.db, reads, self.info, bits), strict=True
+            ):
+                self._reply(conn, encode_reply(packer, request, kind, value))
         # Writes go out after this turn's reads ran, so a read pipelined before a write never sees it.
+        for job in heavy:
+            self._read_jobs.put(job)
         for job in writes:
             self._jobs.put(job)
 
-    def _answer_reads(self, reads: list[tuple[_Connection, _Request]]) -> None:
-        results: list[Any] = [None] * len(reads)
-        done = [False] * len(reads)
-        by_radius: dict[tuple[int, Any], list[int]] = {}
-        for i, (_conn, request) in enumerate(reads):
-            if request.op == "radius" and request.error is None:
-                args = request.args
-                r, force = args["r"], args.get("force")  # type: ignore[union-attr,index]
-                if type(r) is int and (force is None or type(force) is str):
-                    by_radius.setdefault((r, force), []).append(i)
-        for (r, force), indices in by_radius.items():
-            if len(indices) < 2:
-                continue
-            try:
-                codes = [to_bytes(reads[i][1].args["code"], self.bits) for i in indices]  # type: ignore[index]
-                answers = self.db.radius_many(codes, r, force=force)
-            except HashDBError:
-                continue  # answer one by one below, so each request gets its own error
-            for i, answer in zip(indices, answers, strict=True):
-                results[i] = ("ok", answer)
-                done[i] = True
-        packer = self._packer
-        for i, (conn, request) in enumerate(reads):
-            if not done[i]:
-                results[i] = self._run(request)
-            kind, value = results[i]
-            self._reply(conn, request, kind, value, packer)
-
-    def _run(self, request: _Request) -> tuple[str, Any]:
-        if request.error is not None:
-            return "error", request.error
-        try:
-            return "ok", call(self.db, request.op, request.args, self.info)  # type: ignore[arg-type]
-        except HashDBError as e:
-            return "error", e
-        except Exception as e:  # a bug in a layer below: answer, log, keep serving
-            log.exception("internal error in op %s", request.op)
-            return "error", e
-
-    def _reply(self, conn: _Connection, request: _Request, kind: str, value: Any, packer: msgpack.Packer) -> None:
-        body = self._encode(request, kind, value, packer)
+    def _reply(self, conn: _Connection, data: bytes) -> None:
         if conn.closed:
             return
-        conn.outbuf += _HEADER.pack(len(body))
-        conn.outbuf += body
+        conn.outbuf += data
         self.requests_served += 1
         self._dirty[conn.fd] = conn
 
-    @staticmethod
-    def _encode(request: _Request, kind: str, value: Any, packer: msgpack.Packer) -> bytes:
-        if kind == "error":
-            payload = error_payload(value)
-            if isinstance(value, ProtocolError):
-                log.warning("protocol error (op %s): %s", request.op, value)
-            else:
-                log.info("error reply to op %s: %s: %s", request.op, payload["type"], payload["message"])
-            return packer.pack({"id": request.rid, "error": payload})
-        try:
-            return packer.pack({"id": request.rid, "ok": value})
-        except Exception as e:
-            log.error("cannot encode the result of op %s: %s", request.op, e)
-            return packer.pack({"id": request.rid, "error": error_payload(ServerError(f"cannot encode result: {e}"))})
-
-    # -- writes ----------------------------------------------------------------------------------------
+    # -- worker threads --------------------------------------------------------------------------------
 
     def _writer_loop(self) -> None:
-        packer = _new_packer()  # Packer objects are not thread-safe: one per thread
-        carry: Any = _NO_JOB  # a job taken from the queue that must run after the current group
-        while True:
-            job = carry if carry is not _NO_JOB else self._jobs.get()
-            carry = _NO_JOB
+        packer = new_packer()  # Packer objects are not thread-safe: one per thread
+        stop = False
+        while not stop:
+            job = self._jobs.get()
             if job is None:
                 return
             group = [job]
-            if job[1].op == "insert":
-                # Group commit: inserts waiting from other connections share one transaction (one fsync).
-                keys = {job[1].args["key"]} if isinstance(job[1].args["key"], str) else None  # type: ignore[index]
-                while keys is not None:
-                    try:
-                        nxt = self._jobs.get_nowait()
-                    except queue.Empty:
-                        break
-                    key = nxt[1].args["key"] if nxt is not None and nxt[1].op == "insert" else None  # type: ignore[index]
-                    if not isinstance(key, str) or key in keys:  # anything else runs after this group
-                        carry = nxt
-                        break
-                    keys.add(key)
-                    group.append(nxt)
-            for conn, (kind, value), request in zip(
-                (c for c, _ in group), self.run_writes([r for _, r in group]), (r for _, r in group), strict=True
-            ):
-                self._done.append((conn, self._encode(request, kind, value, packer)))
-            self._wake()
-
-    def run_writes(self, requests: list[_Request]) -> list[tuple[str, Any]]:
-        """Results of write requests: several inserts (distinct keys) as one insert_many, else one by one.
-
-        If the combined insert fails, nothing of it was committed (one LMDB transaction), and each insert is
-        run alone so that only the bad one gets the error."""
-        if len(requests) > 1:
-            args = [r.args for r in requests]
+            # Group commit: writes waiting from other connections go to one write_batch (one fsync).
+            while len(group) < MAX_WRITE_GROUP:
+                try:
+                    nxt = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                group.append(nxt)
             try:
-                self.db.insert_many(
-                    [a["key"] for a in args],  # type: ignore[index]
-                    [a["code"] for a in args],  # type: ignore[index]
-                    [a.get("meta") for a in args],  # type: ignore[union-attr]
-                )
-                return [("ok", None)] * len(requests)
-            except HashDBError:
-                pass
-        return [self._run(request) for request in requests]
+                results = self.run_writes([request for _, request in group])
+            except BaseException as e:  # write_batch returns its errors; this is the last line of defence
+                log.exception("writer: write_batch failed")
+                results = [("error", e)] * len(group)
+            self._finish(packer, group, results)
 
-    def _collect_writes(self) -> None:
+    def run_writes(self, requests: list[Request]) -> list[tuple[str, Any]]:
+        """Results of write requests: ("ok", result) or ("error", exception), one per request.
+
+        Inserts next to each other commit together (HashDB.write_batch); if that commit fails, nothing of
+        it was written and each insert runs alone so that only the bad one gets the error."""
+        return run_writes(self.db, requests)
+
+    def _reader_loop(self) -> None:
+        packer = new_packer()
+        while True:
+            job = self._read_jobs.get()
+            if job is None:
+                return
+            try:
+                result = run(self.db, job[1], self.info)
+            except BaseException as e:  # run() answers errors itself; this is the last line of defence
+                log.exception("reader: op %s failed", job[1].op)
+                result = ("error", e)
+            self._finish(packer, [job], [result])
+
+    def _finish(self, packer: Any, jobs: list[tuple[_Connection, Request]], results: list[tuple[str, Any]]) -> None:
+        """From a worker thread: encode the replies and hand them to the loop."""
+        for (conn, request), (kind, value) in zip(jobs, results, strict=True):
+            try:
+                body = encode_reply(packer, request, kind, value)
+            except BaseException as e:  # noqa: BLE001 - the connection must get an answer, whatever happened
+                body = encode_reply(packer, request, "error", ServerError(f"cannot encode reply: {e}"))
+            self._done.append((conn, body))
+        self._wake()
+
+    def _collect_done(self) -> None:
         while self._done:
             conn, body = self._done.popleft()
             conn.busy = False
             if conn.closed:
                 continue
-            conn.outbuf += _HEADER.pack(len(body))
-            conn.outbuf += body
-            self.requests_served += 1
-            self._dirty[conn.fd] = conn
+            self._reply(conn, body)
             if conn.pending:
                 self._ready[conn.fd] = conn
 
@@ -536,6 +486,8 @@ class Server:
                 except OSError:  # the client went away; its pending replies have no reader
                     self._close(conn)
                     continue
+            if conn.startable():
+                self._ready[conn.fd] = conn  # it drained below the bound: its waiting requests may start
             self._after_io(conn)
 
     def _after_io(self, conn: _Connection) -> None:
@@ -584,9 +536,10 @@ class Server:
 
     def _drain(self) -> None:
         """Stop accepting; answer every request already received (and waiting in the kernel); then return."""
-        if self._listener is not None:  # clients already in the backlog sent their requests too: take them
-            while self._accept():
-                pass
+        if self._accept_paused_until is not None:
+            self._resume_accepting()
+        while self._accept():  # clients already in the backlog sent their requests too: take them
+            pass
         self._close_listener()
         for conn in list(self._conns.values()):
             self._read_available(conn)
@@ -612,8 +565,7 @@ class Server:
             if not data:
                 conn.eof = True
                 break
-            conn.inbuf += data
-            self._parse_frames(conn)
+            self._take(conn, data)
 
     def _close_listener(self) -> None:
         if self._listener is None:
@@ -630,9 +582,12 @@ class Server:
         self._close_listener()
         for conn in list(self._conns.values()):
             self._close(conn)
-        if self._writer.is_alive():
-            self._jobs.put(None)
-            self._writer.join()
+        self._jobs.put(None)
+        for _ in range(READ_THREADS):
+            self._read_jobs.put(None)
+        for worker in self._workers:
+            if worker.is_alive():
+                worker.join()
         self._sel.close()
         os.close(self._wake_r)
         os.close(self._wake_w)

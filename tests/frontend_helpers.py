@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from hashdb.server import Server
 
@@ -60,17 +62,52 @@ def wait_for_socket(path: str, proc: subprocess.Popen | None = None, timeout: fl
     raise AssertionError(f"no server on {path} after {timeout} s")
 
 
-def start_server_process(db_path: str, sock_path: str, *extra: str) -> subprocess.Popen:
+def start_server_process(
+    db_path: str, sock_path: str, *extra: str, stderr: Any = subprocess.PIPE, preexec_fn: Any = None
+) -> subprocess.Popen:
+    """``python -m hashdb serve`` as a subprocess, returned once its socket accepts connections.
+
+    ``preexec_fn`` runs in the child before exec (e.g. resource limits); ``stderr`` may be a file."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(
         [sys.executable, "-m", "hashdb", "serve", db_path, "--socket", sock_path, *extra],
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=stderr,
         env=env,
         cwd=str(REPO),
+        preexec_fn=preexec_fn,
     )
     wait_for_socket(sock_path, proc)
     return proc
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+    """Send ``sig`` (if still running) and wait; kill it if it does not exit in ``timeout`` s."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+            raise AssertionError(f"process {proc.pid} did not exit {timeout} s after signal {sig}") from None
+    return proc.returncode
+
+
+def process_rss(pid: int) -> int:
+    """Resident memory of a process in bytes (Linux /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_cli(*args: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -85,3 +122,39 @@ def run_cli(*args: str, stdin: str | None = None, timeout: float = 120) -> subpr
         cwd=str(REPO),
         timeout=timeout,
     )
+def raw_connect(path: str, timeout: float = 30) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    sock.connect(path)
+    return sock
+
+
+def frames(*messages: dict) -> bytes:
+    """Requests as one byte string of frames (to send in one write, pipelined)."""
+    import msgpack
+
+    bodies = [msgpack.packb(m, use_bin_type=True) for m in messages]
+    return b"".join(len(body).to_bytes(4, "big") + body for body in bodies)
+
+
+def read_reply(sock: socket.socket) -> dict | None:
+    """One reply, or None if the server closed the connection."""
+    import msgpack
+
+    header = _read_exactly(sock, 4)
+    if header is None:
+        return None
+    body = _read_exactly(sock, int.from_bytes(header, "big"))
+    assert body is not None, "connection closed inside a frame"
+    return msgpack.unpackb(body, raw=False)
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes | None:
+    chunks = []
+    while n:
+        chunk = sock.recv(min(n, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)

@@ -171,6 +171,22 @@ def test_garbage_and_half_frames_never_hurt_other_clients(served):
     assert sorted(db) == sorted(f"k{i}" for i in range(10))
 
 
+def test_a_page_of_keys_is_bounded_whatever_the_limit_asked(tmp_path):
+    from hashdb.protocol import MAX_KEYS_PAGE
+
+    db = HashDB(str(tmp_path / "db"), bits=BITS)
+    keys = [f"p{i:05d}" for i in range(MAX_KEYS_PAGE + 10)]
+    db.insert_many(keys, [code_of(i) for i in range(len(keys))])
+    path = short_socket_path(tmp_path)
+    with server_thread(db, path), raw_connect(path) as sock:
+        page = request(sock, id=1, op="keys_after", limit=10**9)["ok"]
+        assert page == keys[:MAX_KEYS_PAGE]
+        rest = request(sock, id=2, op="keys_after", after=page[-1])["ok"]
+        assert rest == keys[MAX_KEYS_PAGE:]
+        assert request(sock, id=3, op="keys_after", limit=0)["error"]["type"] == "InvalidArgument"
+    db.close()
+
+
 def test_pipelined_requests_are_answered_in_order_and_see_earlier_writes(served):
     _, path = served
     messages = [
@@ -424,3 +440,27 @@ def test_serve_with_an_impossible_socket_path_creates_no_database(tmp_path):
         with pytest.raises(hashdb.ServerError, match="cannot create socket"):
             serve(str(tmp_path / "db"), sock, bits=BITS, install_signals=False)
         assert not (tmp_path / "db").exists()
+
+
+@settings(max_examples=200, deadline=None)
+@given(bodies=st.lists(st.binary(max_size=300), max_size=8), cuts=st.lists(st.integers(0, 3000), max_size=6))
+def test_frame_reader_returns_the_same_frames_however_the_stream_is_cut(bodies, cuts):
+    from hashdb.protocol import FrameReader, encode_frame
+
+    stream = b"".join(encode_frame(b) for b in bodies)
+    points = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
+    reader = FrameReader(max_frame=300)
+    got: list = []
+    for a, b in zip(points, points[1:], strict=False):
+        got.extend(reader.feed(stream[a:b]))
+    assert [bytes(g) for g in got] == bodies  # earlier bodies stay valid after later feeds
+    assert reader.buffered == 0 and reader.too_big is None
+
+
+def test_frame_reader_stops_at_a_frame_over_the_limit():
+    from hashdb.protocol import FrameReader, encode_frame
+
+    reader = FrameReader(max_frame=10)
+    stream = encode_frame(b"ok") + encode_frame(b"x" * 11) + encode_frame(b"no")
+    assert [bytes(b) for b in reader.feed(stream)] == [b"ok"]
+    assert reader.too_big == 11 and reader.feed(encode_frame(b"later")) == []

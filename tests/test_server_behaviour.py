@@ -207,3 +207,15 @@ def test_radius_and_k_beyond_any_distance_mean_everything(db):
     assert db.knn(codes[0], 2**70) == everything
     with pytest.raises(hashdb.InvalidArgument):
         db.radius(codes[0], -(2**70))
+
+
+def test_iteration_len_and_in_cover_every_key_in_utf8_byte_order(db):
+    keys = [f"it{i:05d}" for i in range(5000)] + ["\u00e9t\u00e9", "Zed"]  # more than one page of keys
+    db.insert_many(keys, random_codes(len(keys), 11))
+    assert list(db) == sorted(keys, key=str.encode)
+    assert list(db)[0] == "Zed" and list(db)[-1] == "\u00e9t\u00e9"
+    assert len(db) == len(keys) and "it04999" in db and "nope" not in db
+    assert db.keys_after("it04997", 10) == ["it04998", "it04999", "\u00e9t\u00e9"]
+    assert db.keys_after(None, 2) == ["Zed", "it00000"]
+    with pytest.raises(hashdb.InvalidArgument):
+        db.keys_after(None, 0)
