@@ -238,6 +238,91 @@ def test_batchnorm_folding_leaves_the_code_unchanged(hasher: ModelHasher) -> Non
     assert hasher.hash(folded) == hasher.hash(sd)
 
 
+# Extreme positive scales (issue: codes moved from 1e20 on, and 1e25 models were refused). Every scale keeps the
+# weights inside float32's normal range, so the rescaled model is exactly representable up to rounding.
+
+
+def rescale_pairs(sd: dict[str, np.ndarray], scales: dict[str, np.ndarray], dtype: type = np.float32) -> dict:
+    """Multiply conv ``a``'s filters (and bias) by s and divide the next conv's input channels by s."""
+    out = {k: v.astype(np.float64) for k, v in sd.items()}
+    convs = [k for k, v in sd.items() if v.ndim >= 3]
+    for a, b in zip(convs, convs[1:], strict=False):
+        if a in scales:
+            s = scales[a]
+            out[a] *= s.reshape(-1, *[1] * (out[a].ndim - 1))
+            out[a.replace("weight", "bias")] *= s
+            out[b] /= s.reshape(1, -1, *[1] * (out[b].ndim - 2))
+    return {k: v.astype(dtype) for k, v in out.items()}
+
+
+def cnn_outputs(model: nn.Module, sd: dict[str, np.ndarray], x: torch.Tensor) -> torch.Tensor:
+    """The model's function evaluated in float64 with the weights ``sd`` (float32 would overflow at 1e30)."""
+    import copy
+
+    m = copy.deepcopy(model).double()
+    m.load_state_dict({k: torch.from_numpy(v.astype(np.float64)) for k, v in sd.items()})
+    return m(x.double())
+
+
+@pytest.mark.parametrize("exponent", [-30, -25, -20, 20, 22, 25, 30])
+def test_extreme_per_layer_rescaling_keeps_function_and_code(hasher: ModelHasher, exponent: int) -> None:
+    import warnings
+
+    model = make_cnn(8)
+    sd = numpy_sd(model)
+    first = next(k for k, v in sd.items() if v.ndim == 4)
+    scaled = rescale_pairs(sd, {first: np.full(sd[first].shape[0], 10.0**exponent)})
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = cnn_outputs(model, sd, x)
+    assert torch.allclose(cnn_outputs(model, scaled, x), ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow/underflow warning either
+        assert hasher.hash(scaled) == hasher.hash(sd)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_extreme_per_channel_rescaling_leaves_the_code_unchanged(hasher: ModelHasher, seed: int) -> None:
+    model = make_cnn(9)
+    sd = numpy_sd(model)
+    rng = np.random.default_rng(seed)
+    convs = [k for k, v in sd.items() if v.ndim == 4]
+    # each kernel of a middle layer is scaled by s_out / s_in: at most 1e28 either way, inside float32's range
+    scales = {k: 10.0 ** rng.uniform(-14, 14, sd[k].shape[0]) for k in convs[:-1]}
+    scaled = rescale_pairs(sd, scales)
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    ref = cnn_outputs(model, sd, x)
+    assert torch.allclose(cnn_outputs(model, scaled, x), ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+    assert hasher.hash(scaled) == hasher.hash(sd)
+    # a row scaling alone (BatchNorm folding taken to the limit): filters alternately times 1e30 and 1e-30
+    rows = {k: v.copy() for k, v in sd.items()}
+    mid = convs[1]
+    rows[mid] = rows[mid] * np.where(np.arange(len(rows[mid])) % 2, 1e30, 1e-30).astype(np.float32)[:, None, None, None]
+    assert hasher.hash(rows) == hasher.hash(sd)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-25, 1e25, 1e30])
+def test_scaling_the_whole_model_leaves_the_code_unchanged(hasher: ModelHasher, scale: float) -> None:
+    sd = numpy_sd(make_bn_cnn(3))
+    code = hasher.hash(sd)
+    assert hasher.hash({k: (v.astype(np.float64) * scale).astype(np.float32) for k, v in sd.items()}) == code
+    assert hasher.hash({k: v.astype(np.float64) * scale for k, v in sd.items()}) == code  # float64 source
+
+
+def test_rescaled_float16_and_float64_models_keep_their_code(hasher: ModelHasher) -> None:
+    sd = numpy_sd(make_cnn(11))
+    convs = [k for k, v in sd.items() if v.ndim == 4]
+    rng = np.random.default_rng(2)
+    # float64: the loader reads float32, so scales up to float32's range (per channel up to 1e18 each way)
+    s64 = {k: 10.0 ** rng.uniform(-18, 18, sd[k].shape[0]) for k in convs[:1]}
+    assert hasher.hash(rescale_pairs(sd, s64, np.float64)) == hasher.hash(sd)
+    # float16 holds 6e-5..65504 in its normal range: per-channel powers of two keep every value exact there
+    half = {k: v.astype(np.float16) for k, v in sd.items()}
+    s16 = {k: 2.0 ** rng.integers(-3, 7, sd[k].shape[0]) for k in convs[:1]}
+    scaled16 = rescale_pairs({k: v.astype(np.float32) for k, v in half.items()}, s16, np.float16)
+    assert scaled16[convs[0]].dtype == np.float16 and np.abs(scaled16[convs[0]]).max() > 8
+    assert hasher.hash(scaled16) == hasher.hash(half)
+
+
 # ---------------------------------------------------------------- sources and file formats
 
 
