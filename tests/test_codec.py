@@ -118,6 +118,43 @@ def test_hash_model_equals_hasher(hasher: ModelHasher) -> None:
     assert hash_model(m, bits=512) != hasher.hash(m)
 
 
+def test_features_are_what_the_code_binarizes(hasher: ModelHasher) -> None:
+    from hashdb.codec.encode import encode
+
+    m = make_cnn(12)
+    f = hasher.features(m)
+    assert f.shape == (hasher.directions, len(hasher.feature_names)) and f.dtype == np.float64
+    bits = (f > 0).T.reshape(-1)[: hasher.bits]  # 'sign' encoding, feature-major
+    assert np.array_equal(bits, hasher.hash_bits(m))
+    assert np.packbits(encode(f, 256, "sign", hasher.feature_names)).tobytes() == hasher.hash(m)
+    wide = ModelHasher(1024).features(m)  # more directions extend the same sequence
+    np.testing.assert_allclose(wide[: hasher.directions], f, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ModelFormatError, match="no convolution weights"):
+        hasher.features({"fc.weight": np.ones((4, 4), np.float32)})
+
+
+def test_hashing_runs_blas_on_one_thread_and_restores_it(hasher: ModelHasher, monkeypatch) -> None:
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from hashdb.codec import hasher as hasher_mod
+
+    def blas_threads() -> list[int]:
+        return [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+
+    seen: list[list[int]] = []
+    real = hasher_mod.projection_statistics
+
+    def spy(*args, **kwargs):
+        seen.append(blas_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hasher_mod, "projection_statistics", spy)
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        before = blas_threads()
+        hasher.hash(make_cnn(13))
+        assert blas_threads() == before  # the caller's setting is back
+    assert seen and all(t == [1] * len(t) for t in seen) and seen[0]
+
+
 # ---------------------------------------------------------------- determinism and lazy imports
 
 
@@ -140,6 +177,7 @@ def test_import_does_not_import_torch(tmp_path: Path) -> None:
     code = (
         "import sys, hashdb, hashdb.codec\n"
         "assert 'torch' not in sys.modules, 'import'\n"
+        "assert 'threadpoolctl' not in sys.modules and 'numba' not in sys.modules, 'import'\n"
         f"c = hashdb.codec.hash_model({str(tmp_path / 'm.npz')!r}, 256)\n"
         "assert 'torch' not in sys.modules, 'npz'\n"
         "print(c.hex())\n"
