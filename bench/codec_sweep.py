@@ -17,7 +17,6 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMB
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -35,23 +34,7 @@ FEAT_DIR = Path("/tmp/codec_sweep")
 
 def available_entries(lib: Any) -> list[Any]:
     """Entries whose trained parts are already in the zoo cache (never train here: the zoo owner does)."""
-    from bench import zoo
-
-    def cached(key: str) -> bool:
-        return (lib.cache_dir / zoo._cache_name(key)).exists()
-
-    out = []
-    for e in lib.entries:
-        if e.original is None:
-            ok = cached(e.key)
-        else:
-            ok = cached(e.original)
-            for i, st in enumerate(e.steps):
-                if st[0] in zoo.TRAINED:
-                    ok = ok and cached(f"{e.original}|" + json.dumps(e.steps[: i + 1], default=str))
-        if ok:
-            out.append(e)
-    return out
+    return [e for e in lib.entries if lib.is_cached(e)]
 
 
 def sweep_hasher(prune: float, max_kernels: int = 1 << 17, mode: str = "relative") -> Any:

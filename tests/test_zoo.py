@@ -85,7 +85,7 @@ def test_modifications_leave_the_original_untouched(trained) -> None:
 @pytest.mark.parametrize("fraction", [0.1, 0.3, 0.5, 0.7])
 def test_magnitude_pruning_reaches_the_asked_sparsity(trained, fraction) -> None:
     p = zoo.prune_magnitude(trained["vgg"], fraction)
-    for _, mod in zoo._weights(p):
+    for _, mod in zoo.weight_modules(p):
         w = mod.weight
         assert int((w == 0).sum()) == int(fraction * w.numel())
 
@@ -93,7 +93,7 @@ def test_magnitude_pruning_reaches_the_asked_sparsity(trained, fraction) -> None
 def test_pruning_an_already_pruned_model_still_hits_the_sparsity_exactly(trained) -> None:
     """Ties at zero: pruning 50 % of a 30 %-pruned model zeroes exactly 50 %, not more."""
     p = zoo.prune_magnitude(zoo.prune_magnitude(trained["resnet"], 0.3), 0.5)
-    for _, mod in zoo._weights(p):
+    for _, mod in zoo.weight_modules(p):
         assert int((mod.weight == 0).sum()) == int(0.5 * mod.weight.numel())
 
 
@@ -101,7 +101,7 @@ def test_pruning_an_already_pruned_model_still_hits_the_sparsity_exactly(trained
 def test_filter_pruning_zeroes_the_lowest_norm_filters(trained, fraction) -> None:
     m = trained["mobilenet"]
     p = zoo.prune_filters(m, fraction)
-    for (name, mod), (_, orig) in zip(zoo._weights(p), zoo._weights(m), strict=True):
+    for (name, mod), (_, orig) in zip(zoo.weight_modules(p), zoo.weight_modules(m), strict=True):
         if isinstance(mod, torch.nn.Linear):
             continue
         dead = mod.weight.flatten(1).abs().sum(1) == 0
@@ -113,7 +113,7 @@ def test_filter_pruning_zeroes_the_lowest_norm_filters(trained, fraction) -> Non
 
 def test_quantization_uses_at_most_255_levels_per_channel(trained) -> None:
     q = zoo.quantize(trained["plain"], 8, per_channel=True)
-    for _, mod in zoo._weights(q):
+    for _, mod in zoo.weight_modules(q):
         for row in mod.weight.flatten(1):
             assert len(torch.unique(row)) <= 255
 
