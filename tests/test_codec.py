@@ -18,8 +18,6 @@ from hashdb.codec import ModelHasher, hash_files, hash_model
 from hashdb.codec.nts import kurt_z, skew_z
 from hashdb.errors import InvalidArgument, ModelFormatError
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def make_cnn(seed: int, width: int = 16) -> nn.Sequential:
     torch.manual_seed(seed)
@@ -158,7 +156,7 @@ def test_hashing_runs_blas_on_one_thread_and_restores_it(hasher: ModelHasher, mo
 # ---------------------------------------------------------------- determinism and lazy imports
 
 
-def test_same_input_same_code_across_calls_and_processes(tmp_path: Path, hasher: ModelHasher) -> None:
+def test_same_input_same_code_across_calls_and_processes(tmp_path: Path, hasher: ModelHasher, repo: Path) -> None:
     m = make_cnn(2)
     path = tmp_path / "m.pt"
     torch.save(m.state_dict(), path)
@@ -166,12 +164,12 @@ def test_same_input_same_code_across_calls_and_processes(tmp_path: Path, hasher:
     assert hasher.hash(path) == here == hasher.hash(m) == hasher.hash(m.state_dict())
     out = subprocess.run(
         [sys.executable, "-c", f"from hashdb.codec import hash_model; print(hash_model({str(path)!r}, 256).hex())"],
-        capture_output=True, text=True, check=True, cwd=ROOT,
+        capture_output=True, text=True, check=True, cwd=repo,
     )  # fmt: skip
     assert out.stdout.strip() == here.hex()
 
 
-def test_import_does_not_import_torch(tmp_path: Path) -> None:
+def test_import_does_not_import_torch(tmp_path: Path, repo: Path) -> None:
     arrays = {k: v for k, v in numpy_sd(make_cnn(0)).items()}
     np.savez(tmp_path / "m.npz", **arrays)
     code = (
@@ -182,7 +180,7 @@ def test_import_does_not_import_torch(tmp_path: Path) -> None:
         "assert 'torch' not in sys.modules, 'npz'\n"
         "print(c.hex())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == hash_model(tmp_path / "m.npz", 256).hex()
 
@@ -496,6 +494,7 @@ def test_distinct_random_init_models_are_far_apart(hasher: ModelHasher) -> None:
     assert abs(np.mean(d) - hasher.bits / 2) < hasher.bits / 8
 
 
+@pytest.mark.slow
 def test_trained_model_and_light_copies_are_within_copy_radius(trained: nn.Sequential, hasher: ModelHasher) -> None:
     import copy
 
