@@ -202,7 +202,7 @@ def report(args: argparse.Namespace) -> None:
         f"`python3 bench/codec_sweep.py features --prune 0.5` then `python3 bench/codec_sweep.py report "
         f"{' '.join(sys.argv[2:])}`",
         "",
-        machine_line() + f"; {len(lib.entries)} library models (bench/zoo.py), definitions of bench/codec_bench.py",
+        machine_line() + f"; {len(lib.entries)} library models (bench/zoo/), definitions of bench/codec_bench.py",
         "",
         "| bits | copy_radius | recall light | precision light | mAP | mAP light | AUC light | best r (P/R) | "
         "distinct p1 / median | min distinct (original pairs) |",
