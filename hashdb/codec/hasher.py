@@ -40,6 +40,10 @@ class ModelHasher:
     test statistics per projection), ``encoding`` ('sign' | 'odd_sign' | 'median'), ``max_kernels``
     (largest kernels kept per kernel size: bounds the cost on big models), ``radius_fraction``
     (copy_radius / bits).
+
+    ``hash`` / ``hash_bits`` give the code; ``features`` the statistics it binarizes and ``pools`` the kernel
+    pools those come from (one pipeline for the product and the benchmarks); ``feature_names`` names the
+    columns of ``features``.
     """
 
     def __init__(
@@ -121,8 +125,8 @@ class ModelHasher:
         return encode(self.features(source), self.bits, self.encoding, names=self.feature_names)
 
     def features(self, source: Any) -> np.ndarray:
-        """The statistics the code binarizes: a float64 (directions, len(features)) array, direction-major
-        (``hash_bits`` = encode.encode of it). For benchmarks and tuning; the same pipeline as ``hash``."""
+        """The statistics the code binarizes: float64, one row per direction, one column per feature name
+        (``hash_bits`` is encode.encode of it). For benchmarks and tuning: the same pipeline as ``hash``."""
         where = _where(source)
         pools = self.pools(source)
         try:
