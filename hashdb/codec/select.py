@@ -144,7 +144,8 @@ def _balance(w: np.ndarray, sweeps: int, inplace: bool = False) -> tuple[np.ndar
                 break
     # log-norms of finite float32 kernels lie within about +-104, so these exponentials are finite in float64
     scale64 = np.exp(-row)[:, None] * np.exp(-col)[None, :]
-    scale = scale64.astype(np.float32)
+    with np.errstate(over="ignore"):  # checked just below
+        scale = scale64.astype(np.float32)
     if not (np.isfinite(scale).all() and scale.min() >= _F32_TINY):
         # The scale of a kernel is about 1 / its norm, which float32 cannot hold for norms near the ends of its
         # range (1/1e-40 overflows); the product itself is about 1, so form it in float64 and round once.
