@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -159,19 +160,22 @@ def _where(source: Any) -> str:
     return os.fspath(source) if isinstance(source, str | os.PathLike) else type(source).__name__
 
 
-_blas_controller: Any = None
+_blas_controller: tuple[int, Any] = (-1, None)  # (len(sys.modules) when made, threadpoolctl controller)
 
 
 def _one_blas_thread() -> Any:
-    """A context running numpy's BLAS on one thread. Hashing is many small products: BLAS threads there
-    only contend (40 models: 23.9 s with OpenBLAS's default threads on a loaded 2-core machine, 5.05 s with
-    one); parallel hashing is the job of worker processes. The controller is made once (about 2 ms)."""
+    """A context running the process's BLAS libraries on one thread. Hashing is many small products: BLAS
+    threads there only contend (40 models: 23.9 s with OpenBLAS's default threads on a loaded 2-core
+    machine, 5.05 s with one); parallel hashing is the job of worker processes. Making a controller costs
+    about 2 ms, so it is remade only when modules were imported since (e.g. scipy bringing its own BLAS)."""
     global _blas_controller
-    if _blas_controller is None:
+    n_modules, controller = _blas_controller
+    if controller is None or n_modules != len(sys.modules):
         from threadpoolctl import ThreadpoolController
 
-        _blas_controller = ThreadpoolController()
-    return _blas_controller.limit(limits=1, user_api="blas")
+        controller = ThreadpoolController()
+        _blas_controller = (len(sys.modules), controller)
+    return controller.limit(limits=1, user_api="blas")
 
 
 def hash_model(source: Any, bits: int = 256, **kwargs: Any) -> bytes:
