@@ -1,6 +1,6 @@
 """Codec benchmark: how well ModelHasher codes separate modified copies from distinct models, and how fast.
 
-    nice -n 10 python3 bench/codec_bench.py                      # full library (bench/zoo.py), writes "codec"
+    nice -n 10 python3 bench/codec_bench.py                      # full library (bench/zoo/), writes "codec"
     python3 bench/codec_bench.py --quick                         # small library smoke run, prints only
     python3 bench/codec_bench.py --hasher-kwargs '{"fraction": 0.3}' --no-write
 

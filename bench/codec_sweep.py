@@ -17,7 +17,6 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMB
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -35,47 +34,30 @@ FEAT_DIR = Path("/tmp/codec_sweep")
 
 def available_entries(lib: Any) -> list[Any]:
     """Entries whose trained parts are already in the zoo cache (never train here: the zoo owner does)."""
-    from bench import zoo
+    return [e for e in lib.entries if lib.is_cached(e)]
 
-    def cached(key: str) -> bool:
-        return (lib.cache_dir / zoo._cache_name(key)).exists()
 
-    out = []
-    for e in lib.entries:
-        if e.original is None:
-            ok = cached(e.key)
-        else:
-            ok = cached(e.original)
-            for i, st in enumerate(e.steps):
-                if st[0] in zoo.TRAINED:
-                    ok = ok and cached(f"{e.original}|" + json.dumps(e.steps[: i + 1], default=str))
-        if ok:
-            out.append(e)
-    return out
+def sweep_hasher(prune: float, max_kernels: int = 1 << 17, mode: str = "relative") -> Any:
+    """The ModelHasher whose pools and J_MAX directions the feature pass uses (2048 bits = 1024 directions)."""
+    from hashdb.codec import ModelHasher
+
+    return ModelHasher(2 * J_MAX, prune=prune, prune_rule=mode, max_kernels=max_kernels, features=ALL_FEATURES)
 
 
 def entry_features(
     sd: dict[str, np.ndarray], prune: float, max_kernels: int = 1 << 17, mode: str = "relative"
 ) -> dict[str, np.ndarray]:
     """Per variant ('base', 'sym' = symmetry-moved directions; '_w' = whitened) a (J_MAX, 2) array of
-    Stouffer-combined (skew z, kurt z), exactly the quantities ModelHasher combines."""
-    from hashdb.codec.load import load_tensors
-    from hashdb.codec.nts import MIN_SAMPLES, pool_direction_features
-    from hashdb.codec.select import cap_pool, conv_layers, important_kernels, kernel_pools
+    Stouffer-combined (skew z, kurt z). The pools are ModelHasher.pools and the pool selection is the codec's
+    own (nts.usable_pools), so 'base' - 'sym' is ModelHasher.features (compute_features checks it)."""
+    from hashdb.codec.nts import pool_direction_features, usable_pools
 
-    layers = conv_layers(load_tensors(sd))
-    if any(w[0, 0].size > 1 for w in layers):
-        layers = [w for w in layers if w[0, 0].size > 1]
-    pools = kernel_pools([(w.shape[2:], important_kernels(w, prune, mode)) for w in layers])
-    pools = [(ks, cap_pool(b, max_kernels)) for ks, b in pools]
-    sizes = [(sum(len(b) for b in blocks), blocks[0].shape[1]) for _, blocks in pools]
-    usable = [p for p, (n, k) in zip(pools, sizes, strict=True) if k > 1 and n >= MIN_SAMPLES]
+    pools = usable_pools(sweep_hasher(prune, max_kernels, mode).pools(sd))
     out = {v: np.zeros((J_MAX, 2)) for v in VARIANTS}
     wsum = 0.0
-    fs = ("skew", "kurt")
-    for kshape, blocks in usable:
+    for kshape, blocks in pools:
         for white in (False, True):
-            w, base, moved = pool_direction_features(kshape, blocks, J_MAX, fs, white)
+            w, base, moved = pool_direction_features(kshape, blocks, J_MAX, ALL_FEATURES, white)
             sfx = "_w" if white else ""
             out["base" + sfx] += w * base
             out["sym" + sfx] += w * (moved if moved is not None else 0.0)
@@ -112,6 +94,9 @@ def compute_features(
         for p in prunes:
             try:
                 f = entry_features(sd, p, max_kernels, mode)
+                if i == 0:  # the sweep evaluates exactly what the codec binarizes
+                    codec = sweep_hasher(p, max_kernels, mode).features(sd)
+                    np.testing.assert_allclose(f["base"] - f["sym"], codec, rtol=1e-5, atol=1e-5)
             except Exception as exc:  # noqa: BLE001 - a failed hash is a measured miss
                 print(f"  {e.key}: {type(exc).__name__}: {exc}")
                 f, good = {v: np.full((J_MAX, 2), np.nan, np.float32) for v in VARIANTS}, False
@@ -217,7 +202,7 @@ def report(args: argparse.Namespace) -> None:
         f"`python3 bench/codec_sweep.py features --prune 0.5` then `python3 bench/codec_sweep.py report "
         f"{' '.join(sys.argv[2:])}`",
         "",
-        machine_line() + f"; {len(lib.entries)} library models (bench/zoo.py), definitions of bench/codec_bench.py",
+        machine_line() + f"; {len(lib.entries)} library models (bench/zoo/), definitions of bench/codec_bench.py",
         "",
         "| bits | copy_radius | recall light | precision light | mAP | mAP light | AUC light | best r (P/R) | "
         "distinct p1 / median | min distinct (original pairs) |",
@@ -279,7 +264,7 @@ def speed(args: argparse.Namespace) -> None:
         ("load + find convs", timed(lambda: conv_layers(load_tensors(sd)))),
         ("balance + prune + balance", timed(lambda: [important_kernels(w, h.prune, h.prune_rule) for w in layers])),
         ("pool + cap", timed(lambda: [cap_pool(b, h.max_kernels) for _, b in kernel_pools(kernels)])),
-        ("moments + NTS", timed(lambda: projection_statistics(pools, h.directions, h.features))),
+        ("moments + NTS", timed(lambda: projection_statistics(pools, h.directions, h.feature_names))),
         ("ModelHasher.hash total", timed(lambda: h.hash(sd))),
         ("RandomProjectionHasher (bench baseline)", timed(lambda: base.hash(sd))),
     ]

@@ -1,4 +1,4 @@
-"""A small self-contained model library for tuning the codec before/alongside bench/zoo.py.
+"""A small self-contained model library for tuning the codec before/alongside bench/zoo/.
 
 Trains a few digits CNNs per architecture and seed, derives modified copies by editing state_dicts, and
 caches everything as numpy mappings in one .npz per model under --cache. ``evaluate_codes`` reports, per

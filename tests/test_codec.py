@@ -18,8 +18,6 @@ from hashdb.codec import ModelHasher, hash_files, hash_model
 from hashdb.codec.nts import kurt_z, skew_z
 from hashdb.errors import InvalidArgument, ModelFormatError
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def make_cnn(seed: int, width: int = 16) -> nn.Sequential:
     torch.manual_seed(seed)
@@ -118,10 +116,47 @@ def test_hash_model_equals_hasher(hasher: ModelHasher) -> None:
     assert hash_model(m, bits=512) != hasher.hash(m)
 
 
+def test_features_are_what_the_code_binarizes(hasher: ModelHasher) -> None:
+    from hashdb.codec.encode import encode
+
+    m = make_cnn(12)
+    f = hasher.features(m)
+    assert f.shape == (hasher.directions, len(hasher.feature_names)) and f.dtype == np.float64
+    bits = (f > 0).T.reshape(-1)[: hasher.bits]  # 'sign' encoding, feature-major
+    assert np.array_equal(bits, hasher.hash_bits(m))
+    assert np.packbits(encode(f, 256, "sign", hasher.feature_names)).tobytes() == hasher.hash(m)
+    wide = ModelHasher(1024).features(m)  # more directions extend the same sequence
+    np.testing.assert_allclose(wide[: hasher.directions], f, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ModelFormatError, match="no convolution weights"):
+        hasher.features({"fc.weight": np.ones((4, 4), np.float32)})
+
+
+def test_hashing_runs_blas_on_one_thread_and_restores_it(hasher: ModelHasher, monkeypatch) -> None:
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from hashdb.codec import hasher as hasher_mod
+
+    def blas_threads() -> list[int]:
+        return [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+
+    seen: list[list[int]] = []
+    real = hasher_mod.projection_statistics
+
+    def spy(*args, **kwargs):
+        seen.append(blas_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hasher_mod, "projection_statistics", spy)
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        before = blas_threads()
+        hasher.hash(make_cnn(13))
+        assert blas_threads() == before  # the caller's setting is back
+    assert seen and all(t == [1] * len(t) for t in seen) and seen[0]
+
+
 # ---------------------------------------------------------------- determinism and lazy imports
 
 
-def test_same_input_same_code_across_calls_and_processes(tmp_path: Path, hasher: ModelHasher) -> None:
+def test_same_input_same_code_across_calls_and_processes(tmp_path: Path, hasher: ModelHasher, repo: Path) -> None:
     m = make_cnn(2)
     path = tmp_path / "m.pt"
     torch.save(m.state_dict(), path)
@@ -129,22 +164,23 @@ def test_same_input_same_code_across_calls_and_processes(tmp_path: Path, hasher:
     assert hasher.hash(path) == here == hasher.hash(m) == hasher.hash(m.state_dict())
     out = subprocess.run(
         [sys.executable, "-c", f"from hashdb.codec import hash_model; print(hash_model({str(path)!r}, 256).hex())"],
-        capture_output=True, text=True, check=True, cwd=ROOT,
+        capture_output=True, text=True, check=True, cwd=repo,
     )  # fmt: skip
     assert out.stdout.strip() == here.hex()
 
 
-def test_import_does_not_import_torch(tmp_path: Path) -> None:
+def test_import_does_not_import_torch(tmp_path: Path, repo: Path) -> None:
     arrays = {k: v for k, v in numpy_sd(make_cnn(0)).items()}
     np.savez(tmp_path / "m.npz", **arrays)
     code = (
         "import sys, hashdb, hashdb.codec\n"
         "assert 'torch' not in sys.modules, 'import'\n"
+        "assert 'threadpoolctl' not in sys.modules and 'numba' not in sys.modules, 'import'\n"
         f"c = hashdb.codec.hash_model({str(tmp_path / 'm.npz')!r}, 256)\n"
         "assert 'torch' not in sys.modules, 'npz'\n"
         "print(c.hex())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == hash_model(tmp_path / "m.npz", 256).hex()
 
@@ -236,6 +272,91 @@ def test_batchnorm_folding_leaves_the_code_unchanged(hasher: ModelHasher) -> Non
         folded[f"{conv}.bias"] = sd[f"{bn}.bias"] - sd[f"{bn}.running_mean"] * g
     folded["8.weight"], folded["8.bias"] = sd["8.weight"], sd["8.bias"]
     assert hasher.hash(folded) == hasher.hash(sd)
+
+
+# Extreme positive scales (issue: codes moved from 1e20 on, and 1e25 models were refused). Every scale keeps the
+# weights inside float32's normal range, so the rescaled model is exactly representable up to rounding.
+
+
+def rescale_pairs(sd: dict[str, np.ndarray], scales: dict[str, np.ndarray], dtype: type = np.float32) -> dict:
+    """Multiply conv ``a``'s filters (and bias) by s and divide the next conv's input channels by s."""
+    out = {k: v.astype(np.float64) for k, v in sd.items()}
+    convs = [k for k, v in sd.items() if v.ndim >= 3]
+    for a, b in zip(convs, convs[1:], strict=False):
+        if a in scales:
+            s = scales[a]
+            out[a] *= s.reshape(-1, *[1] * (out[a].ndim - 1))
+            out[a.replace("weight", "bias")] *= s
+            out[b] /= s.reshape(1, -1, *[1] * (out[b].ndim - 2))
+    return {k: v.astype(dtype) for k, v in out.items()}
+
+
+def cnn_outputs(model: nn.Module, sd: dict[str, np.ndarray], x: torch.Tensor) -> torch.Tensor:
+    """The model's function evaluated in float64 with the weights ``sd`` (float32 would overflow at 1e30)."""
+    import copy
+
+    m = copy.deepcopy(model).double()
+    m.load_state_dict({k: torch.from_numpy(v.astype(np.float64)) for k, v in sd.items()})
+    return m(x.double())
+
+
+@pytest.mark.parametrize("exponent", [-30, -25, -20, 20, 22, 25, 30])
+def test_extreme_per_layer_rescaling_keeps_function_and_code(hasher: ModelHasher, exponent: int) -> None:
+    import warnings
+
+    model = make_cnn(8)
+    sd = numpy_sd(model)
+    first = next(k for k, v in sd.items() if v.ndim == 4)
+    scaled = rescale_pairs(sd, {first: np.full(sd[first].shape[0], 10.0**exponent)})
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = cnn_outputs(model, sd, x)
+    assert torch.allclose(cnn_outputs(model, scaled, x), ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow/underflow warning either
+        assert hasher.hash(scaled) == hasher.hash(sd)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_extreme_per_channel_rescaling_leaves_the_code_unchanged(hasher: ModelHasher, seed: int) -> None:
+    model = make_cnn(9)
+    sd = numpy_sd(model)
+    rng = np.random.default_rng(seed)
+    convs = [k for k, v in sd.items() if v.ndim == 4]
+    # each kernel of a middle layer is scaled by s_out / s_in: at most 1e28 either way, inside float32's range
+    scales = {k: 10.0 ** rng.uniform(-14, 14, sd[k].shape[0]) for k in convs[:-1]}
+    scaled = rescale_pairs(sd, scales)
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    ref = cnn_outputs(model, sd, x)
+    assert torch.allclose(cnn_outputs(model, scaled, x), ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+    assert hasher.hash(scaled) == hasher.hash(sd)
+    # a row scaling alone (BatchNorm folding taken to the limit): filters alternately times 1e30 and 1e-30
+    rows = {k: v.copy() for k, v in sd.items()}
+    mid = convs[1]
+    rows[mid] = rows[mid] * np.where(np.arange(len(rows[mid])) % 2, 1e30, 1e-30).astype(np.float32)[:, None, None, None]
+    assert hasher.hash(rows) == hasher.hash(sd)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-25, 1e25, 1e30])
+def test_scaling_the_whole_model_leaves_the_code_unchanged(hasher: ModelHasher, scale: float) -> None:
+    sd = numpy_sd(make_bn_cnn(3))
+    code = hasher.hash(sd)
+    assert hasher.hash({k: (v.astype(np.float64) * scale).astype(np.float32) for k, v in sd.items()}) == code
+    assert hasher.hash({k: v.astype(np.float64) * scale for k, v in sd.items()}) == code  # float64 source
+
+
+def test_rescaled_float16_and_float64_models_keep_their_code(hasher: ModelHasher) -> None:
+    sd = numpy_sd(make_cnn(11))
+    convs = [k for k, v in sd.items() if v.ndim == 4]
+    rng = np.random.default_rng(2)
+    # float64: the loader reads float32, so scales up to float32's range (per channel up to 1e18 each way)
+    s64 = {k: 10.0 ** rng.uniform(-18, 18, sd[k].shape[0]) for k in convs[:1]}
+    assert hasher.hash(rescale_pairs(sd, s64, np.float64)) == hasher.hash(sd)
+    # float16 holds 6e-5..65504 in its normal range: per-channel powers of two keep every value exact there
+    half = {k: v.astype(np.float16) for k, v in sd.items()}
+    s16 = {k: 2.0 ** rng.integers(-3, 7, sd[k].shape[0]) for k in convs[:1]}
+    scaled16 = rescale_pairs({k: v.astype(np.float32) for k, v in half.items()}, s16, np.float16)
+    assert scaled16[convs[0]].dtype == np.float16 and np.abs(scaled16[convs[0]]).max() > 8
+    assert hasher.hash(scaled16) == hasher.hash(half)
 
 
 # ---------------------------------------------------------------- sources and file formats
@@ -373,6 +494,7 @@ def test_distinct_random_init_models_are_far_apart(hasher: ModelHasher) -> None:
     assert abs(np.mean(d) - hasher.bits / 2) < hasher.bits / 8
 
 
+@pytest.mark.slow
 def test_trained_model_and_light_copies_are_within_copy_radius(trained: nn.Sequential, hasher: ModelHasher) -> None:
     import copy
 

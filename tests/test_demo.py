@@ -10,6 +10,7 @@ from hashdb import HashDB
 from hashdb.demo import main
 
 
+@pytest.mark.slow
 def test_demo_finds_every_copy_of_its_trained_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--dir", str(tmp_path), "--seeds", "1"]) == 0
     out = capsys.readouterr().out

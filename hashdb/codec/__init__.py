@@ -1,9 +1,12 @@
 """Perceptual hashing of CNN weights: lightly modified copies of a model get nearby codes.
 
 ``ModelHasher(bits).hash(source)`` -> ``bytes`` of length bits/8. The pipeline (docs/codec.md): load the
-tensors (load.py), keep the convolution kernels and make them invariant to channel permutation and positive
-rescaling (select.py), rank kernels by importance and cut them into segments, compute normal test statistics
-per segment (nts.py), binarize (encode.py). Importing this package does not import torch.
+tensors (load.py); keep the convolution kernels, balance each layer so that any positive per-filter,
+per-channel or per-layer scale cancels, drop the small balanced weights and pool the kernels of each kernel
+shape into one order-free multiset (select.py); project every pool on fixed pseudo-random directions and take
+normal test statistics of the projections, each contrasted with its rotated/reflected twin (nts.py);
+binarize their signs (encode.py). ``ModelHasher.features`` gives the statistics before binarization.
+Importing this package does not import torch.
 """
 
 from __future__ import annotations

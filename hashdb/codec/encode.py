@@ -1,11 +1,11 @@
 """Projection features -> bits, deterministic and free of any per-architecture reference data.
 
-- 'odd_sign' (default): odd statistics (skewness, mean) are compared with 0: their expectation
-  is zero for any sign-symmetric weight distribution, so for an unrelated model the bit is a fair coin.
-  Even statistics (kurtosis, K^2) have no such natural zero and are compared with their median over the
-  model's directions (balanced bits).
+- 'sign' (ModelHasher's default): every feature against 0. With the dihedral contrast (nts.py) every
+  feature is a difference stat(r) - stat(g r) whose expectation is zero for an unrelated model, so each
+  bit is a fair coin.
+- 'odd_sign': odd statistics (skewness, mean) against 0, even ones (kurtosis, K^2), which have no natural
+  zero without the contrast, against their median over the model's directions (balanced bits).
 - 'median': every feature against its median over directions.
-- 'sign': every feature against 0.
 
 Bits are feature-major: all directions' first feature, then all directions' second feature, ...
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -13,7 +14,7 @@ from ..errors import InvalidArgument, ModelFormatError
 from .encode import ENCODINGS, encode
 from .load import load_tensors
 from .nts import CONTRASTS, FEATURES, projection_statistics
-from .select import PRUNE_RULES, cap_pool, conv_layers, important_kernels, kernel_pools
+from .select import PRUNE_RULES, Pool, cap_pool, conv_layers, important_kernels, kernel_pools
 
 CODEC_VERSION = "nts-dihedral-2"
 
@@ -40,6 +41,10 @@ class ModelHasher:
     test statistics per projection), ``encoding`` ('sign' | 'odd_sign' | 'median'), ``max_kernels``
     (largest kernels kept per kernel size: bounds the cost on big models), ``radius_fraction``
     (copy_radius / bits).
+
+    ``hash`` / ``hash_bits`` give the code; ``features`` the statistics it binarizes and ``pools`` the kernel
+    pools those come from (one pipeline for the product and the benchmarks); ``feature_names`` names the
+    columns of ``features``.
     """
 
     def __init__(
@@ -78,7 +83,7 @@ class ModelHasher:
         self.prune = float(prune)
         self.prune_rule = prune_rule
         self.include_linear = bool(include_linear)
-        self.features = features
+        self.feature_names = features  # the statistic of each column of features()
         self.encoding = encoding
         self.directions = -(-self.bits // len(features))
         self.radius_fraction = radius_fraction_for(self.bits) if radius_fraction is None else float(radius_fraction)
@@ -100,7 +105,7 @@ class ModelHasher:
             "prune": self.prune,
             "prune_rule": self.prune_rule,
             "include_linear": self.include_linear,
-            "features": list(self.features),
+            "features": list(self.feature_names),
             "encoding": self.encoding,
             "contrast": self.contrast,
             "directions": self.directions,
@@ -118,7 +123,22 @@ class ModelHasher:
 
     def hash_bits(self, source: Any) -> np.ndarray:
         """The code as a bool vector of length ``bits`` (bit i is the i-th packbits bit)."""
-        where = os.fspath(source) if isinstance(source, str | os.PathLike) else type(source).__name__
+        return encode(self.features(source), self.bits, self.encoding, names=self.feature_names)
+
+    def features(self, source: Any) -> np.ndarray:
+        """The statistics the code binarizes: float64, one row per direction, one column per feature name
+        (``hash_bits`` is encode.encode of it). For benchmarks and tuning: the same pipeline as ``hash``."""
+        where = _where(source)
+        pools = self.pools(source)
+        try:
+            with _one_blas_thread():
+                return projection_statistics(pools, self.directions, self.feature_names, contrast=self.contrast)
+        except (ModelFormatError, ValueError) as exc:
+            raise ModelFormatError(f"{where}: {exc}") from None
+
+    def pools(self, source: Any) -> list[Pool]:
+        """The capped kernel pools of one model (load -> select): what ``features`` projects."""
+        where = _where(source)
         tensors = load_tensors(source)
         layers = conv_layers(tensors, layout=self.layout, include_linear=self.include_linear)
         if not layers:
@@ -129,12 +149,33 @@ class ModelHasher:
         if any(w[0, 0].size > 1 for w in layers):  # 1x1 kernels have no direction to project on: skip their cost
             layers = [w for w in layers if w[0, 0].size > 1]
         try:
-            pools = kernel_pools([(w.shape[2:], important_kernels(w, self.prune, self.prune_rule)) for w in layers])
-            pools = [(ks, cap_pool(blocks, self.max_kernels)) for ks, blocks in pools]
-            stats = projection_statistics(pools, self.directions, self.features, contrast=self.contrast)
+            with _one_blas_thread():
+                pools = kernel_pools([(w.shape[2:], important_kernels(w, self.prune, self.prune_rule)) for w in layers])
+                return [(ks, cap_pool(blocks, self.max_kernels)) for ks, blocks in pools]
         except (ModelFormatError, ValueError) as exc:
             raise ModelFormatError(f"{where}: {exc}") from None
-        return encode(stats, self.bits, self.encoding, names=self.features)
+
+
+def _where(source: Any) -> str:
+    return os.fspath(source) if isinstance(source, str | os.PathLike) else type(source).__name__
+
+
+_blas_controller: tuple[int, Any] = (-1, None)  # (len(sys.modules) when made, threadpoolctl controller)
+
+
+def _one_blas_thread() -> Any:
+    """A context running the process's BLAS libraries on one thread. Hashing is many small products: BLAS
+    threads there only contend (40 models: 23.9 s with OpenBLAS's default threads on a loaded 2-core
+    machine, 5.05 s with one); parallel hashing is the job of worker processes. Making a controller costs
+    about 2 ms, so it is remade only when modules were imported since (e.g. scipy bringing its own BLAS)."""
+    global _blas_controller
+    n_modules, controller = _blas_controller
+    if controller is None or n_modules != len(sys.modules):
+        from threadpoolctl import ThreadpoolController
+
+        controller = ThreadpoolController()
+        _blas_controller = (len(sys.modules), controller)
+    return controller.limit(limits=1, user_api="blas")
 
 
 def hash_model(source: Any, bits: int = 256, **kwargs: Any) -> bytes:

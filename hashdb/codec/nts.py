@@ -1,9 +1,13 @@
-"""Normal test statistics (NTS) of projected weight multisets, vectorized, float64, numpy only.
+"""Normal test statistics (NTS) of kernel pools projected on fixed directions, vectorized, float64, numpy only.
 
-The z-scores follow D'Agostino (1970) for skewness, Anscombe & Glynn (1983) for kurtosis, and their sum of
-squares is D'Agostino-Pearson's K^2; these are the formulas scipy.stats.skewtest / kurtosistest / normaltest
-implement (the tests check agreement). Every statistic here is invariant to a positive scale of the segment,
-and the z-transforms make segments of different sizes comparable.
+Each pool (the multiset of balanced kernels of one kernel shape, select.py) is projected on J fixed
+pseudo-random unit directions; the first four moments of every projection follow from the pool's moment
+tensors (``pool_moments``: a few BLAS products, so any number of directions is cheap). The z-scores follow
+D'Agostino (1970) for skewness, Anscombe & Glynn (1983) for kurtosis, and their sum of squares is
+D'Agostino-Pearson's K^2; these are the formulas scipy.stats.skewtest / kurtosistest / normaltest implement
+(the tests check agreement). Every statistic is invariant to a positive scale of the projections, and the
+z-transforms make pools of different sizes comparable. ``projection_statistics`` contrasts each direction
+with its rotated/reflected twin and combines the pools per direction with Stouffer weights.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from .select import Pool
 
 FEATURES = ("skew", "kurt", "k2", "mean")
 CONTRASTS = ("dihedral", "none")
@@ -219,8 +225,20 @@ def pool_direction_features(
     return float(np.sqrt(mom.n)), base, moved
 
 
+def usable_pools(pools: Sequence[Pool]) -> list[Pool]:
+    """The pools that get directions: those of at least MIN_SAMPLES kernels with more than one value, or,
+    when a model has none, its 1x1 pools (one direction's worth of information). ValueError if nothing is left."""
+    sizes = [(sum(len(b) for b in blocks), blocks[0].shape[1]) for _, blocks in pools]
+    usable = [p for p, (n, k) in zip(pools, sizes, strict=True) if k > 1 and n >= MIN_SAMPLES] or [
+        p for p, (n, _) in zip(pools, sizes, strict=True) if n >= MIN_SAMPLES
+    ]
+    if not usable:
+        raise ValueError(f"fewer than {MIN_SAMPLES} non-zero kernels")
+    return usable
+
+
 def projection_statistics(
-    pools: Sequence[tuple[tuple[int, ...], Sequence[np.ndarray]]],
+    pools: Sequence[Pool],
     n_directions: int,
     features: Sequence[str],
     whiten: bool = False,
@@ -241,12 +259,7 @@ def projection_statistics(
     """
     if contrast not in CONTRASTS:
         raise ValueError(f"unknown contrast {contrast!r}")
-    sizes = [(sum(len(b) for b in blocks), blocks[0].shape[1]) for _, blocks in pools]
-    usable = [p for p, (n, k) in zip(pools, sizes, strict=True) if k > 1 and n >= MIN_SAMPLES] or [
-        p for p, (n, _) in zip(pools, sizes, strict=True) if n >= MIN_SAMPLES
-    ]
-    if not usable:
-        raise ValueError(f"fewer than {MIN_SAMPLES} non-zero kernels")
+    usable = usable_pools(pools)
     total = np.zeros((n_directions, len(features)))
     weight = 0.0
     for kshape, blocks in usable:

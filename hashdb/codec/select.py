@@ -10,7 +10,10 @@ Steps, each a pure function over numpy arrays:
    each kernel is multiplied by exp(-row effect - column effect). A ReLU network's function-preserving
    rescaling (row o of layer l times a, column o of layer l+1 divided by a), a per-layer scale and BatchNorm
    folding (a row scaling) all leave the balanced layer unchanged, and a channel permutation only permutes
-   it. Balanced values are rounded to float32 so that such transformations give bit-identical values.
+   it. This holds across float32's whole range: kernel norms whose squares would overflow or underflow
+   float32 are summed in float64, and scales float32 cannot hold are applied in float64 (``kernel_sq_norms``,
+   ``_balance``), so a rescaling by 1e30 or 1e-30 gives the code of the unscaled model. Balanced values are
+   rounded to float32 so that such transformations give (nearly always bit-) identical values.
 3. ``important_kernels``: magnitude-prune each balanced layer ourselves (compression theory: the small
    weights carry little of the function) and re-balance, so that pruning attacks remove what we ignore.
 4. ``kernel_pools``: pool the non-zero balanced kernels of all layers by kernel size (an order-free
@@ -98,10 +101,30 @@ def conv_layers(
     return out
 
 
+# Kernel norms are summed in float32 (fast, and the values every existing code was made with) unless a squared
+# norm leaves the range where float32 sums are accurate: over it the squares overflow (a kernel of values
+# 1e20), under it they underflow (values 1e-23 square to 0, and the kernel would pass for pruned). Those
+# kernels are summed again in float64, where the square of any finite float32 is a normal number.
+_SQ_MIN = 2.0**-100  # squared norms below this (~8e-31) may have lost bits to float32 underflow
+_F32_TINY = float(np.finfo(np.float32).tiny)
+
+
+def kernel_sq_norms(w: np.ndarray) -> np.ndarray:
+    """Squared norms of the kernels of an (out, in, k) float32 layer as float64 (out, in), accurate for any
+    finite float32 values: a function-preserving rescaling by 1e30 or 1e-30 gives the rescaled norms."""
+    with np.errstate(over="ignore", under="ignore"):
+        sq = np.einsum("oik,oik->oi", w, w).astype(np.float64)
+    redo = ~(sq >= _SQ_MIN) | ~np.isfinite(sq)  # includes exact zeros, which float64 keeps at zero
+    if redo.any():
+        w64 = w[redo].astype(np.float64)
+        sq[redo] = np.einsum("nk,nk->n", w64, w64)
+    return sq
+
+
 def _balance(w: np.ndarray, sweeps: int, inplace: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(balanced float32 layer without all-zero rows/columns, its kernels' non-zero mask); ``inplace`` lets
     it scale ``w`` itself when no row or column had to be removed."""
-    norms = np.sqrt(np.einsum("oik,oik->oi", w, w).astype(np.float64))
+    norms = np.sqrt(kernel_sq_norms(w))
     rows = norms.max(axis=1) > 0
     cols = norms.max(axis=0) > 0
     if not rows.all() or not cols.all():
@@ -126,7 +149,14 @@ def _balance(w: np.ndarray, sweeps: int, inplace: bool = False) -> tuple[np.ndar
             col = new_col
             if done:
                 break
-    scale = (np.exp(-row)[:, None] * np.exp(-col)[None, :]).astype(np.float32)
+    # log-norms of finite float32 kernels lie within about +-104, so these exponentials are finite in float64
+    scale64 = np.exp(-row)[:, None] * np.exp(-col)[None, :]
+    with np.errstate(over="ignore"):  # checked just below
+        scale = scale64.astype(np.float32)
+    if not (np.isfinite(scale).all() and scale.min() >= _F32_TINY):
+        # The scale of a kernel is about 1 / its norm, which float32 cannot hold for norms near the ends of its
+        # range (1/1e-40 overflows); the product itself is about 1, so form it in float64 and round once.
+        return (w * scale64[:, :, None]).astype(np.float32), mask
     if inplace and w.flags.writeable and w.dtype == np.float32:
         w *= scale[:, :, None]
         return w, mask
