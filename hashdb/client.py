@@ -108,6 +108,9 @@ class _Calls:
     def ping(self) -> Any:
         return self._submit("ping", {})
 
+    def set_codec(self, config: dict[str, Any] | None) -> Any:
+        return self._submit("set_codec", {"config": config})
+
 
 class Client(_Calls):
     """A connection to a hashdb server; see the module docstring. Use ``hashdb.connect(path)``."""
@@ -133,6 +136,11 @@ class Client(_Calls):
         self.bits = int(info["bits"])
         self.max_frame = int(info["max_frame"])
         self.server_info: dict[str, Any] = info
+
+    @property
+    def codec(self) -> dict[str, Any] | None:
+        """The codec configuration stored with the served database (None if never set)."""
+        return self._submit("codec", {})
 
     # -- HashDB's dunder protocol ----------------------------------------------------------------------
 

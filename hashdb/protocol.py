@@ -22,12 +22,15 @@ PROTOCOL_VERSION = 1
 READ, WRITE, INFO = "read", "write", "info"
 
 # op -> (kind, required arguments, optional arguments). Each maps onto the HashDB method of the same
-# name, except len / contains / ping (``len(db)``, ``key in db``, server information).
+# name, except len / contains / ping (``len(db)``, ``key in db``, server information) and codec (the
+# ``HashDB.codec`` property).
 OPS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "insert": (WRITE, ("key", "code"), ("meta",)),
     "insert_many": (WRITE, ("keys", "codes"), ("metas",)),
     "delete": (WRITE, ("key",), ()),
     "get": (READ, ("key",), ()),
+    "codec": (READ, (), ()),
+    "set_codec": (WRITE, ("config",), ()),
     "radius": (READ, ("code", "r"), ("force",)),
     "radius_many": (READ, ("codes", "r"), ("force",)),
     "knn": (READ, ("code", "k"), ("force",)),

@@ -166,6 +166,8 @@ def call(db: Any, op: str, args: dict[str, Any], info: dict[str, Any]) -> Any:
         return args["key"] in db
     if op == "ping":
         return info
+    if op == "codec":
+        return db.codec
     return getattr(db, op)(**args)
 
 
