@@ -811,7 +811,9 @@ def _import_into(db: Database, rows: Iterator[Any], header: dict) -> tuple[int, 
         if keys:
             replaced += sum(key in db for key in keys)
             added += db.insert_many(keys, codes, metas)
-            keys.clear(), codes.clear(), metas.clear()
+            keys.clear()
+            codes.clear()
+            metas.clear()
 
     for number, key, code, meta in rows:
         try:

@@ -18,7 +18,7 @@ from typing import Any
 
 import msgpack
 
-from .codes import many_to_bytes, to_bytes
+from .codes import Code, many_to_bytes, to_bytes
 from .errors import HashDBError, InvalidArgument, InvalidMeta, ProtocolError, ServerError
 from .protocol import DEFAULT_MAX_FRAME, HEADER_SIZE, error_from_payload, unpack_body
 
@@ -60,7 +60,7 @@ class _Calls:
     def _submit(self, op: str, args: dict[str, Any], convert: Convert = None) -> Any:
         raise NotImplementedError
 
-    def insert(self, key: str, code: Any, meta: dict | None = None) -> Any:
+    def insert(self, key: str, code: Code, meta: dict | None = None) -> Any:
         args: dict[str, Any] = {"key": key, "code": to_bytes(code, self.bits)}
         if meta is not None:
             args["meta"] = meta
@@ -78,7 +78,7 @@ class _Calls:
     def get(self, key: str) -> Any:
         return self._submit("get", {"key": key}, _code_meta)
 
-    def radius(self, code: Any, r: int, force: str | None = None) -> Any:
+    def radius(self, code: Code, r: int, force: str | None = None) -> Any:
         args: dict[str, Any] = {"code": to_bytes(code, self.bits), "r": _clamp(r, self.bits)}
         if force is not None:
             args["force"] = force
@@ -90,7 +90,7 @@ class _Calls:
             args["force"] = force
         return self._submit("radius_many", args, _many_pairs)
 
-    def knn(self, code: Any, k: int, force: str | None = None) -> Any:
+    def knn(self, code: Code, k: int, force: str | None = None) -> Any:
         args: dict[str, Any] = {"code": to_bytes(code, self.bits), "k": _clamp(k, _MAX_K)}
         if force is not None:
             args["force"] = force
