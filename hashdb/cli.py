@@ -10,6 +10,7 @@ Every command is written against ``hashdb.types.Database``, which HashDB and the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import difflib
 import json
@@ -17,7 +18,9 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import IO, TYPE_CHECKING, Any, NoReturn
@@ -31,9 +34,10 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_BITS = 256  # of `hashdb hash`; creating a database needs an explicit --bits
-# Models are inserted in chunks: a crash loses at most one chunk of hashing, and a chunk stays far below
-# the server's frame limit.
+# Models are inserted in chunks: a crash loses at most one chunk (or ADD_FLUSH_S) of hashing, a chunk stays
+# far below the server's frame limit, and slow models still show their results every second.
 ADD_CHUNK = 256
+ADD_FLUSH_S = 1.0
 
 
 class UsageError(Exception):
@@ -346,7 +350,7 @@ def cmd_add(args: argparse.Namespace) -> int:
         texts = list(_inputs(inputs))
         if not texts:
             raise UsageError("no model files given")
-        failed = 0
+        failed = 0  # entries that could not be added (the batch counts its own)
         records: list[_Record] = []
         for text in texts:
             try:
@@ -358,29 +362,15 @@ def cmd_add(args: argparse.Namespace) -> int:
         batch = _Batch(db, hashers, user_meta, args, progress)
         interrupted = False
         try:
-            for record in records:
-                if record.code is None:
-                    try:
-                        record.code = hashers.hash_file(record.path or record.key)
-                    except ModelFormatError as e:
-                        failed += 1
-                        progress.message(f"hashdb: error: {e}")
-                        progress.advance()
-                        continue
-                    record.codec = True
-                batch.append(record)
-                progress.advance()
-                if len(batch.records) >= ADD_CHUNK:
-                    batch.flush()
-        except KeyboardInterrupt:  # keep what was hashed: commit it below and say how far we got
-            interrupted = True
-        finally:
             try:
-                batch.flush()
-                if batch.from_models:
-                    _record_codec(db, hashers)
-            finally:
-                progress.close()
+                _hash_and_insert(records, hashers, batch, progress)
+            except KeyboardInterrupt:  # keep what was hashed: commit it below and say how far we got
+                interrupted = True
+            batch.flush()
+            if batch.from_models:
+                _record_codec(db, hashers)
+        finally:
+            progress.close()
         failed += batch.failed
         if interrupted:
             _warn(f"interrupted: added {batch.added} of {len(texts)} entries")
@@ -391,6 +381,24 @@ def cmd_add(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _hash_and_insert(records: list[_Record], hashers: _Hashers, batch: _Batch, progress: Progress) -> None:
+    """Hash the records that are model files and hand every record to the batch (which inserts in chunks)."""
+    for record in records:
+        if record.code is None:
+            try:
+                record.code = hashers.hash_file(record.path or record.key)
+            except ModelFormatError as e:
+                batch.failed += 1
+                progress.message(f"hashdb: error: {e}")
+                progress.advance()
+                continue
+            record.codec = True
+        batch.append(record)
+        progress.advance()
+        if len(batch.records) >= ADD_CHUNK or time.monotonic() - batch.since >= ADD_FLUSH_S:
+            batch.flush()
+
+
 class _Batch:
     """Records waiting to be inserted as one insert_many (one transaction; a crash loses at most this)."""
 
@@ -398,6 +406,7 @@ class _Batch:
                  progress: Progress) -> None:  # fmt: skip
         self.db, self.hashers, self.user_meta, self.args, self.progress = db, hashers, user_meta, args, progress
         self.records: list[_Record] = []
+        self.since = time.monotonic()  # of the last flush
         self.added = self.failed = 0
         self.from_models = False
         from .db import key_bytes
@@ -421,9 +430,13 @@ class _Batch:
         return meta
 
     def flush(self) -> None:
+        self.since = time.monotonic()
         records, self.records = self.records, []
-        if not records:
-            return
+        if records:
+            with _interrupts_held():  # Ctrl-C waits for the commit, so what we report is what was stored
+                self._insert(records)
+
+    def _insert(self, records: list[_Record]) -> None:
         keys = [r.key for r in records]
         codes = [r.code or b"" for r in records]
         metas = [self._meta(r) for r in records]
@@ -447,6 +460,22 @@ class _Batch:
         _report_added(self.args, done)
         sys.stdout.flush()
         self.progress.redraw()
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold SIGINT until the block is done (then raise KeyboardInterrupt): a commit is never cut in half."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _model_meta(user_meta: dict | None, hashers: _Hashers) -> dict:
