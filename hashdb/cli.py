@@ -750,7 +750,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         rows = _import_rows(source, args.format)
         header = next(rows)
         if args.socket is None and not _is_database(args.db) and args.bits is None:
-            args.bits = header.get("bits")  # the export states its width: it is enough to create the copy
+            args.bits = header.get("bits", header.get("bits_guess"))  # the file's width is enough to create it
         with _open(args, create=True) as db:
             failed, added, replaced = _import_into(db, rows, header)
     finally:
@@ -786,7 +786,7 @@ def _import_rows(source: IO[str], fmt: str) -> Iterator[Any]:
         rows = list(reader)
         header: dict[str, Any] = {}
         if rows and len(rows[0]) >= 2:
-            header["bits"] = len(rows[0][1]) * 4
+            header["bits_guess"] = len(rows[0][1]) * 4  # CSV states no width: the first code's
         yield header
         for number, row in enumerate(rows, start=2):
             if len(row) < 2:
@@ -830,6 +830,8 @@ def _import_into(db: Database, rows: Iterator[Any], header: dict) -> tuple[int, 
     from .codes import to_bytes
     from .db import key_bytes
 
+    if header.get("bits") not in (None, db.bits):
+        raise UsageError(f"the export holds {header['bits']}-bit codes and the database {db.bits}-bit ones")
     failed = added = replaced = 0
     keys: list[str] = []
     codes: list[bytes] = []
