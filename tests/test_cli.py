@@ -58,7 +58,7 @@ def test_version_and_help():
     assert done.returncode == 0 and done.stdout.startswith("hashdb ")
     done = run_cli("--help")
     assert done.returncode == 0
-    for command in ("add", "query", "delete", "get", "stats", "serve", "hash", "demo"):
+    for command in ("add", "query", "delete", "get", "list", "stats", "export", "import", "serve", "hash", "demo"):
         assert command in done.stdout
 
 
