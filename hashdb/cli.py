@@ -1,30 +1,43 @@
 """The ``hashdb`` command: parse arguments, call HashDB / ModelHasher (or a server), print.
 
 Exit status: 0 success, 1 a query / get / delete found nothing, 2 a usage or input error (one line on
-stderr, no traceback). ``--json`` prints one JSON document per line; the field names are stable.
+stderr, no traceback; also for any error of the library or the system, e.g. a full disk), 130 interrupted.
+``--json`` prints one JSON document per line; the field names are stable.
+
+Every command is written against ``hashdb.types.Database``, which HashDB and the socket Client both satisfy.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
+import difflib
 import json
 import logging
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import IO, Any, NoReturn
+from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
-from .errors import HashDBError, InvalidCode, KeyNotFound, ModelFormatError
+from .errors import HashDBError, InvalidCode, InvalidKey, InvalidMeta, KeyNotFound, ModelFormatError
 
-EXIT_OK, EXIT_NOT_FOUND, EXIT_ERROR = 0, 1, 2
-DEFAULT_BITS = 256
-# Models are inserted in chunks: a crash loses at most one chunk of hashing, and a chunk stays far below
-# the server's frame limit.
+if TYPE_CHECKING:
+    from .codec import ModelHasher
+    from .types import Database, Match
+
+EXIT_OK, EXIT_NOT_FOUND, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEFAULT_BITS = 256  # of `hashdb hash`; creating a database needs an explicit --bits
+# Models are inserted in chunks: a crash loses at most one chunk (or ADD_FLUSH_S) of hashing, a chunk stays
+# far below the server's frame limit, and slow models still show their results every second.
 ADD_CHUNK = 256
+ADD_FLUSH_S = 1.0
 
 
 class UsageError(Exception):
@@ -58,15 +71,77 @@ def _is_hex_code(text: str, bits: int) -> bool:
     return len(body) == bits // 4 and re.fullmatch(r"[0-9a-fA-F]+", body) is not None
 
 
+# A line of `hashdb hash` output: a hex code, two spaces, the key.
+_HASH_LINE = re.compile(r"(?:0[xX])?([0-9a-fA-F]{16,})\s+(\S.*)")
+
+
+class _Record:
+    """One entry to store: a key and its code, or a model file still to hash (code None)."""
+
+    __slots__ = ("key", "code", "path", "meta", "codec")
+
+    def __init__(self, key: str, code: bytes | None = None, path: str | None = None, meta: dict | None = None,
+                 codec: bool = False) -> None:  # fmt: skip
+        self.key, self.code, self.path, self.meta = key, code, path, meta
+        self.codec = codec  # the code came from this hashdb's default codec (it gets the codec meta)
+
+
+def _add_input(text: str, bits: int) -> _Record:
+    """What one `add` input is: a model file, a `hashdb hash` line, a `hashdb hash --json` / export line."""
+    if os.path.exists(text):
+        return _Record(_key_of(text), path=text)
+    if text.startswith("{"):
+        return _json_record(text, bits)
+    pair = _HASH_LINE.fullmatch(text)
+    if pair is not None:
+        from .codes import to_bytes
+
+        return _Record(pair.group(2), to_bytes(pair.group(1), bits))
+    if _is_hex_code(text, bits):
+        raise UsageError(f"a hex code needs a key: hashdb add DB --key KEY {text[:16]}...")
+    return _Record(_key_of(text), path=text)  # hashing it names the missing file
+
+
+def _json_record(text: str, bits: int) -> _Record:
+    from .codes import to_bytes
+
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise InvalidCode(f"not a JSON line: {e}: {text[:80]}") from None
+    key = doc.get("key", doc.get("path")) if isinstance(doc, dict) else None
+    if not isinstance(key, str) or not isinstance(doc.get("code"), str):
+        raise InvalidCode(f"a JSON line needs string fields 'key' (or 'path') and 'code': {text[:80]}")
+    meta = doc.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise InvalidMeta(f"{key}: 'meta' must be an object")
+    from .codec.hasher import CODEC_VERSION
+
+    same_codec = doc.get("codec") == CODEC_VERSION and doc.get("bits") == bits  # a `hashdb hash --json` line
+    return _Record(key, to_bytes(doc["code"], bits), meta=meta, codec=same_codec)
+
+
+def _key_of(path: str) -> str:
+    """The database key of a model file (hashdb.codec.units: one rule for every front end)."""
+    from .codec.units import unit_key
+
+    return unit_key(path)
+
+
+def _shown(text: str) -> str:
+    """``text`` printable on any terminal: a file name that is not valid UTF-8 shows its bytes as escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 class _Hashers:
     """Builds the ModelHasher on first use, so commands given hex codes never import the codec (or torch)."""
 
     def __init__(self, bits: int):
         self.bits = bits
-        self._hasher: Any = None
+        self._hasher: ModelHasher | None = None
 
     @property
-    def hasher(self) -> Any:
+    def hasher(self) -> ModelHasher:
         if self._hasher is None:
             from .codec import ModelHasher
 
@@ -76,13 +151,13 @@ class _Hashers:
     def hash_file(self, path: str, or_code: bool = False) -> bytes:
         if not os.path.exists(path):
             also = f" (and not a {self.bits}-bit hex code)" if or_code else ""
-            raise ModelFormatError(f"{path}: no such file{also}")
+            raise ModelFormatError(f"{_shown(path)}: no such file{also}")
         try:
             return self.hasher.hash(path)
         except ModelFormatError as e:
-            raise ModelFormatError(e if path in str(e) else f"{path}: {e}") from None
+            raise ModelFormatError(_shown(str(e) if path in str(e) else f"{path}: {e}")) from None
         except OSError as e:
-            raise ModelFormatError(f"{path}: {e.strerror or e}") from None
+            raise ModelFormatError(f"{_shown(path)}: {e.strerror or e}") from None
 
     def code_or_model(self, text: str) -> tuple[bytes, bool]:
         """(code, came_from_a_model) for a CODE_OR_MODEL argument."""
@@ -128,11 +203,19 @@ def _json_default(obj: Any) -> Any:
 
 
 def _warn(message: str) -> None:
-    sys.stderr.write(f"hashdb: {message}\n")
+    sys.stderr.write(f"hashdb: {_shown(message)}\n")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
 
 
 class Progress:
-    """A one-line progress bar on stderr, drawn only when stderr is a terminal."""
+    """A one-line progress bar on stderr with rate and ETA, drawn only when stderr is a terminal.
+
+    Our own ~40 lines rather than tqdm: a dependency (and its import time) for one bar is not worth it."""
 
     def __init__(self, total: int, label: str, stream: IO[str] | None = None, enabled: bool | None = None):
         self.stream = stream or sys.stderr
@@ -153,9 +236,13 @@ class Progress:
     def _draw(self, now: float) -> None:
         width = 30
         filled = width * self.done // max(self.total, 1)
-        rate = self.done / max(now - self.start, 1e-9)
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.done / elapsed
+        left = max(self.total - self.done, 0)
+        eta = f"ETA {_duration(left / rate)}" if rate > 0 and left else f"in {_duration(elapsed)}"
         self.stream.write(
-            f"\r[{'#' * filled}{' ' * (width - filled)}] {self.done}/{self.total} {self.label} {rate:.1f}/s"
+            f"\r[{'#' * filled}{' ' * (width - filled)}] {self.done}/{self.total} {self.label} "
+            f"{rate:.1f}/s {eta}\033[K"
         )
         self.stream.flush()
 
@@ -170,7 +257,7 @@ class Progress:
 
     def message(self, line: str) -> None:
         """Print a line on the stream above the bar (clearing the bar's line first)."""
-        self.stream.write(("\r\033[K" if self.enabled else "") + line + "\n")
+        self.stream.write(("\r\033[K" if self.enabled else "") + _shown(line) + "\n")
         if self.enabled and self.done:
             self._draw(time.monotonic())
         self.stream.flush()
@@ -181,7 +268,20 @@ class Progress:
             self.stream.flush()
 
 
+def _size(n: Any) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
 # -- opening a database or a server --------------------------------------------------------------------
+
+
+def _is_database(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "data.mdb"))
 
 
 def _split_target(args: argparse.Namespace, name: str = "DB") -> list[str]:
@@ -189,6 +289,8 @@ def _split_target(args: argparse.Namespace, name: str = "DB") -> list[str]:
     items: list[str] = list(args.items)
     if args.socket:
         args.db = None
+        if items and _is_database(items[0]):
+            raise UsageError(f"give DB or --socket PATH, not both ({items[0]} is a database)")
         return items
     if not items:
         raise UsageError(f"{name} is required (or --socket PATH to use a running server)")
@@ -196,19 +298,34 @@ def _split_target(args: argparse.Namespace, name: str = "DB") -> list[str]:
     return items[1:]
 
 
-def _open(args: argparse.Namespace, create: bool = False) -> Any:
+def _missing_database(path: str, create: bool) -> UsageError:
+    """The error for a DB argument with no database behind it."""
+    if os.path.isfile(path):
+        return UsageError(f"{path} is a file, not a hashdb database")
+    if os.path.isdir(path) and os.listdir(path):
+        return UsageError(f"{path} is not a hashdb database")
+    hint = f" (to create one, give --bits N, e.g. --bits {DEFAULT_BITS})" if create else ""
+    return UsageError(f"no hashdb database at {path}{hint}")
+
+
+def _open(args: argparse.Namespace, create: bool = False, readonly: bool = False) -> Database:
+    """The database named by DB (read-only for readonly), or a connection to the server at --socket.
+
+    A new database is created only when ``create`` and --bits are both given: a mistyped path creates nothing.
+    """
     if args.socket:
         from .client import connect
 
-        return connect(args.socket)
-    if not create and not os.path.exists(args.db):
-        raise UsageError(f"no database at {args.db}")
+        client: Database = connect(args.socket)
+        return client
     from .db import HashDB
 
     bits = getattr(args, "bits", None)
-    if create and bits is None and not os.path.exists(args.db):
-        bits = DEFAULT_BITS
-    return HashDB(args.db, bits=bits)
+    if not _is_database(args.db):
+        if not (create and bits is not None) or os.path.isfile(args.db):
+            raise _missing_database(args.db, create)
+        return HashDB(args.db, bits=bits)
+    return HashDB(args.db, bits=bits, readonly=readonly)
 
 
 # -- commands ------------------------------------------------------------------------------------------
@@ -224,55 +341,141 @@ def cmd_add(args: argparse.Namespace) -> int:
                 raise UsageError("--key KEY takes exactly one CODE_OR_MODEL argument")
             code, from_model = hashers.code_or_model(inputs[0])
             meta = _model_meta(user_meta, hashers) if from_model else user_meta
+            replaced = args.key in db
             db.insert(args.key, code, meta)
             if from_model:
                 _record_codec(db, hashers)
-            _report_added(args, [(args.key, code)])
+            _report_added(args, [(args.key, code, replaced)])
             return EXIT_OK
-        paths = list(_inputs(inputs))
-        if not paths:
+        texts = list(_inputs(inputs))
+        if not texts:
             raise UsageError("no model files given")
-        for path in paths:
-            if _is_hex_code(path, db.bits):
-                raise UsageError(f"a hex code needs a key: hashdb add DB --key KEY {path[:16]}...")
-        failed = 0
-        progress = Progress(len(paths), "models")
-        keys: list[str] = []
-        codes: list[bytes] = []
+        failed = 0  # entries that could not be added (the batch counts its own)
+        records: list[_Record] = []
+        for text in texts:
+            try:
+                records.append(_add_input(text, db.bits))
+            except (InvalidCode, InvalidMeta) as e:  # a bad line of piped input: name it, add the others
+                failed += 1
+                _warn(f"error: {e}")
+        progress = Progress(len(records), "models", enabled=False if args.quiet else None)
+        batch = _Batch(db, hashers, user_meta, args, progress)
+        interrupted = False
         try:
-            for path in paths:
-                try:
-                    code = hashers.hash_file(path)
-                except ModelFormatError as e:
-                    failed += 1
-                    progress.message(f"hashdb: error: {e}")
-                else:
-                    keys.append(path)
-                    codes.append(code)
-                progress.advance()
-                if len(keys) >= ADD_CHUNK:
-                    _insert_chunk(db, keys, codes, user_meta, hashers, args, progress)
-                    keys, codes = [], []
-            if keys:
-                _insert_chunk(db, keys, codes, user_meta, hashers, args, progress)
-            if len(paths) > failed:
+            try:
+                _hash_and_insert(records, hashers, batch, progress)
+            except KeyboardInterrupt:  # keep what was hashed: commit it below and say how far we got
+                interrupted = True
+            batch.flush()
+            if batch.from_models:
                 _record_codec(db, hashers)
         finally:
             progress.close()
+        failed += batch.failed
+        if interrupted:
+            _warn(f"interrupted: added {batch.added} of {len(texts)} entries")
+            return EXIT_INTERRUPTED
         if failed:
-            _warn(f"{failed} of {len(paths)} model files could not be hashed")
+            _warn(f"{failed} of {len(texts)} entries could not be added")
             return EXIT_ERROR
     return EXIT_OK
 
 
-def _insert_chunk(db: Any, keys: list[str], codes: list[bytes], user_meta: dict | None, hashers: _Hashers,
-                  args: argparse.Namespace, progress: Progress) -> None:  # fmt: skip
-    meta = _model_meta(user_meta, hashers)
-    db.insert_many(keys, codes, [meta] * len(keys))
-    progress.clear()  # stdout and the bar may share one terminal
-    _report_added(args, list(zip(keys, codes, strict=True)))
-    sys.stdout.flush()
-    progress.redraw()
+def _hash_and_insert(records: list[_Record], hashers: _Hashers, batch: _Batch, progress: Progress) -> None:
+    """Hash the records that are model files and hand every record to the batch (which inserts in chunks)."""
+    for record in records:
+        if record.code is None:
+            try:
+                record.code = hashers.hash_file(record.path or record.key)
+            except ModelFormatError as e:
+                batch.failed += 1
+                progress.message(f"hashdb: error: {e}")
+                progress.advance()
+                continue
+            record.codec = True
+        batch.append(record)
+        progress.advance()
+        if len(batch.records) >= ADD_CHUNK or time.monotonic() - batch.since >= ADD_FLUSH_S:
+            batch.flush()
+
+
+class _Batch:
+    """Records waiting to be inserted as one insert_many (one transaction; a crash loses at most this)."""
+
+    def __init__(self, db: Database, hashers: _Hashers, user_meta: dict | None, args: argparse.Namespace,
+                 progress: Progress) -> None:  # fmt: skip
+        self.db, self.hashers, self.user_meta, self.args, self.progress = db, hashers, user_meta, args, progress
+        self.records: list[_Record] = []
+        self.since = time.monotonic()  # of the last flush
+        self.added = self.failed = 0
+        self.from_models = False
+        from .db import key_bytes
+
+        self._check_key = key_bytes
+
+    def append(self, record: _Record) -> None:
+        try:
+            self._check_key(record.key)  # one bad key (too long, not UTF-8) is rejected alone
+        except InvalidKey as e:
+            self.failed += 1
+            self.progress.message(f"hashdb: error: {_shown(record.key)}: {e}")
+            return
+        self.records.append(record)
+
+    def _meta(self, record: _Record) -> dict | None:
+        meta = record.meta if record.meta is not None else self.user_meta
+        if record.codec:
+            meta = dict(meta or {})
+            meta["codec"] = self.hashers.hasher.config
+        return meta
+
+    def flush(self) -> None:
+        self.since = time.monotonic()
+        records, self.records = self.records, []
+        if records:
+            with _interrupts_held():  # Ctrl-C waits for the commit, so what we report is what was stored
+                self._insert(records)
+
+    def _insert(self, records: list[_Record]) -> None:
+        keys = [r.key for r in records]
+        codes = [r.code or b"" for r in records]
+        metas = [self._meta(r) for r in records]
+        replaced = [key in self.db for key in keys]
+        try:
+            self.db.insert_many(keys, codes, metas)
+            done = list(zip(keys, codes, replaced, strict=True))
+        except (InvalidKey, InvalidMeta, InvalidCode):  # find the bad entries; the good ones are still added
+            done = []
+            for key, code, meta, was in zip(keys, codes, metas, replaced, strict=True):
+                try:
+                    self.db.insert(key, code, meta)
+                except (InvalidKey, InvalidMeta, InvalidCode) as e:
+                    self.failed += 1
+                    self.progress.message(f"hashdb: error: {_shown(key)}: {e}")
+                else:
+                    done.append((key, code, was))
+        self.added += len(done)
+        self.from_models = self.from_models or any(r.codec for r in records)
+        self.progress.clear()  # stdout and the bar may share one terminal
+        _report_added(self.args, done)
+        sys.stdout.flush()
+        self.progress.redraw()
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold SIGINT until the block is done (then raise KeyboardInterrupt): a commit is never cut in half."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _model_meta(user_meta: dict | None, hashers: _Hashers) -> dict:
@@ -281,10 +484,8 @@ def _model_meta(user_meta: dict | None, hashers: _Hashers) -> dict:
     return meta
 
 
-def _record_codec(db: Any, hashers: _Hashers) -> None:
-    """Store the codec config in an embedded database's meta the first time models are added to it."""
-    if not hasattr(db, "set_codec"):  # a server connection: the per-code meta still carries the config
-        return
+def _record_codec(db: Database, hashers: _Hashers) -> None:
+    """Store the codec config in the database's meta the first time models are added to it."""
     config = hashers.hasher.config
     stored = db.codec
     if stored is None:
@@ -293,12 +494,12 @@ def _record_codec(db: Any, hashers: _Hashers) -> None:
         _warn("warning: the database's codes were made with another codec configuration; distances may mislead")
 
 
-def _report_added(args: argparse.Namespace, added: list[tuple[str, bytes]]) -> None:
-    for key, code in added:
+def _report_added(args: argparse.Namespace, added: list[tuple[str, bytes, bool]]) -> None:
+    for key, code, replaced in added:
         if args.json:
-            _emit({"key": key, "code": code.hex()})
+            _emit({"key": key, "code": code.hex(), "replaced": replaced})
         elif not args.quiet:
-            print(f"added {code.hex()}  {key}")
+            print(f"{'replaced' if replaced else 'added'} {code.hex()}  {_shown(key)}")
 
 
 def _parse_meta(text: str | None) -> dict | None:
@@ -322,6 +523,12 @@ def _parse_meta(text: str | None) -> dict | None:
     return meta
 
 
+def _copy_radius(codec: dict | None) -> int | None:
+    """The copy radius stored with a database's codec configuration (None for databases of bare codes)."""
+    radius = codec.get("copy_radius") if isinstance(codec, dict) else None
+    return radius if isinstance(radius, int) and not isinstance(radius, bool) and radius >= 0 else None
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     inputs = _split_target(args)
     if args.radius is not None and args.radius < 0:
@@ -330,7 +537,14 @@ def cmd_query(args: argparse.Namespace) -> int:
         raise UsageError("--knn must be >= 1")
     found_any = False
     failed = 0
-    with _open(args) as db:
+    with _open(args, readonly=True) as db:
+        copy_radius = _copy_radius(db.codec)
+        radius = args.radius
+        if radius is None and args.knn is None:
+            if copy_radius is None:
+                raise UsageError("this database stores no codec configuration (no model was added with "
+                                 "'hashdb add'), so it has no copy radius: give --radius R or --knn K")  # fmt: skip
+            radius = copy_radius
         hashers = _Hashers(db.bits)
         for text in _inputs(inputs):
             try:
@@ -339,25 +553,39 @@ def cmd_query(args: argparse.Namespace) -> int:
                 failed += 1
                 _warn(f"error: {e}")
                 continue
-            matches = db.radius(code, args.radius) if args.radius is not None else db.knn(code, args.knn)
+            matches = db.radius(code, radius) if radius is not None else db.knn(code, args.knn)
             found_any = found_any or bool(matches)
             if args.json:
-                _emit({"query": text, "code": code.hex(),
-                       "matches": [{"key": key, "distance": int(dist)} for key, dist in matches]})  # fmt: skip
+                _emit({"query": text, "code": code.hex(), "copy_radius": copy_radius,
+                       "matches": [{"key": key, "distance": int(dist), "verdict": _verdict(dist, copy_radius)}
+                                   for key, dist in matches]})  # fmt: skip
             else:
-                _print_matches(text, matches)
+                _print_matches(text, matches, copy_radius)
             sys.stdout.flush()  # each answer is out before a later input can fail
     if failed:
         return EXIT_ERROR
     return EXIT_OK if found_any else EXIT_NOT_FOUND
 
 
-def _print_matches(query: str, matches: list[tuple[str, int]]) -> None:
-    print(f"query {query}: {len(matches)} match{'es' if len(matches) != 1 else ''}")
-    if matches:
+def _verdict(distance: int, copy_radius: int | None) -> str | None:
+    if copy_radius is None:
+        return None
+    return "copy" if distance <= copy_radius else "not a copy"
+
+
+def _print_matches(query: str, matches: list[Match], copy_radius: int | None) -> None:
+    within = f" (copy radius {copy_radius})" if copy_radius is not None else ""
+    print(f"query {_shown(query)}: {len(matches)} match{'es' if len(matches) != 1 else ''}{within}")
+    if not matches:
+        return
+    if copy_radius is None:
         print(f"  {'distance':>8}  key")
         for key, dist in matches:
-            print(f"  {int(dist):>8}  {key}")
+            print(f"  {int(dist):>8}  {_shown(key)}")
+        return
+    print(f"  {'distance':>8}  {'verdict':<10}  key")
+    for key, dist in matches:
+        print(f"  {int(dist):>8}  {_verdict(dist, copy_radius):<10}  {_shown(key)}")
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
@@ -370,7 +598,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
             if args.json:
                 _emit({"key": key, "deleted": deleted})
             elif deleted:
-                print(f"deleted {key}")
+                print(f"deleted {_shown(key)}")
             else:
                 _warn(f"not found: {key}")
     return EXIT_NOT_FOUND if missing else EXIT_OK
@@ -379,7 +607,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def cmd_get(args: argparse.Namespace) -> int:
     keys = _split_target(args)
     missing = 0
-    with _open(args) as db:
+    with _open(args, readonly=True) as db:
         for key in _inputs(keys):
             try:
                 code, meta = db.get(key)
@@ -394,20 +622,50 @@ def cmd_get(args: argparse.Namespace) -> int:
                 _emit({"key": key, "code": code.hex(), "meta": meta})
             else:
                 tail = f"  {json.dumps(meta, sort_keys=True, default=_json_default)}" if meta is not None else ""
-                print(f"{code.hex()}  {key}{tail}")
+                print(f"{code.hex()}  {_shown(key)}{tail}")
     return EXIT_NOT_FOUND if missing else EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    if _split_target(args):
+        raise UsageError("list takes no arguments besides DB")
+    with _open(args, readonly=True) as db:
+        for key in db:
+            if args.json:
+                _emit({"key": key})
+            else:
+                print(_shown(key))
+    return EXIT_OK
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     if _split_target(args):
         raise UsageError("stats takes no arguments besides DB")
-    with _open(args) as db:
+    with _open(args, readonly=True) as db:
         stats = db.stats()
     if args.json:
         _emit(stats)
     else:
-        _print_mapping(stats)
+        _print_mapping(_human_stats(stats))
     return EXIT_OK
+
+
+_SIZES = ("map_size", "map_used", "index_bytes", "nbytes", "bytes")
+
+
+def _human_stats(stats: dict) -> dict:
+    """Dates and sizes as people read them (``--json`` keeps the raw numbers)."""
+    out: dict[str, Any] = {}
+    for name, value in stats.items():
+        if isinstance(value, dict):
+            out[name] = _human_stats(value)
+        elif name == "created" and isinstance(value, int | float):
+            out[name] = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(value))
+        elif (name in _SIZES or name.endswith("_bytes")) and isinstance(value, int | float) and value >= 0:
+            out[name] = _size(value)
+        else:
+            out[name] = value
+    return out
 
 
 def _print_mapping(mapping: dict, indent: str = "") -> None:
@@ -421,6 +679,7 @@ def _print_mapping(mapping: dict, indent: str = "") -> None:
 
 
 def cmd_hash(args: argparse.Namespace) -> int:
+    from .codec.hasher import CODEC_VERSION
     from .codes import check_bits
 
     bits = check_bits(args.bits if args.bits is not None else DEFAULT_BITS)
@@ -434,12 +693,185 @@ def cmd_hash(args: argparse.Namespace) -> int:
             failed += 1
             _warn(f"error: {e}")
             continue
+        key = _key_of(path)
         if args.json:
-            _emit({"path": path, "code": code.hex(), "bits": bits})
+            _emit({"key": key, "path": path, "code": code.hex(), "bits": bits, "codec": CODEC_VERSION})
         else:
-            print(f"{code.hex()}  {path}")
+            print(f"{code.hex()}  {_shown(key)}")
         sys.stdout.flush()
     return EXIT_ERROR if failed else EXIT_OK
+
+
+EXPORT_FORMAT = "hashdb-export"
+EXPORT_VERSION = 1
+IMPORT_CHUNK = 4096
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Every record as JSON lines (a header line, then {"key", "code", "meta"} in key order) or CSV."""
+    if _split_target(args):
+        raise UsageError("export takes no arguments besides DB (write to a file with -o FILE)")
+    out = sys.stdout if args.output in (None, "-") else open(args.output, "w", encoding="utf-8", newline="")
+    try:
+        with _open(args, readonly=True) as db:
+            writer = csv.writer(out, lineterminator="\n") if args.format == "csv" else None
+            if writer is not None:
+                writer.writerow(["key", "code", "meta"])
+            else:
+                header = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "bits": db.bits, "codec": db.codec}
+                out.write(_json_line(header))
+            for key in db:
+                try:
+                    code, meta = db.get(key)
+                except KeyNotFound:  # deleted while we were exporting
+                    continue
+                if writer is not None:
+                    text = "" if meta is None else json.dumps(_finite(meta), sort_keys=True, default=_json_default)
+                    writer.writerow([key, code.hex(), text])
+                else:
+                    out.write(_json_line({"key": key, "code": code.hex(), "meta": meta}))
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return EXIT_OK
+
+
+def _json_line(doc: Any) -> str:
+    return json.dumps(_finite(doc), sort_keys=True, default=_json_default, allow_nan=False) + "\n"
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """Insert the records of an export (JSON lines or CSV); existing keys are replaced."""
+    items = _split_target(args)
+    if len(items) != 1:
+        raise UsageError("import takes DB and one FILE ('-' for stdin)")
+    source = sys.stdin if items[0] == "-" else _open_text(items[0])
+    try:
+        rows = _import_rows(source, args.format)
+        header = next(rows)
+        if args.socket is None and not _is_database(args.db) and args.bits is None:
+            args.bits = header.get("bits", header.get("bits_guess"))  # the file's width is enough to create it
+        with _open(args, create=True) as db:
+            failed, added, replaced = _import_into(db, rows, header)
+    finally:
+        if source is not sys.stdin:
+            source.close()
+    if args.json:
+        _emit({"imported": added, "replaced": replaced, "failed": failed})
+    elif not args.quiet:
+        print(f"imported {added} records ({replaced} replaced) into {args.db or args.socket}")
+    if failed:
+        _warn(f"{failed} records could not be imported")
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def _open_text(path: str) -> IO[str]:
+    try:
+        return open(path, encoding="utf-8", newline="")
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _import_rows(source: IO[str], fmt: str) -> Iterator[Any]:
+    """Yields the header (a dict, maybe empty), then (line number, key, code hex, meta or None) per record."""
+    first = source.readline()
+    if fmt == "auto":
+        fmt = "jsonl" if first.lstrip().startswith("{") or not first.strip() else "csv"
+    if fmt == "csv":
+        reader = csv.reader([first, *source] if first else source)
+        head = next(reader, None)
+        if head is None or [h.strip() for h in head[:2]] != ["key", "code"]:
+            raise UsageError("a CSV import starts with the header row key,code[,meta]")
+        rows = list(reader)
+        header: dict[str, Any] = {}
+        if rows and len(rows[0]) >= 2:
+            header["bits_guess"] = len(rows[0][1]) * 4  # CSV states no width: the first code's
+        yield header
+        for number, row in enumerate(rows, start=2):
+            if len(row) < 2:
+                yield number, None, None, f"expected key,code[,meta], got {len(row)} fields"
+                continue
+            text = row[2] if len(row) > 2 else ""
+            try:
+                meta = json.loads(text) if text else None
+            except ValueError as e:
+                yield number, row[0], None, f"meta is not JSON: {e}"
+                continue
+            yield number, row[0], row[1], meta
+        return
+    lines = iter([first, *source])
+    header = {}
+    doc = _json_or_none(first)
+    if isinstance(doc, dict) and doc.get("format") == EXPORT_FORMAT:
+        if doc.get("version") != EXPORT_VERSION:
+            raise UsageError(f"export version {doc.get('version')!r}; this hashdb reads {EXPORT_VERSION}")
+        header = doc
+        next(lines)
+    yield header
+    for number, line in enumerate(lines, start=2 if header else 1):
+        if not line.strip():
+            continue
+        doc = _json_or_none(line)
+        if not isinstance(doc, dict) or not isinstance(doc.get("key"), str) or not isinstance(doc.get("code"), str):
+            yield number, None, None, "expected a JSON object with string 'key' and 'code'"
+            continue
+        yield number, doc["key"], doc["code"], doc.get("meta")
+
+
+def _json_or_none(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
+def _import_into(db: Database, rows: Iterator[Any], header: dict) -> tuple[int, int, int]:
+    from .codes import to_bytes
+    from .db import key_bytes
+
+    if header.get("bits") not in (None, db.bits):
+        raise UsageError(f"the export holds {header['bits']}-bit codes and the database {db.bits}-bit ones")
+    failed = added = replaced = 0
+    keys: list[str] = []
+    codes: list[bytes] = []
+    metas: list[dict | None] = []
+
+    def flush() -> None:
+        nonlocal added, replaced
+        if keys:
+            replaced += sum(key in db for key in keys)
+            added += db.insert_many(keys, codes, metas)
+            keys.clear()
+            codes.clear()
+            metas.clear()
+
+    for number, key, code, meta in rows:
+        try:
+            if key is None or code is None:
+                raise InvalidCode(str(meta))
+            key_bytes(key)
+            if meta is not None and not isinstance(meta, dict):
+                raise InvalidMeta("meta must be an object")
+            raw = to_bytes(code, db.bits)
+        except HashDBError as e:
+            failed += 1
+            _warn(f"error: line {number}: {e}")
+            continue
+        keys.append(key)
+        codes.append(raw)
+        metas.append(meta)
+        if len(keys) >= IMPORT_CHUNK:
+            flush()
+    flush()
+    codec = header.get("codec")
+    if isinstance(codec, dict):
+        stored = db.codec
+        if stored is None:
+            db.set_codec(codec)
+        elif stored != codec:
+            _warn("warning: the export was made with another codec configuration than the database's")
+    return failed, added, replaced
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -450,8 +882,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     if args.max_frame < 64:
         raise UsageError("--max-frame must be at least 64 bytes")
-    if args.bits is None and not os.path.exists(args.db):
-        args.bits = DEFAULT_BITS
+    if args.bits is None and not _is_database(args.db):
+        raise _missing_database(args.db, create=True)
     serve(args.db, args.socket, bits=args.bits, max_frame=args.max_frame)
     return EXIT_OK
 
@@ -482,20 +914,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--socket", metavar="PATH", help="use the server listening on PATH instead of opening DB")
         p.add_argument("--json", action="store_true", help="one JSON document per line")
 
-    usage = "hashdb add (DB | --socket PATH) (--key KEY CODE_OR_MODEL | MODEL...) [--meta JSON]"
-    p = sub.add_parser("add", help="store codes or hashed models", usage=usage)
+    bits_help = "code width, to create a new database (required then; an existing one keeps its own)"
+    usage = "hashdb add (DB | --socket PATH) (--key KEY CODE_OR_MODEL | MODEL...) [--bits N] [--meta JSON]"
+    p = sub.add_parser("add", help="store hashed models, or codes piped from 'hashdb hash'", usage=usage)
     target(p, "MODEL...")
     p.add_argument("--key", help="store one CODE_OR_MODEL under KEY (default: models are keyed by their path)")
     p.add_argument("--meta", metavar="JSON", help="metadata object stored with every code")
-    p.add_argument("--bits", type=int, help=f"code width when creating the database (default {DEFAULT_BITS})")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    p.add_argument("--bits", type=int, help=bits_help)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, print nothing on success")
     p.set_defaults(func=cmd_add)
 
-    usage = "hashdb query (DB | --socket PATH) CODE_OR_MODEL... (--radius R | --knn K) [--json]"
+    usage = "hashdb query (DB | --socket PATH) CODE_OR_MODEL... [--radius R | --knn K] [--json]"
     p = sub.add_parser("query", help="find stored codes near a code or a model", usage=usage)
     target(p, "CODE_OR_MODEL...")
-    how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--radius", "-r", type=int, help="every code within Hamming distance R")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--radius", "-r", type=int,
+                     help="every code within Hamming distance R (default: the database's copy radius)")  # fmt: skip
     how.add_argument("--knn", "-k", type=int, help="the K nearest codes")
     p.set_defaults(func=cmd_query)
 
@@ -508,14 +942,33 @@ def build_parser() -> argparse.ArgumentParser:
     target(p, "KEY...")
     p.set_defaults(func=cmd_get)
 
+    p = sub.add_parser("list", help="print every key", usage="hashdb list (DB | --socket PATH) [--json]")
+    target(p, "")
+    p.set_defaults(func=cmd_list)
+
     p = sub.add_parser("stats", help="database statistics", usage="hashdb stats (DB | --socket PATH) [--json]")
     target(p, "")
     p.set_defaults(func=cmd_stats)
 
+    p = sub.add_parser("export", help="write every key, code and metadata (JSON lines or CSV)",
+                       usage="hashdb export (DB | --socket PATH) [--format jsonl|csv] [-o FILE]")  # fmt: skip
+    target(p, "")
+    p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl", help="default jsonl (keeps the codec)")
+    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    p.set_defaults(func=cmd_export)
+
+    usage = "hashdb import (DB | --socket PATH) FILE [--format auto|jsonl|csv] [--bits N]"
+    p = sub.add_parser("import", help="insert the records of an export (existing keys are replaced)", usage=usage)
+    target(p, "FILE")
+    p.add_argument("--format", choices=["auto", "jsonl", "csv"], default="auto")
+    p.add_argument("--bits", type=int, help="code width of a new database (default: the width the export states)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    p.set_defaults(func=cmd_import)
+
     p = sub.add_parser("serve", help="serve a database on a Unix socket")
     p.add_argument("db", metavar="DB")
     p.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to create (mode 0600)")
-    p.add_argument("--bits", type=int, help=f"code width when creating the database (default {DEFAULT_BITS})")
+    p.add_argument("--bits", type=int, help=bits_help)
     p.add_argument("--max-frame", type=int, default=None, metavar="BYTES", help="largest request accepted")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
@@ -542,9 +995,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.parse_args(argv)
             parser.print_help(sys.stderr)
             return EXIT_ERROR
-        command = parser.commands.get(argv[0])  # type: ignore[attr-defined]
+        commands: dict[str, argparse.ArgumentParser] = parser.commands  # type: ignore[attr-defined]
+        command = commands.get(argv[0])
         if command is None:
-            raise UsageError(f"unknown command {argv[0]!r} (see 'hashdb --help')")
+            close = difflib.get_close_matches(argv[0], list(commands), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else " (see 'hashdb --help')"
+            raise UsageError(f"unknown command {argv[0]!r}{hint}")
         # Intermixed: `add DB --key K CODE` puts a positional after an option, which plain parse_args rejects.
         args = command.parse_intermixed_args(argv[1:])
         if getattr(args, "max_frame", "unset") is None:
@@ -567,10 +1023,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
     except OSError as e:
-        _warn(f"error: {e}")
+        _warn(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
         return EXIT_ERROR
     except KeyboardInterrupt:
-        return 130
+        _warn("interrupted")
+        return EXIT_INTERRUPTED
+    except MemoryError:
+        _warn("error: out of memory")
+        return EXIT_ERROR
+    except Exception as e:  # noqa: BLE001 - a library or system error never reaches the user as a traceback
+        if os.environ.get("HASHDB_DEBUG"):
+            raise
+        _warn(f"error: {type(e).__module__.split('.')[0]}.{type(e).__name__}: {e} (HASHDB_DEBUG=1 shows where)")
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

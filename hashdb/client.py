@@ -18,7 +18,7 @@ from typing import Any
 
 import msgpack
 
-from .codes import many_to_bytes, to_bytes
+from .codes import Code, many_to_bytes, to_bytes
 from .errors import HashDBError, InvalidArgument, InvalidMeta, ProtocolError, ServerError
 from .protocol import (
     DEFAULT_MAX_FRAME,
@@ -65,7 +65,7 @@ class _Calls:
     def _submit(self, op: str, args: dict[str, Any], convert: Convert = None) -> Any:
         raise NotImplementedError
 
-    def insert(self, key: str, code: Any, meta: dict | None = None) -> Any:
+    def insert(self, key: str, code: Code, meta: dict | None = None) -> Any:
         args: dict[str, Any] = {"key": key, "code": to_bytes(code, self.bits)}
         if meta is not None:
             args["meta"] = meta
@@ -83,7 +83,7 @@ class _Calls:
     def get(self, key: str) -> Any:
         return self._submit("get", {"key": key}, _code_meta)
 
-    def radius(self, code: Any, r: int, force: str | None = None) -> Any:
+    def radius(self, code: Code, r: int, force: str | None = None) -> Any:
         args: dict[str, Any] = {"code": to_bytes(code, self.bits), "r": _clamp(r, self.bits)}
         if force is not None:
             args["force"] = force
@@ -95,7 +95,7 @@ class _Calls:
             args["force"] = force
         return self._submit("radius_many", args, _many_pairs)
 
-    def knn(self, code: Any, k: int, force: str | None = None) -> Any:
+    def knn(self, code: Code, k: int, force: str | None = None) -> Any:
         args: dict[str, Any] = {"code": to_bytes(code, self.bits), "k": _clamp(k, _MAX_K)}
         if force is not None:
             args["force"] = force
@@ -119,6 +119,9 @@ class _Calls:
 
     def ping(self) -> Any:
         return self._submit("ping", {})
+
+    def set_codec(self, config: dict[str, Any] | None) -> Any:
+        return self._submit("set_codec", {"config": config})
 
 
 class Client(_Calls):
@@ -146,6 +149,11 @@ class Client(_Calls):
         self.bits = int(info["bits"])
         self.max_frame = int(info["max_frame"])
         self.server_info: dict[str, Any] = info
+
+    @property
+    def codec(self) -> dict[str, Any] | None:
+        """The codec configuration stored with the served database (None if never set)."""
+        return self._submit("codec", {})
 
     # -- HashDB's dunder protocol ----------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from typing import Any
 import lmdb
 import numpy as np
 
-from .codes import bytes_to_words, check_bits, many_to_bytes, to_bytes
+from .codes import Code, bytes_to_words, check_bits, many_to_bytes, to_bytes
 from .errors import InvalidArgument, InvalidKey, InvalidMeta, KeyNotFound, StorageError
 from .store import MAX_KEY_BYTES, LogBatch, Store, open_store, pack_meta, release_store
 
@@ -183,7 +183,7 @@ class HashDB:
 
     # ----------------------------------------------------------------------------------------- writes
 
-    def insert(self, key: str, code: Any, meta: dict[str, Any] | None = None) -> None:
+    def insert(self, key: str, code: Code, meta: dict[str, Any] | None = None) -> None:
         """Insert ``key`` or replace its code and metadata (meta=None removes earlier metadata)."""
         kb = key_bytes(key)
         cb = to_bytes(code, self.bits)
@@ -256,7 +256,7 @@ class HashDB:
         return results
 
     def _write_one(self, name: str, args: dict[str, Any]) -> Any:
-        if name not in ("insert", "insert_many", "delete", "delete_many"):
+        if name not in ("insert", "insert_many", "delete", "delete_many", "set_codec"):
             return InvalidArgument(f"not a write operation: {name!r}")
         try:
             return getattr(self, name)(**args)
@@ -385,7 +385,7 @@ class HashDB:
 
     # ---------------------------------------------------------------------------------------- queries
 
-    def radius(self, code: Any, r: int, force: str | None = None) -> list[Match]:
+    def radius(self, code: Code, r: int, force: str | None = None) -> list[Match]:
         """Every key within Hamming distance <= r of ``code``, sorted by (distance, key)."""
         r = _check_int("r", r, 0)
         force = _check_force(force)
@@ -404,7 +404,7 @@ class HashDB:
         r = min(r, self.bits)
         return self._query(lambda index: index.radius_many(queries, r, force=force))
 
-    def knn(self, code: Any, k: int, force: str | None = None) -> list[Match]:
+    def knn(self, code: Code, k: int, force: str | None = None) -> list[Match]:
         """The k nearest keys, sorted by (distance, key); among equal distances the smaller keys win."""
         k = _check_int("k", k, 1)
         force = _check_force(force)

@@ -9,6 +9,7 @@ HashDB, and asks the database which original each suspect copies.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -126,18 +127,35 @@ def _copies(model: Any, x: Any, y: Any, seed: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; exit status 0 when every copy is found and no unrelated model is flagged."""
     parser = argparse.ArgumentParser(prog="hashdb demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", help="working directory (default: a temporary one)")
+    parser.add_argument("--dir", help="keep the models and the database in DIR (default: a temporary folder, removed)")
     parser.add_argument("--bits", type=int, default=256)
     parser.add_argument("--seeds", type=int, default=3, help="originals per architecture")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    try:
+        import torch
+    except ImportError:
+        sys.stderr.write("hashdb: error: the demo trains models with the optional 'torch' package: "
+                         "pip install hashdb[torch]\n")  # fmt: skip
+        return 2
+    torch.set_num_threads(1)
+    if args.dir:
+        return _run(args, Path(args.dir))
+    workdir = Path(tempfile.mkdtemp(prefix="hashdb-demo-"))
+    try:
+        return _run(args, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        print(f"removed {workdir} (keep the models and the database with --dir DIR)")
 
+
+def _run(args: argparse.Namespace, workdir: Path) -> int:
     import torch
 
     from .codec import ModelHasher
     from .db import HashDB
 
-    torch.set_num_threads(1)
-    workdir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="hashdb-demo-"))
     models_dir = workdir / "models"
     models_dir.mkdir(parents=True, exist_ok=True)
     x_np, y_np, source = _digits()
@@ -167,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     db_path = workdir / "db"
     radius = hasher.copy_radius
     found = 0
-    with HashDB(str(db_path), bits=args.bits) as db:
+    with HashDB(str(db_path), bits=args.bits, codec=hasher.config) as db:
         t0 = time.perf_counter()
         keys = list(originals)
         db.insert_many(keys, [hasher.hash(originals[k]) for k in keys], [{"file": str(originals[k])} for k in keys])
@@ -190,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"found {found}/{len(suspects)} copies at radius {radius}; nearest distinct originals are "
           f"{min(distinct)}..{max(distinct)} bits apart (of {args.bits})")
+    if args.dir:
+        print(f"models in {models_dir}, database in {db_path} (try: hashdb query {db_path} {suspects[0][2]})")
     return 0 if found == len(suspects) else 1
 
 

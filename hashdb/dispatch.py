@@ -89,6 +89,8 @@ def call(db: Any, op: str, args: dict[str, Any], info: dict[str, Any]) -> Any:
         return args["key"] in db
     if op == "ping":
         return info
+    if op == "codec":
+        return db.codec
     if op == "keys_after":
         limit = args.get("limit", MAX_KEYS_PAGE)
         if type(limit) is int and limit > MAX_KEYS_PAGE:

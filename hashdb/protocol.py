@@ -28,13 +28,15 @@ MAX_KEYS_PAGE = 4096
 READ, WRITE, INFO = "read", "write", "info"
 
 # op -> (kind, required arguments, optional arguments). Each maps onto the HashDB method of the same
-# name, except len / contains / ping (``len(db)``, ``key in db``, server information); keys_after returns at
-# most MAX_KEYS_PAGE keys whatever its limit.
+# name, except len / contains / ping (``len(db)``, ``key in db``, server information) and codec (the
+# ``HashDB.codec`` property); keys_after returns at most MAX_KEYS_PAGE keys whatever its limit.
 OPS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "insert": (WRITE, ("key", "code"), ("meta",)),
     "insert_many": (WRITE, ("keys", "codes"), ("metas",)),
     "delete": (WRITE, ("key",), ()),
     "get": (READ, ("key",), ()),
+    "codec": (READ, (), ()),
+    "set_codec": (WRITE, ("config",), ()),
     "radius": (READ, ("code", "r"), ("force",)),
     "radius_many": (READ, ("codes", "r"), ("force",)),
     "knn": (READ, ("code", "k"), ("force",)),

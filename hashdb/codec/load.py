@@ -115,7 +115,10 @@ def load_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Tensors:
 def _read_torch(path: Path) -> Tensors:
     import pickle
 
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise ModelFormatError(f"{path}: needs the optional 'torch' package: pip install hashdb[torch]") from None
 
     try:
         with warnings.catch_warnings():  # e.g. "pickle protocol 4": noise for a caller hashing many files
