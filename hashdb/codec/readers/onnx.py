@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ModelFormatError
-from . import NamedTensor, bf16_to_float32, check_size, float32_or_none, float8_table
+from . import NamedTensor, bf16_to_float32, check_size, float8_table, float32_or_none
 
 # TensorProto.DataType -> (numpy dtype of the stored bytes, decoding)
 _TYPES: dict[int, tuple[str, str]] = {

@@ -73,7 +73,9 @@ def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], int, int]:
             )
         nbytes = math.prod(shape) * np.dtype(DTYPES[dtype][0]).itemsize
         if end - begin != nbytes:
-            raise ModelFormatError(f"{path}: tensor {name!r}: shape {shape} needs {nbytes:,} bytes, offsets give {end - begin:,}")
+            raise ModelFormatError(
+                f"{path}: tensor {name!r}: shape {shape} needs {nbytes:,} bytes, data_offsets give {end - begin:,}"
+            )
         entries[name] = info
         spans.append((begin, end, name))
     spans.sort()
