@@ -93,6 +93,26 @@ class _Hashers:
         return self.hash_file(text, or_code=True), True
 
 
+def _model_units(paths: Sequence[str]) -> list[tuple[str, str | ModelFormatError]]:
+    """(key, path to hash or the error) per model unit: a file as given, each model found in a folder."""
+    from .codec.units import find_units, unit_key
+
+    out: list[tuple[str, str | ModelFormatError]] = []
+    for path in paths:
+        if not os.path.isdir(path):
+            out.append((unit_key(path), path))
+            continue
+        try:
+            units = find_units(path)
+        except ModelFormatError as e:
+            out.append((unit_key(path), e))
+            continue
+        if not units:
+            out.append((unit_key(path), ModelFormatError(f"{path}: no model files found in the folder")))
+        out.extend((u.key, str(u.path)) for u in units)
+    return out
+
+
 # -- output --------------------------------------------------------------------------------------------
 
 
@@ -236,18 +256,21 @@ def cmd_add(args: argparse.Namespace) -> int:
             if _is_hex_code(path, db.bits):
                 raise UsageError(f"a hex code needs a key: hashdb add DB --key KEY {path[:16]}...")
         failed = 0
-        progress = Progress(len(paths), "models")
+        units = _model_units(paths)
+        progress = Progress(len(units), "models")
         keys: list[str] = []
         codes: list[bytes] = []
         try:
-            for path in paths:
+            for key, path in units:
                 try:
+                    if isinstance(path, ModelFormatError):
+                        raise path
                     code = hashers.hash_file(path)
                 except ModelFormatError as e:
                     failed += 1
                     progress.message(f"hashdb: error: {e}")
                 else:
-                    keys.append(path)
+                    keys.append(key)
                     codes.append(code)
                 progress.advance()
                 if len(keys) >= ADD_CHUNK:
@@ -255,12 +278,12 @@ def cmd_add(args: argparse.Namespace) -> int:
                     keys, codes = [], []
             if keys:
                 _insert_chunk(db, keys, codes, user_meta, hashers, args, progress)
-            if len(paths) > failed:
+            if len(units) > failed:
                 _record_codec(db, hashers)
         finally:
             progress.close()
         if failed:
-            _warn(f"{failed} of {len(paths)} model files could not be hashed")
+            _warn(f"{failed} of {len(units)} model files could not be hashed")
             return EXIT_ERROR
     return EXIT_OK
 
@@ -427,17 +450,19 @@ def cmd_hash(args: argparse.Namespace) -> int:
     hashers = _Hashers(bits)
     paths = list(_inputs(args.models))
     failed = 0
-    for path in paths:
+    for key, path in _model_units(paths):
         try:
+            if isinstance(path, ModelFormatError):
+                raise path
             code = hashers.hash_file(path)
         except ModelFormatError as e:
             failed += 1
             _warn(f"error: {e}")
             continue
         if args.json:
-            _emit({"path": path, "code": code.hex(), "bits": bits})
+            _emit({"path": key, "code": code.hex(), "bits": bits})
         else:
-            print(f"{code.hex()}  {path}")
+            print(f"{code.hex()}  {key}")
         sys.stdout.flush()
     return EXIT_ERROR if failed else EXIT_OK
 
