@@ -46,6 +46,28 @@ def check_size(path: Path | str, declared_bytes: int, max_bytes: int) -> None:
         )
 
 
+# A compressed member may inflate to at most this many times its compressed size (beyond 1 MiB): float
+# weights compress by 1.1-2x, heavily pruned ones by ~10x; a 1000x member is a compression bomb.
+MAX_INFLATION = 100
+
+
+def check_inflation(path: Path | str, member: str, compressed: int, declared: int) -> None:
+    """Refuse a compressed member whose declared size is a compression bomb's, before inflating it."""
+    if declared > (1 << 20) and declared > MAX_INFLATION * max(compressed, 1):
+        raise ModelFormatError(
+            f"{path}: {member} would inflate {compressed:,} bytes to {declared:,} "
+            f"({declared // max(compressed, 1):,}x, over {MAX_INFLATION}x): refused as a compression bomb"
+        )
+
+
+def check_zip_members(path: Path | str, infos: list, max_bytes: int) -> None:
+    """check_size over the members' declared sizes, then check_inflation of each compressed one."""
+    check_size(path, sum(i.file_size for i in infos), max_bytes)
+    for info in infos:
+        if info.compress_type != 0:
+            check_inflation(path, info.filename, info.compress_size, info.file_size)
+
+
 def max_bytes_from_env() -> int:
     """HASHDB_MAX_MODEL_BYTES when set (a positive integer of bytes), else DEFAULT_MAX_BYTES."""
     import os

@@ -17,7 +17,7 @@ from typing import IO
 import numpy as np
 
 from ...errors import ModelFormatError
-from . import NamedTensor, check_size, float32_or_none
+from . import NamedTensor, check_size, check_zip_members, float32_or_none
 
 _MAX_HEADER = 1 << 20
 
@@ -57,7 +57,7 @@ def read_npy(path: Path, max_bytes: int) -> list[NamedTensor]:
 def read_npz(path: Path, max_bytes: int) -> list[NamedTensor]:
     with open(path, "rb") as raw, zipfile.ZipFile(raw) as zf:
         infos = [i for i in zf.infolist() if not i.is_dir()]
-        check_size(path, sum(i.file_size for i in infos), max_bytes)
+        check_zip_members(path, infos, max_bytes)
         out: list[NamedTensor] = []
         for info in infos:
             name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ModelFormatError
-from . import NamedTensor, check_size, float8_table
+from . import NamedTensor, check_size, check_zip_members, float8_table
 
 _TORCH_MAGIC = 0x1950A86A20F9469CFC6C
 _MAX_PICKLE_BYTES = 1 << 30  # a data.pkl holding names and offsets; 1 GiB is far beyond any real one
@@ -542,7 +542,7 @@ def read_zip(path: Path, max_bytes: int) -> list[NamedTensor]:
         pkl = min(pkls, key=lambda i: i.filename.count("/"))
         root = pkl.filename[: -len("data.pkl")]
         members = {i.filename[len(root) + len("data/") :]: i for i in infos if i.filename.startswith(root + "data/")}
-        check_size(path, sum(i.file_size for i in members.values()), max_bytes)
+        check_zip_members(path, [*members.values(), pkl], max_bytes)
         if pkl.file_size > min(_MAX_PICKLE_BYTES, max_bytes):
             raise ModelFormatError(f"{path}: data.pkl declares {pkl.file_size:,} bytes")
         storages: dict[str, _Storage] = {}
