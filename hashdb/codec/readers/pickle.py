@@ -20,6 +20,7 @@ import io
 import pickle as _pickle
 import struct
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -630,7 +631,7 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
         if head[:1] != b"\x80":
             raise ModelFormatError(f"{path}: not a model file: unrecognised bytes")
         return read_legacy(path, max_bytes)
-    except zipfile.BadZipFile as exc:
-        raise ModelFormatError(f"{path}: corrupt zip checkpoint ({exc})") from None
+    except (zipfile.BadZipFile, zlib.error) as exc:
+        raise ModelFormatError(f"{path}: corrupt zip checkpoint ({str(exc)[:120]})") from None
     except (ValueError, zipfile.LargeZipFile, NotImplementedError, EOFError, OSError) as exc:
         raise ModelFormatError(f"{path}: cannot read checkpoint: {exc}") from None

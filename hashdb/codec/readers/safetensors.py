@@ -60,7 +60,7 @@ def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], int, int]:
         if not isinstance(info, dict) or set(info) - {"dtype", "shape", "data_offsets"}:
             raise ModelFormatError(f"{path}: tensor {name!r}: malformed safetensors entry")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise ModelFormatError(f"{path}: tensor {name!r}: unknown safetensors dtype {dtype!r}")
         if not isinstance(shape, list) or not all(_uint(d) for d in shape):
             raise ModelFormatError(f"{path}: tensor {name!r}: shape {shape!r} is not a list of non-negative ints")
