@@ -517,3 +517,21 @@ def test_mapping_sources_keep_working(hasher: ModelHasher) -> None:
     model = make_cnn(15)
     od = collections.OrderedDict((k, v.numpy()) for k, v in model.state_dict().items())
     assert hasher.hash(od) == hasher.hash(model) == hasher.hash({"state_dict": model.state_dict()})
+
+
+def test_overlapping_views_cannot_expand_a_tiny_storage(tmp_path: Path) -> None:
+    # stride 0 repeats one stored float 2**30 times: 4 GiB of float32 from a 4-byte storage
+    pkl = torch_pickle({"w": HandTensor("0", 0, (1 << 15, 1 << 15), (0, 0))}, {"0": ("FloatStorage", 1)})
+    path = tmp_path / "views.pt"
+    path.write_bytes(torch_zip(pkl, {"0": b"\x00\x00\x80\x3f"}))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ModelFormatError, match="over the limit"):
+            ModelHasher(256, max_bytes=1 << 30).hash(path)
+        assert tracemalloc.get_traced_memory()[1] < 16 << 20
+    finally:
+        tracemalloc.stop()
+    past = torch_pickle({"w": HandTensor("0", 2, (4,), (1,))}, {"0": ("FloatStorage", 4)})
+    path.write_bytes(torch_zip(past, {"0": bytes(16)}))
+    with pytest.raises(ModelFormatError, match="runs past its storage"):
+        load_tensors(path)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import pickle as _pickle
 import struct
 import zipfile
@@ -499,9 +500,13 @@ def _weights_root(obj: Any) -> Any:
     return {k: v for k, v in items if k not in _SKIP_KEYS}
 
 
-def tensors_of(obj: Any, where: str) -> list[NamedTensor]:
+def tensors_of(obj: Any, where: str, max_bytes: int) -> list[NamedTensor]:
+    """The float tensors of an unpickled checkpoint as float32 arrays. What they expand to is bounded by
+    ``max_bytes`` before any is built: views may overlap (stride 0 repeats one value any number of times)."""
+    refs = list(walk_tensors(_weights_root(obj)))
+    check_size(where, sum(4 * math.prod(r.size) for _, r in refs if isinstance(r, _TensorRef)), max_bytes)
     out: list[NamedTensor] = []
-    for name, ref in walk_tensors(_weights_root(obj)):
+    for name, ref in refs:
         try:
             if isinstance(ref, _TensorRef):
                 arr = ref.float32()
@@ -567,7 +572,7 @@ def read_zip(path: Path, max_bytes: int) -> list[NamedTensor]:
             if data is None:
                 data = np.frombuffer(zf.read(info), dtype=np.uint8)
             st.attach(data)
-        return tensors_of(obj, str(path))
+        return tensors_of(obj, str(path), max_bytes)
 
 
 def read_legacy(path: Path, max_bytes: int) -> list[NamedTensor]:
@@ -597,7 +602,7 @@ def read_legacy(path: Path, max_bytes: int) -> list[NamedTensor]:
     with open(path, "rb") as stream:  # the C unpickler leaves the file just past each pickle it read
         first = _unpickle(stream, storage)
         if not (isinstance(first, int) and first == _TORCH_MAGIC):  # a plain pickle: paddle, a bare dict
-            return tensors_of(first, str(path))
+            return tensors_of(first, str(path), max_bytes)
         if _unpickle(stream, storage) != 1001:
             raise ModelFormatError(f"{path}: unsupported legacy torch protocol version")
         _unpickle(stream, storage)  # sys info
@@ -618,7 +623,7 @@ def read_legacy(path: Path, max_bytes: int) -> list[NamedTensor]:
         if st is not None:
             st.attach(mapped[pos + 8 : pos + 8 + nbytes])
         pos += 8 + nbytes
-    return tensors_of(obj, str(path))
+    return tensors_of(obj, str(path), max_bytes)
 
 
 def read(path: Path, max_bytes: int) -> list[NamedTensor]:
