@@ -175,3 +175,12 @@ def test_shards_share_one_size_budget(tmp_path: Path) -> None:
     assert ModelHasher(256, max_bytes=total + 1024).hash(folder) == ModelHasher(256).hash(model)
     with pytest.raises(ModelFormatError, match="over the limit"):
         ModelHasher(256, max_bytes=total * 3 // 4).hash(folder)  # each shard fits alone, both do not
+
+
+def test_raw_bin_data_beside_an_onnx_model_is_not_a_unit(tmp_path: Path) -> None:
+    (tmp_path / "weights.bin").write_bytes(np.ones(64, np.float32).tobytes())  # ONNX external data
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x07")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.save(make_cnn(34).state_dict(), tmp_path / "ckpt.bin")
+    assert [u.path.name for u in find_units(tmp_path)] == ["ckpt.bin", "model.onnx"]
