@@ -5,9 +5,10 @@
 
 The same float32 weights (a VGG-like chain of 3x3 convolutions, 25.1M parameters, seeded) are saved in
 every format hashdb reads; each file is then hashed (ModelHasher(256)) in a fresh subprocess that first
-hashes it once to warm up (the codec's JIT, the reader's imports, the page cache). Time is the median of
---repeats further runs of ``ModelHasher.hash(path)``; peak is the highest peak RSS above the RSS just before
-a run (the mark reset through /proc/self/clear_refs; mapped file pages that were touched count).
+warms the codec's JIT on a tiny in-memory model and imports the readers. Time is the median of --repeats
+runs of ``ModelHasher.hash(path)`` (the file was just written: in the page cache); peak is the peak RSS of
+the first run above the RSS just before it (the mark reset through /proc/self/clear_refs; mapped file pages
+that were touched count), so later runs' allocator leftovers cannot hide or inflate it.
 Targets (issue 7): no format over 1.5x the safetensors time, peak under 2x the weights' bytes.
 Keras/TFLite/Flax rows need their reader modules (hashdb/codec/readers/keras.py, tflite.py, flax.py):
 without them the row is skipped with a note.
@@ -198,28 +199,40 @@ def _other_helpers_formats(sd: dict[str, np.ndarray], folder: Path) -> dict[str,
 # ---------------------------------------------------------------- measuring
 
 _CHILD = r"""
-import json, os, sys, time
+import importlib, json, os, sys, time
 sys.path.insert(0, {root!r})
+import numpy as np
 from hashdb.codec import ModelHasher
 h = ModelHasher(256)
-code = h.hash({path!r})  # warm-up: JIT, the reader's imports, the page cache
+h.hash({{"w": np.random.default_rng(0).standard_normal((64, 32, 3, 3)).astype(np.float32)}})  # JIT warm-up
+for name in ("pickle", "safetensors", "numpy", "onnx", "keras", "tflite", "flax"):  # reader imports
+    try:
+        importlib.import_module("hashdb.codec.readers." + name)
+    except ImportError:
+        pass
+try:
+    import onnx  # noqa: F401
+except ImportError:
+    pass
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 def hwm():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
-times, peaks = [], []
-for _ in range({repeats}):
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak-RSS mark to the current RSS
-    base = rss()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak-RSS mark to the current RSS
+base = rss()
+times = []
+t = time.perf_counter()
+code = h.hash({path!r})
+times.append(time.perf_counter() - t)
+peak = hwm() - base
+for _ in range({repeats} - 1):
     t = time.perf_counter()
-    again = h.hash({path!r})
+    assert h.hash({path!r}) == code
     times.append(time.perf_counter() - t)
-    peaks.append(hwm() - base)
-    assert again == code
-print(json.dumps({{"times": times, "peak": max(peaks), "code": code.hex(), "torch": "torch" in sys.modules}}))
+print(json.dumps({{"times": times, "peak": peak, "code": code.hex(), "torch": "torch" in sys.modules}}))
 """
 
 
@@ -275,7 +288,8 @@ def main() -> None:
         "",
         f"`{command}` -- {machine_line()}; one thread; the machine was shared with other jobs.",
         f"{nparams / 1e6:.1f}M float32 parameters ({wbytes / 1e6:.0f} MB of weights), ModelHasher(256), median of "
-        f"{args.repeats} runs in a fresh process after one warm-up run; peak = peak RSS above the RSS before a run.",
+        f"{args.repeats} runs in a fresh process after a JIT warm-up; peak = peak RSS of the first run above the RSS "
+        "before it.",
         f"Every format gave the same code as safetensors (fp16 rows aside): {len(codes) == 1}.",
         "",
         "| format | file MB | load+hash s | x safetensors | peak MB | peak / weights | imports torch |",
