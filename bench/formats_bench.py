@@ -220,31 +220,37 @@ def rss():
 def hwm():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+source = {path!r}
+if source == "memory":  # the floor: the same weights as an in-memory numpy mapping, no file read
+    from bench.formats_bench import weights
+    source = weights({params!r})
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak-RSS mark to the current RSS
 base = rss()
 times = []
 t = time.perf_counter()
-code = h.hash({path!r})
+code = h.hash(source)
 times.append(time.perf_counter() - t)
 peak = hwm() - base
 for _ in range({repeats} - 1):
     t = time.perf_counter()
-    assert h.hash({path!r}) == code
+    assert h.hash(source) == code
     times.append(time.perf_counter() - t)
 print(json.dumps({{"times": times, "peak": peak, "code": code.hex(), "torch": "torch" in sys.modules}}))
 """
 
 
-def measure(path: Path, repeats: int) -> dict:
-    script = _CHILD.format(root=str(ROOT), path=str(path), repeats=repeats)
+def measure(path: Path | str, repeats: int, params: float) -> dict:
+    script = _CHILD.format(root=str(ROOT), path=str(path), repeats=repeats, params=params)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(done.stdout)
 
 
-def size_of(path: Path) -> int:
+def size_of(path: Path | str) -> int:
+    if isinstance(path, str):
+        return 0
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size
@@ -261,14 +267,15 @@ def main() -> None:
     wbytes = 4 * nparams
     folder = Path(tempfile.mkdtemp(prefix="hashdb-formats-"))
     try:
-        files = write_all(sd, folder)
+        files: dict[str, Path | str] = write_all(sd, folder)
+        files["numpy mapping in memory (no file: the codec alone)"] = "memory"
         rows, notes, base_time, codes = [], [], None, set()
         for label, path in files.items():
-            if isinstance(path, str):
+            if isinstance(path, str) and path != "memory":
                 notes.append(f"- {label}: {path}")
                 print(f"{label}: {path}", flush=True)
                 continue
-            r = measure(path, args.repeats)
+            r = measure(path, args.repeats, args.params)
             if "error" in r:
                 notes.append(f"- {label}: error: {r['error']}")
                 print(f"{label}: error {r['error']}", flush=True)
