@@ -171,8 +171,14 @@ def _other_helpers_formats(sd: dict[str, np.ndarray], folder: Path) -> dict[str,
                 v = f.create_group(f"layers/{name}/vars")
                 v.create_dataset("0", data=kernel)
                 v.create_dataset("1", data=bias)
-        config = {"class_name": "Sequential", "config": {"layers": [
-            {"class_name": "Conv2D", "config": {"name": name, "kernel_size": [3, 3]}} for name, _, _ in layers]}}
+        config = {
+            "class_name": "Sequential",
+            "config": {
+                "layers": [
+                    {"class_name": "Conv2D", "config": {"name": name, "kernel_size": [3, 3]}} for name, _, _ in layers
+                ]
+            },
+        }
         with zipfile.ZipFile(folder / "m.keras", "w") as z:
             z.writestr("metadata.json", json.dumps({"keras_version": "3.0.0"}))
             z.writestr("config.json", json.dumps(config))
@@ -309,9 +315,12 @@ def main() -> None:
     if floor and files_rows:
         extra = [(r[4] - floor[0][4]) * 1e6 / wbytes for r in files_rows]
         slow = [r[0] for r in files_rows if r[3] > 1.5]
-        lines += ["", f"The codec alone (in-memory row, weights allocated before the mark) peaks at {floor[0][5]:.2f}x "
-                  f"the weights; reading a file adds {min(extra):.2f}-{max(extra):.2f}x on top (the weights "
-                  f"themselves, mapped or read). Over 1.5x the safetensors time: {', '.join(slow) or 'none'}."]
+        lines += [
+            "",
+            f"The codec alone (in-memory row, weights allocated before the mark) peaks at {floor[0][5]:.2f}x "
+            f"the weights; reading a file adds {min(extra):.2f}-{max(extra):.2f}x on top (the weights "
+            f"themselves, mapped or read). Over 1.5x the safetensors time: {', '.join(slow) or 'none'}.",
+        ]
     if notes:
         lines += ["", *notes]
     body = "\n".join(lines)

@@ -64,8 +64,14 @@ def test_every_torch_save_style_gives_the_state_dict_code(tmp_path: Path, hasher
         "module.pt": quiet_save(model, tmp_path / "module.pt"),
         "module_legacy.pth": quiet_save(model, tmp_path / "module_legacy.pth", _use_new_zipfile_serialization=False),
         "train.ckpt": quiet_save(
-            {"epoch": 7, "model": model.state_dict(), "optimizer": torch.optim.Adam(model.parameters()).state_dict(),
-             "loss": 0.25}, tmp_path / "train.ckpt"),  # fmt: skip
+            {
+                "epoch": 7,
+                "model": model.state_dict(),
+                "optimizer": torch.optim.Adam(model.parameters()).state_dict(),
+                "loss": 0.25,
+            },
+            tmp_path / "train.ckpt",
+        ),  # fmt: skip
     }
     # an optimizer with state: its moment tensors have the conv shapes and must not be hashed
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)

@@ -119,8 +119,13 @@ def test_a_folder_of_models_yields_one_keyed_entry_per_model(
     assert list(results) == keys
     bad = results.pop("zoo/bad.pt")
     assert isinstance(bad, ModelFormatError) and "bad.pt: not a model file: unrecognised bytes" in str(bad)
-    expected = {"zoo/a.pt": 21, "acme/resnet@r1": 25, "zoo/hf/bert-ish": 24, "zoo/sub/c.npz": 23,
-                "zoo/sub/whole.pth": 22}
+    expected = {
+        "zoo/a.pt": 21,
+        "acme/resnet@r1": 25,
+        "zoo/hf/bert-ish": 24,
+        "zoo/sub/c.npz": 23,
+        "zoo/sub/whole.pth": 22,
+    }
     assert results == {k: hasher.hash(make_cnn(seed)) for k, seed in expected.items()}
     with pytest.raises(ModelFormatError, match="holds 6 models"):
         load_tensors(zoo)
