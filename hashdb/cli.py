@@ -168,6 +168,26 @@ class _Hashers:
         return self.hash_file(text, or_code=True), True
 
 
+def _model_units(paths: Sequence[str]) -> list[tuple[str, str | ModelFormatError]]:
+    """(key, path to hash or the error) per model unit: a file as given, each model found in a folder."""
+    from .codec.units import find_units, unit_key
+
+    out: list[tuple[str, str | ModelFormatError]] = []
+    for path in paths:
+        if not os.path.isdir(path):
+            out.append((unit_key(path), path))
+            continue
+        try:
+            units = find_units(path)
+        except ModelFormatError as e:
+            out.append((unit_key(path), e))
+            continue
+        if not units:
+            out.append((unit_key(path), ModelFormatError(f"{path}: no model files found in the folder")))
+        out.extend((u.key, str(u.path)) for u in units)
+    return out
+
+
 # -- output --------------------------------------------------------------------------------------------
 
 
@@ -353,6 +373,14 @@ def cmd_add(args: argparse.Namespace) -> int:
         failed = 0  # entries that could not be added (the batch counts its own)
         records: list[_Record] = []
         for text in texts:
+            if os.path.isdir(text):  # a folder: one entry per model unit found in it
+                for key, path in _model_units([text]):
+                    if isinstance(path, ModelFormatError):
+                        failed += 1
+                        _warn(f"error: {path}")
+                    else:
+                        records.append(_Record(key, path=path))
+                continue
             try:
                 records.append(_add_input(text, db.bits))
             except (InvalidCode, InvalidMeta) as e:  # a bad line of piped input: name it, add the others
@@ -686,14 +714,15 @@ def cmd_hash(args: argparse.Namespace) -> int:
     hashers = _Hashers(bits)
     paths = list(_inputs(args.models))
     failed = 0
-    for path in paths:
+    for key, path in _model_units(paths):
         try:
+            if isinstance(path, ModelFormatError):
+                raise path
             code = hashers.hash_file(path)
         except ModelFormatError as e:
             failed += 1
             _warn(f"error: {e}")
             continue
-        key = _key_of(path)
         if args.json:
             _emit({"key": key, "path": path, "code": code.hex(), "bits": bits, "codec": CODEC_VERSION})
         else:

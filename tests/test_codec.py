@@ -404,15 +404,17 @@ class Evil:
         return (print, ("this checkpoint ran code",))
 
 
-def test_checkpoint_needing_unpickling_is_refused_naming_the_file(tmp_path: Path, hasher: ModelHasher) -> None:
+def test_checkpoint_with_a_payload_hashes_its_weights_and_runs_nothing(
+    tmp_path: Path, hasher: ModelHasher, capsys: pytest.CaptureFixture
+) -> None:
     path = tmp_path / "evil.pt"
     torch.save({"state_dict": make_cnn(0).state_dict(), "hook": Evil()}, path)
-    with pytest.raises(ModelFormatError, match="evil.pt"):
-        hasher.hash(path)
+    assert hasher.hash(path) == hasher.hash(make_cnn(0))  # the payload became an inert stub
     raw = tmp_path / "raw.pth"
     raw.write_bytes(pickle.dumps({"w": Evil()}))
-    with pytest.raises(ModelFormatError, match="raw.pth"):
+    with pytest.raises(ModelFormatError, match="raw.pth: no floating-point tensors"):
         hasher.hash(raw)
+    assert "ran code" not in capsys.readouterr().out
 
 
 def test_unreadable_empty_and_convless_sources_are_model_format_errors(tmp_path: Path, hasher: ModelHasher) -> None:
@@ -443,7 +445,7 @@ def test_hash_files_reports_each_bad_file_and_hashes_the_rest(tmp_path: Path, ha
 
 def test_a_directory_or_missing_path_is_named_for_what_it_is(tmp_path: Path) -> None:
     results = dict(hash_files([tmp_path, tmp_path / "gone.pt"], bits=256))
-    assert str(results[str(tmp_path)]) == f"{tmp_path}: is a directory, not a model file"
+    assert str(results[str(tmp_path)]) == f"{tmp_path}: no model files found in the folder"
     assert str(results[str(tmp_path / "gone.pt")]) == f"{tmp_path / 'gone.pt'}: no such file"
 
 
@@ -454,7 +456,7 @@ def test_torch_loader_warnings_do_not_leak_to_the_caller(tmp_path: Path) -> None
     path.write_bytes(pickle.dumps({"weight": "not a tensor"}, protocol=4))  # torch.load warns about protocol 4
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a leaked warning would surface as an exception instead
-        with pytest.raises(ModelFormatError, match="proto4.pt: checkpoint needs arbitrary unpickling"):
+        with pytest.raises(ModelFormatError, match="proto4.pt: no floating-point tensors"):
             ModelHasher(bits=256).hash(path)
 
 

@@ -45,6 +45,8 @@ class ModelHasher:
     ``hash`` / ``hash_bits`` give the code; ``features`` the statistics it binarizes and ``pools`` the kernel
     pools those come from (one pipeline for the product and the benchmarks); ``feature_names`` names the
     columns of ``features``.
+    ``max_bytes`` is the tensor bytes one model file may declare or inflate to (default HASHDB_MAX_MODEL_BYTES,
+    else 8 GiB; not part of the code's config).
     """
 
     def __init__(
@@ -60,8 +62,12 @@ class ModelHasher:
         contrast: str = "dihedral",
         max_kernels: int = 1 << 17,
         radius_fraction: float | None = None,
+        max_bytes: int | None = None,
     ) -> None:
         self.bits = check_bits(bits)
+        if max_bytes is not None and (not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes <= 0):
+            raise InvalidArgument(f"max_bytes must be a positive int, got {max_bytes!r}")
+        self.max_bytes = max_bytes
         if layout not in ("auto", "oihw", "hwio"):
             raise InvalidArgument(f"layout must be 'auto', 'oihw' or 'hwio', got {layout!r}")
         if not (isinstance(prune, int | float) and 0.0 <= prune < 1.0):
@@ -118,7 +124,7 @@ class ModelHasher:
         return f"ModelHasher({', '.join(f'{k}={v!r}' for k, v in self.config.items() if k != 'codec')})"
 
     def hash(self, source: Any) -> bytes:
-        """The code of one model (module, state_dict, mapping of arrays, or a model file path)."""
+        """The code of one model (module, state_dict, mapping of arrays, a model file or a one-model folder)."""
         return np.packbits(self.hash_bits(source)).tobytes()
 
     def hash_bits(self, source: Any) -> np.ndarray:
@@ -139,7 +145,7 @@ class ModelHasher:
     def pools(self, source: Any) -> list[Pool]:
         """The capped kernel pools of one model (load -> select): what ``features`` projects."""
         where = _where(source)
-        tensors = load_tensors(source)
+        tensors = load_tensors(source, max_bytes=self.max_bytes)
         layers = conv_layers(tensors, layout=self.layout, include_linear=self.include_linear)
         if not layers:
             raise ModelFormatError(f"{where}: no convolution weights found ({len(tensors)} tensors)")
@@ -186,13 +192,26 @@ def hash_model(source: Any, bits: int = 256, **kwargs: Any) -> bytes:
 def hash_files(
     paths: Iterable[str | os.PathLike], bits: int = 256, **kwargs: Any
 ) -> list[tuple[str, bytes | ModelFormatError]]:
-    """Hash each file; a bad file yields its ModelFormatError (naming the file) and the others still hash."""
+    """Hash each file, and each model unit of each folder (keys by hashdb.codec.units.unit_key: the normalized
+    path, or ORG/NAME@REV for a Hugging Face cache snapshot); a bad unit yields its ModelFormatError (naming
+    the file) and the others still hash."""
+    from .units import find_units, unit_key
+
     hasher = ModelHasher(bits, **kwargs)
     out: list[tuple[str, bytes | ModelFormatError]] = []
     for p in paths:
-        name = os.fspath(p)
-        try:
-            out.append((name, hasher.hash(name)))
-        except ModelFormatError as exc:
-            out.append((name, exc))
+        units = [(unit_key(p), os.fspath(p))]
+        if os.path.isdir(p):
+            try:
+                units = [(u.key, os.fspath(u.path)) for u in find_units(p)]
+            except ModelFormatError as exc:
+                out.append((unit_key(p), exc))
+                continue
+            if not units:
+                out.append((unit_key(p), ModelFormatError(f"{os.fspath(p)}: no model files found in the folder")))
+        for key, path in units:
+            try:
+                out.append((key, hasher.hash(path)))
+            except ModelFormatError as exc:
+                out.append((key, exc))
     return out

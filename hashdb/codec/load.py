@@ -1,21 +1,25 @@
-"""Any model source -> a list of (name, float32 ndarray).
+"""Any model source -> a list of NamedTensor (name, float32 array, stated layout).
 
 Sources: a torch ``nn.Module``, a state_dict or any mapping of name -> tensor/array (also a full checkpoint
-holding one under "state_dict"/"model"), or a path to ``.pt``/``.pth``/``.bin`` (torch.load with
-``weights_only=True``), ``.safetensors`` (read here with numpy: the format is a JSON header plus raw
-little-endian buffers, so neither torch nor the safetensors package is needed), ``.npz``
-(``allow_pickle=False``) or ``.onnx`` (initializers, needs the optional onnx package).
+holding one under "state_dict"/"model"), a model file, or a folder that is one model (Hugging Face layout:
+sharded weights with their ``*.index.json``, or a ``config.json`` beside ``model.safetensors`` /
+``pytorch_model.bin``, or a snapshot of the Hugging Face cache). Files are read by the modules of
+``hashdb.codec.readers`` (see docs/codec.md for the table of formats); the format is told by the file's
+leading bytes first and its suffix second. Nothing from a file is executed: pickles go through our own
+restricted unpickler.
 
-torch is imported only when the source is a torch object or a torch file: hashing an ``.npz`` or a mapping
-of numpy arrays never imports it.
+Pruning reparametrizations (``X_orig`` and ``X_mask`` of torch.nn.utils.prune) are resolved to ``X`` here,
+for every source, so masks are never hashed.
+
+torch is imported only when the source is a torch object: every file format is read with numpy alone.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,44 +27,65 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelFormatError
-from .readers import DEFAULT_MAX_BYTES, NamedTensor
+from .readers import NamedTensor, max_bytes_from_env
 
 Tensors = list[NamedTensor]
 
 # Keys under which training scripts nest the weights inside a full checkpoint, most specific first.
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights", "params")
 
-_SAFETENSORS_DTYPES: dict[str, str] = {
-    "F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2",
-    "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?",
-}  # fmt: skip
 
+def load_tensors(source: Any, max_bytes: int | None = None) -> Tensors:
+    """Return the floating-point tensors of ``source`` as NamedTensors, in source order.
 
-def load_tensors(source: Any) -> Tensors:
-    """Return the floating-point tensors of ``source`` as (name, float32 array) pairs, in source order.
-
-    Raises ModelFormatError (naming the file for paths) when the source cannot be read or holds no tensor.
+    ``max_bytes`` bounds the tensor bytes a file (or a folder's shards together) may declare or inflate to
+    (default: HASHDB_MAX_MODEL_BYTES, else readers.DEFAULT_MAX_BYTES). Raises ModelFormatError (naming the
+    file for paths) when the source cannot be read or holds no tensor.
     """
     if isinstance(source, str | os.PathLike):
-        tensors = load_file(Path(source))
+        limit = max_bytes_from_env() if max_bytes is None else max_bytes
+        path = Path(source)
+        tensors = load_folder(path, limit) if path.is_dir() else load_file(path, limit)
         if not tensors:
             raise ModelFormatError(f"{source}: no floating-point tensors found")
-        return tensors
+        return resolve_pruning(tensors)
     tensors = _from_object(source, where=type(source).__name__)
     if not tensors:
         raise ModelFormatError(f"{type(source).__name__} holds no floating-point tensors")
-    return tensors
+    return resolve_pruning(tensors)
+
+
+def resolve_pruning(tensors: Tensors) -> Tensors:
+    """``X_orig`` * ``X_mask`` becomes ``X`` (torch.nn.utils.prune before prune.remove); masks are dropped."""
+    by_name = {t.name: t for t in tensors}
+    out: Tensors = []
+    for t in tensors:
+        if t.name.endswith("_mask") and t.name[: -len("_mask")] + "_orig" in by_name:
+            continue
+        if t.name.endswith("_orig"):
+            mask = by_name.get(t.name[: -len("_orig")] + "_mask")
+            if mask is not None and mask.array.shape == t.array.shape:
+                out.append(NamedTensor(t.name[: -len("_orig")], t.array * mask.array, t.layout))
+                continue
+        out.append(t)
+    return out
 
 
 # Formats read by a module of hashdb.codec.readers: format -> (module, function); imported on first use.
 _READER_MODULES: dict[str, tuple[str, str]] = {
+    "torch": ("pickle", "read"),
+    "pdparams": ("pickle", "read"),
+    "safetensors": ("safetensors", "read"),
+    "npz": ("numpy", "read"),
+    "npy": ("numpy", "read"),
+    "onnx": ("onnx", "read"),
     "keras_h5": ("keras", "read_h5"),
     "keras": ("keras", "read_keras"),
     "tflite": ("tflite", "read"),
     "flax": ("flax", "read"),
 }
 _SUFFIX_FORMATS: dict[str, str] = {
-    ".safetensors": "safetensors", ".npz": "npz", ".onnx": "onnx",
+    ".safetensors": "safetensors", ".npz": "npz", ".npy": "npy", ".onnx": "onnx", ".pdparams": "pdparams",
     ".pt": "torch", ".pth": "torch", ".bin": "torch", ".ckpt": "torch", ".tar": "torch",
     ".h5": "keras_h5", ".hdf5": "keras_h5", ".keras": "keras", ".tflite": "tflite", ".msgpack": "flax",
 }  # fmt: skip
@@ -75,15 +100,20 @@ def sniff_format(path: Path) -> str | None:
         return "keras_h5"
     if head[4:8] == b"TFL3":
         return "tflite"
+    if head.startswith(b"\x93NUMPY"):
+        return "npy"
     if head.startswith(b"PK\x03\x04"):  # zip: torch, TorchScript, .keras and .npz are all zip archives
         return {".keras": "keras", ".npz": "npz"}.get(suffix, "torch")
     if len(head) >= 9 and head[8:9] == b"{" and suffix == ".safetensors":
         return "safetensors"
+    if head[:1] == b"\x80" and suffix not in (".onnx", ".msgpack", ".tflite"):  # a pickle (legacy torch, paddle)
+        return "pdparams" if suffix == ".pdparams" else "torch"
     return _SUFFIX_FORMATS.get(suffix)
 
 
-def load_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Tensors:
+def load_file(path: Path, max_bytes: int | None = None) -> Tensors:
     """Read one model file by its format; every failure becomes a ModelFormatError naming the file."""
+    limit = max_bytes_from_env() if max_bytes is None else max_bytes
     if path.is_dir():
         raise ModelFormatError(f"{path}: is a directory, not a model file")
     if not path.is_file():
@@ -92,89 +122,82 @@ def load_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Tensors:
     try:
         fmt = sniff_format(path)
         if fmt in _READER_MODULES:
-            import importlib
-
             module, function = _READER_MODULES[fmt]
             reader = getattr(importlib.import_module(f".readers.{module}", __package__), function)
-            return reader(path, max_bytes)
-        if fmt == "safetensors":
-            return _read_safetensors(path)
-        if fmt == "npz":
-            return _read_npz(path)
-        if fmt == "onnx":
-            return _read_onnx(path)
-        if fmt == "torch":
-            return _read_torch(path)
+            return reader(path, limit)
     except ModelFormatError:
         raise
+    except ModuleNotFoundError as exc:
+        raise ModelFormatError(f"{path}: reading {suffix} files is not available in this build ({exc.name})") from None
+    except MemoryError:
+        raise ModelFormatError(f"{path}: out of memory reading the model") from None
     except Exception as exc:  # any parser failure on a bad file is a format error, not a crash
         raise ModelFormatError(f"{path}: cannot read {suffix} model ({type(exc).__name__}: {exc})") from exc
-    raise ModelFormatError(f"{path}: unknown model file type {suffix!r} (want .pt, .pth, .safetensors, .npz, .onnx)")
+    raise ModelFormatError(
+        f"{path}: unknown model file type {suffix!r} (want .pt, .pth, .bin, .safetensors, .npz, .npy, .onnx, ...)"
+    )
 
 
-def _read_torch(path: Path) -> Tensors:
-    import pickle
-
-    try:
-        import torch
-    except ImportError:
-        raise ModelFormatError(f"{path}: needs the optional 'torch' package: pip install hashdb[torch]") from None
-
-    try:
-        with warnings.catch_warnings():  # e.g. "pickle protocol 4": noise for a caller hashing many files
-            warnings.filterwarnings("ignore", module=r"torch(\.|$)")
-            obj = torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as exc:
-        raise ModelFormatError(
-            f"{path}: checkpoint needs arbitrary unpickling, refused (only weights_only=True files are read; "
-            f"save a state_dict instead): {str(exc).splitlines()[0][:200]}"
-        ) from exc
-    return _from_object(obj, where=str(path))
+# Weight files of a Hugging Face folder without an index, by preference (safetensors when both ship).
+_HF_SINGLE = ("model.safetensors", "pytorch_model.bin", "diffusion_pytorch_model.safetensors",
+              "diffusion_pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin", "model.pt",
+              "pytorch_model.pt", "flax_model.msgpack", "tf_model.h5", "model.onnx")  # fmt: skip
 
 
-def _read_npz(path: Path) -> Tensors:
-    with np.load(path, allow_pickle=False) as data:
-        return [NamedTensor(name, arr) for name in data.files if (arr := _float32(data[name])) is not None]
+def folder_weight_files(folder: Path) -> list[Path]:
+    """The weight files of a one-model folder: the shards its index names, or its single weight file."""
+    indexes = sorted(folder.glob("*.index.json"), key=lambda p: (".safetensors." not in p.name, p.name))
+    for index in indexes:
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+            raise ModelFormatError(f"{index}: unreadable shard index ({type(exc).__name__})") from None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelFormatError(f"{index}: shard index has no weight_map")
+        shards: list[Path] = []
+        for name in dict.fromkeys(weight_map.values()):
+            rel = os.path.normpath(str(name)) if isinstance(name, str) else ""
+            if not rel or os.path.isabs(rel) or rel.startswith(".."):
+                raise ModelFormatError(f"{index}: shard {name!r} lies outside the folder")
+            shards.append(folder / rel)
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise ModelFormatError(f"{index}: missing shard(s) {', '.join(missing[:3])}")
+        return shards
+    for name in _HF_SINGLE:
+        if (folder / name).is_file():
+            return [folder / name]
+    from .units import MODEL_SUFFIXES
+
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in MODEL_SUFFIXES)
+    if files:
+        suffix = files[0].suffix.lower()  # unindexed shards of one format: model-00001-of-00002.safetensors ...
+        return [p for p in files if p.suffix.lower() == suffix]
+    return []
 
 
-def _read_onnx(path: Path) -> Tensors:
-    try:
-        import onnx
-        from onnx import numpy_helper
-    except ImportError as exc:
-        raise ModelFormatError(f"{path}: reading .onnx needs the optional 'onnx' package") from exc
-    model = onnx.load(str(path), load_external_data=False)
+def load_folder(folder: Path, max_bytes: int | None = None) -> Tensors:
+    """The tensors of a folder that is one model (its shards together, under one size budget)."""
+    from .units import find_units
+
+    limit = max_bytes_from_env() if max_bytes is None else max_bytes
+    units = find_units(folder)
+    if not units:
+        raise ModelFormatError(f"{folder}: no model files found in the folder")
+    if len(units) > 1:
+        raise ModelFormatError(f"{folder}: holds {len(units)} models; hash them one by one (hash_files)")
+    unit = units[0].path
+    if unit.is_file():
+        return load_file(unit, limit)
+    files = folder_weight_files(unit)
+    if not files:
+        raise ModelFormatError(f"{folder}: no weight files found in the model folder")
     out: Tensors = []
-    for init in model.graph.initializer:
-        arr = _float32(numpy_helper.to_array(init))
-        if arr is not None:
-            out.append(NamedTensor(init.name, arr))
-    return out
-
-
-def _read_safetensors(path: Path) -> Tensors:
-    raw = path.read_bytes()
-    if len(raw) < 8:
-        raise ModelFormatError(f"{path}: truncated safetensors file")
-    header_len = int.from_bytes(raw[:8], "little")
-    if header_len <= 0 or 8 + header_len > len(raw):
-        raise ModelFormatError(f"{path}: bad safetensors header length {header_len}")
-    header = json.loads(raw[8 : 8 + header_len])
-    body = memoryview(raw)[8 + header_len :]
-    out: Tensors = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            continue
-        start, end = info["data_offsets"]
-        arr = np.frombuffer(body[start:end], dtype=dtype).reshape(info["shape"])
-        if info["dtype"] == "BF16":  # bf16 is the top half of a float32
-            arr = (arr.astype(np.uint32) << 16).view(np.float32)
-        arr32 = _float32(arr)
-        if arr32 is not None:
-            out.append(NamedTensor(name, arr32))
+    used = 0
+    for shard in files:
+        tensors = load_file(shard, limit - used)
+        used += sum(t.array.nbytes for t in tensors)
+        out.extend(tensors)
     return out
 
 
@@ -192,6 +215,8 @@ def _is_torch_tensor(obj: Any) -> bool:
 
 
 def _tensor_to_numpy(t: Any) -> np.ndarray | None:
+    if t.is_quantized:
+        t = t.dequantize()
     if not t.is_floating_point() or t.numel() == 0:
         return None
     return t.detach().to(device="cpu").float().contiguous().numpy().copy()

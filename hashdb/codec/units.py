@@ -108,5 +108,18 @@ def _walk(folder: Path) -> Iterable[ModelUnit]:
         path = Path(entry.path)
         if entry.is_dir(follow_symlinks=False):
             yield from _walk(path)
-        elif entry.is_file() and path.suffix.lower() in MODEL_SUFFIXES:
+        elif entry.is_file() and path.suffix.lower() in MODEL_SUFFIXES and _looks_like_a_model(path):
             yield ModelUnit(unit_key(path), path)
+
+
+def _looks_like_a_model(path: Path) -> bool:
+    """``.bin`` is also the suffix of raw data (ONNX external data, vocabularies): count it only when its
+    leading bytes are a torch checkpoint's (zip or pickle). Every other model suffix counts as is."""
+    if path.suffix.lower() != ".bin":
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return True  # let the reader name the problem
+    return head.startswith((b"PK\x03\x04", b"\x80"))

@@ -44,3 +44,77 @@ def check_size(path: Path | str, declared_bytes: int, max_bytes: int) -> None:
             f"{path}: declares {declared_bytes:,} bytes of tensors, over the limit of {max_bytes:,} "
             f"(raise it with HASHDB_MAX_MODEL_BYTES or ModelHasher(max_bytes=...))"
         )
+
+
+# A compressed member may inflate to at most this many times its compressed size (beyond 1 MiB): float
+# weights compress by 1.1-2x, heavily pruned ones by ~10x; a 1000x member is a compression bomb.
+MAX_INFLATION = 100
+
+
+def check_inflation(path: Path | str, member: str, compressed: int, declared: int) -> None:
+    """Refuse a compressed member whose declared size is a compression bomb's, before inflating it."""
+    if declared > (1 << 20) and declared > MAX_INFLATION * max(compressed, 1):
+        raise ModelFormatError(
+            f"{path}: {member} would inflate {compressed:,} bytes to {declared:,} "
+            f"({declared // max(compressed, 1):,}x, over {MAX_INFLATION}x): refused as a compression bomb"
+        )
+
+
+def check_zip_members(path: Path | str, infos: list, max_bytes: int) -> None:
+    """check_size over the members' declared sizes, then check_inflation of each compressed one."""
+    check_size(path, sum(i.file_size for i in infos), max_bytes)
+    for info in infos:
+        if info.compress_type != 0:
+            check_inflation(path, info.filename, info.compress_size, info.file_size)
+
+
+def max_bytes_from_env() -> int:
+    """HASHDB_MAX_MODEL_BYTES when set (a positive integer of bytes), else DEFAULT_MAX_BYTES."""
+    import os
+
+    text = os.environ.get("HASHDB_MAX_MODEL_BYTES", "").strip()
+    if not text:
+        return DEFAULT_MAX_BYTES
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value <= 0:
+        raise ModelFormatError(f"HASHDB_MAX_MODEL_BYTES must be a positive number of bytes, got {text!r}")
+    return value
+
+
+def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
+    """bfloat16 values stored as uint16 -> float32 (bf16 is the top half of a float32)."""
+    return (np.asarray(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+_FLOAT8: dict[str, np.ndarray] = {}
+
+
+def float8_table(kind: str) -> np.ndarray:
+    """The 256 float32 values of a float8 format ('e4m3fn' or 'e5m2'), indexed by the stored byte."""
+    if kind not in _FLOAT8:
+        exp_bits, man_bits = {"e4m3fn": (4, 3), "e5m2": (5, 2)}[kind]
+        bias = (1 << (exp_bits - 1)) - 1
+        byte = np.arange(256, dtype=np.int64)
+        sign = np.where(byte >> 7, -1.0, 1.0)
+        exp = (byte >> man_bits) & ((1 << exp_bits) - 1)
+        man = byte & ((1 << man_bits) - 1)
+        normal = (1.0 + man / (1 << man_bits)) * np.exp2(exp - bias)
+        subnormal = (man / (1 << man_bits)) * np.exp2(1 - bias)
+        values = sign * np.where(exp == 0, subnormal, normal)
+        top = (1 << exp_bits) - 1
+        if kind == "e4m3fn":  # no infinities; only S.1111.111 is NaN
+            values = np.where((exp == top) & (man == (1 << man_bits) - 1), np.nan, values)
+        else:  # IEEE-like: exponent all ones is inf (mantissa 0) or NaN
+            values = np.where(exp == top, np.where(man == 0, sign * np.inf, np.nan), values)
+        _FLOAT8[kind] = values.astype(np.float32)
+    return _FLOAT8[kind]
+
+
+def float32_or_none(arr: np.ndarray) -> np.ndarray | None:
+    """A contiguous float32 copy of a floating array; None for integer/bool arrays and empty ones."""
+    if arr.dtype.kind != "f" or arr.size == 0:
+        return None
+    return np.ascontiguousarray(arr, dtype=np.float32)

@@ -1,0 +1,174 @@
+"""Reader fuzz: random bytes and mutations of small valid files (truncation, byte flips, inserted and deleted
+runs, edited headers) at every reader; only ModelFormatError ever escapes, and nothing from a file runs
+(no file appears besides the one fuzzed). Bounded: a fixed number of examples per format, no deadline."""
+
+from __future__ import annotations
+
+import collections
+import json
+import pickle
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hashdb.codec.load import _READER_MODULES, load_file, sniff_format
+from hashdb.errors import ModelFormatError
+
+EXAMPLES = 80
+FUZZED: collections.Counter[str] = collections.Counter()
+
+
+def _fixtures(folder: Path) -> dict[str, Path]:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from safetensors.torch import save_file
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3))
+    sd = model.state_dict()
+    arrays = {k: v.numpy() for k, v in sd.items()}
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.save(sd, out.setdefault("zip.pt", folder / "zip.pt"))
+        torch.save(model, out.setdefault("module.pt", folder / "module.pt"))
+        torch.save(sd, out.setdefault("legacy.pt", folder / "legacy.pt"), _use_new_zipfile_serialization=False)
+        torch.jit.script(model).save(str(out.setdefault("script.pt", folder / "script.pt")))
+        qsd = {"w": torch.quantize_per_channel(sd["0.weight"], torch.full((3,), 0.01, dtype=torch.double),
+                                               torch.zeros(3, dtype=torch.long), 0, torch.qint8)}  # fmt: skip
+        torch.save(qsd, out.setdefault("quant.pt", folder / "quant.pt"))
+    save_file(sd, str(out.setdefault("m.safetensors", folder / "m.safetensors")))
+    np.savez(out.setdefault("m.npz", folder / "m.npz"), **arrays)
+    np.savez_compressed(out.setdefault("deflated.npz", folder / "deflated.npz"), **arrays)
+    np.save(out.setdefault("m.npy", folder / "m.npy"), arrays["0.weight"])
+    (out.setdefault("m.pdparams", folder / "m.pdparams")).write_bytes(pickle.dumps(arrays, protocol=2))
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "0.weight"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(v, name=k) for k, v in arrays.items()],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph), str(out.setdefault("m.onnx", folder / "m.onnx")))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    folder = tmp_path_factory.mktemp("fuzz_fixtures")
+    files = _fixtures(folder)
+    for path in files.values():  # every fixture reads cleanly before it is mutated
+        assert load_file(path)
+    return {name: path.read_bytes() for name, path in files.items()}
+
+
+@st.composite
+def mutations(draw: st.DrawFn, data: bytes) -> bytes:
+    """One to four edits of ``data``: truncate, flip bytes, overwrite a run, insert or delete a run, or
+    rewrite a little-endian integer field (sizes, offsets, lengths) with an extreme value."""
+    out = bytearray(data)
+    for _ in range(draw(st.integers(1, 4))):
+        if not out:
+            break
+        op = draw(st.sampled_from(["truncate", "flip", "overwrite", "insert", "delete", "int_field"]))
+        at = draw(st.integers(0, len(out) - 1))
+        if op == "truncate":
+            del out[at:]
+        elif op == "flip":
+            out[at] ^= 1 << draw(st.integers(0, 7))
+        elif op == "overwrite":
+            run = draw(st.binary(min_size=1, max_size=16))
+            out[at : at + len(run)] = run
+        elif op == "insert":
+            out[at:at] = draw(st.binary(min_size=1, max_size=32))
+        elif op == "delete":
+            del out[at : at + draw(st.integers(1, 64))]
+        else:
+            width = draw(st.sampled_from([2, 4, 8]))
+            value = draw(st.sampled_from([0, 1, 2**31 - 1, 2**32 - 1, 2**63 - 1, 2**64 - 1, 2**40]))
+            out[at : at + width] = (value % (1 << (8 * width))).to_bytes(width, "little")
+    return bytes(out)
+
+
+OWN_FORMATS = frozenset({"torch", "pdparams", "safetensors", "npz", "npy", "onnx"})
+
+
+def _read(path: Path) -> object:
+    """The format's reader itself, without load_file's safety net that wraps any stray exception."""
+    import importlib
+
+    fmt = sniff_format(path)
+    if fmt not in OWN_FORMATS:  # None, or keras/tflite/flax bytes: their own tests fuzz those readers
+        return load_file(path)
+    module, function = _READER_MODULES[fmt]
+    return getattr(importlib.import_module(f"hashdb.codec.readers.{module}"), function)(path, 1 << 30)
+
+
+def _check(tmp: Path, name: str, blob: bytes) -> None:
+    path = tmp / name
+    path.write_bytes(blob)
+    try:
+        _read(path)
+    except ModelFormatError as exc:
+        assert "\n" not in str(exc) and str(exc).startswith(str(path)), str(exc)
+    finally:
+        path.unlink()
+    assert list(tmp.iterdir()) == [], "a file appeared while reading"
+    FUZZED[name] += 1
+
+
+FORMATS = ["zip.pt", "module.pt", "legacy.pt", "script.pt", "quant.pt", "m.safetensors", "m.npz", "deflated.npz",
+           "m.npy", "m.pdparams", "m.onnx"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_mutated_files_only_ever_raise_model_format_error(
+    name: str, fixtures: dict[str, bytes], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    tmp = tmp_path_factory.mktemp("fuzz")
+
+    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+    @given(st.data())
+    def run(data: st.DataObject) -> None:
+        _check(tmp, name, data.draw(mutations(fixtures[name])))
+
+    before = FUZZED[name]
+    run()
+    assert FUZZED[name] - before == EXAMPLES
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin", ".safetensors", ".npz", ".npy", ".onnx", ".pdparams"])
+def test_random_bytes_only_ever_raise_model_format_error(suffix: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    tmp = tmp_path_factory.mktemp("rand")
+    heads = [b"", b"PK\x03\x04", b"\x80\x02", b"\x93NUMPY", b"\x08\x00\x00\x00\x00\x00\x00\x00{"]
+
+    @settings(max_examples=40, deadline=None, derandomize=True, database=None)
+    @given(st.sampled_from(heads), st.binary(max_size=512))
+    def run(head: bytes, body: bytes) -> None:
+        _check(tmp, "r" + suffix, head + body)
+
+    run()
+
+
+def test_header_edits_of_safetensors_are_refused_cleanly(tmp_path: Path, fixtures: dict[str, bytes]) -> None:
+    blob = fixtures["m.safetensors"]
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+
+    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None)
+    @given(st.data())
+    def run(data: st.DataObject) -> None:
+        edited = json.loads(json.dumps(header))
+        name = data.draw(st.sampled_from(sorted(k for k in edited if k != "__metadata__")))
+        field = data.draw(st.sampled_from(["dtype", "shape", "data_offsets"]))
+        value = data.draw(st.one_of(st.integers(-(2**70), 2**70), st.text(max_size=5), st.none(),
+                                    st.lists(st.integers(-(2**66), 2**66), max_size=5)))  # fmt: skip
+        edited[name][field] = value
+        text = json.dumps(edited).encode()
+        _check(tmp_path, "h.safetensors", len(text).to_bytes(8, "little") + text + blob[8 + n :])
+
+    run()
