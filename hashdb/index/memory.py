@@ -16,8 +16,6 @@ from .planner import choose
 from .scan import Scan
 
 FORCES = (None, "mih", "bktree", "scan")
-KNN_BUDGET_MIN = 0.1  # fractions of a scan's estimated cost kNN-MIH may spend before the scan takes over
-KNN_BUDGET_MAX = 0.5
 
 
 class MemoryIndex:
@@ -118,6 +116,10 @@ class MemoryIndex:
         """The planner's estimated nanoseconds of a radius-r query per structure."""
         return {name: s.cost(r) for name, s in self.structures.items()}
 
+    def knn_costs(self, k: int) -> dict[str, float]:
+        """The planner's estimated nanoseconds of a k-NN query per structure (inf: would not try)."""
+        return {name: s.knn_cost(k) for name, s in self.structures.items()}
+
     def plan(self, r: int) -> str:
         r = self._check_int("r", r, 0)
         if len(self) == 0:
@@ -153,9 +155,19 @@ class MemoryIndex:
         if qs.dtype != np.uint64 or qs.ndim != 2 or qs.shape[1] != self.words:
             raise InvalidArgument(f"queries must be uint64 of shape (n, {self.words}), got {qs.dtype} {qs.shape}")
         qs = np.ascontiguousarray(qs)
-        if len(qs) > 1 and (force == "scan" or (force is None and self.plan(r) == "scan")):
+        if len(qs) == 0:
+            return []
+        if force is not None:
+            return self._structure(force).radius_many(qs, r)  # type: ignore[return-value]
+        name = self.plan(r)
+        if name == "scan":
             return self.scan.radius_many(qs, r)  # one pass over the matrix for all queries
-        return [self._radius(q, r, force) for q in qs]
+        res = self._structure(name).radius_many(qs, r, budget=int(self.scan.cost(r)))
+        missed = [i for i, x in enumerate(res) if x is None]
+        if missed:  # over budget: those queries go to the scan, together
+            for i, x in zip(missed, self.scan.radius_many(qs[missed], r), strict=True):
+                res[i] = x
+        return res  # type: ignore[return-value]
 
     def knn(self, query: np.ndarray, k: int, force: str | None = None) -> Result:
         self._check_force(force)
@@ -163,21 +175,14 @@ class MemoryIndex:
         q = self._check_query(query)
         if force is not None:
             return self._structure(force).knn(q, k)  # type: ignore[return-value]
-        if k < len(self) and len(self) > 64:
-            res = self.mih.knn(q, k, budget=self._knn_budget())
+        costs = self.knn_costs(k)
+        name = choose(costs)
+        if name != "scan":
+            # Its estimate is also its budget: past it, the scan answers (see MIH.knn_cost).
+            res = self._structure(name).knn(q, k, budget=int(costs[name]))
             if res is not None:
                 return res
         return self.scan.knn(q, k)
-
-    def _knn_budget(self) -> int:
-        """kNN-MIH pays off only when the k-th neighbour is near, which nothing tells in advance. Give it
-        enough to search out to bits/8 (where near copies live: 32 of 256 bits), twice the cost model's
-        estimate, within a tenth to a half of a scan; past that, scan. Measured at 1M x 256 bits with 10
-        planted copies at distances 1..32 and k=10, a tenth of a scan was too little (6.3 ms vs scan 5.0);
-        this budget answers in 0.45 ms, and random queries (k-th neighbour ~90 bits away) still cost ~a scan."""
-        scan = self.scan.cost(0)
-        reach = 2 * self.mih.cost(self.bits // 8)
-        return int(min(KNN_BUDGET_MAX * scan, max(KNN_BUDGET_MIN * scan, reach)))
 
     # ---- introspection --------------------------------------------------------------------------------
     def nbytes(self) -> int:
