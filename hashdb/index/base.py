@@ -103,6 +103,8 @@ class Structure(Protocol):
 
     def rebuild(self) -> None: ...
 
+    def drop(self) -> None: ...
+
     def added(self, ids: np.ndarray) -> None: ...
 
     def removed(self, ids: np.ndarray) -> None: ...
@@ -194,6 +196,15 @@ class Incremental:
     def ready(self) -> None:
         if self.due():
             self.build()
+
+    def _clear(self) -> None:
+        """Release the built arrays (and the pending changes, which only make sense against them)."""
+        self.pending = Pending()
+
+    def drop(self) -> None:
+        """Forget the built state (after a bulk load): the next query that wants the structure builds it."""
+        self.built = False
+        self._clear()
 
     def delta(self) -> tuple[np.ndarray, int]:
         return (self.pending.ids, self.pending.n)

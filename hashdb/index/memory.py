@@ -49,7 +49,37 @@ class MemoryIndex:
             raise InvalidArgument(f"codes must be uint64 of shape ({n}, {self.words}), got {codes.dtype} {codes.shape}")
         return np.ascontiguousarray(codes)
 
-    def bulk_load(self, ids: np.ndarray, codes: np.ndarray) -> None:
+    def saved(self) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+        """What persist.write needs to save this index (its code matrix and MIH tables), or None while the
+        MIH tables are not built (nothing worth saving)."""
+        if not self.mih.built:
+            return None
+        m = self.matrix
+        arrays, scalars = self.mih.saved()
+        return {"codes": m.codes, "alive": m.alive, **arrays}, {"n_alive": m.n_alive, **scalars}
+
+    @classmethod
+    def restore(cls, bits: int, arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> MemoryIndex:
+        """An index over saved arrays (persist.read: memory-mapped copy-on-write), answering as the saved one."""
+        index = cls(bits)
+        m = index.matrix
+        codes, alive = arrays["codes"], arrays["alive"]
+        if codes.dtype != np.uint64 or codes.ndim != 2 or codes.shape[1] != index.words:
+            raise InvalidArgument(f"saved code matrix has shape {codes.shape}, not (n, {index.words})")
+        if alive.shape != codes.shape[:1] or int(np.count_nonzero(alive)) != int(scalars["n_alive"]):
+            raise InvalidArgument("saved alive mask does not match the code matrix")
+        if arrays["mih_entries"].shape != (arrays["mih_starts"].size, int(scalars["n_base"])):
+            raise InvalidArgument("saved MIH tables do not match their header")
+        m.codes, m.alive = codes, alive
+        m.stamps = np.zeros(alive.shape[0], np.uint16)
+        m.generation = 0
+        m.n_alive = int(scalars["n_alive"])
+        index.mih.restore(arrays, scalars)
+        return index
+
+    def bulk_load(self, ids: np.ndarray, codes: np.ndarray, build: bool = True) -> None:
+        """Replace everything. ``build=False`` leaves the tables to the planner, which builds them once the
+        queries answered without them have cost as much as building would (see MIH.credit)."""
         self._version += 1
         ids = self._check_ids(ids)
         codes = self._check_codes(codes, ids.size)
@@ -57,7 +87,19 @@ class MemoryIndex:
             raise InvalidArgument("bulk_load ids must be distinct")
         self.matrix.load(ids, codes)
         for s in self.structures.values():
-            s.rebuild()
+            if build:
+                s.rebuild()
+            else:
+                s.drop()
+
+    def prepare(self) -> None:
+        """Build (or compact) the MIH tables now rather than when queries make them pay off."""
+        self.mih.ready()
+
+    def _rent(self, cost: float) -> None:
+        """A query the scan answered while the MIH tables were unbuilt counts towards building them."""
+        if not self.mih.built:
+            self.mih.credit += cost
 
     def add(self, ids: np.ndarray, codes: np.ndarray) -> None:
         self._version += 1
@@ -124,6 +166,8 @@ class MemoryIndex:
         r = self._check_int("r", r, 0)
         if len(self) == 0:
             return "scan"
+        if not self.mih.built and self.mih.build_cost() > 0:
+            return choose(self.costs(r))  # the build's price falls with every scanned query: no caching
         key = (self._version, self.mih.rebuilds)
         if self._plans_key != key:
             self._plans, self._plans_key = {}, key
@@ -141,6 +185,7 @@ class MemoryIndex:
             res = self._structure(name).radius(q, r, budget=int(self.scan.cost(r)))
             if res is not None:
                 return res
+        self._rent(self.scan.cost(r))
         return self.scan.radius(q, r)
 
     def radius(self, query: np.ndarray, r: int, force: str | None = None) -> Result:
@@ -161,6 +206,7 @@ class MemoryIndex:
             return self._structure(force).radius_many(qs, r)  # type: ignore[return-value]
         name = self.plan(r)
         if name == "scan":
+            self._rent(self.scan.cost(r) * len(qs))
             return self.scan.radius_many(qs, r)  # one pass over the matrix for all queries
         res = self._structure(name).radius_many(qs, r, budget=int(self.scan.cost(r)))
         missed = [i for i, x in enumerate(res) if x is None]
@@ -182,6 +228,7 @@ class MemoryIndex:
             res = self._structure(name).knn(q, k, budget=int(costs[name]))
             if res is not None:
                 return res
+        self._rent(costs["scan"])
         return self.scan.knn(q, k)
 
     # ---- introspection --------------------------------------------------------------------------------

@@ -23,7 +23,16 @@ from numba import njit, prange
 from .arrays import Budget, Delta, Found, Matrix, Tables
 from .base import CodeMatrix, Incremental, Pending, Result
 from .bits import keep_within, knn_threshold, row_distance, scan_ids, substring_of
-from .planner import KNN_MIN_CODES, MIH_NS_CAND, MIH_NS_PROBE, knn_budget, mih_cost, probe_counts, scan_cost
+from .planner import (
+    KNN_MIN_CODES,
+    MIH_NS_CAND,
+    MIH_NS_PROBE,
+    knn_budget,
+    mih_build_cost,
+    mih_cost,
+    probe_counts,
+    scan_cost,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # parameters
@@ -263,6 +272,10 @@ class MIH(Incremental):
 
     def __init__(self, matrix: CodeMatrix) -> None:
         super().__init__(matrix)
+        # Work (cost units) the scan has done for queries while the tables were not built: once it reaches
+        # what building costs, building pays off (rent until the rent paid equals the price, then buy), so a
+        # process asking one question never builds tables it will not reuse.
+        self.credit = 0.0
         self._clear()
 
     def _clear(self) -> None:
@@ -305,6 +318,29 @@ class MIH(Incremental):
 
     rebuild = build
 
+    def saved(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The arrays and scalars persist.py writes (the delta too: a saved index need not be compacted)."""
+        arrays = {
+            "mih_starts": self.starts, "mih_lens": self.lens, "mih_offsets": self.offsets,
+            "mih_entries": self.entries, "mih_collisions": self.collisions,
+            "mih_delta": self.pending.ids[: self.pending.n],
+        }
+        scalars = {"t": self.t, "id_bits": self.id_bits, "n_base": self.n_base, "tombstones": self.pending.removed}
+        return arrays, scalars
+
+    def restore(self, arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> None:
+        """Adopt saved (possibly memory-mapped) tables as built; ``rebuilds`` stays as it was, so a caller can
+        tell tables built in this process from loaded ones."""
+        self._clear()
+        self.starts, self.lens = arrays["mih_starts"], arrays["mih_lens"]
+        self.offsets, self.entries = arrays["mih_offsets"], arrays["mih_entries"]
+        self.collisions = arrays["mih_collisions"]
+        self.t, self.id_bits, self.n_base = int(scalars["t"]), int(scalars["id_bits"]), int(scalars["n_base"])
+        self.pending.add(np.asarray(arrays["mih_delta"], np.int64))
+        self.pending.removed = int(scalars["tombstones"])
+        self._tables = tuple(self.tables())
+        self.built = True
+
     def base_size(self) -> int:
         return self.n_base
 
@@ -337,7 +373,23 @@ class MIH(Incremental):
                 return self.found(kept)
             self.grow_found(n)
 
+    def build_cost(self) -> float:
+        """What building the tables would cost now, less the credit: 0 once built or paid for."""
+        if self.built:
+            return 0.0
+        n = self.matrix.n_alive
+        m = choose_substrings(n, self.matrix.bits)[0].size
+        return max(0.0, mih_build_cost(n, m) - self.credit)
+
+    def drop(self) -> None:
+        super().drop()
+        self.credit = 0.0
+
     def cost(self, r: int) -> float:
+        if not self.built:
+            n = self.matrix.n_alive
+            _, lens = choose_substrings(n, self.matrix.bits)
+            return mih_cost(probe_counts(lens, r), lens, None, n, 0, self.matrix.words) + self.build_cost()
         if self.due():
             # what the structure would look like after the compaction a query triggers
             n = self.matrix.n_alive
@@ -354,7 +406,8 @@ class MIH(Incremental):
         if k >= n or n <= KNN_MIN_CODES:
             return math.inf
         scan = scan_cost(self.matrix.capacity, self.matrix.words)
-        return knn_budget(scan, self.cost(self.matrix.bits // 8))
+        build = self.build_cost()
+        return knn_budget(scan, self.cost(self.matrix.bits // 8) - build) + build
 
     def nbytes(self) -> int:
         return int(self.offsets.nbytes + self.entries.nbytes + self.pending.nbytes())

@@ -23,6 +23,8 @@ SCAN_NS_FIXED = 2_000.0
 MIH_NS_FIXED = 5_000.0
 MIH_NS_PROBE = 120.0  # one directory lookup + one short run of packed entries
 MIH_NS_CAND = 150.0  # one new id: stamp, alive flag and code row, each a likely cache miss
+# Building the tables: per code per table (10M x 256 bits, 11 tables: about 0.33 s of CPU per table).
+MIH_NS_BUILD = 35.0
 BK_NS_NODE = 15.0  # one BK-tree node: distance + child range walk (100k x 64 bits, r=4: 83 us for ~5.5k nodes)
 BK_NS_FIXED = 5_000.0
 # kNN-MIH may spend a tenth to a half of a scan's estimate before the scan takes over; below this many
@@ -68,6 +70,10 @@ def mih_cost(
     probed = probes > 0
     cands = np.where(probed, exact + np.maximum(probes - 1, 0) * uniform, 0.0)
     return float(MIH_NS_FIXED + MIH_NS_PROBE * probes.sum() + MIH_NS_CAND * (cands.sum() + n_delta))
+
+
+def mih_build_cost(n: int, m: int) -> float:
+    return MIH_NS_BUILD * n * m
 
 
 def bktree_prior_cost(n: int) -> float:

@@ -141,6 +141,9 @@ class Scan:
     def rebuild(self) -> None:
         pass
 
+    def drop(self) -> None:
+        pass
+
     def added(self, ids: np.ndarray) -> None:
         pass
 
