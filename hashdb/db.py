@@ -30,6 +30,9 @@ FORCES = (None, "mih", "bktree", "scan")
 # Below this many codes no index file is written: reading the codes from LMDB and scanning them costs
 # about a millisecond, less than mapping and checking a file.
 PERSIST_MIN_CODES = 50_000
+# A handle answers with numpy (no numba import: about 1-2 s of a fresh process) until its numpy query work
+# reaches this many seconds, then moves to the numba kernels; a forced structure moves at once.
+NUMPY_SECONDS = 1.0
 # A writer rewrites the index file at close once its log replay would exceed this (as MIH's own delta).
 PERSIST_REPLAY_MIN = 2048
 PERSIST_REPLAY_FRACTION = 64
@@ -49,6 +52,12 @@ def _index_type() -> Any:
     from .index import MemoryIndex
 
     return MemoryIndex
+
+
+def _numpy_index() -> Any:
+    from .index.numpy_index import NumpyIndex  # numpy only
+
+    return NumpyIndex
 
 
 def _persist() -> Any:
@@ -364,7 +373,7 @@ class HashDB:
         force = _check_force(force)
         query = bytes_to_words(to_bytes(code, self.bits), self.bits)
         r = min(r, self.bits)
-        return self._query(lambda index: [index.radius(query, r, force=force)])[0]
+        return self._query(lambda index: [index.radius(query, r, force=force)], force)[0]
 
     def radius_many(self, codes: Any, r: int, force: str | None = None) -> list[list[Match]]:
         """radius() for each code, all answered from one snapshot."""
@@ -375,7 +384,7 @@ class HashDB:
             return []
         queries = bytes_to_words(raw, self.bits)
         r = min(r, self.bits)
-        return self._query(lambda index: index.radius_many(queries, r, force=force))
+        return self._query(lambda index: index.radius_many(queries, r, force=force), force)
 
     def knn(self, code: Any, k: int, force: str | None = None) -> list[Match]:
         """The k nearest keys, sorted by (distance, key); among equal distances the smaller keys win."""
@@ -383,18 +392,18 @@ class HashDB:
         force = _check_force(force)
         query = bytes_to_words(to_bytes(code, self.bits), self.bits)
         # Any k past the number of codes means "all of them"; clamping keeps huge k out of the int64 kernels.
-        return self._query(lambda index: [index.knn(query, max(1, min(k, len(index))), force=force)])[0][:k]
+        return self._query(lambda index: [index.knn(query, max(1, min(k, len(index))), force=force)], force)[0][:k]
 
     def refresh(self) -> int:
         """Bring the in-memory index up to date and build its tables now, not when queries make them pay off
         (a server about to answer many queries); returns the log sequence it reflects."""
-        self._query(lambda index: [])
+        self._query(lambda index: [], "kernels")
         with self._lock:
             if self._index is not None:
                 self._index.prepare()
         return self._applied
 
-    def _query(self, ask: Any) -> list[list[Match]]:
+    def _query(self, ask: Any, force: str | None = None) -> list[list[Match]]:
         for _ in range(100):
             with self._s.read() as txn:
                 last = self._s.last_seq(txn)
@@ -403,6 +412,10 @@ class HashDB:
                         continue  # another thread refreshed from a newer snapshot: take a newer one too
                     if self._index is None or self._applied != last:
                         self._refresh(txn, last)
+                    if getattr(self._index, "engine", None) == "numpy" and (
+                        force is not None or self._index.spent >= NUMPY_SECONDS
+                    ):
+                        self._index = self._to_kernels(self._index)
                     answers = ask(self._index)
                 out = [self._to_matches(txn, ids, dists) for ids, dists in answers]
             self._register_if_due()
@@ -430,16 +443,23 @@ class HashDB:
             self._index, self._applied, self._index_source = index, last, "file"
             return
         ids, codes = self._s.load_all(txn)
-        index = _new_index(self.bits)
-        # Tables are built when queries make them pay off (the planner counts the build), so a process that
-        # asks one question scans instead of building what it will not reuse.
-        index.bulk_load(ids, codes, build=False)
-        self._index = index
+        self._index = _numpy_index().from_rows(self.bits, ids, codes)
         self._applied = last
         self._index_source = "tables"
         self._rebuilds += 1
 
     # ------------------------------------------------------------------------------------ index file
+
+    def _to_kernels(self, index: Any) -> Any:
+        """The numba MemoryIndex holding what a NumpyIndex holds (its mapped tables, when it has them)."""
+        saved = index.arrays()
+        if saved is not None:
+            return _index_type().restore(self.bits, *saved)
+        kernels = _new_index(self.bits)
+        # Tables are built when queries make them pay off (the planner counts the build), so a process that
+        # asks a few questions scans instead of building what it will not reuse.
+        kernels.bulk_load(*index.live(), build=False)
+        return kernels
 
     def _database_stamp(self) -> dict[str, Any]:
         """What ties an index file to this database: the width and the environment's creation stamp."""
@@ -473,7 +493,7 @@ class HashDB:
             why = f"the log was compacted past its sequence {seq}"
         if why is None:
             try:
-                index = _index_type().restore(self.bits, arrays, header["scalars"])
+                index = _numpy_index().restore(self.bits, arrays, header["scalars"])
                 self._index = index
                 self._apply(found[0])
             except (InvalidArgument, KeyError, TypeError, ValueError) as e:
@@ -490,12 +510,14 @@ class HashDB:
         """Write the index file now (building the tables first if needed): the in-memory index, stamped with
         the log sequence it reflects, so the next process maps it instead of rebuilding. Returns its path, or
         None when the directory is not writable. ``close()`` does this by itself when it pays off."""
-        self._query(lambda index: [])
+        self._query(lambda index: [], "kernels")
         with self._lock:
             return self._write_index_file()
 
     def _write_index_file(self) -> str | None:
         """Under self._lock: save the current index (tables built) atomically beside the environment."""
+        if getattr(self._index, "engine", None) == "numpy":
+            self._index = self._to_kernels(self._index)
         index = self._index
         if index is None:
             return None
@@ -515,6 +537,11 @@ class HashDB:
             log.info("could not write the index file of %r: %s", self.path, e)
             return None
 
+    def _built_here(self) -> bool:
+        """Did this handle build MIH tables (rather than map them from the file)?"""
+        mih = getattr(self._index, "mih", None)
+        return mih is not None and mih.rebuilds > 0
+
     def _index_file_due(self) -> bool:
         """At close: does the index file need (re)writing? When it is missing, unusable or behind what this
         handle built, or when this handle's writes left it further behind than a reader should replay."""
@@ -526,13 +553,13 @@ class HashDB:
             try:
                 header = persist.read_header(self.path)
             except (FileNotFoundError, persist.Rejected, OSError):
-                return self._wrote or (self._index is not None and self._index.mih.rebuilds > 0)
+                return self._wrote or self._built_here()
             if header.get("database") != self._database_stamp()["database"] or header.get("bits") != self.bits:
                 return True
             seq = header.get("seq")
             if not isinstance(seq, int) or seq > self._s.last_seq(txn):
                 return True
-            if self._index is not None and self._index.mih.rebuilds > 0 and seq < self._applied:
+            if self._built_here() and seq < self._applied:
                 return True  # this handle built tables newer than the file's
             if not self._wrote:
                 return False

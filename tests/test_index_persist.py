@@ -21,6 +21,7 @@ BITS = 128
 @pytest.fixture(autouse=True)
 def small_databases_get_an_index_file(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hashdb_db, "PERSIST_MIN_CODES", 100)
+    monkeypatch.setattr(hashdb_db, "NUMPY_SECONDS", 0.0)  # the numba path; the numpy one has its own tests
 
 
 @pytest.fixture

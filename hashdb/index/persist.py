@@ -92,11 +92,16 @@ def write(directory: str, stamp: dict[str, Any], arrays: dict[str, np.ndarray], 
     target = path_in(directory)
     fd, tmp = tempfile.mkstemp(prefix=".index-", suffix=".tmp", dir=directory)
     try:
+        try:  # readable by whoever may read the database itself (mkstemp makes it 0600)
+            os.fchmod(fd, os.stat(os.path.join(directory, "data.mdb")).st_mode & 0o666)
+        except OSError:
+            pass
         with os.fdopen(fd, "wb") as f:
             f.write(_HEAD.pack(MAGIC, len(raw)) + raw + _CRC.pack(zlib.crc32(raw)))
             for entry in layout:
-                f.seek(entry["offset"])
-                f.write(memoryview(arrays[entry["name"]]).cast("B"))
+                if entry["nbytes"]:
+                    f.seek(entry["offset"])
+                    f.write(arrays[entry["name"]].reshape(-1).view(np.uint8).data)
             f.truncate(header["size"])
             f.flush()
             os.fsync(f.fileno())
