@@ -166,6 +166,7 @@ class HashDB:
         self._rebuilds = 0
         self._index_source: str | None = None  # "file" (mapped from the index file) or "tables" (read from LMDB)
         self._wrote = False  # this handle committed a write (close() may then refresh the index file)
+        self._file_rejected = False  # the index file failed a lazy check: this handle reads LMDB from now on
 
     # ------------------------------------------------------------------------------------- properties
 
@@ -410,17 +411,26 @@ class HashDB:
                 with self._lock:
                     if self._index is not None and self._applied > last:
                         continue  # another thread refreshed from a newer snapshot: take a newer one too
-                    if self._index is None or self._applied != last:
-                        self._refresh(txn, last)
-                    if getattr(self._index, "engine", None) == "numpy" and (
-                        force is not None or self._index.spent >= NUMPY_SECONDS
-                    ):
-                        self._index = self._to_kernels(self._index)
-                    answers = ask(self._index)
+                    try:
+                        answers = self._answer(txn, last, ask, force)
+                    except _persist().Rejected as e:  # a mapped chunk failed its check mid-query
+                        log.info("index file of %r not used: %s", self.path, e)
+                        self._index, self._file_rejected = None, True
+                        answers = self._answer(txn, last, ask, force)
                 out = [self._to_matches(txn, ids, dists) for ids, dists in answers]
             self._register_if_due()
             return out
         raise StorageError("could not get a snapshot at least as new as the index")
+
+    def _answer(self, txn: lmdb.Transaction, last: int, ask: Any, force: str | None) -> Any:
+        """Under self._lock: refresh the index to ``last``, move it to the kernels when due, ask it."""
+        if self._index is None or self._applied != last:
+            self._refresh(txn, last)
+        if getattr(self._index, "engine", None) == "numpy" and (
+            force is not None or self._index.spent >= NUMPY_SECONDS
+        ):
+            self._index = self._to_kernels(self._index)
+        return ask(self._index)
 
     def _to_matches(self, txn: lmdb.Transaction, ids: np.ndarray, dists: np.ndarray) -> list[Match]:
         if len(ids) == 0:
@@ -475,8 +485,10 @@ class HashDB:
         """The index mapped from the database's index file and caught up from the log to ``last``, or None
         (no file, or one that is torn, corrupt, foreign or stale: the caller rebuilds from LMDB)."""
         persist = _persist()
+        if self._file_rejected:
+            return None
         try:
-            header, arrays = persist.read(self.path, self._database_stamp())
+            header, arrays, checker = persist.read(self.path, self._database_stamp())
         except FileNotFoundError:
             return None
         except (persist.Rejected, OSError) as e:
@@ -493,10 +505,10 @@ class HashDB:
             why = f"the log was compacted past its sequence {seq}"
         if why is None:
             try:
-                index = _numpy_index().restore(self.bits, arrays, header["scalars"])
+                index = _numpy_index().restore(self.bits, arrays, header["scalars"], checker)
                 self._index = index
                 self._apply(found[0])
-            except (InvalidArgument, KeyError, TypeError, ValueError) as e:
+            except (InvalidArgument, KeyError, TypeError, ValueError, persist.Rejected) as e:
                 why = f"it does not fit ({e})"
             else:
                 if len(index) == self._s.count(txn):

@@ -209,3 +209,20 @@ def test_digest_notices_moved_and_flipped_words() -> None:
     c[12345] ^= np.uint64(1 << 40)
     assert persist.digest(c) != base
     assert persist.digest(a[:-1]) != base
+
+
+def test_numpy_answers_check_each_chunk_they_read_and_fall_back_on_a_bad_one(db_path: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(hashdb_db, "NUMPY_SECONDS", 1e9)  # stay on the numpy path
+    recs = records(db_path)
+    with HashDB(db_path, readonly=True) as db:  # a good file: answered from it, without numba's kernels
+        assert db.radius(recs["k00010"], 3) == brute_radius(recs, recs["k00010"], 3)
+        assert db.stats()["index_source"] == "file" and db.stats()["index"]["engine"] == "numpy"
+    header = persist.read_header(db_path)
+    codes_at = next(a["offset"] for a in header["arrays"] if a["name"] == "codes")
+    with open(persist.path_in(db_path), "r+b") as f:  # key k00000 has id 0: its code is the first row
+        f.seek(codes_at + 3)
+        f.write(b"\x5a")
+    with HashDB(db_path, readonly=True) as db:
+        assert db.radius(recs["k00000"], 3) == brute_radius(recs, recs["k00000"], 3)
+        assert db.stats()["index_source"] == "tables"
+        assert db.knn(recs["k00001"], 4) == brute_knn(recs, recs["k00001"], 4)

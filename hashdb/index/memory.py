@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -16,12 +17,34 @@ from .planner import choose
 from .scan import Scan
 
 FORCES = (None, "mih", "bktree", "scan")
+_noticed = False
+
+
+def compile_notice() -> None:
+    """Once per process: say on a terminal that the kernels are being compiled when numba's cache (written
+    once per install, beside the modules or in the user's cache) does not hold them yet; it takes 20-30 s
+    of a 2-core machine, which must not look like a hang."""
+    global _noticed
+    if _noticed:
+        return
+    _noticed = True
+    try:
+        if not sys.stderr.isatty():
+            return
+        from .mih import mih_radius
+
+        cold = not mih_radius._cache._cache_file._load_index()  # numba's own check of its index file
+    except Exception:  # noqa: BLE001 - a private numba API: no notice rather than a failure
+        return
+    if cold:
+        print("compiling search kernels, once", file=sys.stderr, flush=True)
 
 
 class MemoryIndex:
     """Exact Hamming radius and k-NN over codes keyed by dense integer ids."""
 
     def __init__(self, bits: int) -> None:
+        compile_notice()
         self.bits = check_bits(bits)
         self.words = self.bits // 64
         self.matrix = CodeMatrix(self.bits)

@@ -64,8 +64,15 @@ class NumpyIndex:
         alive: np.ndarray,
         tables: dict[str, np.ndarray] | None = None,
         scalars: dict[str, Any] | None = None,
+        checker: Any = None,
     ) -> None:
         self.bits = bits
+        # persist.Checker over mapped arrays: every chunk is checked before its first use (None: in memory)
+        self.checker = checker
+        if checker is not None:
+            for name, a in (("alive", alive), *(tables or {}).items()):
+                if name not in ("mih_entries", "mih_offsets"):
+                    checker.span(name, 0, a.nbytes)
         self.words = bits // 64
         self.codes = codes
         self.alive = alive
@@ -88,16 +95,30 @@ class NumpyIndex:
         return cls(bits, matrix, alive)
 
     @classmethod
-    def restore(cls, bits: int, arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> NumpyIndex:
-        """Over the index file's arrays (persist.read), as MemoryIndex.restore."""
+    def restore(
+        cls, bits: int, arrays: dict[str, np.ndarray], scalars: dict[str, Any], checker: Any = None
+    ) -> NumpyIndex:
+        """Over the index file's arrays (persist.read and its checker), as MemoryIndex.restore."""
         codes, alive = arrays["codes"], arrays["alive"]
+        if checker is not None:
+            checker.span("alive", 0, alive.nbytes)
         if codes.dtype != np.uint64 or codes.ndim != 2 or codes.shape[1] != bits // 64:
             raise ValueError(f"saved code matrix has shape {codes.shape}, not (n, {bits // 64})")
         if alive.shape != codes.shape[:1] or int(np.count_nonzero(alive)) != int(scalars["n_alive"]):
             raise ValueError("saved alive mask does not match the code matrix")
         if arrays["mih_entries"].shape != (arrays["mih_starts"].size, int(scalars["n_base"])):
             raise ValueError("saved MIH tables do not match their header")
-        return cls(bits, codes, alive, {k: v for k, v in arrays.items() if k.startswith("mih_")}, scalars)
+        tables = {k: v for k, v in arrays.items() if k.startswith("mih_")}
+        return cls(bits, codes, alive, tables, scalars, checker)
+
+    def _check(self, name: str, index: np.ndarray, item_bytes: int) -> None:
+        if self.checker is not None:
+            self.checker.items(name, index, item_bytes)
+
+    def _check_rows(self, lo: int, hi: int) -> None:
+        if self.checker is not None:
+            row = 8 * self.words
+            self.checker.span("codes", lo * row, hi * row)
 
     # ---- contents ---------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -107,6 +128,10 @@ class NumpyIndex:
         old = self.alive.shape[0]
         if capacity <= old:
             return
+        if self.checker is not None:  # the copy leaves the mapping: check what it copies first
+            self._check_rows(0, old)
+            self.checker.forget("codes")
+            self.checker.forget("alive")
         new = max(capacity, 2 * old, 16)
         codes = np.zeros((new, self.words), np.uint64)
         codes[:old] = self.codes
@@ -120,6 +145,7 @@ class NumpyIndex:
         if ids.size == 0:
             return
         self._reserve(int(ids.max()) + 1)
+        self._check("codes", ids, 8 * self.words)  # a chunk is checked before this write changes it
         self.n_alive += int(ids.size - np.count_nonzero(self.alive[ids]))
         self.codes[ids] = codes
         self.alive[ids] = 1
@@ -143,6 +169,7 @@ class NumpyIndex:
     def _scan(self, query: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
         ids, ds = [], []
         for start in range(0, self.alive.shape[0], SCAN_CHUNK):
+            self._check_rows(start, start + SCAN_CHUNK)
             d = distances(self.codes[start : start + SCAN_CHUNK], query)
             hit = np.flatnonzero((d <= r) & (self.alive[start : start + SCAN_CHUNK] != 0))
             ids.append(hit + start)
@@ -184,6 +211,7 @@ class NumpyIndex:
             values = np.int64(qv) ^ flip_masks(s, rad)
             top = values >> low_bits
             low = values & ((1 << low_bits) - 1)
+            self._check("mih_offsets", j * offsets.shape[1] + np.concatenate([top, top + 1]), 4)
             lo = offsets[j, top].astype(np.int64)
             n_run = offsets[j, top + 1].astype(np.int64) - lo
             total = int(n_run.sum())
@@ -191,11 +219,13 @@ class NumpyIndex:
                 continue
             first = np.cumsum(n_run) - n_run
             pos = np.repeat(lo - first, n_run) + np.arange(total)
+            self._check("mih_entries", j * entries.shape[1] + pos, entries.itemsize)
             e = entries[j, pos].astype(np.int64)
             hit = (e >> id_bits) == np.repeat(low, n_run)
             found.append(e[hit] & idmask)
         ids = np.unique(np.concatenate(found))
         ids = ids[self.alive[ids] != 0]
+        self._check("codes", ids, 8 * self.words)
         d = distances(self.codes[ids], query)
         keep = d <= r
         return ids[keep], d[keep]
@@ -220,6 +250,7 @@ class NumpyIndex:
         started = time.perf_counter()
         q = np.ascontiguousarray(query, np.uint64)
         live = np.flatnonzero(self.alive)
+        self._check_rows(0, self.alive.shape[0])
         parts = [distances(self.codes[live[s : s + SCAN_CHUNK]], q) for s in range(0, live.size, SCAN_CHUNK)]
         d = np.concatenate(parts) if parts else np.zeros(0, np.int32)
         if d.size == 0:
@@ -235,10 +266,14 @@ class NumpyIndex:
         are no tables: the move to MemoryIndex then goes through bulk_load)."""
         if self.tables is None:
             return None
+        if self.checker is not None:
+            self.checker.everything()
         arrays = {"codes": self.codes, "alive": self.alive, **self.tables, "mih_delta": self.delta()}
         return arrays, {**self.scalars, "n_alive": self.n_alive, "tombstones": self.tombstones}
 
     def live(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.checker is not None:
+            self.checker.everything()
         ids = np.flatnonzero(self.alive).astype(np.int64)
         return ids, self.codes[ids]
 
