@@ -212,4 +212,4 @@ class PersistedMachine(HashDBMachine):
 
 
 TestHashDBPersisted = PersistedMachine.TestCase
-TestHashDBPersisted.settings = SETTINGS
+TestHashDBPersisted.settings = settings(SETTINGS, max_examples=20)
