@@ -110,14 +110,14 @@ class Checker:
         if todo.size == 0:
             return
         raw = self.arrays[name].reshape(-1).view(np.uint8)
-        for c in todo.tolist():
-            part = raw[c * CHECK_BYTES : (c + 1) * CHECK_BYTES]
-            if part.size < CHECK_BYTES:
-                padded = np.zeros(CHECK_BYTES, np.uint8)
-                padded[: part.size] = part
-                part = padded
-            if part.view(np.uint64).sum(dtype=np.uint64) != self.sums[name][c]:
-                raise Rejected(f"array {name!r} fails its checksum at byte {c * CHECK_BYTES} (corrupt)")
+        breaks = np.flatnonzero(np.diff(todo) != 1) + 1
+        for run in np.split(todo, breaks):  # each run of consecutive chunks summed in one numpy call
+            c0, c1 = int(run[0]), int(run[-1]) + 1
+            fresh = chunk_sums(raw[c0 * CHECK_BYTES : c1 * CHECK_BYTES])
+            bad = np.flatnonzero(fresh != self.sums[name][c0:c1])
+            if bad.size:
+                at = (c0 + int(bad[0])) * CHECK_BYTES
+                raise Rejected(f"array {name!r} fails its checksum at byte {at} (corrupt)")
         ok[todo] = True
 
     def items(self, name: str, index: np.ndarray, item_bytes: int) -> None:
