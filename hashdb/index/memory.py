@@ -260,6 +260,7 @@ class MemoryIndex:
 
     def stats(self) -> dict[str, Any]:
         return {
+            "engine": "numba",
             "bits": self.bits,
             "live": len(self),
             "capacity": self.matrix.capacity,
