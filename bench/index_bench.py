@@ -162,7 +162,7 @@ def bench_size(n: int, args: argparse.Namespace, table: Table, notes: list[str])
     idx = db._index  # the MemoryIndex, for forced-structure timings without key mapping noise
     notes.append(
         f"N={n:,}: insert_many {n / insert_s:,.0f} codes/s ({insert_s:.1f} s, batches of {batch:,}, durable=False); "
-        f"reopen + index build {reopen_s:.1f} s; index {st['index_bytes'] / n:.1f} B/code "
+        f"reopen + refresh {reopen_s:.1f} s ({st['index_source']}); index {st['index_bytes'] / n:.1f} B/code "
         f"({st['index_bytes'] / (n * nbits / 8):.2f}x raw code bytes), "
         f"process RSS grew {(rss1 - rss0) / n:.1f} B/code; MIH m={mih['m']} substrings of "
         f"{min(mih['substring_bits'])}..{max(mih['substring_bits'])} bits"

@@ -107,11 +107,6 @@ def words_to_bytes(words: np.ndarray) -> bytes:
     return np.ascontiguousarray(words, dtype="<u8").tobytes()
 
 
-def to_words(code: Any, bits: int) -> np.ndarray:
-    """Parse any accepted code form straight to its (bits/64,) uint64 words."""
-    return bytes_to_words(to_bytes(code, bits), bits)
-
-
 def hamming(a: bytes, b: bytes) -> int:
     """Hamming distance of two canonical codes (plain Python; for oracles and small jobs)."""
     if len(a) != len(b):

@@ -13,6 +13,7 @@ import os
 import random
 import threading
 import time
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -21,11 +22,20 @@ import numpy as np
 
 from .codes import Code, bytes_to_words, check_bits, many_to_bytes, to_bytes
 from .errors import InvalidArgument, InvalidKey, InvalidMeta, KeyNotFound, StorageError
-from .store import MAX_KEY_BYTES, LogBatch, Store, open_store, pack_meta, release_store
+from .store import MAX_KEY_BYTES, LogBatch, Store, open_store, pack_meta, pack_seq, release_store
 
 log = logging.getLogger(__name__)
 
 FORCES = (None, "mih", "bktree", "scan")
+# Below this many codes no index file is written: reading the codes from LMDB and scanning them costs
+# about a millisecond, less than mapping and checking a file.
+PERSIST_MIN_CODES = 50_000
+# A handle answers with numpy (no numba import: about 1-2 s of a fresh process) until its numpy query work
+# reaches this many seconds, then moves to the numba kernels; a forced structure moves at once.
+NUMPY_SECONDS = 1.0
+# A writer rewrites the index file at close once its log replay would exceed this (as MIH's own delta).
+PERSIST_REPLAY_MIN = 2048
+PERSIST_REPLAY_FRACTION = 64
 REGISTRY_INTERVAL_S = 5.0  # how stale this reader's log position in the readers table may get (a hint only)
 ITER_CHUNK = 4096  # keys per read transaction while iterating: no snapshot is held across user code
 
@@ -36,6 +46,24 @@ def _new_index(bits: int) -> Any:
     from .index import MemoryIndex  # numba loads on the first query, not on import hashdb
 
     return MemoryIndex(bits)
+
+
+def _index_type() -> Any:
+    from .index import MemoryIndex
+
+    return MemoryIndex
+
+
+def _numpy_index() -> Any:
+    from .index.numpy_index import NumpyIndex  # numpy only
+
+    return NumpyIndex
+
+
+def _persist() -> Any:
+    from .index import persist  # numpy only
+
+    return persist
 
 
 def key_bytes(key: Any) -> bytes:
@@ -136,6 +164,9 @@ class HashDB:
         self._registered_at: float | None = None  # monotonic time of our last readers-table update
         self._registered_seq = -1
         self._rebuilds = 0
+        self._index_source: str | None = None  # "file" (mapped from the index file) or "tables" (read from LMDB)
+        self._wrote = False  # this handle committed a write (close() may then refresh the index file)
+        self._file_rejected = False  # the index file failed a lazy check: this handle reads LMDB from now on
 
     # ------------------------------------------------------------------------------------- properties
 
@@ -318,6 +349,8 @@ class HashDB:
 
     def _after_write(self, prev: int, seq: int, batch: LogBatch) -> None:
         """Apply our own committed write to the index directly when nothing else came in between."""
+        if seq != prev:
+            self._wrote = True
         with self._lock:
             if self._index is not None and self._applied == prev and seq != prev:
                 try:
@@ -391,7 +424,7 @@ class HashDB:
         force = _check_force(force)
         query = bytes_to_words(to_bytes(code, self.bits), self.bits)
         r = min(r, self.bits)
-        return self._query(lambda index: [index.radius(query, r, force=force)])[0]
+        return self._query(lambda index: [index.radius(query, r, force=force)], force)[0]
 
     def radius_many(self, codes: Any, r: int, force: str | None = None) -> list[list[Match]]:
         """radius() for each code, all answered from one snapshot."""
@@ -402,7 +435,7 @@ class HashDB:
             return []
         queries = bytes_to_words(raw, self.bits)
         r = min(r, self.bits)
-        return self._query(lambda index: index.radius_many(queries, r, force=force))
+        return self._query(lambda index: index.radius_many(queries, r, force=force), force)
 
     def knn(self, code: Code, k: int, force: str | None = None) -> list[Match]:
         """The k nearest keys, sorted by (distance, key); among equal distances the smaller keys win."""
@@ -410,27 +443,44 @@ class HashDB:
         force = _check_force(force)
         query = bytes_to_words(to_bytes(code, self.bits), self.bits)
         # Any k past the number of codes means "all of them"; clamping keeps huge k out of the int64 kernels.
-        return self._query(lambda index: [index.knn(query, max(1, min(k, len(index))), force=force)])[0][:k]
+        return self._query(lambda index: [index.knn(query, max(1, min(k, len(index))), force=force)], force)[0][:k]
 
     def refresh(self) -> int:
-        """Bring the in-memory index up to date (building it if needed); returns the log sequence it reflects."""
-        self._query(lambda index: [])
+        """Bring the in-memory index up to date and build its tables now, not when queries make them pay off
+        (a server about to answer many queries); returns the log sequence it reflects."""
+        self._query(lambda index: [], "kernels")
+        with self._lock:
+            if self._index is not None:
+                self._index.prepare()
         return self._applied
 
-    def _query(self, ask: Any) -> list[list[Match]]:
+    def _query(self, ask: Any, force: str | None = None) -> list[list[Match]]:
         for _ in range(100):
             with self._s.read() as txn:
                 last = self._s.last_seq(txn)
                 with self._lock:
                     if self._index is not None and self._applied > last:
                         continue  # another thread refreshed from a newer snapshot: take a newer one too
-                    if self._index is None or self._applied != last:
-                        self._refresh(txn, last)
-                    answers = ask(self._index)
+                    try:
+                        answers = self._answer(txn, last, ask, force)
+                    except _persist().Rejected as e:  # a mapped chunk failed its check mid-query
+                        log.info("index file of %r not used: %s", self.path, e)
+                        self._index, self._file_rejected = None, True
+                        answers = self._answer(txn, last, ask, force)
                 out = [self._to_matches(txn, ids, dists) for ids, dists in answers]
             self._register_if_due()
             return out
         raise StorageError("could not get a snapshot at least as new as the index")
+
+    def _answer(self, txn: lmdb.Transaction, last: int, ask: Any, force: str | None) -> Any:
+        """Under self._lock: refresh the index to ``last``, move it to the kernels when due, ask it."""
+        if self._index is None or self._applied != last:
+            self._refresh(txn, last)
+        if getattr(self._index, "engine", None) == "numpy" and (
+            force is not None or self._index.spent >= NUMPY_SECONDS
+        ):
+            self._index = self._to_kernels(self._index)
+        return ask(self._index)
 
     def _to_matches(self, txn: lmdb.Transaction, ids: np.ndarray, dists: np.ndarray) -> list[Match]:
         if len(ids) == 0:
@@ -448,12 +498,138 @@ class HashDB:
                 self._apply(found[0])
                 self._applied = last
                 return
+        index = self._load_index_file(txn, last)
+        if index is not None:
+            self._index, self._applied, self._index_source = index, last, "file"
+            return
         ids, codes = self._s.load_all(txn)
-        index = _new_index(self.bits)
-        index.bulk_load(ids, codes)
-        self._index = index
+        self._index = _numpy_index().from_rows(self.bits, ids, codes)
         self._applied = last
+        self._index_source = "tables"
         self._rebuilds += 1
+
+    # ------------------------------------------------------------------------------------ index file
+
+    def _to_kernels(self, index: Any) -> Any:
+        """The numba MemoryIndex holding what a NumpyIndex holds (its mapped tables, when it has them)."""
+        saved = index.arrays()
+        if saved is not None:
+            return _index_type().restore(self.bits, *saved)
+        kernels = _new_index(self.bits)
+        # Tables are built when queries make them pay off (the planner counts the build), so a process that
+        # asks a few questions scans instead of building what it will not reuse.
+        kernels.bulk_load(*index.live(), build=False)
+        return kernels
+
+    def _database_stamp(self) -> dict[str, Any]:
+        """What ties an index file to this database: the width and the environment's creation stamp."""
+        return {"bits": self.bits, "database": repr(self._s.get_meta("created"))}
+
+    def _log_crc(self, txn: lmdb.Transaction, seq: int) -> int | None:
+        """crc32 of log entry ``seq`` (None when it is not in the log): a file stamped with a sequence whose
+        entry now holds something else (a database restored from a backup) must not be used."""
+        raw = txn.get(pack_seq(seq), db=self._s.log_db) if seq > 0 else None
+        return None if raw is None else zlib.crc32(raw)
+
+    def _load_index_file(self, txn: lmdb.Transaction, last: int) -> Any:
+        """The index mapped from the database's index file and caught up from the log to ``last``, or None
+        (no file, or one that is torn, corrupt, foreign or stale: the caller rebuilds from LMDB)."""
+        persist = _persist()
+        if self._file_rejected:
+            return None
+        try:
+            header, arrays, checker = persist.read(self.path, self._database_stamp())
+        except FileNotFoundError:
+            return None
+        except (persist.Rejected, OSError) as e:
+            log.info("index file of %r not used: %s", self.path, e)
+            return None
+        seq = header.get("seq")
+        why = None
+        if not isinstance(seq, int) or seq > last:
+            why = f"it reflects log sequence {seq!r}, the database is at {last}"
+        elif header.get("log_crc") != self._log_crc(txn, seq) and self._log_crc(txn, seq) is not None:
+            why = f"log entry {seq} differs from the one it was made at"
+        found = None if why else self._s.read_log(txn, seq)
+        if why is None and found is None:
+            why = f"the log was compacted past its sequence {seq}"
+        if why is None:
+            try:
+                index = _numpy_index().restore(self.bits, arrays, header["scalars"], checker)
+                self._index = index
+                self._apply(found[0])
+            except (InvalidArgument, KeyError, TypeError, ValueError, persist.Rejected) as e:
+                why = f"it does not fit ({e})"
+            else:
+                if len(index) == self._s.count(txn):
+                    return index
+                why = f"{len(index)} codes after replaying the log, the database holds {self._s.count(txn)}"
+        self._index = None
+        log.info("index file of %r not used: %s", self.path, why)
+        return None
+
+    def save_index(self) -> str | None:
+        """Write the index file now (building the tables first if needed): the in-memory index, stamped with
+        the log sequence it reflects, so the next process maps it instead of rebuilding. Returns its path, or
+        None when the directory is not writable. ``close()`` does this by itself when it pays off."""
+        self._query(lambda index: [], "kernels")
+        with self._lock:
+            return self._write_index_file()
+
+    def _write_index_file(self) -> str | None:
+        """Under self._lock: save the current index (tables built) atomically beside the environment."""
+        if getattr(self._index, "engine", None) == "numpy":
+            self._index = self._to_kernels(self._index)
+        index = self._index
+        if index is None:
+            return None
+        index.prepare()
+        saved = index.saved()
+        if saved is None:
+            return None
+        arrays, scalars = saved
+        persist = _persist()
+        try:
+            if not self._store.durable:  # the file must never claim a sequence a crash could take back
+                self._s.env.sync(True)
+            with self._s.read() as txn:
+                stamp = {**self._database_stamp(), "seq": self._applied, "log_crc": self._log_crc(txn, self._applied)}
+            return persist.write(self.path, stamp, arrays, scalars)
+        except (OSError, lmdb.Error) as e:
+            log.info("could not write the index file of %r: %s", self.path, e)
+            return None
+
+    def _built_here(self) -> bool:
+        """Did this handle build MIH tables (rather than map them from the file)?"""
+        mih = getattr(self._index, "mih", None)
+        return mih is not None and mih.rebuilds > 0
+
+    def _index_file_due(self) -> bool:
+        """At close: does the index file need (re)writing? When it is missing, unusable or behind what this
+        handle built, or when this handle's writes left it further behind than a reader should replay."""
+        persist = _persist()
+        with self._s.read() as txn:
+            count = self._s.count(txn)
+            if count < PERSIST_MIN_CODES:
+                return False
+            try:
+                header = persist.read_header(self.path)
+            except (FileNotFoundError, persist.Rejected, OSError):
+                return self._wrote or self._built_here()
+            if header.get("database") != self._database_stamp()["database"] or header.get("bits") != self.bits:
+                return True
+            seq = header.get("seq")
+            if not isinstance(seq, int) or seq > self._s.last_seq(txn):
+                return True
+            if self._built_here() and seq < self._applied:
+                return True  # this handle built tables newer than the file's
+            if not self._wrote:
+                return False
+            found = self._s.read_log(txn, seq)
+            if found is None:
+                return True
+            changed = len(found[0].put_ids) + len(found[0].deleted_ids)
+            return changed > max(PERSIST_REPLAY_MIN, count // PERSIST_REPLAY_FRACTION)
 
     def _apply(self, batch: LogBatch) -> None:
         if len(batch.deleted_ids):
@@ -508,6 +684,7 @@ class HashDB:
             "readers": readers,
             "index_seq": applied,
             "index_rebuilds": self._rebuilds,
+            "index_source": self._index_source,
             "index_bytes": index_bytes,
             "index": index,
         }
@@ -521,6 +698,11 @@ class HashDB:
                 self._store.write(lambda txn: self._store.set_reader(txn, self._token, None))
             except (StorageError, lmdb.Error):
                 pass  # a stale registry entry only delays compaction until its pid is gone
+        try:
+            if self._index_file_due():
+                self.save_index()
+        except Exception:  # noqa: BLE001 - the index file is an optimisation: closing must not fail on it
+            log.exception("could not refresh the index file of %r", self.path)
         self._closed = True
         release_store(self._store)
         with self._lock:

@@ -569,9 +569,11 @@ def test_opening_and_writing_do_not_load_numba_or_torch(tmp_path):
         f"db = hashdb.HashDB({str(tmp_path / 'db')!r}, bits=64)\n"
         "db.insert('a', bytes(8)); db.get('a'); len(db)\n"
         "print('numba' in sys.modules, 'torch' in sys.modules)\n"
-        "db.knn(bytes(8), 1)\n"
-        "print('numba' in sys.modules)\n"
+        "db.knn(bytes(8), 1); db.radius(bytes(8), 3)\n"
+        "print('numba' in sys.modules)\n"  # a small database is answered with numpy alone
+        "db.radius(bytes(8), 3, force='mih')\n"
+        "print('numba' in sys.modules)\n"  # a forced structure runs on the kernels
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True,
                          timeout=120)
-    assert out.stdout.split() == ["False", "False", "True"]
+    assert out.stdout.split() == ["False", "False", "False", "True"]

@@ -3,6 +3,7 @@ plain dict searched by brute force, for every code width and every index structu
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 
@@ -12,8 +13,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+import hashdb.db as hashdb_db
 from hashdb import HashDB, KeyNotFound
 from hashdb.db import FORCES
+from hashdb.index import persist
 
 KEYS = st.sampled_from([f"k{i}" for i in range(12)] + ["é", "a/b", "K", "k1 "])
 BASES = 4  # codes are a few bit flips away from one of a few base codes, so small radii find something
@@ -166,3 +169,47 @@ TestHashDB128 = Machine128.TestCase
 TestHashDB128.settings = SETTINGS
 TestHashDB256 = Machine256.TestCase
 TestHashDB256.settings = SETTINGS
+
+
+class PersistedMachine(HashDBMachine):
+    """The same, with an index file written on every close and by explicit saves, and older copies of it
+    put back (stale by a few writes, or compacted past): answers must stay exactly the brute force's."""
+
+    bits = 64
+
+    def __init__(self) -> None:
+        self.saved_min = hashdb_db.PERSIST_MIN_CODES
+        hashdb_db.PERSIST_MIN_CODES = 0
+        super().__init__()
+        self.kept: str | None = None
+
+    def teardown(self) -> None:
+        try:
+            super().teardown()
+        finally:
+            hashdb_db.PERSIST_MIN_CODES = self.saved_min
+
+    @rule(other=st.booleans())
+    def save_index(self, other: bool) -> None:
+        path = self.handle(other).save_index()
+        assert path is not None and os.path.exists(path)
+
+    @rule()
+    def keep_index_file(self) -> None:
+        current = persist.path_in(self.path)
+        if os.path.exists(current):
+            self.kept = f"{self.dir}/kept.index"
+            shutil.copyfile(current, self.kept)
+
+    @precondition(lambda self: self.kept is not None)
+    @rule()
+    def put_back_an_older_index_file_and_reopen(self) -> None:
+        self.db.close()
+        self.other.close()
+        shutil.copyfile(self.kept, persist.path_in(self.path))
+        self.db = HashDB(self.path)
+        self.other = HashDB(self.path)
+
+
+TestHashDBPersisted = PersistedMachine.TestCase
+TestHashDBPersisted.settings = settings(SETTINGS, max_examples=20)

@@ -6,9 +6,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .arrays import Found, Result
 from .bits import scatter_rows
-
-Result = tuple[np.ndarray, np.ndarray]
 
 
 class CodeMatrix:
@@ -82,6 +81,10 @@ class CodeMatrix:
             self.generation = 1
         return self.generation
 
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The kernels' Matrix bundle, as the plain tuple they take."""
+        return (self.codes, self.alive, self.stamps)
+
     def nbytes(self) -> int:
         return int(self.codes.nbytes + self.alive.nbytes + self.stamps.nbytes)
 
@@ -90,13 +93,17 @@ class Structure(Protocol):
     """What MIH, the BK-tree and the scan all offer, so the planner, tests and benchmarks treat them alike.
 
     A structure holds a reference to the shared CodeMatrix and is told about changes *after* the matrix
-    has applied them. ``budget`` is a work bound in the planner's cost units (about nanoseconds); a
-    structure that would exceed it returns None so the caller can fall back to the scan. -1 = unbounded.
+    has applied them. Queries come in batches (``radius_many``; ``radius`` is the batch of one) and kNN is
+    planned like radius: ``cost(r)`` and ``knn_cost(k)`` estimate nanoseconds per query (inf = would not
+    try). ``budget`` is a work bound in the same units; a structure that would exceed it returns None for
+    that query so the caller can fall back to the scan. -1 = unbounded.
     """
 
     name: str
 
     def rebuild(self) -> None: ...
+
+    def drop(self) -> None: ...
 
     def added(self, ids: np.ndarray) -> None: ...
 
@@ -104,9 +111,13 @@ class Structure(Protocol):
 
     def radius(self, query: np.ndarray, r: int, budget: int = -1) -> Result | None: ...
 
+    def radius_many(self, queries: np.ndarray, r: int, budget: int = -1) -> list[Result | None]: ...
+
     def knn(self, query: np.ndarray, k: int, budget: int = -1) -> Result | None: ...
 
     def cost(self, r: int) -> float: ...
+
+    def knn_cost(self, k: int) -> float: ...
 
     def nbytes(self) -> int: ...
 
@@ -148,3 +159,68 @@ class Pending:
 
     def nbytes(self) -> int:
         return int(self.ids.nbytes)
+
+
+class Incremental:
+    """The bookkeeping MIH and the BK-tree share: built in bulk (``build``), then absorbing changes as a
+    Pending delta and tombstones until ``due`` says a rebuild pays off, checked lazily by ``ready`` before
+    a query; reusable result buffers that kernels count past and the shell grows."""
+
+    name = ""
+
+    def __init__(self, matrix: CodeMatrix) -> None:
+        self.matrix = matrix
+        self.built = False
+        self.rebuilds = 0
+        self.pending = Pending()
+        self.grow_found(2048)
+
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def base_size(self) -> int:
+        """Codes the last build holds (what the pending fractions are taken of)."""
+        raise NotImplementedError
+
+    def added(self, ids: np.ndarray) -> None:
+        if self.built:
+            self.pending.add(ids)
+
+    def removed(self, ids: np.ndarray) -> None:
+        if self.built:
+            self.pending.removed += ids.size
+
+    def due(self) -> bool:
+        return (not self.built) or self.pending.due(self.base_size())
+
+    def ready(self) -> None:
+        if self.due():
+            self.build()
+
+    def _clear(self) -> None:
+        """Release the built arrays (and the pending changes, which only make sense against them)."""
+        self.pending = Pending()
+
+    def drop(self) -> None:
+        """Forget the built state (after a bulk load): the next query that wants the structure builds it."""
+        self.built = False
+        self._clear()
+
+    def delta(self) -> tuple[np.ndarray, int]:
+        return (self.pending.ids, self.pending.n)
+
+    def grow_found(self, n: int) -> None:
+        """Result buffers for at least ``n`` answers (a power of two, at least twice n)."""
+        size = 1 << max(12, (2 * n - 1).bit_length())
+        self._found = Found(np.empty(size, np.int64), np.empty(size, np.int32))
+        self._found_args = tuple(self._found)  # what kernels take (arrays.py: plain tuples dispatch faster)
+
+    def found(self, n: int) -> Result:
+        return self._found.ids[:n].copy(), self._found.d[:n].copy()
+
+    def radius(self, query: np.ndarray, r: int, budget: int = -1) -> Result | None:
+        raise NotImplementedError
+
+    def radius_many(self, queries: np.ndarray, r: int, budget: int = -1) -> list[Result | None]:
+        # Each query's probes are independent; a batch saves nothing inside the kernel, so loop here.
+        return [self.radius(q, r, budget) for q in queries]

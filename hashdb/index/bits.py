@@ -9,6 +9,8 @@ import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic
 
+from .arrays import Delta, Found, Matrix
+
 
 @intrinsic
 def _ctpop64(typingctx, x):  # type: ignore[no-untyped-def]
@@ -70,15 +72,6 @@ def keep_within(out_ids: np.ndarray, out_d: np.ndarray, n: int, thr: int) -> int
 
 
 @njit(cache=True)
-def distances_to(codes: np.ndarray, ids: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """Distances from ``query`` to the rows ``ids`` of ``codes``."""
-    out = np.empty(ids.shape[0], np.int32)
-    for j in range(ids.shape[0]):
-        out[j] = row_distance(codes, ids[j], query)
-    return out
-
-
-@njit(cache=True)
 def knn_threshold(hist: np.ndarray, k: int) -> int:
     """Smallest distance t with at least k entries at distance <= t in ``hist``; -1 if there are fewer."""
     c = 0
@@ -91,24 +84,15 @@ def knn_threshold(hist: np.ndarray, k: int) -> int:
 
 @njit(cache=True)
 def scan_ids(
-    ids: np.ndarray,
-    n_ids: int,
-    codes: np.ndarray,
-    alive: np.ndarray,
-    stamps: np.ndarray,
-    gen: int,
-    query: np.ndarray,
-    keep: int,
-    out_ids: np.ndarray,
-    out_d: np.ndarray,
-    hist: np.ndarray,
+    delta: Delta, mat: Matrix, gen: int, query: np.ndarray, keep: int, out: Found, hist: np.ndarray
 ) -> int:
-    """Verify ids[:n_ids] (a structure's delta of recent inserts) not yet stamped this query: record those
+    """Verify delta.ids[:delta.n] (a structure's recent inserts) not yet stamped this query: record those
     alive within ``keep`` while the buffers last, count them all; returns the count."""
     n = 0
-    cap = out_ids.shape[0]
-    for p in range(n_ids):
-        i = ids[p]
+    cap = out.ids.shape[0]
+    codes, alive, stamps = mat.codes, mat.alive, mat.stamps
+    for p in range(delta.n):
+        i = delta.ids[p]
         if stamps[i] == gen:
             continue
         stamps[i] = gen
@@ -117,15 +101,10 @@ def scan_ids(
             if d <= keep:
                 hist[d] += 1
                 if n < cap:
-                    out_ids[n] = i
-                    out_d[n] = d
+                    out.ids[n] = i
+                    out.d[n] = d
                 n += 1
     return n
-
-
-def popcount_rows(x: np.ndarray) -> np.ndarray:
-    """Plain numpy popcount per row of a uint64 matrix (oracle helper, not a hot path)."""
-    return np.unpackbits(np.ascontiguousarray(x).view(np.uint8), axis=-1).sum(axis=-1, dtype=np.int64)
 
 
 @njit(cache=True)

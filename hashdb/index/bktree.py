@@ -14,12 +14,14 @@ after the build go to a pending delta, removes are tombstones; both trigger a re
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 from numba import njit
 
-from .base import CodeMatrix, Pending, Result
+from .arrays import Budget, Delta, Found, Matrix, Tree
+from .base import CodeMatrix, Incremental, Pending, Result
 from .bits import keep_within, knn_threshold, row_distance, scan_ids
 from .planner import BK_NS_FIXED, BK_NS_NODE, bktree_prior_cost
 
@@ -112,35 +114,24 @@ def _same_code(a: np.ndarray, i: int, b: np.ndarray, j: int) -> bool:
 
 @njit(cache=True)
 def bk_search(
-    node_codes: np.ndarray,
-    node_ids: np.ndarray,
-    child_start: np.ndarray,
-    child_count: np.ndarray,
-    edge: np.ndarray,
-    codes: np.ndarray,
-    alive: np.ndarray,
-    stamps: np.ndarray,
-    gen: int,
-    query: np.ndarray,
-    r: int,
-    k: int,
-    pend: np.ndarray,
-    n_pend: int,
-    stack: np.ndarray,
-    out_ids: np.ndarray,
-    out_d: np.ndarray,
-    budget: int,
-    w_node: int,
+    arrays: tuple, matrix: tuple, gen: int, query: np.ndarray, r: int, k: int, delta: tuple, stack: np.ndarray,
+    found: tuple, bound: tuple,
 ) -> tuple[int, int, int]:
     """Radius search (k = 0) or kNN (k >= 1, the radius shrinking to the k-th distance found so far).
+    Arguments: plain tuples of the arrays.py bundles Tree, Matrix, Delta, Found, Budget (step = one node).
     Returns (status, answers in the buffers, work): status 0 ok, -1 budget exceeded, -2 stack too small,
     -3 result buffers too small."""
+    tree, mat, dl, out, budget = Tree(*arrays), Matrix(*matrix), Delta(*delta), Found(*found), Budget(*bound)
+    node_codes, node_ids, child_start, child_count, edge = tree
+    codes, alive, stamps = mat
+    out_ids, out_d = out
+    w_node = budget.step
     bits = query.shape[0] * 64
     hist = np.zeros(bits + 1, np.int64)
     cap = out_ids.shape[0]
     thr = r
-    work = n_pend * w_node
-    n = scan_ids(pend, n_pend, codes, alive, stamps, gen, query, thr, out_ids, out_d, hist)
+    work = dl.n * w_node
+    n = scan_ids(dl, mat, gen, query, thr, out, hist)
     if n > cap:
         return -3, 0, work
     if k > 0:
@@ -156,7 +147,7 @@ def bk_search(
         node = stack[sp]
         d = row_distance(node_codes, node, query)
         work += w_node
-        if budget >= 0 and work > budget:
+        if budget.limit >= 0 and work > budget.limit:
             return -1, 0, work
         if d <= thr:
             i = node_ids[node]
@@ -193,17 +184,14 @@ def bk_search(
 BK_COST_SAMPLES = 4
 
 
-class BKTree:
+class BKTree(Incremental):
     """BK-tree over the shared code matrix, built on first use."""
 
     name = "bktree"
 
     def __init__(self, matrix: CodeMatrix) -> None:
-        self.matrix = matrix
-        self.built = False
-        self.rebuilds = 0
+        super().__init__(matrix)
         self._stack = np.empty(1024, np.int64)
-        self._bufs = (np.empty(4096, np.int64), np.empty(4096, np.int32))
         self._clear()
 
     def _clear(self) -> None:
@@ -233,36 +221,28 @@ class BKTree:
         self.built = True
         self.rebuilds += 1
 
-    def added(self, ids: np.ndarray) -> None:
-        if self.built:
-            self.pending.add(ids)
+    def base_size(self) -> int:
+        return int(self.node_ids.size)
 
-    def removed(self, ids: np.ndarray) -> None:
-        if self.built:
-            self.pending.removed += ids.size
-
-    def ready(self) -> None:
-        if not self.built or self.pending.due(self.node_ids.size):
-            self.build()
+    def tree(self) -> tuple[np.ndarray, ...]:
+        return (self.node_codes, self.node_ids, self.child_start, self.child_count, self.edge)
 
     def _search(self, query: np.ndarray, r: int, k: int, budget: int) -> Result | None:
         self.ready()
         mat = self.matrix
         while True:
             status, n, _ = bk_search(
-                self.node_codes, self.node_ids, self.child_start, self.child_count, self.edge,
-                mat.codes, mat.alive, mat.stamps, mat.next_generation(), query, r, k,
-                self.pending.ids, self.pending.n, self._stack, *self._bufs, budget, int(BK_NS_NODE),
+                self.tree(), mat.arrays(), mat.next_generation(), query, r, k, self.delta(), self._stack,
+                self._found_args, (budget, int(BK_NS_NODE), 0),
             )
             if status == 0:
-                return self._bufs[0][:n].copy(), self._bufs[1][:n].copy()
+                return self.found(n)
             if status == -1:
                 return None
             if status == -2:
                 self._stack = np.empty(2 * self._stack.size, np.int64)
             else:
-                size = 2 * self._bufs[0].size
-                self._bufs = (np.empty(size, np.int64), np.empty(size, np.int32))
+                self.grow_found(self._found.ids.size)
 
     def radius(self, query: np.ndarray, r: int, budget: int = -1) -> Result | None:
         return self._search(query, r, 0, budget)
@@ -274,7 +254,7 @@ class BKTree:
         """Sampled once per radius and build: the mean work of a few queries drawn from the tree's own
         codes (BK-tree visits depend on the data too much for a formula to be of use)."""
         n = self.matrix.n_alive
-        if not self.built or self.pending.due(self.node_ids.size) or self.node_ids.size == 0:
+        if self.due() or self.node_ids.size == 0:
             return bktree_prior_cost(n)
         cached = self._costs.get(r)
         if cached is None:
@@ -285,13 +265,19 @@ class BKTree:
             for node in rng.integers(0, self.node_ids.size, BK_COST_SAMPLES):
                 query = self.node_codes[node].copy()
                 _, _, w = bk_search(
-                    self.node_codes, self.node_ids, self.child_start, self.child_count, self.edge,
-                    mat.codes, mat.alive, mat.stamps, mat.next_generation(), query, r, 0,
-                    self.pending.ids, 0, self._stack, *self._bufs, budget, int(BK_NS_NODE),
+                    self.tree(), mat.arrays(), mat.next_generation(), query, r, 0, (self.pending.ids, 0),
+                    self._stack, self._found_args, (budget, int(BK_NS_NODE), 0),
                 )
                 work.append(w)
             cached = self._costs[r] = BK_NS_FIXED + float(np.mean(work))
         return cached + BK_NS_NODE * self.pending.n
+
+    def knn_cost(self, k: int) -> float:
+        """A kNN starts at the full radius and shrinks, so a full-radius search bounds it; an unbuilt tree
+        is never planned for kNN (the prior of cost() is only a guess, and building costs a whole pass)."""
+        if self.due():
+            return math.inf
+        return self.cost(self.matrix.bits)
 
     def nbytes(self) -> int:
         arrays = (self.node_codes, self.node_ids, self.child_start, self.child_count, self.edge, self._stack)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -16,14 +17,34 @@ from .planner import choose
 from .scan import Scan
 
 FORCES = (None, "mih", "bktree", "scan")
-KNN_BUDGET_MIN = 0.1  # fractions of a scan's estimated cost kNN-MIH may spend before the scan takes over
-KNN_BUDGET_MAX = 0.5
+_noticed = False
+
+
+def compile_notice() -> None:
+    """Once per process: say on a terminal that the kernels are being compiled when numba's cache (written
+    once per install, beside the modules or in the user's cache) does not hold them yet; it takes 20-30 s
+    of a 2-core machine, which must not look like a hang."""
+    global _noticed
+    if _noticed:
+        return
+    _noticed = True
+    try:
+        if not sys.stderr.isatty():
+            return
+        from .mih import mih_radius
+
+        cold = not mih_radius._cache._cache_file._load_index()  # numba's own check of its index file
+    except Exception:  # noqa: BLE001 - a private numba API: no notice rather than a failure
+        return
+    if cold:
+        print("compiling search kernels, once", file=sys.stderr, flush=True)
 
 
 class MemoryIndex:
     """Exact Hamming radius and k-NN over codes keyed by dense integer ids."""
 
     def __init__(self, bits: int) -> None:
+        compile_notice()
         self.bits = check_bits(bits)
         self.words = self.bits // 64
         self.matrix = CodeMatrix(self.bits)
@@ -51,7 +72,37 @@ class MemoryIndex:
             raise InvalidArgument(f"codes must be uint64 of shape ({n}, {self.words}), got {codes.dtype} {codes.shape}")
         return np.ascontiguousarray(codes)
 
-    def bulk_load(self, ids: np.ndarray, codes: np.ndarray) -> None:
+    def saved(self) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+        """What persist.write needs to save this index (its code matrix and MIH tables), or None while the
+        MIH tables are not built (nothing worth saving)."""
+        if not self.mih.built:
+            return None
+        m = self.matrix
+        arrays, scalars = self.mih.saved()
+        return {"codes": m.codes, "alive": m.alive, **arrays}, {"n_alive": m.n_alive, **scalars}
+
+    @classmethod
+    def restore(cls, bits: int, arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> MemoryIndex:
+        """An index over saved arrays (persist.read: memory-mapped copy-on-write), answering as the saved one."""
+        index = cls(bits)
+        m = index.matrix
+        codes, alive = arrays["codes"], arrays["alive"]
+        if codes.dtype != np.uint64 or codes.ndim != 2 or codes.shape[1] != index.words:
+            raise InvalidArgument(f"saved code matrix has shape {codes.shape}, not (n, {index.words})")
+        if alive.shape != codes.shape[:1] or int(np.count_nonzero(alive)) != int(scalars["n_alive"]):
+            raise InvalidArgument("saved alive mask does not match the code matrix")
+        if arrays["mih_entries"].shape != (arrays["mih_starts"].size, int(scalars["n_base"])):
+            raise InvalidArgument("saved MIH tables do not match their header")
+        m.codes, m.alive = codes, alive
+        m.stamps = np.zeros(alive.shape[0], np.uint16)
+        m.generation = 0
+        m.n_alive = int(scalars["n_alive"])
+        index.mih.restore(arrays, scalars)
+        return index
+
+    def bulk_load(self, ids: np.ndarray, codes: np.ndarray, build: bool = True) -> None:
+        """Replace everything. ``build=False`` leaves the tables to the planner, which builds them once the
+        queries answered without them have cost as much as building would (see MIH.credit)."""
         self._version += 1
         ids = self._check_ids(ids)
         codes = self._check_codes(codes, ids.size)
@@ -59,7 +110,19 @@ class MemoryIndex:
             raise InvalidArgument("bulk_load ids must be distinct")
         self.matrix.load(ids, codes)
         for s in self.structures.values():
-            s.rebuild()
+            if build:
+                s.rebuild()
+            else:
+                s.drop()
+
+    def prepare(self) -> None:
+        """Build (or compact) the MIH tables now rather than when queries make them pay off."""
+        self.mih.ready()
+
+    def _rent(self, cost: float) -> None:
+        """A query the scan answered while the MIH tables were unbuilt counts towards building them."""
+        if not self.mih.built:
+            self.mih.credit += cost
 
     def add(self, ids: np.ndarray, codes: np.ndarray) -> None:
         self._version += 1
@@ -118,10 +181,16 @@ class MemoryIndex:
         """The planner's estimated nanoseconds of a radius-r query per structure."""
         return {name: s.cost(r) for name, s in self.structures.items()}
 
+    def knn_costs(self, k: int) -> dict[str, float]:
+        """The planner's estimated nanoseconds of a k-NN query per structure (inf: would not try)."""
+        return {name: s.knn_cost(k) for name, s in self.structures.items()}
+
     def plan(self, r: int) -> str:
         r = self._check_int("r", r, 0)
         if len(self) == 0:
             return "scan"
+        if not self.mih.built and self.mih.build_cost() > 0:
+            return choose(self.costs(r))  # the build's price falls with every scanned query: no caching
         key = (self._version, self.mih.rebuilds)
         if self._plans_key != key:
             self._plans, self._plans_key = {}, key
@@ -139,6 +208,7 @@ class MemoryIndex:
             res = self._structure(name).radius(q, r, budget=int(self.scan.cost(r)))
             if res is not None:
                 return res
+        self._rent(self.scan.cost(r))
         return self.scan.radius(q, r)
 
     def radius(self, query: np.ndarray, r: int, force: str | None = None) -> Result:
@@ -153,9 +223,20 @@ class MemoryIndex:
         if qs.dtype != np.uint64 or qs.ndim != 2 or qs.shape[1] != self.words:
             raise InvalidArgument(f"queries must be uint64 of shape (n, {self.words}), got {qs.dtype} {qs.shape}")
         qs = np.ascontiguousarray(qs)
-        if len(qs) > 1 and (force == "scan" or (force is None and self.plan(r) == "scan")):
+        if len(qs) == 0:
+            return []
+        if force is not None:
+            return self._structure(force).radius_many(qs, r)  # type: ignore[return-value]
+        name = self.plan(r)
+        if name == "scan":
+            self._rent(self.scan.cost(r) * len(qs))
             return self.scan.radius_many(qs, r)  # one pass over the matrix for all queries
-        return [self._radius(q, r, force) for q in qs]
+        res = self._structure(name).radius_many(qs, r, budget=int(self.scan.cost(r)))
+        missed = [i for i, x in enumerate(res) if x is None]
+        if missed:  # over budget: those queries go to the scan, together
+            for i, x in zip(missed, self.scan.radius_many(qs[missed], r), strict=True):
+                res[i] = x
+        return res  # type: ignore[return-value]
 
     def knn(self, query: np.ndarray, k: int, force: str | None = None) -> Result:
         self._check_force(force)
@@ -163,21 +244,15 @@ class MemoryIndex:
         q = self._check_query(query)
         if force is not None:
             return self._structure(force).knn(q, k)  # type: ignore[return-value]
-        if k < len(self) and len(self) > 64:
-            res = self.mih.knn(q, k, budget=self._knn_budget())
+        costs = self.knn_costs(k)
+        name = choose(costs)
+        if name != "scan":
+            # Its estimate is also its budget: past it, the scan answers (see MIH.knn_cost).
+            res = self._structure(name).knn(q, k, budget=int(costs[name]))
             if res is not None:
                 return res
+        self._rent(costs["scan"])
         return self.scan.knn(q, k)
-
-    def _knn_budget(self) -> int:
-        """kNN-MIH pays off only when the k-th neighbour is near, which nothing tells in advance. Give it
-        enough to search out to bits/8 (where near copies live: 32 of 256 bits), twice the cost model's
-        estimate, within a tenth to a half of a scan; past that, scan. Measured at 1M x 256 bits with 10
-        planted copies at distances 1..32 and k=10, a tenth of a scan was too little (6.3 ms vs scan 5.0);
-        this budget answers in 0.45 ms, and random queries (k-th neighbour ~90 bits away) still cost ~a scan."""
-        scan = self.scan.cost(0)
-        reach = 2 * self.mih.cost(self.bits // 8)
-        return int(min(KNN_BUDGET_MAX * scan, max(KNN_BUDGET_MIN * scan, reach)))
 
     # ---- introspection --------------------------------------------------------------------------------
     def nbytes(self) -> int:
@@ -185,6 +260,7 @@ class MemoryIndex:
 
     def stats(self) -> dict[str, Any]:
         return {
+            "engine": "numba",
             "bits": self.bits,
             "live": len(self),
             "capacity": self.matrix.capacity,

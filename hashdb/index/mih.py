@@ -5,8 +5,9 @@ the first b+1 substrings within a of the query's, or one of the others within a-
 value at those radii, deduping and verifying with the full popcount finds every answer exactly.
 
 Each table is a lean CSR: live ids sorted by substring value, a directory of offsets over the top ``t``
-bits of the value, and the low ``L = s - t`` bits of each entry stored beside it as uint8/uint16 so a
-probe reads one short run without touching the code matrix. Inserts go to a delta list scanned by every
+bits of the value, and one entry per id packing the value's low ``L = s - t`` bits above the id (uint32
+when both fit, else uint64), so a probe reads one short run, one word per entry, without touching the
+code matrix. Inserts go to a delta list scanned by every
 query; removes are tombstones (the alive mask); both are compacted by a rebuild once they pass a fraction
 of the table, checked lazily before a query so bulk insertion never rebuilds more than once.
 """
@@ -19,9 +20,19 @@ from typing import Any
 import numpy as np
 from numba import njit, prange
 
-from .base import CodeMatrix, Pending, Result
+from .arrays import Budget, Delta, Found, Matrix, Tables
+from .base import CodeMatrix, Incremental, Pending, Result
 from .bits import keep_within, knn_threshold, row_distance, scan_ids, substring_of
-from .planner import MIH_NS_CAND, MIH_NS_PROBE, mih_cost, probe_counts
+from .planner import (
+    KNN_MIN_CODES,
+    MIH_NS_CAND,
+    MIH_NS_PROBE,
+    knn_budget,
+    mih_build_cost,
+    mih_cost,
+    probe_counts,
+    scan_cost,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # parameters
@@ -102,30 +113,16 @@ def build_table(
 
 @njit(cache=True, inline="always")
 def _probe(
-    value: int,
-    j: int,
-    L: int,
-    offsets: np.ndarray,
-    entries: np.ndarray,
-    id_bits: int,
-    codes: np.ndarray,
-    alive: np.ndarray,
-    stamps: np.ndarray,
-    gen: int,
-    query: np.ndarray,
-    keep: int,
-    out_ids: np.ndarray,
-    out_d: np.ndarray,
-    n: int,
-    hist: np.ndarray,
-    work: int,
-    w_cand: int,
+    value: int, j: int, L: int, tab: Tables, mat: Matrix, gen: int, query: np.ndarray, keep: int, out: Found,
+    n: int, hist: np.ndarray, work: int, w_cand: int,
 ) -> tuple[int, int]:
     """Look up one substring value; verify and record (while the buffers last) every new id in its run."""
+    entries, id_bits = tab.entries, tab.id_bits
+    stamps = mat.stamps
     top = value >> L
     low = value & ((1 << L) - 1)
-    lo = offsets[j, top]
-    hi = offsets[j, top + 1]
+    lo = tab.offsets[j, top]
+    hi = tab.offsets[j, top + 1]
     if hi - lo > 16:  # long run (clustered data): binary search the first entry with low bits >= target
         target = low << id_bits
         a, b = lo, hi
@@ -136,7 +133,7 @@ def _probe(
             else:
                 b = mid
         lo = a
-    cap = out_ids.shape[0]
+    cap = out.ids.shape[0]
     idmask = (np.int64(1) << id_bits) - 1
     for p in range(lo, hi):
         e = np.int64(entries[j, p])
@@ -150,60 +147,34 @@ def _probe(
             continue
         stamps[i] = gen
         work += w_cand
-        if alive[i]:
-            d = row_distance(codes, i, query)
+        if mat.alive[i]:
+            d = row_distance(mat.codes, i, query)
             if d <= keep:
                 hist[d] += 1
                 if n < cap:
-                    out_ids[n] = i
-                    out_d[n] = d
+                    out.ids[n] = i
+                    out.d[n] = d
                 n += 1
     return n, work
 
 
 @njit(cache=True)
 def _probe_level(
-    j: int,
-    dist: int,
-    starts: np.ndarray,
-    lens: np.ndarray,
-    t: int,
-    offsets: np.ndarray,
-    entries: np.ndarray,
-    id_bits: int,
-    codes: np.ndarray,
-    alive: np.ndarray,
-    stamps: np.ndarray,
-    gen: int,
-    query: np.ndarray,
-    keep: int,
-    out_ids: np.ndarray,
-    out_d: np.ndarray,
-    n: int,
-    hist: np.ndarray,
-    work: int,
-    budget: int,
-    w_probe: int,
-    w_cand: int,
+    j: int, dist: int, tab: Tables, mat: Matrix, gen: int, query: np.ndarray, keep: int, out: Found, n: int,
+    hist: np.ndarray, work: int, budget: Budget,
 ) -> tuple[int, int]:
     """Probe every value of substring j at exactly Hamming distance ``dist`` from the query's substring,
     enumerating the bit-flip masks of popcount ``dist`` in increasing order (Gosper's hack)."""
-    s = lens[j]
-    L = s - t
-    qv = np.int64(substring_of(query, starts[j], s))
+    s = tab.lens[j]
+    L = s - tab.t
+    qv = np.int64(substring_of(query, tab.starts[j], s))
     if dist == 0:
-        return _probe(
-            qv, j, L, offsets, entries, id_bits, codes, alive, stamps, gen, query, keep, out_ids, out_d, n, hist,
-            work + w_probe, w_cand,
-        )
+        return _probe(qv, j, L, tab, mat, gen, query, keep, out, n, hist, work + budget.step, budget.cand)
     limit = np.int64(1) << s
     x = (np.int64(1) << dist) - 1
     while x < limit:
-        n, work = _probe(
-            qv ^ x, j, L, offsets, entries, id_bits, codes, alive, stamps, gen, query, keep, out_ids, out_d, n,
-            hist, work + w_probe, w_cand,
-        )
-        if budget >= 0 and work > budget:
+        n, work = _probe(qv ^ x, j, L, tab, mat, gen, query, keep, out, n, hist, work + budget.step, budget.cand)
+        if budget.limit >= 0 and work > budget.limit:
             return n, work
         c = x & -x
         y = x + c
@@ -213,87 +184,50 @@ def _probe_level(
 
 @njit(cache=True)
 def mih_radius(
-    codes: np.ndarray,
-    alive: np.ndarray,
-    stamps: np.ndarray,
-    gen: int,
-    query: np.ndarray,
-    r: int,
-    starts: np.ndarray,
-    lens: np.ndarray,
-    t: int,
-    offsets: np.ndarray,
-    entries: np.ndarray,
-    id_bits: int,
-    delta: np.ndarray,
-    n_delta: int,
-    out_ids: np.ndarray,
-    out_d: np.ndarray,
-    budget: int,
-    w_probe: int,
-    w_cand: int,
+    matrix: tuple, gen: int, query: np.ndarray, r: int, tables: tuple, delta: tuple, found: tuple, bound: tuple
 ) -> int:
     """Every live id within r into the buffers. Returns how many there are (more than the buffers hold:
-    rerun with bigger ones), or -1 if the work passed ``budget``."""
+    rerun with bigger ones), or -1 if the work passed the budget. Arguments: plain tuples of the
+    arrays.py bundles Matrix, Tables, Delta, Found, Budget."""
+    mat, tab, out, budget = Matrix(*matrix), Tables(*tables), Found(*found), Budget(*bound)
+    dl = Delta(*delta)
     hist = np.zeros(query.shape[0] * 64 + 1, np.int64)
-    n = scan_ids(delta, n_delta, codes, alive, stamps, gen, query, r, out_ids, out_d, hist)
-    work = n_delta * w_cand
-    m = starts.shape[0]
+    n = scan_ids(dl, mat, gen, query, r, out, hist)
+    work = dl.n * budget.cand
+    m = tab.starts.shape[0]
     a = r // m
     b = r % m
     for j in range(m):
         rad = a if j <= b else a - 1
-        for dist in range(min(rad, lens[j]) + 1):
-            n, work = _probe_level(
-                j, dist, starts, lens, t, offsets, entries, id_bits, codes, alive, stamps, gen, query, r,
-                out_ids, out_d, n, hist, work, budget, w_probe, w_cand,
-            )
-            if budget >= 0 and work > budget:
+        for dist in range(min(rad, tab.lens[j]) + 1):
+            n, work = _probe_level(j, dist, tab, mat, gen, query, r, out, n, hist, work, budget)
+            if budget.limit >= 0 and work > budget.limit:
                 return -1
     return n
 
 
 @njit(cache=True)
 def mih_knn(
-    codes: np.ndarray,
-    alive: np.ndarray,
-    stamps: np.ndarray,
-    gen: int,
-    query: np.ndarray,
-    k: int,
-    starts: np.ndarray,
-    lens: np.ndarray,
-    t: int,
-    offsets: np.ndarray,
-    entries: np.ndarray,
-    id_bits: int,
-    delta: np.ndarray,
-    n_delta: int,
-    out_ids: np.ndarray,
-    out_d: np.ndarray,
-    budget: int,
-    w_probe: int,
-    w_cand: int,
+    matrix: tuple, gen: int, query: np.ndarray, k: int, tables: tuple, delta: tuple, found: tuple, bound: tuple
 ) -> tuple[int, int]:
     """kNN-MIH: grow the search radius one step at a time (each step adds one substring at one more bit
     of radius); once k answers lie within the radius searched so far, every tie of the k-th is found too.
     Returns (candidates found, answers kept at the front of the buffers); found > buffer size means
     rerun with bigger buffers; found = -1 means the budget ran out."""
+    mat, tab, out, budget = Matrix(*matrix), Tables(*tables), Found(*found), Budget(*bound)
+    dl = Delta(*delta)
     bits = query.shape[0] * 64
     hist = np.zeros(bits + 1, np.int64)
-    n = scan_ids(delta, n_delta, codes, alive, stamps, gen, query, bits, out_ids, out_d, hist)
-    work = n_delta * w_cand
-    m = starts.shape[0]
+    n = scan_ids(dl, mat, gen, query, bits, out, hist)
+    work = dl.n * budget.cand
+    m = tab.starts.shape[0]
     thr = -1
     for rr in range(bits + 1):
         j = rr % m
         dist = rr // m
-        if dist <= lens[j]:
-            n, work = _probe_level(
-                j, dist, starts, lens, t, offsets, entries, id_bits, codes, alive, stamps, gen, query, bits,
-                out_ids, out_d, n, hist, work, budget, w_probe, w_cand,
-            )
-            if budget >= 0 and work > budget:
+        if dist <= tab.lens[j]:
+            n, work = _probe_level(j, dist, tab, mat, gen, query, bits, out, n, hist, work, budget)
+            if budget.limit >= 0 and work > budget.limit:
                 return -1, 0
         c = 0
         for d in range(rr + 1):
@@ -301,11 +235,11 @@ def mih_knn(
         if c >= k:
             thr = knn_threshold(hist, k)
             break
-    if n > out_ids.shape[0]:
+    if n > out.ids.shape[0]:
         return n, 0
     if thr < 0:
         thr = bits
-    return n, keep_within(out_ids, out_d, n, thr)
+    return n, keep_within(out.ids, out.d, n, thr)
 
 
 @njit(cache=True, parallel=True)
@@ -331,17 +265,17 @@ def build_tables(
 # shell
 
 
-class MIH:
+class MIH(Incremental):
     """Multi-index hashing over the shared code matrix."""
 
     name = "mih"
 
     def __init__(self, matrix: CodeMatrix) -> None:
-        self.matrix = matrix
-        self.built = False
-        self.rebuilds = 0
-        # Reused result buffers; kernels count past their end and the shell reruns with bigger ones.
-        self._bufs = (np.empty(4096, np.int64), np.empty(4096, np.int32))
+        super().__init__(matrix)
+        # Work (cost units) the scan has done for queries while the tables were not built: once it reaches
+        # what building costs, building pays off (rent until the rent paid equals the price, then buy), so a
+        # process asking one question never builds tables it will not reuse.
+        self.credit = 0.0
         self._clear()
 
     def _clear(self) -> None:
@@ -354,9 +288,13 @@ class MIH:
         self.collisions = np.zeros(0, np.float64)
         self.n_base = 0
         self.pending = Pending()
+        self._tables = tuple(self.tables())
+
+    def tables(self) -> Tables:
+        return Tables(self.starts, self.lens, self.t, self.offsets, self.entries, self.id_bits)
 
     # -- maintenance ----------------------------------------------------------------------------------
-    def rebuild(self) -> None:
+    def build(self) -> None:
         mat = self.matrix
         live = mat.live_ids()
         n = live.size
@@ -374,63 +312,84 @@ class MIH:
             mat.codes, live, self.starts, self.lens, self.t, self.offsets, self.entries, self.id_bits
         )
         self.n_base = n
+        self._tables = tuple(self.tables())
         self.built = True
         self.rebuilds += 1
 
-    def added(self, ids: np.ndarray) -> None:
-        if self.built:
-            self.pending.add(ids)
+    rebuild = build
 
-    def removed(self, ids: np.ndarray) -> None:
-        if self.built:
-            self.pending.removed += ids.size
+    def saved(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The arrays and scalars persist.py writes (the delta too: a saved index need not be compacted)."""
+        arrays = {
+            "mih_starts": self.starts, "mih_lens": self.lens, "mih_offsets": self.offsets,
+            "mih_entries": self.entries, "mih_collisions": self.collisions,
+            "mih_delta": self.pending.ids[: self.pending.n],
+        }
+        scalars = {"t": self.t, "id_bits": self.id_bits, "n_base": self.n_base, "tombstones": self.pending.removed}
+        return arrays, scalars
 
-    def due(self) -> bool:
-        return (not self.built) or self.pending.due(self.n_base)
+    def restore(self, arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> None:
+        """Adopt saved (possibly memory-mapped) tables as built; ``rebuilds`` stays as it was, so a caller can
+        tell tables built in this process from loaded ones."""
+        self._clear()
+        self.starts, self.lens = arrays["mih_starts"], arrays["mih_lens"]
+        self.offsets, self.entries = arrays["mih_offsets"], arrays["mih_entries"]
+        self.collisions = arrays["mih_collisions"]
+        self.t, self.id_bits, self.n_base = int(scalars["t"]), int(scalars["id_bits"]), int(scalars["n_base"])
+        self.pending.add(np.asarray(arrays["mih_delta"], np.int64))
+        self.pending.removed = int(scalars["tombstones"])
+        self._tables = tuple(self.tables())
+        self.built = True
 
-    def ready(self) -> None:
-        if self.due():
-            self.rebuild()
+    def base_size(self) -> int:
+        return self.n_base
 
     # -- queries --------------------------------------------------------------------------------------
-    def _args(self) -> tuple[Any, ...]:
-        return (
-            self.starts, self.lens, self.t, self.offsets, self.entries, self.id_bits, self.pending.ids, self.pending.n
-        )
-
     def radius(self, query: np.ndarray, r: int, budget: int = -1) -> Result | None:
         self.ready()
         mat = self.matrix
+        bound = (budget, int(MIH_NS_PROBE), int(MIH_NS_CAND))
         while True:
             n = mih_radius(
-                mat.codes, mat.alive, mat.stamps, mat.next_generation(), query, r, *self._args(), *self._bufs,
-                budget, int(MIH_NS_PROBE), int(MIH_NS_CAND),
+                mat.arrays(), mat.next_generation(), query, r, self._tables, self.delta(), self._found_args, bound
             )
             if n < 0:
                 return None
-            if n <= self._bufs[0].size:
-                return self._bufs[0][:n].copy(), self._bufs[1][:n].copy()
-            self._grow(n)
+            if n <= self._found.ids.size:
+                return self.found(n)
+            self.grow_found(n)
 
     def knn(self, query: np.ndarray, k: int, budget: int = -1) -> Result | None:
         self.ready()
         mat = self.matrix
+        bound = (budget, int(MIH_NS_PROBE), int(MIH_NS_CAND))
         while True:
             n, kept = mih_knn(
-                mat.codes, mat.alive, mat.stamps, mat.next_generation(), query, k, *self._args(), *self._bufs,
-                budget, int(MIH_NS_PROBE), int(MIH_NS_CAND),
+                mat.arrays(), mat.next_generation(), query, k, self._tables, self.delta(), self._found_args, bound
             )
             if n < 0:
                 return None
-            if n <= self._bufs[0].size:
-                return self._bufs[0][:kept].copy(), self._bufs[1][:kept].copy()
-            self._grow(n)
+            if n <= self._found.ids.size:
+                return self.found(kept)
+            self.grow_found(n)
 
-    def _grow(self, n: int) -> None:
-        size = 1 << max(12, (2 * n - 1).bit_length())
-        self._bufs = (np.empty(size, np.int64), np.empty(size, np.int32))
+    def build_cost(self) -> float:
+        """What building the tables would cost now, less the credit: 0 once built or paid for."""
+        if self.built:
+            return 0.0
+        n = self.matrix.n_alive
+        m = choose_substrings(n, self.matrix.bits)[0].size
+        return max(0.0, mih_build_cost(n, m) - self.credit)
+
+    def drop(self) -> None:
+        super().drop()
+        self.credit = 0.0
 
     def cost(self, r: int) -> float:
+        if not self.built:
+            n = self.matrix.n_alive
+            _, lens = choose_substrings(n, self.matrix.bits)
+            return mih_cost(probe_counts(lens, r), lens, None, n, 0, self.matrix.words) + self.build_cost()
         if self.due():
             # what the structure would look like after the compaction a query triggers
             n = self.matrix.n_alive
@@ -439,6 +398,16 @@ class MIH:
         return mih_cost(
             probe_counts(self.lens, r), self.lens, self.collisions, self.n_base, self.pending.n, self.matrix.words
         )
+
+    def knn_cost(self, k: int) -> float:
+        """kNN-MIH pays off only when the k-th neighbour is near, which nothing tells in advance: it may
+        spend what searching out to bits/8 costs (planner.knn_budget), then the scan takes over."""
+        n = self.matrix.n_alive
+        if k >= n or n <= KNN_MIN_CODES:
+            return math.inf
+        scan = scan_cost(self.matrix.capacity, self.matrix.words)
+        build = self.build_cost()
+        return knn_budget(scan, self.cost(self.matrix.bits // 8) - build) + build
 
     def nbytes(self) -> int:
         return int(self.offsets.nbytes + self.entries.nbytes + self.pending.nbytes())

@@ -1,7 +1,8 @@
 """Cost model: estimated nanoseconds per query for each structure; the planner picks the cheapest.
 
-The constants are single-thread timings measured on the development machine (2-core Xeon, 10M x 256-bit
-uniform codes; see docs/index.md for the measurement). Only their ratios matter for the choice.
+The constants are single-thread timings from bench/index_bench.py runs on the 2-core development machine
+(uniform 256-bit codes at 1M and 10M). Only their ratios matter for the choice; docs/index.md's planner
+section lists the crossovers they give.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ import math
 
 import numpy as np
 
-# Measured at 10M x 256 bits (/tmp-style script in docs/index.md): scan 67 ms = 1.7 ns per word; MIH at
-# r=24 (1023 probes, ~1200 candidates) 0.34 ms and r=32 (3047 probes, ~3600 candidates) 0.93 ms, i.e.
-# ~140 ns per probe-or-candidate, each being two or three cache misses.
+# Scan of 10M x 256 bits measured 55-70 ms (0.4 ns per row + 1.6 ns per word); MIH at r=24 (1023 probes,
+# ~1200 candidates) 0.34 ms and at r=32 (3047 probes, ~3600 candidates) 0.93 ms, i.e. ~120-150 ns per
+# probe or candidate, each being two or three cache misses.
 SCAN_NS_PER_ROW = 0.4  # scan: per row of the code matrix (alive rows and holes alike; 1M x 64 bits: 0.7 ms)
 SCAN_NS_PER_WORD = 1.6  # ... plus per 64-bit word
 # ... but a matrix that fits the last-level cache streams 4x faster (1M x 256 bits = 32 MB: 1.43 ms).
@@ -22,8 +23,15 @@ SCAN_NS_FIXED = 2_000.0
 MIH_NS_FIXED = 5_000.0
 MIH_NS_PROBE = 120.0  # one directory lookup + one short run of packed entries
 MIH_NS_CAND = 150.0  # one new id: stamp, alive flag and code row, each a likely cache miss
+# Building the tables: per code per table (10M x 256 bits, 11 tables: about 0.33 s of CPU per table).
+MIH_NS_BUILD = 35.0
 BK_NS_NODE = 15.0  # one BK-tree node: distance + child range walk (100k x 64 bits, r=4: 83 us for ~5.5k nodes)
 BK_NS_FIXED = 5_000.0
+# kNN-MIH may spend a tenth to a half of a scan's estimate before the scan takes over; below this many
+# codes it is not tried at all (a scan of 64 rows costs less than MIH's fixed overhead).
+KNN_BUDGET_MIN = 0.1
+KNN_BUDGET_MAX = 0.5
+KNN_MIN_CODES = 64
 
 
 def scan_cost(capacity: int, words: int) -> float:
@@ -64,12 +72,24 @@ def mih_cost(
     return float(MIH_NS_FIXED + MIH_NS_PROBE * probes.sum() + MIH_NS_CAND * (cands.sum() + n_delta))
 
 
+def mih_build_cost(n: int, m: int) -> float:
+    return MIH_NS_BUILD * n * m
+
+
 def bktree_prior_cost(n: int) -> float:
     """Before a BK-tree exists the planner assumes it visits every node: it never builds one on its own.
     Measured, it never beat MIH (uniform codes; 100k x 256 bits r=2: 10 us vs MIH 5 us, r=8: 147 vs 8 us;
     1M x 64 bits r=4: 0.53 ms vs 0.015 ms), so the prior only keeps it out of the way. Once a tree was
     forced into existence its cost is sampled (BKTree.cost)."""
     return BK_NS_FIXED + BK_NS_NODE * n
+
+
+def knn_budget(scan: float, reach: float) -> float:
+    """What kNN-MIH may spend: twice the cost of a radius search out to bits/8 (``reach``, where near copies
+    live: 32 of 256 bits), within a tenth to a half of a scan. Measured at 1M x 256 bits with 10 planted
+    copies at distances 1..32 and k=10, a tenth of a scan was too little (6.3 ms vs scan 5.0); this budget
+    answers in 0.45 ms, and random queries (k-th neighbour ~90 bits away) still cost about a scan."""
+    return min(KNN_BUDGET_MAX * scan, max(KNN_BUDGET_MIN * scan, 2 * reach))
 
 
 def choose(costs: dict[str, float]) -> str:

@@ -141,6 +141,9 @@ class Scan:
     def rebuild(self) -> None:
         pass
 
+    def drop(self) -> None:
+        pass
+
     def added(self, ids: np.ndarray) -> None:
         pass
 
@@ -151,7 +154,9 @@ class Scan:
         m = self.matrix
         return scan_radius(m.codes, m.alive, query, r)
 
-    def radius_many(self, queries: np.ndarray, r: int) -> list[Result]:
+    def radius_many(self, queries: np.ndarray, r: int, budget: int = -1) -> list[Result]:
+        if queries.shape[0] == 1:
+            return [self.radius(queries[0], r)]
         m = self.matrix
         qi, ids, d = scan_radius_many(m.codes, m.alive, queries, r)
         order = np.argsort(qi, kind="stable")
@@ -164,6 +169,9 @@ class Scan:
         return scan_knn(m.codes, m.alive, query, k, m.bits)
 
     def cost(self, r: int) -> float:
+        return scan_cost(self.matrix.capacity, self.matrix.words)
+
+    def knn_cost(self, k: int) -> float:
         return scan_cost(self.matrix.capacity, self.matrix.words)
 
     def nbytes(self) -> int:
