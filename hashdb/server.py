@@ -650,6 +650,11 @@ def serve(
     if len(os.fsencode(socket_path)) > MAX_SOCKET_PATH:
         raise ServerError(f"cannot create socket {socket_path}: AF_UNIX path longer than {MAX_SOCKET_PATH} bytes")
     db = HashDB(db_path, bits=bits)
+    try:
+        db.refresh()  # a server answers many queries: build the index tables now, not after a second of scans
+    except BaseException:
+        db.close()
+        raise
     server = Server(db, socket_path, max_frame=max_frame, close_db=True)
     try:
         server.bind()

@@ -671,30 +671,39 @@ def test_a_library_error_during_add_is_one_line_not_a_traceback(tmp_path):
         assert all(embedded.get(key)[0].hex() == hex_code(int(key[4:10]) % 50) for key in embedded)
 
 
-def test_torch_free_paths_hash_and_a_torch_file_names_the_extra(tmp_path):
-    """Without torch (import blocked), .npz and .safetensors hash; a legacy .pt names 'pip install hashdb[torch]'."""
+def test_torch_free_paths_hash_every_file_and_the_demo_names_the_extra(tmp_path):
+    """Without torch (import blocked), .npz, .safetensors and .pt files (zip and legacy, read by hashdb's own
+    unpickler) hash to the codes they get with torch present; `hashdb demo`, which trains, names the extra."""
     import os
     import subprocess
     import sys
 
     from frontend_helpers import REPO
 
+    from hashdb.codec import hash_model
+
     torch = pytest.importorskip("torch")
-    legacy = tmp_path / "legacy.pt"
-    torch.save({"w": torch.ones(4, 3, 3, 3)}, legacy, _use_new_zipfile_serialization=False)
+    weights = {"c1.weight": torch.randn(8, 3, 3, 3, generator=torch.Generator().manual_seed(1))}
+    legacy, zipped = tmp_path / "legacy.pt", tmp_path / "zipped.pt"
+    torch.save(weights, legacy, _use_new_zipfile_serialization=False)
+    torch.save(weights, zipped)
     npz = npz_model(tmp_path / "m.npz", 0)
     from safetensors.numpy import save_file
 
     st = str(tmp_path / "m.safetensors")
     save_file({"c1.weight": np.random.default_rng(0).standard_normal((16, 3, 3, 3)).astype(np.float32)}, st)
+    files = [npz, st, str(legacy), str(zipped)]
     script = "import sys; sys.modules['torch'] = None; from hashdb.cli import main; sys.exit(main(sys.argv[1:]))"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, "-c", script, "hash", npz, st, str(legacy)],
+    done = subprocess.run([sys.executable, "-c", script, "hash", *files],
                           capture_output=True, text=True, cwd=str(REPO), env=env, timeout=120)  # fmt: skip
-    assert done.returncode == 2
-    assert [line.split()[1] for line in done.stdout.splitlines()] == [npz, st]
-    assert "needs the optional 'torch' package: pip install hashdb[torch]" in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+    assert done.returncode == 0, done.stderr
+    assert [line.split() for line in done.stdout.splitlines()] == [[hash_model(f).hex(), f] for f in files]
+    demo = subprocess.run([sys.executable, "-c", script, "demo", "--seeds", "1"],
+                          capture_output=True, text=True, cwd=str(REPO), env=env, timeout=120)  # fmt: skip
+    assert demo.returncode == 2
+    assert "pip install hashdb[torch]" in demo.stderr
+    assert len(demo.stderr.strip().splitlines()) == 1
 
 
 def test_installing_hashdb_does_not_pull_torch():
