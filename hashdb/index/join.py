@@ -98,7 +98,8 @@ def _tile_wave(
     out_a: np.ndarray, out_b: np.ndarray, out_d: np.ndarray, counts: np.ndarray,
 ) -> None:  # fmt: skip
     for t in prange(tasks.shape[0]):
-        counts[t] = tile_pairs(codes, tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3], r, out_a[t], out_b[t], out_d[t])
+        i0, i1, j0, j1 = tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3]
+        counts[t] = tile_pairs(codes, i0, i1, j0, j1, r, out_a[t], out_b[t], out_d[t])
 
 
 def _run_tile_tasks(codes: np.ndarray, tasks: np.ndarray, r: int) -> Pairs:
@@ -210,7 +211,8 @@ def _bucket_wave(
     out_a: np.ndarray, out_b: np.ndarray, out_d: np.ndarray, counts: np.ndarray,
 ) -> None:  # fmt: skip
     for k in prange(tasks.shape[0]):
-        counts[k] = bucket_pairs(codes, order, starts, tasks[k, 0], tasks[k, 1], bounds, t, r, out_a[k], out_b[k], out_d[k])
+        b0, b1 = tasks[k, 0], tasks[k, 1]
+        counts[k] = bucket_pairs(codes, order, starts, b0, b1, bounds, t, r, out_a[k], out_b[k], out_d[k])
 
 
 @njit(cache=True)
