@@ -7,6 +7,7 @@ stderr, no traceback). ``--json`` prints one JSON document per line; the field n
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -154,8 +155,10 @@ class Progress:
         width = 30
         filled = width * self.done // max(self.total, 1)
         rate = self.done / max(now - self.start, 1e-9)
+        left = (self.total - self.done) / rate if rate > 0 else 0.0
+        eta = f" ETA {int(left // 60)}:{int(left % 60):02d}" if self.done < self.total else ""
         self.stream.write(
-            f"\r[{'#' * filled}{' ' * (width - filled)}] {self.done}/{self.total} {self.label} {rate:.1f}/s"
+            f"\r[{'#' * filled}{' ' * (width - filled)}] {self.done}/{self.total} {self.label} {rate:.1f}/s{eta}"
         )
         self.stream.flush()
 
@@ -235,33 +238,62 @@ def cmd_add(args: argparse.Namespace) -> int:
         for path in paths:
             if _is_hex_code(path, db.bits):
                 raise UsageError(f"a hex code needs a key: hashdb add DB --key KEY {path[:16]}...")
-        failed = 0
-        progress = Progress(len(paths), "models")
-        keys: list[str] = []
-        codes: list[bytes] = []
-        try:
-            for path in paths:
-                try:
-                    code = hashers.hash_file(path)
-                except ModelFormatError as e:
-                    failed += 1
-                    progress.message(f"hashdb: error: {e}")
-                else:
-                    keys.append(path)
-                    codes.append(code)
-                progress.advance()
-                if len(keys) >= ADD_CHUNK:
-                    _insert_chunk(db, keys, codes, user_meta, hashers, args, progress)
-                    keys, codes = [], []
-            if keys:
+        return _add_models(db, paths, user_meta, hashers, args)
+    return EXIT_OK
+
+
+def _add_models(db: Any, paths: list[str], user_meta: dict | None, hashers: _Hashers,
+                args: argparse.Namespace) -> int:  # fmt: skip
+    """Hash the model units under ``paths`` in workers (hashdb.bulk) and commit them here in chunks, the only
+    writer. A bad file is reported and skipped; Ctrl-C commits what is hashed and says how many."""
+    from .bulk import expand_sources, hash_units
+
+    if args.workers is not None and args.workers < 1:
+        raise UsageError("--workers must be >= 1")
+    units, missing = expand_sources(paths)
+    total = len(units) + len(missing)
+    if total == 0:
+        raise UsageError("no model files found in " + ", ".join(paths))
+    progress = Progress(total, "models")
+    failed, added = 0, 0
+    keys: list[str] = []
+    codes: list[bytes] = []
+    results = hash_units(units, bits=db.bits, workers=args.workers, engine="ray" if args.ray else "local",
+                         ray_address=args.ray)  # fmt: skip
+    try:
+        for res in itertools.chain(missing, results):
+            if res.error is not None:
+                failed += 1
+                progress.message(f"hashdb: error: {res.error}")
+            else:
+                keys.append(res.key)
+                codes.append(res.code)
+            progress.advance()
+            if len(keys) >= ADD_CHUNK:
                 _insert_chunk(db, keys, codes, user_meta, hashers, args, progress)
-            if len(paths) > failed:
-                _record_codec(db, hashers)
-        finally:
-            progress.close()
-        if failed:
-            _warn(f"{failed} of {len(paths)} model files could not be hashed")
-            return EXIT_ERROR
+                added += len(keys)
+                keys, codes = [], []
+    except KeyboardInterrupt:
+        results.close()  # stops the workers before the last chunk is committed
+        if keys:
+            _insert_chunk(db, keys, codes, user_meta, hashers, args, progress)
+            added += len(keys)
+        if added:
+            _record_codec(db, hashers)
+        progress.close()
+        _warn(f"interrupted: {added} models committed, {total - added - failed} not hashed")
+        return 130
+    finally:
+        results.close()
+    if keys:
+        _insert_chunk(db, keys, codes, user_meta, hashers, args, progress)
+        added += len(keys)
+    if added:
+        _record_codec(db, hashers)
+    progress.close()
+    if failed:
+        _warn(f"{failed} of {total} model files could not be hashed")
+        return EXIT_ERROR
     return EXIT_OK
 
 
@@ -420,6 +452,45 @@ def _print_mapping(mapping: dict, indent: str = "") -> None:
             print(f"{indent}{str(name):<{width}}  {value}")
 
 
+def cmd_clusters(args: argparse.Namespace) -> int:
+    if args.radius is not None and args.radius < 0:
+        raise UsageError("--radius must be >= 0")
+    if not os.path.exists(args.db):
+        raise UsageError(f"no database at {args.db}")
+    from .db import HashDB
+
+    with HashDB(args.db, bits=None, readonly=True) as db:
+        radius = args.radius
+        if radius is None:
+            radius = (db.codec or {}).get("copy_radius")
+        if radius is None:  # codes added as hex, no codec recorded: the codec's default at this width
+            from .codec.hasher import ModelHasher
+
+            radius = ModelHasher(db.bits).copy_radius
+            _warn(f"no codec recorded in {args.db}: using the default copy radius {radius} of {db.bits}-bit codes")
+        clusters = db.clusters(int(radius), engine="ray" if args.ray else "local", ray_address=args.ray)
+    for n, cluster in enumerate(clusters, 1):
+        if args.json:
+            _emit({"cluster": n, "radius": int(radius), "keys": cluster.keys,
+                   "edges": [[a, b, int(d)] for a, b, d in cluster.edges]})  # fmt: skip
+        else:
+            _print_cluster(n, cluster)
+    if not args.json:
+        models = sum(len(c.keys) for c in clusters)
+        print(f"{len(clusters)} cluster{'s' if len(clusters) != 1 else ''} of {models} models within radius {radius}")
+    return EXIT_OK if clusters else EXIT_NOT_FOUND
+
+
+def _print_cluster(n: int, cluster: Any) -> None:
+    print(f"cluster {n}: {len(cluster.keys)} models, {len(cluster.edges)} pairs within the radius")
+    for key in cluster.keys:
+        print(f"  {key}")
+    width = max(len(a) for a, _, _ in cluster.edges)
+    print(f"  {'distance':>8}  {'key_a':<{width}}  key_b")
+    for a, b, d in cluster.edges:
+        print(f"  {int(d):>8}  {a:<{width}}  {b}")
+
+
 def cmd_hash(args: argparse.Namespace) -> int:
     from .codes import check_bits
 
@@ -489,7 +560,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--meta", metavar="JSON", help="metadata object stored with every code")
     p.add_argument("--bits", type=int, help=f"code width when creating the database (default {DEFAULT_BITS})")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    cores = "hash in N worker processes (default: the machine's cores), or N Ray actors with --ray"
+    p.add_argument("--workers", "-j", type=int, metavar="N", help=cores)
+    ray = "hash on Ray: 'local' starts Ray here, 'auto' joins a running cluster (needs pip install hashdb[ray])"
+    p.add_argument("--ray", metavar="ADDRESS", help=ray)
     p.set_defaults(func=cmd_add)
+
+    usage = "hashdb clusters DB [--radius R] [--json] [--ray ADDRESS]"
+    p = sub.add_parser("clusters", help="groups of stored models within a radius of each other", usage=usage)
+    p.add_argument("db", metavar="DB")
+    p.add_argument("--radius", "-r", type=int, help="Hamming radius of an edge (default: the stored copy radius)")
+    p.add_argument("--json", action="store_true", help='one JSON object per cluster per line: "keys", "edges"')
+    p.add_argument("--ray", metavar="ADDRESS", help="split the self-join into Ray tasks ('local' or 'auto')")
+    p.set_defaults(func=cmd_clusters)
 
     usage = "hashdb query (DB | --socket PATH) CODE_OR_MODEL... (--radius R | --knn K) [--json]"
     p = sub.add_parser("query", help="find stored codes near a code or a model", usage=usage)
