@@ -61,13 +61,18 @@ def time_hashing(paths: list[Path], **kwargs) -> tuple[float, float, list[bytes]
 
     before = load_note()
     t0 = time.perf_counter()
+    c0 = time.process_time()
     first = None
     out = {}
     for res in hash_units(paths, **kwargs):
         first = first or time.perf_counter() - t0
         assert res.error is None, res.error
         out[res.key] = res.code
+    CPU_S[0] = time.process_time() - c0  # this process only (workers' CPU is not counted)
     return time.perf_counter() - t0, first or 0.0, [out[k] for k in sorted(out)], before
+
+
+CPU_S = [0.0]
 
 
 def bench_hashing(n_models: int, rows: list[str], facts: dict[str, float]) -> None:
@@ -77,6 +82,7 @@ def bench_hashing(n_models: int, rows: list[str], facts: dict[str, float]) -> No
 
     ModelHasher(256).hash(paths[0])  # warm this process (torch import) so workers=1 is not charged for it
     one, first1, codes1, load1 = time_hashing(paths, workers=1)
+    cpu1 = CPU_S[0]
     two, first2, codes2, load2 = time_hashing(paths, workers=2)
     import ray
 
@@ -100,8 +106,10 @@ def bench_hashing(n_models: int, rows: list[str], facts: dict[str, float]) -> No
         rows.append(f"| {name} | {t:.2f} | {n_models / t:.1f} | {mb / t:.0f} | {first:.2f} | {one / t:.2f}x | {load} |")
     rows.append(f"\nRay start (ray.init, not in the table): {ray_start:.1f} s. Ray local vs the local pool: "
                 f"{on_ray / two:.2f}x the time (target within 1.3x); 2 workers vs 1: {one / two:.2f}x "
-                "(target 1.7x).\n")  # fmt: skip
-    facts.update(hash_s_per_model=one / n_models, hash_s_per_mb=one / mb, mb_per_model=mb / n_models)
+                f"(target 1.7x). CPU time of the in-process run: {cpu1:.1f} s ({cpu1 / n_models:.2f} s per model; "
+                "its numpy/torch use their default thread pools, which contend on a loaded machine, while each "
+                "worker runs one thread).\n")  # fmt: skip
+    facts.update(hash_cpu_s_per_mb=cpu1 / mb)
 
 
 def planted_codes(n: int, seed: int) -> np.ndarray:
@@ -136,16 +144,20 @@ def bench_join(n: int, slab: int, naive_slab: int, rows: list[str], facts: dict[
 
     # The naive loop on a slab of rows against all N: the per-pair cost at this N (memory traffic included).
     def naive_ns_per_pair(r: int) -> float:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         join.naive_pairs_count(codes, r, 0, naive_slab)
         work = sum(n - 1 - i for i in range(naive_slab))
+        cpu[f"naive{r}"] = (time.process_time() - c0) / work * 1e9
         return (time.perf_counter() - t0) / work
+
+    cpu: dict[str, float] = {}
 
     # r = 16: MIH, the whole self-join.
     load = load_note()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     a, _, _ = join.self_join(codes, 16)
     t16 = time.perf_counter() - t0
+    cpu16 = time.process_time() - c0
     naive16 = naive_ns_per_pair(16) * all_pairs
     method16 = join.choose_method(codes, 16)
     rows.append(f"| 16 | {method16} (planner) | all {n:,} rows | {t16:.2f} | {len(a):,} | {t16:.2f} | "
@@ -153,9 +165,10 @@ def bench_join(n: int, slab: int, naive_slab: int, rows: list[str], facts: dict[
 
     # The copy radius: tiled all-pairs on a slab of rows against all N, extrapolated by pair count.
     load = load_note()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     a, _, _ = join.rectangle_join(codes, COPY_RADIUS_256, 0, slab, 0, n)
     tslab = time.perf_counter() - t0
+    cslab = time.process_time() - c0
     work = sum(n - 1 - i for i in range(slab))
     t78 = tslab / work * all_pairs
     naive78 = naive_ns_per_pair(COPY_RADIUS_256) * all_pairs
@@ -164,20 +177,28 @@ def bench_join(n: int, slab: int, naive_slab: int, rows: list[str], facts: dict[
     rows.append(f"\nThe naive loop (one thread, no tiling) ran on rows 0..{naive_slab:,} against all N and is "
                 "extrapolated by pair count; so is the copy-radius join, on its own slab. Targets: r = 16 at 1M "
                 "under 10 s; copy radius >= 4x faster than naive.\n")  # fmt: skip
-    facts.update(join_ns_per_pair=tslab / work * 1e9, threads=__import__("numba").get_num_threads())
+    threads = __import__("numba").get_num_threads()
+    tiled_cpu = cslab / work * 1e9
+    naive_cpu = cpu[f"naive{COPY_RADIUS_256}"]
+    rows.append(f"CPU time, which the other jobs' load does not inflate: r = 16 took {cpu16:.1f} CPU-s "
+                f"({cpu16 / threads:.1f} s of wall on {threads} idle cores). At the copy radius the tiled kernel "
+                f"costs {tiled_cpu:.2f} ns of CPU per pair against the naive loop's "
+                f"{naive_cpu:.2f}: {naive_cpu / tiled_cpu:.2f}x per core, "
+                f"so {threads * naive_cpu / tiled_cpu:.1f}x on {threads} idle cores.\n")  # fmt: skip
+    facts.update(join_cpu_ns_per_pair=tiled_cpu)
 
 
 def projection(facts: dict[str, float], rows: list[str]) -> None:
     """On paper: 10M models hashed and 10M codes joined on 100 nodes x 16 cores, from this run's unit costs."""
     nodes, cores = 100, 16
     models, mb_each = 10_000_000, 100.0  # a 25M-parameter checkpoint
-    cpu_s = facts["hash_s_per_mb"] * mb_each  # hashing cost scales with bytes read (measured per MB here)
+    cpu_s = facts["hash_cpu_s_per_mb"] * mb_each  # hashing cost scales with bytes read (CPU per MB here)
     hash_wall = models * cpu_s / (nodes * cores)
     read_gbs = 1.0  # GB/s per node from shared storage, an assumption
     read_wall = models * mb_each / 1e3 / (nodes * read_gbs)
     writer_wall = models / 100_000  # one LMDB writer, insert_many in chunks (~100k codes/s at 10M, README)
     n = 10_000_000
-    ns_core = facts["join_ns_per_pair"] * facts["threads"]  # per pair per core
+    ns_core = facts["join_cpu_ns_per_pair"]  # CPU per pair (one core)
     join_wall = n * (n - 1) / 2 * ns_core * 1e-9 / (nodes * cores)
     rows.append(f"Projection to {nodes} nodes x {cores} cores (on paper, from this run's unit costs):\n")
     rows.append(f"- Hashing {models:,} models of {mb_each:.0f} MB: CPU {cpu_s:.2f} s per model on one core "
