@@ -55,16 +55,22 @@ def load_note() -> str:
     return f"load {one:.1f}/{five:.1f}"
 
 
-def time_hashing(paths: list[Path], **kwargs) -> tuple[float, float, list[bytes], str]:  # type: ignore[no-untyped-def]
-    """(total seconds, seconds to the first result, codes in key order, load before) for one hash_units run."""
-    from hashdb.bulk import hash_units
+def time_hashing(paths: list[Path], pool_of: int = 0, **kwargs) -> tuple[float, float, list[bytes], str]:  # type: ignore[no-untyped-def]
+    """(total seconds, seconds to the first result, codes in key order, load before) for one hash_units run
+    (``pool_of=N``: hashdb.bulk's spawn pool of N single-threaded workers, used directly so N may be 1)."""
+    from hashdb import bulk
 
     before = load_note()
     t0 = time.perf_counter()
     c0 = time.process_time()
     first = None
     out = {}
-    for res in hash_units(paths, **kwargs):
+    if pool_of:
+        units, _ = bulk.expand_sources(paths)
+        results = bulk._hash_in_pool(units, 256, {}, pool_of)
+    else:
+        results = bulk.hash_units(paths, **kwargs)
+    for res in results:
         first = first or time.perf_counter() - t0
         assert res.error is None, res.error
         out[res.key] = res.code
@@ -81,8 +87,9 @@ def bench_hashing(n_models: int, rows: list[str], facts: dict[str, float]) -> No
     from hashdb.codec import ModelHasher
 
     ModelHasher(256).hash(paths[0])  # warm this process (torch import) so workers=1 is not charged for it
-    one, first1, codes1, load1 = time_hashing(paths, workers=1)
-    cpu1 = CPU_S[0]
+    inproc, first0, codes0, load0 = time_hashing(paths, workers=1)
+    cpu0 = CPU_S[0]
+    one, first1, codes1, load1 = time_hashing(paths, pool_of=1)
     two, first2, codes2, load2 = time_hashing(paths, workers=2)
     import ray
 
@@ -93,23 +100,26 @@ def bench_hashing(n_models: int, rows: list[str], facts: dict[str, float]) -> No
         on_ray, first_r, codes_r, load_r = time_hashing(paths, engine="ray", workers=2)
     finally:
         ray.shutdown()
-    same = codes1 == codes2 == codes_r
+    same = codes0 == codes1 == codes2 == codes_r
     rows.append(f"Bulk hashing: {n_models} models, {mb:.0f} MB ({mb / n_models:.1f} MB each), 256 bits. "
                 f"Codes identical across engines: {same}.\n")  # fmt: skip
     rows.append("| engine | wall s | models/s | MB/s | first result s | speed-up vs 1 worker | load before |")
     rows.append("|---|---|---|---|---|---|---|")
     for name, t, first, load in (
-        ("1 worker (in process)", one, first1, load1),
+        ("in process (workers=1; numpy/torch thread pools as they come)", inproc, first0, load0),
+        ("1 single-threaded worker (spawn pool of 1)", one, first1, load1),
         ("2 local workers (spawn pool)", two, first2, load2),
         ("Ray local, 2 actors", on_ray, first_r, load_r),
     ):
         rows.append(f"| {name} | {t:.2f} | {n_models / t:.1f} | {mb / t:.0f} | {first:.2f} | {one / t:.2f}x | {load} |")
     rows.append(f"\nRay start (ray.init, not in the table): {ray_start:.1f} s. Ray local vs the local pool: "
                 f"{on_ray / two:.2f}x the time (target within 1.3x); 2 workers vs 1: {one / two:.2f}x "
-                f"(target 1.7x). CPU time of the in-process run: {cpu1:.1f} s ({cpu1 / n_models:.2f} s per model; "
-                "its numpy/torch use their default thread pools, which contend on a loaded machine, while each "
-                "worker runs one thread).\n")  # fmt: skip
-    facts.update(hash_cpu_s_per_mb=cpu1 / mb)
+                f"(target 1.7x), both pools paying the same start-up. The in-process run used {cpu0:.1f} CPU-s "
+                f"in {inproc:.1f} s of wall: its numpy/torch thread pools already spread one model over the cores."
+                "\n")  # fmt: skip
+    # Core-seconds per MB of the 2-worker pool (wall x workers: an upper bound, it includes start-up and any
+    # other job's share of the cores), the per-model cost a cluster of single-threaded workers pays.
+    facts.update(hash_core_s_per_mb=two * 2 / mb)
 
 
 def planted_codes(n: int, seed: int) -> np.ndarray:
@@ -192,7 +202,7 @@ def projection(facts: dict[str, float], rows: list[str]) -> None:
     """On paper: 10M models hashed and 10M codes joined on 100 nodes x 16 cores, from this run's unit costs."""
     nodes, cores = 100, 16
     models, mb_each = 10_000_000, 100.0  # a 25M-parameter checkpoint
-    cpu_s = facts["hash_cpu_s_per_mb"] * mb_each  # hashing cost scales with bytes read (CPU per MB here)
+    cpu_s = facts["hash_core_s_per_mb"] * mb_each  # scaled by bytes read from this run's 8.6 MB models
     hash_wall = models * cpu_s / (nodes * cores)
     read_gbs = 1.0  # GB/s per node from shared storage, an assumption
     read_wall = models * mb_each / 1e3 / (nodes * read_gbs)
@@ -201,7 +211,8 @@ def projection(facts: dict[str, float], rows: list[str]) -> None:
     ns_core = facts["join_cpu_ns_per_pair"]  # CPU per pair (one core)
     join_wall = n * (n - 1) / 2 * ns_core * 1e-9 / (nodes * cores)
     rows.append(f"Projection to {nodes} nodes x {cores} cores (on paper, from this run's unit costs):\n")
-    rows.append(f"- Hashing {models:,} models of {mb_each:.0f} MB: CPU {cpu_s:.2f} s per model on one core "
+    rows.append(f"- Hashing {models:,} models of {mb_each:.0f} MB: {cpu_s:.2f} core-s per model (the 2-worker pool's "
+                "wall x 2, scaled by bytes) "
                 f"-> {hash_wall / 3600:.1f} h of wall; reading {models * mb_each / 1e9:.0f} PB at "
                 f"{read_gbs:.0f} GB/s per node -> {read_wall / 3600:.1f} h; the single writer needs "
                 f"{writer_wall / 60:.0f} min. Bottleneck: {'storage bandwidth' if read_wall > hash_wall else 'CPU'}"
