@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
@@ -391,7 +392,7 @@ def cmd_add(args: argparse.Namespace) -> int:
         interrupted = False
         try:
             try:
-                _hash_and_insert(records, hashers, batch, progress)
+                _hash_and_insert(records, hashers, batch, progress, args.workers, args.ray)
             except KeyboardInterrupt:  # keep what was hashed: commit it below and say how far we got
                 interrupted = True
             batch.flush()
@@ -409,22 +410,53 @@ def cmd_add(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _hash_and_insert(records: list[_Record], hashers: _Hashers, batch: _Batch, progress: Progress) -> None:
-    """Hash the records that are model files and hand every record to the batch (which inserts in chunks)."""
+def _hash_and_insert(records: list[_Record], hashers: _Hashers, batch: _Batch, progress: Progress,
+                     workers: int | None = None, ray: str | None = None) -> None:  # fmt: skip
+    """Hand every record to the batch (which inserts in chunks), hashing the model files on the way: in
+    ``workers`` processes, or Ray actors with ``ray`` (hashdb.bulk), while this process stays the one writer."""
+    from .bulk import hash_units
+    from .codec.units import ModelUnit
+
+    if workers is not None and workers < 1:
+        raise UsageError("--workers must be >= 1")
+    waiting: dict[str, list[_Record]] = {}  # key -> the records that take that file's code
+    units: list[ModelUnit] = []
     for record in records:
-        if record.code is None:
-            try:
-                record.code = hashers.hash_file(record.path or record.key)
-            except ModelFormatError as e:
-                batch.failed += 1
-                progress.message(f"hashdb: error: {e}")
-                progress.advance()
-                continue
-            record.codec = True
-        batch.append(record)
-        progress.advance()
-        if len(batch.records) >= ADD_CHUNK or time.monotonic() - batch.since >= ADD_FLUSH_S:
-            batch.flush()
+        if record.code is not None:
+            _hand_over(record, batch, progress)
+            continue
+        path = record.path or record.key
+        if not os.path.exists(path):
+            batch.failed += 1
+            progress.message(f"hashdb: error: {_shown(path)}: no such file")
+            progress.advance()
+            continue
+        if record.key not in waiting:
+            units.append(ModelUnit(record.key, Path(path)))
+        waiting.setdefault(record.key, []).append(record)
+    if not units:
+        return
+    results = hash_units(units, bits=hashers.bits, workers=workers, engine="ray" if ray else "local",
+                         ray_address=ray)  # fmt: skip
+    try:
+        for result in results:
+            for record in waiting.pop(result.key, []):
+                if result.error is not None:
+                    batch.failed += 1
+                    progress.message(f"hashdb: error: {_shown(str(result.error))}")
+                    progress.advance()
+                    continue
+                record.code, record.codec = result.code, True
+                _hand_over(record, batch, progress)
+    finally:
+        results.close()  # on Ctrl-C: stop the workers before what was hashed is committed
+
+
+def _hand_over(record: _Record, batch: _Batch, progress: Progress) -> None:
+    batch.append(record)
+    progress.advance()
+    if len(batch.records) >= ADD_CHUNK or time.monotonic() - batch.since >= ADD_FLUSH_S:
+        batch.flush()
 
 
 class _Batch:
@@ -706,6 +738,45 @@ def _print_mapping(mapping: dict, indent: str = "") -> None:
             print(f"{indent}{str(name):<{width}}  {value}")
 
 
+def cmd_clusters(args: argparse.Namespace) -> int:
+    if args.radius is not None and args.radius < 0:
+        raise UsageError("--radius must be >= 0")
+    if not os.path.exists(args.db):
+        raise UsageError(f"no database at {args.db}")
+    from .db import HashDB
+
+    with HashDB(args.db, bits=None, readonly=True) as db:
+        radius = args.radius
+        if radius is None:
+            radius = (db.codec or {}).get("copy_radius")
+        if radius is None:  # codes added as hex, no codec recorded: the codec's default at this width
+            from .codec.hasher import ModelHasher
+
+            radius = ModelHasher(db.bits).copy_radius
+            _warn(f"no codec recorded in {args.db}: using the default copy radius {radius} of {db.bits}-bit codes")
+        clusters = db.clusters(int(radius), engine="ray" if args.ray else "local", ray_address=args.ray)
+    for n, cluster in enumerate(clusters, 1):
+        if args.json:
+            _emit({"cluster": n, "radius": int(radius), "keys": cluster.keys,
+                   "edges": [[a, b, int(d)] for a, b, d in cluster.edges]})  # fmt: skip
+        else:
+            _print_cluster(n, cluster)
+    if not args.json:
+        models = sum(len(c.keys) for c in clusters)
+        print(f"{len(clusters)} cluster{'s' if len(clusters) != 1 else ''} of {models} models within radius {radius}")
+    return EXIT_OK if clusters else EXIT_NOT_FOUND
+
+
+def _print_cluster(n: int, cluster: Any) -> None:
+    print(f"cluster {n}: {len(cluster.keys)} models, {len(cluster.edges)} pairs within the radius")
+    for key in cluster.keys:
+        print(f"  {key}")
+    width = max(len(a) for a, _, _ in cluster.edges)
+    print(f"  {'distance':>8}  {'key_a':<{width}}  key_b")
+    for a, b, d in cluster.edges:
+        print(f"  {int(d):>8}  {a:<{width}}  {b}")
+
+
 def cmd_hash(args: argparse.Namespace) -> int:
     from .codec.hasher import CODEC_VERSION
     from .codes import check_bits
@@ -951,7 +1022,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--meta", metavar="JSON", help="metadata object stored with every code")
     p.add_argument("--bits", type=int, help=bits_help)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, print nothing on success")
+    cores = "hash in N worker processes (default: the machine's cores), or N Ray actors with --ray"
+    p.add_argument("--workers", "-j", type=int, metavar="N", help=cores)
+    ray = "hash on Ray: 'local' starts Ray here, 'auto' joins a running cluster (needs pip install hashdb[ray])"
+    p.add_argument("--ray", metavar="ADDRESS", help=ray)
     p.set_defaults(func=cmd_add)
+
+    usage = "hashdb clusters DB [--radius R] [--json] [--ray ADDRESS]"
+    p = sub.add_parser("clusters", help="groups of stored models within a radius of each other", usage=usage)
+    p.add_argument("db", metavar="DB")
+    p.add_argument("--radius", "-r", type=int, help="Hamming radius of an edge (default: the stored copy radius)")
+    p.add_argument("--json", action="store_true", help='one JSON object per cluster per line: "keys", "edges"')
+    p.add_argument("--ray", metavar="ADDRESS", help="split the self-join into Ray tasks ('local' or 'auto')")
+    p.set_defaults(func=cmd_clusters)
 
     usage = "hashdb query (DB | --socket PATH) CODE_OR_MODEL... [--radius R | --knn K] [--json]"
     p = sub.add_parser("query", help="find stored codes near a code or a model", usage=usage)

@@ -15,7 +15,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import lmdb
 import numpy as np
@@ -40,6 +40,15 @@ REGISTRY_INTERVAL_S = 5.0  # how stale this reader's log position in the readers
 ITER_CHUNK = 4096  # keys per read transaction while iterating: no snapshot is held across user code
 
 Match = tuple[str, int]
+Pair = tuple[str, str, int]
+JOIN_ENGINES = ("local", "ray")
+
+
+class Cluster(NamedTuple):
+    """A connected component of the "within r" graph: its keys (sorted) and edges (key_a, key_b, distance)."""
+
+    keys: list[str]
+    edges: list[Pair]
 
 
 def _new_index(bits: int) -> Any:
@@ -445,6 +454,54 @@ class HashDB:
         # Any k past the number of codes means "all of them"; clamping keeps huge k out of the int64 kernels.
         return self._query(lambda index: [index.knn(query, max(1, min(k, len(index))), force=force)], force)[0][:k]
 
+    def pairs(self, r: int, *, engine: str = "local", ray_address: str | None = None) -> list[Pair]:
+        """Every unordered pair of keys within Hamming distance <= r, once each as (key_a, key_b, distance)
+        with key_a < key_b, sorted by (distance, key_a, key_b): an exact self-join of one snapshot (MIH for
+        small r, tiled all-pairs popcount for large r; hashdb/index/join.py). ``engine='ray'`` splits it into
+        row blocks computed by Ray tasks (``ray_address`` as in hashdb.bulk.ray_init); same answer."""
+        r = min(_check_int("r", r, 0), self.bits)
+        if engine not in JOIN_ENGINES:
+            raise InvalidArgument(f"engine must be one of {JOIN_ENGINES}, got {engine!r}")
+
+        def ask(index: Any) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+            ids = index.matrix.live_ids()
+            codes = index.matrix.codes[ids]
+            if engine == "ray":
+                from .bulk import ray_self_join
+
+                a, b, d = ray_self_join(codes, r, address=ray_address)
+            else:
+                from .index.join import self_join
+
+                a, b, d = self_join(codes, r)
+            return [(ids[a], ids[b], d)]
+
+        return self._query(ask, "kernels", self._to_pairs)[0]
+
+    def clusters(self, r: int, *, engine: str = "local", ray_address: str | None = None) -> list[Cluster]:
+        """Connected components (of two or more keys) of the graph of pairs(r), largest first, then by first key."""
+        from .index.join import components
+
+        edges = self.pairs(r, engine=engine, ray_address=ray_address)
+        if not edges:
+            return []
+        number: dict[str, int] = {}
+        ends = np.empty((2, len(edges)), np.int64)
+        for k, (a, b, _) in enumerate(edges):
+            ends[0, k] = number.setdefault(a, len(number))
+            ends[1, k] = number.setdefault(b, len(number))
+        label = components(len(number), ends[0], ends[1])
+        keys = list(number)
+        members: dict[int, list[str]] = {}
+        for i, root in enumerate(label.tolist()):
+            members.setdefault(root, []).append(keys[i])
+        cluster_edges: dict[int, list[Pair]] = {}
+        for k, edge in enumerate(edges):
+            cluster_edges.setdefault(int(label[ends[0, k]]), []).append(edge)
+        out = [Cluster(sorted(members[root]), cluster_edges[root]) for root in members]
+        out.sort(key=lambda c: (-len(c.keys), c.keys[0]))
+        return out
+
     def refresh(self) -> int:
         """Bring the in-memory index up to date and build its tables now, not when queries make them pay off
         (a server about to answer many queries); returns the log sequence it reflects."""
@@ -454,7 +511,7 @@ class HashDB:
                 self._index.prepare()
         return self._applied
 
-    def _query(self, ask: Any, force: str | None = None) -> list[list[Match]]:
+    def _query(self, ask: Any, force: str | None = None, convert: Any = None) -> list[Any]:
         for _ in range(100):
             with self._s.read() as txn:
                 last = self._s.last_seq(txn)
@@ -467,7 +524,7 @@ class HashDB:
                         log.info("index file of %r not used: %s", self.path, e)
                         self._index, self._file_rejected = None, True
                         answers = self._answer(txn, last, ask, force)
-                out = [self._to_matches(txn, ids, dists) for ids, dists in answers]
+                out = [(convert or self._to_matches)(txn, *answer) for answer in answers]
             self._register_if_due()
             return out
         raise StorageError("could not get a snapshot at least as new as the index")
@@ -488,6 +545,19 @@ class HashDB:
         keys = self._s.keys_of(txn, ids)
         pairs = sorted(zip(np.asarray(dists).tolist(), keys, strict=True))
         return [(k.decode("utf-8"), d) for d, k in pairs]
+
+    def _to_pairs(self, txn: lmdb.Transaction, ids_a: np.ndarray, ids_b: np.ndarray, dists: np.ndarray) -> list[Pair]:
+        if len(dists) == 0:
+            return []
+        ids, where = np.unique(np.concatenate([ids_a, ids_b]), return_inverse=True)
+        keys = [k.decode("utf-8") for k in self._s.keys_of(txn, ids)]
+        n = len(ids_a)
+        out = []
+        for x, y, d in zip(where[:n].tolist(), where[n:].tolist(), np.asarray(dists).tolist(), strict=True):
+            a, b = keys[x], keys[y]
+            out.append((a, b, d) if a < b else (b, a, d))
+        out.sort(key=lambda p: (p[2], p[0], p[1]))
+        return out
 
     def _refresh(self, txn: lmdb.Transaction, last: int) -> None:
         """Under self._lock: make the index reflect exactly sequence ``last`` of ``txn``'s snapshot."""
