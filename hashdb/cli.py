@@ -387,6 +387,7 @@ def cmd_add(args: argparse.Namespace) -> int:
             except (InvalidCode, InvalidMeta) as e:  # a bad line of piped input: name it, add the others
                 failed += 1
                 _warn(f"error: {e}")
+        total = len(records) + failed  # entries: a folder counts each model in it
         progress = Progress(len(records), "models", enabled=False if args.quiet else None)
         batch = _Batch(db, hashers, user_meta, args, progress)
         interrupted = False
@@ -402,10 +403,10 @@ def cmd_add(args: argparse.Namespace) -> int:
             progress.close()
         failed += batch.failed
         if interrupted:
-            _warn(f"interrupted: added {batch.added} of {len(texts)} entries")
+            _warn(f"interrupted: added {batch.added} of {total} entries")
             return EXIT_INTERRUPTED
         if failed:
-            _warn(f"{failed} of {len(texts)} entries could not be added")
+            _warn(f"{failed} of {total} entries could not be added")
             return EXIT_ERROR
     return EXIT_OK
 

@@ -112,7 +112,7 @@ def test_without_ray_the_error_says_how_to_install_it(zoo, monkeypatch) -> None:
 
 def test_cli_add_with_two_workers_commits_every_good_model_and_reports_the_bad_one(zoo, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     db = str(tmp_path / "db")
-    code = main(["add", db, str(zoo), "--workers", "2", "--json"])
+    code = main(["add", db, "--bits", "256", str(zoo), "--workers", "2", "--json"])
     out, err = capsys.readouterr()
     assert code == 2 and "linear.pt" in err and "1 of 7" in err
     expected = {k: v for k, v in expected_codes(zoo).items() if isinstance(v, bytes)}
@@ -135,16 +135,16 @@ def test_cli_add_interrupted_commits_what_was_hashed(zoo, tmp_path, capsys, monk
 
     monkeypatch.setattr(hashdb.bulk, "hash_units", interrupted)
     db = str(tmp_path / "db")
-    code = main(["add", db, str(zoo), "--workers", "1", "-q"])
+    code = main(["add", db, "--bits", "256", str(zoo), "--workers", "1", "-q"])
     err = capsys.readouterr().err
-    assert code == 130 and "interrupted: 2 models committed, 4 not hashed" in err  # linear.pt was the 3rd
+    assert code == 130 and "interrupted: added 2 of 7 entries" in err  # linear.pt was the 3rd
     with HashDB(db, bits=None) as stored:
         assert len(stored) == 2 and stored.codec is not None
 
 
 def test_cli_clusters_json_and_table(zoo, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     db = str(tmp_path / "db")
-    main(["add", db, str(zoo), "--workers", "1", "-q"])
+    main(["add", db, "--bits", "256", str(zoo), "--workers", "1", "-q"])
     capsys.readouterr()
     assert main(["clusters", db, "--json"]) == 0
     docs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -168,7 +168,8 @@ def test_cli_clusters_json_and_table(zoo, tmp_path, capsys) -> None:  # type: ig
 
 def test_cli_add_on_ray_then_clusters_on_ray_match_local(zoo, tmp_path, ray_local, capsys) -> None:  # type: ignore[no-untyped-def]
     db = str(tmp_path / "db")
-    assert main(["add", db, str(zoo), "--ray", "local", "--workers", "2", "-q"]) == 2  # linear.pt is bad
+    argv = ["add", db, "--bits", "256", str(zoo), "--ray", "local", "--workers", "2", "-q"]
+    assert main(argv) == 2  # linear.pt is bad
     assert ray_local.is_initialized()  # the fixture's connection is reused, not shut down
     with HashDB(db, bits=None) as stored:
         assert {k: stored.get(k)[0] for k in stored} == {

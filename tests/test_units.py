@@ -141,7 +141,7 @@ def test_hashdb_add_and_hash_take_a_folder(tmp_path: Path, monkeypatch: pytest.M
         torch.save(make_cnn(31), zoo / "m2.pt")
     (zoo / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
     monkeypatch.chdir(tmp_path)
-    assert main(["add", "db", "zoo"]) == 2  # one bad unit: named, the others stored
+    assert main(["add", "db", "--bits", "256", "zoo"]) == 2  # one bad unit: named, the others stored
     out, err = capsys.readouterr()
     assert "zoo/broken.safetensors" in err and "1 of 3" in err
     with HashDB("db", bits=None) as db:
