@@ -16,12 +16,11 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-import lmdb
 import numpy as np
 
 from .codes import bytes_to_words, check_bits, many_to_bytes, to_bytes
 from .errors import InvalidArgument, InvalidKey, InvalidMeta, KeyNotFound, StorageError
-from .store import MAX_KEY_BYTES, LogBatch, Store, open_store, pack_meta, release_store
+from .store import DEFAULT_MODE, MAX_KEY_BYTES, LogBatch, Store, Txn, open_store, pack_meta, release_store
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +104,10 @@ class HashDB:
     Options: ``readonly`` (no writes, no lock-step registry entry), ``map_size`` (initial LMDB map in bytes;
     it doubles by itself when full), ``codec`` (the codec config to store with a new database, checked
     against the stored one on open), ``durable=False`` (no fsync per commit: many times more single-record
-    writes per second; a crash may lose the newest transactions, never corrupt the file).
+    writes per second; a crash may lose the newest transactions, never corrupt the file), ``create=False``
+    (never create: a missing database is DatabaseNotFound even with ``bits``), ``mode`` (of a new database's
+    directory, default 0o700 = owner only; its files get the same read/write bits, e.g. 0o770 -> files 0o660
+    for a shared group; the umask is not applied). ``readonly`` takes no LMDB write lock and creates nothing.
     """
 
     def __init__(
@@ -117,6 +119,8 @@ class HashDB:
         map_size: int | None = None,
         codec: dict[str, Any] | None = None,
         durable: bool = True,
+        create: bool = True,
+        mode: int = DEFAULT_MODE,
     ) -> None:
         if bits is not None:
             bits = check_bits(bits)
@@ -124,7 +128,9 @@ class HashDB:
             raise InvalidArgument(f"codec must be a dict or None, got {type(codec).__name__}")
         if codec is not None:
             meta_bytes(codec)
-        self._store = open_store(path, bits, readonly=readonly, map_size=map_size, codec=codec, durable=durable)
+        self._store = open_store(
+            path, bits, readonly=readonly, create=create, map_size=map_size, codec=codec, durable=durable, mode=mode
+        )
         self._readonly = readonly
         self._closed = False
         if codec is not None and not readonly and self._store.get_meta("codec") is None:
@@ -236,11 +242,9 @@ class HashDB:
         return np.frombuffer(b"".join(raw), dtype=np.uint8).reshape(len(raw), nb)
 
     def _put(self, kb: list[bytes], codes: bytes, mb: list[bytes | None] | None) -> None:
-        reserve = sum(map(len, kb)) * 3 + len(kb) * (3 * self._s.nbytes + 120)
-        if mb is not None:
-            reserve += sum(len(m) for m in mb if m is not None) + 40 * len(mb)
+        reserve = self._s.reserve_for_put(kb, mb)
 
-        def body(txn: lmdb.Transaction) -> tuple[int, int, LogBatch]:
+        def body(txn: Txn) -> tuple[int, int, LogBatch]:
             result = self._s.put_many(txn, kb, codes, mb)
             self._maintain(txn)
             return result
@@ -257,7 +261,7 @@ class HashDB:
         if not kb:
             return 0
 
-        def body(txn: lmdb.Transaction) -> tuple[int, int, LogBatch]:
+        def body(txn: Txn) -> tuple[int, int, LogBatch]:
             result = self._s.delete_many(txn, kb)
             if result[1] != result[0]:
                 self._maintain(txn)
@@ -267,7 +271,7 @@ class HashDB:
         self._after_write(prev, seq, batch)
         return len(batch.deleted_ids)
 
-    def _maintain(self, txn: lmdb.Transaction) -> None:
+    def _maintain(self, txn: Txn) -> None:
         """Inside a write: record our log position (a compaction hint) and compact the log."""
         if self._index is not None:
             self._s.set_reader(txn, self._token, self._applied)
@@ -382,14 +386,14 @@ class HashDB:
             return out
         raise StorageError("could not get a snapshot at least as new as the index")
 
-    def _to_matches(self, txn: lmdb.Transaction, ids: np.ndarray, dists: np.ndarray) -> list[Match]:
+    def _to_matches(self, txn: Txn, ids: np.ndarray, dists: np.ndarray) -> list[Match]:
         if len(ids) == 0:
             return []
         keys = self._s.keys_of(txn, ids)
         pairs = sorted(zip(np.asarray(dists).tolist(), keys, strict=True))
         return [(k.decode("utf-8"), d) for d, k in pairs]
 
-    def _refresh(self, txn: lmdb.Transaction, last: int) -> None:
+    def _refresh(self, txn: Txn, last: int) -> None:
         """Under self._lock: make the index reflect exactly sequence ``last`` of ``txn``'s snapshot."""
         if self._index is not None:
             found = self._s.read_log(txn, self._applied)
@@ -423,39 +427,31 @@ class HashDB:
         self._registered_seq = seq
         try:
             self._s.write(lambda txn: self._s.set_reader(txn, self._token, seq))
-        except (StorageError, lmdb.Error) as e:  # a hint for compaction only: a query must not fail on it
+        except StorageError as e:  # a hint for compaction only: a query must not fail on it
             log.warning("could not record this reader's log position: %s", e)
 
     # ------------------------------------------------------------------------------------ housekeeping
 
     def stats(self) -> dict[str, Any]:
         """Counts, sizes and log positions (for the CLI's ``stats`` and monitoring)."""
-        store = self._s
-        with store.read() as txn:
-            count = store.count(txn)
-            last = store.last_seq(txn)
-            first = store.first_seq(txn)
-            entries = store.log_entries(txn)
-            readers = len(store.readers(txn))
-            created = store._get_meta(txn, b"created")
-            next_id = store._get_meta(txn, b"next_id")
+        found = self._s.stats()
         with self._lock:
             index = None if self._index is None else self._index.stats()
             index_bytes = 0 if self._index is None else int(self._index.nbytes())
             applied = self._applied
         return {
-            "count": count,
+            "count": found["count"],
             "bits": self.bits,
             "path": self.path,
             "readonly": self.readonly,
-            "created": created,
-            "map_size": store.map_size(),
-            "map_used": store.used_bytes(),
-            "ids_allocated": next_id,
-            "log_seq": last,
-            "log_first_seq": first,
-            "log_entries": entries,
-            "readers": readers,
+            "created": found["created"],
+            "map_size": found["map_size"],
+            "map_used": found["map_used"],
+            "ids_allocated": found["ids_allocated"],
+            "log_seq": found["log_seq"],
+            "log_first_seq": found["log_first_seq"],
+            "log_entries": found["log_entries"],
+            "readers": found["readers"],
             "index_seq": applied,
             "index_rebuilds": self._rebuilds,
             "index_bytes": index_bytes,
@@ -469,7 +465,7 @@ class HashDB:
         if not self.readonly and self._registered_at is not None:
             try:
                 self._store.write(lambda txn: self._store.set_reader(txn, self._token, None))
-            except (StorageError, lmdb.Error):
+            except StorageError:
                 pass  # a stale registry entry only delays compaction until its pid is gone
         self._closed = True
         release_store(self._store)
