@@ -102,12 +102,12 @@ def test_every_database_entry_point_rejects_malformed_codes_with_invalid_code(tm
         db.insert("kept", bytes(8))
         for code in bad:
             for call in (
-                lambda: db.insert("x", code),
-                lambda: db.insert_many(["x"], [code]),
-                lambda: db.insert_many(["x", "y"], [bytes(8), code]),
-                lambda: db.radius(code, 3),
-                lambda: db.radius_many([code], 3),
-                lambda: db.knn(code, 1),
+                lambda code=code: db.insert("x", code),
+                lambda code=code: db.insert_many(["x"], [code]),
+                lambda code=code: db.insert_many(["x", "y"], [bytes(8), code]),
+                lambda code=code: db.radius(code, 3),
+                lambda code=code: db.radius_many([code], 3),
+                lambda code=code: db.knn(code, 1),
             ):
                 with pytest.raises(InvalidCode):
                     call()

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..codes import check_bits
 from ..errors import BitsMismatch, NotADatabase, StorageError
-from .env import DEFAULT_MODE, Environment, Txn, file_identity
+from .env import DEFAULT_MODE, Environment, Txn, check_path, file_identity
 from .log import OP_DELETE, OP_PUT, ChangeLog, LogBatch
 from .records import Records, block_size, put_reserve
 from .schema import check_meta, database_id, get_meta, init_meta, open_tables, pack_meta
@@ -209,16 +209,17 @@ def open_store(
     """
     if bits is not None:
         bits = check_bits(bits)
-    real = os.path.realpath(os.fspath(path))
+    path = check_path(path)
+    real = os.path.realpath(path)
     with _OPEN_LOCK:
         store = _OPEN.get(real)
         if store is not None and store.identity != file_identity(real):
             store = None  # the directory was replaced: its holders keep the old env, we open the new one
         if store is not None and not store.closed:
             if store.readonly and not readonly:
-                raise StorageError(f"{os.fspath(path)!r} is already open read-only in this process")
+                raise StorageError(f"{path!r} is already open read-only in this process")
             if bits is not None and bits != store.bits:
-                raise BitsMismatch(f"{os.fspath(path)!r} holds {store.bits}-bit codes, not {bits}")
+                raise BitsMismatch(f"{path!r} holds {store.bits}-bit codes, not {bits}")
             with store.read() as txn:
                 store._check_meta(txn, bits, codec)
             store.refs += 1

@@ -93,10 +93,26 @@ def check_mode(mode: object) -> int:
     return mode
 
 
+def check_path(path: object) -> str:
+    """``path`` as a str, or InvalidArgument."""
+    try:
+        text = os.fspath(path)  # type: ignore[call-overload]
+    except TypeError:
+        raise InvalidArgument(f"path must be a str or os.PathLike, got {type(path).__name__}") from None
+    if not isinstance(text, str):
+        raise InvalidArgument(f"path must be a str or os.PathLike of str, got {type(text).__name__}")
+    if not text or "\0" in text:
+        raise InvalidArgument(f"path must be a non-empty str without NUL characters, got {text!r}")
+    return text
+
+
 def describe_lmdb_error(e: lmdb.Error) -> str:
     """One line on what an LMDB failure most likely means for the user."""
     text = str(e)
-    if isinstance(e, lmdb.DiskError) or "No space left" in text or "Input/output error" in text:
+    # LMDB reports a failed page write (ENOSPC included) as EIO; EFBIG is a file size limit (ulimit -f).
+    if isinstance(e, lmdb.DiskError) or any(
+        s in text for s in ("No space left", "Input/output error", "File too large", "Disk quota")
+    ):
         return f"the disk is full or failing ({text})"
     if isinstance(e, lmdb.ReadonlyError) or "Permission denied" in text or "Read-only" in text:
         return f"no permission to write ({text})"
@@ -122,7 +138,7 @@ class Environment:
         mode: int = DEFAULT_MODE,
         why_not_created: str = "create=False was given",
     ) -> None:
-        self.path = os.fspath(path)
+        self.path = check_path(path)
         self.durable = durable
         self.readonly = readonly
         if map_size is not None and (isinstance(map_size, bool) or not isinstance(map_size, int) or map_size < 1):
