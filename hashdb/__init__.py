@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (
     BitsMismatch,
+    DatabaseNotFound,
     HashDBError,
     InvalidArgument,
     InvalidCode,
@@ -17,6 +18,7 @@ from .errors import (
     InvalidMeta,
     KeyNotFound,
     ModelFormatError,
+    NotADatabase,
     ProtocolError,
     ServerError,
     StorageError,
@@ -35,6 +37,8 @@ __all__ = [
     "KeyNotFound",
     "BitsMismatch",
     "StorageError",
+    "DatabaseNotFound",
+    "NotADatabase",
     "ModelFormatError",
     "ProtocolError",
     "ServerError",

@@ -19,6 +19,8 @@ MAX_BITS = 2048
 
 Code = bytes | bytearray | memoryview | str | np.ndarray
 
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
 
 def check_bits(bits: Any) -> int:
     """Return ``bits`` as an int if it is a multiple of 64 in 64..2048, else raise InvalidArgument."""
@@ -44,14 +46,18 @@ def to_bytes(code: Any, bits: int) -> bytes:
             text = text[2:]
         if len(text) != 2 * nbytes:
             raise InvalidCode(f"hex code has {len(text)} digits, expected {2 * nbytes} ({bits} bits)")
-        try:
-            return bytes.fromhex(text)
-        except ValueError:
-            raise InvalidCode(f"code is not valid hex: {code[:80]!r}") from None
+        # bytes.fromhex skips spaces, so "0011 22" would pass the length check and come out short.
+        if not _HEX_DIGITS.issuperset(text):
+            raise InvalidCode(f"code is not valid hex (only 0-9 and a-f, no spaces): {code[:80]!r}")
+        return bytes.fromhex(text)
     if isinstance(code, np.ndarray):
         return _array_to_bytes(code, bits)
     if isinstance(code, list | tuple):
-        return _array_to_bytes(np.asarray(code), bits)
+        try:
+            arr = np.asarray(code)
+        except (ValueError, TypeError, OverflowError):  # ragged nesting, or items numpy cannot hold
+            raise InvalidCode(f"code list must be a flat list of {bits} bits or {nbytes} bytes") from None
+        return _array_to_bytes(arr, bits)
     raise InvalidCode(
         f"code must be bytes, a hex str, a uint8 array or a bool array, got {type(code).__name__}"
     )
@@ -86,7 +92,7 @@ def many_to_bytes(codes: Any, bits: int) -> list[bytes]:
             packed = np.packbits(codes, axis=1)
             return [row.tobytes() for row in packed]
         raise InvalidCode(f"code matrix of dtype {codes.dtype} and shape {codes.shape} does not fit {bits} bits")
-    if isinstance(codes, str | bytes):
+    if isinstance(codes, str | bytes) or (isinstance(codes, np.ndarray) and codes.ndim == 0):
         raise InvalidCode("expected a sequence of codes, got a single code")
     if not isinstance(codes, Iterable):
         raise InvalidCode(f"expected a sequence of codes, got {type(codes).__name__}")

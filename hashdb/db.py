@@ -17,12 +17,11 @@ import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
-import lmdb
 import numpy as np
 
 from .codes import Code, bytes_to_words, check_bits, many_to_bytes, to_bytes
 from .errors import InvalidArgument, InvalidKey, InvalidMeta, KeyNotFound, StorageError
-from .store import MAX_KEY_BYTES, LogBatch, Store, open_store, pack_meta, pack_seq, release_store
+from .store import DEFAULT_MODE, MAX_KEY_BYTES, LogBatch, Store, Txn, open_store, pack_meta, release_store
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +141,10 @@ class HashDB:
     Options: ``readonly`` (no writes, no lock-step registry entry), ``map_size`` (initial LMDB map in bytes;
     it doubles by itself when full), ``codec`` (the codec config to store with a new database, checked
     against the stored one on open), ``durable=False`` (no fsync per commit: many times more single-record
-    writes per second; a crash may lose the newest transactions, never corrupt the file).
+    writes per second; a crash may lose the newest transactions, never corrupt the file), ``create=False``
+    (never create: a missing database is DatabaseNotFound even with ``bits``), ``mode`` (of a new database's
+    directory, default 0o700 = owner only; its files get the same read/write bits, e.g. 0o770 -> files 0o660
+    for a shared group; the umask is not applied). ``readonly`` takes no LMDB write lock and creates nothing.
     """
 
     def __init__(
@@ -154,6 +156,8 @@ class HashDB:
         map_size: int | None = None,
         codec: dict[str, Any] | None = None,
         durable: bool = True,
+        create: bool = True,
+        mode: int = DEFAULT_MODE,
     ) -> None:
         if bits is not None:
             bits = check_bits(bits)
@@ -161,7 +165,9 @@ class HashDB:
             raise InvalidArgument(f"codec must be a dict or None, got {type(codec).__name__}")
         if codec is not None:
             meta_bytes(codec)
-        self._store = open_store(path, bits, readonly=readonly, map_size=map_size, codec=codec, durable=durable)
+        self._store = open_store(
+            path, bits, readonly=readonly, create=create, map_size=map_size, codec=codec, durable=durable, mode=mode
+        )
         self._readonly = readonly
         self._closed = False
         if codec is not None and not readonly and self._store.get_meta("codec") is None:
@@ -302,9 +308,8 @@ class HashDB:
             return getattr(self, name)(**args)
         except TypeError as e:  # arguments that do not fit the method
             return InvalidArgument(f"{name}: {e}")
-        except lmdb.Error as e:
-            return StorageError(f"{name} failed in LMDB: {e}")
-        except Exception as e:  # noqa: BLE001 - returned in the op's place, by contract
+        except Exception as e:  # noqa: BLE001 - returned in the op's place, by contract (the store raises
+            return e  # StorageError for every LMDB failure)
             return e
 
     def _code_matrix(self, codes: Any) -> np.ndarray:
@@ -319,11 +324,9 @@ class HashDB:
         return np.frombuffer(b"".join(raw), dtype=np.uint8).reshape(len(raw), nb)
 
     def _put(self, kb: list[bytes], codes: bytes, mb: list[bytes | None] | None) -> None:
-        reserve = sum(map(len, kb)) * 3 + len(kb) * (3 * self._s.nbytes + 120)
-        if mb is not None:
-            reserve += sum(len(m) for m in mb if m is not None) + 40 * len(mb)
+        reserve = self._s.reserve_for_put(kb, mb)
 
-        def body(txn: lmdb.Transaction) -> tuple[int, int, LogBatch]:
+        def body(txn: Txn) -> tuple[int, int, LogBatch]:
             result = self._s.put_many(txn, kb, codes, mb)
             self._maintain(txn)
             return result
@@ -340,7 +343,7 @@ class HashDB:
         if not kb:
             return 0
 
-        def body(txn: lmdb.Transaction) -> tuple[int, int, LogBatch]:
+        def body(txn: Txn) -> tuple[int, int, LogBatch]:
             result = self._s.delete_many(txn, kb)
             if result[1] != result[0]:
                 self._maintain(txn)
@@ -350,7 +353,7 @@ class HashDB:
         self._after_write(prev, seq, batch)
         return len(batch.deleted_ids)
 
-    def _maintain(self, txn: lmdb.Transaction) -> None:
+    def _maintain(self, txn: Txn) -> None:
         """Inside a write: record our log position (a compaction hint) and compact the log."""
         if self._index is not None:
             self._s.set_reader(txn, self._token, self._applied)
@@ -529,7 +532,7 @@ class HashDB:
             return out
         raise StorageError("could not get a snapshot at least as new as the index")
 
-    def _answer(self, txn: lmdb.Transaction, last: int, ask: Any, force: str | None) -> Any:
+    def _answer(self, txn: Txn, last: int, ask: Any, force: str | None) -> Any:
         """Under self._lock: refresh the index to ``last``, move it to the kernels when due, ask it."""
         if self._index is None or self._applied != last:
             self._refresh(txn, last)
@@ -539,14 +542,14 @@ class HashDB:
             self._index = self._to_kernels(self._index)
         return ask(self._index)
 
-    def _to_matches(self, txn: lmdb.Transaction, ids: np.ndarray, dists: np.ndarray) -> list[Match]:
+    def _to_matches(self, txn: Txn, ids: np.ndarray, dists: np.ndarray) -> list[Match]:
         if len(ids) == 0:
             return []
         keys = self._s.keys_of(txn, ids)
         pairs = sorted(zip(np.asarray(dists).tolist(), keys, strict=True))
         return [(k.decode("utf-8"), d) for d, k in pairs]
 
-    def _to_pairs(self, txn: lmdb.Transaction, ids_a: np.ndarray, ids_b: np.ndarray, dists: np.ndarray) -> list[Pair]:
+    def _to_pairs(self, txn: Txn, ids_a: np.ndarray, ids_b: np.ndarray, dists: np.ndarray) -> list[Pair]:
         if len(dists) == 0:
             return []
         ids, where = np.unique(np.concatenate([ids_a, ids_b]), return_inverse=True)
@@ -559,7 +562,7 @@ class HashDB:
         out.sort(key=lambda p: (p[2], p[0], p[1]))
         return out
 
-    def _refresh(self, txn: lmdb.Transaction, last: int) -> None:
+    def _refresh(self, txn: Txn, last: int) -> None:
         """Under self._lock: make the index reflect exactly sequence ``last`` of ``txn``'s snapshot."""
         if self._index is not None:
             found = self._s.read_log(txn, self._applied)
@@ -593,15 +596,15 @@ class HashDB:
 
     def _database_stamp(self) -> dict[str, Any]:
         """What ties an index file to this database: the width and the environment's creation stamp."""
-        return {"bits": self.bits, "database": repr(self._s.get_meta("created"))}
+        return {"bits": self.bits, "database": self._s.db_id}
 
-    def _log_crc(self, txn: lmdb.Transaction, seq: int) -> int | None:
+    def _log_crc(self, txn: Txn, seq: int) -> int | None:
         """crc32 of log entry ``seq`` (None when it is not in the log): a file stamped with a sequence whose
         entry now holds something else (a database restored from a backup) must not be used."""
-        raw = txn.get(pack_seq(seq), db=self._s.log_db) if seq > 0 else None
+        raw = self._s.log_entry(txn, seq)
         return None if raw is None else zlib.crc32(raw)
 
-    def _load_index_file(self, txn: lmdb.Transaction, last: int) -> Any:
+    def _load_index_file(self, txn: Txn, last: int) -> Any:
         """The index mapped from the database's index file and caught up from the log to ``last``, or None
         (no file, or one that is torn, corrupt, foreign or stale: the caller rebuilds from LMDB)."""
         persist = _persist()
@@ -661,11 +664,11 @@ class HashDB:
         persist = _persist()
         try:
             if not self._store.durable:  # the file must never claim a sequence a crash could take back
-                self._s.env.sync(True)
+                self._s.sync()
             with self._s.read() as txn:
                 stamp = {**self._database_stamp(), "seq": self._applied, "log_crc": self._log_crc(txn, self._applied)}
             return persist.write(self.path, stamp, arrays, scalars)
-        except (OSError, lmdb.Error) as e:
+        except (OSError, StorageError) as e:
             log.info("could not write the index file of %r: %s", self.path, e)
             return None
 
@@ -719,39 +722,31 @@ class HashDB:
         self._registered_seq = seq
         try:
             self._s.write(lambda txn: self._s.set_reader(txn, self._token, seq))
-        except (StorageError, lmdb.Error) as e:  # a hint for compaction only: a query must not fail on it
+        except StorageError as e:  # a hint for compaction only: a query must not fail on it
             log.warning("could not record this reader's log position: %s", e)
 
     # ------------------------------------------------------------------------------------ housekeeping
 
     def stats(self) -> dict[str, Any]:
         """Counts, sizes and log positions (for the CLI's ``stats`` and monitoring)."""
-        store = self._s
-        with store.read() as txn:
-            count = store.count(txn)
-            last = store.last_seq(txn)
-            first = store.first_seq(txn)
-            entries = store.log_entries(txn)
-            readers = len(store.readers(txn))
-            created = store._get_meta(txn, b"created")
-            next_id = store._get_meta(txn, b"next_id")
+        found = self._s.stats()
         with self._lock:
             index = None if self._index is None else self._index.stats()
             index_bytes = 0 if self._index is None else int(self._index.nbytes())
             applied = self._applied
         return {
-            "count": count,
+            "count": found["count"],
             "bits": self.bits,
             "path": self.path,
             "readonly": self.readonly,
-            "created": created,
-            "map_size": store.map_size(),
-            "map_used": store.used_bytes(),
-            "ids_allocated": next_id,
-            "log_seq": last,
-            "log_first_seq": first,
-            "log_entries": entries,
-            "readers": readers,
+            "created": found["created"],
+            "map_size": found["map_size"],
+            "map_used": found["map_used"],
+            "ids_allocated": found["ids_allocated"],
+            "log_seq": found["log_seq"],
+            "log_first_seq": found["log_first_seq"],
+            "log_entries": found["log_entries"],
+            "readers": found["readers"],
             "index_seq": applied,
             "index_rebuilds": self._rebuilds,
             "index_source": self._index_source,
@@ -766,7 +761,7 @@ class HashDB:
         if not self.readonly and self._registered_at is not None:
             try:
                 self._store.write(lambda txn: self._store.set_reader(txn, self._token, None))
-            except (StorageError, lmdb.Error):
+            except StorageError:
                 pass  # a stale registry entry only delays compaction until its pid is gone
         try:
             if self._index_file_due():

@@ -35,7 +35,16 @@ class BitsMismatch(HashDBError):
 
 
 class StorageError(HashDBError):
-    """The database directory cannot be opened, is of an unknown format, or is corrupted."""
+    """The database directory cannot be opened, is of an unknown format, or is corrupted; or LMDB failed
+    (a full disk, no permission): the write concerned stored nothing."""
+
+
+class DatabaseNotFound(StorageError):
+    """No database at the path, and it was not to be created (read-only, create=False, or no bits=)."""
+
+
+class NotADatabase(StorageError):
+    """The path exists but is not a hashdb database (a file, a foreign LMDB environment, missing tables)."""
 
 
 class ModelFormatError(HashDBError):
@@ -62,6 +71,8 @@ ERROR_TYPES: dict[str, type[HashDBError]] = {
         KeyNotFound,
         BitsMismatch,
         StorageError,
+        DatabaseNotFound,
+        NotADatabase,
         ModelFormatError,
         ProtocolError,
         ServerError,

@@ -68,3 +68,48 @@ def test_bits_must_be_a_multiple_of_64_in_range(bits: object) -> None:
 def test_hamming_counts_differing_bits(a: bytes, b: bytes) -> None:
     expected = int(np.unpackbits(np.frombuffer(a, np.uint8) ^ np.frombuffer(b, np.uint8)).sum())
     assert hamming(a, b) == expected
+
+
+@pytest.mark.parametrize(
+    "code, message",
+    [
+        ("0011223344 55 66", "not valid hex"),  # 16 characters, but bytes.fromhex would make 7 bytes of it
+        ("00112233 4556677", "not valid hex"),
+        ("\u00e9" * 16, "not valid hex"),
+        ([[1], [1, 2]], "flat list"),  # ragged: numpy itself refuses it with a ValueError
+        ([[0] * 8, [1] * 8], "1-D"),
+        ([None] * 64, "neither"),
+        ([2**70] * 64, "neither"),
+        (np.zeros((), dtype=np.uint8), "1-D"),
+    ],
+)
+def test_malformed_codes_are_invalid_code_never_a_bare_value_error(code: object, message: str) -> None:
+    with pytest.raises(InvalidCode, match=message):
+        to_bytes(code, 64)
+
+
+@pytest.mark.parametrize("codes", [["0011223344 55 66"], [[[1], [1, 2]]], np.zeros((), np.uint8), [b"\x00" * 8, 3]])
+def test_malformed_code_sequences_are_invalid_code(codes: object) -> None:
+    with pytest.raises(InvalidCode):
+        many_to_bytes(codes, 64)
+
+
+def test_every_database_entry_point_rejects_malformed_codes_with_invalid_code(tmp_path) -> None:
+    from hashdb import HashDB
+
+    bad = ["0011223344 55 66", [[1], [1, 2]]]
+    with HashDB(tmp_path / "db", bits=64) as db:
+        db.insert("kept", bytes(8))
+        for code in bad:
+            for call in (
+                lambda code=code: db.insert("x", code),
+                lambda code=code: db.insert_many(["x"], [code]),
+                lambda code=code: db.insert_many(["x", "y"], [bytes(8), code]),
+                lambda code=code: db.radius(code, 3),
+                lambda code=code: db.radius_many([code], 3),
+                lambda code=code: db.knn(code, 1),
+            ):
+                with pytest.raises(InvalidCode):
+                    call()
+        assert db.keys() == ["kept"]
+        assert db.stats()["log_seq"] == 1  # nothing of a rejected write reached the database

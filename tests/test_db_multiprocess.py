@@ -149,9 +149,9 @@ def test_a_bulk_load_by_another_process_is_replayed_in_one_step(db):
 
 
 def test_an_idle_reader_cannot_pin_the_log_without_bound(tmp_path, monkeypatch):
-    import hashdb.store
+    import hashdb.store.log
 
-    monkeypatch.setattr(hashdb.store, "LOG_PIN_BYTES", 1)  # cap = the size of the blocks table
+    monkeypatch.setattr(hashdb.store.log, "LOG_PIN_BYTES", 1)  # cap = the size of the blocks table
     path = tmp_path / "db"
     idle, writer = HashDB(path, bits=64), HashDB(path)
     mat = random_codes(400, 64, seed=14)

@@ -219,3 +219,326 @@ def test_map_growth_while_other_threads_read_and_write(tmp_path):
     with HashDB(tmp_path / "db") as db:
         assert len(db) == 1 + 3 * (60 + 1500)
         assert db.get("bb059") == (bytes([59]) * 32, {"tag": "bb"})
+
+
+# ------------------------------------------------------------------------------ permissions and opening
+
+
+def _mode(path) -> int:
+    import stat
+
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_a_new_database_is_owner_only_whatever_the_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        with HashDB(tmp_path / "db", bits=64) as db:
+            db.insert("a", bytes(8))
+    finally:
+        os.umask(old)
+    path = tmp_path / "db"
+    assert _mode(path) == 0o700
+    assert {p.name: _mode(p) for p in path.iterdir()} == {"data.mdb": 0o600, "lock.mdb": 0o600}
+    with HashDB(path) as db:  # reopening changes nothing
+        assert db.get("a")[0] == bytes(8)
+    assert _mode(path) == 0o700 and _mode(path / "data.mdb") == 0o600
+
+
+def test_mode_shares_a_new_database_with_a_group(tmp_path):
+    import os
+
+    old = os.umask(0o027)  # a umask that would take the group's write bit away
+    try:
+        HashDB(tmp_path / "shared", bits=64, mode=0o770).close()
+    finally:
+        os.umask(old)
+    path = tmp_path / "shared"
+    assert _mode(path) == 0o770
+    assert {p.name: _mode(p) for p in path.iterdir()} == {"data.mdb": 0o660, "lock.mdb": 0o660}
+
+
+def test_an_existing_empty_folder_keeps_its_mode_and_gets_private_files(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    HashDB(folder, bits=64).close()
+    assert _mode(folder) == 0o755
+    assert _mode(folder / "data.mdb") == 0o600
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o1700, -1, "0o700", True, 0o7777])
+def test_a_mode_without_owner_rwx_or_with_extra_bits_is_refused(tmp_path, mode):
+    from hashdb import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="mode"):
+        HashDB(tmp_path / "db", bits=64, mode=mode)
+    assert not (tmp_path / "db").exists()
+
+
+@pytest.mark.parametrize("path", [None, 12, b"db", ""])
+def test_a_path_that_is_not_a_str_is_invalid_argument(path):
+    from hashdb import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="path"):
+        HashDB(path, bits=64)
+
+
+def test_a_missing_database_is_database_not_found_and_nothing_is_created(tmp_path):
+    from hashdb import DatabaseNotFound
+
+    missing = tmp_path / "modles.db"
+    for kwargs in ({"readonly": True}, {}, {"bits": 256, "create": False}, {"bits": 256, "readonly": True}):
+        with pytest.raises(DatabaseNotFound, match="no hashdb database"):
+            HashDB(missing, **kwargs)
+        assert not missing.exists(), kwargs
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatabaseNotFound):
+        HashDB(empty, readonly=True)
+    with pytest.raises(DatabaseNotFound):
+        HashDB(empty, bits=64, create=False)
+    assert list(empty.iterdir()) == []
+
+
+def test_create_false_opens_an_existing_database(tmp_path):
+    HashDB(tmp_path / "db", bits=128).close()
+    with HashDB(tmp_path / "db", bits=128, create=False) as db:
+        db.insert("a", bytes(16))
+        assert len(db) == 1
+
+
+def test_a_path_that_is_not_a_database_is_not_a_database(tmp_path):
+    from hashdb import NotADatabase
+
+    plain = tmp_path / "file.txt"
+    plain.write_text("hello")
+    for kwargs in ({"readonly": True}, {"bits": 64}):
+        with pytest.raises(NotADatabase, match="not a"):
+            HashDB(plain, **kwargs)
+    assert plain.read_text() == "hello"
+    foreign = tmp_path / "foreign"
+    env = lmdb.open(str(foreign), max_dbs=2)
+    codes = env.open_db(b"codes")
+    with env.begin(write=True) as txn:
+        txn.put(b"k", b"v", db=codes)
+    env.close()
+    before = {p.name: p.read_bytes() for p in foreign.iterdir() if p.name == "data.mdb"}
+    for kwargs in ({"readonly": True}, {"bits": 64}, {}):
+        with pytest.raises(NotADatabase):
+            HashDB(foreign, **kwargs)
+    assert {p.name: p.read_bytes() for p in foreign.iterdir() if p.name == "data.mdb"} == before
+
+
+_HOLD_WRITER = r"""
+import sys, lmdb
+env = lmdb.open(sys.argv[1], max_dbs=8)
+txn = env.begin(write=True)  # LMDB's writer lock, held until we are told to go
+print("holding", flush=True)
+sys.stdin.readline()
+txn.abort()
+"""
+
+
+def test_read_only_opening_and_queries_take_no_writer_lock(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    path = tmp_path / "db"
+    mat = random_codes(300, 64, seed=30)
+    with HashDB(path, bits=64) as db:
+        db.insert_many([f"k{i:03d}" for i in range(300)], mat)
+    expected = {f"k{i:03d}": mat[i].tobytes() for i in range(300)}
+    names_before = sorted(p.name for p in path.iterdir())
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_WRITER, os.fspath(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        seen: dict[str, object] = {}
+
+        def read_only_session() -> None:
+            with HashDB(path, readonly=True) as ro:
+                seen["len"] = len(ro)
+                seen["get"] = ro.get("k007")[0]
+                seen["radius"] = ro.radius(mat[5], 12)
+                seen["knn"] = ro.knn(mat[9], 3)
+                seen["stats"] = ro.stats()["count"]
+                seen["keys"] = list(ro)
+
+        worker = threading.Thread(target=read_only_session, daemon=True)
+        worker.start()
+        worker.join(120)
+        assert not worker.is_alive(), "a read-only session waited for LMDB's writer lock"
+    finally:
+        holder.stdin.write("go\n")
+        holder.stdin.close()
+        holder.wait(30)
+    assert seen["len"] == 300 and seen["stats"] == 300
+    assert seen["get"] == mat[7].tobytes()
+    assert seen["radius"] == brute_radius(expected, mat[5].tobytes(), 12)
+    assert seen["knn"] == sorted(brute_radius(expected, mat[9].tobytes(), 64), key=lambda t: (t[1], t[0]))[:3]
+    assert seen["keys"] == sorted(expected)
+    assert sorted(p.name for p in path.iterdir()) == names_before
+
+
+def test_the_identity_a_sidecar_stamps_itself_with(tmp_path):
+    from hashdb.store import open_store, release_store
+
+    with HashDB(tmp_path / "db", bits=64) as db:
+        db.insert("a", bytes(8))
+        db.insert("b", bytes(8))
+    store = open_store(tmp_path / "db")
+    try:
+        assert store.current_seq() == 2
+        assert len(store.db_id) == 32 and store.identity == file_identity_of(tmp_path / "db")
+        assert store.data_path == str(tmp_path / "db" / "data.mdb")
+        first_id = store.db_id
+    finally:
+        release_store(store)
+    HashDB(tmp_path / "other", bits=64).close()
+    store = open_store(tmp_path / "other")
+    try:
+        assert store.db_id != first_id and store.current_seq() == 0
+    finally:
+        release_store(store)
+
+
+def file_identity_of(path):
+    st = (path / "data.mdb").stat()
+    return st.st_dev, st.st_ino
+
+
+# ------------------------------------------------------------------------------------------ a full disk
+
+
+@pytest.mark.parametrize("reserve", [True, False])
+def test_a_map_that_cannot_grow_fails_the_write_cleanly_and_writes_resume_after(tmp_path, monkeypatch, reserve):
+    import hashdb.store.env
+
+    if not reserve:  # only MapFullError inside the transaction: the grow-and-rerun loop must give up
+        monkeypatch.setattr(Store, "_ensure_room", lambda self, reserve: None)
+    monkeypatch.setattr(hashdb.store.env, "MAX_MAP_SIZE", 1 << 20)  # as if the disk held only 1 MiB
+    path = tmp_path / "db"
+    mat = random_codes(40000, 256, seed=31)
+    expected: dict[str, bytes] = {}
+    with HashDB(path, bits=256, map_size=TINY) as db:
+        db.radius(mat[0], 0)  # an index that must stay in step with what was really stored
+        done = 0
+        with pytest.raises(StorageError, match="map larger than"):
+            while done < len(mat):  # a bounded loop: it must fail long before the codes run out
+                keys = [f"k{i:05d}" for i in range(done, done + 500)]
+                db.insert_many(keys, mat[done : done + 500])
+                expected.update({k: mat[done + j].tobytes() for j, k in enumerate(keys)})
+                done += 500
+        assert 0 < done < len(mat)
+        seq = db.stats()["log_seq"]
+        with pytest.raises(StorageError, match="map larger than"):  # the same batch again: still no room
+            db.insert_many([f"k{i:05d}" for i in range(done, done + 500)], mat[done : done + 500])
+        assert db.stats()["log_seq"] == seq
+        assert {k: c for k, (c, _) in db_contents(db).items()} == expected
+        assert db.radius(mat[3], 20) == brute_radius(expected, mat[3].tobytes(), 20)
+        monkeypatch.setattr(hashdb.store.env, "MAX_MAP_SIZE", 1 << 44)  # room again
+        db.insert_many([f"k{i:05d}" for i in range(done, done + 500)], mat[done : done + 500])
+        expected.update({f"k{i:05d}": mat[i].tobytes() for i in range(done, done + 500)})
+        assert db.radius(mat[done + 1], 20) == brute_radius(expected, mat[done + 1].tobytes(), 20)
+    with HashDB(path) as db:
+        assert {k: c for k, (c, _) in db_contents(db).items()} == expected
+
+
+_FULL_DISK = r"""
+import json, os, resource, signal, sys
+import numpy as np
+from hashdb import HashDB, StorageError
+
+folder, how = sys.argv[1], sys.argv[2]
+path = os.path.join(folder, "db")
+rng = np.random.default_rng(32)
+db = HashDB(path, bits=256)
+db.insert("first", bytes(32))
+if how == "tmpfs":  # leave about 256 KiB free on the small file system
+    st = os.statvfs(folder)
+    with open(os.path.join(folder, "filler"), "wb") as f:
+        f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - (256 << 10)))
+else:  # no file system to fill: forbid the data file to grow instead (the same failed page writes)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    size = os.path.getsize(os.path.join(path, "data.mdb"))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + (256 << 10), resource.RLIM_INFINITY))
+expected = {"first": bytes(32).hex()}
+error = None
+for batch in range(200):
+    codes = rng.integers(0, 256, (400, 32), dtype=np.uint8)
+    keys = [f"b{batch:03d}-{j:03d}" for j in range(400)]
+    try:
+        db.insert_many(keys, codes)
+    except StorageError as e:
+        error = str(e)
+        break
+    except Exception as e:
+        error = f"NOT A HASHDB ERROR: {type(e).__name__}: {e}"
+        break
+    expected.update({k: c.tobytes().hex() for k, c in zip(keys, codes)})
+failed_at = len(expected)
+single = None
+try:
+    db.insert("single", bytes(32))
+except StorageError as e:
+    single = str(e)
+if single is None:  # a small write may still fit where the batch did not
+    expected["single"] = bytes(32).hex()
+unchanged = {k: db.get(k)[0].hex() for k in db} == expected
+if how == "tmpfs":
+    os.remove(os.path.join(folder, "filler"))
+else:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+db.insert_many([f"after-{j}" for j in range(400)], np.zeros((400, 32), np.uint8))
+expected.update({f"after-{j}": bytes(32).hex() for j in range(400)})
+db.close()
+with HashDB(path, readonly=True) as ro:
+    reopened = {k: ro.get(k)[0].hex() for k in ro}
+print(json.dumps({"how": how, "error": error, "failed_at": failed_at, "unchanged": unchanged,
+                  "resumed": reopened == expected}))
+"""
+
+
+def _run_full_disk(tmp_path) -> dict:
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from db_helpers import REPO
+
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    folder = tmp_path / "small"
+    folder.mkdir()
+    unshare = shutil.which("unshare")
+    if unshare:  # a private 4 MiB tmpfs: a real ENOSPC, gone with the child's mount namespace
+        script = f'mount -t tmpfs -o size=4m tmpfs "$1" && exec "{sys.executable}" -c "$2" "$1" tmpfs'
+        for flags in (["-m"], ["-r", "-m"]):
+            proc = subprocess.run(
+                [unshare, *flags, "sh", "-c", script, "sh", str(folder), _FULL_DISK],
+                capture_output=True, text=True, timeout=120, env=env,
+            )
+            if proc.returncode == 0:
+                return json.loads(proc.stdout.strip().splitlines()[-1])
+            assert "Traceback" not in proc.stderr, proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, str(folder), "fsize"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_full_disk_is_a_storage_error_that_stores_nothing_and_writes_resume_after(tmp_path):
+    result = _run_full_disk(tmp_path)
+    assert result["error"] is not None and "NOT A HASHDB ERROR" not in result["error"], result
+    assert "disk is full" in result["error"] and "nothing of this write was stored" in result["error"]
+    assert result["failed_at"] > 1  # some batches fit before the disk filled
+    assert result["unchanged"], result  # the failed batch left no trace
+    assert result["resumed"], result  # and writing works again once there is room

@@ -1,0 +1,142 @@
+"""The tables of a hashdb database, their key encodings, and the metadata that makes a directory one.
+
+    meta     name -> msgpack value: format version, bits, codec config, creation time, next id, block
+             size, and a random database id (sidecar files stamp themselves with it)
+    ids      key (utf-8) -> dense id (8 bytes big-endian)
+    keys     dense id (8 bytes big-endian) -> key
+    blocks   block number (8 bytes big-endian) -> an alive bitmap, then the block's codes (records.py)
+    attrs    key -> msgpack map (user metadata; absent when the key has none)
+    free     ids of deleted keys (8 bytes big-endian) -> b"", handed out again before fresh ones
+    log      sequence (8 bytes big-endian) -> one batch of upserts or deletes (log.py)
+    readers  pid + token -> last sequence that reader's in-memory index applied (compaction hint only)
+"""
+
+from __future__ import annotations
+
+import secrets
+import struct
+import time
+from typing import Any
+
+import lmdb
+import msgpack
+
+from ..errors import BitsMismatch, InvalidArgument, NotADatabase, StorageError
+from .env import Environment, Txn
+
+FORMAT_VERSION = 1
+TABLES = ("meta", "ids", "keys", "blocks", "attrs", "free", "log", "readers")
+
+_SEQ = struct.Struct(">Q")
+
+
+def pack_seq(seq: int) -> bytes:
+    """An id, block number or log sequence as an 8-byte big-endian key (byte order = numeric order)."""
+    return _SEQ.pack(seq)
+
+
+def unpack_seq(raw: bytes) -> int:
+    return _SEQ.unpack(raw)[0]
+
+
+def pack_meta(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def unpack_meta(raw: bytes) -> Any:
+    return msgpack.unpackb(raw, raw=False, strict_map_key=False)
+
+
+class Tables:
+    """The named sub-database handles of one environment."""
+
+    __slots__ = TABLES
+
+    def __init__(self, handles: dict[str, Any]) -> None:
+        for name in TABLES:
+            setattr(self, name, handles[name])
+
+
+def open_tables(env: Environment) -> Tables:
+    """Open (creating when writable) every table; refuse an environment holding anything else."""
+    path = env.path
+    try:
+        if env.readonly:  # no write transaction at all: lmdb opens the handles in a read transaction
+            handles = {n: env.env.open_db(n.encode(), create=False) for n in TABLES}
+        else:
+            with env.env.begin(write=True) as txn:
+                # Refuse (and leave untouched) an environment holding anything but our tables.
+                foreign = [k for k in txn.cursor().iternext(values=False) if k.decode("latin-1") not in TABLES]
+                if foreign:
+                    raise NotADatabase(f"{path!r} is an LMDB environment but not a hashdb database")
+                handles = {n: env.env.open_db(n.encode(), txn=txn) for n in TABLES}
+    except lmdb.NotFoundError as e:
+        raise NotADatabase(f"{path!r} is not a hashdb database (missing table: {e})") from e
+    except lmdb.Error as e:
+        raise StorageError(f"cannot open the tables of {path!r}: {e}") from e
+    return Tables(handles)
+
+
+def get_meta(txn: Txn, tables: Tables, name: bytes) -> Any:
+    raw = txn.get(name, db=tables.meta)
+    return None if raw is None else unpack_meta(raw)
+
+
+def init_meta(env: Environment, tables: Tables, bits: int | None, codec: dict[str, Any] | None, block: int) -> int:
+    """Check the stored metadata against ``bits``/``codec``, or write it for a new database; returns bits."""
+    path = env.path
+    with env.read() as txn:
+        if txn.get(b"format", db=tables.meta) is not None:
+            return check_meta(txn, tables, path, bits, codec)
+    if bits is None:
+        raise NotADatabase(f"{path!r} holds no hashdb metadata, and no bits= was given to create it")
+    if env.readonly:
+        raise NotADatabase(f"{path!r} holds no hashdb metadata")
+
+    def create(txn: Txn) -> int:
+        if txn.get(b"format", db=tables.meta) is not None:  # another process created it meanwhile
+            return -1
+        if txn.stat(tables.ids)["entries"]:
+            raise NotADatabase(f"{path!r} has data but no hashdb metadata")
+        for name, value in (
+            (b"format", FORMAT_VERSION),
+            (b"bits", bits),
+            (b"block", block),
+            (b"created", time.time()),
+            (b"next_id", 0),
+            (b"codec", codec),
+            (b"db_id", secrets.token_hex(16)),
+        ):
+            txn.put(name, pack_meta(value), db=tables.meta)
+        return bits
+
+    if env.write(create) == -1:
+        with env.read() as txn:
+            return check_meta(txn, tables, path, bits, codec)
+    return bits
+
+
+def check_meta(txn: Txn, tables: Tables, path: str, bits: int | None, codec: dict[str, Any] | None) -> int:
+    version = unpack_meta(txn.get(b"format", db=tables.meta))
+    if version != FORMAT_VERSION:
+        raise StorageError(f"{path!r} has format version {version!r}; this hashdb reads {FORMAT_VERSION}")
+    raw = txn.get(b"bits", db=tables.meta)
+    if raw is None:
+        raise StorageError(f"{path!r} has no stored code width")
+    stored = unpack_meta(raw)
+    if bits is not None and bits != stored:
+        raise BitsMismatch(f"{path!r} holds {stored}-bit codes, not {bits}")
+    if codec is not None:
+        current = get_meta(txn, tables, b"codec")
+        if current is not None and current != codec:
+            raise InvalidArgument(f"{path!r} was built with another codec config: {current!r}")
+    return int(stored)
+
+
+def database_id(txn: Txn, tables: Tables) -> str:
+    """A stable identity of this database, kept by copies: the random id stored at creation, or (for a
+    database made before ids were stored) its creation time."""
+    stored = get_meta(txn, tables, b"db_id")
+    if isinstance(stored, str):
+        return stored
+    return f"created-{get_meta(txn, tables, b'created')!r}"
