@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
@@ -70,7 +70,7 @@ def hash_units(
     workers: int | None = None,
     engine: str = "local",
     ray_address: str | None = None,
-) -> Iterator[BulkResult]:
+) -> Generator[BulkResult, None, None]:
     """Hash every model unit found in ``sources`` (paths, or ModelUnits from ``find_units``).
 
     ``workers``: processes (local; default: the machine's cores; 1 hashes in this process, no pool) or Ray

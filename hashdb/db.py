@@ -630,7 +630,7 @@ class HashDB:
             try:
                 index = _numpy_index().restore(self.bits, arrays, header["scalars"], checker)
                 self._index = index
-                self._apply(found[0])
+                self._apply(found[0]) if found is not None else None  # found is set whenever why is None
             except (InvalidArgument, KeyError, TypeError, ValueError, persist.Rejected) as e:
                 why = f"it does not fit ({e})"
             else:

@@ -169,6 +169,10 @@ def kernel_symmetries(kshape: Sequence[int]) -> list[np.ndarray]:
 LIFT_BELOW = 9  # kernels with fewer values (conv1d k=3, 5, 7; 2x2) are lifted, see lift_kernels
 
 
+def _sorted_pair(a: int, b: int) -> tuple[int, int]:
+    return (a, b) if a <= b else (b, a)
+
+
 def lift_kernels(blocks: Sequence[np.ndarray], maps: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Append the pairwise products v_a v_b (a <= b) to each kernel, and extend the symmetry maps to them.
 
@@ -184,7 +188,7 @@ def lift_kernels(blocks: Sequence[np.ndarray], maps: list[np.ndarray]) -> tuple[
     new_maps = []
     for m in maps:
         # the symmetry moves value a to position m[a]; the product (a, b) moves to (m[a], m[b]), sorted
-        moved = [pair_index[tuple(sorted((int(m[a]), int(m[b]))))] for a, b in zip(ia, ib, strict=True)]
+        moved = [pair_index[_sorted_pair(int(m[a]), int(m[b]))] for a, b in zip(ia, ib, strict=True)]
         new_maps.append(np.concatenate([m, k + np.array(moved, dtype=np.int64)]))
     return lifted, new_maps
 

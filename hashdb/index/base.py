@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -111,7 +112,7 @@ class Structure(Protocol):
 
     def radius(self, query: np.ndarray, r: int, budget: int = -1) -> Result | None: ...
 
-    def radius_many(self, queries: np.ndarray, r: int, budget: int = -1) -> list[Result | None]: ...
+    def radius_many(self, queries: np.ndarray, r: int, budget: int = -1) -> Sequence[Result | None]: ...
 
     def knn(self, query: np.ndarray, k: int, budget: int = -1) -> Result | None: ...
 

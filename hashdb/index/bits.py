@@ -13,11 +13,11 @@ from .arrays import Delta, Found, Matrix
 
 
 @intrinsic
-def _ctpop64(typingctx, x):  # type: ignore[no-untyped-def]
+def _ctpop64(typingctx, x):
     # LLVM's ctpop lowers to the POPCNT instruction on the host CPU; typed int64 so sums stay integer.
     sig = types.int64(types.uint64)
 
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+    def codegen(context, builder, signature, args):
         return builder.ctpop(args[0])
 
     return sig, codegen

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -201,7 +201,7 @@ class MemoryIndex:
 
     def _radius(self, q: np.ndarray, r: int, force: str | None) -> Result:
         if force is not None:
-            return self._structure(force).radius(q, r)  # type: ignore[return-value]
+            return cast(Result, self._structure(force).radius(q, r))  # unbounded: never None
         name = self.plan(r)
         if name != "scan":
             # Bounded by what the scan would cost, so a misestimate is never much slower than the scan.
@@ -226,24 +226,24 @@ class MemoryIndex:
         if len(qs) == 0:
             return []
         if force is not None:
-            return self._structure(force).radius_many(qs, r)  # type: ignore[return-value]
+            return cast("list[Result]", self._structure(force).radius_many(qs, r))  # unbounded: a list, no None
         name = self.plan(r)
         if name == "scan":
             self._rent(self.scan.cost(r) * len(qs))
             return self.scan.radius_many(qs, r)  # one pass over the matrix for all queries
-        res = self._structure(name).radius_many(qs, r, budget=int(self.scan.cost(r)))
+        res = list(self._structure(name).radius_many(qs, r, budget=int(self.scan.cost(r))))
         missed = [i for i, x in enumerate(res) if x is None]
         if missed:  # over budget: those queries go to the scan, together
             for i, x in zip(missed, self.scan.radius_many(qs[missed], r), strict=True):
                 res[i] = x
-        return res  # type: ignore[return-value]
+        return cast("list[Result]", res)  # the scan answered every None
 
     def knn(self, query: np.ndarray, k: int, force: str | None = None) -> Result:
         self._check_force(force)
         k = self._check_int("k", k, 1)
         q = self._check_query(query)
         if force is not None:
-            return self._structure(force).knn(q, k)  # type: ignore[return-value]
+            return cast(Result, self._structure(force).knn(q, k))  # unbounded: never None
         costs = self.knn_costs(k)
         name = choose(costs)
         if name != "scan":

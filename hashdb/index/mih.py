@@ -87,9 +87,9 @@ def build_table(
     pos = offsets[:-1].astype(np.int64)
     for p in range(n):
         v = np.int64(vals[p])
-        top = v >> L
-        entries[pos[top]] = ((v & lowmask) << id_bits) | live[p]
-        pos[top] += 1
+        bucket = v >> L
+        entries[pos[bucket]] = ((v & lowmask) << id_bits) | live[p]
+        pos[bucket] += 1
     coll = 0
     for top in range(1 << t):
         lo = offsets[top]
@@ -320,12 +320,14 @@ class MIH(Incremental):
 
     def saved(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """The arrays and scalars persist.py writes (the delta too: a saved index need not be compacted)."""
-        arrays = {
+        arrays: dict[str, np.ndarray] = {
             "mih_starts": self.starts, "mih_lens": self.lens, "mih_offsets": self.offsets,
             "mih_entries": self.entries, "mih_collisions": self.collisions,
             "mih_delta": self.pending.ids[: self.pending.n],
         }
-        scalars = {"t": self.t, "id_bits": self.id_bits, "n_base": self.n_base, "tombstones": self.pending.removed}
+        scalars: dict[str, Any] = {
+            "t": self.t, "id_bits": self.id_bits, "n_base": self.n_base, "tombstones": self.pending.removed,
+        }  # fmt: skip
         return arrays, scalars
 
     def restore(self, arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> None:

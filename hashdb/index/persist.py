@@ -34,7 +34,7 @@ import os
 import struct
 import tempfile
 import zlib
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 
@@ -146,10 +146,22 @@ class Checker:
                 ok[:] = True
 
 
+class _Entry(TypedDict):
+    """One array's line in the header's ``arrays``; the offsets are set once the header's length is known."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    nbytes: int
+    sums_digest: int
+    offset: NotRequired[int]
+    sums_offset: NotRequired[int]
+
+
 def write(directory: str, stamp: dict[str, Any], arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> str:
     """Save ``arrays`` (and JSON-able ``scalars``) stamped with ``stamp`` (bits, database, seq, log_crc)
     atomically as the directory's index file; returns its path. Raises OSError when it cannot."""
-    layout = []
+    layout: list[_Entry] = []
     offset = 0
     sums: dict[str, np.ndarray] = {}
     for name, a in arrays.items():

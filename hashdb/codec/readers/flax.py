@@ -130,9 +130,11 @@ def _unchunk(node: dict, names: list[str]) -> _Array:
     shape, chunks = node.get("shape"), node.get("chunks")
     if not isinstance(shape, dict) or not isinstance(chunks, dict):
         raise _Bad(f"chunked array {'/'.join(names)} without shape and chunks")
-    dims = [shape.get(str(i)) for i in range(len(shape))]
-    parts = [chunks.get(str(i)) for i in range(len(chunks))]
-    if not all(isinstance(d, int) and d >= 0 for d in dims) or not all(isinstance(p, _Array) for p in parts):
+    dims_read = [shape.get(str(i)) for i in range(len(shape))]
+    parts_read = [chunks.get(str(i)) for i in range(len(chunks))]
+    dims = [d for d in dims_read if isinstance(d, int) and d >= 0]
+    parts = [p for p in parts_read if isinstance(p, _Array)]
+    if len(dims) != len(dims_read) or len(parts) != len(parts_read):
         raise _Bad(f"chunked array {'/'.join(names)} with a bad shape or chunk")
     if not parts or len({p.dtype_name for p in parts}) != 1:
         raise _Bad(f"chunked array {'/'.join(names)} with no chunks or mixed dtypes")

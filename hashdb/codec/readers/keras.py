@@ -34,10 +34,11 @@ from . import NamedTensor, check_size
 # Keras layer classes whose kernels we read: class -> {weight: kind}. A weight is its Keras 3 variable index
 # (``vars/0``) or its Keras 2 / legacy weight name. kind: 'conv' (*k, in, out), 'depthwise' (*k, C, M),
 # 'dense' (in, out); 'kernel' (a kernel of an unknown layer) is 'dense' when 2-D, else 'conv'.
-_CONV = {0: "conv", "kernel": "conv"}
-_DEPTHWISE = {0: "depthwise", "kernel": "depthwise", "depthwise_kernel": "depthwise"}
-_SEPARABLE = {0: "depthwise", 1: "conv", "depthwise_kernel": "depthwise", "pointwise_kernel": "conv"}
-_LAYER_KERNELS: dict[str, dict[int | str, str]] = {
+_Kinds = dict[int | str, str]  # weight index or name -> kind
+_CONV: _Kinds = {0: "conv", "kernel": "conv"}
+_DEPTHWISE: _Kinds = {0: "depthwise", "kernel": "depthwise", "depthwise_kernel": "depthwise"}
+_SEPARABLE: _Kinds = {0: "depthwise", 1: "conv", "depthwise_kernel": "depthwise", "pointwise_kernel": "conv"}
+_LAYER_KERNELS: dict[str, _Kinds] = {
     "Conv1D": _CONV, "Conv2D": _CONV, "Conv3D": _CONV,
     "Convolution1D": _CONV, "Convolution2D": _CONV, "Convolution3D": _CONV,
     "Conv1DTranspose": _CONV, "Conv2DTranspose": _CONV, "Conv3DTranspose": _CONV,

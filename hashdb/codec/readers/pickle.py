@@ -74,6 +74,8 @@ class _Token(_Frozen):
     """A torch dtype, storage type or qscheme: data, never called."""
 
     __slots__ = ("kind", "name")
+    kind: str  # "dtype", "storage", "qscheme" or "numpy"
+    name: str
 
     def __init__(self, kind: str, name: str) -> None:
         object.__setattr__(self, "kind", kind)
@@ -87,6 +89,7 @@ class _Function(_Frozen):
     """One of our re-implementations of an allowed function (a tensor rebuild, numpy reconstruction)."""
 
     __slots__ = ("func",)
+    func: Callable[..., Any]
 
     def __init__(self, func: Callable[..., Any]) -> None:
         object.__setattr__(self, "func", func)
@@ -149,6 +152,10 @@ class _Storage(_Frozen):
     """A storage named by a persistent id; its bytes are attached (mapped or read) after unpickling."""
 
     __slots__ = ("key", "dtype", "numel", "data")
+    key: str
+    dtype: str  # a key of _DTYPES
+    numel: int
+    data: np.ndarray | None
 
     def __init__(self, key: str, dtype: str, numel: int) -> None:
         object.__setattr__(self, "key", key)
@@ -164,6 +171,12 @@ class _TensorRef(_Frozen):
     """A tensor as the pickle describes it: a strided view of a storage, maybe quantized; decoded later."""
 
     __slots__ = ("storage", "offset", "size", "stride", "dtype", "quant")
+    storage: _Storage
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: str  # a key of _DTYPES
+    quant: Any  # the quantizer tuple of a quantized tensor, checked by _dequantize
 
     def __init__(self, storage: Any, offset: Any, size: Any, stride: Any, dtype: str, quant: Any = None) -> None:
         if not isinstance(storage, _Storage):
@@ -285,6 +298,7 @@ class _NDArray(_Frozen):
     """numpy's ``_reconstruct`` + BUILD: the array is made from the raw bytes of the state, nothing called."""
 
     __slots__ = ("array",)
+    array: np.ndarray | None
 
     def __init__(self) -> None:
         object.__setattr__(self, "array", None)
@@ -309,6 +323,7 @@ class _NDArray(_Frozen):
 
 class _NPDType(_Frozen):
     __slots__ = ("dtype",)
+    dtype: np.dtype | None  # None: not a numeric dtype we read
 
     def __init__(self, descr: Any) -> None:
         dtype = None

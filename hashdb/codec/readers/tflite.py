@@ -245,7 +245,7 @@ def _values(path: Path, buf: Any, file: Any, tensor: _Table, buffers: list[_Tabl
         raise ModelFormatError(f"{path}: tensor {name!r} of shape {shape} ({type_name}) has a {n}-byte buffer")
     raw = np.empty(shape, dtype=dtype)
     file.seek(start)
-    if file.readinto(memoryview(raw.reshape(-1)).cast("B")) != nbytes:
+    if file.readinto(raw.reshape(-1).view(np.uint8).data) != nbytes:
         raise ModelFormatError(f"{path}: buffer of {name!r} is cut short (truncated file)")
     if ttype in _FLOAT_TYPES:
         if type_name == "bfloat16":
