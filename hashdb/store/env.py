@@ -13,7 +13,7 @@ import stat
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import lmdb
 
@@ -29,7 +29,9 @@ DEFAULT_MODE = 0o700
 GROW_ATTEMPTS = 64  # bounds the MapFullError -> grow -> rerun loop even if growth never makes room
 
 T = TypeVar("T")
-Txn = lmdb.Transaction
+# An lmdb.Transaction. Typed as Any: lmdb's stubs type every value as bytes | memoryview, true only of
+# buffers=True transactions, which the store never opens (its values are bytes).
+Txn: TypeAlias = Any
 
 
 class RWLock:

@@ -51,6 +51,14 @@ class Tables:
     """The named sub-database handles of one environment."""
 
     __slots__ = TABLES
+    meta: Any
+    ids: Any
+    keys: Any
+    blocks: Any
+    attrs: Any
+    free: Any
+    log: Any
+    readers: Any
 
     def __init__(self, handles: dict[str, Any]) -> None:
         for name in TABLES:
