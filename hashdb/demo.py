@@ -2,8 +2,10 @@
 
 Run ``hashdb demo``. It trains a handful of models on scikit-learn's bundled digits (synthetic digits-like
 data if scikit-learn is absent), writes them to disk as a model thief would publish them (fine-tuned,
-pruned, quantized, permuted, cast), hashes every file with ModelHasher, stores the originals' codes in a
-HashDB, and asks the database which original each suspect copies.
+pruned, quantized, permuted, cast; saved as a state_dict, a whole pickled nn.Module, a TorchScript archive, a
+legacy checkpoint or a sharded Hugging Face style folder), hashes the folder of originals and every suspect
+with ModelHasher, stores the originals' codes in a HashDB, and asks the database which original each suspect
+copies.
 """
 
 from __future__ import annotations
@@ -124,6 +126,42 @@ def _copies(model: Any, x: Any, y: Any, seed: int) -> dict[str, Any]:
     return out
 
 
+# How copies are published, in turn: every one is read by hashdb's own restricted unpickler (nothing runs).
+PUBLISH_STYLES = ("state_dict", "whole nn.Module", "TorchScript", "legacy .pt", "HF folder, 2 shards")
+
+
+def _publish(model: Any, base: Path, style: str, example: Any) -> Path:
+    """Save ``model`` the way ``style`` names; returns the file or folder written."""
+    import json
+
+    import torch
+
+    if style == "state_dict":
+        torch.save(model.state_dict(), path := base.with_suffix(".pt"))
+    elif style == "whole nn.Module":
+        torch.save(model, path := base.with_suffix(".pt"))
+    elif style == "TorchScript":
+        torch.jit.trace(model.eval(), example).save(str(path := base.with_suffix(".pt")))
+    elif style == "legacy .pt":
+        torch.save(model.state_dict(), path := base.with_suffix(".pt"), _use_new_zipfile_serialization=False)
+    elif style == "HF folder, 2 shards":
+        path = base
+        path.mkdir()
+        state = model.state_dict()
+        names = list(state)
+        half = len(names) // 2
+        weight_map = {}
+        for n, part in enumerate((names[:half], names[half:]), 1):
+            shard = f"pytorch_model-0000{n}-of-00002.bin"
+            torch.save({k: state[k] for k in part}, path / shard)
+            weight_map.update(dict.fromkeys(part, shard))
+        (path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        (path / "config.json").write_text(json.dumps({"model_type": "demo-cnn"}))
+    else:
+        raise ValueError(f"unknown publishing style {style!r}")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; exit status 0 when every copy is found and no unrelated model is flagged."""
     parser = argparse.ArgumentParser(prog="hashdb demo", description=__doc__.splitlines()[0])
@@ -153,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, workdir: Path) -> int:
     import torch
 
-    from .codec import ModelHasher
+    from .codec import ModelHasher, hash_files
     from .db import HashDB
+    from .errors import ModelFormatError
 
     models_dir = workdir / "models"
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -165,20 +204,23 @@ def _run(args: argparse.Namespace, workdir: Path) -> int:
 
     hasher = ModelHasher(bits=args.bits)
     t0 = time.perf_counter()
+    originals_dir = models_dir / "originals"
+    originals_dir.mkdir(exist_ok=True)
     originals: dict[str, Path] = {}
-    suspects: list[tuple[str, str, Path, float]] = []  # (true original, modification, file, accuracy)
+    suspects: list[tuple[str, str, str, Path, float]] = []  # (true original, modification, style, path, accuracy)
     for arch in ("plain", "bn"):
         for seed in range(args.seeds):
             torch.manual_seed(seed)
             model = _train(_build(arch), x[~test], y[~test], epochs=8, lr=3e-3, seed=seed)
             name = f"{arch}-seed{seed}"
-            path = models_dir / f"{name}.pt"
+            path = originals_dir / f"{name}.pt"
             torch.save(model.state_dict(), path)
             originals[name] = path
-            for mod, copy_model in _copies(model, x[~test], y[~test], seed).items():
-                cpath = models_dir / f"{name}--{mod.replace(' ', '_').replace('%', 'pct')}.pt"
-                torch.save(copy_model.state_dict(), cpath)
-                suspects.append((name, mod, cpath, _accuracy(copy_model, x[test], y[test])))
+            for n, (mod, copy_model) in enumerate(_copies(model, x[~test], y[~test], seed).items()):
+                style = PUBLISH_STYLES[(n + seed + len(originals)) % len(PUBLISH_STYLES)]
+                base = models_dir / f"{name}--{mod.replace(' ', '_').replace('%', 'pct')}"
+                acc = _accuracy(copy_model, x[test], y[test])
+                suspects.append((name, mod, style, _publish(copy_model, base, style, x[:1]), acc))
             print(f"  trained {name:14s} test accuracy {_accuracy(model, x[test], y[test]):.3f}")
     print(f"trained {len(originals)} originals and {len(suspects)} copies in {time.perf_counter() - t0:.1f} s")
 
@@ -187,13 +229,18 @@ def _run(args: argparse.Namespace, workdir: Path) -> int:
     found = 0
     with HashDB(str(db_path), bits=args.bits, codec=hasher.config) as db:
         t0 = time.perf_counter()
-        keys = list(originals)
-        db.insert_many(keys, [hasher.hash(originals[k]) for k in keys], [{"file": str(originals[k])} for k in keys])
-        print(f"hashed and stored {len(db)} originals in {time.perf_counter() - t0:.2f} s; copy radius {radius}")
+        hashed = hash_files([originals_dir], bits=args.bits)  # a folder: one entry per model file in it
+        failed = [str(code) for _, code in hashed if isinstance(code, Exception)]
+        if failed:
+            raise ModelFormatError("; ".join(failed))
+        keys = [Path(key).stem for key, _ in hashed]
+        db.insert_many(keys, [code for _, code in hashed], [{"file": key} for key, _ in hashed])
+        print(f"hashed the folder {originals_dir.name}/ and stored {len(db)} originals in "
+              f"{time.perf_counter() - t0:.2f} s; copy radius {radius}")  # fmt: skip
         print()
-        header = f"{'suspect (true original / modification)':44s} {'acc':>5s}  {'nearest original':16s} {'dist':>4s}"
-        print(header + "  verdict")
-        for true, mod, path, acc in suspects:
+        header = f"{'suspect (true original / modification)':40s} {'published as':19s} {'acc':>5s}  "
+        print(header + f"{'nearest original':16s} {'dist':>4s}  verdict")
+        for true, mod, style, path, acc in suspects:
             code = hasher.hash(path)
             nearest, dist = db.knn(code, 1)[0]
             hit = [k for k, _ in db.radius(code, radius)]
@@ -201,7 +248,7 @@ def _run(args: argparse.Namespace, workdir: Path) -> int:
             found += ok
             verdict = "copy of " + ", ".join(hit) if hit else "no match"
             flag = "" if ok else "   <-- WRONG"
-            print(f"{true + ' / ' + mod:44s} {acc:5.3f}  {nearest:16s} {dist:4d}  {verdict}{flag}")
+            print(f"{true + ' / ' + mod:40s} {style:19s} {acc:5.3f}  {nearest:16s} {dist:4d}  {verdict}{flag}")
         distinct = [
             db.knn(db.get(k)[0], 2)[1][1] for k in keys
         ]  # distance from each original to its nearest *other* original
@@ -209,7 +256,7 @@ def _run(args: argparse.Namespace, workdir: Path) -> int:
     print(f"found {found}/{len(suspects)} copies at radius {radius}; nearest distinct originals are "
           f"{min(distinct)}..{max(distinct)} bits apart (of {args.bits})")
     if args.dir:
-        print(f"models in {models_dir}, database in {db_path} (try: hashdb query {db_path} {suspects[0][2]})")
+        print(f"models in {models_dir}, database in {db_path} (try: hashdb query {db_path} {suspects[0][3]})")
     return 0 if found == len(suspects) else 1
 
 
