@@ -15,6 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +142,9 @@ def _publish(model: Any, base: Path, style: str, example: Any) -> Path:
     elif style == "whole nn.Module":
         torch.save(model, path := base.with_suffix(".pt"))
     elif style == "TorchScript":
-        torch.jit.trace(model.eval(), example).save(str(path := base.with_suffix(".pt")))
+        with warnings.catch_warnings():  # torch deprecates tracing, but TorchScript files are still published
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.trace(model.eval(), example).save(str(path := base.with_suffix(".pt")))
     elif style == "legacy .pt":
         torch.save(model.state_dict(), path := base.with_suffix(".pt"), _use_new_zipfile_serialization=False)
     elif style == "HF folder, 2 shards":
