@@ -573,6 +573,29 @@ def test_kernel_cap_keeps_the_largest_kernels_whatever_their_order() -> None:
     assert cap_pool(blocks, 10_000) == blocks
 
 
+@pytest.mark.parametrize("cap", [64, 100, 424, 700, 10_000])
+def test_streaming_cap_gives_the_arrays_of_kernel_pools_then_cap_pool(cap: int) -> None:
+    from hashdb.codec.select import cap_pool, capped_pools, kernel_pools
+
+    rng = np.random.default_rng(2)
+    layers = []
+    for i in range(9):  # two kernel shapes, an empty layer, and many tied norms (quantized values)
+        ks = (3, 3) if i % 3 else (5,)
+        n = 0 if i == 4 else int(rng.integers(20, 300))
+        v = np.round(rng.standard_normal((n, int(np.prod(ks)))) * 2).astype(np.float32) / 2
+        layers.append((ks, v))
+    want = [(ks, cap_pool(blocks, cap)) for ks, blocks in kernel_pools(layers)]
+    got = capped_pools(iter(layers), cap)
+    assert [ks for ks, _ in got] == [ks for ks, _ in want]
+    for (_, gb), (_, wb) in zip(got, want, strict=True):
+        assert len(gb) == len(wb)
+        for g, w in zip(gb, wb, strict=True):
+            assert g.dtype == w.dtype and g.shape == w.shape and np.array_equal(g, w)
+    assert all(sum(map(len, b)) > cap for _, b in kernel_pools(layers)) == (cap < 425)  # 425 and 757 kernels
+    with pytest.raises(ModelFormatError, match="no non-zero"):
+        capped_pools([((3, 3), np.zeros((0, 9), np.float32))], cap)
+
+
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_non_finite_conv_weights_are_refused_naming_the_file(tmp_path, value):
     w = np.random.default_rng(0).standard_normal((16, 8, 3, 3)).astype(np.float32)
