@@ -317,6 +317,7 @@ def main() -> None:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     command = "python3 bench/formats_bench.py" + ("" if args.params == 25e6 else f" --params {args.params:g}")
+    command += "" if args.repeats == 3 else f" --repeats {args.repeats}"
     lines = [
         "## Model file formats: load + hash time and peak memory (bench/formats_bench.py)",
         "",
@@ -336,11 +337,15 @@ def main() -> None:
     if floor and files_rows:
         extra = [(r[4] - floor[0][4]) * 1e6 / wbytes for r in files_rows]
         slow = [r[0] for r in files_rows if r[3] > 1.5]
+        big = [r[0] for r in rows if r[5] >= 2.0]
+        worst = max(files_rows, key=lambda r: r[5])
         lines += [
             "",
             f"The codec alone (in-memory row, weights allocated before the mark) peaks at {floor[0][5]:.2f}x "
-            f"the weights; reading a file adds {min(extra):.2f}-{max(extra):.2f}x on top (the weights "
-            f"themselves, mapped or read). Over 1.5x the safetensors time: {', '.join(slow) or 'none'}.",
+            f"the weights; with a file the peak is {min(extra):.2f}-{max(extra):.2f}x above that (the weights "
+            f"themselves, mapped or read, and what a reader holds while reading: the highest, {worst[0]}, "
+            f"{worst[5]:.2f}x). At or over 2x the weights: {', '.join(big) or 'none'}. Over 1.5x the "
+            f"safetensors time: {', '.join(slow) or 'none'}.",
         ]
     if notes:
         lines += ["", *notes]
