@@ -148,23 +148,33 @@ def _balance(w: np.ndarray, sweeps: int, inplace: bool = False) -> tuple[np.ndar
     mask = norms > 0
     if w.size == 0:
         return np.zeros((0, 0, w.shape[2]), dtype=np.float32), mask
-    logn = np.log(np.where(mask, norms, 1.0))
+    # The (out, in) temporaries are reused in place (a layer of 3x3 kernels has 2/9 of its bytes in each
+    # float64 one); every value is computed by the same operation on the same operands as a fresh array.
+    logn = np.where(mask, norms, 1.0)
+    del norms
+    np.log(logn, out=logn)
     if mask.all():
         row = logn.mean(axis=1)
-        col = (logn - row[:, None]).mean(axis=0)
+        logn -= row[:, None]
+        col = logn.mean(axis=0)
     else:
         row = np.zeros(w.shape[0])
         col = np.zeros(w.shape[1])
         cnt_r = mask.sum(axis=1)
         cnt_c = mask.sum(axis=0)
-        logn = np.where(mask, logn, 0.0)
+        logn[~mask] = 0.0
+        tmp = np.empty_like(logn)
         for _ in range(sweeps):  # alternating masked means; converges in a few sweeps on pruning patterns
-            row = (logn - mask * col[None, :]).sum(axis=1) / cnt_r
-            new_col = (logn - mask * row[:, None]).sum(axis=0) / cnt_c
+            np.multiply(mask, col[None, :], out=tmp)
+            row = np.subtract(logn, tmp, out=tmp).sum(axis=1) / cnt_r
+            np.multiply(mask, row[:, None], out=tmp)
+            new_col = np.subtract(logn, tmp, out=tmp).sum(axis=0) / cnt_c
             done = np.abs(new_col - col).max() < 1e-9
             col = new_col
             if done:
                 break
+        del tmp
+    del logn
     # log-norms of finite float32 kernels lie within about +-104, so these exponentials are finite in float64
     scale64 = np.exp(-row)[:, None] * np.exp(-col)[None, :]
     with np.errstate(over="ignore"):  # checked just below
@@ -173,6 +183,7 @@ def _balance(w: np.ndarray, sweeps: int, inplace: bool = False) -> tuple[np.ndar
         # The scale of a kernel is about 1 / its norm, which float32 cannot hold for norms near the ends of its
         # range (1/1e-40 overflows); the product itself is about 1, so form it in float64 and round once.
         return (w * scale64[:, :, None]).astype(np.float32), mask
+    del scale64
     if inplace and w.flags.writeable and w.dtype == np.float32:
         w *= scale[:, :, None]
         return w, mask
@@ -206,25 +217,53 @@ def important_kernels(w: np.ndarray, prune: float, rule: str = "relative") -> np
     """
     b, mask = _balance(w.reshape(w.shape[0], w.shape[1], -1), 30)
     if prune > 0 and b.size:
-        # One float scratch buffer of b's size: |b| partitioned in place for the order statistic (its value
-        # does not depend on how the array was ordered), then |b| again for the mask.
-        a = np.abs(b).reshape(-1)
+        b = np.ascontiguousarray(b)  # pruned and compacted in place below, through flat views
+        values = b.reshape(-1)
         if rule == "quantile":
-            n_cut = int(prune * a.size)
-            if n_cut > 0:
-                a.partition(n_cut - 1)
-            thr = a[n_cut - 1] if n_cut > 0 else -1.0
+            n_cut = int(prune * values.size)
+            thr = _kth_abs(values, n_cut - 1) if n_cut > 0 else -1.0
         else:  # relative to the 90th percentile, which pruning the small weights does not move
-            i90 = min(a.size - 1, int(0.9 * a.size))
-            a.partition(i90)
-            thr = prune / 0.9 * a[i90]
-        keep = np.greater(np.abs(b, out=a.reshape(b.shape)), thr)
-        del a
-        b *= keep
-        del keep
+            i90 = min(values.size - 1, int(0.9 * values.size))
+            thr = prune / 0.9 * _kth_abs(values, i90)
+        for s in range(0, values.size, _CHUNK):
+            part = values[s : s + _CHUNK]
+            part *= np.abs(part) > thr
+        del values, part
         b, mask = _balance(b, 30, inplace=True)
     flat = b.reshape(-1, b.shape[2])
-    return flat if mask.all() else flat[mask.ravel()]
+    if mask.all():
+        return flat
+    if not flat.flags.c_contiguous or not flat.flags.writeable:
+        return flat[mask.ravel()]
+    # Compact the kept rows to the front in place, in chunks: row j takes row idx[j] >= j, and a chunk only
+    # overwrites rows that no later chunk reads. The result is a prefix view of b: no second layer-sized array.
+    idx = np.flatnonzero(mask.ravel())
+    rows = max(1, _CHUNK // max(1, flat.shape[1]))
+    for j in range(0, len(idx), rows):
+        src = idx[j : j + rows]
+        flat[j : j + len(src)] = flat[src]
+    return flat[: len(idx)]
+
+
+_CHUNK = 1 << 18  # values per temporary in the chunked passes of important_kernels
+
+
+def _kth_abs(values: np.ndarray, k: int) -> np.floating:
+    """``np.partition(np.abs(values), k)[k]`` of a flat finite float32 array, with chunk-sized temporaries
+    instead of a copy of the whole layer: |x| of a float32 orders like its bit pattern, so a histogram of the
+    top 16 bits finds the bucket holding rank ``k`` and only that bucket's values are partitioned."""
+    counts = np.zeros(1 << 16, dtype=np.int64)
+    for s in range(0, values.size, _CHUNK):
+        counts += np.bincount(np.abs(values[s : s + _CHUNK]).view(np.uint32) >> 16, minlength=1 << 16)
+    cum = np.cumsum(counts)
+    bucket = int(np.searchsorted(cum, k, side="right"))  # the first bucket with more than k values at or below it
+    below = int(cum[bucket - 1]) if bucket else 0
+    picked = []
+    for s in range(0, values.size, _CHUNK):
+        a = np.abs(values[s : s + _CHUNK])
+        picked.append(a[(a.view(np.uint32) >> 16) == bucket])
+    inside = np.concatenate(picked)
+    return np.partition(inside, k - below)[k - below]
 
 
 def kernel_pools(layers: Sequence[tuple[tuple[int, ...], np.ndarray]]) -> list[Pool]:
