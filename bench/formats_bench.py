@@ -145,7 +145,7 @@ def _has_reader(name: str) -> bool:
 
 
 def _other_helpers_formats(sd: dict[str, np.ndarray], folder: Path) -> dict[str, Path | str]:
-    """Keras (HDF5 written with h5py the way Keras 2 and Keras 3 lay it out), Flax msgpack; TFLite noted."""
+    """Keras (HDF5 written with h5py the way Keras 2 and Keras 3 lay it out), Flax msgpack, TFLite."""
     out: dict[str, Path | str] = {}
     n = len(sd) // 2
     layers = [(f"conv2d_{i}", sd[f"{i}.weight"].transpose(2, 3, 1, 0), sd[f"{i}.bias"]) for i in range(n)]
@@ -195,11 +195,32 @@ def _other_helpers_formats(sd: dict[str, np.ndarray], folder: Path) -> dict[str,
         tree = {"params": {f"Conv_{i}": {"kernel": ext(k), "bias": ext(b)} for i, (_, k, b) in enumerate(layers)}}
         (folder / "m.msgpack").write_bytes(msgpack.packb(tree))
         out["flax .msgpack"] = folder / "m.msgpack"
-    if _has_reader("tflite"):
-        out["tflite"] = "skipped: needs a TFLite flatbuffer writer (the tflite helper's fixtures)"
-    else:
+    if not _has_reader("tflite"):
         out["tflite"] = "skipped: hashdb/codec/readers/tflite.py is not here yet"
+    elif importlib.util.find_spec("flatbuffers") is None:
+        out["tflite"] = "skipped: the flatbuffers package is not installed"
+    else:
+        out["tflite"] = _write_tflite(sd, folder / "m.tflite")
     return out
+
+
+def _write_tflite(sd: dict[str, np.ndarray], path: Path) -> Path:
+    """A chain of CONV_2D ops (float32 OHWI kernels), written with the flatbuffers Builder by the writer of
+    tests/test_formats_tflite.py (the fixtures the LiteRT interpreter is checked against there)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        from test_formats_tflite import TFLiteModel, add_conv
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    n = len(sd) // 2
+    m = TFLiteModel()
+    hw = 2 * n + 4
+    x = m.tensor("input", (1, hw, hw, 3))
+    for i in range(n):
+        x = add_conv(m, x, hw, sd[f"{i}.weight"], "f32", f"conv{i}")
+        hw -= 2
+    path.write_bytes(m.to_bytes([0], [x]))
+    return path
 
 
 # ---------------------------------------------------------------- measuring
@@ -296,6 +317,7 @@ def main() -> None:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     command = "python3 bench/formats_bench.py" + ("" if args.params == 25e6 else f" --params {args.params:g}")
+    command += "" if args.repeats == 3 else f" --repeats {args.repeats}"
     lines = [
         "## Model file formats: load + hash time and peak memory (bench/formats_bench.py)",
         "",
@@ -315,11 +337,15 @@ def main() -> None:
     if floor and files_rows:
         extra = [(r[4] - floor[0][4]) * 1e6 / wbytes for r in files_rows]
         slow = [r[0] for r in files_rows if r[3] > 1.5]
+        big = [r[0] for r in rows if r[5] >= 2.0]
+        worst = max(files_rows, key=lambda r: r[5])
         lines += [
             "",
             f"The codec alone (in-memory row, weights allocated before the mark) peaks at {floor[0][5]:.2f}x "
-            f"the weights; reading a file adds {min(extra):.2f}-{max(extra):.2f}x on top (the weights "
-            f"themselves, mapped or read). Over 1.5x the safetensors time: {', '.join(slow) or 'none'}.",
+            f"the weights; with a file the peak is {min(extra):.2f}-{max(extra):.2f}x above that (the weights "
+            f"themselves, mapped or read, and what a reader holds while reading: the highest, {worst[0]}, "
+            f"{worst[5]:.2f}x). At or over 2x the weights: {', '.join(big) or 'none'}. Over 1.5x the "
+            f"safetensors time: {', '.join(slow) or 'none'}.",
         ]
     if notes:
         lines += ["", *notes]

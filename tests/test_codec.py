@@ -573,6 +573,71 @@ def test_kernel_cap_keeps_the_largest_kernels_whatever_their_order() -> None:
     assert cap_pool(blocks, 10_000) == blocks
 
 
+def _important_kernels_reference(w: np.ndarray, prune: float, rule: str) -> np.ndarray:
+    """important_kernels as it was written before its chunked passes (full-size |b| copy and masks)."""
+    from hashdb.codec.select import _balance
+
+    b, mask = _balance(w.reshape(w.shape[0], w.shape[1], -1), 30)
+    if prune > 0 and b.size:
+        a = np.abs(b)
+        if rule == "quantile":
+            n_cut = int(prune * a.size)
+            thr = np.partition(a.ravel(), n_cut - 1)[n_cut - 1] if n_cut > 0 else -1.0
+        else:
+            i90 = min(a.size - 1, int(0.9 * a.size))
+            thr = prune / 0.9 * np.partition(a.ravel(), i90)[i90]
+        b *= a > thr
+        b, mask = _balance(b, 30, inplace=True)
+    flat = b.reshape(-1, b.shape[2])
+    return flat if mask.all() else flat[mask.ravel()]
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1 << 18])
+@pytest.mark.parametrize(
+    ("prune", "rule"), [(0.5, "relative"), (0.9, "relative"), (0.3, "quantile"), (0.0, "relative")]
+)
+def test_chunked_important_kernels_equal_the_full_size_computation(monkeypatch, chunk, prune, rule) -> None:
+    from hashdb.codec import select
+
+    monkeypatch.setattr(select, "_CHUNK", chunk)
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((40, 24, 3, 3)).astype(np.float32)
+    w[::5] *= 1e-3  # small filters: whole kernels fall under the pruning threshold
+    w[:, 3] = np.round(w[:, 3])  # ties and exact zeros
+    w[7, 9] = 0.0
+    w[2] = 0.0  # an all-zero filter: removed by balancing
+    got = select.important_kernels(w, prune, rule)
+    want = _important_kernels_reference(w, prune, rule)
+    assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
+    assert len(got) < 40 * 24  # some kernels were dropped: the compaction ran
+    a = np.abs(w.ravel())
+    for k in (0, 5, a.size // 2, a.size - 1):
+        assert select._kth_abs(w.ravel(), k) == np.partition(a, k)[k]
+
+
+@pytest.mark.parametrize("cap", [64, 100, 424, 700, 10_000])
+def test_streaming_cap_gives_the_arrays_of_kernel_pools_then_cap_pool(cap: int) -> None:
+    from hashdb.codec.select import cap_pool, capped_pools, kernel_pools
+
+    rng = np.random.default_rng(2)
+    layers = []
+    for i in range(9):  # two kernel shapes, an empty layer, and many tied norms (quantized values)
+        ks = (3, 3) if i % 3 else (5,)
+        n = 0 if i == 4 else int(rng.integers(20, 300))
+        v = np.round(rng.standard_normal((n, int(np.prod(ks)))) * 2).astype(np.float32) / 2
+        layers.append((ks, v))
+    want = [(ks, cap_pool(blocks, cap)) for ks, blocks in kernel_pools(layers)]
+    got = capped_pools(iter(layers), cap)
+    assert [ks for ks, _ in got] == [ks for ks, _ in want]
+    for (_, gb), (_, wb) in zip(got, want, strict=True):
+        assert len(gb) == len(wb)
+        for g, w in zip(gb, wb, strict=True):
+            assert g.dtype == w.dtype and g.shape == w.shape and np.array_equal(g, w)
+    assert all(sum(map(len, b)) > cap for _, b in kernel_pools(layers)) == (cap < 425)  # 425 and 757 kernels
+    with pytest.raises(ModelFormatError, match="no non-zero"):
+        capped_pools([((3, 3), np.zeros((0, 9), np.float32))], cap)
+
+
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_non_finite_conv_weights_are_refused_naming_the_file(tmp_path, value):
     w = np.random.default_rng(0).standard_normal((16, 8, 3, 3)).astype(np.float32)

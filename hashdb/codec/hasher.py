@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,7 @@ from ..errors import InvalidArgument, ModelFormatError
 from .encode import ENCODINGS, encode
 from .load import load_tensors
 from .nts import CONTRASTS, FEATURES, projection_statistics
-from .select import PRUNE_RULES, Pool, cap_pool, conv_layers, important_kernels, kernel_pools
+from .select import PRUNE_RULES, Pool, capped_pools, conv_layer, conv_plan, important_kernels, kernel_shape
 
 CODEC_VERSION = "nts-dihedral-2"
 
@@ -146,18 +146,28 @@ class ModelHasher:
         """The capped kernel pools of one model (load -> select): what ``features`` projects."""
         where = _where(source)
         tensors = load_tensors(source, max_bytes=self.max_bytes)
-        layers = conv_layers(tensors, layout=self.layout, include_linear=self.include_linear)
-        if not layers:
+        plan = conv_plan(tensors, layout=self.layout, include_linear=self.include_linear)
+        if not plan:
             raise ModelFormatError(f"{where}: no convolution weights found ({len(tensors)} tensors)")
-        bad = sum(not np.isfinite(w).all() for w in layers)
+        bad = sum(not np.isfinite(tensors[i].array).all() for i, _ in plan)
         if bad:  # NaN/inf would silently poison every statistic of a pool
             raise ModelFormatError(f"{where}: {bad} convolution weight tensor(s) hold NaN or infinite values")
-        if any(w[0, 0].size > 1 for w in layers):  # 1x1 kernels have no direction to project on: skip their cost
-            layers = [w for w in layers if w[0, 0].size > 1]
+        shapes = [kernel_shape(tensors[i].array, read) for i, read in plan]
+        if any(int(np.prod(ks)) > 1 for ks in shapes):  # 1x1 kernels have no direction to project on: skip them
+            plan = [p for p, ks in zip(plan, shapes, strict=True) if int(np.prod(ks)) > 1]
+        arrays: list[np.ndarray | None] = [t.array for t in tensors]
+        del tensors  # each layer's array is dropped once its important kernels are taken
+
+        def kernels() -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+            for i, read in plan:
+                w = conv_layer(arrays[i], read)  # type: ignore[arg-type]
+                arrays[i] = None
+                yield w.shape[2:], important_kernels(w, self.prune, self.prune_rule)
+                del w
+
         try:
             with _one_blas_thread():
-                pools = kernel_pools([(w.shape[2:], important_kernels(w, self.prune, self.prune_rule)) for w in layers])
-                return [(ks, cap_pool(blocks, self.max_kernels)) for ks, blocks in pools]
+                return capped_pools(kernels(), self.max_kernels)
         except (ModelFormatError, ValueError) as exc:
             raise ModelFormatError(f"{where}: {exc}") from None
 

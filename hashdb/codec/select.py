@@ -22,7 +22,7 @@ Steps, each a pure function over numpy arrays:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -62,9 +62,7 @@ def guess_layout(shape: Sequence[int]) -> str | None:
     return None
 
 
-def conv_layers(
-    tensors: Sequence[NamedTensor], layout: str = "auto", include_linear: bool = False
-) -> list[np.ndarray]:
+def conv_layers(tensors: Sequence[NamedTensor], layout: str = "auto", include_linear: bool = False) -> list[np.ndarray]:
     """Convolution (and optionally linear) weights as float32 arrays (out, in, *kernel shape), in source order.
 
     1-D tensors (biases, BatchNorm statistics) and scalars are dropped. A tensor whose file stated its layout
@@ -72,6 +70,15 @@ def conv_layers(
     is 'auto', 'oihw' or 'hwio'; 'auto' reads each unambiguous tensor by its shape and ambiguous ones
     (3x3x3x3) by the majority.
     """
+    return [conv_layer(tensors[i].array, read) for i, read in conv_plan(tensors, layout, include_linear)]
+
+
+def conv_plan(
+    tensors: Sequence[NamedTensor], layout: str = "auto", include_linear: bool = False
+) -> list[tuple[int, str]]:
+    """What ``conv_layers`` takes, without making any array: (index into ``tensors``, 'oihw' | 'hwio') in
+    source order; ``conv_layer(tensors[i].array, read)`` makes the layer (a transposed copy for 'hwio'), so a
+    caller can make, use and drop the layers one at a time."""
     if layout not in ("auto", "oihw", "hwio"):
         raise ValueError(f"layout must be 'auto', 'oihw' or 'hwio', got {layout!r}")
     stated = [t.layout == "oihw" and t.array.ndim >= 3 for t in tensors]
@@ -79,26 +86,35 @@ def conv_layers(
     if layout == "auto":
         n_oihw, n_hwio = guesses.count("oihw"), guesses.count("hwio")
         majority = "hwio" if n_hwio > n_oihw else "oihw"
-    out: list[np.ndarray] = []
-    for (_, arr, _), guess in zip(tensors, guesses, strict=True):
+    out: list[tuple[int, str]] = []
+    for i, ((_, arr, _), guess) in enumerate(zip(tensors, guesses, strict=True)):
         if guess == "stated":
-            out.append(arr)
+            out.append((i, "oihw"))
             continue
         if arr.ndim == 2 and include_linear:
             if min(arr.shape) >= 2:  # orientation is irrelevant: balancing and pooling treat rows and columns alike
-                out.append(arr)
+                out.append((i, "oihw"))
             continue
         if guess is None:
             continue
         read = layout if layout != "auto" else (majority if guess == "both" else guess)
         if layout != "auto" and guess not in (read, "both"):
             continue  # a tensor that cannot be a kernel in the forced layout
-        w = arr
-        if read == "hwio":
-            ks = arr.ndim - 2
-            w = np.ascontiguousarray(np.moveaxis(w, (ks + 1, ks), (0, 1)))  # (..., in, out) -> (out, in, ...)
-        out.append(w)
+        out.append((i, read))
     return out
+
+
+def conv_layer(arr: np.ndarray, read: str) -> np.ndarray:
+    """One layer of ``conv_plan``: ``arr`` itself for 'oihw', an (out, in, ...) contiguous copy for 'hwio'."""
+    if read != "hwio":
+        return arr
+    ks = arr.ndim - 2
+    return np.ascontiguousarray(np.moveaxis(arr, (ks + 1, ks), (0, 1)))  # (..., in, out) -> (out, in, ...)
+
+
+def kernel_shape(arr: np.ndarray, read: str) -> tuple[int, ...]:
+    """The kernel shape ``conv_layer(arr, read)`` will have (its dims after (out, in)), without making it."""
+    return tuple(arr.shape[: arr.ndim - 2] if read == "hwio" else arr.shape[2:])
 
 
 # Kernel norms are summed in float32 (fast, and the values every existing code was made with) unless a squared
@@ -132,23 +148,33 @@ def _balance(w: np.ndarray, sweeps: int, inplace: bool = False) -> tuple[np.ndar
     mask = norms > 0
     if w.size == 0:
         return np.zeros((0, 0, w.shape[2]), dtype=np.float32), mask
-    logn = np.log(np.where(mask, norms, 1.0))
+    # The (out, in) temporaries are reused in place (a layer of 3x3 kernels has 2/9 of its bytes in each
+    # float64 one); every value is computed by the same operation on the same operands as a fresh array.
+    logn = np.where(mask, norms, 1.0)
+    del norms
+    np.log(logn, out=logn)
     if mask.all():
         row = logn.mean(axis=1)
-        col = (logn - row[:, None]).mean(axis=0)
+        logn -= row[:, None]
+        col = logn.mean(axis=0)
     else:
         row = np.zeros(w.shape[0])
         col = np.zeros(w.shape[1])
         cnt_r = mask.sum(axis=1)
         cnt_c = mask.sum(axis=0)
-        logn = np.where(mask, logn, 0.0)
+        logn[~mask] = 0.0
+        tmp = np.empty_like(logn)
         for _ in range(sweeps):  # alternating masked means; converges in a few sweeps on pruning patterns
-            row = (logn - mask * col[None, :]).sum(axis=1) / cnt_r
-            new_col = (logn - mask * row[:, None]).sum(axis=0) / cnt_c
+            np.multiply(mask, col[None, :], out=tmp)
+            row = np.subtract(logn, tmp, out=tmp).sum(axis=1) / cnt_r
+            np.multiply(mask, row[:, None], out=tmp)
+            new_col = np.subtract(logn, tmp, out=tmp).sum(axis=0) / cnt_c
             done = np.abs(new_col - col).max() < 1e-9
             col = new_col
             if done:
                 break
+        del tmp
+    del logn
     # log-norms of finite float32 kernels lie within about +-104, so these exponentials are finite in float64
     scale64 = np.exp(-row)[:, None] * np.exp(-col)[None, :]
     with np.errstate(over="ignore"):  # checked just below
@@ -157,6 +183,7 @@ def _balance(w: np.ndarray, sweeps: int, inplace: bool = False) -> tuple[np.ndar
         # The scale of a kernel is about 1 / its norm, which float32 cannot hold for norms near the ends of its
         # range (1/1e-40 overflows); the product itself is about 1, so form it in float64 and round once.
         return (w * scale64[:, :, None]).astype(np.float32), mask
+    del scale64
     if inplace and w.flags.writeable and w.dtype == np.float32:
         w *= scale[:, :, None]
         return w, mask
@@ -190,17 +217,53 @@ def important_kernels(w: np.ndarray, prune: float, rule: str = "relative") -> np
     """
     b, mask = _balance(w.reshape(w.shape[0], w.shape[1], -1), 30)
     if prune > 0 and b.size:
-        a = np.abs(b)
+        b = np.ascontiguousarray(b)  # pruned and compacted in place below, through flat views
+        values = b.reshape(-1)
         if rule == "quantile":
-            n_cut = int(prune * a.size)
-            thr = np.partition(a.ravel(), n_cut - 1)[n_cut - 1] if n_cut > 0 else -1.0
+            n_cut = int(prune * values.size)
+            thr = _kth_abs(values, n_cut - 1) if n_cut > 0 else -1.0
         else:  # relative to the 90th percentile, which pruning the small weights does not move
-            i90 = min(a.size - 1, int(0.9 * a.size))
-            thr = prune / 0.9 * np.partition(a.ravel(), i90)[i90]
-        b *= a > thr
+            i90 = min(values.size - 1, int(0.9 * values.size))
+            thr = prune / 0.9 * _kth_abs(values, i90)
+        for s in range(0, values.size, _CHUNK):
+            part = values[s : s + _CHUNK]
+            part *= np.abs(part) > thr
+        del values, part
         b, mask = _balance(b, 30, inplace=True)
     flat = b.reshape(-1, b.shape[2])
-    return flat if mask.all() else flat[mask.ravel()]
+    if mask.all():
+        return flat
+    if not flat.flags.c_contiguous or not flat.flags.writeable:
+        return flat[mask.ravel()]
+    # Compact the kept rows to the front in place, in chunks: row j takes row idx[j] >= j, and a chunk only
+    # overwrites rows that no later chunk reads. The result is a prefix view of b: no second layer-sized array.
+    idx = np.flatnonzero(mask.ravel())
+    rows = max(1, _CHUNK // max(1, flat.shape[1]))
+    for j in range(0, len(idx), rows):
+        src = idx[j : j + rows]
+        flat[j : j + len(src)] = flat[src]
+    return flat[: len(idx)]
+
+
+_CHUNK = 1 << 18  # values per temporary in the chunked passes of important_kernels
+
+
+def _kth_abs(values: np.ndarray, k: int) -> np.floating:
+    """``np.partition(np.abs(values), k)[k]`` of a flat finite float32 array, with chunk-sized temporaries
+    instead of a copy of the whole layer: |x| of a float32 orders like its bit pattern, so a histogram of the
+    top 16 bits finds the bucket holding rank ``k`` and only that bucket's values are partitioned."""
+    counts = np.zeros(1 << 16, dtype=np.int64)
+    for s in range(0, values.size, _CHUNK):
+        counts += np.bincount(np.abs(values[s : s + _CHUNK]).view(np.uint32) >> 16, minlength=1 << 16)
+    cum = np.cumsum(counts)
+    bucket = int(np.searchsorted(cum, k, side="right"))  # the first bucket with more than k values at or below it
+    below = int(cum[bucket - 1]) if bucket else 0
+    picked = []
+    for s in range(0, values.size, _CHUNK):
+        a = np.abs(values[s : s + _CHUNK])
+        picked.append(a[(a.view(np.uint32) >> 16) == bucket])
+    inside = np.concatenate(picked)
+    return np.partition(inside, k - below)[k - below]
 
 
 def kernel_pools(layers: Sequence[tuple[tuple[int, ...], np.ndarray]]) -> list[Pool]:
@@ -231,3 +294,43 @@ def cap_pool(blocks: Sequence[np.ndarray], max_kernels: int) -> list[np.ndarray]
     allnorms = np.concatenate(norms)
     thr = np.partition(allnorms, n - max_kernels)[n - max_kernels]
     return [b[nb >= thr] for b, nb in zip(blocks, norms, strict=True)]
+
+
+def capped_pools(layers: Iterable[tuple[tuple[int, ...], np.ndarray]], max_kernels: int) -> list[Pool]:
+    """``cap_pool`` of every pool of ``kernel_pools(layers)``, the same arrays, in one pass over ``layers``
+    (an iterable: each layer's kernels can be made, taken and dropped in turn) that keeps only about
+    ``max_kernels`` kernels of each pool alive, not every layer's.
+
+    After each layer a pool over the cap keeps its kernels with norm >= its ``max_kernels``-th largest norm so
+    far. That drops no kernel the final cap keeps: one dropped had ``max_kernels`` larger ones in the pool, so
+    the whole model's threshold is above it. The kept rows keep their order and their norms (computed once on
+    the layer's block, as ``cap_pool`` does), and the final cut uses the same threshold as ``cap_pool``.
+    """
+    by_shape: dict[tuple[int, ...], tuple[list[np.ndarray], list[np.ndarray]]] = {}
+    seen: dict[tuple[int, ...], int] = {}
+    for kshape, v in layers:
+        if not len(v):
+            continue
+        ks = tuple(kshape)
+        blocks, norms = by_shape.setdefault(ks, ([], []))
+        blocks.append(v)
+        norms.append(np.einsum("nk,nk->n", v, v))
+        seen[ks] = seen.get(ks, 0) + len(v)
+        if seen[ks] > max_kernels:
+            _cut(blocks, norms, max_kernels)
+        del v
+    if not by_shape:
+        raise ModelFormatError("no non-zero convolution kernels")
+    return [(ks, by_shape[ks][0]) for ks in sorted(by_shape, key=lambda ks: (int(np.prod(ks)), ks))]
+
+
+def _cut(blocks: list[np.ndarray], norms: list[np.ndarray], max_kernels: int) -> None:
+    """Keep, in place, the kernels of ``blocks`` with norm >= the ``max_kernels``-th largest of ``norms``."""
+    n = sum(len(nb) for nb in norms)
+    if n <= max_kernels:
+        return
+    thr = np.partition(np.concatenate(norms), n - max_kernels)[n - max_kernels]
+    for j, (b, nb) in enumerate(zip(blocks, norms, strict=True)):
+        keep = nb >= thr
+        if not keep.all():
+            blocks[j], norms[j] = b[keep], nb[keep]
