@@ -6,10 +6,11 @@ Two exact methods, one answer (tests/test_pairs.py checks both against brute for
   pair within r agrees exactly on at least one of them, so only rows sharing a substring bucket are
   compared, and a pair is reported by the first table where its substrings agree (no dedupe set). Candidates
   number about m n^2 / 2^(bits/m): far below n^2 / 2 for small r (r = 16 at 256 bits: 17 tables of 15 bits).
-- ``"blocked"``: all pairs, in tiles of BLOCK x BLOCK rows that stay in L1, distances of one row against a
-  tile computed into a small buffer first (a loop LLVM vectorizes, popcount included) and filtered after.
-  At the codec's copy radius (about 0.3 x bits) no pigeonhole split prunes anything, so this is the method
-  there.
+- ``"blocked"``: all pairs, tile by tile, each row counted against a tile without a branch (a loop LLVM
+  vectorizes, popcount included) and walked again only when it has hits. At 256 bits the codes are
+  transposed once to (4, n) and four rows are counted at a time against contiguous columns (register
+  blocking: each column loaded serves four pairs). At the codec's copy radius (about 0.3 x bits) no
+  pigeonhole split prunes anything, so this is the method there.
 
 Both cut the work into tasks run by ``prange`` in waves; each task writes its first ``cap`` pairs into its
 own row of a wave buffer and counts them all, and the rare task that overflows is rerun alone with a buffer
