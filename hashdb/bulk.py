@@ -32,7 +32,7 @@ SINGLE_THREAD_ENV = {
     "NUMBA_NUM_THREADS": "1",
 }
 RAY_MISSING = "needs the optional 'ray' package: pip install hashdb[ray]"
-RAY_BATCH = 4  # units per Ray Data batch: small, so progress streams and a slow model does not stall a batch
+RAY_BATCH = 2  # units per actor call: small, so progress streams and a slow model does not stall a batch
 
 
 class BulkResult(NamedTuple):
@@ -149,9 +149,15 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 def _hash_in_pool(units: Sequence[Any], bits: int, kwargs: dict[str, Any], n: int) -> Iterator[BulkResult]:
     import multiprocessing
 
-    # spawn: children start clean and read SINGLE_THREAD_ENV before numpy loads (a fork would inherit
-    # this process's already-started BLAS and numba thread pools, and LMDB handles).
-    ctx = multiprocessing.get_context("spawn")
+    # Not a plain fork (it would inherit this process's already-started BLAS and numba thread pools, and LMDB
+    # handles): a forkserver, started clean with SINGLE_THREAD_ENV, imports hashdb.codec (numpy) once and
+    # forks every worker from that, so N workers do not each pay the import (0.25 s apiece measured on 2
+    # loaded cores); spawn where there is no forkserver.
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["hashdb.codec"])
+    else:
+        ctx = multiprocessing.get_context("spawn")
     with _environment(SINGLE_THREAD_ENV):
         pool = ctx.Pool(n, initializer=_init_worker, initargs=(bits, kwargs))
     try:
@@ -192,7 +198,8 @@ def ray_init(address: str | None, num_cpus: int | None = None) -> bool:
 
 
 class _RayHasher:
-    """A Ray Data actor: builds its ModelHasher once, then hashes batches of units."""
+    """A Ray actor: builds its ModelHasher once (hashdb.codec and numpy only: no torch, no Ray Data), then
+    hashes batches of (key, path) into (key, path, code, error message) tuples."""
 
     def __init__(self, bits: int, kwargs: dict[str, Any]) -> None:
         os.environ.update(SINGLE_THREAD_ENV)
@@ -200,40 +207,51 @@ class _RayHasher:
 
         self.hasher = ModelHasher(bits, **kwargs)
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        keys, paths, codes, errors = [], [], [], []
-        for key, path in zip(batch["key"], batch["path"], strict=True):
-            res = _hash_one(self.hasher, str(key), str(path))
-            keys.append(res.key)
-            paths.append(res.path)
-            codes.append(res.code.hex() if res.code is not None else "")
-            errors.append(str(res.error) if res.error is not None else "")
-        return {"key": keys, "path": paths, "code": codes, "error": errors}
+    def hash_batch(self, batch: list[tuple[str, str]]) -> list[tuple[str, str, bytes | None, str | None]]:
+        out = []
+        for key, path in batch:
+            res = _hash_one(self.hasher, key, path)
+            out.append((res.key, res.path, res.code, str(res.error) if res.error is not None else None))
+        return out
 
 
 def _hash_on_ray(
     units: Sequence[Any], bits: int, kwargs: dict[str, Any], workers: int | None, address: str | None
 ) -> Iterator[BulkResult]:
+    """N plain actors (one CPU each, started with SINGLE_THREAD_ENV), fed RAY_BATCH units at a time with two
+    batches in flight per actor, so an actor never waits for the driver; results are yielded as batches end."""
     ray = _ray()
     started = ray_init(address, num_cpus=workers)
+    actors: list[Any] = []
     try:
-        n = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False  # the caller draws its own
-        ds = ray.data.from_items([{"key": u.key, "path": os.fspath(u.path)} for u in units])
-        ds = ds.map_batches(
-            _RayHasher,
-            fn_constructor_args=(bits, kwargs),
-            batch_size=RAY_BATCH,
-            compute=ray.data.ActorPoolStrategy(size=min(n, len(units))),
-            num_cpus=1,
-            batch_format="default",
-        )
-        for row in ds.iter_rows():
-            code = bytes.fromhex(row["code"]) if row["code"] else None
-            error = ModelFormatError(row["error"]) if row["error"] else None
-            yield BulkResult(str(row["key"]), str(row["path"]), code, error)
+        n = min(workers or max(1, int(ray.cluster_resources().get("CPU", 1))), len(units))
+        # Actors need SINGLE_THREAD_ENV from process start. A job connected by ray_init already has it (and
+        # then reuses Ray's prestarted workers: 0.5-1 s sooner); otherwise each actor asks for it.
+        job_env = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
+        if all(job_env.get(k) == v for k, v in SINGLE_THREAD_ENV.items()):
+            cls = ray.remote(num_cpus=1)(_RayHasher)
+        else:
+            cls = ray.remote(num_cpus=1, runtime_env={"env_vars": dict(SINGLE_THREAD_ENV)})(_RayHasher)
+        actors = [cls.remote(bits, kwargs) for _ in range(n)]
+        items = [(u.key, os.fspath(u.path)) for u in units]
+        batches = iter([items[i : i + RAY_BATCH] for i in range(0, len(items), RAY_BATCH)])
+        pending: dict[Any, Any] = {}
+        for _ in range(2):
+            for actor in actors:
+                batch = next(batches, None)
+                if batch is not None:
+                    pending[actor.hash_batch.remote(batch)] = actor
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            actor = pending.pop(ref)
+            batch = next(batches, None)
+            if batch is not None:
+                pending[actor.hash_batch.remote(batch)] = actor
+            for key, path, code, error in ray.get(ref):
+                yield BulkResult(key, path, code, ModelFormatError(error) if error is not None else None)
     finally:
+        for actor in actors:
+            ray.kill(actor)
         if started:
             ray.shutdown()
 

@@ -172,3 +172,19 @@ def test_pairs_rejects_a_negative_radius_and_an_unknown_engine(tmp_path) -> None
             db.pairs(-1)
         with pytest.raises(InvalidArgument):
             db.pairs(3, engine="spark")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(2, 90), seed=st.integers(0, 2**16), r=st.integers(0, 140), cut=st.tuples(*[st.floats(0, 1)] * 4))
+def test_rectangle_join_equals_brute_force_on_any_rectangle(n: int, seed: int, r: int, cut: tuple) -> None:
+    """The 256-bit kernel (rows four at a time, each counting only columns above itself) on rectangles with
+    any alignment: exactly the brute-force pairs i < j inside it."""
+    packed = planted(max(1, n // 6), 6, noise=90, bits=256, seed=seed)[:n]
+    n = len(packed)
+    words = bytes_to_words(packed.tobytes(), 256).reshape(n, 4)
+    i0, i1 = sorted(int(c * n) for c in cut[:2])
+    j0, j1 = sorted(int(c * n) for c in cut[2:])
+    a, b, d = join.rectangle_join(words, r, i0, i1, j0, j1)
+    got = list(zip(a.tolist(), b.tolist(), d.tolist(), strict=True))
+    expected = {p for p in brute_rows(packed, r) if i0 <= p[0] < i1 and j0 <= p[1] < j1}
+    assert len(set(got)) == len(got) and set(got) == expected
