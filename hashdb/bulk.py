@@ -153,9 +153,11 @@ def _hash_in_pool(units: Sequence[Any], bits: int, kwargs: dict[str, Any], n: in
     # handles): a forkserver, started clean with SINGLE_THREAD_ENV, imports hashdb.codec (numpy) once and
     # forks every worker from that, so N workers do not each pay the import (0.25 s apiece measured on 2
     # loaded cores); spawn where there is no forkserver.
+    ctx: multiprocessing.context.BaseContext
     if "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["hashdb.codec"])
+        forkserver = multiprocessing.get_context("forkserver")
+        forkserver.set_forkserver_preload(["hashdb.codec"])
+        ctx = forkserver
     else:
         ctx = multiprocessing.get_context("spawn")
     with _environment(SINGLE_THREAD_ENV):
