@@ -590,7 +590,10 @@ def test_ctrl_c_during_add_commits_what_was_hashed_and_says_how_many(tmp_path):
     with open(out_path, "w") as out_file, open(err_path, "w") as err_file:
         # one worker: hashing in this process is slow enough that the interrupt lands mid-way
         proc = subprocess.Popen([sys.executable, "-m", "hashdb", "add", db, "--bits", "256", "--workers", "1", *files],
-                                stdout=out_file, stderr=err_file, cwd=str(REPO), env=env)  # fmt: skip
+                                stdout=out_file, stderr=err_file, cwd=str(REPO), env=env,
+                                # a shell that started this run in the background ignores SIGINT, and the
+                                # child would inherit that: give it the default a terminal would
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while "\n" not in out_path.read_text() and proc.poll() is None and time.monotonic() < deadline:
