@@ -426,14 +426,8 @@ def _hash_and_insert(records: list[_Record], hashers: _Hashers, batch: _Batch, p
         if record.code is not None:
             _hand_over(record, batch, progress)
             continue
-        path = record.path or record.key
-        if not os.path.exists(path):
-            batch.failed += 1
-            progress.message(f"hashdb: error: {_shown(path)}: no such file")
-            progress.advance()
-            continue
-        if record.key not in waiting:
-            units.append(ModelUnit(record.key, Path(path)))
+        if record.key not in waiting:  # a missing file comes back as its error, like any unreadable one
+            units.append(ModelUnit(record.key, Path(record.path or record.key)))
         waiting.setdefault(record.key, []).append(record)
     if not units:
         return
@@ -742,14 +736,12 @@ def _print_mapping(mapping: dict, indent: str = "") -> None:
 def cmd_clusters(args: argparse.Namespace) -> int:
     if args.radius is not None and args.radius < 0:
         raise UsageError("--radius must be >= 0")
-    if not os.path.exists(args.db):
-        raise UsageError(f"no database at {args.db}")
+    if not _is_database(args.db):  # the same checks and words as every other command's DB argument
+        raise _missing_database(args.db, create=False)
     from .db import HashDB
 
     with HashDB(args.db, bits=None, readonly=True) as db:
-        radius = args.radius
-        if radius is None:
-            radius = (db.codec or {}).get("copy_radius")
+        radius = args.radius if args.radius is not None else _copy_radius(db.codec)
         if radius is None:  # codes added as hex, no codec recorded: the codec's default at this width
             from .codec.hasher import ModelHasher
 

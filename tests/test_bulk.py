@@ -161,6 +161,8 @@ def test_cli_clusters_json_and_table(zoo, tmp_path, capsys) -> None:  # type: ig
     out = capsys.readouterr().out
     assert "cluster 1:" in out and "distance" in out and "within radius" in out
     assert main(["clusters", db, "--radius", "-1"]) == 2
+    assert main(["clusters", str(tmp_path / "missing")]) == 2  # named like every command's missing DB
+    assert "no hashdb database at" in capsys.readouterr().err
 
 
 # ---- Ray ----------------------------------------------------------------------------------------------------
