@@ -11,12 +11,16 @@ import numpy as np
 
 from ..codes import check_bits
 from ..errors import InvalidArgument, ModelFormatError
+from .chain import ChainConfig, chain_sketches
 from .encode import ENCODINGS, encode
 from .load import load_tensors
 from .nts import CONTRASTS, FEATURES, projection_statistics
+from .null import null_radius_fraction
 from .select import PRUNE_RULES, Pool, capped_pools, conv_layer, conv_plan, important_kernels, kernel_shape
 
-CODEC_VERSION = "nts-dihedral-2"
+CODEC_VERSION = "chain-sketch-3"  # the default codec: chain.py (canonical descriptors, Fourier sketches)
+LEGACY_CODEC = "nts-dihedral-2"  # codec v2 (pooled-kernel statistics), kept to query databases made with it
+CODECS = (CODEC_VERSION, LEGACY_CODEC)
 
 # copy_radius / bits that maximizes min(precision, recall) of light copies vs distinct models on the zoo, per
 # code length (bench/codec_sweep.py report; docs/codec.md); other lengths interpolate in log2(bits).
@@ -31,81 +35,124 @@ def radius_fraction_for(bits: int) -> float:
 
 
 class ModelHasher:
-    """Perceptual hash of a CNN's weights: near copies land within ``copy_radius`` bits of each other.
+    """Perceptual hash of a CNN's weights: copies land within ``copy_radius`` bits of each other, independently
+    trained models (even of the same architecture) about half the bits apart.
 
-    ``bits``: code length, a multiple of 64 in 64..2048. Tunables (keyword arguments; defaults are the
-    measured choices, see docs/codec.md): ``layout`` ('auto' | 'oihw' | 'hwio'), ``prune`` and ``prune_rule``
-    (which small balanced weights to ignore: 'relative' drops |w| <= prune / 0.9 * the layer's 90th
-    percentile of |w|, i.e. the fraction ``prune`` of a uniform layer; 'quantile' drops the fraction
-    ``prune`` of each layer), ``contrast`` ('dihedral' | 'none'), ``include_linear``, ``features`` (normal
-    test statistics per projection), ``encoding`` ('sign' | 'odd_sign' | 'median'), ``max_kernels``
-    (largest kernels kept per kernel size: bounds the cost on big models), ``radius_fraction``
-    (copy_radius / bits).
+    ``bits``: code length, a multiple of 64 in 64..2048. ``codec``: 'chain-sketch-3' (the default,
+    hashdb/codec/chain.py: channel descriptors propagated from the input in canonical coordinates, summed
+    through random Fourier features; independent bits for independently trained models, docs/codec.md) or
+    'nts-dihedral-2' (the previous codec, pooled-kernel statistics; kept so that databases made with it can
+    still be queried). Shared tunables: ``layout`` ('auto' | 'oihw' | 'hwio'), ``include_linear``,
+    ``radius_fraction`` (copy_radius / bits; default from the codec's fitted null).
+    Codec v3 tunables: ``dim`` (descriptor dimension), ``omega`` (Fourier frequency: higher is more
+    distinctive, lower more tolerant of fine-tuning), ``ridge`` (whitening regularisation).
+    Codec v2 tunables: ``prune``, ``prune_rule``, ``features``, ``encoding``, ``contrast``, ``max_kernels``.
 
-    ``hash`` / ``hash_bits`` give the code; ``features`` the statistics it binarizes and ``pools`` the kernel
-    pools those come from (one pipeline for the product and the benchmarks); ``feature_names`` names the
-    columns of ``features``.
-    ``max_bytes`` is the tensor bytes one model file may declare or inflate to (default HASHDB_MAX_MODEL_BYTES,
-    else 8 GiB; not part of the code's config).
+    ``hash`` / ``hash_bits`` give the code; ``features`` the real values it binarizes (sign); ``layer_sketches``
+    (v3) each layer's part of them. ``ModelHasher.from_config(db.codec)`` rebuilds the hasher a database was
+    made with. ``max_bytes`` is the tensor bytes one model file may declare or inflate to (default
+    HASHDB_MAX_MODEL_BYTES, else 8 GiB; not part of the code's config).
     """
 
     def __init__(
         self,
         bits: int = 256,
         *,
+        codec: str = CODEC_VERSION,
         layout: str = "auto",
+        include_linear: bool = False,
+        radius_fraction: float | None = None,
+        max_bytes: int | None = None,
+        dim: int = 32,
+        omega: float = 2.0,
+        ridge: float = 0.05,
         prune: float = 0.5,
         prune_rule: str = "relative",
-        include_linear: bool = False,
         features: Sequence[str] = ("skew", "kurt"),
         encoding: str = "sign",
         contrast: str = "dihedral",
         max_kernels: int = 1 << 17,
-        radius_fraction: float | None = None,
-        max_bytes: int | None = None,
     ) -> None:
         self.bits = check_bits(bits)
+        if codec not in CODECS:
+            raise InvalidArgument(f"codec must be one of {CODECS}, got {codec!r}")
+        self.codec = codec
         if max_bytes is not None and (not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes <= 0):
             raise InvalidArgument(f"max_bytes must be a positive int, got {max_bytes!r}")
         self.max_bytes = max_bytes
         if layout not in ("auto", "oihw", "hwio"):
             raise InvalidArgument(f"layout must be 'auto', 'oihw' or 'hwio', got {layout!r}")
-        if not (isinstance(prune, int | float) and 0.0 <= prune < 1.0):
-            raise InvalidArgument(f"prune must be in [0, 1), got {prune!r}")
-        features = tuple(features)
-        if not features or any(f not in FEATURES for f in features) or len(set(features)) != len(features):
-            raise InvalidArgument(f"features must be distinct names from {FEATURES}, got {features!r}")
-        if encoding not in ENCODINGS:
-            raise InvalidArgument(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
-        if not isinstance(max_kernels, int) or max_kernels < 64:
-            raise InvalidArgument(f"max_kernels must be an int >= 64, got {max_kernels!r}")
-        self.max_kernels = max_kernels
-        if contrast not in CONTRASTS:
-            raise InvalidArgument(f"contrast must be one of {CONTRASTS}, got {contrast!r}")
-        self.contrast = contrast
-        if prune_rule not in PRUNE_RULES:
-            raise InvalidArgument(f"prune_rule must be one of {PRUNE_RULES}, got {prune_rule!r}")
         self.layout = layout
-        self.prune = float(prune)
-        self.prune_rule = prune_rule
         self.include_linear = bool(include_linear)
-        self.feature_names = features  # the statistic of each column of features()
-        self.encoding = encoding
-        self.directions = -(-self.bits // len(features))
-        self.radius_fraction = radius_fraction_for(self.bits) if radius_fraction is None else float(radius_fraction)
+        if codec == CODEC_VERSION:
+            if not isinstance(dim, int) or isinstance(dim, bool) or not 4 <= dim <= 256:
+                raise InvalidArgument(f"dim must be an int in 4..256, got {dim!r}")
+            if not (isinstance(omega, int | float) and 0.0 < omega <= 100.0):
+                raise InvalidArgument(f"omega must be in (0, 100], got {omega!r}")
+            if not (isinstance(ridge, int | float) and 0.0 < ridge <= 10.0):
+                raise InvalidArgument(f"ridge must be in (0, 10], got {ridge!r}")
+            self.chain = ChainConfig(dim=dim, omega=float(omega), ridge=float(ridge))
+            self.feature_names: tuple[str, ...] = ("sketch",)
+            self.directions = self.bits
+            default_fraction = null_radius_fraction(self.config_without_radius())
+        else:
+            if not (isinstance(prune, int | float) and 0.0 <= prune < 1.0):
+                raise InvalidArgument(f"prune must be in [0, 1), got {prune!r}")
+            features = tuple(features)
+            if not features or any(f not in FEATURES for f in features) or len(set(features)) != len(features):
+                raise InvalidArgument(f"features must be distinct names from {FEATURES}, got {features!r}")
+            if encoding not in ENCODINGS:
+                raise InvalidArgument(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+            if not isinstance(max_kernels, int) or max_kernels < 64:
+                raise InvalidArgument(f"max_kernels must be an int >= 64, got {max_kernels!r}")
+            if contrast not in CONTRASTS:
+                raise InvalidArgument(f"contrast must be one of {CONTRASTS}, got {contrast!r}")
+            if prune_rule not in PRUNE_RULES:
+                raise InvalidArgument(f"prune_rule must be one of {PRUNE_RULES}, got {prune_rule!r}")
+            self.max_kernels = max_kernels
+            self.contrast = contrast
+            self.prune = float(prune)
+            self.prune_rule = prune_rule
+            self.feature_names = features  # the statistic of each column of features()
+            self.encoding = encoding
+            self.directions = -(-self.bits // len(features))
+            default_fraction = radius_fraction_for(self.bits)
+        self.radius_fraction = default_fraction if radius_fraction is None else float(radius_fraction)
         if not 0.0 <= self.radius_fraction < 0.5:
             raise InvalidArgument(f"radius_fraction must be in [0, 0.5), got {radius_fraction!r}")
 
-    @property
-    def copy_radius(self) -> int:
-        """Recommended Hamming radius for 'this is a copy' at this code length (measured, docs/codec.md)."""
-        return int(round(self.radius_fraction * self.bits))
+    @classmethod
+    def from_config(cls, config: dict[str, Any], max_bytes: int | None = None) -> ModelHasher:
+        """The hasher a stored ``config`` (``ModelHasher.config``, e.g. a database's ``codec``) describes."""
+        if not isinstance(config, dict) or config.get("codec") not in CODECS:
+            known = ", ".join(CODECS)
+            raise InvalidArgument(f"unknown codec {config.get('codec') if isinstance(config, dict) else config!r}: "
+                                  f"this hashdb makes {known}")
+        kw = {k: v for k, v in config.items() if k not in ("bits", "copy_radius", "directions")}
+        try:
+            return cls(config["bits"], max_bytes=max_bytes, **kw)
+        except TypeError as exc:
+            raise InvalidArgument(f"codec config has an unknown setting: {exc}") from None
 
     @property
-    def config(self) -> dict[str, Any]:
-        """Every tunable and the codec version; JSON/msgpack-serializable, stored in a database's meta."""
+    def copy_radius(self) -> int:
+        """Hamming radius for 'this is a copy' at this code length. Codec v3: the largest distance whose
+        false-match rate per pair (the codec's fitted null, hashdb/codec/null.json) is at most 1e-12."""
+        return int(round(self.radius_fraction * self.bits))
+
+    def config_without_radius(self) -> dict[str, Any]:
+        if self.codec == CODEC_VERSION:
+            return {
+                "codec": self.codec,
+                "bits": self.bits,
+                "layout": self.layout,
+                "include_linear": self.include_linear,
+                "dim": self.chain.dim,
+                "omega": self.chain.omega,
+                "ridge": self.chain.ridge,
+            }
         return {
-            "codec": CODEC_VERSION,
+            "codec": self.codec,
             "bits": self.bits,
             "layout": self.layout,
             "prune": self.prune,
@@ -116,9 +163,13 @@ class ModelHasher:
             "contrast": self.contrast,
             "directions": self.directions,
             "max_kernels": self.max_kernels,
-            "radius_fraction": self.radius_fraction,
-            "copy_radius": self.copy_radius,
         }
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Every tunable and the codec version; JSON/msgpack-serializable, stored in a database's meta."""
+        return {**self.config_without_radius(), "radius_fraction": self.radius_fraction,
+                "copy_radius": self.copy_radius}
 
     def __repr__(self) -> str:
         return f"ModelHasher({', '.join(f'{k}={v!r}' for k, v in self.config.items() if k != 'codec')})"
@@ -129,11 +180,16 @@ class ModelHasher:
 
     def hash_bits(self, source: Any) -> np.ndarray:
         """The code as a bool vector of length ``bits`` (bit i is the i-th packbits bit)."""
+        if self.codec == CODEC_VERSION:
+            return self.features(source)[:, 0] > 0
         return encode(self.features(source), self.bits, self.encoding, names=self.feature_names)
 
     def features(self, source: Any) -> np.ndarray:
-        """The statistics the code binarizes: float64, one row per direction, one column per feature name
-        (``hash_bits`` is encode.encode of it). For benchmarks and tuning: the same pipeline as ``hash``."""
+        """The real values the code binarizes, float64, one row per direction, one column per feature name
+        (codec v3: one column, the summed layer sketches, bit = value > 0; v2: normal test statistics, ``hash_bits``
+        is encode.encode of them). For benchmarks and tuning: the same pipeline as ``hash``."""
+        if self.codec == CODEC_VERSION:
+            return np.sum([s for _, s in self.layer_sketches(source)], axis=0)[:, None]
         where = _where(source)
         pools = self.pools(source)
         try:
@@ -142,16 +198,49 @@ class ModelHasher:
         except (ModelFormatError, ValueError) as exc:
             raise ModelFormatError(f"{where}: {exc}") from None
 
-    def pools(self, source: Any) -> list[Pool]:
-        """The capped kernel pools of one model (load -> select): what ``features`` projects."""
+    def layer_sketches(self, source: Any) -> list[tuple[str, np.ndarray]]:
+        """Codec v3: (tensor name, float64 sketch of ``bits`` values) per convolution layer, in chain order
+        (producers before consumers); the model's features are their sum, a layer's own code their sign."""
+        if self.codec != CODEC_VERSION:
+            raise InvalidArgument(f"layer sketches need codec {CODEC_VERSION!r}, this hasher is {self.codec!r}")
         where = _where(source)
+        tensors, plan = self._plan(source, where)
+        shapes = []
+        for i, read in plan:
+            arr = tensors[i].array
+            ks = kernel_shape(arr, read)
+            out, cin = (arr.shape[-1], arr.shape[-2]) if read == "hwio" else arr.shape[:2]
+            shapes.append((tensors[i].name, int(out), int(cin), tuple(int(k) for k in ks) or (1,)))
+        arrays: list[np.ndarray | None] = [t.array for t in tensors]
+        del tensors  # each layer's array is dropped once its descriptors are made
+
+        def make_layer(j: int) -> np.ndarray:
+            i, read = plan[j]
+            w = conv_layer(arrays[i], read)  # type: ignore[arg-type]
+            arrays[i] = None
+            return w
+
+        try:
+            with _one_blas_thread():
+                return chain_sketches(shapes, make_layer, self.bits, self.chain)
+        except (ModelFormatError, ValueError) as exc:
+            raise ModelFormatError(f"{where}: {exc}") from None
+
+    def _plan(self, source: Any, where: str) -> tuple[list, list[tuple[int, str]]]:
+        """The source's tensors and the convolution plan over them (select.conv_plan), NaN/inf refused."""
         tensors = load_tensors(source, max_bytes=self.max_bytes)
         plan = conv_plan(tensors, layout=self.layout, include_linear=self.include_linear)
         if not plan:
             raise ModelFormatError(f"{where}: no convolution weights found ({len(tensors)} tensors)")
         bad = sum(not np.isfinite(tensors[i].array).all() for i, _ in plan)
-        if bad:  # NaN/inf would silently poison every statistic of a pool
+        if bad:  # NaN/inf would silently poison every statistic
             raise ModelFormatError(f"{where}: {bad} convolution weight tensor(s) hold NaN or infinite values")
+        return tensors, plan
+
+    def pools(self, source: Any) -> list[Pool]:
+        """Codec v2: the capped kernel pools of one model (load -> select): what ``features`` projects."""
+        where = _where(source)
+        tensors, plan = self._plan(source, where)
         shapes = [kernel_shape(tensors[i].array, read) for i, read in plan]
         if any(int(np.prod(ks)) > 1 for ks in shapes):  # 1x1 kernels have no direction to project on: skip them
             plan = [p for p, ks in zip(plan, shapes, strict=True) if int(np.prod(ks)) > 1]

@@ -59,7 +59,28 @@ def guess_layout(shape: Sequence[int]) -> str | None:
         return "oihw"
     if hwio:
         return "hwio"
-    return None
+    return _guess_long(shape)
+
+
+MAX_LONG_KERNEL = 1 << 16  # taps of the longest kernel read when no reading fits MAX_KERNEL (1x512 pitch nets)
+
+
+def _guess_long(shape: Sequence[int]) -> str | None:
+    """Readings of a tensor whose kernel is longer than MAX_KERNEL in either layout (audio and pitch nets have
+    1-D kernels of 64..1024 taps): 'both' when each reading has a kernel of at most MAX_LONG_KERNEL taps (the
+    model's majority decides), else the one that has, else None. A tensor (1, N, D) is an embedding table, not
+    a conv with one output."""
+    ks = len(shape) - 2
+    readings = {
+        "oihw": (shape[0], shape[2:]),
+        "hwio": (shape[-1], shape[:ks]),
+    }
+    if len(shape) == 3 and shape[0] == 1:
+        del readings["hwio"]  # (1, N, D): a batch-1 embedding table, as in guess_layout
+    fits = [name for name, (out, k) in readings.items() if out >= 2 and 1 <= int(np.prod(k)) <= MAX_LONG_KERNEL]
+    if len(fits) == 2:
+        return "both"
+    return fits[0] if fits else None
 
 
 def conv_layers(tensors: Sequence[NamedTensor], layout: str = "auto", include_linear: bool = False) -> list[np.ndarray]:

@@ -1,0 +1,132 @@
+"""The codec's fitted null: how close independently trained models land, as a false-match rate per pair.
+
+Daugman's method (Proc. IEEE 2006): the fractional Hamming distance x = d / bits between the codes of two
+independently trained models (bench/null_bench.py: same architecture, same data, other seeds, several widths)
+is fitted by a binomial with N effective degrees of freedom and mean p, where N = p(1 - p) / sd^2. The
+false-match rate at distance d is the binomial's lower tail at x, P(Binomial(N, p) / N <= d / bits), extended
+to non-integer N through the regularised incomplete beta function. The fit ships as data (null.json) with the
+codec version: per code length, the most conservative group of the null library (lowest p, lowest N), so the
+reported rate is never below what any measured architecture showed.
+
+A verdict is database-size aware, as biometric identification is: a match against a database of n codes is
+expected to be a chance match ``fmr * n`` times (``expected_false``); ``copy`` means expected_false <= 0.01.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import cache
+from importlib import resources
+from typing import Any, NamedTuple
+
+COPY_EXPECTED_FALSE = 0.01  # the verdict 'copy' means at most this many chance matches expected in the database
+COPY_RADIUS_FMR = 1e-12  # copy_radius: the largest distance whose per-pair false-match rate is at most this
+
+
+class NullFit(NamedTuple):
+    """Binomial fit of independent models' distances at one code length: mean fraction ``p``, ``dof``."""
+
+    p: float
+    dof: float
+    calibrated: bool  # False: the codec config was not measured; a conservative stand-in is used
+
+
+# For a config the null library did not measure: as correlated as the worst v2 architectures (p 0.40, N
+# 0.4 x bits), so that uncalibrated codes are never reported as rarer than they may be.
+_UNCALIBRATED = (0.40, 0.4)
+
+
+@cache
+def _table() -> dict[str, Any]:
+    return json.loads(resources.files(__package__).joinpath("null.json").read_text())
+
+
+_FIT_KEYS = ("codec", "layout", "include_linear", "dim", "omega", "ridge")
+
+
+def null_fit(config: dict[str, Any]) -> NullFit:
+    """The fitted null of a codec ``config`` (ModelHasher.config or a database's stored codec)."""
+    bits = int(config.get("bits", 256))
+    for entry in _table().get("fits", []):
+        if all(entry["config"].get(k) == config.get(k) for k in _FIT_KEYS if k in entry["config"]):
+            by_bits = entry["by_bits"]
+            if str(bits) in by_bits:
+                fit = by_bits[str(bits)]
+                return NullFit(float(fit["p"]), float(fit["dof"]), True)
+            # other lengths: the dof fraction of the nearest measured length, the same p
+            near = min(by_bits, key=lambda b: abs(math.log2(int(b)) - math.log2(bits)))
+            fit = by_bits[near]
+            return NullFit(float(fit["p"]), float(fit["dof"]) / int(near) * bits, True)
+    p, frac = _UNCALIBRATED
+    return NullFit(p, frac * bits, False)
+
+
+def false_match_rate(distance: float, bits: int, fit: NullFit) -> float:
+    """P(an independently trained model's code lands within ``distance`` of a given code), per pair."""
+    if distance < 0:
+        return 0.0
+    x = min(distance / bits, 1.0)
+    n = fit.dof
+    k = x * n  # successes out of n at the same fraction
+    if k >= n:
+        return 1.0
+    # P(Binomial(n, p) <= k) = I_{1-p}(n - k, k + 1), the regularised incomplete beta
+    return _betainc(n - k, k + 1.0, 1.0 - fit.p)
+
+
+def expected_false(distance: float, bits: int, n_codes: int, fit: NullFit) -> float:
+    """How many of ``n_codes`` independent models are expected within ``distance`` by chance."""
+    return false_match_rate(distance, bits, fit) * max(int(n_codes), 0)
+
+
+def verdict(expected: float) -> str:
+    return "copy" if expected <= COPY_EXPECTED_FALSE else "not a copy"
+
+
+def largest_distance(bits: int, fit: NullFit, max_rate: float) -> int:
+    """The largest distance whose per-pair false-match rate is at most ``max_rate`` (-1 if none)."""
+    lo, hi = -1, bits  # invariant: rate(lo) <= max_rate (lo = -1 stands for 'none'), rate(hi) > max_rate or hi = bits
+    if false_match_rate(bits, bits, fit) <= max_rate:
+        return bits
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if false_match_rate(mid, bits, fit) <= max_rate:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def null_radius_fraction(config: dict[str, Any]) -> float:
+    """copy_radius / bits for a codec config: the largest distance at false-match rate <= 1e-12 per pair."""
+    bits = int(config["bits"])
+    return max(largest_distance(bits, null_fit(config), COPY_RADIUS_FMR), 0) / bits
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b) by Lentz's continued fraction (a, b > 0, 0 <= x <= 1)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = a * math.log(x) + b * math.log1p(-x) - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
+    if x > (a + 1.0) / (a + b + 2.0):  # the fraction converges fast only below the mean: use the symmetry
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 10000):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return math.exp(log_front) * f / a

@@ -1,0 +1,220 @@
+"""Codec v3 (hashdb/codec/chain.py) and its fitted null (hashdb/codec/null.py): the chain, the balancing, the
+sketches, the false-match rate, versions. The invariance and copy tests of tests/test_codec.py run on v3 too
+(it is the default)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from hashdb.codec import ModelHasher
+from hashdb.codec.chain import natural_key, plan_chain, sinkhorn_balance
+from hashdb.codec.hasher import CODEC_VERSION, LEGACY_CODEC
+from hashdb.codec.null import (
+    NullFit,
+    expected_false,
+    false_match_rate,
+    largest_distance,
+    null_fit,
+    verdict,
+)
+from hashdb.errors import InvalidArgument, ModelFormatError
+
+
+def hamming(a: bytes, b: bytes) -> int:
+    return int(np.unpackbits(np.frombuffer(a, np.uint8) ^ np.frombuffer(b, np.uint8)).sum())
+
+
+# ---------------------------------------------------------------- the chain
+
+
+def test_natural_order_reads_numbers_as_numbers() -> None:
+    names = ["features.10.weight", "features.2.weight", "conv2d_10/kernel", "conv2d_2/kernel", "conv2d/kernel"]
+    assert sorted(names, key=natural_key) == [
+        "conv2d/kernel", "conv2d_2/kernel", "conv2d_10/kernel", "features.2.weight", "features.10.weight"]  # fmt: skip
+
+
+def resnet_layers() -> list[tuple[str, int, int, tuple[int, ...]]]:
+    """A stem, two basic blocks (the second with a 1x1 shortcut), names sorting the stem last."""
+    return [
+        ("layers.0.conv1.weight", 16, 16, (3, 3)),
+        ("layers.0.conv2.weight", 16, 16, (3, 3)),
+        ("layers.1.conv1.weight", 32, 16, (3, 3)),
+        ("layers.1.conv2.weight", 32, 32, (3, 3)),
+        ("layers.1.down.0.weight", 32, 16, (1, 1)),
+        ("stem.weight", 16, 3, (3, 3)),  # RGB
+        ("top.dw.weight", 32, 1, (3, 3)),  # depthwise over the last block
+        ("top.pw.weight", 64, 32, (1, 1)),
+    ]
+
+
+def test_chain_starts_at_the_data_and_links_each_layer_to_its_producer() -> None:
+    layers = resnet_layers()
+    chain = plan_chain(layers)
+    names = [c.name for c in chain]
+    producer = {c.name: (None if c.producer is None else chain[c.producer].name) for c in chain}
+    assert names[0] == "stem.weight" and producer["stem.weight"] is None
+    assert producer["layers.0.conv1.weight"] == "stem.weight"
+    assert producer["layers.1.conv1.weight"] == "layers.0.conv2.weight"
+    assert producer["layers.1.down.0.weight"] == "layers.0.conv2.weight"  # the residual stream it reads
+    assert producer["top.dw.weight"] in ("layers.1.conv2.weight", "layers.1.down.0.weight")
+    assert next(c.groups for c in chain if c.name == "top.dw.weight") == 32
+    assert producer["top.pw.weight"] == "top.dw.weight"
+    # every producer is placed before its consumer
+    assert all(c.producer is None or c.producer < i for i, c in enumerate(chain))
+
+
+@given(st.permutations(range(8)))
+@settings(max_examples=30, deadline=None)
+def test_chain_does_not_depend_on_storage_order(order: list[int]) -> None:
+    layers = resnet_layers()
+    base = [(c.name, None if c.producer is None else plan_chain(layers)[c.producer].name) for c in plan_chain(layers)]
+    shuffled = [layers[i] for i in order]
+    chain = plan_chain(shuffled)
+    assert [(c.name, None if c.producer is None else chain[c.producer].name) for c in chain] == base
+
+
+def test_a_grey_model_starts_at_its_first_one_channel_layer_and_later_ones_are_depthwise() -> None:
+    chain = plan_chain([("features.0", 32, 1, (3, 3)), ("features.3", 32, 1, (3, 3)), ("features.6", 64, 32, (1, 1))])
+    producer = {c.name: (None if c.producer is None else chain[c.producer].name) for c in chain}
+    assert producer == {"features.0": None, "features.3": "features.0", "features.6": "features.3"}
+
+
+def test_two_layers_that_only_feed_each_other_do_not_loop() -> None:
+    chain = plan_chain([("a", 8, 8, (3, 3)), ("b", 8, 8, (3, 3))])
+    assert len(chain) == 2 and sum(c.producer is None for c in chain) == 1
+
+
+# ---------------------------------------------------------------- balancing
+
+
+@given(st.integers(0, 2**31), st.integers(1, 3))
+@settings(max_examples=25, deadline=None)
+def test_sinkhorn_balance_divides_out_row_and_column_scales_and_commutes_with_permutations(
+    seed: int, groups: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    out, in_g, k = 4 * groups, int(rng.integers(1, 6)), 9
+    w = rng.standard_normal((out, in_g, k))
+    w[rng.random((out, in_g)) < 0.2] = 0.0  # pruned kernels
+    rows = np.exp(rng.uniform(-20, 20, out))
+    cols = np.exp(rng.uniform(-20, 20, in_g * groups)).reshape(groups, in_g)
+    col_of_row = cols[np.arange(out) // (out // groups)]  # each row's group's input scales
+    scaled = w * rows[:, None, None] * col_of_row[:, :, None]
+    a, b = sinkhorn_balance(w, groups), sinkhorn_balance(scaled, groups)
+    np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-10)
+    perm = np.concatenate([g * (out // groups) + rng.permutation(out // groups) for g in range(groups)])
+    np.testing.assert_allclose(sinkhorn_balance(w[perm], groups), a[perm], rtol=1e-7, atol=1e-10)
+    live = (a != 0).any(axis=2).any(axis=1)
+    np.testing.assert_allclose(np.einsum("oik,oik->o", a, a)[live], 1.0, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- kernels of any shape
+
+
+def test_long_1d_kernels_are_hashed_with_memory_linear_in_the_kernel() -> None:
+    """A pitch tracker's 1x512 first layer and 1-D kernels of 256 taps: hashed, not dropped (v2 needed
+    (k(k+1)/2)^2 float64 moment tensors: 8 GiB for one 1x256 layer)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    sd = {"conv1.weight": rng.standard_normal((64, 1, 512)).astype(np.float32),
+          "conv2.weight": rng.standard_normal((64, 64, 256)).astype(np.float32),
+          "conv3.weight": rng.standard_normal((32, 64, 1, 64)).astype(np.float32)}  # fmt: skip
+    weights = sum(a.nbytes for a in sd.values())
+    h = ModelHasher(256, layout="oihw")
+    tracemalloc.start()
+    code = h.hash(sd)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(code) == 32 and peak < 4 * weights
+    names = [n for n, _ in h.layer_sketches(sd)]
+    assert sorted(names) == sorted(sd)
+    sd2 = dict(sd, **{"conv2.weight": sd["conv2.weight"] * 1.0001})
+    assert hamming(h.hash(sd2), code) <= 8
+
+
+def test_conv3d_depthwise_and_grouped_layers_hash_and_keep_exact_invariances() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv3d(2, 8, 3), nn.ReLU(), nn.Conv3d(8, 8, 3, groups=8), nn.ReLU(), nn.Conv3d(8, 16, 1, groups=2)
+    )
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    h = ModelHasher(256)
+    code = h.hash(sd)
+    # permute channels inside each of conv4's two input groups, through conv0 and the depthwise conv2
+    rng = np.random.default_rng(1)
+    local = [rng.permutation(4) for _ in range(2)]
+    perm = np.concatenate([g * 4 + local[g] for g in range(2)])
+    moved = dict(sd)
+    moved["0.weight"], moved["0.bias"] = sd["0.weight"][perm], sd["0.bias"][perm]
+    moved["2.weight"], moved["2.bias"] = sd["2.weight"][perm], sd["2.bias"][perm]
+    w4 = sd["4.weight"].copy()
+    for g in range(2):
+        w4[g * 8 : (g + 1) * 8] = sd["4.weight"][g * 8 : (g + 1) * 8][:, local[g]]
+    moved["4.weight"] = w4
+    assert h.hash(moved) == code
+    scaled = dict(sd, **{"0.weight": sd["0.weight"] * 3.0, "0.bias": sd["0.bias"] * 3.0})
+    assert h.hash(scaled) == code
+
+
+# ---------------------------------------------------------------- the fitted null
+
+
+def test_false_match_rate_is_the_binomial_tail_and_monotone() -> None:
+    fit = NullFit(0.5, 256.0, True)
+    for d in (0, 40, 78, 100, 128, 200):
+        exact = sum(math.comb(256, j) for j in range(d + 1)) / 2.0**256
+        assert false_match_rate(d, 256, fit) == pytest.approx(exact, rel=1e-9, abs=1e-300)
+    rates = [false_match_rate(d, 512, NullFit(0.49, 400.5, True)) for d in range(0, 513, 8)]
+    assert all(a <= b for a, b in zip(rates, rates[1:], strict=False)) and rates[-1] == 1.0
+    r = largest_distance(512, fit, 1e-12)
+    assert false_match_rate(r, 512, fit) <= 1e-12 < false_match_rate(r + 1, 512, fit)
+
+
+def test_expected_false_scales_with_the_database_and_decides_the_verdict() -> None:
+    fit = NullFit(0.5, 512.0, True)
+    rate = false_match_rate(180, 512, fit)
+    assert expected_false(180, 512, 1_000_000, fit) == pytest.approx(rate * 1_000_000)
+    small, large = expected_false(180, 512, 10, fit), expected_false(180, 512, 10**12, fit)
+    assert verdict(small) == "copy" and verdict(large) == "not a copy"
+
+
+def test_shipped_fit_covers_the_default_codec_and_an_unmeasured_config_is_conservative() -> None:
+    fit = null_fit(ModelHasher(512).config)
+    assert fit.calibrated and 0.4 < fit.p <= 0.5 and fit.dof > 0.5 * 512
+    odd = null_fit({**ModelHasher(512).config, "omega": 7.5})
+    assert not odd.calibrated and odd.p < fit.p and odd.dof < fit.dof
+    assert ModelHasher(512).copy_radius == largest_distance(512, fit, 1e-12)
+
+
+# ---------------------------------------------------------------- versions
+
+
+def test_configs_round_trip_for_both_codecs_and_unknown_ones_are_refused() -> None:
+    for h in (ModelHasher(256), ModelHasher(512, omega=2.5), ModelHasher(256, codec=LEGACY_CODEC, prune=0.3)):
+        assert ModelHasher.from_config(h.config).config == h.config
+    assert ModelHasher(256).config["codec"] == CODEC_VERSION
+    with pytest.raises(InvalidArgument, match="unknown codec"):
+        ModelHasher.from_config({"codec": "nts-dihedral-1", "bits": 256})
+    with pytest.raises(InvalidArgument):
+        ModelHasher(256, omega=0)
+
+
+def test_the_legacy_codec_still_gives_its_codes() -> None:
+    rng = np.random.default_rng(3)
+    sd = {"a.weight": rng.standard_normal((8, 1, 3, 3)).astype(np.float32),
+          "b.weight": rng.standard_normal((16, 8, 3, 3)).astype(np.float32)}  # fmt: skip
+    old, new = ModelHasher(256, codec=LEGACY_CODEC), ModelHasher(256)
+    assert old.hash(sd) != new.hash(sd)
+    assert old.features(sd).shape == (128, 2)
+    with pytest.raises(InvalidArgument):
+        old.layer_sketches(sd)
+    with pytest.raises(ModelFormatError, match="no convolution weights"):
+        new.hash({"fc.weight": np.ones((4, 4), np.float32)})
