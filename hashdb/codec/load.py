@@ -83,6 +83,7 @@ _READER_MODULES: dict[str, tuple[str, str]] = {
     "keras": ("keras", "read_keras"),
     "tflite": ("tflite", "read"),
     "flax": ("flax", "read"),
+    "tf_bundle": ("tensorflow", "read"),
 }
 _SUFFIX_FORMATS: dict[str, str] = {
     ".safetensors": "safetensors", ".npz": "npz", ".npy": "npy", ".onnx": "onnx", ".pdparams": "pdparams",
@@ -96,6 +97,11 @@ def sniff_format(path: Path) -> str | None:
     with open(path, "rb") as f:
         head = f.read(16)
     suffix = path.suffix.lower()
+    if suffix == ".index" or ".data-" in path.name:  # a TensorFlow bundle: an SSTable, told by its footer's magic
+        from .readers.tensorflow import index_of, is_table
+
+        if is_table(index_of(path)):
+            return "tf_bundle"
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
         return "keras_h5"
     if head[4:8] == b"TFL3":
@@ -146,6 +152,11 @@ _HF_SINGLE = ("model.safetensors", "pytorch_model.bin", "diffusion_pytorch_model
 
 def folder_weight_files(folder: Path) -> list[Path]:
     """The weight files of a one-model folder: the shards its index names, or its single weight file."""
+    from .units import format_folder_weights
+
+    special = format_folder_weights(folder)  # SavedModel, TF checkpoint folder, .mlpackage, Paddle inference
+    if special is not None:
+        return special
     indexes = sorted(folder.glob("*.index.json"), key=lambda p: (".safetensors." not in p.name, p.name))
     for index in indexes:
         try:

@@ -1,9 +1,11 @@
 """Model units: what one entry of a database is, found in a file or a folder.
 
 A unit is a model file, or a folder that is one model: a Hugging Face style folder (``config.json`` beside
-weight files, or an ``*.index.json`` with its shards), or a snapshot of the Hugging Face cache
-(``models--ORG--NAME/snapshots/REV/``). A folder of many models yields one unit per model, walked in sorted
-order; files with no model suffix (README, tokenizer files, images) and hidden folders are passed over.
+weight files, or an ``*.index.json`` with its shards), a snapshot of the Hugging Face cache
+(``models--ORG--NAME/snapshots/REV/``), or a folder of another layout (``format_folder_weights``: TensorFlow
+SavedModel or checkpoint folder, Core ML ``.mlpackage``, Paddle inference folder). A folder of many models
+yields one unit per model, walked in sorted order; files with no model suffix (README, tokenizer files,
+images) and hidden folders are passed over.
 
 Keys (one rule everywhere: library, CLI, workers): a unit's key is its path, normalized, relative to the
 current directory when it lies inside it and absolute otherwise, with '/' separators, so ``./C.pt``,
@@ -24,6 +26,7 @@ from ..errors import ModelFormatError
 MODEL_SUFFIXES = frozenset({
     ".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors", ".npz", ".npy", ".onnx", ".h5", ".hdf5", ".keras",
     ".tflite", ".msgpack", ".pdparams",
+    ".index", ".pdiparams", ".mlmodel",  # TensorFlow checkpoint index (SSTable), Paddle inference, Core ML
 })  # fmt: skip
 # Weight files that make a folder with a config.json one model (Hugging Face names, any of them).
 _HF_WEIGHT_PREFIXES = ("model", "pytorch_model", "tf_model", "flax_model", "diffusion_pytorch_model", "adapter_model")
@@ -61,6 +64,8 @@ def is_model_folder(path: Path) -> bool:
     """True for a folder that holds one model (Hugging Face layout, sharded or not)."""
     if _hf_cache_repo(path) is not None:
         return True
+    if format_folder_weights(path) is not None:
+        return True
     try:
         names = [e.name for e in os.scandir(path) if e.is_file()]
     except OSError:
@@ -72,6 +77,51 @@ def is_model_folder(path: Path) -> bool:
             n.startswith(_HF_WEIGHT_PREFIXES) and Path(n).suffix.lower() in MODEL_SUFFIXES for n in names
         )
     return False
+
+
+def format_folder_weights(folder: Path) -> list[Path] | None:
+    """The file to read for a folder that is one model of a non-Hugging-Face layout, else None:
+
+    - a TensorFlow SavedModel (``saved_model.pb`` + ``variables/variables.index``): the variables' index;
+    - a TensorFlow checkpoint folder (a ``checkpoint`` file naming ``model_checkpoint_path``, no other model
+      files beside its bundles): that checkpoint's ``.index``;
+    - a Core ML ``.mlpackage`` (``Data/com.apple.CoreML/*.mlmodel``, weights under ``.../weights/``): the spec;
+    - a Paddle inference folder (one ``X.pdmodel`` + ``X.pdiparams`` pair and no other model files): the
+      ``.pdiparams`` (the reader takes the variable names from the ``.pdmodel`` beside it).
+    """
+    try:
+        names = {e.name for e in os.scandir(folder) if e.is_file()}
+    except OSError:
+        return None
+    variables = folder / "variables" / "variables.index"
+    if names & {"saved_model.pb", "saved_model.pbtxt"} and variables.is_file():
+        return [variables]
+    spec_dir = folder / "Data" / "com.apple.CoreML"
+    if (folder.suffix.lower() == ".mlpackage" or "Manifest.json" in names) and spec_dir.is_dir():
+        specs = sorted(spec_dir.glob("*.mlmodel"))
+        if len(specs) == 1:
+            return specs
+    models = {n for n in names if Path(n).suffix.lower() in MODEL_SUFFIXES}
+    if "checkpoint" in names:
+        latest = _latest_checkpoint(folder / "checkpoint")
+        if latest is not None and (folder / f"{latest}.index").is_file() and all(n.endswith(".index") for n in models):
+            return [folder / f"{latest}.index"]
+    params = [n for n in models if n.endswith(".pdiparams")]
+    if len(params) == 1 and len(models) == 1 and params[0][: -len(".pdiparams")] + ".pdmodel" in names:
+        return [folder / params[0]]
+    return None
+
+
+def _latest_checkpoint(state: Path) -> str | None:
+    """The basename of ``model_checkpoint_path`` in a TensorFlow ``checkpoint`` state file (text protobuf)."""
+    import re
+
+    try:
+        text = state.read_text(encoding="utf-8", errors="replace")[:65536]
+    except OSError:
+        return None
+    match = re.search(r'^model_checkpoint_path:\s*"([^"\n]+)"', text, re.MULTILINE)
+    return os.path.basename(match.group(1).replace("\\", "/")) if match else None
 
 
 def find_units(source: str | os.PathLike) -> list[ModelUnit]:
@@ -115,6 +165,10 @@ def _walk(folder: Path) -> Iterable[ModelUnit]:
 def _looks_like_a_model(path: Path) -> bool:
     """``.bin`` is also the suffix of raw data (ONNX external data, vocabularies): count it only when its
     leading bytes are a torch checkpoint's (zip or pickle). Every other model suffix counts as is."""
+    if path.suffix.lower() == ".index":  # also the suffix of search indexes (faiss...): a TensorFlow one is an SSTable
+        from .readers.tensorflow import is_table
+
+        return is_table(path)
     if path.suffix.lower() != ".bin":
         return True
     try:
