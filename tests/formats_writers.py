@@ -198,3 +198,59 @@ def keras_names(sd: dict[str, np.ndarray], optimizer: bool = True) -> dict[str, 
 
 def tensor_bytes(shape: tuple[int, ...], dtype: str = "<f4") -> int:
     return math.prod(shape) * np.dtype(dtype).itemsize
+
+
+# ---------------------------------------------------------------- Paddle inference (framework.proto, save_combine)
+
+PADDLE_DTYPES = {np.dtype("float32"): 5, np.dtype("float64"): 6, np.dtype("float16"): 4, np.dtype("int64"): 3,
+                 np.dtype("int32"): 2}  # fmt: skip
+LOD_TENSOR, FEED_MINIBATCH, FETCH_LIST = 7, 9, 10
+
+
+def _tensor_desc(dtype: int, dims: tuple[int, ...]) -> bytes:
+    return f_varint(1, dtype) + b"".join(f_varint(2, d) for d in dims)  # proto2: repeated int64 unpacked
+
+
+def _var_desc(name: str, vtype: int, persistable: bool, dtype: int = 5, dims: tuple[int, ...] = ()) -> bytes:
+    var_type = f_varint(1, vtype)
+    if vtype == LOD_TENSOR:
+        var_type += f_bytes(3, f_bytes(1, _tensor_desc(dtype, dims)) + f_varint(2, 0))
+    return f_bytes(1, name) + f_bytes(2, var_type) + f_varint(3, int(persistable))
+
+
+def _op_desc(op_type: str, inputs: dict[str, list[str]], outputs: dict[str, list[str]]) -> bytes:
+    def slots(number: int, items: dict[str, list[str]]) -> bytes:
+        return b"".join(f_bytes(number, f_bytes(1, k) + b"".join(f_bytes(2, a) for a in v)) for k, v in items.items())
+
+    return slots(1, inputs) + slots(2, outputs) + f_bytes(3, op_type)
+
+
+def lod_tensor(arr: np.ndarray, lod: list[list[int]] | None = None) -> bytes:
+    out = struct.pack("<IQ", 0, len(lod or []))
+    for level in lod or []:
+        data = np.asarray(level, "<u8").tobytes()
+        out += struct.pack("<Q", len(data)) + data
+    desc = _tensor_desc(PADDLE_DTYPES[arr.dtype], arr.shape)
+    return out + struct.pack("<Ii", 0, len(desc)) + desc + np.ascontiguousarray(arr).tobytes()
+
+
+def paddle_inference(prefix: Path, params: dict[str, np.ndarray], conv_filters: list[str]) -> Path:
+    """``PREFIX.pdmodel`` (feed -> conv2d per filter -> fetch, plus every param as a persistable var, in a
+    shuffled order as programs list them) and ``PREFIX.pdiparams`` (save_combine: sorted by name)."""
+    names = sorted(params)
+    shuffled = names[1::2] + names[::2]
+    vars_ = [_var_desc("feed", FEED_MINIBATCH, True), _var_desc("fetch", FETCH_LIST, True),
+             _var_desc("x", LOD_TENSOR, False, 5, (-1, 3, 32, 32))]  # fmt: skip
+    vars_ += [_var_desc(n, LOD_TENSOR, True, PADDLE_DTYPES[params[n].dtype], params[n].shape) for n in shuffled]
+    ops = [_op_desc("feed", {"X": ["feed"]}, {"Out": ["x"]})]
+    current = "x"
+    for i, f in enumerate(conv_filters):
+        ops.append(_op_desc("conv2d", {"Input": [current], "Filter": [f]}, {"Output": [f"conv{i}.out"]}))
+        current = f"conv{i}.out"
+    ops.append(_op_desc("fetch", {"X": [current]}, {"Out": ["fetch"]}))
+    block = f_varint(1, 0) + f_varint(2, 0xFFFFFFFFFFFFFFFF) + b"".join(f_bytes(3, v) for v in vars_)
+    block += b"".join(f_bytes(4, o) for o in ops)
+    prefix.with_name(prefix.name + ".pdmodel").write_bytes(f_bytes(1, block) + f_bytes(4, f_varint(1, 2005000)))
+    path = prefix.with_name(prefix.name + ".pdiparams")
+    path.write_bytes(b"".join(lod_tensor(params[n]) for n in names))
+    return path
