@@ -254,3 +254,128 @@ def paddle_inference(prefix: Path, params: dict[str, np.ndarray], conv_filters: 
     path = prefix.with_name(prefix.name + ".pdiparams")
     path.write_bytes(b"".join(lod_tensor(params[n]) for n in names))
     return path
+
+
+# ---------------------------------------------------------------- Core ML (Model.proto, NeuralNetwork.proto, MIL.proto)
+
+
+def pack_bits(q: np.ndarray, nbits: int) -> bytes:
+    """n-bit values packed most significant bit first, as coremltools packs quantized NeuralNetwork weights."""
+    q = np.asarray(q, dtype=np.int64).ravel()
+    bits = (q[:, None] >> np.arange(nbits - 1, -1, -1)) & 1
+    return np.packbits(bits.astype(np.uint8).ravel()).tobytes()
+
+
+def wp_float(arr: np.ndarray) -> bytes:
+    return f_packed_floats(1, np.ravel(arr))
+
+
+def wp_half(arr: np.ndarray) -> bytes:
+    return f_bytes(2, np.ravel(arr).astype("<f2").tobytes())
+
+
+def wp_linear(q: np.ndarray, nbits: int, scale: np.ndarray, bias: np.ndarray) -> bytes:
+    params = f_bytes(101, f_packed_floats(1, scale) + f_packed_floats(2, bias))
+    return f_bytes(30, pack_bits(q, nbits)) + f_bytes(40, f_varint(1, nbits) + params)
+
+
+def wp_lut(q: np.ndarray, nbits: int, table: np.ndarray) -> bytes:
+    params = f_bytes(102, f_packed_floats(1, table))
+    return f_bytes(30, pack_bits(q, nbits)) + f_bytes(40, f_varint(1, nbits) + params)
+
+
+def nn_conv(name: str, out_ch: int, k_ch: int, kernel: tuple[int, int], weights: bytes, bias: bytes | None) -> bytes:
+    conv = f_varint(1, out_ch) + f_varint(2, k_ch) + f_varint(10, 1)
+    conv += f_bytes(20, varint(kernel[0]) + varint(kernel[1]))
+    conv += f_varint(70, int(bias is not None)) + f_bytes(90, weights) + (f_bytes(91, bias) if bias else b"")
+    return f_bytes(1, name) + f_bytes(2, name + "_in") + f_bytes(3, name + "_out") + f_bytes(100, conv)
+
+
+def nn_inner_product(name: str, n_in: int, n_out: int, weights: bytes) -> bytes:
+    fc = f_varint(1, n_in) + f_varint(2, n_out) + f_bytes(20, weights)
+    return f_bytes(1, name) + f_bytes(2, name + "_in") + f_bytes(3, name + "_out") + f_bytes(140, fc)
+
+
+def nn_relu(name: str) -> bytes:
+    return f_bytes(1, name) + f_bytes(2, name + "_in") + f_bytes(3, name + "_out") + f_bytes(130, f_bytes(10, b""))
+
+
+def coreml_nn(path: Path, layers: list[bytes], kind: int = 500) -> Path:
+    """A NeuralNetwork ``.mlmodel`` (``kind`` 500 neuralNetwork, 403 classifier, 303 regressor)."""
+    description = f_bytes(1, f_bytes(1, "input")) + f_bytes(10, f_bytes(1, "output"))
+    path.write_bytes(f_varint(1, 4) + f_bytes(2, description) + f_bytes(kind, b"".join(f_bytes(1, x) for x in layers)))
+    return path
+
+
+MIL_FLOAT16, MIL_FLOAT32, MIL_INT8, MIL_UINT8, MIL_INT32 = 10, 11, 21, 31, 23
+_MIL_NP = {np.dtype("float16"): MIL_FLOAT16, np.dtype("float32"): MIL_FLOAT32, np.dtype("int8"): MIL_INT8,
+           np.dtype("uint8"): MIL_UINT8, np.dtype("int32"): MIL_INT32}  # fmt: skip
+_BLOB_TYPES = {np.dtype("float16"): 1, np.dtype("float32"): 2, np.dtype("uint8"): 3, np.dtype("int8"): 4}
+
+
+def mil_tensor_type(dtype: int, shape: tuple[int, ...]) -> bytes:
+    dims = b"".join(f_bytes(3, f_bytes(1, f_varint(1, d))) for d in shape)
+    return f_bytes(1, f_varint(1, dtype) + f_varint(2, len(shape)) + dims)
+
+
+def mil_blob_value(arr: np.ndarray, file_name: str, offset: int) -> bytes:
+    blob = f_bytes(1, file_name) + f_varint(2, offset)
+    return f_bytes(2, mil_tensor_type(_MIL_NP[arr.dtype], arr.shape)) + f_bytes(5, blob)
+
+
+def mil_immediate(arr: np.ndarray) -> bytes:
+    arr = np.asarray(arr)
+    if arr.dtype == np.float32:
+        tensor = f_bytes(1, f_packed_floats(1, arr.ravel()))
+    elif arr.dtype == np.int32:
+        tensor = f_bytes(2, f_bytes(1, b"".join(varint(int(v)) for v in arr.ravel())))
+    else:
+        tensor = f_bytes(7, f_bytes(1, arr.tobytes()))
+    return f_bytes(2, mil_tensor_type(_MIL_NP[arr.dtype], arr.shape)) + f_bytes(3, f_bytes(1, tensor))
+
+
+def mil_op(op_type: str, output: str, inputs: dict[str, str] | None = None, attrs: dict[str, bytes] | None = None,
+           out_type: bytes = b"") -> bytes:  # fmt: skip
+    out = f_bytes(1, op_type)
+    for key, name in (inputs or {}).items():
+        out += f_map(2, key, f_bytes(1, f_bytes(1, name)))
+    out += f_bytes(3, f_bytes(1, output) + (f_bytes(2, out_type) if out_type else b""))
+    string_value = f_bytes(2, mil_tensor_type(2, ())) + f_bytes(3, f_bytes(1, f_bytes(4, f_bytes(1, output))))
+    for key, value in {"name": string_value, **(attrs or {})}.items():
+        out += f_map(5, key, value)
+    return out
+
+
+class BlobWriter:
+    """A BlobStorage v2 weight file: 64-byte header, then per blob a 64-byte metadata record and 64-aligned data."""
+
+    def __init__(self) -> None:
+        self.data = bytearray(64)
+        self.count = 0
+
+    def add(self, arr: np.ndarray) -> int:
+        offset = len(self.data)
+        raw = np.ascontiguousarray(arr).tobytes()
+        data_offset = offset + 64
+        meta = struct.pack("<IIQQQ", 0xDEADBEEF, _BLOB_TYPES[arr.dtype], len(raw), data_offset, 0)
+        self.data += meta.ljust(64, b"\x00") + raw
+        self.data += bytes(-len(self.data) % 64)
+        self.count += 1
+        return offset
+
+    def bytes(self) -> bytes:
+        return struct.pack("<II", self.count, 2) + bytes(self.data[8:])
+
+
+def mlpackage(folder: Path, ops: list[bytes]) -> Path:
+    """``folder`` (a ``.mlpackage``): Manifest.json, Data/com.apple.CoreML/model.mlmodel holding an ML Program of
+    ``ops`` in function main; the caller writes weights/weight.bin beside the spec."""
+    spec_dir = folder / "Data" / "com.apple.CoreML"
+    (spec_dir / "weights").mkdir(parents=True, exist_ok=True)
+    (folder / "Manifest.json").write_text('{"fileFormatVersion": "1.0.0", "rootModelIdentifier": "x"}')
+    block = f_bytes(1, f_bytes(1, "x")) + b"".join(f_bytes(3, op) for op in ops)
+    function = f_bytes(2, "CoreML5") + f_map(3, "CoreML5", block)
+    program = f_varint(1, 1) + f_map(2, "main", function)
+    spec = spec_dir / "model.mlmodel"
+    spec.write_bytes(f_varint(1, 6) + f_bytes(2, f_bytes(1, f_bytes(1, "x"))) + f_bytes(502, program))
+    return spec

@@ -85,12 +85,13 @@ _READER_MODULES: dict[str, tuple[str, str]] = {
     "flax": ("flax", "read"),
     "tf_bundle": ("tensorflow", "read"),
     "paddle_inference": ("paddle", "read"),
+    "coreml": ("coreml", "read"),
 }
 _SUFFIX_FORMATS: dict[str, str] = {
     ".safetensors": "safetensors", ".npz": "npz", ".npy": "npy", ".onnx": "onnx", ".pdparams": "pdparams",
     ".pt": "torch", ".pth": "torch", ".bin": "torch", ".ckpt": "torch", ".tar": "torch",
     ".h5": "keras_h5", ".hdf5": "keras_h5", ".keras": "keras", ".tflite": "tflite", ".msgpack": "flax",
-    ".pdiparams": "paddle_inference", ".pdmodel": "paddle_inference",
+    ".pdiparams": "paddle_inference", ".pdmodel": "paddle_inference", ".mlmodel": "coreml",
 }  # fmt: skip
 
 
