@@ -53,7 +53,53 @@ def _fixtures(folder: Path) -> dict[str, Path]:
         initializer=[numpy_helper.from_array(v, name=k) for k, v in arrays.items()],
     )  # fmt: skip
     onnx.save(helper.make_model(graph), str(out.setdefault("m.onnx", folder / "m.onnx")))
+    q = np.round(arrays["0.weight"] * 100).astype(np.int8)
+    quant = helper.make_graph(
+        [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(arrays["0.weight"])),
+         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["w"], axis=0),
+         helper.make_node("Conv", ["x", "w"], ["y0"]), helper.make_node("Conv", ["y0", "c"], ["y1"]),
+         helper.make_node("ConvInteger", ["y1", "q", "", "z"], ["y2"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5])],
+        [helper.make_tensor_value_info("y2", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(q, "q"), numpy_helper.from_array(np.full(3, 0.01, np.float32), "s"),
+                     numpy_helper.from_array(np.zeros(3, np.int8), "z")],
+    )  # fmt: skip
+    onnx.save(helper.make_model(quant), str(out.setdefault("quant.onnx", folder / "quant.onnx")))
     return out
+
+
+def _sibling_fixtures(folder: Path) -> dict[str, dict[str, bytes]]:
+    """Formats of several files (TensorFlow bundle, Paddle inference pair, Core ML package): fixture name ->
+    {relative path: bytes}; the fixture name is also the file that is mutated, the others stay intact."""
+    from tests import formats_writers as fw
+
+    w = np.random.default_rng(0).standard_normal((3, 2, 3, 3)).astype(np.float32)
+    fw.tf_checkpoint(folder / "m", fw.keras_names({"0.weight": w, "0.bias": w[:, 0, 0, 0].copy()}), block_size=64)
+    tf = {name: (folder / name).read_bytes() for name in ("m.index", "m.data-00000-of-00001")}
+    paddle_params = {"conv2d_0.w_0": w, "conv2d_0.b_0": w[:, 0, 0, 0].copy()}
+    fw.paddle_inference(folder / "inference", paddle_params, ["conv2d_0.w_0"])
+    paddle = {name: (folder / name).read_bytes() for name in ("inference.pdmodel", "inference.pdiparams")}
+    lut = fw.wp_lut(np.arange(54) % 4, 2, np.arange(4, dtype=np.float32))
+    nn = fw.coreml_nn(folder / "nn.mlmodel", [fw.nn_conv("c", 3, 2, (3, 3), fw.wp_float(w), fw.wp_half(w[:, 0, 0, 0])),
+                                              fw.nn_inner_product("fc", 6, 9, lut)])  # fmt: skip
+    blobs = fw.BlobWriter()
+    w16 = w.astype(np.float16)
+    ops = [fw.mil_op("const", "w16", attrs={"val": fw.mil_blob_value(w16, "@model_path/weights/weight.bin",
+                                                                    blobs.add(w16))}),
+           fw.mil_op("cast", "w", {"x": "w16"}), fw.mil_op("conv", "y", {"x": "x", "weight": "w"}),
+           fw.mil_op("constexpr_affine_dequantize", "v", attrs={
+               "quantized_data": fw.mil_immediate(np.arange(6, dtype=np.int8).reshape(2, 3)),
+               "scale": fw.mil_immediate(np.ones(2, np.float32)), "zero_point": fw.mil_immediate(np.int8(1)),
+               "axis": fw.mil_immediate(np.array(0, np.int32))})]  # fmt: skip
+    spec = fw.mlpackage(folder / "p.mlpackage", ops)
+    (spec.parent / "weights" / "weight.bin").write_bytes(blobs.bytes())
+    program = {"model.mlmodel": spec.read_bytes(), "weights/weight.bin": blobs.bytes()}
+    return {
+        "m.index": tf, "m.data-00000-of-00001": tf,
+        "inference.pdiparams": paddle, "inference.pdmodel": paddle,
+        "nn.mlmodel": {"nn.mlmodel": nn.read_bytes()},
+        "model.mlmodel": program, "weights/weight.bin": program,
+    }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +109,19 @@ def fixtures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     for path in files.values():  # every fixture reads cleanly before it is mutated
         assert load_file(path)
     return {name: path.read_bytes() for name, path in files.items()}
+
+
+@pytest.fixture(scope="module")
+def sibling_fixtures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, bytes]]:
+    folder = tmp_path_factory.mktemp("fuzz_sibling_fixtures")
+    groups = _sibling_fixtures(folder)
+    check = tmp_path_factory.mktemp("fuzz_sibling_check")
+    for name, files in groups.items():  # every group reads cleanly, through the file that will be mutated
+        for rel, data in files.items():
+            (check / rel).parent.mkdir(parents=True, exist_ok=True)
+            (check / rel).write_bytes(data)
+        assert _read(_target(check, name)), name
+    return groups
 
 
 @st.composite
@@ -93,7 +152,8 @@ def mutations(draw: st.DrawFn, data: bytes) -> bytes:
     return bytes(out)
 
 
-OWN_FORMATS = frozenset({"torch", "pdparams", "safetensors", "npz", "npy", "onnx"})
+OWN_FORMATS = frozenset({"torch", "pdparams", "safetensors", "npz", "npy", "onnx", "tf_bundle", "paddle_inference",
+                         "coreml"})  # fmt: skip
 
 
 def _read(path: Path) -> object:
@@ -121,7 +181,14 @@ def _check(tmp: Path, name: str, blob: bytes) -> None:
 
 
 FORMATS = ["zip.pt", "module.pt", "legacy.pt", "script.pt", "quant.pt", "m.safetensors", "m.npz", "deflated.npz",
-           "m.npy", "m.pdparams", "m.onnx"]  # fmt: skip
+           "m.npy", "m.pdparams", "m.onnx", "quant.onnx"]  # fmt: skip
+SIBLING_FORMATS = ["m.index", "m.data-00000-of-00001", "inference.pdiparams", "inference.pdmodel", "nn.mlmodel",
+                   "model.mlmodel", "weights/weight.bin"]  # fmt: skip
+
+
+def _target(folder: Path, name: str) -> Path:
+    """The file read for a mutated ``name``: a blob file is read through its package's spec."""
+    return folder / ("model.mlmodel" if name == "weights/weight.bin" else name)
 
 
 @pytest.mark.parametrize("name", FORMATS)
@@ -141,7 +208,37 @@ def test_mutated_files_only_ever_raise_model_format_error(
     assert FUZZED[name] - before == EXAMPLES
 
 
-@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin", ".safetensors", ".npz", ".npy", ".onnx", ".pdparams"])
+@pytest.mark.parametrize("name", SIBLING_FORMATS)
+def test_mutated_files_of_several_file_formats_only_ever_raise_model_format_error(
+    name: str, sibling_fixtures: dict[str, dict[str, bytes]], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    tmp = tmp_path_factory.mktemp("fuzz")
+    files = sibling_fixtures[name]
+    for rel, data in files.items():
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / rel).write_bytes(data)
+    before = sorted(p.relative_to(tmp) for p in tmp.rglob("*"))
+    counted = [0]
+
+    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+    @given(st.data())
+    def run(data: st.DataObject) -> None:
+        (tmp / name).write_bytes(data.draw(mutations(files[name])))
+        path = _target(tmp, name)
+        try:
+            _read(path)
+        except ModelFormatError as exc:
+            assert "\n" not in str(exc) and str(exc).startswith(str(tmp)), str(exc)
+        assert sorted(p.relative_to(tmp) for p in tmp.rglob("*")) == before, "a file appeared while reading"
+        counted[0] += 1
+
+    run()
+    assert counted[0] == EXAMPLES
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin", ".safetensors", ".npz", ".npy", ".onnx", ".pdparams",
+                                    ".index", ".pdiparams", ".pdmodel", ".mlmodel"])  # fmt: skip
 def test_random_bytes_only_ever_raise_model_format_error(suffix: str, tmp_path_factory: pytest.TempPathFactory) -> None:
     tmp = tmp_path_factory.mktemp("rand")
     heads = [b"", b"PK\x03\x04", b"\x80\x02", b"\x93NUMPY", b"\x08\x00\x00\x00\x00\x00\x00\x00{"]
