@@ -90,7 +90,7 @@ def _weight_params(raw: memoryview, shape: tuple[int, ...], channel_axis: int) -
         return None
     if values.size != n:
         raise ValueError(f"{values.size} weight values do not fill a {shape} tensor")
-    return values.astype(np.float32).reshape(shape)
+    return values.astype(np.float32, copy=False).reshape(shape)
 
 
 def _quantized(msg: dict[int, list[int | memoryview]], shape: tuple[int, ...], channel_axis: int) -> np.ndarray:
@@ -240,7 +240,7 @@ class _Program:
         arr = arr.reshape(shape)
         if data_type == _MIL_BF16:
             return bf16_to_float32(arr)
-        return arr.astype(np.float32) if arr.dtype.kind == "f" else arr
+        return arr.astype(np.float32, copy=False) if arr.dtype.kind == "f" else arr
 
     def block(self, raw: memoryview, depth: int) -> None:
         if depth > MAX_DEPTH:
