@@ -92,7 +92,7 @@ def test_savedmodel_and_checkpoint_folders_are_one_unit_each(tmp_path: Path, has
     (pair / "faiss.index").write_bytes(b"IxFI" + bytes(100))  # another .index: not a model
     units = [(u.key.split("zoo/", 1)[1], u.path) for u in find_units(tmp_path / "zoo")]
     assert [k for k, _ in units] == ["pair/a.index", "pair/b.index", "resnet_savedmodel", "train"]
-    assert hasher.hash(saved) == hasher.hash(make_cnn(2))
+    assert hasher.hash(saved) == hasher.hash(saved / "saved_model.pb") == hasher.hash(make_cnn(2))
     assert hasher.hash(train) == hasher.hash(make_cnn(4))  # the checkpoint the state file names
     assert hasher.hash(pair / "b.index") == hasher.hash(make_cnn(6))
     assert sniff_format(pair / "faiss.index") is None

@@ -100,7 +100,8 @@ def sniff_format(path: Path) -> str | None:
     with open(path, "rb") as f:
         head = f.read(16)
     suffix = path.suffix.lower()
-    if suffix == ".index" or ".data-" in path.name:  # a TensorFlow bundle: an SSTable, told by its footer's magic
+    if suffix == ".index" or ".data-" in path.name or path.name.startswith("saved_model.pb"):
+        # a TensorFlow bundle (an SSTable, told by its footer's magic), named by its index, a shard or its SavedModel
         from .readers.tensorflow import index_of, is_table
 
         if is_table(index_of(path)):

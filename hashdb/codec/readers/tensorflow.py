@@ -65,7 +65,9 @@ def is_table(path: Path) -> bool:
 
 
 def index_of(path: Path) -> Path:
-    """The ``.index`` of a bundle named by its index or by one of its data shards."""
+    """The ``.index`` of a bundle named by its index, by one of its data shards, or by a SavedModel's graph."""
+    if path.name in ("saved_model.pb", "saved_model.pbtxt"):
+        return path.parent / "variables" / "variables.index"
     match = _DATA_FILE.search(path.name)
     return path.with_name(path.name[: match.start()] + ".index") if match else path
 
