@@ -155,3 +155,57 @@ def test_a_scale_that_does_not_fit_its_axis_is_one_line(tmp_path: Path) -> None:
     path = save(tmp_path / "bad.onnx", nodes, inits)
     with pytest.raises(ModelFormatError, match=r"bad.onnx: quantized tensor 'q' .* does not fit axis 0$"):
         load_tensors(path)
+
+
+class _Calibration:
+    """onnxruntime's CalibrationDataReader: a few random inputs for the static quantizers."""
+
+    def __init__(self) -> None:
+        rng = np.random.default_rng(0)
+        self.batches = iter([{"x0": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(4)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.batches, None)
+
+
+@pytest.mark.parametrize("mode", ["dynamic ConvInteger", "static QDQ per channel", "static QLinearConv"])
+def test_onnxruntime_quantized_models_read_as_their_float_weights_within_the_quantization_step(
+    tmp_path: Path, hasher: ModelHasher, mode: str
+) -> None:
+    """Cross-check against the graphs onnxruntime's own quantizers write (quantize_dynamic, quantize_static):
+    every conv weight comes back OIHW within half a quantization step of the float weight (so the scale the
+    graph holds was found and applied), and the code stays within the copy radius of the float model's."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    from hashdb.codes import hamming
+
+    ws = kernels(4)
+    ws = [w * (0.1 * (i + 1)) for i, w in enumerate(ws)]  # distinct per-layer scales
+    nodes = [helper.make_node("Conv", [f"x{i}", f"w{i}", f"b{i}"], [f"x{i + 1}"], name=f"conv{i}") for i in range(3)]
+    inits = [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(ws)]
+    inits += [numpy_helper.from_array(np.zeros(len(w), np.float32), f"b{i}") for i, w in enumerate(ws)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x0", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("x3", TensorProto.FLOAT, [1, 24, 10, 10])], initializer=inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    src, dst = tmp_path / "float.onnx", tmp_path / "quant.onnx"
+    onnx.save(model, str(src))
+    if mode.startswith("dynamic"):
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8)
+        ops = {"ConvInteger"}
+    else:
+        fmt = QuantFormat.QDQ if "QDQ" in mode else QuantFormat.QOperator
+        quantize_static(str(src), str(dst), _Calibration(), quant_format=fmt, per_channel="QDQ" in mode,
+                        weight_type=QuantType.QInt8)  # fmt: skip
+        ops = {"DequantizeLinear"} if "QDQ" in mode else {"QLinearConv"}
+    written = {n.op_type for n in onnx.load(str(dst)).graph.node}
+    assert ops <= written and ("Conv" in written) == ("QDQ" in mode)  # QDQ keeps Conv, fed by DequantizeLinear
+    got = [t for t in load_tensors(dst) if t.array.ndim == 4]
+    assert len(got) == 3 and {t.layout for t in got} == {"oihw"}
+    for t, w in zip(got, ws, strict=True):
+        step = (w.max() - min(w.min(), 0)) / 255 if mode.startswith("dynamic") else np.abs(w).max() / 127
+        assert t.array.shape == w.shape
+        assert np.abs(t.array - w).max() <= 0.5 * step * 1.01 + 1e-7, t.name
+    assert hamming(hasher.hash(dst), hasher.hash({f"w{i}": w for i, w in enumerate(ws)})) <= hasher.copy_radius
