@@ -11,7 +11,8 @@ checked against what is left of the file before it is used.
 and ``fetch`` excluded) and its ``OpDesc``s say which are convolution filters (the ``Filter`` input of
 conv2d, depthwise_conv2d, conv3d and their transposes). Paddle's filters are OIHW (transposed convolutions
 ``(in, out/groups, *k)``, torch's order): they are returned as stored and marked so. Without a ``.pdmodel``
-the tensors are named ``param_N`` and their layout is left to the shape guess.
+(also beside Paddle 3's ``inference.json`` programs, which are not read) the tensors are named ``param_N`` and
+their layout is left to the shape guess.
 
 float32, float64, float16 and bfloat16 tensors are returned; integer and bool tensors are skipped.
 """
