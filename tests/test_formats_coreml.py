@@ -148,3 +148,14 @@ def test_blobs_outside_the_package_or_malformed_are_one_line_errors(tmp_path: Pa
     broken.write_bytes(fw.coreml_nn(broken, [fw.nn_conv("c", 16, 3, (3, 3), fw.wp_float(w[:5]), None)]).read_bytes())
     with pytest.raises(ModelFormatError, match=r"135 weight values do not fill a \(16, 3, 3, 3\) tensor"):
         load_file(broken)
+
+
+def test_quantized_layers_are_size_checked_before_they_expand(tmp_path: Path) -> None:
+    """A 1-bit palettized layer expands 32x: its declared shape is checked against the limit before decoding."""
+    q = np.zeros((512, 512, 3, 3), dtype=np.int64)
+    layer = fw.nn_conv("c", 512, 512, (3, 3), fw.wp_lut(q, 1, np.array([0.0, 1.0], np.float32)), None)
+    path = fw.coreml_nn(tmp_path / "lut.mlmodel", [layer])
+    assert path.stat().st_size < 300_000
+    with pytest.raises(ModelFormatError, match=f"^{path}: declares 9,439,232 bytes of tensors, over the limit"):
+        load_file(path, 1 << 20)
+    assert load_file(path, 1 << 24)[0].array.shape == (512, 512, 3, 3)

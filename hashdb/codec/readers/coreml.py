@@ -130,7 +130,8 @@ def _quantized(msg: dict[int, list[int | memoryview]], shape: tuple[int, ...], c
     raise ValueError("quantized weights without linear or lookup-table parameters")
 
 
-def _neural_network(msg: dict[int, list[int | memoryview]], out: list[NamedTensor]) -> None:
+def _neural_network(path: Path, msg: dict[int, list[int | memoryview]], out: list[NamedTensor], max_bytes: int) -> None:
+    used = 0
     for i, raw_layer in enumerate(msg.get(1, [])):
         layer = pw.message(pw.as_bytes(raw_layer))
         name = pw.text(layer[1][-1]) if 1 in layer else f"layer_{i}"
@@ -140,6 +141,8 @@ def _neural_network(msg: dict[int, list[int | memoryview]], out: list[NamedTenso
             kernel = tuple(pw.varints(conv.get(20, []))) or (3, 3)
             deconv = bool(_int(conv, 60))
             shape = (k_ch, out_ch // groups, *kernel) if deconv else (out_ch, k_ch, *kernel)
+            used += 4 * (math.prod(shape) + out_ch)  # before decoding: n-bit weights expand up to 32x
+            check_size(path, used, max_bytes)
             weights = _weight_params(_first(conv, 90), shape, 1 if deconv else 0) if 90 in conv else None
             if weights is not None:
                 out.append(NamedTensor(f"{name}.weight", weights, "oihw"))
@@ -149,6 +152,8 @@ def _neural_network(msg: dict[int, list[int | memoryview]], out: list[NamedTenso
         elif INNER_PRODUCT in layer:
             fc = pw.message(_first(layer, INNER_PRODUCT))
             n_in, n_out = _int(fc, 1), _int(fc, 2)
+            used += 4 * (n_in * n_out + n_out)
+            check_size(path, used, max_bytes)
             weights = _weight_params(_first(fc, 20), (n_out, n_in), 0) if 20 in fc else None
             if weights is not None:
                 out.append(NamedTensor(f"{name}.weight", weights, "oihw"))
@@ -334,7 +339,7 @@ def _model(path: Path, raw: memoryview, max_bytes: int, out: list[NamedTensor], 
     model = pw.message(raw)
     for number in _NEURAL_NETWORKS:
         if number in model:
-            _neural_network(pw.message(_first(model, number)), out)
+            _neural_network(path, pw.message(_first(model, number)), out, max_bytes)
     if ML_PROGRAM in model:
         _program(path, _first(model, ML_PROGRAM), max_bytes, out)
     for number in _PIPELINES:
