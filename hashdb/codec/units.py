@@ -61,7 +61,7 @@ def _hf_cache_repo(path: Path) -> str | None:
 
 
 def is_model_folder(path: Path) -> bool:
-    """True for a folder that holds one model (Hugging Face layout, sharded or not)."""
+    """True for a folder that holds one model (Hugging Face layout, sharded or not, or a format_folder_weights one)."""
     if _hf_cache_repo(path) is not None:
         return True
     if format_folder_weights(path) is not None:
@@ -117,7 +117,8 @@ def _latest_checkpoint(state: Path) -> str | None:
     import re
 
     try:
-        text = state.read_text(encoding="utf-8", errors="replace")[:65536]
+        with open(state, "rb") as f:
+            text = f.read(65536).decode("utf-8", "replace")  # a few lines; never read a huge stray file whole
     except OSError:
         return None
     match = re.search(r'^model_checkpoint_path:\s*"([^"\n]+)"', text, re.MULTILINE)
