@@ -141,3 +141,32 @@ def test_broken_tables_and_missing_shards_are_one_line_errors(tmp_path: Path) ->
     (tmp_path / "m.data-00000-of-00001").unlink()
     with pytest.raises(ModelFormatError, match=f"^{path}: data shard m.data-00000-of-00001 is missing$"):
         load_file(path)
+
+
+def test_sstable_reader_reads_what_leveldb_itself_writes(tmp_path: Path) -> None:
+    """Cross-check of the table layer against LevelDB's own table builder (plyvel): small blocks and restart
+    intervals so keys are prefix-compressed across many blocks. LevelDB's keys carry an 8-byte sequence tag
+    (TensorFlow's do not); a snappy table is refused in one line."""
+    import plyvel
+
+    from hashdb.codec.readers.tensorflow import is_table, table_entries
+
+    rng = np.random.default_rng(5)
+    items = {f"model/layer_with_weights-{i:03d}/kernel/.ATTRIBUTES/VARIABLE_VALUE".encode():
+             rng.bytes(int(rng.integers(0, 60))) for i in range(300)}  # fmt: skip
+    for name, compression in (("plain", None), ("snappy", "snappy")):
+        db = plyvel.DB(str(tmp_path / name), create_if_missing=True, compression=compression, block_size=256,
+                       block_restart_interval=4)  # fmt: skip
+        for key, value in items.items():
+            db.put(key, value * 20 if compression else value)
+        db.compact_range()
+        db.close()
+    tables = sorted((tmp_path / "plain").glob("*.ldb"))
+    assert tables and all(is_table(t) for t in tables)
+    got = {bytes(k[:-8]): bytes(v) for t in tables for k, v in table_entries(memoryview(t.read_bytes()))}
+    assert got == items
+    snappy = sorted((tmp_path / "snappy").glob("*.ldb"))[0]
+    index = tmp_path / "snappy.index"
+    index.write_bytes(snappy.read_bytes())
+    with pytest.raises(ModelFormatError, match=f"^{index}: .*snappy-compressed table blocks are not supported"):
+        load_file(index)
