@@ -159,3 +159,41 @@ def test_quantized_layers_are_size_checked_before_they_expand(tmp_path: Path) ->
     with pytest.raises(ModelFormatError, match=f"^{path}: declares 9,439,232 bytes of tensors, over the limit"):
         load_file(path, 1 << 20)
     assert load_file(path, 1 << 24)[0].array.shape == (512, 512, 3, 3)
+
+
+@pytest.mark.parametrize("blocks", [(24, 1, 1, 1), (24, 2, 1, 1), (1, 1, 1, 1)])
+def test_ios18_blockwise_shift_scale_per_tensor_channel_and_block(tmp_path: Path, blocks: tuple[int, ...]) -> None:
+    w = cnn_convs(6)["2"]  # (24, 16, 3, 3)
+    rng = np.random.default_rng(6)
+    scale = rng.uniform(0.001, 0.01, size=blocks).astype(np.float32)
+    offset = rng.integers(-3, 4, size=blocks).astype(np.int8)
+    full_scale = scale
+    full_offset = offset.astype(np.float32)
+    for axis, (d, s) in enumerate(zip(w.shape, blocks, strict=True)):
+        full_scale = np.repeat(full_scale, d // s, axis=axis)
+        full_offset = np.repeat(full_offset, d // s, axis=axis)
+    q = np.clip(np.round(w / full_scale) + full_offset, -128, 127).astype(np.int8)
+    blobs = fw.BlobWriter()
+    ops = [
+        fw.mil_op("const", "q", attrs={"val": fw.mil_blob_value(q, "@model_path/weights/weight.bin", blobs.add(q))}),
+        fw.mil_op("const", "s", attrs={"val": fw.mil_immediate(scale)}),
+        fw.mil_op("const", "o", attrs={"val": fw.mil_immediate(offset)}),
+        fw.mil_op("constexpr_blockwise_shift_scale", "w", {"data": "q", "scale": "s", "offset": "o"}),
+        fw.mil_op("conv", "y", {"x": "x", "weight": "w"}),
+    ]
+    spec = fw.mlpackage(tmp_path / "b.mlpackage", ops)
+    (spec.parent / "weights" / "weight.bin").write_bytes(blobs.bytes())
+    got = {t.name: t for t in load_tensors(tmp_path / "b.mlpackage")}
+    assert got["w"].layout == "oihw" and "q" not in got
+    np.testing.assert_allclose(got["w"].array, full_scale * (q - full_offset), rtol=1e-6)
+    assert np.abs(got["w"].array - w).max() <= 0.5 * scale.max() * 1.01
+
+
+def test_blockwise_parameters_that_do_not_divide_the_data_are_one_line(tmp_path: Path) -> None:
+    q = np.zeros((24, 16, 3, 3), np.int8)
+    ops = [fw.mil_op("const", "q", attrs={"val": fw.mil_immediate(q)}),
+           fw.mil_op("const", "s", attrs={"val": fw.mil_immediate(np.ones((24, 5, 1, 1), np.float32))}),
+           fw.mil_op("constexpr_blockwise_shift_scale", "w", {"data": "q", "scale": "s"})]  # fmt: skip
+    spec = fw.mlpackage(tmp_path / "b.mlpackage", ops)
+    with pytest.raises(ModelFormatError, match=r"blockwise scale \(24, 5, 1, 1\) / offset does not divide data"):
+        load_file(spec)

@@ -12,11 +12,12 @@ The spec is a ``Model`` message (Model.proto). Read from it:
   ``(outputChannels, kernelChannels, kH, kW)`` (deconvolution ``(kernelChannels, outputChannels / nGroups, kH,
   kW)``, torch's ConvTranspose order): OIHW, marked so. Inner products are ``(out, in)``.
 - ML Programs (``mlProgram`` 502, MIL): every ``const`` op's float ``val`` (an immediate tensor, or a
-  ``blobFileValue`` in ``@model_path/weights/*.bin``), and ``constexpr_affine_dequantize`` ops (int8/uint8
-  ``(q - zero_point) * scale`` along ``axis``), named by their output. A const that reaches a ``conv``,
-  ``conv_transpose`` (``[C_in, C_out/groups, *k]``) or ``linear`` op's ``weight`` (through ``cast`` ops) is
-  marked OIHW (MIL's ``[C_out, C_in/groups, *k]``). A weight made by another constexpr op (palettized or
-  sparse iOS 16+ compression) is refused in one line.
+  ``blobFileValue`` in ``@model_path/weights/*.bin``), ``constexpr_affine_dequantize`` ops (iOS 16: int8/uint8
+  ``(q - zero_point) * scale`` along ``axis``) and ``constexpr_blockwise_shift_scale`` ops (iOS 18: int8/uint8
+  ``scale * (data - offset)``, per tensor, per channel or per block), named by their output. A const that
+  reaches a ``conv``, ``conv_transpose`` (``[C_in, C_out/groups, *k]``) or ``linear`` op's ``weight`` (through
+  ``cast`` ops) is marked OIHW (MIL's ``[C_out, C_in/groups, *k]``). A weight made by another constexpr op
+  (palettized or sparse compression, int4 data) is refused in one line.
 
 Blob files (BlobStorage v2): a 64-byte header (uint32 count, uint32 version = 2, reserved), then per blob a
 64-byte metadata record at the offset the spec names (uint32 sentinel 0xDEADBEEF, uint32 data type, uint64
@@ -171,6 +172,7 @@ class _Program:
         self.max_bytes = max_bytes
         self.used = 0
         self.tensors: dict[str, np.ndarray] = {}
+        self.ints: dict[str, np.ndarray] = {}  # integer consts: the data, offsets of blockwise quantization
         self.producers: dict[str, tuple[str, dict[str, str]]] = {}  # output -> (op type, input bindings)
         self.weights: set[str] = set()
 
@@ -271,8 +273,12 @@ class _Program:
                 arr = self.value(attrs["val"])
                 if arr is not None and arr.dtype.kind == "f":
                     self.tensors[outputs[0]] = arr
+                elif arr is not None and arr.dtype.kind in "iu":
+                    self.ints[outputs[0]] = arr
             elif op_type == "constexpr_affine_dequantize" and outputs:
                 self.tensors[outputs[0]] = self.affine(attrs)
+            elif op_type == "constexpr_blockwise_shift_scale" and outputs:
+                self.tensors[outputs[0]] = self.blockwise(inputs)
             if op_type in _WEIGHT_OPS and _WEIGHT_OPS[op_type] in inputs:
                 self.weights.add(self.source(inputs[_WEIGHT_OPS[op_type]]))
             for nested in op.get(4, []):
@@ -305,6 +311,31 @@ class _Program:
             w = w * p if is_scale else w - p
         return w
 
+    def blockwise(self, inputs: dict[str, str]) -> np.ndarray:
+        """iOS 18 ``scale * (data - offset)``: scale and offset have the data's rank, each dim dividing the
+        data's (a block of data elements shares one scale)."""
+        data = self.ints.get(inputs.get("data", ""))
+        scale = self.tensors.get(inputs.get("scale", ""))
+        if data is None or scale is None:
+            raise ValueError("constexpr_blockwise_shift_scale without int8/uint8 data and a float scale")
+        offset_name = inputs.get("offset", "")
+        offset = self.ints.get(offset_name, self.tensors.get(offset_name))
+        if (
+            scale.ndim != data.ndim
+            or any(s == 0 or d % s for d, s in zip(data.shape, scale.shape, strict=True))
+            or (offset is not None and offset.shape != scale.shape)
+        ):
+            raise ValueError(f"blockwise scale {scale.shape} / offset does not divide data {data.shape}")
+        blocked = [x for d, s in zip(data.shape, scale.shape, strict=True) for x in (s, d // s)]
+
+        def per_block(param: np.ndarray) -> np.ndarray:
+            return param.astype(np.float32).reshape([x for s in param.shape for x in (s, 1)])
+
+        w = data.astype(np.float32).reshape(blocked)
+        if offset is not None:
+            w = w - per_block(offset)
+        return (w * per_block(scale)).reshape(data.shape)
+
     def source(self, name: str) -> str:
         for _ in range(8):
             producer = self.producers.get(name)
@@ -315,7 +346,7 @@ class _Program:
         if (
             producer is not None
             and producer[0].startswith("constexpr_")
-            and producer[0] != "constexpr_affine_dequantize"
+            and producer[0] not in ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale")
         ):
             raise ValueError(f"weight {name!r} is compressed with {producer[0]}: not supported")
         return name
