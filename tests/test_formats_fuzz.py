@@ -90,7 +90,10 @@ def _sibling_fixtures(folder: Path) -> dict[str, dict[str, bytes]]:
            fw.mil_op("constexpr_affine_dequantize", "v", attrs={
                "quantized_data": fw.mil_immediate(np.arange(6, dtype=np.int8).reshape(2, 3)),
                "scale": fw.mil_immediate(np.ones(2, np.float32)), "zero_point": fw.mil_immediate(np.int8(1)),
-               "axis": fw.mil_immediate(np.array(0, np.int32))})]  # fmt: skip
+               "axis": fw.mil_immediate(np.array(0, np.int32))}),
+           fw.mil_op("const", "d", attrs={"val": fw.mil_immediate(np.arange(6, dtype=np.int8).reshape(2, 3))}),
+           fw.mil_op("const", "s", attrs={"val": fw.mil_immediate(np.ones((2, 1), np.float32))}),
+           fw.mil_op("constexpr_blockwise_shift_scale", "b", {"data": "d", "scale": "s"})]  # fmt: skip
     spec = fw.mlpackage(folder / "p.mlpackage", ops)
     (spec.parent / "weights" / "weight.bin").write_bytes(blobs.bytes())
     program = {"model.mlmodel": spec.read_bytes(), "weights/weight.bin": blobs.bytes()}
