@@ -209,3 +209,29 @@ def test_onnxruntime_quantized_models_read_as_their_float_weights_within_the_qua
         assert t.array.shape == w.shape
         assert np.abs(t.array - w).max() <= 0.5 * step * 1.01 + 1e-7, t.name
     assert hamming(hasher.hash(dst), hasher.hash({f"w{i}": w for i, w in enumerate(ws)})) <= hasher.copy_radius
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_blocked_int4_dequantize_linear(tmp_path: Path, signed: bool) -> None:
+    """opset 21 blocked quantization: int4/uint4 weights, a scale (and zero point) per block of 8 input channels."""
+    w = kernels(5)[1]  # (24, 16, 3, 3)
+    block = 8
+    lo, hi = (-8, 7) if signed else (0, 15)
+    blocks = w.reshape(24, 2, block, 3, 3)
+    scale = (np.abs(blocks).max(axis=2) / 7).astype(np.float32)  # (24, 2, 3, 3): the spec's blocked shape
+    zero = np.zeros_like(scale, dtype=np.int8) if signed else np.full(scale.shape, 8, np.uint8)
+    full_scale = np.repeat(scale, block, axis=1)
+    full_zero = np.repeat(zero.astype(np.float32), block, axis=1)
+    q = np.clip(np.round(w / full_scale) + full_zero, lo, hi).astype(np.int8 if signed else np.uint8)
+    kind = TensorProto.INT4 if signed else TensorProto.UINT4
+    inits = [helper.make_tensor("q", kind, q.shape, q.ravel().tolist()), numpy_helper.from_array(scale, "s"),
+             helper.make_tensor("z", kind, zero.shape, zero.ravel().tolist())]  # fmt: skip
+    nodes = [helper.make_node("DequantizeLinear", ["q", "s", "z"], ["w"], axis=1, block_size=block),
+             helper.make_node("Conv", ["x0", "w"], ["x1"])]  # fmt: skip
+    got = load_tensors(save(tmp_path / "int4.onnx", nodes, inits))
+    assert [t.name for t in got if t.array.ndim == 4] == ["w"] and got[0].layout == "oihw"
+    np.testing.assert_allclose(got[0].array, (q - full_zero) * full_scale, rtol=1e-6)
+    assert np.abs(got[0].array - w).max() <= 0.5 * scale.max() * 1.01
+    bad = save(tmp_path / "bad.onnx", nodes, [inits[0], numpy_helper.from_array(scale[:, :1], "s"), inits[2]])
+    with pytest.raises(ModelFormatError, match=r"blocked scale/zero point of shape \(24, 1, 3, 3\), want \(24, 2"):
+        load_tensors(bad)

@@ -1,11 +1,11 @@
 """ONNX models: the graph's initializers (needs the optional ``onnx`` package: pip install hashdb[onnx]).
 
-Conv weights (input 1 of a Conv or ConvTranspose node, an initializer or a Constant node's value) are OIHW by the
-ONNX spec and are marked so. Quantized weights are dequantized `(q - zero_point) * scale`: the int8/uint8
-constant behind a DequantizeLinear (per tensor or along its axis), the weight of QLinearConv/QLinearMatMul
-(per tensor or per output channel), and the weight of dynamic-int8 ConvInteger/MatMulInteger with its zero
-point and the scale the graph multiplies its output by (none found: zero point only; a per-tensor scale
-does not change the code).
+Conv weights (input 1 of a Conv or ConvTranspose node, an initializer or a Constant node's value) are OIHW
+by the ONNX spec and are marked so. Quantized weights are dequantized ``(q - zero_point) * scale``: the
+int8/uint8 (or int4/uint4) constant behind a DequantizeLinear (per tensor, along its axis, or blocked by
+``block_size``), the weight of QLinearConv/QLinearMatMul (per tensor or per output channel), and the weight
+of dynamic-int8 ConvInteger/MatMulInteger with its zero point and the scale the graph multiplies its output
+by (none found: zero point only; a per-tensor scale does not change the code).
 External data is resolved against the model file's own folder only: an absolute location, one that
 leaves the folder (``..``, a symlink out) or a missing file is refused; the current directory is never
 looked at. Its declared length is size-checked before it is mapped.
@@ -73,6 +73,7 @@ def _decode(raw: np.ndarray, data_type: int) -> np.ndarray | None:
 
 # Integer element types of quantized weights, zero points and int32 biases (TensorProto.DataType -> dtype).
 _INT_TYPES: dict[int, str] = {2: "u1", 3: "i1", 4: "<u2", 5: "<i2", 6: "<i4"}
+_INT4_TYPES: dict[int, type] = {21: np.uint8, 22: np.int8}  # UINT4, INT4: two per byte, unpacked by onnx
 # Ops whose weight is input 1 and OIHW by the ONNX spec (ConvTranspose: (in, out/groups, *k), torch's order).
 _CONV_OPS = frozenset({"Conv", "ConvTranspose", "ConvInteger"})
 # Ops a weight passes through unchanged on its way from its constant to the op that uses it.
@@ -82,14 +83,19 @@ _PASS_THROUGH = frozenset({"Identity", "Cast"})
 def _stored(path: Path, init: Any, folder: Path, max_bytes: int, numpy_helper: Any) -> np.ndarray | None:
     """The tensor as stored (floats decoded to float32, integers kept as integers); None for other types."""
     if init.data_location == 1:  # TensorProto.EXTERNAL
+        if init.data_type in _INT4_TYPES:
+            raise ModelFormatError(f"{path}: tensor {init.name!r}: 4-bit weights in external data are not supported")
         raw = _external(path, init, folder, max_bytes)
         return raw if raw is None or init.data_type not in _TYPES else _decode(raw, init.data_type)
-    if init.data_type not in _TYPES and init.data_type not in _INT_TYPES:
+    if init.data_type not in _TYPES and init.data_type not in _INT_TYPES and init.data_type not in _INT4_TYPES:
         return None
     shape = tuple(int(d) for d in init.dims)
     if any(d < 0 for d in shape):
         raise ModelFormatError(f"{path}: tensor {init.name!r}: negative dimension")
     try:
+        if init.data_type in _INT4_TYPES:
+            check_size(path, math.prod(shape), max_bytes)  # unpacked to a byte each
+            return np.asarray(numpy_helper.to_array(init)).astype(_INT4_TYPES[init.data_type])
         if init.raw_data:
             stored = _TYPES[init.data_type][0] if init.data_type in _TYPES else _INT_TYPES[init.data_type]
             raw = np.frombuffer(init.raw_data, dtype=stored).reshape(shape)
@@ -119,8 +125,9 @@ def _constants(path: Path, graph: Any, folder: Path, max_bytes: int, numpy_helpe
 
 
 def _dequantize(path: Path, name: str, q: np.ndarray, scale: np.ndarray | None, zero: np.ndarray | None,
-                axis: int) -> np.ndarray:  # fmt: skip
-    """``(q - zero_point) * scale``, per tensor or along ``axis`` (a 1-D scale/zero point of that axis' length)."""
+                axis: int, block: int = 0) -> np.ndarray:  # fmt: skip
+    """``(q - zero_point) * scale``, per tensor or along ``axis`` (a 1-D scale/zero point of that axis' length),
+    or blocked (``block`` > 0: the parameters have q's rank, ``ceil(n / block)`` along ``axis``)."""
     w = q.astype(np.float32)
     for param in (zero, scale):
         if param is None or param.size == 1:
@@ -128,6 +135,17 @@ def _dequantize(path: Path, name: str, q: np.ndarray, scale: np.ndarray | None, 
             w = w - value if param is zero else w * value
             continue
         ax = axis + q.ndim if axis < 0 else axis
+        if block > 0:
+            want = tuple(-(-d // block) if i == ax else d for i, d in enumerate(q.shape))
+            if param.shape != want:
+                raise ModelFormatError(
+                    f"{path}: quantized tensor {name!r} of shape {q.shape}: blocked scale/zero point of shape "
+                    f"{param.shape}, want {want} (block {block} along axis {axis})"
+                )
+            expanded = np.repeat(param.astype(np.float32), block, axis=ax)
+            expanded = np.take(expanded, np.arange(q.shape[ax]), axis=ax)
+            w = w - expanded if param is zero else w * expanded
+            continue
         if param.ndim != 1 or not 0 <= ax < q.ndim or param.size != q.shape[ax]:
             raise ModelFormatError(
                 f"{path}: quantized tensor {name!r} of shape {q.shape}: scale/zero point of shape "
@@ -185,10 +203,11 @@ def _quantized(path: Path, graph: Any, consts: dict[str, np.ndarray]) -> dict[st
     out: dict[str, tuple[str, np.ndarray]] = {}
     for node in graph.node:
         ins = [*node.input, "", "", "", "", "", "", "", ""]
-        q, scale, zero, axis, name = "", None, None, 0, ""
+        q, scale, zero, axis, block, name = "", None, None, 0, 0, ""
         if node.op_type == "DequantizeLinear" and integer(ins[0]) and ins[1] in consts and node.output:
             q, scale, zero, name = ins[0], consts[ins[1]], consts.get(ins[2]), node.output[0]
             axis = next((int(a.i) for a in node.attribute if a.name == "axis"), 1)
+            block = next((int(a.i) for a in node.attribute if a.name == "block_size"), 0)
         elif node.op_type in ("QLinearConv", "QLinearMatMul") and integer(ins[3]):
             q, scale, zero, name = ins[3], consts.get(ins[4]), consts.get(ins[5]), ins[3]
             axis = 0 if node.op_type == "QLinearConv" else -1
@@ -200,10 +219,21 @@ def _quantized(path: Path, graph: Any, consts: dict[str, np.ndarray]) -> dict[st
                 scale = scale.reshape(-1)
         if q and q not in out:
             try:
-                out[q] = (name, _dequantize(path, q, consts[q], scale, zero, axis))
+                out[q] = (name, _dequantize(path, q, consts[q], scale, zero, axis, block))
             except (ValueError, TypeError) as exc:
                 raise ModelFormatError(f"{path}: {node.op_type} node {node.name!r}: {str(exc)[:120]}") from None
     return out
+
+
+# Inputs of quantization ops that are scales or zero points, not weights: (op, input indices).
+_PARAM_INPUTS = {"DequantizeLinear": (1, 2), "QuantizeLinear": (1, 2), "QLinearConv": (1, 2, 4, 5, 6, 7),
+                 "QLinearMatMul": (1, 2, 4, 5, 6, 7)}  # fmt: skip
+
+
+def _quantization_params(graph: Any) -> set[str]:
+    """Names of the scales and zero points of quantization ops (a blocked scale has the weight's rank, and would
+    pass for a kernel)."""
+    return {node.input[i] for node in graph.node for i in _PARAM_INPUTS.get(node.op_type, ()) if i < len(node.input)}
 
 
 def _conv_weights(graph: Any) -> set[str]:
@@ -239,11 +269,12 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
     consts = _constants(path, graph, path.resolve().parent, max_bytes, numpy_helper)
     dequantized = _quantized(path, graph, consts)
     conv_weights = _conv_weights(graph)
+    params = _quantization_params(graph)
     out: list[NamedTensor] = []
     for name, arr in consts.items():  # in the file's order; integer constants only as their dequantized weights
         if name in dequantized:
             name, arr = dequantized[name]
-        elif arr.dtype.kind != "f":
+        elif arr.dtype.kind != "f" or name in params:
             continue
         layout = "oihw" if name in conv_weights and arr.ndim >= 3 else None
         out.append(NamedTensor(name, np.ascontiguousarray(arr, dtype=np.float32), layout))
