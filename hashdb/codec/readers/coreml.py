@@ -173,6 +173,7 @@ class _Program:
         self.used = 0
         self.tensors: dict[str, np.ndarray] = {}
         self.ints: dict[str, np.ndarray] = {}  # integer consts: the data, offsets of blockwise quantization
+        self.params: set[str] = set()  # consts that are quantization scales/offsets, not weights
         self.producers: dict[str, tuple[str, dict[str, str]]] = {}  # output -> (op type, input bindings)
         self.weights: set[str] = set()
 
@@ -279,6 +280,7 @@ class _Program:
                 self.tensors[outputs[0]] = self.affine(attrs)
             elif op_type == "constexpr_blockwise_shift_scale" and outputs:
                 self.tensors[outputs[0]] = self.blockwise(inputs)
+                self.params.update(inputs[k] for k in ("scale", "offset") if k in inputs)
             if op_type in _WEIGHT_OPS and _WEIGHT_OPS[op_type] in inputs:
                 self.weights.add(self.source(inputs[_WEIGHT_OPS[op_type]]))
             for nested in op.get(4, []):
@@ -359,7 +361,7 @@ def _program(path: Path, raw: memoryview, max_bytes: int, out: list[NamedTensor]
         for spec in function.get(3, []):  # block_specializations: map<string, Block>
             program.block(_first(pw.message(pw.as_bytes(spec)), 2), 0)
     for name, arr in program.tensors.items():
-        if arr.size:
+        if arr.size and name not in program.params:  # a blockwise scale has its weight's rank: not a kernel
             layout = "oihw" if name in program.weights and arr.ndim >= 2 else None
             out.append(NamedTensor(name, np.ascontiguousarray(arr, dtype=np.float32), layout))
 
