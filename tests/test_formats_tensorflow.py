@@ -170,3 +170,23 @@ def test_sstable_reader_reads_what_leveldb_itself_writes(tmp_path: Path) -> None
     index.write_bytes(snappy.read_bytes())
     with pytest.raises(ModelFormatError, match=f"^{index}: .*snappy-compressed table blocks are not supported"):
         load_file(index)
+
+
+def test_an_index_naming_one_block_many_times_is_refused(tmp_path: Path) -> None:
+    """Blocks of a table never overlap: an index whose handles name more bytes than the file holds (one block
+    repeated, to make the reader parse it over and over) is refused before it is parsed again."""
+    from tests.formats_writers import TABLE_MAGIC, _block, masked_crc, varint
+
+    data = _block([(b"", f_varint(1, 1))] + [(b"w%05d" % i, bundle_entry(1, (1,), 0, 0, 4)) for i in range(50)], 16)
+    trailer = b"\x00" + masked_crc(data + b"\x00").to_bytes(4, "little")
+    handle = varint(0) + varint(len(data))
+    index = _block([(b"k%06d" % i, handle) for i in range(2000)], 16)
+    blob = data + trailer
+    index_handle = varint(len(blob)) + varint(len(index))
+    blob += index + b"\x00" + masked_crc(index + b"\x00").to_bytes(4, "little")
+    footer = varint(0) + varint(0) + index_handle
+    path = tmp_path / "m.index"
+    path.write_bytes(blob + footer + bytes(40 - len(footer)) + TABLE_MAGIC.to_bytes(8, "little"))
+    (tmp_path / "m.data-00000-of-00001").write_bytes(bytes(4))
+    with pytest.raises(ModelFormatError, match="names more block bytes than the table holds"):
+        load_file(path)

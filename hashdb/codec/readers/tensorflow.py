@@ -120,8 +120,12 @@ def table_entries(buf: memoryview) -> list[tuple[bytes, memoryview]]:
     _, _, pos = _handle(footer, 0)  # the meta-index block: TensorFlow leaves it empty
     index_offset, index_size, _ = _handle(footer, pos)
     out: list[tuple[bytes, memoryview]] = []
+    parsed = index_size
     for _, value in _entries(_block(buf, index_offset, index_size)):
         offset, size, _ = _handle(value, 0)
+        parsed += size
+        if parsed > len(buf):  # blocks of a table do not overlap: an index naming one block many times is refused
+            raise ValueError("the index names more block bytes than the table holds")
         out.extend(_entries(_block(buf, offset, size)))
     return out
 
