@@ -135,9 +135,10 @@ def test_blobs_outside_the_package_or_malformed_are_one_line_errors(tmp_path: Pa
         with pytest.raises(ModelFormatError, match=f"^{spec}: not a readable Core ML model .*{message}") as info:
             load_file(spec)
         assert "\n" not in str(info.value)
-    lut = fw.mil_op("constexpr_lut_to_dense", "w", attrs={"lut": fw.mil_immediate(np.zeros(4, np.float32))})
-    spec = fw.mlpackage(tmp_path / "lut" / "m.mlpackage", [lut, fw.mil_op("conv", "y", {"x": "x", "weight": "w"})])
-    with pytest.raises(ModelFormatError, match="'w' is compressed with constexpr_lut_to_dense: not supported"):
+    sparse = fw.mil_op("constexpr_sparse_to_dense", "w", {"nonzero_data": "d", "mask": "m"})
+    conv = fw.mil_op("conv", "y", {"x": "x", "weight": "w"})
+    spec = fw.mlpackage(tmp_path / "sparse" / "m.mlpackage", [sparse, conv])
+    with pytest.raises(ModelFormatError, match="'w' is compressed with constexpr_sparse_to_dense: not supported"):
         load_file(spec)
     broken = tmp_path / "broken.mlmodel"
     data = fw.coreml_nn(broken, [fw.nn_conv("c", 16, 3, (3, 3), fw.wp_float(w), None)]).read_bytes()
@@ -196,4 +197,29 @@ def test_blockwise_parameters_that_do_not_divide_the_data_are_one_line(tmp_path:
            fw.mil_op("constexpr_blockwise_shift_scale", "w", {"data": "q", "scale": "s"})]  # fmt: skip
     spec = fw.mlpackage(tmp_path / "b.mlpackage", ops)
     with pytest.raises(ModelFormatError, match=r"blockwise scale \(24, 5, 1, 1\) / offset does not divide data"):
+        load_file(spec)
+
+
+@pytest.mark.parametrize("nbits", [1, 2, 3, 4, 6, 8])
+def test_ios16_palettized_weights_unpack_least_significant_bit_first(tmp_path: Path, nbits: int) -> None:
+    rng = np.random.default_rng(nbits)
+    shape = (24, 16, 3, 3)
+    index = rng.integers(0, 1 << nbits, size=shape)
+    lut = np.sort(rng.standard_normal(1 << nbits)).astype(np.float32)
+    bits = ((index.reshape(-1, 1) >> np.arange(nbits)) & 1).astype(np.uint8)  # each index LSB first
+    packed = np.packbits(bits.reshape(-1), bitorder="little")  # bytes filled from their LSB upward
+    blobs = fw.BlobWriter()
+    attrs = {"lut": fw.mil_immediate(lut), "shape": fw.mil_immediate(np.array(shape, np.int32)),
+             "indices": fw.mil_blob_value(packed, "@model_path/weights/weight.bin", blobs.add(packed))}  # fmt: skip
+    ops = [fw.mil_op("constexpr_lut_to_dense", "w", attrs=attrs), fw.mil_op("conv", "y", {"x": "x", "weight": "w"})]
+    spec = fw.mlpackage(tmp_path / "p.mlpackage", ops)
+    (spec.parent / "weights" / "weight.bin").write_bytes(blobs.bytes())
+    got = load_file(spec)
+    assert [t.name for t in got] == ["w"] and got[0].layout == "oihw"
+    np.testing.assert_array_equal(got[0].array, lut[index])
+    short = fw.mil_blob_value(packed[:-1], "@model_path/weights/weight.bin", blobs.add(packed[:-1]))
+    op = fw.mil_op("constexpr_lut_to_dense", "w", attrs={**attrs, "indices": short})
+    spec = fw.mlpackage(tmp_path / "short.mlpackage", [op])
+    (spec.parent / "weights" / "weight.bin").write_bytes(blobs.bytes())
+    with pytest.raises(ModelFormatError, match=f"index bytes hold fewer than 3456 {nbits}-bit indices"):
         load_file(spec)

@@ -12,12 +12,14 @@ The spec is a ``Model`` message (Model.proto). Read from it:
   ``(outputChannels, kernelChannels, kH, kW)`` (deconvolution ``(kernelChannels, outputChannels / nGroups, kH,
   kW)``, torch's ConvTranspose order): OIHW, marked so. Inner products are ``(out, in)``.
 - ML Programs (``mlProgram`` 502, MIL): every ``const`` op's float ``val`` (an immediate tensor, or a
-  ``blobFileValue`` in ``@model_path/weights/*.bin``), ``constexpr_affine_dequantize`` ops (iOS 16: int8/uint8
-  ``(q - zero_point) * scale`` along ``axis``) and ``constexpr_blockwise_shift_scale`` ops (iOS 18: int8/uint8
-  ``scale * (data - offset)``, per tensor, per channel or per block), named by their output. A const that
-  reaches a ``conv``, ``conv_transpose`` (``[C_in, C_out/groups, *k]``) or ``linear`` op's ``weight`` (through
-  ``cast`` ops) is marked OIHW (MIL's ``[C_out, C_in/groups, *k]``). A weight made by another constexpr op
-  (palettized or sparse compression, int4 data) is refused in one line.
+  ``blobFileValue`` in ``@model_path/weights/*.bin``) and the weights of compression ops, named by their
+  output: ``constexpr_affine_dequantize`` (iOS 16: int8/uint8 ``(q - zero_point) * scale`` along ``axis``),
+  ``constexpr_lut_to_dense`` (iOS 16 palettization: ``lut[index]``, n-bit indices packed least significant
+  bit first) and ``constexpr_blockwise_shift_scale`` (iOS 18: int8/uint8 ``scale * (data - offset)``, per
+  tensor, channel or block). A const that reaches a ``conv``, ``conv_transpose`` (``[C_in, C_out/groups,
+  *k]``) or ``linear`` op's ``weight`` (through ``cast`` ops) is marked OIHW (MIL's ``[C_out, C_in/groups,
+  *k]``). A weight made by another constexpr op (sparse compression, iOS 18 vector palettization, int4
+  data) is refused in one line.
 
 Blob files (BlobStorage v2): a 64-byte header (uint32 count, uint32 version = 2, reserved), then per blob a
 64-byte metadata record at the offset the spec names (uint32 sentinel 0xDEADBEEF, uint32 data type, uint64
@@ -41,7 +43,9 @@ _PIPELINES = (200, 201, 202)
 ML_PROGRAM = 502
 CONVOLUTION, INNER_PRODUCT = 100, 140
 # MIL DataType -> numpy dtype of the stored values
-_MIL_DTYPES = {10: "<f2", 11: "<f4", 12: "<f8", 13: "<u2", 21: "i1", 22: "<i2", 23: "<i4", 31: "u1", 32: "<u2"}
+_MIL_DTYPES = {
+    10: "<f2", 11: "<f4", 12: "<f8", 13: "<u2", 21: "i1", 22: "<i2", 23: "<i4", 31: "u1", 32: "<u2", 33: "<u4",
+}  # fmt: skip
 _MIL_BF16 = 13
 # BlobStorage data type -> numpy dtype
 _BLOB_DTYPES = {1: "<f2", 2: "<f4", 3: "u1", 4: "i1", 5: "<u2", 6: "<i2", 7: "<u2"}
@@ -174,6 +178,7 @@ class _Program:
         self.tensors: dict[str, np.ndarray] = {}
         self.ints: dict[str, np.ndarray] = {}  # integer consts: the data, offsets of blockwise quantization
         self.params: set[str] = set()  # consts that are quantization scales/offsets, not weights
+        self.decoded: set[tuple[str, str]] = set()  # (constexpr op, output) decoded into tensors
         self.producers: dict[str, tuple[str, dict[str, str]]] = {}  # output -> (op type, input bindings)
         self.weights: set[str] = set()
 
@@ -278,9 +283,13 @@ class _Program:
                     self.ints[outputs[0]] = arr
             elif op_type == "constexpr_affine_dequantize" and outputs:
                 self.tensors[outputs[0]] = self.affine(attrs)
+            elif op_type == "constexpr_lut_to_dense" and outputs and "lut" in attrs:  # iOS 16 (attributes)
+                self.tensors[outputs[0]] = self.lut(attrs)
             elif op_type == "constexpr_blockwise_shift_scale" and outputs:
                 self.tensors[outputs[0]] = self.blockwise(inputs)
                 self.params.update(inputs[k] for k in ("scale", "offset") if k in inputs)
+            if op_type.startswith("constexpr_") and outputs and outputs[0] in self.tensors:
+                self.decoded.add((op_type, outputs[0]))
             if op_type in _WEIGHT_OPS and _WEIGHT_OPS[op_type] in inputs:
                 self.weights.add(self.source(inputs[_WEIGHT_OPS[op_type]]))
             for nested in op.get(4, []):
@@ -312,6 +321,25 @@ class _Program:
                 p = p.reshape(())
             w = w * p if is_scale else w - p
         return w
+
+    def lut(self, attrs: dict[str, memoryview]) -> np.ndarray:
+        """iOS 16 palettization: ``lut[index]`` for n-bit indices packed least significant bit first (the
+        op's specification: bit fields filled from each byte's LSB upward, an index may span two bytes)."""
+        lut, indices, shape = (self.value(attrs[k]) if k in attrs else None for k in ("lut", "indices", "shape"))
+        if lut is None or indices is None or shape is None or lut.dtype.kind != "f" or indices.dtype != np.uint8:
+            raise ValueError("constexpr_lut_to_dense without a float table, uint8 indices and a shape")
+        nbits = int(lut.size).bit_length() - 1
+        if lut.ndim != 1 or lut.size != 1 << nbits or not 1 <= nbits <= 8:
+            raise ValueError(f"a lookup table of {lut.size} values is not 2^n for n in 1..8")
+        dims = tuple(int(d) for d in shape.reshape(-1))
+        count = math.prod(dims)
+        self.used += count * 4
+        check_size(self.path, self.used, self.max_bytes)
+        if indices.size * 8 < count * nbits:
+            raise ValueError(f"{indices.size} index bytes hold fewer than {count} {nbits}-bit indices")
+        bits = np.unpackbits(indices.reshape(-1), bitorder="little")[: count * nbits].reshape(count, nbits)
+        index = bits.astype(np.uint16) @ (1 << np.arange(nbits, dtype=np.uint16))
+        return lut[index].reshape(dims)
 
     def blockwise(self, inputs: dict[str, str]) -> np.ndarray:
         """iOS 18 ``scale * (data - offset)``: scale and offset have the data's rank, each dim dividing the
@@ -345,11 +373,7 @@ class _Program:
                 break
             name = producer[1]["x"]
         producer = self.producers.get(name)
-        if (
-            producer is not None
-            and producer[0].startswith("constexpr_")
-            and producer[0] not in ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale")
-        ):
+        if producer is not None and producer[0].startswith("constexpr_") and (producer[0], name) not in self.decoded:
             raise ValueError(f"weight {name!r} is compressed with {producer[0]}: not supported")
         return name
 
