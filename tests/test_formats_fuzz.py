@@ -93,7 +93,11 @@ def _sibling_fixtures(folder: Path) -> dict[str, dict[str, bytes]]:
                "axis": fw.mil_immediate(np.array(0, np.int32))}),
            fw.mil_op("const", "d", attrs={"val": fw.mil_immediate(np.arange(6, dtype=np.int8).reshape(2, 3))}),
            fw.mil_op("const", "s", attrs={"val": fw.mil_immediate(np.ones((2, 1), np.float32))}),
-           fw.mil_op("constexpr_blockwise_shift_scale", "b", {"data": "d", "scale": "s"})]  # fmt: skip
+           fw.mil_op("constexpr_blockwise_shift_scale", "b", {"data": "d", "scale": "s"}),
+           fw.mil_op("constexpr_lut_to_dense", "p", attrs={
+               "lut": fw.mil_immediate(np.arange(4, dtype=np.float32)),
+               "indices": fw.mil_immediate(np.array([0x1B, 0xE4], np.uint8)),
+               "shape": fw.mil_immediate(np.array([2, 4], np.int32))})]  # fmt: skip
     spec = fw.mlpackage(folder / "p.mlpackage", ops)
     (spec.parent / "weights" / "weight.bin").write_bytes(blobs.bytes())
     program = {"model.mlmodel": spec.read_bytes(), "weights/weight.bin": blobs.bytes()}
