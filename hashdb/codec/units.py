@@ -23,7 +23,7 @@ from ..errors import ModelFormatError
 # Suffixes a file must have to count as a model when a folder is walked (a file named on its own is always read).
 MODEL_SUFFIXES = frozenset({
     ".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors", ".npz", ".npy", ".onnx", ".h5", ".hdf5", ".keras",
-    ".tflite", ".msgpack", ".pdparams",
+    ".tflite", ".msgpack", ".pdparams", ".caffemodel", ".weights", ".param", ".xml", ".params",
 })  # fmt: skip
 # Weight files that make a folder with a config.json one model (Hugging Face names, any of them).
 _HF_WEIGHT_PREFIXES = ("model", "pytorch_model", "tf_model", "flax_model", "diffusion_pytorch_model", "adapter_model")
@@ -114,12 +114,24 @@ def _walk(folder: Path) -> Iterable[ModelUnit]:
 
 def _looks_like_a_model(path: Path) -> bool:
     """``.bin`` is also the suffix of raw data (ONNX external data, vocabularies): count it only when its
-    leading bytes are a torch checkpoint's (zip or pickle). Every other model suffix counts as is."""
-    if path.suffix.lower() != ".bin":
+    leading bytes are a torch checkpoint's (zip or pickle) and it is not the weights half of a pair (an
+    OpenVINO ``.xml`` or ncnn ``.param`` beside it: that graph file is the unit). ``.xml``, ``.param`` and
+    ``.params`` are common suffixes of other files too: they count only with an OpenVINO IR's ``<net``, ncnn's
+    ``7767517`` or MXNet's list magic in their leading bytes. Every other model suffix counts as is."""
+    suffix = path.suffix.lower()
+    if suffix not in (".bin", ".xml", ".param", ".params"):
         return True
+    if suffix == ".bin" and (path.with_suffix(".xml").is_file() or path.with_suffix(".param").is_file()):
+        return False
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
+            head = f.read(512 if suffix == ".xml" else 8)
     except OSError:
         return True  # let the reader name the problem
+    if suffix == ".xml":
+        return b"<net" in head
+    if suffix == ".param":
+        return head.startswith(b"7767517")
+    if suffix == ".params":
+        return head == (0x112).to_bytes(8, "little")
     return head.startswith((b"PK\x03\x04", b"\x80"))
