@@ -199,7 +199,8 @@ def ncnn_files(folder: Path, layers: list[Layer], stem: str = "model", storage: 
 def openvino_files(folder: Path, layers: list[Layer], stem: str = "model", storage: str = "f32",
                    group_conv: np.ndarray | None = None, extra: str = "") -> tuple[Path, Path]:  # fmt: skip
     """``stem.xml`` + ``stem.bin`` (IR v11). ``storage``: f32 constants; f16 constants behind Convert; u8
-    behind Convert -> Subtract(zero point) -> Multiply(per-output scale), as NNCF compresses weights.
+    behind Convert -> Subtract(zero point) -> Multiply(per-output scale), as NNCF compresses weights; fq:
+    f32 behind a FakeQuantize over the weights' range.
     ``group_conv`` (G, O/G, I/G, kh, kw) adds a GroupConvolution; ``extra`` is pasted before <layers>."""
     xml_layers: list[str] = []
     edges: list[tuple[int, int, int, int]] = []
@@ -251,6 +252,16 @@ def openvino_files(folder: Path, layers: list[Layer], stem: str = "model", stora
             mul = add("Multiply", f"{name}/mul", 'auto_broadcast="numpy"', [w.shape, bshape], w.shape)
             edges.extend([(c, 0, cv, 0), (cv, 1, sub, 0), (z, 0, sub, 1), (sub, 2, mul, 0), (s, 0, mul, 1)])
             return mul
+        if storage == "fq":  # float weights behind a FakeQuantize with constant scalar ranges (POT, NNCF)
+            c = const(name, w.astype("<f4"), "f32")
+            lo, hi = float(w.min()), float(w.max())
+            ranges = [const(f"{name}/{k}", np.full((1,) * w.ndim, v, "<f4"), "f32")
+                      for k, v in (("il", lo), ("ih", hi), ("ol", lo), ("oh", hi))]  # fmt: skip
+            one = (1,) * w.ndim
+            fq = add("FakeQuantize", f"{name}/fq", 'levels="255" auto_broadcast="numpy"', [w.shape] + [one] * 4,
+                     w.shape)  # fmt: skip
+            edges.extend([(c, 0, fq, 0)] + [(r, 0, fq, k + 1) for k, r in enumerate(ranges)])
+            return fq
         return const(name, w.astype("<f4"), "f32")
 
     def out_port(lid: int) -> int:

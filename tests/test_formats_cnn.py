@@ -128,7 +128,8 @@ def test_quantized_and_half_storage_dequantize_close_to_the_float_weights(tmp_pa
              ("table", ncnn_files(tmp_path, layers, "t", "table")[0], 1e-2),
              ("int8", ncnn_files(tmp_path, layers, "q", "int8")[0], 1e-2),
              ("ov-f16", openvino_files(tmp_path, layers, "ovh", "f16")[0], 1e-3),
-             ("ov-u8", openvino_files(tmp_path, layers, "ovq", "u8")[0], 2e-2)]  # fmt: skip
+             ("ov-u8", openvino_files(tmp_path, layers, "ovq", "u8")[0], 2e-2),
+             ("ov-fq", openvino_files(tmp_path, layers, "ovfq", "fq")[0], 1e-2)]  # fmt: skip
     for what, path, tol in cases:
         got = kernels(path)
         assert len(got) == len(want), what

@@ -18,6 +18,7 @@ yields the layers it holds.
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -186,7 +187,7 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
         head = f.read(12)
         if len(head) < 12:
             raise ModelFormatError(f"{path}: truncated Darknet weights header ({size} bytes)")
-        major, minor, _ = np.frombuffer(head, "<i4")
+        major, minor, _ = struct.unpack("<iii", head)
         seen_bytes = 8 if (major * 10 + minor >= 2 and major < 1000 and minor < 1000) else 4
         start = 12 + seen_bytes
         available = (size - start) // 4

@@ -84,7 +84,8 @@ class _Graph:
             if y is None:
                 return None
             x, y = x.astype(np.float32), y.astype(np.float32)
-            return np.subtract(x, y) if kind == "Subtract" else np.multiply(x, y)
+            with np.errstate(all="ignore"):  # a corrupt scale may overflow: the values are only hashed
+                return np.subtract(x, y) if kind == "Subtract" else np.multiply(x, y)
         if kind == "FakeQuantize":
             ranges = [self.value(self.source(lid, i), depth + 1) for i in range(1, 5)]
             if any(r is None for r in ranges):
@@ -162,7 +163,8 @@ def _fake_quantize(x: np.ndarray, ranges: list[np.ndarray], levels: int) -> np.n
     if levels < 2:
         raise ValueError(f"FakeQuantize with {levels} levels")
     width = np.where(in_high == in_low, np.float32(1), in_high - in_low)
-    q = np.round((x - in_low) / width * (levels - 1)) / (levels - 1) * (out_high - out_low) + out_low
+    with np.errstate(all="ignore"):
+        q = np.round((x - in_low) / width * (levels - 1)) / (levels - 1) * (out_high - out_low) + out_low
     return np.where(x <= np.minimum(in_low, in_high), out_low, np.where(x > in_high, out_high, q)).astype(np.float32)
 
 
