@@ -339,3 +339,122 @@ def mxnet_files(folder: Path, layers: list[Layer], prefix: str = "net", version:
     path = folder / f"{prefix}-0000.params"
     path.write_bytes(mxnet_params(named, version))
     return path
+
+
+# ---- MNN ----
+
+
+def mnn_quantized_blob(w: np.ndarray, bits: int = 8) -> tuple[bytes, np.ndarray]:
+    """MNN's weight-quantization blob of ``w`` (out, ...) and its alpha: per output channel (min, scale),
+    codes ``q`` in [-2^(bits-1), 2^(bits-1)) with w ~ (q - aMin) * scale + min; the blob holds the dims (one
+    byte count, uint16 each), a codebook of every code (a count byte, 0 for 256), then each weight's index
+    into the codebook in ``bits`` bits, most significant first."""
+    rows = w.reshape(w.shape[0], -1).astype(np.float64)
+    lo, hi = rows.min(axis=1), rows.max(axis=1)
+    steps = (1 << bits) - 1
+    scale = np.where(hi > lo, (hi - lo) / steps, 1.0)
+    index = np.clip(np.round((rows - lo[:, None]) / scale[:, None]), 0, steps).astype(np.int64)  # = q - aMin
+    codebook = np.arange(-(1 << (bits - 1)), 1 << (bits - 1), dtype=np.int8)
+    dims = [rows.shape[0], rows.shape[1]]
+    head = bytes([len(dims)]) + struct.pack(f"<{len(dims)}H", *dims) + bytes([len(codebook) & 0xFF])
+    bitstream = ((index.reshape(-1, 1) >> np.arange(bits - 1, -1, -1)) & 1).astype(np.uint8).reshape(-1)
+    alpha = np.stack([lo, scale], axis=1).astype(np.float32).reshape(-1)
+    return head + codebook.tobytes() + np.packbits(bitstream).tobytes(), alpha
+
+
+def mnn_model(layers: list[Layer], storage: str = "f32", split_groups: int = 0) -> bytes:
+    """An MNN Net flatbuffer: an Input op, then a Convolution op (type 12, Convolution2D parameters) per conv
+    layer and a 1x1 ``__matmul_converted`` Convolution per linear layer, as MNN's converter writes them.
+    ``storage``: f32 weight vectors, fp16 (IDSTQuan type 3) or q8/q4 (IDSTQuan type 1, asymmetric).
+    ``split_groups`` > 1 writes the first conv as that many ``__group__`` ops, each with its slice of outputs."""
+    import flatbuffers
+
+    b = flatbuffers.Builder(1024)
+
+    def floats(values: np.ndarray) -> int:
+        data = np.ascontiguousarray(values, "<f4").reshape(-1)
+        b.StartVector(4, len(data), 4)
+        for v in data[::-1]:
+            b.PrependFloat32(float(v))
+        return b.EndVector()
+
+    def bytes_vector(data: bytes) -> int:
+        b.StartVector(1, len(data), 1)
+        for v in data[::-1]:
+            b.PrependByte(v)
+        return b.EndVector()
+
+    def conv_op(name: str, w: np.ndarray, bias: np.ndarray | None, op_type: int = 12) -> int:
+        n = w.shape[0]
+        k = w.shape[2:] if w.ndim == 4 else (1, 1)
+        weight = bias_vec = quant = 0
+        if storage == "f32":
+            weight = floats(w)
+        elif storage == "fp16":
+            buf = bytes_vector(np.ascontiguousarray(w, "<f2").tobytes())
+            b.StartObject(14)
+            b.PrependUOffsetTRelativeSlot(0, buf, 0)
+            b.PrependInt32Slot(2, 3, 0)
+            quant = b.EndObject()
+        else:
+            bits = int(storage[1:])
+            blob, alpha = mnn_quantized_blob(w, bits)
+            buf, alpha_vec = bytes_vector(blob), floats(alpha)
+            b.StartObject(14)
+            b.PrependUOffsetTRelativeSlot(0, buf, 0)
+            b.PrependUOffsetTRelativeSlot(1, alpha_vec, 0)
+            b.PrependInt32Slot(2, 1, 0)
+            b.PrependInt32Slot(7, bits, 0)
+            b.PrependInt32Slot(8, -(1 << (bits - 1)), 0)
+            quant = b.EndObject()
+        if bias is not None:
+            bias_vec = floats(bias)
+        b.StartObject(17)  # Convolution2DCommon
+        b.PrependInt32Slot(2, int(k[1]), 1)
+        b.PrependInt32Slot(3, int(k[0]), 1)
+        b.PrependInt32Slot(10, n, 0)
+        b.PrependInt32Slot(11, int(w.shape[1]), 0)
+        common = b.EndObject()
+        b.StartObject(7)  # Convolution2D
+        b.PrependUOffsetTRelativeSlot(0, common, 0)
+        if weight:
+            b.PrependUOffsetTRelativeSlot(1, weight, 0)
+        if bias_vec:
+            b.PrependUOffsetTRelativeSlot(2, bias_vec, 0)
+        if quant:
+            b.PrependUOffsetTRelativeSlot(3, quant, 0)
+        param = b.EndObject()
+        op_name = b.CreateString(name)
+        b.StartObject(7)  # Op
+        b.PrependUint8Slot(1, 9, 0)  # main_type: OpParameter.Convolution2D
+        b.PrependUOffsetTRelativeSlot(2, param, 0)
+        b.PrependUOffsetTRelativeSlot(3, op_name, 0)
+        b.PrependInt32Slot(5, op_type, 0)
+        return b.EndObject()
+
+    ops = []
+    input_name = b.CreateString("x")
+    b.StartObject(7)
+    b.PrependUOffsetTRelativeSlot(3, input_name, 0)
+    b.PrependInt32Slot(5, 34, 0)  # OpType.Input, no parameters
+    ops.append(b.EndObject())
+    for i, (kind, w, bias) in enumerate(layers):
+        if kind == "conv" and i == 0 and split_groups > 1:
+            step = w.shape[0] // split_groups
+            for g in range(split_groups):
+                part_bias = bias[g * step : (g + 1) * step] if bias is not None else None
+                ops.append(conv_op(f"l{i}__group__{g}", w[g * step : (g + 1) * step], part_bias))
+        elif kind == "conv":
+            ops.append(conv_op(f"l{i}", w, bias))
+        else:
+            ops.append(conv_op(f"l{i}__matmul_converted", w.reshape(*w.shape, 1, 1), bias))
+    b.StartVector(4, len(ops), 4)
+    for op in reversed(ops):
+        b.PrependUOffsetTRelative(op)
+    oplist = b.EndVector()
+    biz = b.CreateString("hashdb-test")
+    b.StartObject(12)  # Net
+    b.PrependUOffsetTRelativeSlot(0, biz, 0)
+    b.PrependUOffsetTRelativeSlot(3, oplist, 0)
+    b.Finish(b.EndObject())
+    return bytes(b.Output())

@@ -13,6 +13,7 @@ import torch.nn as nn
 from cnn_format_writers import (
     caffe_model,
     darknet_files,
+    mnn_model,
     mxnet_files,
     mxnet_params,
     ncnn_files,
@@ -59,6 +60,9 @@ def write_all(folder: Path, sd: dict[str, np.ndarray]) -> dict[str, Path]:
     files["ncnn"] = ncnn_files(folder / "ncnn", layers)[0]
     files["openvino"] = openvino_files(folder / "openvino", layers)[0]
     files["mxnet"] = mxnet_files(folder / "mxnet", layers)
+    (folder / "mnn").mkdir()
+    files["mnn"] = folder / "mnn" / "m.mnn"
+    files["mnn"].write_bytes(mnn_model(layers))
     return files
 
 
@@ -94,7 +98,7 @@ def test_biases_and_batchnorm_come_back_flat_and_linear_layers_as_out_in(tmp_pat
 def test_sniffing_is_by_leading_bytes_first_then_suffix(tmp_path: Path) -> None:
     files = write_all(tmp_path, numpy_sd(make_cnn(1)))
     want = {"caffe": "caffe", "caffe_v1": "caffe", "darknet": "darknet", "ncnn": "ncnn", "openvino": "openvino",
-            "mxnet": "mxnet"}  # fmt: skip
+            "mxnet": "mxnet", "mnn": "mnn"}  # fmt: skip
     for fmt, path in files.items():
         assert sniff_format(path) == want[fmt]
     renamed = tmp_path / "mxnet" / "weights.dat"  # MXNet's list magic is enough
@@ -130,6 +134,10 @@ def test_quantized_and_half_storage_dequantize_close_to_the_float_weights(tmp_pa
              ("ov-f16", openvino_files(tmp_path, layers, "ovh", "f16")[0], 1e-3),
              ("ov-u8", openvino_files(tmp_path, layers, "ovq", "u8")[0], 2e-2),
              ("ov-fq", openvino_files(tmp_path, layers, "ovfq", "fq")[0], 1e-2)]  # fmt: skip
+    for storage, tol in (("fp16", 1e-3), ("q8", 1e-2)):
+        mnn_path = tmp_path / f"{storage}.mnn"
+        mnn_path.write_bytes(mnn_model(layers, storage))
+        cases.append((f"mnn-{storage}", mnn_path, tol))
     for what, path, tol in cases:
         got = kernels(path)
         assert len(got) == len(want), what
@@ -274,3 +282,35 @@ def test_sizes_are_checked_before_anything_is_read(tmp_path: Path) -> None:
         with pytest.raises(ModelFormatError, match="over the limit of 1,000"):
             load_tensors(path, max_bytes=1000)
         assert fmt
+
+
+def test_mnn_grouped_convs_split_by_the_converter_are_joined_and_matmuls_are_matrices(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    sd = {"0.weight": rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "0.bias": np.arange(8, dtype=np.float32),
+          "1.weight": rng.standard_normal((5, 8)).astype(np.float32)}  # fmt: skip
+    path = tmp_path / "g.mnn"
+    path.write_bytes(mnn_model(torch_layers(sd), split_groups=2))
+    by_name = {t.name: t for t in load_tensors(path)}
+    assert by_name["l0.weight"].layout == "oihw"
+    np.testing.assert_array_equal(by_name["l0.weight"].array, sd["0.weight"])
+    np.testing.assert_array_equal(by_name["l0.bias"].array, sd["0.bias"])
+    assert by_name["l1__matmul_converted.weight"].layout is None  # a Linear, as in the torch model: not a conv
+    np.testing.assert_array_equal(by_name["l1__matmul_converted.weight"].array, sd["1.weight"])
+    four_bit = tmp_path / "q4.mnn"
+    four_bit.write_bytes(mnn_model(torch_layers(sd), "q4"))
+    got = {t.name: t.array for t in load_tensors(four_bit)}["l0.weight"]
+    step = (sd["0.weight"].reshape(8, -1).max(axis=1) - sd["0.weight"].reshape(8, -1).min(axis=1)) / 15
+    assert np.all(np.abs(got - sd["0.weight"]).reshape(8, -1).max(axis=1) <= step / 2 + 1e-6)
+
+
+def test_mnn_bad_files_fail_in_one_line(tmp_path: Path) -> None:
+    good = mnn_model(torch_layers({"0.weight": np.ones((2, 1, 3, 3), np.float32)}), "q8")
+    for name, blob, message in [
+        ("short.mnn", good[:6], "truncated MNN file"),
+        ("cut.mnn", good[: len(good) // 2], "truncated or corrupt MNN flatbuffer"),
+        ("zero.mnn", b"\0" * 64, "truncated or corrupt MNN flatbuffer"),
+    ]:
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(ModelFormatError, match=f"{name}: {message}") as info:
+            load_tensors(tmp_path / name)
+        assert "\n" not in str(info.value)

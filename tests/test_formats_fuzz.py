@@ -94,7 +94,7 @@ def mutations(draw: st.DrawFn, data: bytes) -> bytes:
 
 
 OWN_FORMATS = frozenset({"torch", "pdparams", "safetensors", "npz", "npy", "onnx", "caffe", "darknet", "ncnn",
-                         "openvino", "mxnet"})  # fmt: skip
+                         "openvino", "mxnet", "mnn"})  # fmt: skip
 
 
 def _read(path: Path) -> object:
@@ -185,7 +185,15 @@ def test_header_edits_of_safetensors_are_refused_cleanly(tmp_path: Path, fixture
 @pytest.fixture(scope="module")
 def cnn_fixtures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[bytes, dict[str, bytes]]]:
     """Caffe, Darknet, ncnn, OpenVINO and MXNet files of one small net: name -> (bytes, the pair's other files)."""
-    from cnn_format_writers import caffe_model, darknet_files, mxnet_files, ncnn_files, openvino_files, torch_layers
+    from cnn_format_writers import (
+        caffe_model,
+        darknet_files,
+        mnn_model,
+        mxnet_files,
+        ncnn_files,
+        openvino_files,
+        torch_layers,
+    )
 
     folder = tmp_path_factory.mktemp("fuzz_cnn")
     nn = torch.nn
@@ -199,9 +207,11 @@ def cnn_fixtures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[by
     ncnn_files(folder, layers, "q", "int8")
     openvino_files(folder, layers[:2], "ov", "u8")
     mxnet_files(folder, layers, "net")
+    (folder / "m.mnn").write_bytes(mnn_model(layers))
+    (folder / "q.mnn").write_bytes(mnn_model(layers, "q8", split_groups=3))
     pairs = {"net.caffemodel": [], "v1.caffemodel": [], "yolo.weights": ["yolo.cfg"], "yolo.cfg": ["yolo.weights"],
              "m.param": ["m.bin"], "m.bin": ["m.param"], "q.param": ["q.bin"], "ov.xml": ["ov.bin"],
-             "ov.bin": ["ov.xml"], "net-0000.params": ["net-symbol.json"]}  # fmt: skip
+             "ov.bin": ["ov.xml"], "net-0000.params": ["net-symbol.json"], "m.mnn": [], "q.mnn": []}  # fmt: skip
     for name in pairs:  # every fixture reads cleanly before it is mutated
         assert load_file(folder / name)
     return {name: ((folder / name).read_bytes(), {o: (folder / o).read_bytes() for o in others})
@@ -209,7 +219,7 @@ def cnn_fixtures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[by
 
 
 CNN_FORMATS = ["net.caffemodel", "v1.caffemodel", "yolo.weights", "yolo.cfg", "m.param", "m.bin", "q.param", "ov.xml",
-               "ov.bin", "net-0000.params"]  # fmt: skip
+               "ov.bin", "net-0000.params", "m.mnn", "q.mnn"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", CNN_FORMATS)
@@ -230,7 +240,7 @@ def test_mutated_cnn_format_files_only_ever_raise_model_format_error(
     assert FUZZED[name] - before == EXAMPLES
 
 
-@pytest.mark.parametrize("suffix", [".caffemodel", ".weights", ".param", ".xml", ".params"])
+@pytest.mark.parametrize("suffix", [".caffemodel", ".weights", ".param", ".xml", ".params", ".mnn"])
 def test_random_bytes_in_cnn_format_files_only_ever_raise_model_format_error(
     suffix: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

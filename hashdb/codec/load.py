@@ -88,13 +88,14 @@ _READER_MODULES: dict[str, tuple[str, str]] = {
     "ncnn": ("ncnn", "read"),
     "openvino": ("openvino", "read"),
     "mxnet": ("mxnet", "read"),
+    "mnn": ("mnn", "read"),
 }
 _SUFFIX_FORMATS: dict[str, str] = {
     ".safetensors": "safetensors", ".npz": "npz", ".npy": "npy", ".onnx": "onnx", ".pdparams": "pdparams",
     ".pt": "torch", ".pth": "torch", ".bin": "torch", ".ckpt": "torch", ".tar": "torch",
     ".h5": "keras_h5", ".hdf5": "keras_h5", ".keras": "keras", ".tflite": "tflite", ".msgpack": "flax",
     ".caffemodel": "caffe", ".weights": "darknet", ".cfg": "darknet", ".param": "ncnn", ".xml": "openvino",
-    ".params": "mxnet",
+    ".params": "mxnet", ".mnn": "mnn",
 }  # fmt: skip
 MXNET_MAGIC = (0x112).to_bytes(8, "little")  # NDArray list files (mx.nd.save, Gluon export)
 

@@ -23,7 +23,7 @@ from ..errors import ModelFormatError
 # Suffixes a file must have to count as a model when a folder is walked (a file named on its own is always read).
 MODEL_SUFFIXES = frozenset({
     ".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors", ".npz", ".npy", ".onnx", ".h5", ".hdf5", ".keras",
-    ".tflite", ".msgpack", ".pdparams", ".caffemodel", ".weights", ".param", ".xml", ".params",
+    ".tflite", ".msgpack", ".pdparams", ".caffemodel", ".weights", ".param", ".xml", ".params", ".mnn",
 })  # fmt: skip
 # Weight files that make a folder with a config.json one model (Hugging Face names, any of them).
 _HF_WEIGHT_PREFIXES = ("model", "pytorch_model", "tf_model", "flax_model", "diffusion_pytorch_model", "adapter_model")
