@@ -4,6 +4,9 @@ A unit is a model file, or a folder that is one model: a Hugging Face style fold
 weight files, or an ``*.index.json`` with its shards), or a snapshot of the Hugging Face cache
 (``models--ORG--NAME/snapshots/REV/``). A folder of many models yields one unit per model, walked in sorted
 order; files with no model suffix (README, tokenizer files, images) and hidden folders are passed over.
+A model in two files is one unit, its graph or weights file: OpenVINO ``.xml`` (+ ``.bin``), ncnn ``.param``
+(+ ``.bin``), Darknet ``.weights`` (+ ``.cfg``), MXNet ``.params`` (+ ``-symbol.json``); the reader finds the
+other file beside it, and the ``.bin`` of a pair is never a unit of its own.
 
 Keys (one rule everywhere: library, CLI, workers): a unit's key is its path, normalized, relative to the
 current directory when it lies inside it and absolute otherwise, with '/' separators, so ``./C.pt``,
