@@ -171,6 +171,9 @@ def test_mxnet_versions_dtypes_and_channels_last_symbols(tmp_path: Path) -> None
         assert names == ["conv0_weight", "bn0_moving_mean"]  # prefixes dropped, the int32 counter skipped
     (tmp_path / "nhwc").mkdir()
     np.testing.assert_array_equal(kernels(mxnet_files(tmp_path / "nhwc", layers, channels_last=True))[0], w)
+    gluon = tmp_path / "gluon.params"  # save_parameters: structural names, no arg:/aux: prefixes
+    gluon.write_bytes(mxnet_params({"features.0.weight": w}))
+    assert [(t.name, t.layout) for t in load_tensors(gluon)] == [("features.0.weight", "oihw")]
     half = tmp_path / "half.params"
     half.write_bytes(mxnet_params({"arg:c_weight": w.astype("<f2"), "arg:d_weight": w.astype("<f8")}))
     got = kernels(half)
@@ -314,3 +317,11 @@ def test_mnn_bad_files_fail_in_one_line(tmp_path: Path) -> None:
         with pytest.raises(ModelFormatError, match=f"{name}: {message}") as info:
             load_tensors(tmp_path / name)
         assert "\n" not in str(info.value)
+
+
+def test_ncnn_dynamic_weights_read_nothing_from_the_bin(tmp_path: Path) -> None:
+    from hashdb.codec.readers import ncnn
+
+    (tmp_path / "d.param").write_text("7767517\n2 3\nInput in 0 1 x\nConvolution c 2 1 x w y 0=2 1=3 6=36 19=1\n")
+    (tmp_path / "d.bin").write_bytes(b"")
+    assert ncnn.read(tmp_path / "d.param", 1 << 20) == []

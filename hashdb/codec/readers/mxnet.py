@@ -9,10 +9,11 @@ int64 dims; legacy: uint32 dims), int32 device type and id, int32 dtype flag (0 
 names, each a uint64 length and UTF-8 bytes (``arg:conv0_weight``, ``aux:bn0_moving_mean``; the prefix is
 dropped).
 
-Layout: MXNet's Convolution kernels are ``(out, in/group, *k)`` and Deconvolution ``(in, out/group, *k)``
-(torch's order), marked OIHW. When ``<prefix>-symbol.json`` lies beside the file and names a Convolution
-with ``layout`` NHWC/NWC/NDHWC, its kernel ``(out, *k, in)`` is moved to ``(out, in, *k)``; without the
-symbol file kernels are taken as the default NCHW. The JSON is only read, never evaluated.
+Layout: MXNet's Convolution kernels (``*_weight``, or ``*.weight`` in Gluon ``save_parameters`` files) are
+``(out, in/group, *k)`` and Deconvolution ``(in, out/group, *k)`` (torch's order), marked OIHW. When
+``<prefix>-symbol.json`` lies beside the file and names a Convolution with ``layout`` NHWC/NWC/NDHWC, its
+kernel ``(out, *k, in)`` is moved to ``(out, in, *k)``; without the symbol file kernels are taken as the
+default NCHW. The JSON is only read, never evaluated.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
         if arr is None or arr.size == 0:
             continue
         layout = None
-        if arr.ndim >= 3 and name.endswith("_weight"):
+        if arr.ndim >= 3 and name.endswith(("_weight", ".weight")):  # symbol exports and Gluon save_parameters
             layout = "oihw"
             if name[: -len("_weight")] in channels_last:
                 arr = np.ascontiguousarray(np.moveaxis(arr, -1, 1))

@@ -207,6 +207,8 @@ def _layer(path: Path, bin_: _Bin, kind: str, name: str, params: Params) -> list
 
 
 def _conv(path: Path, bin_: _Bin, kind: str, name: str, params: Params) -> list[NamedTensor]:
+    if _p(params, 19):  # dynamic_weight: the kernel is the layer's second input, nothing is in the .bin
+        return []
     n, size = _p(params, 0), _p(params, 6)
     kw = _p(params, 1)
     kernel = [kw]

@@ -50,7 +50,6 @@ class _Graph:
         self.feeds: dict[tuple[str, str], str] = {}  # (to layer, to port) -> from layer
         for edge in root.iter("edge"):
             self.feeds[(edge.get("to-layer", ""), edge.get("to-port", ""))] = edge.get("from-layer", "")
-        self.cache: dict[str, np.ndarray | None] = {}
 
     def source(self, lid: str, index: int) -> str | None:
         ports = self.inputs.get(lid, [])
@@ -61,11 +60,8 @@ class _Graph:
     def value(self, lid: str | None, depth: int = 0) -> np.ndarray | None:
         """The constant value out of layer ``lid`` as float32 (or the stored integers), None when not constant."""
         if lid is None or lid not in self.layers or depth > MAX_DEPTH:
-            return None
-        if lid not in self.cache:
-            self.cache[lid] = None  # a cycle reads as "not constant"
-            self.cache[lid] = self._evaluate(lid, depth)
-        return self.cache[lid]
+            return None  # past MAX_DEPTH ops (or in a cycle) a value is not a stored weight's
+        return self._evaluate(lid, depth)  # not cached: a weight's chain is walked once and its arrays freed
 
     def _evaluate(self, lid: str, depth: int) -> np.ndarray | None:
         layer = self.layers[lid]
