@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import ModelFormatError
-from . import NamedTensor, check_size
+from . import NamedTensor, check_size, drop_mapped_pages
 from . import protowire as pw
 
 # V1LayerParameter.LayerType values of the layers whose first blob is a kernel.
@@ -37,7 +37,7 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
             raise ModelFormatError(f"{path}: empty Caffe model file")
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        return _read_net(path, memoryview(mm))
+        return _read_net(path, memoryview(mm), mm)
     except ValueError as exc:
         raise ModelFormatError(f"{path}: not a readable Caffe model ({exc})") from None
     finally:
@@ -47,7 +47,7 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
             pass
 
 
-def _read_net(path: Path, buf: memoryview) -> list[NamedTensor]:
+def _read_net(path: Path, buf: memoryview, mm: mmap.mmap) -> list[NamedTensor]:
     out: list[NamedTensor] = []
     layers = 0
     for number, _, value in pw.fields(buf):
@@ -74,6 +74,7 @@ def _read_net(path: Path, buf: memoryview) -> list[NamedTensor]:
                 out.append(NamedTensor(tensor_name, arr.reshape(arr.shape[-2], arr.shape[-1])))
             else:
                 out.append(NamedTensor(tensor_name, arr.reshape(-1)))
+        drop_mapped_pages(mm)  # the layer's values are copied out
     if layers == 0:
         raise ModelFormatError(f"{path}: not a Caffe model (no layers in the NetParameter)")
     return out

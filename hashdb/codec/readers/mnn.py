@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ModelFormatError
-from . import NamedTensor, check_size
+from . import NamedTensor, check_size, drop_mapped_pages
 from .tflite import _Corrupt, _get, _Table
 
 CONVOLUTION, CONVOLUTION_DEPTHWISE, DECONVOLUTION, DECONVOLUTION_DEPTHWISE = 12, 13, 17, 18
@@ -90,6 +90,7 @@ def _read_net(path: Path, buf: Any, max_bytes: int) -> list[NamedTensor]:
     parts: dict[str, list[np.ndarray]] = {}  # a grouped conv the converter split into X__group__0, X__group__1...
     for name, conv, (n, ky, kx, group) in planned:
         flat = _weights(path, name, conv, n)
+        drop_mapped_pages(buf)  # the weights are copied out
         if flat.size % (n * ky * kx):
             raise ModelFormatError(f"{path}: convolution {name!r}: {flat.size} weights for {n} outputs of {ky}x{kx}")
         bias = conv.numbers(2, "<f4").astype(np.float32)
@@ -147,7 +148,7 @@ def _dim_width(quant: _Table) -> int:
 def _weights(path: Path, name: str, conv: _Table, n: int) -> np.ndarray:
     quant = conv.table(3)
     if quant is None:
-        return conv.numbers(1, "<f4").astype(np.float32)
+        return conv.numbers(1, "<f4").astype(np.float32, copy=False)
     count = _count(path, name, conv)
     raw = quant.numbers(0, "u1")
     if int(quant.scalar(2, "<i", 0)) == FP16:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import ModelFormatError
-from . import NamedTensor, bf16_to_float32, check_size
+from . import NamedTensor, bf16_to_float32, check_size, drop_mapped_pages
 
 LIST_MAGIC = 0x112
 V1, V2, V3 = 0xF993FAC8, 0xF993FAC9, 0xF993FACA
@@ -95,7 +95,7 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
             raise ModelFormatError(f"{path}: truncated MXNet params file ({size} bytes)")
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        arrays, names = _read_list(path, _Cursor(path, memoryview(mm)))
+        arrays, names = _read_list(path, _Cursor(path, memoryview(mm)), mm)
     finally:
         try:
             mm.close()
@@ -119,14 +119,17 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
     return out
 
 
-def _read_list(path: Path, cur: _Cursor) -> tuple[list[np.ndarray | None], list[str]]:
+def _read_list(path: Path, cur: _Cursor, mm: mmap.mmap) -> tuple[list[np.ndarray | None], list[str]]:
     if cur.u64() != LIST_MAGIC:
         raise ModelFormatError(f"{path}: not an MXNet params file (no 0x112 magic)")
     cur.u64()  # reserved
     count = cur.u64()
     if count > len(cur.buf) // 4:
         raise ModelFormatError(f"{path}: declares {count:,} arrays in {len(cur.buf):,} bytes")
-    arrays = [_array(path, cur, i) for i in range(count)]
+    arrays = []
+    for i in range(count):
+        arrays.append(_array(path, cur, i))
+        drop_mapped_pages(mm)  # the array's values are copied out
     names: list[str] = []
     if cur.pos < len(cur.buf):
         n_names = cur.u64()

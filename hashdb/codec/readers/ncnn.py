@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import ModelFormatError
-from . import NamedTensor, check_size
+from . import NamedTensor, check_size, drop_mapped_pages
 
 MAGIC = "7767517"
 MAX_PARAM_BYTES = 16 << 20
@@ -138,6 +138,8 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
         out: list[NamedTensor] = []
         for kind, name, params in layers:
             out.extend(_layer(path, reader, kind, name, params))
+            if mm is not None:
+                drop_mapped_pages(mm)  # the layer's values are copied out
         if reader.pos != size:
             raise ModelFormatError(
                 f"{bin_path}: {size - reader.pos:,} bytes left after the last layer the .param describes "

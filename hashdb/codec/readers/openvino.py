@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ModelFormatError
-from . import NamedTensor, bf16_to_float32, check_size
+from . import NamedTensor, bf16_to_float32, check_size, drop_mapped_pages
 
 MAX_XML_BYTES = 256 << 20
 _TYPES = {"f32": "<f4", "f16": "<f2", "f64": "<f8", "bf16": "<u2", "i8": "i1", "u8": "u1", "i16": "<i2",
@@ -212,6 +212,7 @@ def _weights(path: Path, graph: _Graph) -> list[NamedTensor]:
             continue
         src = graph.source(lid, 1)
         w = graph.value(src)
+        drop_mapped_pages(graph.bin)  # the weight's values are copied out
         if w is None or w.size == 0:
             continue
         w = np.asarray(w, dtype=np.float32)
