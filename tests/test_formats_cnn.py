@@ -280,6 +280,13 @@ def test_sizes_are_checked_before_anything_is_read(tmp_path: Path) -> None:
     (tmp_path / "h.bin").write_bytes(b"\0" * 64)
     with pytest.raises(ModelFormatError, match="h.param: declares 160,000,262,144 bytes of tensors, over the limit"):
         load_tensors(tmp_path / "h.param")
+    w = np.ones((50, 20, 1, 1), np.float32)  # 1,000 weights stored in 1 or 2 bytes each widen to 4,000 bytes
+    xml, _ = openvino_files(tmp_path, torch_layers({"0.weight": w}), "narrow", "u8")
+    with pytest.raises(ModelFormatError, match="narrow.xml: declares 4,[0-9,]+ bytes of tensors, over the limit"):
+        load_tensors(xml, max_bytes=3000)
+    (tmp_path / "half.params").write_bytes(mxnet_params({"arg:c_weight": w.astype("<f2")}))
+    with pytest.raises(ModelFormatError, match="half.params: declares 4,000 bytes of tensors, over the limit of 3,000"):
+        load_tensors(tmp_path / "half.params", max_bytes=3000)
     files = write_all(tmp_path, numpy_sd(make_cnn(5)))
     for fmt, path in files.items():
         with pytest.raises(ModelFormatError, match="over the limit of 1,000"):

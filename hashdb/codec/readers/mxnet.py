@@ -39,8 +39,9 @@ MAX_NDIM = 32
 
 
 class _Cursor:
-    def __init__(self, path: Path, buf: memoryview) -> None:
+    def __init__(self, path: Path, buf: memoryview, max_bytes: int) -> None:
         self.path, self.buf, self.pos = path, buf, 0
+        self.max_bytes, self.declared = max_bytes, 0  # float32 bytes of the arrays so far (fp16 widens 2x)
 
     def take(self, n: int) -> memoryview:
         if n < 0 or self.pos + n > len(self.buf):
@@ -95,7 +96,7 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
             raise ModelFormatError(f"{path}: truncated MXNet params file ({size} bytes)")
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        arrays, names = _read_list(path, _Cursor(path, memoryview(mm)), mm)
+        arrays, names = _read_list(path, _Cursor(path, memoryview(mm), max_bytes), mm)
     finally:
         try:
             mm.close()
@@ -169,6 +170,8 @@ def _array(path: Path, cur: _Cursor, index: int) -> np.ndarray | None:
         raise ModelFormatError(f"{path}: array {index} has an unknown dtype flag {flag}")
     dtype = np.dtype(_DTYPES[flag])
     count = math.prod(shape)
+    cur.declared += 4 * count
+    check_size(path, cur.declared, cur.max_bytes)
     if count * dtype.itemsize > len(cur.buf) - cur.pos:
         raise ModelFormatError(f"{path}: array {index} of shape {shape} runs past the end of the file")
     raw = np.frombuffer(cur.take(count * dtype.itemsize), dtype).reshape(shape)

@@ -193,6 +193,7 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
     try:
         graph = _Graph(path, root, mm if mm is not None else b"", bin_path)
+        check_size(path, _declared_bytes(graph), max_bytes)  # int8/int4 constants widen 4-8x to float32
         return _weights(path, graph)
     except (ValueError, TypeError, IndexError) as exc:  # shapes that do not broadcast or reshape: a bad IR
         raise ModelFormatError(f"{path}: inconsistent OpenVINO IR ({type(exc).__name__}: {str(exc)[:100]})") from None
@@ -202,6 +203,19 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
                 mm.close()
             except BufferError:  # a view is still referenced by an exception traceback; the GC closes it
                 pass
+
+
+def _declared_bytes(graph: _Graph) -> int:
+    """The float32 bytes the graph's constants would take (what reading every weight could allocate)."""
+    total = 0
+    for layer in graph.layers.values():
+        data = layer.find("data")
+        if layer.get("type") == "Const" and data is not None:
+            try:
+                total += 4 * math.prod(max(int(d), 0) for d in data.get("shape", "").split(",") if d.strip())
+            except ValueError:
+                continue  # reported by name if the constant is ever read
+    return total
 
 
 def _weights(path: Path, graph: _Graph) -> list[NamedTensor]:
