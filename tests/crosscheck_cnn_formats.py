@@ -1,14 +1,16 @@
 """Cross-check of the CNN-format writers and readers against the formats' own runtimes (not a pytest test:
 those runtimes are not hashdb dependencies). Install them aside and run:
 
-    pip install --no-deps --target /tmp/rt ncnn openvino openvino-telemetry mnn
+    pip install --no-deps --target /tmp/rt ncnn openvino openvino-telemetry mnn "opencv-python-headless<5"
     PYTHONPATH=$PWD:/tmp/rt python tests/crosscheck_cnn_formats.py
 
-Checks: ncnn loads our .param/.bin files (fp32, fp16, codebook, int8, depthwise) and computes the torch
-model's outputs; OpenVINO loads our IRs (f32, f16, u8 decompression, FakeQuantize) and computes the torch
-outputs; IRs written by OpenVINO itself read back to the torch weights and give the torch code; MNN files
-written by MNN's converter (float, fp16, 8- and 4-bit) read back to the ONNX weights (within half a
-quantization step) and give the torch code (quantized: within the copy radius). Exits 1 on any mismatch.
+Checks: OpenCV 4's dnn module (its Caffe and Darknet importers) loads our .caffemodel (current and V1) and
+.cfg/.weights files and computes the torch model's outputs; ncnn loads our .param/.bin files (fp32, fp16,
+codebook, int8, depthwise) and computes the torch model's outputs; OpenVINO loads our IRs (f32, f16, u8
+decompression, FakeQuantize) and computes the torch outputs; IRs written by OpenVINO itself read back to the
+torch weights and give the torch code; MNN files written by MNN's converter (float, fp16, 8- and 4-bit) read
+back to the ONNX weights (within half a quantization step) and give the torch code (quantized: within the
+copy radius). Exits 1 on any mismatch.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cnn_format_writers import ncnn_files, openvino_files, torch_layers  # noqa: E402
+from cnn_format_writers import caffe_model, darknet_files, ncnn_files, openvino_files, torch_layers  # noqa: E402
 from formats_fixtures import make_cnn  # noqa: E402
 
 from hashdb.codec import ModelHasher  # noqa: E402
@@ -39,6 +41,67 @@ def check(what: str, ok: bool, detail: object = "") -> None:
 
 def distance(a: bytes, b: bytes) -> int:
     return int(np.unpackbits(np.frombuffer(bytes(x ^ y for x, y in zip(a, b, strict=True)), np.uint8)).sum())
+
+
+def opencv_caffe_darknet(out: Path) -> None:
+    import cv2
+
+    torch.manual_seed(0)
+    conv0, conv1 = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 5, 3)
+    layers = torch_layers({f"{i}.{k}": v.detach().numpy() for i, c in enumerate((conv0, conv1))
+                           for k, v in c.state_dict().items()})  # fmt: skip
+    x = torch.randn(1, 3, 9, 9)
+    # caffe_model puts a BatchNorm after each conv: mean linspace(-1, 1), variance 1, scale factor 1
+    bns = [nn.BatchNorm2d(n, eps=1e-5).eval() for n in (4, 5)]
+    for bn in bns:
+        bn.running_mean.copy_(torch.linspace(-1, 1, bn.num_features))
+    ref = bns[1](conv1(torch.relu(bns[0](conv0(x))))).detach().numpy()
+    proto = out / "net.prototxt"
+    proto.write_text(
+        'name: "net"\nlayer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 9 '
+        "dim: 9 } } }\n"
+        'layer { name: "l0" type: "Convolution" bottom: "data" top: "l0" convolution_param { num_output: 4 '
+        "kernel_size: 3 } }\n"
+        'layer { name: "bn0" type: "BatchNorm" bottom: "l0" top: "bn0" }\n'
+        'layer { name: "r0" type: "ReLU" bottom: "bn0" top: "r0" }\n'
+        'layer { name: "l1" type: "Convolution" bottom: "r0" top: "l1" convolution_param { num_output: 5 '
+        "kernel_size: 3 } }\n"
+        'layer { name: "bn1" type: "BatchNorm" bottom: "l1" top: "bn1" }\n'
+    )
+    (out / "net.caffemodel").write_bytes(caffe_model(layers))
+    net = cv2.dnn.readNetFromCaffe(str(proto), str(out / "net.caffemodel"))
+    net.setInput(x.numpy())
+    err = float(np.abs(net.forward() - ref).max())
+    check("OpenCV runs our .caffemodel", err < 1e-4, err)
+    v1_proto = out / "v1.prototxt"
+    v1_proto.write_text(
+        'name: "net"\ninput: "data"\ninput_dim: 1\ninput_dim: 3\ninput_dim: 9\ninput_dim: 9\n'
+        'layers { name: "l0" type: CONVOLUTION bottom: "data" top: "l0" convolution_param { num_output: 4 '
+        "kernel_size: 3 } }\n"
+        'layers { name: "r0" type: RELU bottom: "l0" top: "l0" }\n'
+        'layers { name: "l1" type: CONVOLUTION bottom: "l0" top: "l1" convolution_param { num_output: 5 '
+        "kernel_size: 3 } }\n"
+    )
+    (out / "v1.caffemodel").write_bytes(caffe_model(layers, v1=True))  # OpenCV reads no double_data
+    net = cv2.dnn.readNetFromCaffe(str(v1_proto), str(out / "v1.caffemodel"))
+    net.setInput(x.numpy())
+    err = float(np.abs(net.forward() - conv1(torch.relu(conv0(x))).detach().numpy()).max())
+    check("OpenCV runs our V1 .caffemodel", err < 1e-4, err)
+
+    head = np.random.default_rng(0).standard_normal((3, 5, 1, 1)).astype(np.float32)
+    weights = darknet_files(out, layers + [("conv", head, None)], "yolo", height=9)
+    net = cv2.dnn.readNetFromDarknet(str(out / "yolo.cfg"), str(weights))
+    net.setInput(x.numpy())
+    y = net.forward()
+    leaky = nn.LeakyReLU(0.1)
+    a = leaky(conv0(x))
+    c1 = nn.functional.conv2d(a, conv1.weight)  # batch_normalize=1: the biases are BN's shift
+    mean = torch.linspace(-1, 1, 5).view(1, -1, 1, 1)
+    b = leaky((c1 - mean) / torch.sqrt(torch.tensor(1 + 1e-6)) * 1.5 + conv1.bias.view(1, -1, 1, 1))
+    s = b + b  # [maxpool size=1] is the identity, [route -2] is b again, [shortcut from=-3] adds b
+    ref = leaky(nn.functional.conv2d(s, torch.from_numpy(head))).detach().numpy()
+    err = float(np.abs(y - ref).max())
+    check("OpenCV runs our Darknet .cfg + .weights", err < 1e-3, err)
 
 
 def ncnn_runtime(out: Path) -> None:
@@ -137,6 +200,7 @@ def mnn_converter(out: Path, hasher: ModelHasher) -> None:
 def main() -> int:
     hasher = ModelHasher(256)
     with tempfile.TemporaryDirectory() as tmp:
+        opencv_caffe_darknet(Path(tmp))
         ncnn_runtime(Path(tmp))
         openvino_runtime(Path(tmp), hasher)
         mnn_converter(Path(tmp), hasher)
