@@ -115,7 +115,8 @@ def darknet_files(folder: Path, layers: list[Layer], stem: str = "yolo", bn: boo
             floats += [bias, w]
     (folder / f"{stem}.cfg").write_text("\n".join(cfg))
     major, minor = major_minor
-    seen = struct.pack("<Q", 12345) if major * 10 + minor >= 2 else struct.pack("<I", 12345)
+    wide_seen = major * 10 + minor >= 2 and major < 1000 and minor < 1000  # darknet's own test
+    seen = struct.pack("<Q", 12345) if wide_seen else struct.pack("<I", 12345)
     body = b"".join(np.ascontiguousarray(x, "<f4").tobytes() for x in floats)
     path = folder / f"{stem}.weights"
     path.write_bytes(struct.pack("<iii", major, minor, 0) + seen + body)

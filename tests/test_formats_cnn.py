@@ -217,6 +217,9 @@ def test_darknet_connected_layers_follow_the_channel_chain(tmp_path: Path) -> No
     assert by_name["1_convolutional.bn.weight"].tolist() == [1.5] * 6
     np.testing.assert_array_equal(by_name["6_connected.weight"], sd["2.weight"])
     np.testing.assert_array_equal(by_name["6_connected.bias"], sd["2.bias"])
+    transposed = dict(sd, **{"2.weight": np.ascontiguousarray(sd["2.weight"].T).reshape(5, 6)})  # stored (in, out)
+    path = darknet_files(tmp_path, torch_layers(transposed), "tr", major_minor=(0, 1001))
+    np.testing.assert_array_equal({t.name: t.array for t in load_tensors(path)}["6_connected.weight"], sd["2.weight"])
 
 
 @pytest.mark.parametrize(
@@ -225,6 +228,9 @@ def test_darknet_connected_layers_follow_the_channel_chain(tmp_path: Path) -> No
         (lambda d: (d / "a.weights").write_bytes(b"\0" * 40), r"a.weights: a Darknet .weights file needs its .cfg"),
         (lambda d: ((d / "a.weights").write_bytes(b"\0" * 40), (d / "a.cfg").write_text("[convolutional]\n")),
          r"a.cfg: a Darknet cfg starts with a \[net\] section"),
+        (lambda d: ((d / "a.weights").write_bytes(b"\0" * 40),
+                    (d / "a.cfg").write_text("[net]\n[convolutional]\nbinary=1\n")),
+         r"a.cfg: layer 0: binary convolutions \(bit-packed weights\) are not read"),
         (lambda d: ((d / "a.weights").write_bytes(b"\0" * 40), (d / "a.cfg").write_text("[net]\n[lstm]\n")),
          r"a.cfg: layer 0: \[lstm\] layers carry weights hashdb does not read"),
         (lambda d: ((d / "a.weights").write_bytes(b"\0" * 40), (d / "a.cfg").write_text("[net]\n[route]\nlayers=4\n")),

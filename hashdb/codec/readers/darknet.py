@@ -4,7 +4,8 @@ The ``.weights`` file: int32 major, minor, revision, then the images seen (uint6
 else uint32), then float32 values layer by layer in ``.cfg`` order (darknet's ``load_weights``):
 [convolutional] biases (filters), when ``batch_normalize=1`` BN scales, rolling means and rolling variances
 (filters each), then the kernel (filters x channels/groups x size x size: OIHW); [connected] biases
-(output), the matrix (output x inputs), then BN scales/means/variances when ``batch_normalize=1``;
+(output), the matrix (output x inputs; inputs x output when the header's major or minor is over 1000,
+darknet's "transposed" flag), then BN scales/means/variances when ``batch_normalize=1``;
 [batchnorm] scales/means/variances (channels each). Layers with weights that are not read here
 ([deconvolutional], [local], recurrent layers, weighted [shortcut]) are refused by name.
 
@@ -110,6 +111,8 @@ def plan(cfg: Path) -> Plan:
             if n <= 0 or size <= 0 or groups <= 0 or c % groups or stride <= 0:
                 raise ModelFormatError(f"{cfg}: layer {i} (convolutional): filters={n} size={size} groups={groups} "
                                        f"on {c} input channels")  # fmt: skip
+            if get("binary", 0):
+                raise ModelFormatError(f"{cfg}: layer {i}: binary convolutions (bit-packed weights) are not read")
             runs.append((f"{name}.bias", n, (n,), None))
             if get("batch_normalize", 0):
                 for part in ("bn.weight", "bn.running_mean", "bn.running_var"):
@@ -189,6 +192,7 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
             raise ModelFormatError(f"{path}: truncated Darknet weights header ({size} bytes)")
         major, minor, _ = struct.unpack("<iii", head)
         seen_bytes = 8 if (major * 10 + minor >= 2 and major < 1000 and minor < 1000) else 4
+        transposed = major > 1000 or minor > 1000  # darknet's flag: [connected] matrices stored (inputs, outputs)
         start = 12 + seen_bytes
         available = (size - start) // 4
         if size < start or (size - start) % 4:
@@ -216,5 +220,7 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
             arr = np.empty(count, dtype="<f4")
             if f.readinto(arr.data) != 4 * count:
                 raise ModelFormatError(f"{path}: truncated while reading {name}")
+            if transposed and "_connected." in name and name.endswith(".weight"):
+                arr = np.ascontiguousarray(arr.reshape(shape[::-1]).T)
             out.append(NamedTensor(name, arr.reshape(shape).astype(np.float32, copy=False), layout))
     return out
