@@ -251,6 +251,8 @@ def test_darknet_connected_layers_follow_the_channel_chain(tmp_path: Path) -> No
         (lambda d: (d / "a.xml").write_text("<net><layers/></net>"), r"a.xml: its weights file a.bin is missing"),
         (lambda d: ((d / "a.xml").write_text('<!DOCTYPE n [<!ENTITY x "xx">]><net>&x;</net>'),
                     (d / "a.bin").write_bytes(b"")), r"a.xml: xml with a DOCTYPE/ENTITY declaration refused"),
+        (lambda d: ((d / "a.xml").write_text('<net version="7"><layers/></net>'), (d / "a.bin").write_bytes(b"")),
+         r"a.xml: OpenVINO IR version 7 is not read"),
         (lambda d: ((d / "a.xml").write_text("<net><layers>"), (d / "a.bin").write_bytes(b"")),
          r"a.xml: not well-formed xml"),
         (lambda d: (d / "a.params").write_bytes(struct.pack("<QQQ", 0x112, 0, 1) + struct.pack("<Ii", 0xF993FAC9, 1)),

@@ -177,6 +177,9 @@ def _safe_xml(path: Path) -> ET.Element:
         raise ModelFormatError(f"{path}: not well-formed xml ({exc})") from None
     if root.tag != "net":
         raise ModelFormatError(f"{path}: not an OpenVINO IR (root element <{root.tag[:40]}>, want <net>)")
+    version = root.get("version", "")
+    if version.isdigit() and int(version) < 10:  # IR v7 and older keep <blobs> inside each layer
+        raise ModelFormatError(f"{path}: OpenVINO IR version {version} is not read (versions 10 and 11 are)")
     return root
 
 
