@@ -340,3 +340,34 @@ def test_ncnn_dynamic_weights_read_nothing_from_the_bin(tmp_path: Path) -> None:
     (tmp_path / "d.param").write_text("7767517\n2 3\nInput in 0 1 x\nConvolution c 2 1 x w y 0=2 1=3 6=36 19=1\n")
     (tmp_path / "d.bin").write_bytes(b"")
     assert ncnn.read(tmp_path / "d.param", 1 << 20) == []
+
+
+def test_openvino_shared_inputs_are_evaluated_once_per_weight(tmp_path: Path) -> None:
+    """A weight behind a diamond of Multiply ops (each squaring the one before: both inputs the same layer)
+    evaluates to w^(2^depth): a layer feeding two inputs gives both the same value (the reader evaluates it
+    once per weight and reuses it, which also keeps such a chain linear, not 2^depth, in work)."""
+    depth = 12
+    w = np.full((2, 1, 1, 1), 1.0, np.float32)
+    w[1] = -1.0
+    dims = "".join(f"<dim>{d}</dim>" for d in w.shape)
+    layers = [f'<layer id="0" name="w" type="Const" version="opset1"><data element_type="f32" shape="2,1,1,1" '
+              f'offset="0" size="8"/><output><port id="0">{dims}</port></output></layer>']  # fmt: skip
+    edges = []
+    for i in range(1, depth + 1):
+        layers.append(f'<layer id="{i}" name="sq{i}" type="Multiply" version="opset1"><data/><input><port id="0">'
+                      f'{dims}</port><port id="1">{dims}</port></input><output><port id="2">{dims}</port></output>'
+                      "</layer>")  # fmt: skip
+        src_port = 0 if i == 1 else 2
+        edges += [f'<edge from-layer="{i - 1}" from-port="{src_port}" to-layer="{i}" to-port="{p}"/>' for p in (0, 1)]
+    conv = depth + 1
+    layers.append(f'<layer id="{conv}" name="conv" type="Convolution" version="opset1"><data/><input>'
+                  f'<port id="0"><dim>1</dim><dim>1</dim><dim>4</dim><dim>4</dim></port><port id="1">{dims}</port>'
+                  "</input></layer>")  # fmt: skip
+    edges.append(f'<edge from-layer="{depth}" from-port="2" to-layer="{conv}" to-port="1"/>')
+    xml = tmp_path / "d.xml"
+    body = f"<layers>{''.join(layers)}</layers><edges>{''.join(edges)}</edges>"
+    xml.write_text(f'<net name="d" version="11">{body}</net>')
+    (tmp_path / "d.bin").write_bytes(w.tobytes())
+    (got,) = load_tensors(xml)
+    np.testing.assert_array_equal(got.array, np.ones((2, 1, 1, 1), np.float32))  # (-1)^(2^12) = 1
+    assert got.layout == "oihw"

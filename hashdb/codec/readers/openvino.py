@@ -47,6 +47,7 @@ class _Graph:
             self.layers[lid] = layer
             port_block = layer.find("input")
             self.inputs[lid] = [p.get("id", "") for p in port_block.findall("port")] if port_block is not None else []
+        self.cache: dict[str, np.ndarray | None] = {}  # values of one weight's chain (cleared after each weight)
         self.feeds: dict[tuple[str, str], str] = {}  # (to layer, to port) -> from layer
         for edge in root.iter("edge"):
             self.feeds[(edge.get("to-layer", ""), edge.get("to-port", ""))] = edge.get("from-layer", "")
@@ -60,8 +61,18 @@ class _Graph:
     def value(self, lid: str | None, depth: int = 0) -> np.ndarray | None:
         """The constant value out of layer ``lid`` as float32 (or the stored integers), None when not constant."""
         if lid is None or lid not in self.layers or depth > MAX_DEPTH:
-            return None  # past MAX_DEPTH ops (or in a cycle) a value is not a stored weight's
-        return self._evaluate(lid, depth)  # not cached: a weight's chain is walked once and its arrays freed
+            return None  # past MAX_DEPTH ops a value is not a stored weight's
+        if lid not in self.cache:  # each layer evaluated once per weight, so a diamond-shaped chain stays linear
+            self.cache[lid] = None  # a cycle reads as "not constant"
+            self.cache[lid] = self._evaluate(lid, depth)
+        return self.cache[lid]
+
+    def weight(self, lid: str | None) -> np.ndarray | None:
+        """The constant value feeding a weight input; the chain's intermediate arrays are freed after it."""
+        try:
+            return self.value(lid)
+        finally:
+            self.cache.clear()
 
     def _evaluate(self, lid: str, depth: int) -> np.ndarray | None:
         layer = self.layers[lid]
@@ -228,7 +239,7 @@ def _weights(path: Path, graph: _Graph) -> list[NamedTensor]:
         if kind not in _WEIGHT_OPS:
             continue
         src = graph.source(lid, 1)
-        w = graph.value(src)
+        w = graph.weight(src)
         drop_mapped_pages(graph.bin)  # the weight's values are copied out
         if w is None or w.size == 0:
             continue
