@@ -10,8 +10,9 @@ runs of ``ModelHasher.hash(path)`` (the file was just written: in the page cache
 the first run above the RSS just before it (the mark reset through /proc/self/clear_refs; mapped file pages
 that were touched count), so later runs' allocator leftovers cannot hide or inflate it.
 Targets (issue 7): no format over 1.5x the safetensors time, peak under 2x the weights' bytes.
-Keras/TFLite/Flax rows need their reader modules (hashdb/codec/readers/keras.py, tflite.py, flax.py):
-without them the row is skipped with a note.
+Keras/TFLite/Flax rows need their reader modules (hashdb/codec/readers/keras.py, tflite.py, flax.py), as do
+the Caffe/Darknet/ncnn/OpenVINO/MXNet/MNN rows (written by tests/cnn_format_writers.py): without them the row is
+skipped with a note.
 """
 
 from __future__ import annotations
@@ -276,7 +277,51 @@ def _other_helpers_formats(sd: dict[str, np.ndarray], folder: Path) -> dict[str,
         out["tflite"] = "skipped: the flatbuffers package is not installed"
     else:
         out["tflite"] = _write_tflite(sd, folder / "m.tflite")
+    _write_cnn_formats(sd, folder, out)
     return out
+
+
+def _write_cnn_formats(sd: dict[str, np.ndarray], folder: Path, out: dict[str, Path | str]) -> None:
+    """Caffe, Darknet, ncnn, OpenVINO IR, MXNet and MNN files of the same weights, by the spec-built writers of
+    tests/cnn_format_writers.py (the ncnn and OpenVINO ones checked against those runtimes)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        from cnn_format_writers import (
+            caffe_model,
+            darknet_files,
+            mnn_model,
+            mxnet_files,
+            ncnn_files,
+            openvino_files,
+            torch_layers,
+        )
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    layers = torch_layers(sd)
+    for name, module in (("caffe", "caffe"), ("darknet", "darknet"), ("ncnn", "ncnn"), ("openvino", "openvino"),
+                         ("mxnet", "mxnet")):  # fmt: skip
+        if not _has_reader(module):
+            out[name] = f"skipped: hashdb/codec/readers/{module}.py is not here yet"
+            continue
+        (folder / name).mkdir()
+    if _has_reader("caffe"):
+        (folder / "caffe" / "m.caffemodel").write_bytes(caffe_model(layers))
+        out["caffe .caffemodel"] = folder / "caffe" / "m.caffemodel"
+    if _has_reader("darknet"):
+        out["darknet .weights + .cfg"] = darknet_files(folder / "darknet", layers, "m", height=4 * len(layers) + 8)
+    if _has_reader("ncnn"):
+        out["ncnn .param + .bin"] = ncnn_files(folder / "ncnn", layers, "m")[0]
+    if _has_reader("openvino"):
+        out["openvino .xml + .bin"] = openvino_files(folder / "openvino", layers, "m")[0]
+    if _has_reader("mxnet"):
+        out["mxnet .params"] = mxnet_files(folder / "mxnet", layers, "m")
+    if not _has_reader("mnn"):
+        out["mnn"] = "skipped: hashdb/codec/readers/mnn.py is not here yet"
+    elif importlib.util.find_spec("flatbuffers") is None:
+        out["mnn"] = "skipped: the flatbuffers package is not installed"
+    else:
+        (folder / "m.mnn").write_bytes(mnn_model(layers))
+        out["mnn .mnn"] = folder / "m.mnn"
 
 
 def _write_tflite(sd: dict[str, np.ndarray], path: Path) -> Path:
@@ -309,6 +354,8 @@ h = ModelHasher(256)
 h.hash({{"w": np.random.default_rng(0).standard_normal((64, 32, 3, 3)).astype(np.float32)}})  # JIT warm-up
 for name in ("pickle", "safetensors", "numpy", "onnx", "keras", "tflite", "flax", "tensorflow", "paddle",
              "coreml"):  # reader imports
+for name in ("pickle", "safetensors", "numpy", "onnx", "keras", "tflite", "flax", "caffe", "darknet", "ncnn",
+             "openvino", "mxnet", "mnn"):  # reader imports
     try:
         importlib.import_module("hashdb.codec.readers." + name)
     except ImportError:
@@ -356,6 +403,9 @@ def size_of(path: Path | str) -> int:
         return 0
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    pair = path.with_suffix(".bin")  # an ncnn .param or OpenVINO .xml: the weights are in the .bin beside it
+    if path.suffix in (".param", ".xml") and pair.is_file():
+        return path.stat().st_size + pair.stat().st_size
     return path.stat().st_size
 
 

@@ -160,7 +160,7 @@ def mutations(draw: st.DrawFn, data: bytes) -> bytes:
 
 
 OWN_FORMATS = frozenset({"torch", "pdparams", "safetensors", "npz", "npy", "onnx", "tf_bundle", "paddle_inference",
-                         "coreml"})  # fmt: skip
+                         "coreml", "caffe", "darknet", "ncnn", "openvino", "mxnet", "mnn"})  # fmt: skip
 
 
 def _read(path: Path) -> object:
@@ -174,15 +174,22 @@ def _read(path: Path) -> object:
     return getattr(importlib.import_module(f"hashdb.codec.readers.{module}"), function)(path, 1 << 30)
 
 
-def _check(tmp: Path, name: str, blob: bytes) -> None:
+def _check(tmp: Path, name: str, blob: bytes, companions: dict[str, bytes] | None = None) -> None:
+    """Read ``blob`` as ``tmp/name`` (with the other files of its pair beside it, unmutated)."""
     path = tmp / name
     path.write_bytes(blob)
+    for other, data in (companions or {}).items():
+        (tmp / other).write_bytes(data)
     try:
         _read(path)
     except ModelFormatError as exc:
-        assert "\n" not in str(exc) and str(exc).startswith(str(path)), str(exc)
+        message = str(exc)
+        named = str(path) if not companions else str(tmp)  # a pair's error may name the other file
+        assert "\n" not in message and message.startswith(named), message
     finally:
         path.unlink()
+        for other in companions or {}:
+            (tmp / other).unlink()
     assert list(tmp.iterdir()) == [], "a file appeared while reading"
     FUZZED[name] += 1
 
@@ -274,5 +281,80 @@ def test_header_edits_of_safetensors_are_refused_cleanly(tmp_path: Path, fixture
         edited[name][field] = value
         text = json.dumps(edited).encode()
         _check(tmp_path, "h.safetensors", len(text).to_bytes(8, "little") + text + blob[8 + n :])
+
+    run()
+
+
+@pytest.fixture(scope="module")
+def cnn_fixtures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[bytes, dict[str, bytes]]]:
+    """Caffe, Darknet, ncnn, OpenVINO and MXNet files of one small net: name -> (bytes, the pair's other files)."""
+    from cnn_format_writers import (
+        caffe_model,
+        darknet_files,
+        mnn_model,
+        mxnet_files,
+        ncnn_files,
+        openvino_files,
+        torch_layers,
+    )
+
+    folder = tmp_path_factory.mktemp("fuzz_cnn")
+    nn = torch.nn
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Conv2d(3, 4, 1), nn.Flatten(), nn.Linear(4, 2))
+    sd = {k: v.numpy() for k, v in net.state_dict().items()}
+    layers = torch_layers(sd)
+    (folder / "net.caffemodel").write_bytes(caffe_model(layers))
+    (folder / "v1.caffemodel").write_bytes(caffe_model(layers, v1=True))
+    darknet_files(folder, layers, "yolo", height=4)
+    ncnn_files(folder, layers, "m", "fp16")
+    ncnn_files(folder, layers, "q", "int8")
+    openvino_files(folder, layers[:2], "ov", "u8")
+    mxnet_files(folder, layers, "net")
+    (folder / "m.mnn").write_bytes(mnn_model(layers))
+    (folder / "q.mnn").write_bytes(mnn_model(layers, "q8", split_groups=3))
+    pairs = {"net.caffemodel": [], "v1.caffemodel": [], "yolo.weights": ["yolo.cfg"], "yolo.cfg": ["yolo.weights"],
+             "m.param": ["m.bin"], "m.bin": ["m.param"], "q.param": ["q.bin"], "ov.xml": ["ov.bin"],
+             "ov.bin": ["ov.xml"], "net-0000.params": ["net-symbol.json"], "m.mnn": [], "q.mnn": []}  # fmt: skip
+    for name in pairs:  # every fixture reads cleanly before it is mutated
+        assert load_file(folder / name)
+    return {name: ((folder / name).read_bytes(), {o: (folder / o).read_bytes() for o in others})
+            for name, others in pairs.items()}  # fmt: skip
+
+
+CNN_FORMATS = ["net.caffemodel", "v1.caffemodel", "yolo.weights", "yolo.cfg", "m.param", "m.bin", "q.param", "ov.xml",
+               "ov.bin", "net-0000.params", "m.mnn", "q.mnn"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", CNN_FORMATS)
+def test_mutated_cnn_format_files_only_ever_raise_model_format_error(
+    name: str, cnn_fixtures: dict[str, tuple[bytes, dict[str, bytes]]], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    tmp = tmp_path_factory.mktemp("fuzz_cnn")
+    blob, companions = cnn_fixtures[name]
+
+    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+    @given(st.data())
+    def run(data: st.DataObject) -> None:
+        _check(tmp, name, data.draw(mutations(blob)), companions)
+
+    before = FUZZED[name]
+    run()
+    assert FUZZED[name] - before == EXAMPLES
+
+
+@pytest.mark.parametrize("suffix", [".caffemodel", ".weights", ".param", ".xml", ".params", ".mnn"])
+def test_random_bytes_in_cnn_format_files_only_ever_raise_model_format_error(
+    suffix: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    tmp = tmp_path_factory.mktemp("rand_cnn")
+    heads = [b"", b"7767517\n1 1\n", (0x112).to_bytes(8, "little"), b"<net>", b"\xa2\x06"]
+    companion = {".weights": ("r.cfg", b"[net]\nchannels=2\n[convolutional]\nfilters=2\nsize=1\n"),
+                 ".param": ("r.bin", b"\0" * 64), ".xml": ("r.bin", b"\0" * 64)}.get(suffix)  # fmt: skip
+
+    @settings(max_examples=40, deadline=None, derandomize=True, database=None)
+    @given(st.sampled_from(heads), st.binary(max_size=512))
+    def run(head: bytes, body: bytes) -> None:
+        _check(tmp, "r" + suffix, head + body, dict([companion]) if companion else None)
 
     run()

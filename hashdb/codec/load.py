@@ -86,13 +86,31 @@ _READER_MODULES: dict[str, tuple[str, str]] = {
     "tf_bundle": ("tensorflow", "read"),
     "paddle_inference": ("paddle", "read"),
     "coreml": ("coreml", "read"),
+    "caffe": ("caffe", "read"),
+    "darknet": ("darknet", "read"),
+    "ncnn": ("ncnn", "read"),
+    "openvino": ("openvino", "read"),
+    "mxnet": ("mxnet", "read"),
+    "mnn": ("mnn", "read"),
 }
 _SUFFIX_FORMATS: dict[str, str] = {
     ".safetensors": "safetensors", ".npz": "npz", ".npy": "npy", ".onnx": "onnx", ".pdparams": "pdparams",
     ".pt": "torch", ".pth": "torch", ".bin": "torch", ".ckpt": "torch", ".tar": "torch",
     ".h5": "keras_h5", ".hdf5": "keras_h5", ".keras": "keras", ".tflite": "tflite", ".msgpack": "flax",
     ".pdiparams": "paddle_inference", ".pdmodel": "paddle_inference", ".mlmodel": "coreml",
+    ".caffemodel": "caffe", ".weights": "darknet", ".cfg": "darknet", ".param": "ncnn", ".xml": "openvino",
+    ".params": "mxnet", ".mnn": "mnn",
 }  # fmt: skip
+MXNET_MAGIC = (0x112).to_bytes(8, "little")  # NDArray list files (mx.nd.save, Gluon export)
+
+
+def paired_graph(path: Path) -> str | None:
+    """The format of a raw ``.bin`` that is the weights half of an OpenVINO (``.xml``) or ncnn (``.param``) pair."""
+    if path.with_suffix(".xml").is_file():
+        return "openvino"
+    if path.with_suffix(".param").is_file():
+        return "ncnn"
+    return None
 
 
 def sniff_format(path: Path) -> str | None:
@@ -114,6 +132,12 @@ def sniff_format(path: Path) -> str | None:
         return "npy"
     if head.startswith(b"PK\x03\x04"):  # zip: torch, TorchScript, .keras and .npz are all zip archives
         return {".keras": "keras", ".npz": "npz"}.get(suffix, "torch")
+    if head.startswith(b"7767517"):
+        return "ncnn"
+    if head.startswith(MXNET_MAGIC):
+        return "mxnet"
+    if suffix == ".bin" and (paired := paired_graph(path)):
+        return paired
     if len(head) >= 9 and head[8:9] == b"{" and suffix == ".safetensors":
         return "safetensors"
     if head[:1] == b"\x80" and suffix not in (".onnx", ".msgpack", ".tflite"):  # a pickle (legacy torch, paddle)

@@ -6,6 +6,9 @@ weight files, or an ``*.index.json`` with its shards), a snapshot of the Hugging
 SavedModel or checkpoint folder, Core ML ``.mlpackage``, Paddle inference folder). A folder of many models
 yields one unit per model, walked in sorted order; files with no model suffix (README, tokenizer files,
 images) and hidden folders are passed over.
+A model in two files is one unit, its graph or weights file: OpenVINO ``.xml`` (+ ``.bin``), ncnn ``.param``
+(+ ``.bin``), Darknet ``.weights`` (+ ``.cfg``), MXNet ``.params`` (+ ``-symbol.json``); the reader finds the
+other file beside it, and the ``.bin`` of a pair is never a unit of its own.
 
 Keys (one rule everywhere: library, CLI, workers): a unit's key is its path, normalized, relative to the
 current directory when it lies inside it and absolute otherwise, with '/' separators, so ``./C.pt``,
@@ -27,6 +30,7 @@ MODEL_SUFFIXES = frozenset({
     ".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors", ".npz", ".npy", ".onnx", ".h5", ".hdf5", ".keras",
     ".tflite", ".msgpack", ".pdparams",
     ".index", ".pdiparams", ".mlmodel",  # TensorFlow checkpoint index (SSTable), Paddle inference, Core ML
+    ".caffemodel", ".weights", ".param", ".xml", ".params", ".mnn",  # Caffe, Darknet, ncnn, OpenVINO, MXNet, MNN
 })  # fmt: skip
 # Weight files that make a folder with a config.json one model (Hugging Face names, any of them).
 _HF_WEIGHT_PREFIXES = ("model", "pytorch_model", "tf_model", "flax_model", "diffusion_pytorch_model", "adapter_model")
@@ -164,17 +168,30 @@ def _walk(folder: Path) -> Iterable[ModelUnit]:
 
 
 def _looks_like_a_model(path: Path) -> bool:
-    """``.bin`` is also the suffix of raw data (ONNX external data, vocabularies): count it only when its
-    leading bytes are a torch checkpoint's (zip or pickle). Every other model suffix counts as is."""
-    if path.suffix.lower() == ".index":  # also the suffix of search indexes (faiss...): a TensorFlow one is an SSTable
+    """Suffixes that other files share count only with the format's own leading bytes: ``.bin`` (raw data,
+    ONNX external data, vocabularies) only when they are a torch checkpoint's (zip or pickle) and it is not the
+    weights half of a pair (an OpenVINO ``.xml`` or ncnn ``.param`` beside it: that graph file is the unit);
+    ``.index`` only when it is a TensorFlow table (not a faiss index); ``.xml``, ``.param`` and ``.params`` only
+    with an OpenVINO IR's ``<net``, ncnn's ``7767517`` or MXNet's list magic. Every other model suffix counts
+    as is."""
+    suffix = path.suffix.lower()
+    if suffix == ".index":
         from .readers.tensorflow import is_table
 
         return is_table(path)
-    if path.suffix.lower() != ".bin":
+    if suffix not in (".bin", ".xml", ".param", ".params"):
         return True
+    if suffix == ".bin" and (path.with_suffix(".xml").is_file() or path.with_suffix(".param").is_file()):
+        return False
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
+            head = f.read(512 if suffix == ".xml" else 8)
     except OSError:
         return True  # let the reader name the problem
+    if suffix == ".xml":
+        return b"<net" in head
+    if suffix == ".param":
+        return head.startswith(b"7767517")
+    if suffix == ".params":
+        return head == (0x112).to_bytes(8, "little")
     return head.startswith((b"PK\x03\x04", b"\x80"))

@@ -118,3 +118,14 @@ def float32_or_none(arr: np.ndarray) -> np.ndarray | None:
     if arr.dtype.kind != "f" or arr.size == 0:
         return None
     return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def drop_mapped_pages(mm: object) -> None:
+    """Let the kernel unmap the pages of a read-only file mapping already read (touched again, they are read
+    back from the file): a reader that copies each tensor out of the map calls it after each one, so the
+    process holds the arrays it returns and not the file's pages as well (peak ~1x the weights, not 2x)."""
+    import mmap
+
+    advise = getattr(mm, "madvise", None)
+    if advise is not None and hasattr(mmap, "MADV_DONTNEED"):
+        advise(mmap.MADV_DONTNEED)
