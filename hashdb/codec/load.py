@@ -27,12 +27,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelFormatError
-from .readers import NamedTensor, max_bytes_from_env
+from .readers import NESTED_CHECKPOINT_KEYS, NamedTensor, float32_or_none, max_bytes_from_env
 
 Tensors = list[NamedTensor]
-
-# Keys under which training scripts nest the weights inside a full checkpoint, most specific first.
-_NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights", "params")
 
 
 def load_tensors(source: Any, max_bytes: int | None = None) -> Tensors:
@@ -203,10 +200,7 @@ def load_folder(folder: Path, max_bytes: int | None = None) -> Tensors:
 
 def _float32(arr: Any) -> np.ndarray | None:
     """A float32 copy of a floating numpy array, None for integer/bool/object arrays (step counters, masks)."""
-    arr = np.asarray(arr)
-    if arr.dtype.kind != "f" or arr.size == 0:
-        return None
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    return float32_or_none(np.asarray(arr))
 
 
 def _is_torch_tensor(obj: Any) -> bool:
@@ -232,7 +226,7 @@ def _from_object(obj: Any, where: str) -> Tensors:
     tensors = _flat_tensors(obj)
     if tensors:
         return tensors
-    for key in _NESTED_KEYS:  # a full checkpoint: {"epoch": 3, "state_dict": {...}, "optimizer": {...}}
+    for key in NESTED_CHECKPOINT_KEYS:  # a full checkpoint: {"epoch": 3, "state_dict": {...}, "optimizer": {...}}
         inner = obj.get(key)
         if torch is not None and isinstance(inner, torch.nn.Module):
             inner = inner.state_dict()

@@ -84,6 +84,12 @@ def max_bytes_from_env() -> int:
     return value
 
 
+# Keys under which training scripts nest the weights inside a full checkpoint, most specific first; shared by
+# the in-memory loader (load.py) and the pickle reader.
+NESTED_CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights", "params",
+                          "model_ema", "ema")  # fmt: skip
+
+
 def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
     """bfloat16 values stored as uint16 -> float32 (bf16 is the top half of a float32)."""
     return (np.asarray(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)

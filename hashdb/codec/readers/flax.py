@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ModelFormatError
-from . import NamedTensor, check_size
+from . import NamedTensor, bf16_to_float32, check_size
 
 _EXT_NDARRAY, _EXT_COMPLEX, _EXT_SCALAR = 1, 2, 3
 _CHUNKED = "__msgpack_chunked_array__"
@@ -147,8 +147,8 @@ def _unchunk(node: dict, names: list[str]) -> _Array:
 def _leaf(arr: _Array, names: list[str], out: list[NamedTensor]) -> None:
     if not arr.dtype_name.startswith(("float", "bfloat")) or arr.raw.size == 0:
         return
-    if arr.dtype_name == "bfloat16":  # bf16 is the top half of a float32
-        w = (arr.raw.astype(np.uint32) << 16).view(np.float32)
+    if arr.dtype_name == "bfloat16":
+        w = bf16_to_float32(arr.raw)
     else:
         w = arr.raw.astype(np.float32, copy=False)
     name = "/".join(names)

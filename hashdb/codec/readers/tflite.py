@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ModelFormatError
-from . import NamedTensor, check_size
+from . import NamedTensor, bf16_to_float32, check_size
 
 CONV_2D, DEPTHWISE_CONV_2D, DEQUANTIZE, FULLY_CONNECTED, TRANSPOSE_CONV = 3, 4, 6, 9, 67
 CONV_3D, CONV_3D_TRANSPOSE = 132, 141
@@ -249,7 +249,7 @@ def _values(path: Path, buf: Any, file: Any, tensor: _Table, buffers: list[_Tabl
         raise ModelFormatError(f"{path}: buffer of {name!r} is cut short (truncated file)")
     if ttype in _FLOAT_TYPES:
         if type_name == "bfloat16":
-            return (raw.astype(np.uint32) << 16).view(np.float32)
+            return bf16_to_float32(raw)
         return raw.astype(np.float32, copy=False)
     return _dequantize(path, tensor, raw, name, type_name)
 
