@@ -172,3 +172,29 @@ def test_header_edits_of_safetensors_are_refused_cleanly(tmp_path: Path, fixture
         _check(tmp_path, "h.safetensors", len(text).to_bytes(8, "little") + text + blob[8 + n :])
 
     run()
+
+
+def test_nesting_of_any_shape_and_depth_is_read_or_refused_in_one_line(tmp_path: Path) -> None:
+    """Pickles nesting tuples, lists, dicts and frozensets in random orders up to 3,000 deep, as a dict key or
+    a list item, raw or inside a torch zip: read, or refused in one line (refused whenever over MAX_NESTING)."""
+    from test_formats_hostile import WRAPPERS, nested_pickle, zipped
+
+    from hashdb.codec.readers.unpickler import MAX_NESTING
+
+    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None)
+    @given(st.lists(st.sampled_from(sorted(WRAPPERS)), min_size=1, max_size=12), st.integers(1, 3000),
+           st.booleans(), st.booleans())  # fmt: skip
+    def run(pattern: list[str], depth: int, as_key: bool, in_zip: bool) -> None:
+        pkl = nested_pickle((pattern * depth)[:depth], as_key)
+        path = tmp_path / ("n.pt" if in_zip else "n.pdparams")
+        path.write_bytes(zipped(pkl) if in_zip else pkl)
+        try:
+            _read(path)
+            assert depth <= MAX_NESTING
+        except ModelFormatError as exc:
+            assert "\n" not in str(exc) and str(exc).startswith(str(path)), str(exc)
+            assert ("nests objects over" in str(exc)) == (depth > MAX_NESTING), str(exc)
+        FUZZED["nesting"] += 1
+
+    run()
+    assert FUZZED["nesting"] == EXAMPLES

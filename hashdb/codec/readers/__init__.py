@@ -46,6 +46,25 @@ def check_size(path: Path | str, declared_bytes: int, max_bytes: int) -> None:
         )
 
 
+# What a file's tensors may expand to, as a multiple of the bytes it actually stores: int8/float8 -> float32 is
+# 4x, and one tied copy (an embedding reused as the output layer) doubles that. Aliases (one array referenced
+# many times), stride-0 views, fill values and decompression filters all count in what is produced, so a small
+# file cannot make a reader allocate gigabytes; the floor lets tiny files with tiny tensors through.
+MAX_EXPANSION = 8
+EXPANSION_FLOOR = 16 << 20
+
+
+def check_expansion(path: Path | str, stored_bytes: int, produced_bytes: int, max_bytes: int) -> None:
+    """Refuse a file whose tensors would take more than ``max_bytes``, or more than MAX_EXPANSION times the
+    bytes it stores (checked before allocating)."""
+    check_size(path, produced_bytes, max_bytes)
+    if produced_bytes > MAX_EXPANSION * stored_bytes + EXPANSION_FLOOR:
+        raise ModelFormatError(
+            f"{path}: its tensors would take {produced_bytes:,} bytes from {stored_bytes:,} bytes stored "
+            f"(over {MAX_EXPANSION}x: aliased, repeated or filled data)"
+        )
+
+
 # A compressed member may inflate to at most this many times its compressed size (beyond 1 MiB): float
 # weights compress by 1.1-2x, heavily pruned ones by ~10x; a 1000x member is a compression bomb.
 MAX_INFLATION = 100

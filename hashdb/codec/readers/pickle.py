@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ModelFormatError
-from . import NESTED_CHECKPOINT_KEYS, NamedTensor, check_size, check_zip_members, float32_or_none
+from . import NESTED_CHECKPOINT_KEYS, NamedTensor, check_expansion, check_size, check_zip_members, float32_or_none
 from .unpickler import NUMPY_KINDS, TORCH_DTYPES, NDArrayRef, Refused, StorageRef, Stub, TensorRef, Token, unpickle
 
 _TORCH_MAGIC = 0x1950A86A20F9469CFC6C
@@ -111,11 +111,29 @@ def _weights_root(obj: Any) -> Any:
     return {k: v for k, v in items if k not in _SKIP_KEYS}
 
 
+def _stored_and_produced(refs: list[tuple[str, Any]]) -> tuple[int, int]:
+    """Bytes the tensors' distinct storages and arrays hold, and float32 bytes the tensors expand to."""
+    stored: dict[int, int] = {}
+    produced = 0
+    for _, ref in refs:
+        if isinstance(ref, TensorRef):
+            data = ref.storage.data
+            stored[id(ref.storage)] = data.nbytes if data is not None else 0
+            produced += 4 * math.prod(ref.size)
+        else:
+            raw = ref.array if isinstance(ref, NDArrayRef) else ref
+            if raw is not None:
+                stored[id(raw)] = raw.nbytes
+                produced += 4 * raw.size
+    return sum(stored.values()), produced
+
+
 def tensors_of(obj: Any, where: str, max_bytes: int) -> list[NamedTensor]:
-    """The float tensors of an unpickled checkpoint as float32 arrays. What they expand to is bounded by
-    ``max_bytes`` before any is built: views may overlap (stride 0 repeats one value any number of times)."""
+    """The float tensors of an unpickled checkpoint as float32 arrays. What they expand to is bounded before
+    any is built, by ``max_bytes`` and by the bytes the storages hold (check_expansion): views may overlap
+    (stride 0 repeats one value any number of times) and the memo lets one array be referenced many times."""
     refs = list(walk_tensors(_weights_root(obj)))
-    check_size(where, sum(4 * math.prod(r.size) for _, r in refs if isinstance(r, TensorRef)), max_bytes)
+    check_expansion(where, *_stored_and_produced(refs), max_bytes)
     out: list[NamedTensor] = []
     for name, ref in refs:
         try:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import collections
 import io
 import pickle as _pickle
+import pickletools
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any, cast
 
 import numpy as np
 
@@ -408,9 +409,95 @@ class _Unpickler(_pickle.Unpickler):
         return self._storage(pid)
 
 
-def unpickle(file: Any, storage: Callable[[tuple], Any]) -> Any:
-    """One pickle from ``file`` through the restricted unpickler; any failure is a ValueError."""
+# Deepest nesting of containers and objects a pickle may build. Real checkpoints nest under 20 deep; CPython
+# hashes a nested tuple (a dict key, a set member) recursively with no recursion guard, so a 300,000-deep
+# tuple key in a 300 KB pickle crashes the process with SIGSEGV.
+MAX_NESTING = 200
+_MUTATORS = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"})
+_MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"})
+_MEMO_GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+
+
+def check_pickle(file: Any) -> None:
+    """Walk one pickle's opcodes (without running them) and refuse what the C unpickler would crash or blow
+    up on: nesting deeper than MAX_NESTING, and memo indices that are not the next free ones (the C
+    unpickler sizes its memo by the largest index: one LONG_BINPUT of 2**31 allocates 16 GiB).
+
+    Each stack entry carries the nesting depth of the object it stands for; a container mutated after it was
+    nested elsewhere makes that parent's depth stale, but tuples and frozensets (the only containers that
+    are hashed, so the only ones whose depth can crash anything) are immutable, so their depths are exact."""
+    stack: list[int] = []
+    marks: list[int] = []
+    memo: dict[int, int] = {}
     try:
+        for op, arg, _pos in pickletools.genops(cast(IO[bytes], _StoredBytes(file))):
+            name = op.name
+            if name == "MARK":
+                marks.append(len(stack))
+                continue
+            if name in _MEMO_PUTS:
+                index = len(memo) if name == "MEMOIZE" else arg
+                if not isinstance(index, int) or index > len(memo):
+                    raise Refused(f"pickle memo index {index} is not the next free one ({len(memo)})")
+                memo[index] = stack[-1] if stack else 0
+                continue
+            before, after = op.stack_before, op.stack_after
+            if pickletools.markobject in before:
+                if not marks:
+                    raise Refused("pickle pops a mark it never pushed")
+                mark = marks.pop()
+                items, below = stack[mark:], before.index(pickletools.markobject)
+                del stack[mark:]
+            else:
+                items, below = [], len(before)
+            if below > len(stack):
+                raise Refused(f"pickle opcode {name} pops more than its stack holds")
+            popped = stack[len(stack) - below :] if below else []
+            del stack[len(stack) - below :]
+            if name in _MEMO_GETS:
+                if arg not in memo:
+                    raise Refused(f"pickle reads memo entry {arg} it never stored")
+                depth = memo[arg]
+            elif name == "DUP":
+                depth = popped[0]
+            elif name in _MUTATORS:  # the container stays; it now holds the items one level down
+                depth = max([popped[0], *(1 + d for d in popped[1:] + items)])
+            elif popped or items:
+                depth = 1 + max(popped + items)
+            else:
+                depth = 0
+            if depth > MAX_NESTING:
+                raise Refused(f"pickle nests objects over {MAX_NESTING} deep")
+            stack.extend([depth] * len(after))
+    except (ValueError, MemoryError) as exc:  # genops: an unknown opcode, a truncated argument
+        raise Refused(f"malformed pickle ({str(exc)[:120]})") from None
+
+
+class _StoredBytes:
+    """A file whose reads never ask for more than it still holds: a declared 8 GiB string in a 9-byte pickle
+    must not make the reader allocate 8 GiB before finding the bytes are not there."""
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+        start = file.tell()
+        self._end = file.seek(0, io.SEEK_END)
+        file.seek(start)
+
+    def read(self, n: int = -1) -> bytes:
+        left = self._end - self._file.tell()
+        return self._file.read(left if n < 0 else min(n, left))
+
+    def readline(self) -> bytes:
+        return self._file.readline()
+
+
+def unpickle(file: Any, storage: Callable[[tuple], Any]) -> Any:
+    """One pickle from ``file`` through the restricted unpickler, after check_pickle passed over its opcodes
+    (``file`` must be seekable); any failure is a ValueError."""
+    try:
+        start = file.tell()
+        check_pickle(file)
+        file.seek(start)
         return _Unpickler(file, storage).load()
     except Refused as exc:
         raise ValueError(str(exc)) from None
