@@ -332,6 +332,9 @@ class Server:
                 request = parse_request(unpack_body(body))
             except ProtocolError as e:
                 request = Request(None, None, None, e)
+            except Exception as e:  # noqa: BLE001 - a bug in checking one request must not stop the loop
+                log.error("cannot parse a request: %s", type(e).__name__)
+                request = Request(None, None, None, ProtocolError(f"malformed request ({type(e).__name__})"))
             conn.pending.append(request)
         if reader.too_big is not None:
             # The rest of the stream is likely garbage: answer once, then close.
