@@ -124,3 +124,88 @@ def test_a_stride_zero_view_cannot_make_gigabytes_under_the_size_limit(tmp_path:
     path.write_bytes(torch_zip(pkl, {"0": bytes(16)}))
     PEAKS["stride 0"] = refused_peak(path, "bytes stored")
     assert PEAKS["stride 0"] < PEAK_BOUND
+
+
+# ---------------------------------------------------------------- nested readers: msgpack, JSON, HDF5
+
+
+def test_flax_state_dict_nested_past_the_recursion_limit_is_refused(tmp_path: Path) -> None:
+    # maps nested 1,000 deep ({"a": {"a": ...}}, ~3 KB) escaped the reader as RecursionError
+    path = tmp_path / "deep.msgpack"
+    for depth, refused in ((MAX_NESTING - 5, False), (MAX_NESTING + 5, True), (1000, True)):
+        path.write_bytes(b"\x81\xa1a" * depth + b"\xc0")
+        if refused:
+            PEAKS["nesting"] = max(PEAKS.get("nesting", 0), refused_peak(path, "nests over"))
+        else:
+            try:
+                load_tensors(path)
+            except ModelFormatError as exc:  # no weights in it: refused, but not for its depth
+                assert "nests" not in str(exc)
+
+
+def _keras_archive(path: Path, config: bytes, weights: bytes = b"") -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("config.json", config)
+        zf.writestr("model.weights.h5", weights)
+    return path
+
+
+def test_keras_config_json_bombs_are_refused_from_their_sizes(tmp_path: Path) -> None:
+    pytest.importorskip("h5py")
+    # 60 MB of empty lists deflated to ~60 KB made 1.63 GB of Python objects
+    bomb = _keras_archive(tmp_path / "bomb.keras", b"[" + b"[]," * (20 << 20) + b"[]]")
+    PEAKS["deflated config"] = refused_peak(bomb, "config.json")
+    assert PEAKS["deflated config"] < PEAK_BOUND
+    deep = _keras_archive(tmp_path / "deep.keras", b"[" * 5000 + b"]" * 5000)
+    assert refused_peak(deep, "nests over") < PEAK_BOUND
+
+
+def test_shard_index_nested_past_the_limit_is_one_clean_line(tmp_path: Path) -> None:
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": ' + "[" * 3000 + "]" * 3000 + "}")
+    with pytest.raises(ModelFormatError, match="nests over") as info:
+        load_tensors(folder)
+    assert "\n" not in str(info.value)
+
+
+def _h5_v3(path: Path, make: Callable[..., object]) -> Path:
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        make(f.create_group("layers/conv2d/vars"))
+    return path
+
+
+def test_hdf5_fill_values_and_filters_count_what_they_make(tmp_path: Path) -> None:
+    pytest.importorskip("h5py")
+    from hashdb.codec.readers.keras import read_h5
+
+    # an unallocated dataset reads as its fill value: an 8.7 KB file made 4.5 GB
+    fill = _h5_v3(tmp_path / "fill.weights.h5",
+                  lambda g: g.create_dataset("0", shape=(1 << 28,), dtype="<f4", fillvalue=1.0))  # fmt: skip
+    assert fill.stat().st_size < 64 << 10
+    PEAKS["HDF5 fill value"] = refused_peak(fill, "bytes stored", lambda p: read_h5(p, 8 << 30))
+    assert PEAKS["HDF5 fill value"] < PEAK_BOUND
+    # gzip inflating ~1000x (the file: 5.2 MB -> 5.3 GB, still running at 120 s)
+    zeros = _h5_v3(tmp_path / "gzip.weights.h5", lambda g: g.create_dataset(
+        "0", data=np.zeros(1 << 24, np.float32), chunks=(1 << 20,), compression="gzip"))  # fmt: skip
+    PEAKS["HDF5 filter"] = refused_peak(zeros, "bytes stored", lambda p: read_h5(p, 8 << 30))
+    assert PEAKS["HDF5 filter"] < PEAK_BOUND
+    real = _h5_v3(tmp_path / "real.weights.h5", lambda g: g.create_dataset(  # real weights compress ~1.1x: read
+        "0", data=np.random.default_rng(0).standard_normal((64, 3, 3, 3)).astype(np.float32), compression="gzip"))
+    assert read_h5(real, 8 << 30)[0].array.size == 64 * 27
+
+
+def test_huge_hdf5_attributes_are_refused_before_they_are_read(tmp_path: Path) -> None:
+    import h5py
+
+    from hashdb.codec.readers.keras import read_h5
+
+    path = tmp_path / "attrs.h5"
+    with h5py.File(path, "w", libver="latest") as f:  # the latest format stores large attributes densely
+        f.attrs.create("layer_names", data=np.zeros(40 << 20, np.uint8))  # a 40 MB attribute (dense storage)
+        f.create_dataset("conv2d/kernel:0", data=np.ones((3, 3, 2, 2), np.float32))
+    with pytest.raises(ModelFormatError, match="implausibly large"):
+        read_h5(path, 8 << 30)

@@ -17,7 +17,6 @@ torch is imported only when the source is a torch object: every file format is r
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import sys
 from collections.abc import Mapping
@@ -26,8 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ModelFormatError
-from .readers import NESTED_CHECKPOINT_KEYS, NamedTensor, float32_or_none, max_bytes_from_env
+from ..errors import ModelFormatError, shown
+from .readers import (
+    MAX_JSON_BYTES,
+    NESTED_CHECKPOINT_KEYS,
+    NamedTensor,
+    float32_or_none,
+    max_bytes_from_env,
+    parse_json,
+)
 
 Tensors = list[NamedTensor]
 
@@ -146,16 +152,18 @@ def folder_weight_files(folder: Path) -> list[Path]:
     indexes = sorted(folder.glob("*.index.json"), key=lambda p: (".safetensors." not in p.name, p.name))
     for index in indexes:
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-            raise ModelFormatError(f"{index}: unreadable shard index ({type(exc).__name__})") from None
+            with open(index, "rb") as f:  # never more than a JSON document may hold (a link to /dev/zero)
+                data = f.read(MAX_JSON_BYTES + 1)
+            weight_map = parse_json(data, "shard index").get("weight_map")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ModelFormatError(f"{index}: unreadable shard index ({exc})") from None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelFormatError(f"{index}: shard index has no weight_map")
         shards: list[Path] = []
         for name in dict.fromkeys(weight_map.values()):
             rel = os.path.normpath(str(name)) if isinstance(name, str) else ""
             if not rel or os.path.isabs(rel) or rel.startswith(".."):
-                raise ModelFormatError(f"{index}: shard {name!r} lies outside the folder")
+                raise ModelFormatError(f"{index}: shard {shown(name)} lies outside the folder")
             shards.append(folder / rel)
         missing = [s.name for s in shards if not s.is_file()]
         if missing:

@@ -19,8 +19,9 @@ The contract every reader module keeps (see docs/codec.md for the table of forma
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -63,6 +64,57 @@ def check_expansion(path: Path | str, stored_bytes: int, produced_bytes: int, ma
             f"{path}: its tensors would take {produced_bytes:,} bytes from {stored_bytes:,} bytes stored "
             f"(over {MAX_EXPANSION}x: aliased, repeated or filled data)"
         )
+
+
+# Deepest nesting of containers a reader accepts from a file (pickles, msgpack, JSON configs). Real files nest
+# under 20 deep; CPython hashes nested tuples and Python code walks nested containers recursively, so a deep
+# enough file crashes a process (a 300,000-deep tuple key segfaulted) or escapes as RecursionError.
+MAX_NESTING = 200
+
+# A JSON config or index a reader parses: what parsing costs in Python objects is bounded by its bytes and by
+# the containers it opens (a 60 MB config of empty lists took 1.6 GB); the largest real ones (Keras
+# applications' config.json, a 70B model's index.json) are a few MB with tens of thousands of containers.
+MAX_JSON_BYTES = 16 << 20
+MAX_JSON_CONTAINERS = 1 << 20
+
+
+def nesting_depth(obj: object, limit: int = MAX_NESTING) -> int:
+    """How deep dicts, lists and tuples nest in ``obj`` (iteratively; stops counting past ``limit``)."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(obj, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list | tuple):
+            children = node
+        else:
+            continue
+        depth += 1
+        deepest = max(deepest, depth)
+        if depth > limit:
+            return depth
+        stack.extend((child, depth) for child in children)
+    return deepest
+
+
+def parse_json(data: bytes | str, what: str) -> Any:
+    """A JSON document of a model file (a config, a shard index) with its size, containers and nesting bounded;
+    ValueError (saying ``what`` is wrong) on anything else."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    if len(raw) > MAX_JSON_BYTES:
+        raise ValueError(f"{what} of {len(raw):,} bytes is over the limit of {MAX_JSON_BYTES:,}")
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_CONTAINERS:
+        raise ValueError(f"{what} opens over {MAX_JSON_CONTAINERS:,} arrays and objects")
+    try:
+        doc = json.loads(raw)
+    except RecursionError:
+        raise ValueError(f"{what} nests over {MAX_NESTING} deep") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what} is not valid JSON ({str(exc)[:80]})") from None
+    if nesting_depth(doc) > MAX_NESTING:
+        raise ValueError(f"{what} nests over {MAX_NESTING} deep")
+    return doc
 
 
 # A compressed member may inflate to at most this many times its compressed size (beyond 1 MiB): float

@@ -21,7 +21,7 @@ from typing import IO, Any, cast
 
 import numpy as np
 
-from . import bf16_to_float32, float8_table
+from . import MAX_NESTING, bf16_to_float32, float8_table
 
 # torch dtype name -> (numpy storage dtype, how the values decode to float32)
 TORCH_DTYPES: dict[str, tuple[str, str]] = {
@@ -409,10 +409,6 @@ class _Unpickler(_pickle.Unpickler):
         return self._storage(pid)
 
 
-# Deepest nesting of containers and objects a pickle may build. Real checkpoints nest under 20 deep; CPython
-# hashes a nested tuple (a dict key, a set member) recursively with no recursion guard, so a 300,000-deep
-# tuple key in a 300 KB pickle crashes the process with SIGSEGV.
-MAX_NESTING = 200
 _MUTATORS = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"})
 _MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"})
 _MEMO_GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
