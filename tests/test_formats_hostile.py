@@ -193,8 +193,12 @@ def test_hdf5_fill_values_and_filters_count_what_they_make(tmp_path: Path) -> No
         "0", data=np.zeros(1 << 24, np.float32), chunks=(1 << 20,), compression="gzip"))  # fmt: skip
     PEAKS["HDF5 filter"] = refused_peak(zeros, "bytes stored", lambda p: read_h5(p, 8 << 30))
     assert PEAKS["HDF5 filter"] < PEAK_BOUND
-    real = _h5_v3(tmp_path / "real.weights.h5", lambda g: g.create_dataset(  # real weights compress ~1.1x: read
-        "0", data=np.random.default_rng(0).standard_normal((64, 3, 3, 3)).astype(np.float32), compression="gzip"))
+    real = _h5_v3(
+        tmp_path / "real.weights.h5",
+        lambda g: g.create_dataset(  # real weights compress ~1.1x: read
+            "0", data=np.random.default_rng(0).standard_normal((64, 3, 3, 3)).astype(np.float32), compression="gzip"
+        ),
+    )
     assert read_h5(real, 8 << 30)[0].array.size == 64 * 27
 
 
