@@ -68,10 +68,13 @@ def is_write(request: Request) -> bool:
 
 
 def is_heavy(request: Request, bits: int) -> bool:
-    """True for a read whose cost has no small bound (a wide radius, a kNN, many codes): a reader thread runs it."""
+    """True for a read whose cost has no small bound (a wide radius, a kNN, many codes, a forced plan): a reader
+    thread runs it."""
     if request.error is not None:
         return False
     op, args = request.op, request.args
+    if op in ("radius", "radius_many", "knn") and args.get("force") is not None:  # type: ignore[union-attr]
+        return True  # a forced plan may cost anything (building a BK-tree over 1M codes took 7.2 s)
     if op == "radius":
         r = args["r"]  # type: ignore[index]
         return not (type(r) is int and r * 8 <= bits)
