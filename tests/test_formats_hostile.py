@@ -305,3 +305,16 @@ def test_tflite_subgraphs_aliasing_one_buffer_count_every_time(tmp_path: Path) -
     path.write_bytes(aliased_tflite(weight, 1, 1, 1000))
     PEAKS["TFLite aliases"] = refused_peak(path, "bytes stored")
     assert PEAKS["TFLite aliases"] < PEAK_BOUND
+
+
+def test_a_deflated_keras_weights_file_is_checked_before_it_is_inflated(tmp_path: Path) -> None:
+    pytest.importorskip("h5py")
+    from formats_fixtures import deflated_zeros, zip_bytes
+
+    # a deflated model.weights.h5 inflated to a 1 GiB temporary file before anything checked it
+    size = 256 << 20
+    path = tmp_path / "weights_bomb.keras"
+    path.write_bytes(zip_bytes([("config.json", b"{}", 2), ("model.weights.h5", deflated_zeros(size), size)]))
+    assert path.stat().st_size < 2 << 20  # ~230x
+    PEAKS["deflated weights"] = refused_peak(path, "compression bomb")
+    assert PEAKS["deflated weights"] < PEAK_BOUND
