@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import collections
 import io
+import mmap
+import os
 import pickle as _pickle
 import pickletools
 import struct
 from collections.abc import Callable
-from typing import IO, Any, cast
+from typing import Any
 
 import numpy as np
 
@@ -409,82 +411,145 @@ class _Unpickler(_pickle.Unpickler):
         return self._storage(pid)
 
 
-_MUTATORS = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"})
-_MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"})
-_MEMO_GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+_PLAIN, _PUT, _MEMOIZE, _GET, _DUP, _MUTATE, _MARK, _STOP = range(8)
+_NEWLINE, _NEWLINE_PAIR = -1, -6  # argument ends at the next newline (GLOBAL and INST: at the second one)
+
+
+def _effects() -> dict[int, tuple[int, bool, int, int, int]]:
+    """opcode byte -> (kind, pops to a mark, entries popped below the mark or in all, entries pushed, how its
+    argument is laid out: a fixed size > 0, 0 for none, or one of pickletools' negative length codes)."""
+    kinds = {"PUT": _PUT, "BINPUT": _PUT, "LONG_BINPUT": _PUT, "MEMOIZE": _MEMOIZE, "GET": _GET,
+             "BINGET": _GET, "LONG_BINGET": _GET, "DUP": _DUP, "MARK": _MARK, "STOP": _STOP}  # fmt: skip
+    for name in ("APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"):
+        kinds[name] = _MUTATE  # the container stays; it now holds the items one level down
+    out = {}
+    for op in pickletools.opcodes:
+        before = op.stack_before
+        mark = pickletools.markobject in before
+        below = before.index(pickletools.markobject) if mark else len(before)
+        arg = 0 if op.arg is None else _NEWLINE_PAIR if op.arg.name == "stringnl_noescape_pair" else op.arg.n
+        out[ord(op.code)] = (kinds.get(op.name, _PLAIN), mark, below, len(op.stack_after), arg)
+    return out
+
+
+_EFFECTS = _effects()
+_LENGTHS = {-2: (1, False), -3: (4, True), -4: (4, False), -5: (8, False)}  # length prefix: bytes, signed
+
+
+def _pickle_bytes(file: Any) -> tuple[Any, int]:
+    """The bytes a pickle starts in (the file mapped, not read) and where it starts."""
+    if isinstance(file, io.BytesIO):
+        return file.getvalue(), file.tell()  # the bytes it was made from, not a copy
+    try:
+        fd = file.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return file.read(), 0
+    start = file.tell()
+    if start >= os.fstat(fd).st_size:
+        raise Refused("malformed pickle (no bytes left)")
+    return mmap.mmap(fd, 0, access=mmap.ACCESS_READ), start
 
 
 def check_pickle(file: Any) -> None:
-    """Walk one pickle's opcodes (without running them) and refuse what the C unpickler would crash or blow
-    up on: nesting deeper than MAX_NESTING, and memo indices that are not the next free ones (the C
-    unpickler sizes its memo by the largest index: one LONG_BINPUT of 2**31 allocates 16 GiB).
+    """Walk one pickle's opcodes (without running them, without decoding their arguments) and refuse what
+    the C unpickler would crash or blow up on: nesting deeper than MAX_NESTING, and memo indices that are
+    not the next free ones (the C unpickler sizes its memo by the largest index: one LONG_BINPUT of 2**31
+    allocates 16 GiB), besides truncated arguments and unknown opcodes.
 
     Each stack entry carries the nesting depth of the object it stands for; a container mutated after it was
     nested elsewhere makes that parent's depth stale, but tuples and frozensets (the only containers that
     are hashed, so the only ones whose depth can crash anything) are immutable, so their depths are exact."""
+    buf, pos = _pickle_bytes(file)
+    try:
+        _scan(buf, pos)
+    finally:
+        if isinstance(buf, mmap.mmap):
+            buf.close()
+
+
+def _scan(buf: Any, pos: int) -> None:
     stack: list[int] = []
     marks: list[int] = []
     memo: dict[int, int] = {}
-    try:
-        for op, arg, _pos in pickletools.genops(cast(IO[bytes], _StoredBytes(file))):
-            name = op.name
-            if name == "MARK":
-                marks.append(len(stack))
-                continue
-            if name in _MEMO_PUTS:
-                index = len(memo) if name == "MEMOIZE" else arg
-                if not isinstance(index, int) or index > len(memo):
+    end = len(buf)
+    while True:
+        if pos >= end:
+            raise Refused("malformed pickle (truncated: no STOP)")
+        code = buf[pos]
+        effect = _EFFECTS.get(code)
+        if effect is None:
+            raise Refused(f"malformed pickle (unknown opcode {code:#04x} at byte {pos})")
+        kind, mark, below, after, arg_layout = effect
+        pos += 1
+        arg_at = pos
+        if arg_layout > 0:
+            pos += arg_layout
+        elif arg_layout in (_NEWLINE, _NEWLINE_PAIR):
+            for _ in range(2 if arg_layout == _NEWLINE_PAIR else 1):
+                newline = buf.find(b"\n", pos)
+                if newline < 0:
+                    raise Refused("malformed pickle (truncated: a line without its end)")
+                pos = newline + 1
+        elif arg_layout < 0:
+            width, signed = _LENGTHS[arg_layout]
+            length = int.from_bytes(buf[pos : pos + width], "little", signed=signed)
+            if length < 0:
+                raise Refused("malformed pickle (negative length)")
+            pos += width + length
+        if pos > end:
+            raise Refused("malformed pickle (truncated argument)")
+        if kind == _PLAIN and not below and not mark:  # an atom (a string, a number, an empty container)
+            if after:
+                stack.append(0)
+            continue
+        if kind == _STOP:
+            return
+        if kind == _MARK:
+            marks.append(len(stack))
+            continue
+        if kind in (_PUT, _MEMOIZE, _GET):
+            if kind == _MEMOIZE:
+                index = len(memo)
+            elif arg_layout > 0:
+                index = int.from_bytes(buf[arg_at:pos], "little")
+            else:
+                try:
+                    index = int(bytes(buf[arg_at : pos - 1]))
+                except ValueError:
+                    raise Refused("malformed pickle (a memo index that is not a number)") from None
+            if kind != _GET:
+                if index > len(memo):
                     raise Refused(f"pickle memo index {index} is not the next free one ({len(memo)})")
                 memo[index] = stack[-1] if stack else 0
                 continue
-            before, after = op.stack_before, op.stack_after
-            if pickletools.markobject in before:
-                if not marks:
-                    raise Refused("pickle pops a mark it never pushed")
-                mark = marks.pop()
-                items, below = stack[mark:], before.index(pickletools.markobject)
-                del stack[mark:]
-            else:
-                items, below = [], len(before)
-            if below > len(stack):
-                raise Refused(f"pickle opcode {name} pops more than its stack holds")
-            popped = stack[len(stack) - below :] if below else []
+            if index not in memo:
+                raise Refused(f"pickle reads memo entry {index} it never stored")
+            stack.append(memo[index])
+            continue
+        items: list[int] = []
+        if mark:
+            if not marks:
+                raise Refused("pickle pops a mark it never pushed")
+            at = marks.pop()
+            items = stack[at:]
+            del stack[at:]
+        if below > len(stack):
+            raise Refused("malformed pickle (an opcode pops more than its stack holds)")
+        popped = stack[len(stack) - below :] if below else []
+        if below:
             del stack[len(stack) - below :]
-            if name in _MEMO_GETS:
-                if arg not in memo:
-                    raise Refused(f"pickle reads memo entry {arg} it never stored")
-                depth = memo[arg]
-            elif name == "DUP":
-                depth = popped[0]
-            elif name in _MUTATORS:  # the container stays; it now holds the items one level down
-                depth = max([popped[0], *(1 + d for d in popped[1:] + items)])
-            elif popped or items:
-                depth = 1 + max(popped + items)
-            else:
-                depth = 0
-            if depth > MAX_NESTING:
-                raise Refused(f"pickle nests objects over {MAX_NESTING} deep")
-            stack.extend([depth] * len(after))
-    except (ValueError, MemoryError) as exc:  # genops: an unknown opcode, a truncated argument
-        raise Refused(f"malformed pickle ({str(exc)[:120]})") from None
-
-
-class _StoredBytes:
-    """A file whose reads never ask for more than it still holds: a declared 8 GiB string in a 9-byte pickle
-    must not make the reader allocate 8 GiB before finding the bytes are not there."""
-
-    def __init__(self, file: Any) -> None:
-        self._file = file
-        start = file.tell()
-        self._end = file.seek(0, io.SEEK_END)
-        file.seek(start)
-
-    def read(self, n: int = -1) -> bytes:
-        left = self._end - self._file.tell()
-        return self._file.read(left if n < 0 else min(n, left))
-
-    def readline(self) -> bytes:
-        return self._file.readline()
+        if kind == _DUP:
+            depth = popped[0]
+        elif kind == _MUTATE:
+            rest = popped[1:] + items
+            depth = max(popped[0], 1 + max(rest)) if rest else popped[0]
+        elif popped or items:
+            depth = 1 + max(popped + items)
+        else:
+            depth = 0
+        if depth > MAX_NESTING:
+            raise Refused(f"pickle nests objects over {MAX_NESTING} deep")
+        stack.extend([depth] * after)
 
 
 def unpickle(file: Any, storage: Callable[[tuple], Any]) -> Any:
