@@ -178,8 +178,9 @@ def _h5_v3(path: Path, make: Callable[..., object]) -> Path:
     return path
 
 
-def test_hdf5_fill_values_and_filters_count_what_they_make(tmp_path: Path) -> None:
+def test_hdf5_fill_values_and_filters_count_what_they_make(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("h5py")
+    import hashdb.codec.readers as readers
     from hashdb.codec.readers.keras import read_h5
 
     # an unallocated dataset reads as its fill value: an 8.7 KB file made 4.5 GB
@@ -191,7 +192,7 @@ def test_hdf5_fill_values_and_filters_count_what_they_make(tmp_path: Path) -> No
     # gzip inflating ~1000x (the file: 5.2 MB -> 5.3 GB, still running at 120 s)
     zeros = _h5_v3(tmp_path / "gzip.weights.h5", lambda g: g.create_dataset(
         "0", data=np.zeros(1 << 24, np.float32), chunks=(1 << 20,), compression="gzip"))  # fmt: skip
-    PEAKS["HDF5 filter"] = refused_peak(zeros, "bytes stored", lambda p: read_h5(p, 8 << 30))
+    PEAKS["HDF5 filter"] = refused_peak(zeros, "compression bomb", lambda p: read_h5(p, 8 << 30))
     assert PEAKS["HDF5 filter"] < PEAK_BOUND
     real = _h5_v3(
         tmp_path / "real.weights.h5",
@@ -200,6 +201,12 @@ def test_hdf5_fill_values_and_filters_count_what_they_make(tmp_path: Path) -> No
         ),
     )
     assert read_h5(real, 8 << 30)[0].array.size == 64 * 27
+    pruned = np.random.default_rng(1).standard_normal((256, 256, 3, 3)).astype(np.float32)
+    pruned[np.random.default_rng(2).random(pruned.shape) < 0.95] = 0  # 95% pruned: deflates ~15x, still read
+    sparse = _h5_v3(tmp_path / "pruned.weights.h5", lambda g: g.create_dataset("0", data=pruned, compression="gzip"))
+    assert sparse.stat().st_size * readers.MAX_EXPANSION < pruned.nbytes
+    monkeypatch.setattr(readers, "EXPANSION_FLOOR", 0)  # no floor: the ratio alone decides
+    assert read_h5(sparse, 8 << 30)[0].array.size == pruned.size
 
 
 def test_huge_hdf5_attributes_are_refused_before_they_are_read(tmp_path: Path) -> None:

@@ -214,8 +214,15 @@ def _read_h5_file(h5py: Any, f: Any, path: Path, max_bytes: int, config: Any) ->
             raise ModelFormatError(f"{path}: HDF5 file without Keras weights (no model_weights, layers or layer_names)")
         # What reading makes, against what the file stores: an unallocated dataset reads as its fill value
         # and a filtered one inflates, so a few KB could make gigabytes (check_expansion).
-        declared = sum(math.prod(ds.shape or ()) * max(4, ds.dtype.itemsize) for _, ds, _ in entries)
-        stored = sum(ds.id.get_storage_size() for _, ds, _ in entries)
+        declared, stored = 0, 0
+        for name, ds, _ in entries:
+            raw = math.prod(ds.shape or ()) * ds.dtype.itemsize
+            on_disk = ds.id.get_storage_size()
+            declared += math.prod(ds.shape or ()) * max(4, ds.dtype.itemsize)
+            if ds.id.get_create_plist().get_nfilters():  # compressed: the compression-bomb rule, as for zips
+                check_inflation(path, f"dataset {name}", on_disk, raw)
+                on_disk = raw
+            stored += min(on_disk, raw)
         check_expansion(path, stored, declared, max_bytes)
         out: list[NamedTensor] = []
         for name, ds, kind in entries:
