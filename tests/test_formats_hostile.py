@@ -325,3 +325,14 @@ def test_a_deflated_keras_weights_file_is_checked_before_it_is_inflated(tmp_path
     assert path.stat().st_size < 2 << 20  # ~230x
     PEAKS["deflated weights"] = refused_peak(path, "compression bomb")
     assert PEAKS["deflated weights"] < PEAK_BOUND
+
+
+def test_a_safetensors_header_field_nested_deep_is_one_clean_line(tmp_path: Path) -> None:
+    # a dtype nested 900 deep decoded, then its repr in the error message raised RecursionError
+    for depth in (150, 900):
+        header = b'{"w": {"dtype": ' + b"[" * depth + b"]" * depth + b', "shape": [1], "data_offsets": [0, 4]}}'
+        path = tmp_path / f"deep{depth}.safetensors"
+        path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+        with pytest.raises(ModelFormatError, match="dtype a list|nests over") as info:
+            load_tensors(path)
+        assert "\n" not in str(info.value) and len(str(info.value)) < 300

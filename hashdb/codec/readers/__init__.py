@@ -98,12 +98,12 @@ def nesting_depth(obj: object, limit: int = MAX_NESTING) -> int:
     return deepest
 
 
-def parse_json(data: bytes | str, what: str) -> Any:
-    """A JSON document of a model file (a config, a shard index) with its size, containers and nesting bounded;
-    ValueError (saying ``what`` is wrong) on anything else."""
+def parse_json(data: bytes | str, what: str, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """A JSON document of a model file (a config, a shard index, a safetensors header) with its size,
+    containers and nesting bounded; ValueError (saying ``what`` is wrong) on anything else."""
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
-    if len(raw) > MAX_JSON_BYTES:
-        raise ValueError(f"{what} of {len(raw):,} bytes is over the limit of {MAX_JSON_BYTES:,}")
+    if len(raw) > max_bytes:
+        raise ValueError(f"{what} of {len(raw):,} bytes is over the limit of {max_bytes:,}")
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_CONTAINERS:
         raise ValueError(f"{what} opens over {MAX_JSON_CONTAINERS:,} arrays and objects")
     try:
