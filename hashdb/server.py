@@ -18,7 +18,7 @@ Bounds per connection: it is not read while it pipelines MAX_PENDING requests ah
 OUT_HIGH_WATER bytes of replies unsent, and none of its requests is started while its replies exceed
 OUT_HIGH_WATER, so a client that never reads costs the server at most that much memory, whatever it sent.
 What clients send is bounded in bytes too: requests wait as their frame bytes (decoded when they start), a
-connection holds at most a frame and a half, all connections MAX_HELD_TOTAL (past it, those inside a frame
+connection holds at most a frame and a half, all connections MAX_HELD_TOTAL (past it, those holding any
 are not read), and a partial frame idle for PARTIAL_FRAME_TIMEOUT_S drops its connection. Shutdown waits
 SHUTDOWN_GRACE_S for answers and threads, however long a reader's query runs.
 """
@@ -62,8 +62,8 @@ log = logging.getLogger("hashdb.server")
 MAX_PENDING = 4096
 OUT_HIGH_WATER = 16 * 1024 * 1024
 # Bytes of requests held (a partial frame being received, whole frames waiting undecoded): per connection a
-# frame and a half, and in total across connections; past the total, connections in the middle of a frame are
-# not read until it drains (100 connections each stalling one byte short of a 16 MiB frame held 1.84 GB).
+# frame and a half, and in total across connections; past the total, connections that hold any are not read
+# until it drains (100 connections each stalling one byte short of a 16 MiB frame held 1.84 GB).
 # Requests are decoded only when they start, so what waits is its bytes, not its objects (one 16.8 MB
 # frame of 5.5M tiny strings decoded to 390 MB).
 MAX_HELD_TOTAL = 256 * 1024 * 1024
@@ -555,7 +555,7 @@ class Server:
 
     def _update_events(self, conn: _Connection) -> None:
         events = 0
-        starved = conn.reader.buffered > 0 and self._held >= MAX_HELD_TOTAL
+        starved = conn.held > 0 and self._held >= MAX_HELD_TOTAL  # one holding nothing may still send a ping
         if starved:
             self._starved[conn.fd] = conn
         if (

@@ -169,3 +169,40 @@ def test_sigterm_finishes_within_its_grace_while_a_reader_is_busy(tmp_path, monk
     assert not thread.is_alive() and time.monotonic() - start < 5
     sock.close()
     db.close()  # the reader, when its query returns, gets StorageError and nobody to answer
+
+
+def test_whole_frames_queued_on_many_connections_are_bounded_in_total(tmp_path, monkeypatch) -> None:
+    """Whole frames pipelined behind slow requests on many connections count against MAX_HELD_TOTAL too: past
+    it, connections holding any are not read until their requests start; every request is still answered
+    (here each with an error: "pad" is no argument of len)."""
+    import msgpack
+
+    monkeypatch.setattr(server_module, "MAX_HELD_TOTAL", 2 << 20)
+    db = _small_db(tmp_path)
+    slow = _Slow(db, 2.0)  # longer than the measurement below: nothing queued starts during it
+    pad = RECV_SIZE // 4 - 4 - len(msgpack.packb({"id": "x" * 1000, "op": "len", "pad": b"\0" * 60_000})) + 60_000
+    body = msgpack.packb({"id": "x" * 1000, "op": "len", "pad": b"\0" * pad})
+    assert len(body) + 4 == RECV_SIZE // 4  # frames end where reads end: no partial frame is ever held
+    with server_thread(slow, short_socket_path(tmp_path)) as server:
+        socks = [raw_connect(server.path) for _ in range(4)]
+        for sock in socks:
+            sock.sendall(frames({"id": -1, "op": "radius", "code": bytes(8), "r": 0, "force": "scan"}))
+        queued = (len(body).to_bytes(4, "big") + body) * 16
+        senders = [threading.Thread(target=sock.sendall, args=(queued,)) for sock in socks]
+        for sender in senders:
+            sender.start()
+        peak = 0
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            peak = max(peak, server._held)
+            time.sleep(0.005)
+        PEAKS["held by 4 connections queueing 1 MiB each"] = peak
+        assert peak <= (2 << 20) + 4 * RECV_SIZE, peak  # without the bound: 4 MiB
+        for sock in socks:
+            assert read_reply(sock)["id"] == -1
+            replies = [read_reply(sock) for _ in range(16)]
+            assert all(r["error"]["type"] == "ProtocolError" and r["id"] == "x" * 1000 for r in replies)
+            sock.close()
+        for sender in senders:
+            sender.join(10)
+    db.close()
