@@ -336,3 +336,24 @@ def test_a_safetensors_header_field_nested_deep_is_one_clean_line(tmp_path: Path
         with pytest.raises(ModelFormatError, match="dtype a list|nests over") as info:
             load_tensors(path)
         assert "\n" not in str(info.value) and len(str(info.value)) < 300
+
+
+def test_onnx_initializers_sharing_one_external_range_count_every_time(tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    # 1,000 initializers naming the same 1 MiB of one external file: 1 GiB read from 1 MiB stored
+    (tmp_path / "weights.bin").write_bytes(np.ones(1 << 18, np.float32).tobytes())
+    inits = []
+    for i in range(1000):
+        tensor = TensorProto(name=f"w{i}", data_type=TensorProto.FLOAT, dims=[1 << 18])
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", "weights.bin"), ("offset", "0"), ("length", str(1 << 20))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        inits.append(tensor)
+    graph = helper.make_graph([], "g", [], [], initializer=inits)
+    path = tmp_path / "alias.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    PEAKS["ONNX external aliases"] = refused_peak(path, "bytes stored")
+    assert PEAKS["ONNX external aliases"] < PEAK_BOUND

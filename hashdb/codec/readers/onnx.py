@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ModelFormatError
-from . import NamedTensor, bf16_to_float32, check_size, float8_table, float32_or_none
+from . import NamedTensor, bf16_to_float32, check_expansion, check_size, float8_table, float32_or_none
 
 # TensorProto.DataType -> (numpy dtype of the stored bytes, decoding)
 _TYPES: dict[int, tuple[str, str]] = {
@@ -66,6 +66,33 @@ def _decode(raw: np.ndarray, data_type: int) -> np.ndarray | None:
     return float8_table(decode)[raw]
 
 
+def _check_expansion(path: Path, model: Any, folder: Path, max_bytes: int) -> None:
+    """What the float initializers make against the bytes stored (check_expansion): many initializers may
+    name one range of one external file, and each would be read again."""
+    import onnx
+
+    produced = 0
+    ranges: dict[str, dict[int, int]] = {}  # external location -> offset -> length
+    for init in model.graph.initializer:
+        if init.data_type not in _TYPES or any(int(d) < 0 for d in init.dims):
+            continue  # skipped, or refused with its own message when read
+        produced += 4 * math.prod(int(d) for d in init.dims)
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in init.external_data}
+            try:
+                offset, length = int(info.get("offset", "0") or 0), int(info.get("length", "0") or 0)
+            except ValueError:
+                continue  # refused when read
+            at = ranges.setdefault(info.get("location", ""), {})
+            at[offset] = max(at.get(offset, 0), length)
+    stored = path.stat().st_size
+    for location, lengths in ranges.items():
+        target = folder / location
+        size = target.stat().st_size if location and target.is_file() else 0
+        stored += min(sum(lengths.values()), size)  # overlapping ranges never count past the file
+    check_expansion(path, stored, produced, max_bytes)
+
+
 def read(path: Path, max_bytes: int) -> list[NamedTensor]:
     try:
         import onnx
@@ -78,6 +105,7 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
     except Exception as exc:  # protobuf's DecodeError and friends: the file is not a valid ModelProto
         raise ModelFormatError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
     folder = path.resolve().parent
+    _check_expansion(path, model, folder, max_bytes)
     conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1}
     out: list[NamedTensor] = []
     for init in model.graph.initializer:
