@@ -87,8 +87,11 @@ def _check_expansion(path: Path, model: Any, folder: Path, max_bytes: int) -> No
             at[offset] = max(at.get(offset, 0), length)
     stored = path.stat().st_size
     for location, lengths in ranges.items():
-        target = folder / location
-        size = target.stat().st_size if location and target.is_file() else 0
+        try:  # only its size: where it may be read from is checked (and refused) when it is read
+            target = folder / location
+            size = target.stat().st_size if location and target.is_file() else 0
+        except (OSError, ValueError):  # a NUL or an over-long name
+            size = 0
         stored += min(sum(lengths.values()), size)  # overlapping ranges never count past the file
     check_expansion(path, stored, produced, max_bytes)
 
