@@ -357,3 +357,38 @@ def test_onnx_initializers_sharing_one_external_range_count_every_time(tmp_path:
     onnx.save(helper.make_model(graph), str(path))
     PEAKS["ONNX external aliases"] = refused_peak(path, "bytes stored")
     assert PEAKS["ONNX external aliases"] < PEAK_BOUND
+
+
+def test_every_bomb_class_is_one_error_line_from_the_cli_under_a_memory_cap(tmp_path: Path) -> None:
+    """The bombs together through `hashdb hash` in one process capped at 2 GiB of address space (RLIMIT_AS):
+    none kills it, each is one error line naming its file, and the good file beside them still hashes."""
+    import resource
+
+    pytest.importorskip("h5py")
+    arr = np.ones(1 << 18, np.float32)
+    bombs = {
+        "deep.pt": deep_pickle(300_000),
+        "deep_zip.pt": zipped(deep_pickle(300_000)),
+        "memo.pdparams": b"\x80\x02}r\xff\xff\xff\x7f.",
+        "alias.pdparams": pickle.dumps({f"w{i}": arr for i in range(400)}, protocol=2),
+        "stride0.pt": torch_zip(torch_pickle({"w": HandTensor("0", 0, (1 << 28, 5), (0, 0))},
+                                             {"0": ("FloatStorage", 4)}), {"0": bytes(16)}),  # fmt: skip
+        "alias.tflite": aliased_tflite(np.ones((256, 256, 3, 3), np.float32), 1, 1, 1000),
+        "quadratic.tflite": aliased_tflite(np.ones((4, 3, 3, 3), np.float32), 20_000, 1_000, 1),
+    }
+    for name, blob in bombs.items():
+        (tmp_path / name).write_bytes(blob)
+    _h5_v3(tmp_path / "fill.weights.h5", lambda g: g.create_dataset("0", shape=(1 << 28,), dtype="<f4", fillvalue=1))
+    _keras_archive(tmp_path / "config.keras", b"[" + b"[]," * (20 << 20) + b"[]]")
+    names = [*bombs, "fill.weights.h5", "config.keras"]
+    np.save(tmp_path / "good.npy", np.random.default_rng(0).standard_normal((16, 3, 3, 3)).astype(np.float32))
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    run = subprocess.run([sys.executable, "-m", "hashdb", "hash", *names, "good.npy"], capture_output=True,
+                         text=True, cwd=tmp_path, timeout=300, preexec_fn=cap)  # fmt: skip
+    assert run.returncode > 0, f"killed: {run.returncode} {run.stderr[-500:]}"
+    errors = run.stderr.strip().splitlines()
+    assert sorted(line.split(": ")[2] for line in errors) == sorted(names), run.stderr
+    assert run.stdout.strip().endswith("good.npy") and len(run.stdout.strip().splitlines()) == 1
