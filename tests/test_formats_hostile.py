@@ -371,8 +371,9 @@ def test_every_bomb_class_is_one_error_line_from_the_cli_under_a_memory_cap(tmp_
         "deep_zip.pt": zipped(deep_pickle(300_000)),
         "memo.pdparams": b"\x80\x02}r\xff\xff\xff\x7f.",
         "alias.pdparams": pickle.dumps({f"w{i}": arr for i in range(400)}, protocol=2),
-        "stride0.pt": torch_zip(torch_pickle({"w": HandTensor("0", 0, (1 << 28, 5), (0, 0))},
-                                             {"0": ("FloatStorage", 4)}), {"0": bytes(16)}),  # fmt: skip
+        "stride0.pt": torch_zip(
+            torch_pickle({"w": HandTensor("0", 0, (1 << 28, 5), (0, 0))}, {"0": ("FloatStorage", 4)}), {"0": bytes(16)}
+        ),  # fmt: skip
         "alias.tflite": aliased_tflite(np.ones((256, 256, 3, 3), np.float32), 1, 1, 1000),
         "quadratic.tflite": aliased_tflite(np.ones((4, 3, 3, 3), np.float32), 20_000, 1_000, 1),
     }
