@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .codes import Code, bytes_to_words, check_bits, many_to_bytes, to_bytes
-from .errors import InvalidArgument, InvalidKey, InvalidMeta, KeyNotFound, StorageError
+from .errors import InvalidArgument, InvalidKey, InvalidMeta, KeyNotFound, StorageError, shown
 from .store import DEFAULT_MODE, MAX_KEY_BYTES, LogBatch, Store, Txn, open_store, pack_meta, release_store
 
 log = logging.getLogger(__name__)
@@ -115,13 +115,13 @@ def meta_bytes(meta: Any) -> bytes | None:
 
 def _check_int(name: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
-        raise InvalidArgument(f"{name} must be an int >= {low}, got {value!r}")
+        raise InvalidArgument(f"{name} must be an int >= {low}, got {shown(value)}")
     return int(value)
 
 
 def _check_force(force: Any) -> str | None:
     if force not in FORCES:
-        raise InvalidArgument(f"force must be one of {FORCES}, got {force!r}")
+        raise InvalidArgument(f"force must be one of {FORCES}, got {shown(force)}")
     return force
 
 
@@ -303,7 +303,7 @@ class HashDB:
 
     def _write_one(self, name: str, args: dict[str, Any]) -> Any:
         if name not in ("insert", "insert_many", "delete", "delete_many", "set_codec"):
-            return InvalidArgument(f"not a write operation: {name!r}")
+            return InvalidArgument(f"not a write operation: {shown(name)}")
         try:
             return getattr(self, name)(**args)
         except TypeError as e:  # arguments that do not fit the method
@@ -391,7 +391,7 @@ class HashDB:
         with self._s.read() as txn:
             found = self._s.get(txn, kb)
         if found is None:
-            raise KeyNotFound(f"key not found: {key!r}")
+            raise KeyNotFound(f"key not found: {shown(key, 600)}")
         return found
 
     def __contains__(self, key: object) -> bool:

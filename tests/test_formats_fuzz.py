@@ -358,3 +358,61 @@ def test_random_bytes_in_cnn_format_files_only_ever_raise_model_format_error(
         _check(tmp, "r" + suffix, head + body, dict([companion]) if companion else None)
 
     run()
+
+def test_nesting_of_any_shape_and_depth_is_read_or_refused_in_one_line(tmp_path: Path) -> None:
+    """Pickles nesting tuples, lists, dicts and frozensets in random orders up to 3,000 deep, as a dict key or
+    a list item, raw or inside a torch zip: read, or refused in one line (refused whenever over MAX_NESTING)."""
+    from test_formats_hostile import WRAPPERS, nested_pickle, zipped
+
+    from hashdb.codec.readers.unpickler import MAX_NESTING
+
+    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None)
+    @given(st.lists(st.sampled_from(sorted(WRAPPERS)), min_size=1, max_size=12), st.integers(1, 3000),
+           st.booleans(), st.booleans())  # fmt: skip
+    def run(pattern: list[str], depth: int, as_key: bool, in_zip: bool) -> None:
+        pkl = nested_pickle((pattern * depth)[:depth], as_key)
+        path = tmp_path / ("n.pt" if in_zip else "n.pdparams")
+        path.write_bytes(zipped(pkl) if in_zip else pkl)
+        try:
+            _read(path)
+            assert depth <= MAX_NESTING
+        except ModelFormatError as exc:
+            assert "\n" not in str(exc) and str(exc).startswith(str(path)), str(exc)
+            assert ("nests objects over" in str(exc)) == (depth > MAX_NESTING), str(exc)
+        FUZZED["nesting"] += 1
+
+    run()
+    assert FUZZED["nesting"] == EXAMPLES
+
+
+def test_views_and_aliases_are_read_within_the_byte_budget_or_refused(tmp_path: Path) -> None:
+    """Hand-built torch views (any size, stride 0 included, any offset) over a small storage, and pdparams
+    arrays referenced many times through the memo: what is read never exceeds MAX_EXPANSION x the bytes
+    stored (plus the floor), and anything else is refused in one line."""
+    from formats_fixtures import HandTensor, torch_pickle, torch_zip
+
+    from hashdb.codec.readers import EXPANSION_FLOOR, MAX_EXPANSION
+
+    dims = st.lists(st.tuples(st.integers(0, 1 << 13), st.integers(0, 3)), min_size=1, max_size=3)
+
+    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None)
+    @given(st.integers(1, 64), st.lists(st.tuples(dims, st.integers(0, 8)), min_size=1, max_size=4),
+           st.integers(1, 600), st.integers(1, 1 << 16))  # fmt: skip
+    def run(numel: int, views: list, aliases: int, array_len: int) -> None:
+        tensors = {f"t{i}": HandTensor("0", offset, tuple(n for n, _ in d), tuple(s for _, s in d))
+                   for i, (d, offset) in enumerate(views)}  # fmt: skip
+        pt = tmp_path / "views.pt"
+        pt.write_bytes(torch_zip(torch_pickle(tensors, {"0": ("FloatStorage", numel)}), {"0": bytes(4 * numel)}))
+        arr = np.ones(array_len, np.float32)
+        pd = tmp_path / "alias.pdparams"
+        pd.write_bytes(pickle.dumps({f"w{i}": arr for i in range(aliases)}, protocol=2))
+        for path, stored in ((pt, 4 * numel), (pd, arr.nbytes)):
+            try:
+                produced = sum(t.array.nbytes for t in _read(path))  # type: ignore[attr-defined]
+                assert produced <= MAX_EXPANSION * stored + EXPANSION_FLOOR
+            except ModelFormatError as exc:
+                assert "\n" not in str(exc) and str(exc).startswith(str(path)), str(exc)
+            FUZZED["views and aliases"] += 1
+
+    run()
+    assert FUZZED["views and aliases"] == 2 * EXAMPLES

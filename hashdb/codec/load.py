@@ -17,7 +17,6 @@ torch is imported only when the source is a torch object: every file format is r
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import sys
 from collections.abc import Mapping
@@ -26,13 +25,17 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ModelFormatError
-from .readers import NamedTensor, max_bytes_from_env
+from ..errors import ModelFormatError, shown
+from .readers import (
+    MAX_JSON_BYTES,
+    NESTED_CHECKPOINT_KEYS,
+    NamedTensor,
+    float32_or_none,
+    max_bytes_from_env,
+    parse_json,
+)
 
 Tensors = list[NamedTensor]
-
-# Keys under which training scripts nest the weights inside a full checkpoint, most specific first.
-_NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights", "params")
 
 
 def load_tensors(source: Any, max_bytes: int | None = None) -> Tensors:
@@ -188,16 +191,18 @@ def folder_weight_files(folder: Path) -> list[Path]:
     indexes = sorted(folder.glob("*.index.json"), key=lambda p: (".safetensors." not in p.name, p.name))
     for index in indexes:
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-            raise ModelFormatError(f"{index}: unreadable shard index ({type(exc).__name__})") from None
+            with open(index, "rb") as f:  # never more than a JSON document may hold (a link to /dev/zero)
+                data = f.read(MAX_JSON_BYTES + 1)
+            weight_map = parse_json(data, "shard index").get("weight_map")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ModelFormatError(f"{index}: unreadable shard index ({exc})") from None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelFormatError(f"{index}: shard index has no weight_map")
         shards: list[Path] = []
         for name in dict.fromkeys(weight_map.values()):
             rel = os.path.normpath(str(name)) if isinstance(name, str) else ""
             if not rel or os.path.isabs(rel) or rel.startswith(".."):
-                raise ModelFormatError(f"{index}: shard {name!r} lies outside the folder")
+                raise ModelFormatError(f"{index}: shard {shown(name)} lies outside the folder")
             shards.append(folder / rel)
         missing = [s.name for s in shards if not s.is_file()]
         if missing:
@@ -242,10 +247,7 @@ def load_folder(folder: Path, max_bytes: int | None = None) -> Tensors:
 
 def _float32(arr: Any) -> np.ndarray | None:
     """A float32 copy of a floating numpy array, None for integer/bool/object arrays (step counters, masks)."""
-    arr = np.asarray(arr)
-    if arr.dtype.kind != "f" or arr.size == 0:
-        return None
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    return float32_or_none(np.asarray(arr))
 
 
 def _is_torch_tensor(obj: Any) -> bool:
@@ -271,7 +273,7 @@ def _from_object(obj: Any, where: str) -> Tensors:
     tensors = _flat_tensors(obj)
     if tensors:
         return tensors
-    for key in _NESTED_KEYS:  # a full checkpoint: {"epoch": 3, "state_dict": {...}, "optimizer": {...}}
+    for key in NESTED_CHECKPOINT_KEYS:  # a full checkpoint: {"epoch": 3, "state_dict": {...}, "optimizer": {...}}
         inner = obj.get(key)
         if torch is not None and isinstance(inner, torch.nn.Module):
             inner = inner.state_dict()

@@ -8,7 +8,7 @@ from typing import Any, cast
 import numpy as np
 
 from ..codes import check_bits
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, shown
 from .base import CodeMatrix, Result, Structure
 from .bits import last_occurrences
 from .bktree import BKTree
@@ -166,12 +166,12 @@ class MemoryIndex:
     @staticmethod
     def _check_force(force: str | None) -> None:
         if force not in FORCES:
-            raise InvalidArgument(f"force must be one of {FORCES}, got {force!r}")
+            raise InvalidArgument(f"force must be one of {FORCES}, got {shown(force)}")
 
     @staticmethod
     def _check_int(name: str, value: Any, low: int) -> int:
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
-            raise InvalidArgument(f"{name} must be an int >= {low}, got {value!r}")
+            raise InvalidArgument(f"{name} must be an int >= {low}, got {shown(value)}")
         return int(value)
 
     def _structure(self, name: str) -> Structure:

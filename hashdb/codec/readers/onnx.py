@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ModelFormatError
-from . import NamedTensor, bf16_to_float32, check_size, float8_table, float32_or_none
+from . import NamedTensor, bf16_to_float32, check_expansion, check_size, float8_table, float32_or_none
 
 # TensorProto.DataType -> (numpy dtype of the stored bytes, decoding)
 _TYPES: dict[int, tuple[str, str]] = {
@@ -253,6 +253,35 @@ def _conv_weights(graph: Any) -> set[str]:
             names.add(name)
     return names
 
+def _check_expansion(path: Path, model: Any, folder: Path, max_bytes: int) -> None:
+    """What the float initializers make against the bytes stored (check_expansion): many initializers may
+    name one range of one external file, and each would be read again."""
+    import onnx
+
+    produced = 0
+    ranges: dict[str, dict[int, int]] = {}  # external location -> offset -> length
+    for init in model.graph.initializer:
+        if init.data_type not in _TYPES or any(int(d) < 0 for d in init.dims):
+            continue  # skipped, or refused with its own message when read
+        produced += 4 * math.prod(int(d) for d in init.dims)
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in init.external_data}
+            try:
+                offset, length = int(info.get("offset", "0") or 0), int(info.get("length", "0") or 0)
+            except ValueError:
+                continue  # refused when read
+            at = ranges.setdefault(info.get("location", ""), {})
+            at[offset] = max(at.get(offset, 0), length)
+    stored = path.stat().st_size
+    for location, lengths in ranges.items():
+        try:  # only its size: where it may be read from is checked (and refused) when it is read
+            target = folder / location
+            size = target.stat().st_size if location and target.is_file() else 0
+        except (OSError, ValueError):  # a NUL or an over-long name
+            size = 0
+        stored += min(sum(lengths.values()), size)  # overlapping ranges never count past the file
+    check_expansion(path, stored, produced, max_bytes)
+
 
 def read(path: Path, max_bytes: int) -> list[NamedTensor]:
     try:
@@ -270,6 +299,10 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
     dequantized = _quantized(path, graph, consts)
     conv_weights = _conv_weights(graph)
     params = _quantization_params(graph)
+
+    folder = path.resolve().parent
+    _check_expansion(path, model, folder, max_bytes)
+    conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1}
     out: list[NamedTensor] = []
     for name, arr in consts.items():  # in the file's order; integer constants only as their dequantized weights
         if name in dequantized:
