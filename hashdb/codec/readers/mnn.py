@@ -35,7 +35,7 @@ import numpy as np
 
 from ...errors import ModelFormatError
 from . import NamedTensor, check_size, drop_mapped_pages
-from .tflite import _Corrupt, _get, _Table
+from .tflite import _Corrupt, _get, _Table, _Work
 
 CONVOLUTION, CONVOLUTION_DEPTHWISE, DECONVOLUTION, DECONVOLUTION_DEPTHWISE = 12, 13, 17, 18
 _CONV_OPS = (CONVOLUTION, CONVOLUTION_DEPTHWISE, DECONVOLUTION, DECONVOLUTION_DEPTHWISE)
@@ -65,7 +65,7 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
 
 
 def _read_net(path: Path, buf: Any, max_bytes: int) -> list[NamedTensor]:
-    net = _Table(buf, _get(buf, "<I", 0))
+    net = _Table(buf, _get(buf, "<I", 0), _Work(len(buf)))  # the same parse-work bound as TFLite
     planned: list[tuple[str, _Table, list[int]]] = []  # (name, parameters, [outputs, kernel y, kernel x, group])
     for i, op in enumerate(net.tables(3)):
         op_type = int(op.scalar(5, "<i", 0))
