@@ -1,0 +1,119 @@
+"""Hashing workers (hashdb.bulk's local engine): a worker that dies, hangs or cannot start is an error for its
+file (or, if it cannot start, for the run), never a hang; workers import this hashdb whatever the current
+directory holds. Faults are injected with a module each worker imports before its hasher (``_preload``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hashdb import HashDBError
+from hashdb.bulk import hash_units
+
+FAULTS = '''
+import os, signal, time
+from hashdb.codec import hasher
+
+real = hasher.ModelHasher.hash
+
+def faulty(self, source):
+    name = os.path.basename(str(source))
+    if name.startswith("exit"):
+        os._exit(3)
+    if name.startswith("segv"):
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if name.startswith("slow"):
+        time.sleep(60)
+    return real(self, source)
+
+hasher.ModelHasher.hash = faulty
+'''
+
+
+def models(folder: Path, names: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, name in enumerate(names):
+        kernels = np.random.default_rng(seed).standard_normal((8, 4, 3, 3)).astype(np.float32)
+        np.save(folder / f"{name}.npy", kernels)
+    return folder
+
+
+@pytest.fixture
+def faults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The name of an importable module that makes the hasher die or hang on files named exit*, segv*, slow*."""
+    where = tmp_path / "modules"
+    where.mkdir()
+    (where / "hashdb_test_faults.py").write_text(FAULTS)
+    (where / "hashdb_test_broken.py").write_text("raise ImportError('cannot import name __version__')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(where), os.environ.get("PYTHONPATH", "")]))
+    return "hashdb_test_faults"
+
+
+def outcome(results: list) -> dict[str, str]:  # type: ignore[type-arg]
+    return {r.key.rsplit("/", 1)[-1]: ("ok" if r.code is not None else str(r.error)) for r in results}
+
+
+def test_a_worker_that_dies_is_an_error_for_its_file_and_the_rest_are_hashed(tmp_path: Path, faults: str) -> None:
+    zoo = models(tmp_path / "zoo", ["a", "exit1", "b", "segv1", "c", "exit2", "d"])
+    expected = {r.key: r.code for r in hash_units([zoo], engine="inline")}
+    started = time.monotonic()
+    results = list(hash_units([zoo], workers=2, _preload=[faults]))
+    assert time.monotonic() - started < 60
+    got = outcome(results)
+    assert [r.key for r in results] == sorted(expected)  # input order, every unit once
+    assert {k: v for k, v in got.items() if v == "ok"} == {f"{n}.npy": "ok" for n in "abcd"}
+    assert "died (exit status 3)" in got["exit1.npy"] and "exit1.npy" in got["exit1.npy"]
+    assert "died (killed by SIGSEGV)" in got["segv1.npy"]
+    assert "\n" not in got["segv1.npy"]
+    good = {r.key: r.code for r in results if r.code is not None}
+    assert good == {k: v for k, v in expected.items() if k in good}  # the same codes as in-process
+
+
+def test_a_file_over_the_time_limit_is_an_error_and_its_worker_is_replaced(tmp_path: Path, faults: str) -> None:
+    zoo = models(tmp_path / "zoo", ["a", "slow1", "b", "c"])
+    started = time.monotonic()
+    got = outcome(list(hash_units([zoo], workers=1, timeout=2.0, _preload=[faults])))
+    assert time.monotonic() - started < 30
+    assert "took longer than 2 s" in got["slow1.npy"]
+    assert [name for name, v in got.items() if v == "ok"] == ["a.npy", "b.npy", "c.npy"]
+
+
+def test_a_worker_that_cannot_start_ends_the_run_with_one_error(tmp_path: Path, faults: str) -> None:
+    zoo = models(tmp_path / "zoo", ["a", "b", "c"])
+    started = time.monotonic()
+    with pytest.raises(HashDBError, match=r"hashing worker could not start: ImportError: cannot import name") as e:
+        list(hash_units([zoo], workers=2, _preload=["hashdb_test_broken"]))
+    assert "\n" not in str(e.value) and time.monotonic() - started < 60
+
+
+def test_bad_timeouts_are_refused(tmp_path: Path) -> None:
+    for bad in (0, -1, "5", True):
+        with pytest.raises(HashDBError, match="timeout"):
+            list(hash_units([tmp_path], timeout=bad))  # type: ignore[arg-type]
+
+
+def test_workers_import_this_hashdb_even_beside_a_folder_named_hashdb(tmp_path: Path) -> None:
+    """Run from the parent of a clone (a folder named hashdb that is not the installed package), workers
+    once imported that folder, died on start-up and were respawned forever."""
+    zoo = models(tmp_path / "zoo", ["a", "b", "c"])
+    shadow = tmp_path / "hashdb"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError(\"cannot import name '__version__'\")\n")
+    script = textwrap.dedent(f"""
+        import os, sys
+        from hashdb.bulk import hash_units
+        os.chdir({str(tmp_path)!r})
+        results = list(hash_units(["zoo"], workers=2))
+        print(sorted((r.key, r.code is not None) for r in results))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parent.parent)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str([("zoo/a.npy", True), ("zoo/b.npy", True), ("zoo/c.npy", True)])
