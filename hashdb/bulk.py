@@ -87,20 +87,33 @@ def hash_units(
     from .codec import ModelHasher
 
     ModelHasher(bits, **kwargs)  # a bad configuration fails here, once, not in every worker
-    units, errors = expand_sources(sources)
-    yield from errors
+    from .codec.units import ModelUnit, expand_in_order
+
+    found = expand_in_order(sources)
+    units = [u for u in found if isinstance(u, ModelUnit)]
+    results: Iterator[BulkResult]
     if not units:
-        return
-    if engine == "ray":
+        results = iter(())
+    elif engine == "ray":  # results come as actors finish: errors first
+        yield from (BulkResult(e.key, e.path, None, e.error) for e in found if not isinstance(e, ModelUnit))
         yield from _hash_on_ray(units, bits, kwargs, workers, ray_address)
         return
-    if engine == "inline":
+    elif engine == "inline":
         hasher = ModelHasher(bits, **kwargs)
-        for unit in units:
-            yield _hash_one(hasher, unit.key, os.fspath(unit.path))
-        return
-    n = min(workers or os.cpu_count() or 1, len(units))
-    yield from _hash_in_processes(units, bits, kwargs, n, timeout, _preload)
+        results = (_hash_one(hasher, unit.key, os.fspath(unit.path)) for unit in units)
+    else:
+        n = min(workers or os.cpu_count() or 1, len(units))
+        results = _hash_in_processes(units, bits, kwargs, n, timeout, _preload)
+    try:
+        for item in found:  # input order: a path's error where the path was
+            if isinstance(item, ModelUnit):
+                yield next(results)
+            else:
+                yield BulkResult(item.key, item.path, None, item.error)
+    finally:
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()
 
 
 def _hash_one(hasher: Any, key: str, path: str) -> BulkResult:

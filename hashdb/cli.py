@@ -18,16 +18,13 @@ import logging
 import math
 import os
 import re
-import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
-from .errors import HashDBError, InvalidCode, InvalidKey, InvalidMeta, KeyNotFound, ModelFormatError
+from .errors import HashDBError, InvalidCode, InvalidMeta, KeyNotFound, ModelFormatError
 
 if TYPE_CHECKING:
     from .codec import ModelHasher
@@ -35,10 +32,6 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_BITS = 256  # of `hashdb hash`; creating a database needs an explicit --bits
-# Models are inserted in chunks: a crash loses at most one chunk (or ADD_FLUSH_S) of hashing, a chunk stays
-# far below the server's frame limit, and slow models still show their results every second.
-ADD_CHUNK = 256
-ADD_FLUSH_S = 1.0
 
 
 class UsageError(Exception):
@@ -53,13 +46,17 @@ class _Parser(argparse.ArgumentParser):
 # -- inputs --------------------------------------------------------------------------------------------
 
 
-def _inputs(items: Sequence[str], stdin: IO[str] | None = None) -> Iterator[str]:
-    """The arguments, or stdin lines (stripped, blank lines skipped) when there are none or one is '-'."""
+def _inputs(items: Sequence[str], stdin: IO[str] | None = None, waiting_note: bool = True) -> Iterator[str]:
+    """The arguments, or stdin lines (stripped, blank lines skipped) when there are none or one is '-'. When
+    stdin is a terminal, say that the command waits for it (a forgotten argument otherwise looks like a hang)."""
     if not items:
         items = ["-"]
     for item in items:
         if item == "-":
-            for line in stdin or sys.stdin:
+            source = stdin or sys.stdin
+            if waiting_note and source.isatty():
+                _warn("reading inputs from the terminal, one per line (end with Ctrl-D)")
+            for line in source:
                 line = line.strip()
                 if line:
                     yield line
@@ -76,50 +73,43 @@ def _is_hex_code(text: str, bits: int) -> bool:
 _HASH_LINE = re.compile(r"(?:0[xX])?([0-9a-fA-F]{16,})\s+(\S.*)")
 
 
-class _Record:
-    """One entry to store: a key and its code, or a model file still to hash (code None)."""
+def _add_input(text: str, bits: int) -> Any:
+    """What one `add` input is: a path (a model file or folder, hashed by the ingest), or an Entry with a code
+    (a `hashdb hash` line, a `hashdb hash --json` or export line)."""
+    from .ingest import Entry
 
-    __slots__ = ("key", "code", "path", "meta", "codec")
-
-    def __init__(self, key: str, code: bytes | None = None, path: str | None = None, meta: dict | None = None,
-                 codec: bool = False) -> None:  # fmt: skip
-        self.key, self.code, self.path, self.meta = key, code, path, meta
-        self.codec = codec  # the code came from this hashdb's default codec (it gets the codec meta)
-
-
-def _add_input(text: str, bits: int) -> _Record:
-    """What one `add` input is: a model file, a `hashdb hash` line, a `hashdb hash --json` / export line."""
-    if os.path.exists(text):
-        return _Record(_key_of(text), path=text)
+    if os.path.lexists(text):
+        return text
     if text.startswith("{"):
         return _json_record(text, bits)
     pair = _HASH_LINE.fullmatch(text)
     if pair is not None:
         from .codes import to_bytes
 
-        return _Record(pair.group(2), to_bytes(pair.group(1), bits))
+        return Entry(pair.group(2), to_bytes(pair.group(1), bits))
     if _is_hex_code(text, bits):
         raise UsageError(f"a hex code needs a key: hashdb add DB --key KEY {text[:16]}...")
-    return _Record(_key_of(text), path=text)  # hashing it names the missing file
+    return text  # the ingest names the missing file
 
 
-def _json_record(text: str, bits: int) -> _Record:
+def _json_record(text: str, bits: int) -> Any:
     from .codes import to_bytes
+    from .ingest import Entry
 
     try:
         doc = json.loads(text)
     except ValueError as e:
-        raise InvalidCode(f"not a JSON line: {e}: {text[:80]}") from None
+        raise InvalidCode(f"not a JSON line: {e}: {_shown(text[:80])}") from None
     key = doc.get("key", doc.get("path")) if isinstance(doc, dict) else None
     if not isinstance(key, str) or not isinstance(doc.get("code"), str):
-        raise InvalidCode(f"a JSON line needs string fields 'key' (or 'path') and 'code': {text[:80]}")
+        raise InvalidCode(f"a JSON line needs string fields 'key' (or 'path') and 'code': {_shown(text[:80])}")
     meta = doc.get("meta")
     if meta is not None and not isinstance(meta, dict):
-        raise InvalidMeta(f"{key}: 'meta' must be an object")
+        raise InvalidMeta(f"{_shown(key)}: 'meta' must be an object")
     from .codec.hasher import CODEC_VERSION
 
     same_codec = doc.get("codec") == CODEC_VERSION and doc.get("bits") == bits  # a `hashdb hash --json` line
-    return _Record(key, to_bytes(doc["code"], bits), meta=meta, codec=same_codec)
+    return Entry(key, to_bytes(doc["code"], bits), meta=meta, from_codec=same_codec)
 
 
 def _key_of(path: str) -> str:
@@ -130,8 +120,12 @@ def _key_of(path: str) -> str:
 
 
 def _shown(text: str) -> str:
-    """``text`` printable on any terminal: a file name that is not valid UTF-8 shows its bytes as escapes."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """``text`` as one printable line (hashdb.text.shown): control characters such as a newline or ESC in a
+    file name, key, tensor name or error message are shown escaped, so they cannot forge output lines or
+    drive the terminal; bytes that are not UTF-8 show as ``\\xNN``."""
+    from .text import shown
+
+    return shown(text)
 
 
 class _Hashers:
@@ -167,26 +161,6 @@ class _Hashers:
 
             return to_bytes(text, self.bits), False
         return self.hash_file(text, or_code=True), True
-
-
-def _model_units(paths: Sequence[str]) -> list[tuple[str, str | ModelFormatError]]:
-    """(key, path to hash or the error) per model unit: a file as given, each model found in a folder."""
-    from .codec.units import find_units, unit_key
-
-    out: list[tuple[str, str | ModelFormatError]] = []
-    for path in paths:
-        if not os.path.isdir(path):
-            out.append((unit_key(path), path))
-            continue
-        try:
-            units = find_units(path)
-        except ModelFormatError as e:
-            out.append((unit_key(path), e))
-            continue
-        if not units:
-            out.append((unit_key(path), ModelFormatError(f"{path}: no model files found in the folder")))
-        out.extend((u.key, str(u.path)) for u in units)
-    return out
 
 
 # -- output --------------------------------------------------------------------------------------------
@@ -324,7 +298,8 @@ def _missing_database(path: str, create: bool) -> UsageError:
     if os.path.isfile(path):
         return UsageError(f"{path} is a file, not a hashdb database")
     if os.path.isdir(path) and os.listdir(path):
-        return UsageError(f"{path} is not a hashdb database")
+        also = " (a new database is created only in a new or empty folder)" if create else ""
+        return UsageError(f"{_shown(path)} is not a hashdb database{also}")
     hint = f" (to create one, give --bits N, e.g. --bits {DEFAULT_BITS})" if create else ""
     return UsageError(f"no hashdb database at {path}{hint}")
 
@@ -343,7 +318,8 @@ def _open(args: argparse.Namespace, create: bool = False, readonly: bool = False
 
     bits = getattr(args, "bits", None)
     if not _is_database(args.db):
-        if not (create and bits is not None) or os.path.isfile(args.db):
+        occupied = os.path.isdir(args.db) and bool(os.listdir(args.db))
+        if not (create and bits is not None) or os.path.isfile(args.db) or occupied:
             raise _missing_database(args.db, create)
         return HashDB(args.db, bits=bits)
     return HashDB(args.db, bits=bits, readonly=readonly)
@@ -353,208 +329,131 @@ def _open(args: argparse.Namespace, create: bool = False, readonly: bool = False
 
 
 def cmd_add(args: argparse.Namespace) -> int:
+    """A thin loop over hashdb.ingest: parse the inputs, print each outcome, end with a one-line summary."""
+    from .ingest import Entry, Ingest
+
     inputs = _split_target(args)
     user_meta = _parse_meta(args.meta)
-    with _open(args, create=True) as db:
-        hashers = _Hashers(db.bits)
+    if args.workers is not None and args.workers < 1:
+        raise UsageError("--workers must be >= 1")
+    if args.timeout is not None and not args.timeout > 0:
+        raise UsageError("--timeout must be > 0 seconds")
+    if args.key is not None and (len(inputs) != 1 or inputs == ["-"]):
+        raise UsageError("--key KEY takes exactly one CODE_OR_MODEL argument")
+    texts = inputs if args.key is not None else list(_inputs(inputs, waiting_note=True))
+    if not texts:
+        raise UsageError("no model files given")
+    with _created_only_if_used(args), _open(args, create=True) as db:
+        failed = 0  # inputs that are no entry at all (bad piped lines); the ingest counts its own
+        sources: list[Any] = []
         if args.key is not None:
-            if len(inputs) != 1 or inputs == ["-"]:
-                raise UsageError("--key KEY takes exactly one CODE_OR_MODEL argument")
-            code, from_model = hashers.code_or_model(inputs[0])
-            meta = _model_meta(user_meta, hashers) if from_model else user_meta
-            replaced = args.key in db
-            db.insert(args.key, code, meta)
-            if from_model:
-                _record_codec(db, hashers)
-            _report_added(args, [(args.key, code, replaced)])
-            return EXIT_OK
-        texts = list(_inputs(inputs))
-        if not texts:
-            raise UsageError("no model files given")
-        failed = 0  # entries that could not be added (the batch counts its own)
-        records: list[_Record] = []
-        for text in texts:
-            if os.path.isdir(text):  # a folder: one entry per model unit found in it
-                for key, path in _model_units([text]):
-                    if isinstance(path, ModelFormatError):
-                        failed += 1
-                        _warn(f"error: {path}")
-                    else:
-                        records.append(_Record(key, path=path))
-                continue
+            text = texts[0]
+            if _is_hex_code(text, db.bits):
+                from .codes import to_bytes
+
+                sources.append(Entry(args.key, to_bytes(text, db.bits)))
+            else:
+                sources.append(Entry(args.key, path=text))
+        for text in texts if args.key is None else []:
             try:
-                records.append(_add_input(text, db.bits))
+                sources.append(_add_input(text, db.bits))
             except (InvalidCode, InvalidMeta) as e:  # a bad line of piped input: name it, add the others
                 failed += 1
                 _warn(f"error: {e}")
-        total = len(records) + failed  # entries: a folder counts each model in it
-        progress = Progress(len(records), "models", enabled=False if args.quiet else None)
-        batch = _Batch(db, hashers, user_meta, args, progress)
+        ingest = Ingest(db, meta=user_meta, incremental=not args.rehash)
+        progress = Progress(0, "models", enabled=False if args.quiet else None)
+        outcomes = ingest.run(sources, workers=args.workers, engine="ray" if args.ray else "local",
+                              ray_address=args.ray, timeout=args.timeout)  # fmt: skip
         interrupted = False
         try:
-            try:
-                _hash_and_insert(records, hashers, batch, progress, args.workers, args.ray)
-            except KeyboardInterrupt:  # keep what was hashed: commit it below and say how far we got
-                interrupted = True
-            batch.flush()
-            if batch.from_models:
-                _record_codec(db, hashers)
+            for outcome in outcomes:
+                progress.total = ingest.total
+                _report_outcome(args, outcome, progress)
+        except KeyboardInterrupt:
+            interrupted = True
         finally:
             progress.close()
-        failed += batch.failed
+        for warning in ingest.warnings:
+            _warn(f"warning: {warning}")
+        failed += ingest.failed
+        total = ingest.total + failed - ingest.failed
         if interrupted:
-            _warn(f"interrupted: added {batch.added} of {total} entries")
+            _warn(f"interrupted: added {ingest.added + ingest.replaced} of {total} entries")
             return EXIT_INTERRUPTED
+        if not args.quiet and args.key is None:
+            _warn(f"{ingest.added} added, {ingest.replaced} replaced, {ingest.unchanged} unchanged (not hashed "
+                  f"again), {failed} failed, of {total} entries")  # fmt: skip
         if failed:
             _warn(f"{failed} of {total} entries could not be added")
             return EXIT_ERROR
     return EXIT_OK
 
 
-def _hash_and_insert(records: list[_Record], hashers: _Hashers, batch: _Batch, progress: Progress,
-                     workers: int | None = None, ray: str | None = None) -> None:  # fmt: skip
-    """Hand every record to the batch (which inserts in chunks), hashing the model files on the way: in
-    ``workers`` processes, or Ray actors with ``ray`` (hashdb.bulk), while this process stays the one writer."""
-    from .bulk import hash_units
-    from .codec.units import ModelUnit
-
-    if workers is not None and workers < 1:
-        raise UsageError("--workers must be >= 1")
-    waiting: dict[str, list[_Record]] = {}  # key -> the records that take that file's code
-    units: list[ModelUnit] = []
-    for record in records:
-        if record.code is not None:
-            _hand_over(record, batch, progress)
-            continue
-        if record.key not in waiting:  # a missing file comes back as its error, like any unreadable one
-            units.append(ModelUnit(record.key, Path(record.path or record.key)))
-        waiting.setdefault(record.key, []).append(record)
-    if not units:
+def _report_outcome(args: argparse.Namespace, outcome: Any, progress: Progress) -> None:
+    """Print one ingest outcome: added/replaced lines on stdout, errors and notes on stderr."""
+    if outcome.status != "failed":
+        progress.advance()
+    if outcome.status == "failed":
+        progress.advance()
+        progress.message(f"hashdb: error: {outcome.error}")
         return
-    results = hash_units(units, bits=hashers.bits, workers=workers, engine="ray" if ray else "local",
-                         ray_address=ray)  # fmt: skip
-    try:
-        for result in results:
-            for record in waiting.pop(result.key, []):
-                if result.error is not None:
-                    batch.failed += 1
-                    progress.message(f"hashdb: error: {_shown(str(result.error))}")
-                    progress.advance()
-                    continue
-                record.code, record.codec = result.code, True
-                _hand_over(record, batch, progress)
-    finally:
-        results.close()  # on Ctrl-C: stop the workers before what was hashed is committed
-
-
-def _hand_over(record: _Record, batch: _Batch, progress: Progress) -> None:
-    batch.append(record)
-    progress.advance()
-    if len(batch.records) >= ADD_CHUNK or time.monotonic() - batch.since >= ADD_FLUSH_S:
-        batch.flush()
-
-
-class _Batch:
-    """Records waiting to be inserted as one insert_many (one transaction; a crash loses at most this)."""
-
-    def __init__(self, db: Database, hashers: _Hashers, user_meta: dict | None, args: argparse.Namespace,
-                 progress: Progress) -> None:  # fmt: skip
-        self.db, self.hashers, self.user_meta, self.args, self.progress = db, hashers, user_meta, args, progress
-        self.records: list[_Record] = []
-        self.since = time.monotonic()  # of the last flush
-        self.added = self.failed = 0
-        self.from_models = False
-        from .db import key_bytes
-
-        self._check_key = key_bytes
-
-    def append(self, record: _Record) -> None:
-        try:
-            self._check_key(record.key)  # one bad key (too long, not UTF-8) is rejected alone
-        except InvalidKey as e:
-            self.failed += 1
-            self.progress.message(f"hashdb: error: {_shown(record.key)}: {e}")
-            return
-        self.records.append(record)
-
-    def _meta(self, record: _Record) -> dict | None:
-        meta = record.meta if record.meta is not None else self.user_meta
-        if record.codec:
-            meta = dict(meta or {})
-            meta["codec"] = self.hashers.hasher.config
-        return meta
-
-    def flush(self) -> None:
-        self.since = time.monotonic()
-        records, self.records = self.records, []
-        if records:
-            with _interrupts_held():  # Ctrl-C waits for the commit, so what we report is what was stored
-                self._insert(records)
-
-    def _insert(self, records: list[_Record]) -> None:
-        keys = [r.key for r in records]
-        codes = [r.code or b"" for r in records]
-        metas = [self._meta(r) for r in records]
-        replaced = [key in self.db for key in keys]
-        try:
-            self.db.insert_many(keys, codes, metas)
-            done = list(zip(keys, codes, replaced, strict=True))
-        except (InvalidKey, InvalidMeta, InvalidCode):  # find the bad entries; the good ones are still added
-            done = []
-            for key, code, meta, was in zip(keys, codes, metas, replaced, strict=True):
-                try:
-                    self.db.insert(key, code, meta)
-                except (InvalidKey, InvalidMeta, InvalidCode) as e:
-                    self.failed += 1
-                    self.progress.message(f"hashdb: error: {_shown(key)}: {e}")
-                else:
-                    done.append((key, code, was))
-        self.added += len(done)
-        self.from_models = self.from_models or any(r.codec for r in records)
-        self.progress.clear()  # stdout and the bar may share one terminal
-        _report_added(self.args, done)
-        sys.stdout.flush()
-        self.progress.redraw()
+    if outcome.status == "unchanged":
+        if args.json:
+            progress.clear()
+            _emit({"key": outcome.key, "unchanged": True})
+            progress.redraw()
+        return
+    if outcome.same_content:
+        others = ", ".join(_shown(k) for k in outcome.same_content[:3])
+        more = f" and {len(outcome.same_content) - 3} more" if len(outcome.same_content) > 3 else ""
+        progress.message(f"hashdb: note: {outcome.key} has the same bytes as {others}{more}")
+    progress.clear()  # stdout and the bar may share one terminal
+    _report_added(args, [(outcome.key, outcome.code, outcome.status == "replaced")], outcome.same_content)
+    sys.stdout.flush()
+    progress.redraw()
 
 
 @contextlib.contextmanager
-def _interrupts_held() -> Iterator[None]:
-    """Hold SIGINT until the block is done (then raise KeyboardInterrupt): a commit is never cut in half."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
+def _created_only_if_used(args: argparse.Namespace) -> Iterator[None]:
+    """Remove a database this command created when nothing was stored in it (a failed first add leaves the
+    folder as it was: no LMDB files in a new or empty folder)."""
+    path = None if args.socket else args.db
+    fresh = path is not None and not _is_database(path)
+    existed = path is not None and os.path.isdir(path)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
+        if fresh and path is not None and _is_database(path) and _holds_nothing(path):
+            for name in ("data.mdb", "lock.mdb"):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(path, name))
+            if not existed:
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
 
 
-def _model_meta(user_meta: dict | None, hashers: _Hashers) -> dict:
-    meta = dict(user_meta or {})
-    meta["codec"] = hashers.hasher.config
-    return meta
+def _holds_nothing(path: str) -> bool:
+    """True for a database with no entry (and False when it cannot be read: then it is left alone)."""
+    from .db import HashDB
+
+    try:
+        with HashDB(path, bits=None, readonly=True) as db:
+            return len(db) == 0
+    except HashDBError:
+        return False
 
 
-def _record_codec(db: Database, hashers: _Hashers) -> None:
-    """Store the codec config in the database's meta the first time models are added to it."""
-    config = hashers.hasher.config
-    stored = db.codec
-    if stored is None:
-        db.set_codec(config)
-    elif stored != config:
-        _warn("warning: the database's codes were made with another codec configuration; distances may mislead")
-
-
-def _report_added(args: argparse.Namespace, added: list[tuple[str, bytes, bool]]) -> None:
+def _report_added(args: argparse.Namespace, added: list[tuple[str, bytes | None, bool]],
+                  same_content: Sequence[str] = ()) -> None:  # fmt: skip
     for key, code, replaced in added:
+        hex_code = code.hex() if code is not None else None
         if args.json:
-            _emit({"key": key, "code": code.hex(), "replaced": replaced})
+            doc: dict[str, Any] = {"key": key, "code": hex_code, "replaced": replaced}
+            if same_content:
+                doc["same_content"] = list(same_content)
+            _emit(doc)
         elif not args.quiet:
-            print(f"{'replaced' if replaced else 'added'} {code.hex()}  {_shown(key)}")
+            print(f"{'replaced' if replaced else 'added'} {hex_code}  {_shown(key)}")
 
 
 def _parse_meta(text: str | None) -> dict | None:
@@ -580,8 +479,9 @@ def _parse_meta(text: str | None) -> dict | None:
 
 def _copy_radius(codec: dict | None) -> int | None:
     """The copy radius stored with a database's codec configuration (None for databases of bare codes)."""
-    radius = codec.get("copy_radius") if isinstance(codec, dict) else None
-    return radius if isinstance(radius, int) and not isinstance(radius, bool) and radius >= 0 else None
+    from .codec.radius import copy_radius_of
+
+    return copy_radius_of(codec)
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -601,13 +501,12 @@ def cmd_query(args: argparse.Namespace) -> int:
                                  "'hashdb add'), so it has no copy radius: give --radius R or --knn K")  # fmt: skip
             radius = copy_radius
         hashers = _Hashers(db.bits)
-        for text in _inputs(inputs):
-            try:
-                code, _ = hashers.code_or_model(text)
-            except (ModelFormatError, InvalidCode) as e:  # a bad input: say so, and answer the others
+        for text, code_or_error in _query_codes(_inputs(inputs), hashers):
+            if not isinstance(code_or_error, bytes):  # a bad input: say so, and answer the others
                 failed += 1
-                _warn(f"error: {e}")
+                _warn(f"error: {code_or_error}")
                 continue
+            code = code_or_error
             matches = db.radius(code, radius) if radius is not None else db.knn(code, args.knn)
             found_any = found_any or bool(matches)
             if args.json:
@@ -620,6 +519,28 @@ def cmd_query(args: argparse.Namespace) -> int:
     if failed:
         return EXIT_ERROR
     return EXIT_OK if found_any else EXIT_NOT_FOUND
+
+
+def _query_codes(texts: Iterator[str], hashers: _Hashers) -> Iterator[tuple[str, bytes | HashDBError]]:
+    """(what was asked, its code or the error) per query: a hex code, a model file, or each model unit of a
+    folder of suspects (hashdb.codec.units.expand, asked under its key)."""
+    from .codec.units import expand
+
+    for text in texts:
+        if not _is_hex_code(text, hashers.bits) and os.path.isdir(text):
+            units, problems = expand([text])
+            for problem in problems:
+                yield problem.key, problem.error
+            for unit in units:
+                try:
+                    yield unit.key, hashers.hash_file(os.fspath(unit.path))
+                except ModelFormatError as e:
+                    yield unit.key, e
+            continue
+        try:
+            yield text, hashers.code_or_model(text)[0]
+        except (ModelFormatError, InvalidCode) as e:
+            yield text, e
 
 
 def _verdict(distance: int, copy_radius: int | None) -> str | None:
@@ -727,10 +648,10 @@ def _print_mapping(mapping: dict, indent: str = "") -> None:
     width = max((len(str(k)) for k in mapping), default=0)
     for name, value in mapping.items():
         if isinstance(value, dict):
-            print(f"{indent}{name}:")
+            print(f"{indent}{_shown(str(name))}:")
             _print_mapping(value, indent + "  ")
         else:
-            print(f"{indent}{str(name):<{width}}  {value}")
+            print(f"{indent}{_shown(str(name)):<{width}}  {_shown(str(value))}")
 
 
 def cmd_clusters(args: argparse.Namespace) -> int:
@@ -763,36 +684,62 @@ def cmd_clusters(args: argparse.Namespace) -> int:
 def _print_cluster(n: int, cluster: Any) -> None:
     print(f"cluster {n}: {len(cluster.keys)} models, {len(cluster.edges)} pairs within the radius")
     for key in cluster.keys:
-        print(f"  {key}")
-    width = max(len(a) for a, _, _ in cluster.edges)
+        print(f"  {_shown(key)}")
+    width = max(len(_shown(a)) for a, _, _ in cluster.edges)
     print(f"  {'distance':>8}  {'key_a':<{width}}  key_b")
     for a, b, d in cluster.edges:
-        print(f"  {int(d):>8}  {a:<{width}}  {b}")
+        print(f"  {int(d):>8}  {_shown(a):<{width}}  {_shown(b)}")
 
 
 def cmd_hash(args: argparse.Namespace) -> int:
+    """Hash model files and folders in worker processes (hashdb.bulk), printing `CODE  KEY` lines in input order.
+
+    A key with a control character (a newline in a file name) has no plain line: `add` reading it back could
+    not tell it from two lines, so it is an error naming the file; `--json` prints it exactly."""
+    from .bulk import hash_units
     from .codec.hasher import CODEC_VERSION
+    from .codec.units import expand_in_order
     from .codes import check_bits
 
     bits = check_bits(args.bits if args.bits is not None else DEFAULT_BITS)
-    hashers = _Hashers(bits)
-    paths = list(_inputs(args.models))
+    if args.workers is not None and args.workers < 1:
+        raise UsageError("--workers must be >= 1")
+    if args.timeout is not None and not args.timeout > 0:
+        raise UsageError("--timeout must be > 0 seconds")
+    found = expand_in_order(_inputs(args.models))
     failed = 0
-    for key, path in _model_units(paths):
-        try:
-            if isinstance(path, ModelFormatError):
-                raise path
-            code = hashers.hash_file(path)
-        except ModelFormatError as e:
-            failed += 1
-            _warn(f"error: {e}")
-            continue
-        if args.json:
-            _emit({"key": key, "path": path, "code": code.hex(), "bits": bits, "codec": CODEC_VERSION})
-        else:
-            print(f"{code.hex()}  {_shown(key)}")
-        sys.stdout.flush()
+    progress = Progress(len(found), "models", enabled=False if args.quiet else None)
+    limit: dict[str, Any] = {} if args.timeout is None else {"timeout": args.timeout}
+    results = hash_units(found, bits=bits, workers=args.workers, **limit)
+    try:
+        for res in results:
+            progress.advance()
+            if res.error is None and not args.json and _has_control(res.key):
+                res = res._replace(code=None, error=ModelFormatError(
+                    f"{_shown(res.key)}: the name holds a control character, so a plain output line could be "
+                    "read back as another key: use --json for its exact key"))  # fmt: skip
+            if res.error is not None or res.code is None:
+                failed += 1
+                progress.message(f"hashdb: error: {res.error}")
+                continue
+            progress.clear()
+            if args.json:
+                _emit({"key": res.key, "path": res.path, "code": res.code.hex(), "bits": bits, "codec": CODEC_VERSION})
+            else:
+                print(f"{res.code.hex()}  {_shown(res.key)}")
+            sys.stdout.flush()
+            progress.redraw()
+    finally:
+        results.close()
+        progress.close()
     return EXIT_ERROR if failed else EXIT_OK
+
+
+def _has_control(text: str) -> bool:
+    from .text import shown
+
+    # Escapes of undecodable bytes (\\xNN) are not control characters: such a key is refused by `add` anyway.
+    return shown(text) != text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 EXPORT_FORMAT = "hashdb-export"
@@ -852,7 +799,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     if args.json:
         _emit({"imported": added, "replaced": replaced, "failed": failed})
     elif not args.quiet:
-        print(f"imported {added} records ({replaced} replaced) into {args.db or args.socket}")
+        print(f"imported {added} records ({replaced} replaced) into {_shown(args.db or args.socket)}")
     if failed:
         _warn(f"{failed} records could not be imported")
         return EXIT_ERROR
@@ -1019,6 +966,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", "-j", type=int, metavar="N", help=cores)
     ray = "hash on Ray: 'local' starts Ray here, 'auto' joins a running cluster (needs pip install hashdb[ray])"
     p.add_argument("--ray", metavar="ADDRESS", help=ray)
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="per-file time limit of a hashing worker (default 300); over it: an error")  # fmt: skip
+    p.add_argument("--rehash", action="store_true",
+                   help="hash every file again (default: skip files stored before and unchanged since)")  # fmt: skip
     p.set_defaults(func=cmd_add)
 
     usage = "hashdb clusters DB [--radius R] [--json] [--ray ADDRESS]"
@@ -1079,9 +1030,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("hash", help="print the perceptual hash of model files")
-    p.add_argument("models", nargs="*", metavar="MODEL", help="model files; '-' or none: stdin")
+    p.add_argument("models", nargs="*", metavar="MODEL", help="model files or folders; '-' or none: stdin")
     p.add_argument("--bits", type=int, help=f"code width (default {DEFAULT_BITS})")
     p.add_argument("--json", action="store_true", help="one JSON document per line")
+    p.add_argument("--workers", "-j", type=int, metavar="N", help="hashing processes (default: the machine's cores)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="per-file time limit (default 300)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_hash)
 
     sub.add_parser("demo", help="end-to-end demo: train CNNs, copy them, find the copies (see 'hashdb demo -h')",

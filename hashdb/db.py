@@ -15,13 +15,16 @@ import threading
 import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from .codes import Code, bytes_to_words, check_bits, many_to_bytes, to_bytes
 from .errors import InvalidArgument, InvalidKey, InvalidMeta, KeyNotFound, StorageError
 from .store import DEFAULT_MODE, MAX_KEY_BYTES, LogBatch, Store, Txn, open_store, pack_meta, release_store
+
+if TYPE_CHECKING:
+    from .ingest import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +335,25 @@ class HashDB:
             return result
 
         self._after_write(*self._w.write(body, reserve=reserve))
+
+    def add_models(
+        self,
+        sources: Iterable[Any],
+        *,
+        workers: int | None = None,
+        engine: str = "local",
+        ray_address: str | None = None,
+        meta: dict[str, Any] | None = None,
+        incremental: bool = True,
+        timeout: float | None = None,
+    ) -> Iterator[Outcome]:
+        """Hash the models at ``sources`` (files, folders, ModelUnits) and store them: what ``hashdb add``
+        does (hashdb.ingest.add_models). Yields one ``Outcome`` per entry: added, replaced, unchanged (its
+        file was stored before and has not changed since: not hashed again) or failed (with the error)."""
+        from .ingest import add_models
+
+        return add_models(self, sources, workers=workers, engine=engine, ray_address=ray_address, meta=meta,
+                          incremental=incremental, timeout=timeout)  # fmt: skip
 
     def delete(self, key: str) -> bool:
         """Delete ``key``; False if it was absent."""

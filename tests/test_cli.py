@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ from frontend_helpers import run_cli, short_socket_path, start_server_process
 from hashdb.cli import Progress, main
 from hashdb.codec import ModelHasher
 from hashdb.db import HashDB
+from hashdb.ingest import codec_fingerprint
 
 BITS = 256
 
@@ -121,9 +125,11 @@ def test_add_models_then_query_finds_the_copy(models, tmp_path, capsys):
     assert doc["matches"][0]["distance"] <= 20
     with HashDB(db, bits=None) as embedded:
         _, meta = embedded.get(models["m1"])
-        assert embedded.codec == meta["codec"]
+        codec = embedded.codec
     assert meta["owner"] == "lab"
-    assert meta["codec"]["bits"] == BITS and "encoding" in meta["codec"]
+    assert codec["bits"] == BITS and "encoding" in codec  # the config once, in the database; per entry its name
+    assert meta["file"]["codec"] == codec_fingerprint(codec) and meta["file"]["size"] == os.path.getsize(models["m1"])
+    assert meta["file"]["sha256"] == hashlib.sha256(Path(models["m1"]).read_bytes()).hexdigest()
 
 
 def test_add_reports_bad_files_but_stores_the_good_ones(models, tmp_path):
@@ -435,7 +441,9 @@ def test_keys_of_model_files_follow_one_rule_and_a_replaced_key_says_so(tmp_path
     db = str(tmp_path / "db")
     code, out, _ = cli(capsys, "add", db, "--bits", "256", "./C.npz")
     assert code == 0 and out.startswith("added ") and out.split()[-1] == "C.npz"
-    code, out, _ = cli(capsys, "add", db, str(tmp_path / "C.npz"), "C.npz")
+    code, out, err = cli(capsys, "add", db, str(tmp_path / "C.npz"), "C.npz")
+    assert code == 0 and out == "" and "0 added, 0 replaced, 2 unchanged" in err  # stored and unchanged since
+    code, out, _ = cli(capsys, "add", db, str(tmp_path / "C.npz"), "C.npz", "--rehash")
     assert code == 0
     assert [line.split()[0] for line in out.splitlines()] == ["replaced", "replaced"]
     with HashDB(db) as embedded:
@@ -461,7 +469,7 @@ def test_hash_output_pipes_into_add_as_text_and_as_json(tmp_path):
         with HashDB(path) as embedded:
             assert {k: embedded.get(k)[0].hex() for k in embedded} == expected
             assert (embedded.codec == config) is with_codec  # JSON lines name the codec; bare text does not
-            assert (embedded.get(files[0])[1] == {"codec": config}) is with_codec
+            assert embedded.get(files[0])[1] is None  # the config is stored once, with the database
     done = run_cli("query", json_db, files[1])  # the codec came along: the copy radius is known
     assert done.returncode == 0 and "copy" in done.stdout
 

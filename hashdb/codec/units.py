@@ -108,29 +108,31 @@ def find_units(source: str | os.PathLike) -> list[ModelUnit]:
     return units
 
 
-def expand(sources: Iterable[str | os.PathLike | ModelUnit]) -> tuple[list[ModelUnit], list[UnitError]]:
-    """The one way every front end turns paths into model units: (units, errors), in input order.
+def expand(sources: Iterable[str | os.PathLike | ModelUnit | UnitError]) -> tuple[list[ModelUnit], list[UnitError]]:
+    """The one way every front end turns paths into model units: (units, errors), each in input order.
 
     A file is one unit (whatever its suffix); a folder is walked (find_units). A path that does not exist, a
     folder with no model in it, and an entry of a folder that cannot be read (a symlink loop, a FIFO named
-    like a model) are errors naming the path; the other units are still found. ModelUnits pass through.
+    like a model) are errors naming the path; the other units are still found. ModelUnits (and UnitErrors)
+    pass through.
     """
-    units: list[ModelUnit] = []
-    errors: list[UnitError] = []
+    found = expand_in_order(sources)
+    return [u for u in found if isinstance(u, ModelUnit)], [e for e in found if isinstance(e, UnitError)]
+
+
+def expand_in_order(sources: Iterable[str | os.PathLike | ModelUnit | UnitError]) -> list[ModelUnit | UnitError]:
+    """``expand``'s units and errors as one list in input order (for output that follows the input)."""
+    out: list[ModelUnit | UnitError] = []
     for source in sources:
-        if isinstance(source, ModelUnit):
-            units.append(source)
+        if isinstance(source, ModelUnit | UnitError):
+            out.append(source)
             continue
-        before = len(units)
-        for found in _find(source):
-            if isinstance(found, UnitError):
-                errors.append(found)
-            else:
-                units.append(found)
-        if len(units) == before and os.path.isdir(source) and not any(e.path == os.fspath(source) for e in errors):
+        before = len(out)
+        out.extend(_find(source))
+        if len(out) == before and os.path.isdir(source):
             error = ModelFormatError(f"{_shown(source)}: no model files found in the folder")
-            errors.append(UnitError(unit_key(source), os.fspath(source), error))
-    return units, errors
+            out.append(UnitError(unit_key(source), os.fspath(source), error))
+    return out
 
 
 def _shown(path: str | os.PathLike) -> str:
