@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import difflib
 import json
 import logging
@@ -90,6 +89,15 @@ def _add_input(text: str, bits: int) -> Any:
     if _is_hex_code(text, bits):
         raise UsageError(f"a hex code needs a key: hashdb add DB --key KEY {text[:16]}...")
     return text  # the ingest names the missing file
+
+
+def _export_header(text: str) -> dict | None:
+    """The header of a `hashdb export` (JSON lines or CSV) when ``text`` is one, else None."""
+    if not text.lstrip().startswith(("{", "#")):
+        return None
+    from .transfer import header_of
+
+    return header_of(text)
 
 
 def _json_record(text: str, bits: int) -> Any:
@@ -175,26 +183,15 @@ def _emit(doc: Any) -> None:
 
 
 def _finite(obj: Any) -> Any:
-    """``obj`` with every non-finite float replaced by the string JSON parsers print for it."""
-    if type(obj).__module__ == "numpy" and hasattr(obj, "item"):  # numpy scalars and arrays (in stats)
-        obj = obj.tolist() if hasattr(obj, "tolist") else obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
+    from .transfer import finite
+
+    return finite(obj)
 
 
 def _json_default(obj: Any) -> Any:
-    if isinstance(obj, bytes | bytearray | memoryview):
-        return bytes(obj).hex()
-    if hasattr(obj, "item"):  # numpy scalars in stats
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    return str(obj)
+    from .transfer import json_default
+
+    return json_default(obj)
 
 
 def _warn(message: str) -> None:
@@ -354,7 +351,14 @@ def cmd_add(args: argparse.Namespace) -> int:
                 sources.append(Entry(args.key, to_bytes(text, db.bits)))
             else:
                 sources.append(Entry(args.key, path=text))
+        export_codec = None  # the codec an export's header names (`hashdb export DB | hashdb add OTHER`)
         for text in texts if args.key is None else []:
+            header = _export_header(text)
+            if header is not None:
+                if header.get("bits") not in (None, db.bits):
+                    raise UsageError(f"the export holds {header['bits']}-bit codes and the database {db.bits}-bit ones")
+                export_codec = header.get("codec")
+                continue
             try:
                 sources.append(_add_input(text, db.bits))
             except (InvalidCode, InvalidMeta) as e:  # a bad line of piped input: name it, add the others
@@ -373,7 +377,11 @@ def cmd_add(args: argparse.Namespace) -> int:
             interrupted = True
         finally:
             progress.close()
-        for warning in ingest.warnings:
+        if isinstance(export_codec, dict) and ingest.added + ingest.replaced:
+            from .ingest import check_codec
+
+            ingest.warnings.append(check_codec(db, export_codec) or "")
+        for warning in filter(None, ingest.warnings):
             _warn(f"warning: {warning}")
         failed += ingest.failed
         total = ingest.total + failed - ingest.failed
@@ -742,66 +750,50 @@ def _has_control(text: str) -> bool:
     return shown(text) != text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-EXPORT_FORMAT = "hashdb-export"
-EXPORT_VERSION = 1
-IMPORT_CHUNK = 4096
-
-
 def cmd_export(args: argparse.Namespace) -> int:
-    """Every record as JSON lines (a header line, then {"key", "code", "meta"} in key order) or CSV."""
+    """Every record as JSON lines (a header line, then {"key", "code", "meta"} in key order) or CSV
+    (hashdb.transfer; --json is JSON lines)."""
+    from .transfer import export
+
     if _split_target(args):
         raise UsageError("export takes no arguments besides DB (write to a file with -o FILE)")
+    if args.json and args.format == "csv":
+        raise UsageError("--json writes JSON lines: give it or --format csv, not both")
     out = sys.stdout if args.output in (None, "-") else open(args.output, "w", encoding="utf-8", newline="")
     try:
         with _open(args, readonly=True) as db:
-            writer = csv.writer(out, lineterminator="\n") if args.format == "csv" else None
-            if writer is not None:
-                writer.writerow(["key", "code", "meta"])
-            else:
-                header = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "bits": db.bits, "codec": db.codec}
-                out.write(_json_line(header))
-            for key in db:
-                try:
-                    code, meta = db.get(key)
-                except KeyNotFound:  # deleted while we were exporting
-                    continue
-                if writer is not None:
-                    text = "" if meta is None else json.dumps(_finite(meta), sort_keys=True, default=_json_default)
-                    writer.writerow([key, code.hex(), text])
-                else:
-                    out.write(_json_line({"key": key, "code": code.hex(), "meta": meta}))
+            export(db, out, "jsonl" if args.json else args.format)
     finally:
         if out is not sys.stdout:
             out.close()
     return EXIT_OK
 
 
-def _json_line(doc: Any) -> str:
-    return json.dumps(_finite(doc), sort_keys=True, default=_json_default, allow_nan=False) + "\n"
-
-
 def cmd_import(args: argparse.Namespace) -> int:
     """Insert the records of an export (JSON lines or CSV); existing keys are replaced."""
+    from .transfer import import_rows, read_export
+
     items = _split_target(args)
     if len(items) != 1:
         raise UsageError("import takes DB and one FILE ('-' for stdin)")
     source = sys.stdin if items[0] == "-" else _open_text(items[0])
     try:
-        rows = _import_rows(source, args.format)
-        header = next(rows)
+        header, rows = read_export(source, args.format)
         if args.socket is None and not _is_database(args.db) and args.bits is None:
             args.bits = header.get("bits", header.get("bits_guess"))  # the file's width is enough to create it
-        with _open(args, create=True) as db:
-            failed, added, replaced = _import_into(db, rows, header)
+        with _created_only_if_used(args), _open(args, create=True) as db:
+            done = import_rows(db, header, rows, on_error=lambda line: _warn(f"error: {line}"))
     finally:
         if source is not sys.stdin:
             source.close()
+    if done.warning:
+        _warn(f"warning: {done.warning}")
     if args.json:
-        _emit({"imported": added, "replaced": replaced, "failed": failed})
+        _emit({"imported": done.added, "replaced": done.replaced, "failed": done.failed})
     elif not args.quiet:
-        print(f"imported {added} records ({replaced} replaced) into {_shown(args.db or args.socket)}")
-    if failed:
-        _warn(f"{failed} records could not be imported")
+        print(f"imported {done.added} records ({done.replaced} replaced) into {_shown(args.db or args.socket)}")
+    if done.failed:
+        _warn(f"{done.failed} records could not be imported")
         return EXIT_ERROR
     return EXIT_OK
 
@@ -810,108 +802,7 @@ def _open_text(path: str) -> IO[str]:
     try:
         return open(path, encoding="utf-8", newline="")
     except OSError as e:
-        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
-
-
-def _import_rows(source: IO[str], fmt: str) -> Iterator[Any]:
-    """Yields the header (a dict, maybe empty), then (line number, key, code hex, meta or None) per record."""
-    first = source.readline()
-    if fmt == "auto":
-        fmt = "jsonl" if first.lstrip().startswith("{") or not first.strip() else "csv"
-    if fmt == "csv":
-        reader = csv.reader([first, *source] if first else source)
-        head = next(reader, None)
-        if head is None or [h.strip() for h in head[:2]] != ["key", "code"]:
-            raise UsageError("a CSV import starts with the header row key,code[,meta]")
-        rows = list(reader)
-        header: dict[str, Any] = {}
-        if rows and len(rows[0]) >= 2:
-            header["bits_guess"] = len(rows[0][1]) * 4  # CSV states no width: the first code's
-        yield header
-        for number, row in enumerate(rows, start=2):
-            if len(row) < 2:
-                yield number, None, None, f"expected key,code[,meta], got {len(row)} fields"
-                continue
-            text = row[2] if len(row) > 2 else ""
-            try:
-                meta = json.loads(text) if text else None
-            except ValueError as e:
-                yield number, row[0], None, f"meta is not JSON: {e}"
-                continue
-            yield number, row[0], row[1], meta
-        return
-    lines = iter([first, *source])
-    header = {}
-    doc = _json_or_none(first)
-    if isinstance(doc, dict) and doc.get("format") == EXPORT_FORMAT:
-        if doc.get("version") != EXPORT_VERSION:
-            raise UsageError(f"export version {doc.get('version')!r}; this hashdb reads {EXPORT_VERSION}")
-        header = doc
-        next(lines)
-    yield header
-    for number, line in enumerate(lines, start=2 if header else 1):
-        if not line.strip():
-            continue
-        doc = _json_or_none(line)
-        if not isinstance(doc, dict) or not isinstance(doc.get("key"), str) or not isinstance(doc.get("code"), str):
-            yield number, None, None, "expected a JSON object with string 'key' and 'code'"
-            continue
-        yield number, doc["key"], doc["code"], doc.get("meta")
-
-
-def _json_or_none(line: str) -> Any:
-    try:
-        return json.loads(line)
-    except ValueError:
-        return None
-
-
-def _import_into(db: Database, rows: Iterator[Any], header: dict) -> tuple[int, int, int]:
-    from .codes import to_bytes
-    from .db import key_bytes
-
-    if header.get("bits") not in (None, db.bits):
-        raise UsageError(f"the export holds {header['bits']}-bit codes and the database {db.bits}-bit ones")
-    failed = added = replaced = 0
-    keys: list[str] = []
-    codes: list[bytes] = []
-    metas: list[dict | None] = []
-
-    def flush() -> None:
-        nonlocal added, replaced
-        if keys:
-            replaced += sum(key in db for key in keys)
-            added += db.insert_many(keys, codes, metas)
-            keys.clear()
-            codes.clear()
-            metas.clear()
-
-    for number, key, code, meta in rows:
-        try:
-            if key is None or code is None:
-                raise InvalidCode(str(meta))
-            key_bytes(key)
-            if meta is not None and not isinstance(meta, dict):
-                raise InvalidMeta("meta must be an object")
-            raw = to_bytes(code, db.bits)
-        except HashDBError as e:
-            failed += 1
-            _warn(f"error: line {number}: {e}")
-            continue
-        keys.append(key)
-        codes.append(raw)
-        metas.append(meta)
-        if len(keys) >= IMPORT_CHUNK:
-            flush()
-    flush()
-    codec = header.get("codec")
-    if isinstance(codec, dict):
-        stored = db.codec
-        if stored is None:
-            db.set_codec(codec)
-        elif stored != codec:
-            _warn("warning: the export was made with another codec configuration than the database's")
-    return failed, added, replaced
+        raise UsageError(f"cannot read {_shown(path)}: {e.strerror or e}") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
