@@ -627,6 +627,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
         raise UsageError("stats takes no arguments besides DB")
     with _open(args, readonly=True) as db:
         stats = db.stats()
+        codec = db.codec
+    stats.setdefault("codec", codec)  # the configuration the codes were made with, and its copy radius
+    stats.setdefault("copy_radius", _copy_radius(codec))
     if args.json:
         _emit(stats)
     else:
@@ -681,12 +684,27 @@ def cmd_clusters(args: argparse.Namespace) -> int:
         if args.json:
             _emit({"cluster": n, "radius": int(radius), "keys": cluster.keys,
                    "edges": [[a, b, int(d)] for a, b, d in cluster.edges]})  # fmt: skip
-        else:
+        elif args.edges:
             _print_cluster(n, cluster)
+        else:
+            _print_cluster_summary(n, cluster)
     if not args.json:
         models = sum(len(c.keys) for c in clusters)
         print(f"{len(clusters)} cluster{'s' if len(clusters) != 1 else ''} of {models} models within radius {radius}")
     return EXIT_OK if clusters else EXIT_NOT_FOUND
+
+
+def _print_cluster_summary(n: int, cluster: Any) -> None:
+    """One line per cluster: its size, the tightest and loosest edge, and a representative (the model with the
+    most edges: the one the others are copies of, in a star around an original)."""
+    degree: dict[str, int] = {}
+    for a, b, _ in cluster.edges:
+        degree[a] = degree.get(a, 0) + 1
+        degree[b] = degree.get(b, 0) + 1
+    representative = max(cluster.keys, key=lambda k: degree.get(k, 0))
+    distances = [int(d) for _, _, d in cluster.edges]
+    print(f"cluster {n}: {len(cluster.keys)} models, {len(distances)} pairs, distance {min(distances)}-"
+          f"{max(distances)}, representative {_shown(representative)}")  # fmt: skip
 
 
 def _print_cluster(n: int, cluster: Any) -> None:
@@ -830,6 +848,21 @@ def cmd_demo(argv: list[str]) -> int:
 # -- argument parsing ----------------------------------------------------------------------------------
 
 
+EXAMPLES = {
+    "add": "hashdb add models.db --bits 256 zoo/ --workers 4   (again later: only new and changed files are hashed)",
+    "clusters": "hashdb clusters models.db   (--edges lists every pair)",
+    "query": "hashdb query models.db suspect.safetensors suspects/   (a folder: one answer per model)",
+    "delete": "hashdb delete models.db zoo/m0.pt",
+    "get": "hashdb get models.db zoo/m0.pt --json",
+    "list": "hashdb list models.db | head",
+    "stats": "hashdb stats models.db",
+    "export": "hashdb export models.db -o models.jsonl   (or: hashdb export models.db | hashdb add other.db)",
+    "import": "hashdb import other.db models.jsonl",
+    "serve": "hashdb serve models.db --socket /tmp/hashdb.sock",
+    "hash": "hashdb hash zoo/*.pt | hashdb add models.db --bits 256",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser; its subcommand parsers are in ``parser.commands`` (name -> parser)."""
     parser = _Parser(prog="hashdb", description="Find copies of neural-network models among millions.")
@@ -869,6 +902,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--radius", "-r", type=int, help="Hamming radius of an edge (default: the stored copy radius)")
     p.add_argument("--json", action="store_true", help='one JSON object per cluster per line: "keys", "edges"')
     p.add_argument("--ray", metavar="ADDRESS", help="split the self-join into Ray tasks ('local' or 'auto')")
+    p.add_argument("--edges", action="store_true", help="list every model and pair (default: one line per cluster)")
     p.set_defaults(func=cmd_clusters)
 
     usage = "hashdb query (DB | --socket PATH) CODE_OR_MODEL... [--radius R | --knn K] [--json]"
@@ -931,6 +965,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("demo", help="end-to-end demo: train CNNs, copy them, find the copies (see 'hashdb demo -h')",
                    add_help=False)  # fmt: skip
+    for name, example in EXAMPLES.items():
+        sub.choices[name].epilog = f"example: {example}"
     parser.commands = dict(sub.choices)  # type: ignore[attr-defined]
     return parser
 

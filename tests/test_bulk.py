@@ -157,9 +157,15 @@ def test_cli_clusters_json_and_table(zoo, tmp_path, capsys) -> None:  # type: ig
     pairs = {(d["keys"][0], d["keys"][1]) for d in docs if len(d["keys"]) == 2}
     assert (unit_key(zoo / "copy0.pt"), unit_key(zoo / "m0.pt")) in pairs  # each near copy clusters with its original
     assert main(["clusters", db, "--radius", "0"]) == 1  # no two models are equal
+    capsys.readouterr()
     assert main(["clusters", db]) == 0
+    out = capsys.readouterr().out  # a summary: one line per cluster, and the total
+    assert len(out.splitlines()) == len(clusters) + 1 and "within radius" in out
+    assert all(f"{len(c.keys)} models, {len(c.edges)} pairs, distance " in line
+               for c, line in zip(clusters, out.splitlines(), strict=False))  # fmt: skip
+    assert main(["clusters", db, "--edges"]) == 0
     out = capsys.readouterr().out
-    assert "cluster 1:" in out and "distance" in out and "within radius" in out
+    assert "cluster 1:" in out and "key_a" in out and "within radius" in out
     assert main(["clusters", db, "--radius", "-1"]) == 2
     assert main(["clusters", str(tmp_path / "missing")]) == 2  # named like every command's missing DB
     assert "no hashdb database at" in capsys.readouterr().err

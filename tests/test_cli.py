@@ -402,6 +402,11 @@ def test_stats_prints_dates_and_sizes_for_people_and_raw_numbers_in_json(tmp_pat
     assert fields["created"].startswith(time.strftime("%Y-%m-%d", time.localtime(raw["created"])))
     assert re.fullmatch(r"\d+\.\d (KiB|MiB|GiB)", fields["map_size"].strip()), fields["map_size"]
     assert fields["count"].strip() == "1"
+    assert raw["codec"] is None and raw["copy_radius"] is None and fields["copy_radius"].strip() == "None"
+    with HashDB(db) as embedded:
+        embedded.set_codec({"codec": "test", "copy_radius": 9})
+    code, out, _ = cli(capsys, "stats", db)
+    assert code == 0 and "copy_radius  9" in out and "codec:" in out  # the codec shown, nested
 
 
 def test_query_without_radius_uses_the_stored_copy_radius_and_gives_verdicts(models, tmp_path, capsys):
