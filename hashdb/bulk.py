@@ -19,21 +19,12 @@ from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 from .errors import HashDBError, InvalidArgument, ModelFormatError
+from .raycluster import SINGLE_THREAD_ENV, import_ray, ray_init
 
 ENGINES = ("local", "ray", "inline")
 # Seconds one unit may take in a local worker before it counts as a bad file: generous (honest models hash in
 # seconds, docs/scale.md); it stops a file whose parse would never end (issue 17.6).
 FILE_TIMEOUT_S = 300.0
-# Set in every worker before numpy/torch load: N processes x N BLAS threads would oversubscribe the cores,
-# and one thread per worker keeps each code bit-identical to the in-process one.
-SINGLE_THREAD_ENV = {
-    "OMP_NUM_THREADS": "1",
-    "OPENBLAS_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-    "NUMEXPR_NUM_THREADS": "1",
-    "NUMBA_NUM_THREADS": "1",
-}
-RAY_MISSING = "needs the optional 'ray' package: pip install hashdb[ray]"
 RAY_BATCH = 2  # units per actor call: small, so progress streams and a slow model does not stall a batch
 
 
@@ -116,16 +107,22 @@ def hash_units(
             close()
 
 
+def model_error(path: str, exc: BaseException) -> ModelFormatError:
+    """What went wrong hashing ``path``, as one ModelFormatError that names the path once (every front end
+    reports a bad file this way)."""
+    if isinstance(exc, ModelFormatError):
+        return exc if path in str(exc) else ModelFormatError(f"{path}: {exc}")
+    if isinstance(exc, OSError):
+        return ModelFormatError(f"{path}: {exc.strerror or exc}")
+    return ModelFormatError(f"{path}: {type(exc).__name__}: {exc}")
+
+
 def _hash_one(hasher: Any, key: str, path: str) -> BulkResult:
     """Hash one unit; every failure becomes an error result naming the path (one bad file never ends a run)."""
     try:
         return BulkResult(key, path, hasher.hash(path), None)
-    except ModelFormatError as e:
-        return BulkResult(key, path, None, e if path in str(e) else ModelFormatError(f"{path}: {e}"))
-    except OSError as e:
-        return BulkResult(key, path, None, ModelFormatError(f"{path}: {e.strerror or e}"))
-    except (HashDBError, ValueError, RuntimeError, MemoryError) as e:  # a reader's surprise, e.g. torch's
-        return BulkResult(key, path, None, ModelFormatError(f"{path}: {type(e).__name__}: {e}"))
+    except (HashDBError, OSError, ValueError, RuntimeError, MemoryError) as e:  # a reader's surprise, e.g. torch's
+        return BulkResult(key, path, None, model_error(path, e))
 
 
 # ---- local processes --------------------------------------------------------------------------------------
@@ -363,31 +360,6 @@ def _hash_in_processes(
 # ---- Ray ----------------------------------------------------------------------------------------------------
 
 
-def _ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise HashDBError(f"--ray / engine='ray' {RAY_MISSING}") from None
-    return ray
-
-
-def ray_init(address: str | None, num_cpus: int | None = None) -> bool:
-    """Connect to Ray unless already connected; 'local' starts a private local instance. Returns True when
-    this call started the connection (the caller then owns ``ray.shutdown()``)."""
-    ray = _ray()
-    if ray.is_initialized():
-        return False
-    env = {"env_vars": dict(SINGLE_THREAD_ENV)}
-    if address in (None, "auto") or address.startswith("ray://") or ":" in address:
-        ray.init(address=address or "auto", runtime_env=env, log_to_driver=False)
-    elif address == "local":
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=False,
-                 configure_logging=False)  # fmt: skip
-    else:
-        raise InvalidArgument(f"ray address must be 'local', 'auto', host:port or ray://..., got {address!r}")
-    return True
-
-
 class _RayHasher:
     """A Ray actor: builds its ModelHasher once (hashdb.codec and numpy only: no torch, no Ray Data), then
     hashes batches of (key, path) into (key, path, code, error message) tuples."""
@@ -411,7 +383,7 @@ def _hash_on_ray(
 ) -> Iterator[BulkResult]:
     """N plain actors (one CPU each, started with SINGLE_THREAD_ENV), fed RAY_BATCH units at a time with two
     batches in flight per actor, so an actor never waits for the driver; results are yielded as batches end."""
-    ray = _ray()
+    ray = import_ray()
     started = ray_init(address, num_cpus=workers)
     actors: list[Any] = []
     try:
@@ -475,40 +447,3 @@ def _hash_on_ray(
             ray.kill(actor)
         if started:
             ray.shutdown()
-
-
-# ---- Ray self-join ---------------------------------------------------------------------------------------
-
-
-def _join_block(codes: Any, r: int, i0: int, i1: int, j0: int, j1: int) -> tuple[Any, Any, Any]:
-    from .index.join import rectangle_join
-
-    return rectangle_join(codes, r, i0, i1, j0, j1)
-
-
-def ray_self_join(codes: Any, r: int, *, address: str | None = None, block_rows: int | None = None) -> tuple:
-    """``hashdb.index.join.self_join`` on Ray: the (n, words) uint64 codes go once into the object store, and
-    one task per (rows x rows) block with i-block <= j-block returns its pairs. Same answer as the local join."""
-    import numpy as np
-
-    ray = _ray()
-    started = ray_init(address)
-    try:
-        n = int(codes.shape[0])
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        # About 4 blocks per CPU along the triangle, so stragglers do not decide the wall time.
-        step = block_rows or max(1024, -(-n // max(1, int((8 * cpus) ** 0.5 + 0.5))))
-        ref = ray.put(np.ascontiguousarray(codes, dtype=np.uint64))
-        task = ray.remote(num_cpus=1)(_join_block)
-        futures = [
-            task.remote(ref, int(r), a, min(a + step, n), b, min(b + step, n))
-            for a in range(0, n, step)
-            for b in range(a, n, step)
-        ]
-        parts = ray.get(futures)
-    finally:
-        if started:
-            ray.shutdown()
-    if not parts:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int32)
-    return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))

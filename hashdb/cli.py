@@ -155,12 +155,12 @@ class _Hashers:
         if not os.path.exists(path):
             also = f" (and not a {self.bits}-bit hex code)" if or_code else ""
             raise ModelFormatError(f"{_shown(path)}: no such file{also}")
+        from .bulk import model_error
+
         try:
             return self.hasher.hash(path)
-        except ModelFormatError as e:
-            raise ModelFormatError(_shown(str(e) if path in str(e) else f"{path}: {e}")) from None
-        except OSError as e:
-            raise ModelFormatError(f"{_shown(path)}: {e.strerror or e}") from None
+        except (ModelFormatError, OSError) as e:
+            raise ModelFormatError(_shown(str(model_error(path, e)))) from None
 
     def code_or_model(self, text: str) -> tuple[bytes, bool]:
         """(code, came_from_a_model) for a CODE_OR_MODEL argument."""

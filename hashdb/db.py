@@ -483,7 +483,7 @@ class HashDB:
         """Every unordered pair of keys within Hamming distance <= r, once each as (key_a, key_b, distance)
         with key_a < key_b, sorted by (distance, key_a, key_b): an exact self-join of one snapshot (MIH for
         small r, tiled all-pairs popcount for large r; hashdb/index/join.py). ``engine='ray'`` splits it into
-        row blocks computed by Ray tasks (``ray_address`` as in hashdb.bulk.ray_init); same answer."""
+        row blocks computed by Ray tasks (``ray_address`` as in hashdb.raycluster.ray_init); same answer."""
         r = min(_check_int("r", r, 0), self.bits)
         if engine not in JOIN_ENGINES:
             raise InvalidArgument(f"engine must be one of {JOIN_ENGINES}, got {engine!r}")
@@ -492,7 +492,7 @@ class HashDB:
             ids = index.matrix.live_ids()
             codes = index.matrix.codes[ids]
             if engine == "ray":
-                from .bulk import ray_self_join
+                from .index.ray_join import ray_self_join
 
                 a, b, d = ray_self_join(codes, r, address=ray_address)
             else:

@@ -193,7 +193,7 @@ def test_cli_add_on_ray_then_clusters_on_ray_match_local(zoo, tmp_path, ray_loca
 
 
 def test_ray_self_join_blocks_equal_the_local_join(ray_local) -> None:  # type: ignore[no-untyped-def]
-    from hashdb.bulk import ray_self_join
+    from hashdb.index.ray_join import ray_self_join
     from hashdb.index.join import self_join
 
     rng = np.random.default_rng(5)
