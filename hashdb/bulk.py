@@ -87,7 +87,7 @@ def hash_units(
         results = iter(())
     elif engine == "ray":  # results come as actors finish: errors first
         yield from (BulkResult(e.key, e.path, None, e.error) for e in found if not isinstance(e, ModelUnit))
-        yield from _hash_on_ray(units, bits, kwargs, workers, ray_address)
+        yield from _hash_on_ray(units, bits, kwargs, workers, ray_address, _preload)
         return
     elif engine == "inline":
         hasher = ModelHasher(bits, **kwargs)
@@ -364,22 +364,30 @@ class _RayHasher:
     """A Ray actor: builds its ModelHasher once (hashdb.codec and numpy only: no torch, no Ray Data), then
     hashes batches of (key, path) into (key, path, code, error message) tuples."""
 
-    def __init__(self, bits: int, kwargs: dict[str, Any]) -> None:
+    def __init__(self, bits: int, kwargs: dict[str, Any], preload: Sequence[str] = ()) -> None:
         os.environ.update(SINGLE_THREAD_ENV)
+        import importlib
+
+        for module in preload:  # as in the local workers: tests inject reader faults with it
+            importlib.import_module(module)
         from .codec import ModelHasher
 
         self.hasher = ModelHasher(bits, **kwargs)
 
     def hash_batch(self, batch: list[tuple[str, str]]) -> list[tuple[str, str, bytes | None, str | None]]:
-        out = []
+        out: list[tuple[str, str, bytes | None, str | None]] = []
         for key, path in batch:
-            res = _hash_one(self.hasher, key, path)
+            try:
+                res = _hash_one(self.hasher, key, path)
+            except Exception as e:  # noqa: BLE001 - as in the local workers: this unit's error, in one line
+                res = BulkResult(key, path, None, model_error(path, e))
             out.append((res.key, res.path, res.code, str(res.error) if res.error is not None else None))
         return out
 
 
 def _hash_on_ray(
-    units: Sequence[Any], bits: int, kwargs: dict[str, Any], workers: int | None, address: str | None
+    units: Sequence[Any], bits: int, kwargs: dict[str, Any], workers: int | None, address: str | None,
+    preload: Sequence[str] = (),
 ) -> Iterator[BulkResult]:
     """N plain actors (one CPU each, started with SINGLE_THREAD_ENV), fed RAY_BATCH units at a time with two
     batches in flight per actor, so an actor never waits for the driver; results are yielded as batches end."""
@@ -395,51 +403,55 @@ def _hash_on_ray(
             cls = ray.remote(num_cpus=1)(_RayHasher)
         else:
             cls = ray.remote(num_cpus=1, runtime_env={"env_vars": dict(SINGLE_THREAD_ENV)})(_RayHasher)
-        actors = [cls.remote(bits, kwargs) for _ in range(n)]
+        actors = [cls.remote(bits, kwargs, list(preload)) for _ in range(n)]
         items = [(u.key, os.fspath(u.path)) for u in units]
         batches = [items[i : i + RAY_BATCH] for i in range(0, len(items), RAY_BATCH)]
         batches.reverse()  # popped from the end: input order
-        alone: list[list[tuple[str, str]]] = []  # units of a batch whose actor died, retried one per call
-        pending: dict[Any, tuple[Any, list[tuple[str, str]], bool]] = {}  # ref -> (actor, batch, retried alone)
+        # Units of a batch whose actor died, each tried again alone on an actor with nothing else in flight:
+        # one that fails there is the unit that kills actors, and gets one error line (not Ray's report).
+        alone: list[tuple[str, str]] = []
+        pending: dict[Any, tuple[Any, list[tuple[str, str]], bool]] = {}  # ref -> (actor, batch, tried alone)
+
+        def in_flight(actor: Any) -> int:
+            return sum(1 for a, _, _ in pending.values() if a is actor)
 
         def feed(actor: Any) -> None:
-            if alone:
-                batch, solo = alone.pop(), True
-            elif batches:
-                batch, solo = batches.pop(), False
-            else:
-                return
-            pending[actor.hash_batch.remote(batch)] = (actor, batch, solo)
+            """Up to two batches in flight per actor; a unit tried alone has its actor to itself."""
+            while in_flight(actor) < 2:
+                if alone:
+                    if in_flight(actor):
+                        return
+                    unit = alone.pop()
+                    pending[actor.hash_batch.remote([unit])] = (actor, [unit], True)
+                    return
+                if not batches:
+                    return
+                batch = batches.pop()
+                pending[actor.hash_batch.remote(batch)] = (actor, batch, False)
 
-        for _ in range(2):
-            for actor in actors:
-                feed(actor)
+        for actor in actors:
+            feed(actor)
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
             actor, batch, solo = pending.pop(ref)
+            rows: list[tuple[str, str, bytes | None, str | None]] = []
             try:
                 rows = ray.get(ref)
             except ray.exceptions.RayError as e:  # the actor died (a segfault, os._exit, OOM) or raised
-                # Which unit of the batch did it? Each is tried again alone, on a fresh actor; one that fails
-                # alone is that unit's error, in one line, not Ray's multi-line actor report.
-                if actor in actors:
-                    actors.remove(actor)
-                    ray.kill(actor)
-                    actors.append(cls.remote(bits, kwargs))
-                    for stale in [r for r, (a, _, _) in pending.items() if a is actor]:
-                        _, lost, lost_solo = pending.pop(stale)
-                        alone.extend([[item] for item in lost] if not lost_solo else [lost])
-                    actor = actors[-1]
                 if solo:
                     key, path = batch[0]
                     why = type(e).__name__ if isinstance(e, ray.exceptions.RayActorError) else str(e).splitlines()[0]
                     rows = [(key, path, None, f"{path}: the hashing worker died on this file ({why})")]
                 else:
-                    alone.extend([item] for item in reversed(batch))
-                    rows = []
-            feed(actor)
-            if actor is actors[-1] and len(pending) < 2 * len(actors):
-                feed(actor)
+                    alone.extend(reversed(batch))
+                for stale in [r for r, (a, _, _) in pending.items() if a is actor]:  # never ran: try alone
+                    alone.extend(reversed(pending.pop(stale)[1]))
+                if actor in actors:
+                    actors.remove(actor)
+                    ray.kill(actor)
+                    actors.append(cls.remote(bits, kwargs, list(preload)))
+            for idle in actors:
+                feed(idle)
             for key, path, code, error in rows:
                 yield BulkResult(key, path, code, ModelFormatError(error) if error is not None else None)
     finally:

@@ -1,6 +1,7 @@
 """Hashing workers (hashdb.bulk's local engine): a worker that dies, hangs or cannot start is an error for its
 file (or, if it cannot start, for the run), never a hang; workers import this hashdb whatever the current
-directory holds. Faults are injected with a module each worker imports before its hasher (``_preload``)."""
+directory holds. Faults are injected with a module each worker imports before its hasher (``_preload``:
+tests/worker_faults.py)."""
 
 from __future__ import annotations
 
@@ -17,25 +18,6 @@ import pytest
 from hashdb import HashDBError
 from hashdb.bulk import hash_units
 
-FAULTS = '''
-import os, signal, time
-from hashdb.codec import hasher
-
-real = hasher.ModelHasher.hash
-
-def faulty(self, source):
-    name = os.path.basename(str(source))
-    if name.startswith("exit"):
-        os._exit(3)
-    if name.startswith("segv"):
-        os.kill(os.getpid(), signal.SIGSEGV)
-    if name.startswith("slow"):
-        time.sleep(60)
-    return real(self, source)
-
-hasher.ModelHasher.hash = faulty
-'''
-
 
 def models(folder: Path, names: list[str]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
@@ -50,10 +32,10 @@ def faults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """The name of an importable module that makes the hasher die or hang on files named exit*, segv*, slow*."""
     where = tmp_path / "modules"
     where.mkdir()
-    (where / "hashdb_test_faults.py").write_text(FAULTS)
     (where / "hashdb_test_broken.py").write_text("raise ImportError('cannot import name __version__')\n")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(where), os.environ.get("PYTHONPATH", "")]))
-    return "hashdb_test_faults"
+    tests = str(Path(__file__).parent)  # worker_faults.py
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(where), tests, os.environ.get("PYTHONPATH", "")]))
+    return "worker_faults"
 
 
 def outcome(results: list) -> dict[str, str]:  # type: ignore[type-arg]
@@ -102,7 +84,7 @@ def test_bad_timeouts_are_refused(tmp_path: Path) -> None:
 def test_workers_import_this_hashdb_even_beside_a_folder_named_hashdb(tmp_path: Path) -> None:
     """Run from the parent of a clone (a folder named hashdb that is not the installed package), workers
     once imported that folder, died on start-up and were respawned forever."""
-    zoo = models(tmp_path / "zoo", ["a", "b", "c"])
+    models(tmp_path / "zoo", ["a", "b", "c"])
     shadow = tmp_path / "hashdb"
     shadow.mkdir()
     (shadow / "__init__.py").write_text("raise ImportError(\"cannot import name '__version__'\")\n")
@@ -113,7 +95,7 @@ def test_workers_import_this_hashdb_even_beside_a_folder_named_hashdb(tmp_path: 
         results = list(hash_units(["zoo"], workers=2))
         print(sorted((r.key, r.code is not None) for r in results))
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                           cwd=Path(__file__).parent.parent)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == str([("zoo/a.npy", True), ("zoo/b.npy", True), ("zoo/c.npy", True)])
