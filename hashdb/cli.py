@@ -509,7 +509,7 @@ def cmd_query(args: argparse.Namespace) -> int:
                                  "'hashdb add'), so it has no copy radius: give --radius R or --knn K")  # fmt: skip
             radius = copy_radius
         hashers = _Hashers(db.bits)
-        for text, code_or_error in _query_codes(_inputs(inputs), hashers):
+        for text, code_or_error, path in _query_codes(_inputs(inputs), hashers):
             if not isinstance(code_or_error, bytes):  # a bad input: say so, and answer the others
                 failed += 1
                 _warn(f"error: {code_or_error}")
@@ -517,38 +517,64 @@ def cmd_query(args: argparse.Namespace) -> int:
             code = code_or_error
             matches = db.radius(code, radius) if radius is not None else db.knn(code, args.knn)
             found_any = found_any or bool(matches)
+            same = _same_bytes(db, path, matches)
             if args.json:
                 _emit({"query": text, "code": code.hex(), "copy_radius": copy_radius,
-                       "matches": [{"key": key, "distance": int(dist), "verdict": _verdict(dist, copy_radius)}
+                       "matches": [{"key": key, "distance": int(dist), "verdict": _verdict(dist, copy_radius),
+                                    **({"same_bytes": True} if key in same else {})}
                                    for key, dist in matches]})  # fmt: skip
             else:
-                _print_matches(text, matches, copy_radius)
+                _print_matches(text, matches, copy_radius, same)
             sys.stdout.flush()  # each answer is out before a later input can fail
     if failed:
         return EXIT_ERROR
     return EXIT_OK if found_any else EXIT_NOT_FOUND
 
 
-def _query_codes(texts: Iterator[str], hashers: _Hashers) -> Iterator[tuple[str, bytes | HashDBError]]:
-    """(what was asked, its code or the error) per query: a hex code, a model file, or each model unit of a
-    folder of suspects (hashdb.codec.units.expand, asked under its key)."""
+def _query_codes(texts: Iterator[str], hashers: _Hashers) -> Iterator[tuple[str, bytes | HashDBError, str | None]]:
+    """(what was asked, its code or the error, the model's path or None) per query: a hex code, a model file,
+    or each model unit of a folder of suspects (hashdb.codec.units.expand, asked under its key)."""
     from .codec.units import expand
 
     for text in texts:
         if not _is_hex_code(text, hashers.bits) and os.path.isdir(text):
             units, problems = expand([text])
             for problem in problems:
-                yield problem.key, problem.error
+                yield problem.key, problem.error, None
             for unit in units:
                 try:
-                    yield unit.key, hashers.hash_file(os.fspath(unit.path))
+                    yield unit.key, hashers.hash_file(os.fspath(unit.path)), os.fspath(unit.path)
                 except ModelFormatError as e:
-                    yield unit.key, e
+                    yield unit.key, e, None
             continue
         try:
-            yield text, hashers.code_or_model(text)[0]
+            code, from_model = hashers.code_or_model(text)
+            yield text, code, text if from_model else None
         except (ModelFormatError, InvalidCode) as e:
-            yield text, e
+            yield text, e, None
+
+
+def _same_bytes(db: Database, path: str | None, matches: list[Match]) -> set[str]:
+    """The matched keys at distance 0 whose stored file identity has the query file's sha256 (the same
+    bytes, stored under another key or from another folder)."""
+    exact = [key for key, dist in matches if dist == 0]
+    if path is None or not exact:
+        return set()
+    from .ingest import file_identity
+
+    identity = file_identity(path)
+    if identity is None:
+        return set()
+    same = set()
+    for key in exact:
+        try:
+            _, meta = db.get(key)
+        except KeyNotFound:
+            continue
+        stored = meta.get("file") if isinstance(meta, dict) else None
+        if isinstance(stored, dict) and stored.get("sha256") == identity["sha256"]:
+            same.add(key)
+    return same
 
 
 def _verdict(distance: int, copy_radius: int | None) -> str | None:
@@ -557,7 +583,7 @@ def _verdict(distance: int, copy_radius: int | None) -> str | None:
     return "copy" if distance <= copy_radius else "not a copy"
 
 
-def _print_matches(query: str, matches: list[Match], copy_radius: int | None) -> None:
+def _print_matches(query: str, matches: list[Match], copy_radius: int | None, same: set[str] | None = None) -> None:
     within = f" (copy radius {copy_radius})" if copy_radius is not None else ""
     print(f"query {_shown(query)}: {len(matches)} match{'es' if len(matches) != 1 else ''}{within}")
     if not matches:
@@ -565,11 +591,12 @@ def _print_matches(query: str, matches: list[Match], copy_radius: int | None) ->
     if copy_radius is None:
         print(f"  {'distance':>8}  key")
         for key, dist in matches:
-            print(f"  {int(dist):>8}  {_shown(key)}")
+            print(f"  {int(dist):>8}  {_shown(key)}{' (same bytes)' if same and key in same else ''}")
         return
     print(f"  {'distance':>8}  {'verdict':<10}  key")
     for key, dist in matches:
-        print(f"  {int(dist):>8}  {_verdict(dist, copy_radius):<10}  {_shown(key)}")
+        tail = " (same bytes)" if same and key in same else ""
+        print(f"  {int(dist):>8}  {_verdict(dist, copy_radius):<10}  {_shown(key)}{tail}")
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
