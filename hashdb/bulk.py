@@ -37,16 +37,6 @@ class BulkResult(NamedTuple):
     error: ModelFormatError | None
 
 
-def expand_sources(sources: Iterable[Any]) -> tuple[list[Any], list[BulkResult]]:
-    """(units, errors): paths expanded into ModelUnits by ``hashdb.codec.units.expand`` (the one way every
-    front end finds units; ModelUnits pass through); a path that does not exist, an empty folder or an
-    unreadable entry of a folder becomes an error result instead of stopping the others."""
-    from .codec.units import expand
-
-    units, problems = expand(sources)
-    return units, [BulkResult(p.key, p.path, None, p.error) for p in problems]
-
-
 def hash_units(
     sources: Iterable[Any],
     *,
