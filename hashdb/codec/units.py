@@ -153,7 +153,7 @@ def _find(source: str | os.PathLike) -> Iterable[ModelUnit | UnitError]:
         if os.path.islink(path):
             yield _error(source, "a broken symlink")
         else:
-            yield _error(source, "no such file or folder")
+            yield _error(source, "no such file")
         return
     except OSError as exc:
         yield _error(source, f"cannot read ({exc.strerror or exc})")
