@@ -364,7 +364,7 @@ def cmd_add(args: argparse.Namespace) -> int:
             except (InvalidCode, InvalidMeta) as e:  # a bad line of piped input: name it, add the others
                 failed += 1
                 _warn(f"error: {e}")
-        ingest = Ingest(db, meta=user_meta, incremental=not args.rehash)
+        ingest = Ingest(db, meta=user_meta, incremental=not args.rehash and args.key is None)  # --key: always
         progress = Progress(0, "models", enabled=False if args.quiet else None)
         outcomes = ingest.run(sources, workers=args.workers, engine="ray" if args.ray else "local",
                               ray_address=args.ray, timeout=args.timeout)  # fmt: skip

@@ -209,3 +209,36 @@ def test_keys_and_errors_with_control_characters_print_escaped(
     assert json.loads(out)["key"] == "evil\n  999  forged\x1b[2J"  # --json stays exact
     code, _, err = cli(capsys, "hash", str(tmp_path / "no\x1b[31mfile.npz"))
     assert code == 2 and "\x1b" not in err and "\\x1b[31m" in err and len(err.strip().splitlines()) == 1
+
+
+# -- CLI niceties ---------------------------------------------------------------------------------------------
+
+
+def test_every_command_help_ends_with_an_example() -> None:
+    from hashdb.cli import build_parser
+
+    commands = build_parser().commands  # type: ignore[attr-defined]
+    for name, parser in commands.items():
+        if name != "demo":  # the demo parses its own arguments
+            assert f"example: hashdb {name} " in " ".join(parser.format_help().split()), name
+
+
+def test_reading_inputs_from_a_terminal_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+
+    from hashdb.cli import _inputs
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert list(_inputs([], Terminal("a\n\nb\n"))) == ["a", "b"]
+    assert "reading inputs from the terminal" in capsys.readouterr().err
+    assert list(_inputs([], io.StringIO("a\n"))) == ["a"]  # a pipe: nothing said
+    assert capsys.readouterr().err == ""
+
+
+def test_add_key_of_a_model_always_stores_it(zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(capsys, "add", "db", "--bits", "256", "--key", "k", "zoo/m0.npz")[0] == 0
+    code, out, _ = cli(capsys, "add", "db", "--key", "k", "zoo/m0.npz")
+    assert code == 0 and out.startswith("replaced ")
