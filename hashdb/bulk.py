@@ -1,14 +1,15 @@
-"""Bulk work: hash many models on all local cores or on a Ray cluster, and self-join codes on Ray.
+"""Bulk hashing: many models on all local cores or on a Ray cluster.
 
-``hash_units(sources, workers=N)`` expands paths into model units (``hashdb.codec.units.find_units``: folders
+``hash_units(sources, workers=N)`` expands paths into model units (``hashdb.codec.units.expand``: folders
 are walked, a Hugging Face folder is one unit), hashes them in N worker processes (or Ray actors with
 ``engine="ray"``) and yields one ``BulkResult`` per unit. Workers only read files and return codes; the caller
-is the single writer, so a database stays one consistent LMDB environment (the CLI's ``hashdb add`` commits
-what this yields in batches). Codes are identical whatever the engine and N: every worker runs the same
-``ModelHasher`` with one BLAS/OpenMP thread.
+is the single writer, so a database stays one consistent LMDB environment (``hashdb.ingest`` commits what
+this yields in chunks). Codes are identical whatever the engine and N: every worker runs the same
+``ModelHasher`` with one BLAS/OpenMP thread. A worker that dies or passes the per-file time limit is an error
+for its unit, never a hang (docs/scale.md).
 
 Order: the local engine yields in input order (a slow model holds later results back, not the workers); Ray
-yields as actors finish. Keys, not order, identify results.
+yields as actors finish. Keys, not order, identify results. The self-join on Ray is hashdb.index.ray_join.
 """
 
 from __future__ import annotations

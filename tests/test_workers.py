@@ -99,3 +99,22 @@ def test_workers_import_this_hashdb_even_beside_a_folder_named_hashdb(tmp_path: 
                           cwd=Path(__file__).parent.parent)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == str([("zoo/a.npy", True), ("zoo/b.npy", True), ("zoo/c.npy", True)])
+
+
+def test_a_pickle_that_segfaults_its_reader_is_one_bad_file_for_add_and_hash(tmp_path: Path) -> None:
+    """Issue 17.1: a 300 KB pickle whose dict key is a tuple nested 300,000 deep crashed every process that
+    hashed it (CPython's tuple hash recurses without a guard), and `add` with the pool never finished. Now
+    the file is an error (its worker died, or the unpickler refuses the depth) and the others are added."""
+    from frontend_helpers import run_cli
+
+    zoo = models(tmp_path / "zoo", ["m0", "m1", "m2"])
+    (zoo / "bomb.pt").write_bytes(b"\x80\x02})" + b"\x85" * 300_000 + b"Ns.")
+    db = str(tmp_path / "db")
+    done = run_cli("add", db, "--bits", "256", str(zoo), "--workers", "2", timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    [error] = [line for line in done.stderr.splitlines() if line.startswith("hashdb: error:")]
+    assert "bomb.pt" in error
+    assert sorted(line.split()[-1].rsplit("/", 1)[-1] for line in done.stdout.splitlines()) == [
+        "m0.npy", "m1.npy", "m2.npy"]  # fmt: skip
+    hashed = run_cli("hash", str(zoo / "bomb.pt"), str(zoo / "m0.npy"), timeout=120)
+    assert hashed.returncode == 2 and "bomb.pt" in hashed.stderr and len(hashed.stdout.splitlines()) == 1
