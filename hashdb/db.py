@@ -319,6 +319,13 @@ class HashDB:
         return add_models(self, sources, workers=workers, engine=engine, ray_address=ray_address, meta=meta,
                           incremental=incremental, timeout=timeout)  # fmt: skip
 
+    def check_codec(self, config: dict[str, Any]) -> str | None:
+        """Record ``config`` as the database's codec if it holds none; return a warning when it holds another
+        (the one set-or-warn rule of add, import and ``export | add``: hashdb.ingest.check_codec)."""
+        from .ingest import check_codec
+
+        return check_codec(self, config)
+
     def delete(self, key: str) -> bool:
         """Delete ``key``; False if it was absent."""
         return self.delete_many([key]) == 1

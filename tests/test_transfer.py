@@ -72,3 +72,11 @@ def test_export_json_is_json_lines_and_conflicts_with_csv(tmp_path: Path, capsys
     assert lines[0]["format"] == "hashdb-export" and [d["key"] for d in lines[1:]] == ["k0", "k1", "k2", "k3"]
     assert main(["export", db, "--json", "--format", "csv"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_the_codec_is_set_once_and_another_one_warns(tmp_path: Path) -> None:
+    with HashDB(tmp_path / "db", bits=256) as db:
+        assert db.check_codec(CODEC) is None and db.codec == CODEC
+        assert db.check_codec(CODEC) is None
+        assert "another codec configuration" in (db.check_codec({**CODEC, "copy_radius": 10}) or "")
+        assert db.codec == CODEC  # the first one stays
