@@ -119,10 +119,13 @@ def _hash_one(hasher: Any, key: str, path: str) -> BulkResult:
 # ---- local processes --------------------------------------------------------------------------------------
 
 # A worker is a fresh interpreter, not a fork: it inherits neither this process's thread pools nor its LMDB
-# handles. Its first step puts the directory of *this* process's hashdb first on sys.path and drops the
-# current directory, so a folder named "hashdb" where the command runs (a clone's parent) cannot shadow it.
+# handles. Its first step drops the current directory from sys.path and makes sure the directory of *this*
+# process's hashdb is on it (first, if it was not there already: site-packages keeps its place), so a folder
+# named "hashdb" where the command runs (a clone's parent) cannot shadow the installed package.
 _WORKER_BOOT = (
-    "import sys; root = sys.argv[1]; sys.path[:] = [root] + [p for p in sys.path if p not in ('', root)]; "
+    "import os, sys; root = sys.argv[1]; cwd = os.getcwd(); "
+    "path = [p for p in sys.path if p not in ('', '.', cwd)]; "
+    "sys.path[:] = path if root in path else [root, *path]; "
     "from hashdb.bulk import _worker_main; _worker_main()"
 )
 _STDERR_TAIL = 4096  # bytes of a worker's stderr kept to explain a worker that cannot start
