@@ -379,6 +379,14 @@ class _RayHasher:
         return out
 
 
+def _actor_start_error(error: BaseException) -> str:
+    """The one line that says why an actor's constructor failed (the last "Name: message" line of Ray's
+    multi-line report)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    named = [ln for ln in lines if ln.split(":", 1)[0].endswith(("Error", "Exception"))]
+    return (named or lines or [type(error).__name__])[-1]
+
+
 def _hash_on_ray(
     units: Sequence[Any], bits: int, kwargs: dict[str, Any], workers: int | None, address: str | None,
     preload: Sequence[str] = (),
@@ -432,6 +440,8 @@ def _hash_on_ray(
             try:
                 rows = ray.get(ref)
             except ray.exceptions.RayError as e:  # the actor died (a segfault, os._exit, OOM) or raised
+                if "creation task" in str(e):  # its constructor failed: no actor will start, so the run ends
+                    raise HashDBError(f"a Ray hashing actor could not start: {_actor_start_error(e)}") from None
                 if solo:
                     key, path = batch[0]
                     why = type(e).__name__ if isinstance(e, ray.exceptions.RayActorError) else str(e).splitlines()[0]

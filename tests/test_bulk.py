@@ -217,6 +217,13 @@ def test_a_ray_actor_that_dies_is_one_error_line_for_its_file_and_the_rest_are_h
             assert result.code == expected[key] and result.error is None
 
 
+def test_ray_actors_that_cannot_start_end_the_run_in_one_line(ray_local, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    np.save(tmp_path / "a.npy", np.ones((8, 4, 3, 3), np.float32))
+    with pytest.raises(HashDBError, match="Ray hashing actor could not start: .*No module named") as e:
+        list(hash_units([tmp_path], engine="ray", workers=1, _preload=["hashdb_no_such_module"]))
+    assert "\n" not in str(e.value)
+
+
 def test_ray_self_join_blocks_equal_the_local_join(ray_local) -> None:  # type: ignore[no-untyped-def]
     from hashdb.index.join import self_join
     from hashdb.index.ray_join import ray_self_join
