@@ -190,6 +190,7 @@ def planted_codes(n: int, seed: int) -> np.ndarray:
 
 
 def bench_join(n: int, slab: int, naive_slab: int, rows: list[str], facts: dict[str, float]) -> None:
+    from bench.naive_join import naive_pairs_count
     from hashdb.index import join
 
     codes = planted_codes(n, 1)
@@ -197,7 +198,7 @@ def bench_join(n: int, slab: int, naive_slab: int, rows: list[str], facts: dict[
     for method in ("mih", "blocked"):  # compile outside the timings
         join.self_join(small, 16, method)
     join.rectangle_join(small, COPY_RADIUS_256, 0, 64, 0, 4096)
-    join.naive_pairs_count(small, COPY_RADIUS_256, 0, 8)
+    naive_pairs_count(small, COPY_RADIUS_256, 0, 8)
     all_pairs = n * (n - 1) / 2
 
     rows.append(f"Self-join: N = {n:,} x 256 bits (1% planted near copies), numba threads "
@@ -209,7 +210,7 @@ def bench_join(n: int, slab: int, naive_slab: int, rows: list[str], facts: dict[
     # The naive loop on a slab of rows against all N: the per-pair cost at this N (memory traffic included).
     def naive_ns_per_pair(r: int) -> float:
         t0, c0 = time.perf_counter(), time.process_time()
-        join.naive_pairs_count(codes, r, 0, naive_slab)
+        naive_pairs_count(codes, r, 0, naive_slab)
         work = sum(n - 1 - i for i in range(naive_slab))
         cpu[f"naive{r}"] = (time.process_time() - c0) / work * 1e9
         return (time.perf_counter() - t0) / work
