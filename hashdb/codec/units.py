@@ -4,6 +4,9 @@ A unit is a model file, or a folder that is one model: a Hugging Face style fold
 weight files, or an ``*.index.json`` with its shards), or a snapshot of the Hugging Face cache
 (``models--ORG--NAME/snapshots/REV/``). A folder of many models yields one unit per model, walked in sorted
 order; files with no model suffix (README, tokenizer files, images) and hidden folders are passed over.
+Only regular files count (through symlinks): a FIFO, a device or a symlink loop named like a model is an
+error naming it, never opened; symlinked folders are not walked (no cycles). ``expand(paths)`` is the one
+way every front end (library, CLI, workers) turns paths into units and errors.
 
 Keys (one rule everywhere: library, CLI, workers): a unit's key is its path, normalized, relative to the
 current directory when it lies inside it and absolute otherwise, with '/' separators, so ``./C.pt``,
