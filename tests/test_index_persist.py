@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from db_helpers import brute_knn, brute_radius, random_codes
 
-import hashdb.db as hashdb_db
+import hashdb.live_index as hashdb_db  # the index lifecycle and its constants
 from hashdb import HashDB
 from hashdb.index import persist
 

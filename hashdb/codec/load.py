@@ -181,17 +181,33 @@ _HF_SINGLE = ("model.safetensors", "pytorch_model.bin", "diffusion_pytorch_model
               "pytorch_model.pt", "flax_model.msgpack", "tf_model.h5", "model.onnx")  # fmt: skip
 
 
+def _check_inside(shard: Path, folder: Path) -> None:
+    """Refuse a shard that is (a symlink to) a file outside the model folder: reading it would hash, and its
+    errors quote, a file the folder does not hold. A Hugging Face cache snapshot's links into its repo's
+    blobs/ folder stay inside (the repo folder is the bound there)."""
+    from .units import _hf_cache_repo
+
+    bound = folder.resolve()
+    if _hf_cache_repo(folder.absolute()) is not None:
+        bound = bound.parent.parent  # models--ORG--NAME/ holds snapshots/REV and blobs/
+    target = shard.resolve()
+    if target != bound and bound not in target.parents:
+        raise ModelFormatError(f"{folder}: shard {shard.name} links to a file outside the model folder")
+
+
 def folder_weight_files(folder: Path) -> list[Path]:
     """The weight files of a one-model folder: the shards its index names, or its single weight file."""
-    from .units import format_folder_weights
+    from .units import format_folder_weights, is_regular_file
 
     special = format_folder_weights(folder)  # SavedModel, TF checkpoint folder, .mlpackage, Paddle inference
     if special is not None:
         return special
-    indexes = sorted(folder.glob("*.index.json"), key=lambda p: (".safetensors." not in p.name, p.name))
+    # Only regular files: a FIFO would block the read forever and a symlink to /dev/zero never end it.
+    indexes = sorted((p for p in folder.glob("*.index.json") if is_regular_file(p)),
+                     key=lambda p: (".safetensors." not in p.name, p.name))  # fmt: skip
     for index in indexes:
         try:
-            with open(index, "rb") as f:  # never more than a JSON document may hold (a link to /dev/zero)
+            with open(index, "rb") as f:  # never more than a JSON document may hold (a file still growing)
                 data = f.read(MAX_JSON_BYTES + 1)
             weight_map = parse_json(data, "shard index").get("weight_map")
         except (OSError, ValueError, AttributeError) as exc:
@@ -204,16 +220,21 @@ def folder_weight_files(folder: Path) -> list[Path]:
             if not rel or os.path.isabs(rel) or rel.startswith(".."):
                 raise ModelFormatError(f"{index}: shard {shown(name)} lies outside the folder")
             shards.append(folder / rel)
-        missing = [s.name for s in shards if not s.is_file()]
+        missing = [s.name for s in shards if not is_regular_file(s)]
         if missing:
             raise ModelFormatError(f"{index}: missing shard(s) {', '.join(missing[:3])}")
+        for shard in shards:
+            _check_inside(shard, folder)
         return shards
     for name in _HF_SINGLE:
-        if (folder / name).is_file():
+        if is_regular_file(folder / name):
+            _check_inside(folder / name, folder)
             return [folder / name]
     from .units import MODEL_SUFFIXES
 
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in MODEL_SUFFIXES)
+    files = sorted(p for p in folder.iterdir() if is_regular_file(p) and p.suffix.lower() in MODEL_SUFFIXES)
+    for file in files:
+        _check_inside(file, folder)
     if files:
         suffix = files[0].suffix.lower()  # unindexed shards of one format: model-00001-of-00002.safetensors ...
         return [p for p in files if p.suffix.lower() == suffix]

@@ -9,6 +9,9 @@ images) and hidden folders are passed over.
 A model in two files is one unit, its graph or weights file: OpenVINO ``.xml`` (+ ``.bin``), ncnn ``.param``
 (+ ``.bin``), Darknet ``.weights`` (+ ``.cfg``), MXNet ``.params`` (+ ``-symbol.json``); the reader finds the
 other file beside it, and the ``.bin`` of a pair is never a unit of its own.
+Only regular files count (through symlinks): a FIFO, a device or a symlink loop named like a model is an
+error naming it, never opened; symlinked folders are not walked (no cycles). ``expand(paths)`` is the one
+way every front end (library, CLI, workers) turns paths into units and errors.
 
 Keys (one rule everywhere: library, CLI, workers): a unit's key is its path, normalized, relative to the
 current directory when it lies inside it and absolute otherwise, with '/' separators, so ``./C.pt``,
@@ -19,6 +22,7 @@ names, ``ORG/NAME@REV``.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
@@ -64,6 +68,23 @@ def _hf_cache_repo(path: Path) -> str | None:
     return None
 
 
+class UnitError(NamedTuple):
+    """A source, or an entry of a walked folder, that is no model unit: its key, its path and why."""
+
+    key: str
+    path: str
+    error: ModelFormatError
+
+
+def is_regular_file(path: str | os.PathLike) -> bool:
+    """True for a regular file (through symlinks): never a FIFO, a device such as /dev/zero, or a symlink loop,
+    which would hang or never end a read."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 def is_model_folder(path: Path) -> bool:
     """True for a folder that holds one model (Hugging Face layout, sharded or not, or a format_folder_weights one)."""
     if _hf_cache_repo(path) is not None:
@@ -71,7 +92,7 @@ def is_model_folder(path: Path) -> bool:
     if format_folder_weights(path) is not None:
         return True
     try:
-        names = [e.name for e in os.scandir(path) if e.is_file()]
+        names = [e.name for e in os.scandir(path) if is_regular_file(e.path)]
     except OSError:
         return False
     if any(n.endswith(".index.json") for n in names):
@@ -132,19 +153,78 @@ def _latest_checkpoint(state: Path) -> str | None:
 def find_units(source: str | os.PathLike) -> list[ModelUnit]:
     """The model units at ``source`` (a file, a one-model folder, or a folder of models), keys per the rule above.
 
-    Raises ModelFormatError when ``source`` does not exist; a folder with no model in it yields [].
+    Raises ModelFormatError when ``source`` does not exist; a folder with no model in it yields [], and an
+    entry that cannot be read (a symlink loop, an unreadable subfolder) is passed over (``expand`` names it).
     """
+    units: list[ModelUnit] = []
+    for found in _find(source):
+        if isinstance(found, UnitError):
+            if found.path == os.fspath(source):
+                raise found.error
+            continue
+        units.append(found)
+    return units
+
+
+def expand(sources: Iterable[str | os.PathLike | ModelUnit | UnitError]) -> tuple[list[ModelUnit], list[UnitError]]:
+    """The one way every front end turns paths into model units: (units, errors), each in input order.
+
+    A file is one unit (whatever its suffix); a folder is walked (find_units). A path that does not exist, a
+    folder with no model in it, and an entry of a folder that cannot be read (a symlink loop, a FIFO named
+    like a model) are errors naming the path; the other units are still found. ModelUnits (and UnitErrors)
+    pass through.
+    """
+    found = expand_in_order(sources)
+    return [u for u in found if isinstance(u, ModelUnit)], [e for e in found if isinstance(e, UnitError)]
+
+
+def expand_in_order(sources: Iterable[str | os.PathLike | ModelUnit | UnitError]) -> list[ModelUnit | UnitError]:
+    """``expand``'s units and errors as one list in input order (for output that follows the input)."""
+    out: list[ModelUnit | UnitError] = []
+    for source in sources:
+        if isinstance(source, ModelUnit | UnitError):
+            out.append(source)
+            continue
+        before = len(out)
+        out.extend(_find(source))
+        if len(out) == before and os.path.isdir(source):
+            error = ModelFormatError(f"{_shown(source)}: no model files found in the folder")
+            out.append(UnitError(unit_key(source), os.fspath(source), error))
+    return out
+
+
+def _shown(path: str | os.PathLike) -> str:
+    from ..text import shown
+
+    return shown(os.fspath(path))
+
+
+def _error(path: str | os.PathLike, why: str) -> UnitError:
+    return UnitError(unit_key(path), os.fspath(path), ModelFormatError(f"{_shown(path)}: {why}"))
+
+
+def _find(source: str | os.PathLike) -> Iterable[ModelUnit | UnitError]:
     path = Path(source)
-    if path.is_file():
-        return [ModelUnit(unit_key(path), path)]
-    if not path.exists():
-        raise ModelFormatError(f"{source}: no such file or folder")
-    if not path.is_dir():
-        raise ModelFormatError(f"{source}: not a file or a folder")
-    return list(_walk(path))
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            yield _error(source, "a broken symlink")
+        else:
+            yield _error(source, "no such file")
+        return
+    except OSError as exc:
+        yield _error(source, f"cannot read ({exc.strerror or exc})")
+        return
+    if stat.S_ISREG(mode):
+        yield ModelUnit(unit_key(path), path)
+    elif stat.S_ISDIR(mode):
+        yield from _walk(path)
+    else:
+        yield _error(source, "not a regular file or a folder")
 
 
-def _walk(folder: Path) -> Iterable[ModelUnit]:
+def _walk(folder: Path) -> Iterable[ModelUnit | UnitError]:
     if is_model_folder(folder):
         yield ModelUnit(unit_key(folder), folder)
         return
@@ -156,14 +236,27 @@ def _walk(folder: Path) -> Iterable[ModelUnit]:
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as exc:
-        raise ModelFormatError(f"{folder}: cannot list folder ({exc.strerror or exc})") from None
+        yield _error(folder, f"cannot list folder ({exc.strerror or exc})")
+        return
     for entry in entries:
         if entry.name.startswith("."):
             continue
         path = Path(entry.path)
-        if entry.is_dir(follow_symlinks=False):
+        if entry.is_dir(follow_symlinks=False):  # symlinked folders are not walked: no cycles
             yield from _walk(path)
-        elif entry.is_file() and path.suffix.lower() in MODEL_SUFFIXES and _looks_like_a_model(path):
+            continue
+        if path.suffix.lower() not in MODEL_SUFFIXES:
+            continue
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:  # a symlink loop or a dangling link named like a model: name it, go on
+            yield _error(path, f"skipped: cannot read ({exc.strerror or exc})")
+            continue
+        if not stat.S_ISREG(mode):
+            if not stat.S_ISDIR(mode):
+                yield _error(path, "skipped: not a regular file")
+            continue
+        if _looks_like_a_model(path):
             yield ModelUnit(unit_key(path), path)
 
 

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-FORCES = (None, "mih", "bktree", "scan")
+from .contract import FORCES  # noqa: F401 - re-exported: defined once, in contract.py
+
 SCAN_CHUNK = 1 << 16  # rows per numpy pass: the chunk is checked, then read again while still in cache
 # A probe costs numpy about what verifying this many rows of a scan does; past that, the scan answers.
 PROBE_ROWS = 40
