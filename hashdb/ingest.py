@@ -9,9 +9,10 @@ was hashed, yields it, then re-raises. The codec configuration is recorded in th
 models are hashed into it, or checked against the stored one (``check_codec``).
 
 Each entry hashed from a file stores the file's identity in ``meta["file"]``: size, mtime_ns, sha256 of its
-bytes, format, and a fingerprint of the codec configuration that made the code. A later add of the same key
-skips the file when size, mtime and codec still match (``Outcome.status == "unchanged"``), and an entry whose
-bytes equal another key's says so (``Outcome.same_content``).
+bytes (with the other file of a pair and a folder's files: ``units.unit_files``), format, and a fingerprint of
+the codec configuration that made the code. A later add of the same key skips the file when size, mtime and
+codec still match (``Outcome.status == "unchanged"``), and an entry whose bytes equal another key's says so
+(``Outcome.same_content``).
 """
 
 from __future__ import annotations
@@ -74,26 +75,26 @@ def codec_fingerprint(config: dict[str, Any]) -> str:
 
 
 def file_identity(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """size, mtime_ns and sha256 of a model file, or of a one-model folder's regular files (names and bytes,
-    in sorted order); None when it cannot be read (hashing it then names the problem)."""
+    """size, mtime_ns and sha256 of a model unit's files (units.unit_files: a file with the other file of its
+    pair, or a one-model folder's regular files; names and bytes, in sorted order); None when it cannot be
+    read (hashing it then names the problem)."""
+    from .codec.units import unit_files
+
     path = os.fspath(path)
     try:
         st = os.stat(path)
-        if stat.S_ISREG(st.st_mode):
-            files = [path]
-        elif stat.S_ISDIR(st.st_mode):
-            files = sorted(e.path for e in os.scandir(path) if not e.name.startswith(".") and _regular(e.path))
-        else:
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             return None
+        files = unit_files(path)
         digest = hashlib.sha256()
         size = mtime = 0
-        for name in files:
-            with open(name, "rb") as f:
+        for file in files:
+            with open(file, "rb") as f:
                 fst = os.fstat(f.fileno())
                 size += fst.st_size
                 mtime = max(mtime, fst.st_mtime_ns)
                 if len(files) > 1:
-                    digest.update(os.path.basename(name).encode("utf-8", "surrogateescape") + b"\0")
+                    digest.update(_role(file, path, files[0]).encode("utf-8", "surrogateescape") + b"\0")
                 while block := f.read(_READ_BLOCK):
                     digest.update(block)
     except OSError:
@@ -101,27 +102,28 @@ def file_identity(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     return {"size": size, "mtime_ns": mtime, "sha256": digest.hexdigest()}
 
 
-def _regular(path: str) -> bool:
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:
-        return False
+def _role(file: Path, unit: str, first: Path) -> str:
+    """What names a file in a unit's digest: its path inside a folder unit; for a file and its pair, the
+    part of its name after what it shares with the unit's own name (``xml``, ``bin``), so a renamed copy of a
+    pair digests alike."""
+    if os.path.isdir(unit):
+        return file.relative_to(unit).as_posix()
+    return file.name[len(os.path.commonprefix([first.name, file.name])) :] if file != first else ""
 
 
 def _unchanged(stored: dict[str, Any] | None, path: str, fingerprint: str) -> bool:
     """True when the entry's stored file identity matches the file now (size and mtime: no read needed)."""
     if not isinstance(stored, dict) or stored.get("codec") != fingerprint:
         return False
+    from .codec.units import unit_files
+
     try:
-        st = os.stat(path)
-        if stat.S_ISDIR(st.st_mode):
-            names = [e.path for e in os.scandir(path) if not e.name.startswith(".") and _regular(e.path)]
-            stats = [os.stat(n) for n in names]
-            size, mtime = sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)
-        else:
-            size, mtime = st.st_size, st.st_mtime_ns
+        stats = [os.stat(file) for file in unit_files(path)]
     except OSError:
         return False
+    if not stats:
+        return False
+    size, mtime = sum(s.st_size for s in stats), max(s.st_mtime_ns for s in stats)
     return bool(stored.get("size") == size and stored.get("mtime_ns") == mtime)
 
 

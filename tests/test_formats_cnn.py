@@ -21,10 +21,11 @@ from cnn_format_writers import (
     torch_layers,
 )
 from formats_fixtures import make_cnn
+from formats_writers import tf_checkpoint
 
 from hashdb.codec import ModelHasher
 from hashdb.codec.load import load_tensors, sniff_format
-from hashdb.codec.units import find_units
+from hashdb.codec.units import find_units, unit_files
 from hashdb.errors import ModelFormatError
 
 
@@ -120,6 +121,20 @@ def test_pairs_are_one_unit_keyed_by_their_graph_or_weights_file(
     keys = [u.key for u in find_units(tmp_path)]
     assert keys == sorted(str(p.relative_to(tmp_path)) for p in files.values())
     assert not any(k.endswith(".bin") for k in keys)
+
+
+def test_a_pair_unit_names_both_files_for_its_identity(tmp_path: Path) -> None:
+    # an incremental add compares these files' sizes and times: the weights half of a pair must be among them
+    write_all(tmp_path, numpy_sd(make_cnn(2)))
+    (tmp_path / "darknet" / "yolo.weights").rename(tmp_path / "darknet" / "tiny.weights")  # the folder's only .cfg
+    for unit in find_units(tmp_path):
+        files = unit_files(unit.path)
+        assert files[0] == unit.path and sorted(files) == sorted(unit.path.parent.iterdir()), unit.key
+    tf = tmp_path / "tf"
+    tf.mkdir()
+    tf_checkpoint(tf / "ckpt-1", {"a": np.zeros(3, np.float32)}, num_shards=2)
+    index, shards = tf / "ckpt-1.index", sorted(tf.glob("ckpt-1.data-*"))
+    assert len(shards) == 2 and unit_files(index) == [index, *shards] and unit_files(shards[1])[0] == shards[1]
 
 
 def test_quantized_and_half_storage_dequantize_close_to_the_float_weights(tmp_path: Path, hasher: ModelHasher) -> None:

@@ -11,10 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cnn_format_writers import openvino_files, torch_layers
+from formats_writers import keras_names, tf_checkpoint
 from frontend_helpers import run_cli
 
 from hashdb import HashDB
 from hashdb.cli import main
+from hashdb.codec import ModelHasher
 from hashdb.codec.units import expand, find_units
 
 BITS = 256
@@ -64,6 +67,43 @@ def test_add_models_stores_codes_and_file_identity_and_skips_unchanged_files(zoo
         assert db.get("zoo/m1.npz")[0] == changed["zoo/m1.npz"].code
         forced = list(db.add_models([zoo], workers=1, incremental=False))
         assert [o.status for o in forced] == ["replaced"] * 3
+
+
+def _layers_sd(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"c1.weight": rng.standard_normal((16, 3, 3, 3)).astype(np.float32),
+            "c2.weight": rng.standard_normal((16, 16, 3, 3)).astype(np.float32)}  # fmt: skip
+
+
+def test_a_changed_weights_file_of_a_pair_or_a_nested_folder_is_hashed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An OpenVINO unit is its .xml, its weights are the .bin beside it; a SavedModel's weights lie under
+    # variables/. Both must count in the stored identity, or a changed model reads as "unchanged".
+    monkeypatch.chdir(tmp_path)
+    ov, other, saved = tmp_path / "zoo" / "ov", tmp_path / "other", tmp_path / "zoo" / "saved"
+    for folder in (ov, other, saved / "variables"):
+        folder.mkdir(parents=True)
+    xml, weights = openvino_files(ov, torch_layers(_layers_sd(1)))
+    other_xml, other_weights = openvino_files(other, torch_layers(_layers_sd(2)))
+    assert xml.read_bytes() == other_xml.read_bytes() and weights.read_bytes() != other_weights.read_bytes()
+    (saved / "saved_model.pb").write_bytes(b"\x08\x01graph, not read")
+    tf_checkpoint(saved / "variables" / "variables", keras_names(_layers_sd(3), optimizer=False))
+    with HashDB(tmp_path / "db", bits=BITS) as db:
+        first = sorted((o.key, o.status) for o in db.add_models(["zoo"], workers=1))
+        assert first == [("zoo/ov/model.xml", "added"), ("zoo/saved", "added")]
+        assert [o.status for o in db.add_models(["zoo"], workers=1)] == ["unchanged"] * 2
+        later = time.time_ns() + 10**9
+        weights.write_bytes(other_weights.read_bytes())  # the same size: only the weights differ
+        os.utime(weights, ns=(later, later))
+        tf_checkpoint(saved / "variables" / "variables", keras_names(_layers_sd(4), optimizer=False))
+        for data in (saved / "variables").iterdir():
+            os.utime(data, ns=(later, later))
+        changed = {o.key: o for o in db.add_models(["zoo"], workers=1)}
+        assert {k: o.status for k, o in changed.items()} == {"zoo/ov/model.xml": "replaced", "zoo/saved": "replaced"}
+        hasher = ModelHasher(BITS)
+        assert db.get("zoo/ov/model.xml")[0] == hasher.hash(other_xml)
+        assert db.get("zoo/saved")[0] == hasher.hash(saved)
 
 
 def test_identical_bytes_under_another_key_are_named(zoo: Path, tmp_path: Path,

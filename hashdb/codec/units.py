@@ -150,6 +150,60 @@ def _latest_checkpoint(state: Path) -> str | None:
     return os.path.basename(match.group(1).replace("\\", "/")) if match else None
 
 
+def unit_files(path: str | os.PathLike) -> list[Path]:
+    """Every regular file a unit's code is read from, the unit's own first (for its identity: an incremental
+    add must see a change to any of them; reading goes through the readers). A file comes with the other
+    file of its pair when that lies beside it (OpenVINO ``.xml``/``.bin``, ncnn ``.param``/``.bin``, Darknet
+    ``.weights``/``.cfg``, MXNet ``.params``/``-symbol.json``, Paddle ``.pdiparams``/``.pdmodel``) and a
+    TensorFlow ``.index`` with its data shards; a one-model folder gives its regular files, and a folder of
+    another layout (format_folder_weights: a SavedModel's ``variables/``, an ``.mlpackage``'s weights) those
+    of its subfolders too, in sorted order, hidden entries and symlinked folders passed over."""
+    path = Path(path)
+    if os.path.isdir(path):
+        deep = format_folder_weights(path) is not None
+        found = []
+        for root, dirs, names in os.walk(path):  # followlinks=False: a symlinked folder is not walked
+            dirs[:] = sorted(d for d in dirs if deep and not d.startswith("."))
+            found += [Path(root, n) for n in names if not n.startswith(".") and is_regular_file(Path(root, n))]
+        return sorted(found, key=lambda p: p.relative_to(path).as_posix())
+    if not is_regular_file(path):
+        return []
+    return [path] + [p for p in dict.fromkeys(_companions(path)) if p != path and is_regular_file(p)]
+
+
+def _companions(path: Path) -> list[Path]:
+    """The files a reader takes from beside ``path`` (they may not exist)."""
+    import glob
+
+    suffix, name = path.suffix.lower(), path.name
+    if suffix in (".xml", ".param"):
+        return [path.with_suffix(".bin")]
+    if suffix == ".bin":
+        return [path.with_suffix(".xml"), path.with_suffix(".param")]
+    if suffix in (".weights", ".cfg"):
+        from .readers.darknet import cfg_path
+
+        weights = path.with_suffix(".weights")
+        try:
+            return [weights, cfg_path(weights)]
+        except ModelFormatError:  # no .cfg, or several: the reader names that
+            return [weights]
+    if suffix == ".params":
+        from .readers.mxnet import symbol_path
+
+        symbol = symbol_path(path)
+        return [] if symbol is None else [symbol]
+    if suffix in (".pdiparams", ".pdmodel"):
+        return [path.with_suffix(".pdiparams"), path.with_suffix(".pdmodel")]
+    if suffix == ".index" or ".data-" in name:
+        from .readers.tensorflow import index_of
+
+        index = index_of(path)
+        prefix = index.name[: -len(".index")] if index.name.endswith(".index") else index.name
+        return [index, *sorted(index.parent.glob(glob.escape(prefix) + ".data-*"))]
+    return []
+
+
 def find_units(source: str | os.PathLike) -> list[ModelUnit]:
     """The model units at ``source`` (a file, a one-model folder, or a folder of models), keys per the rule above.
 
