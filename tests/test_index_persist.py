@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import zlib
 
 import numpy as np
 import pytest
@@ -286,6 +287,19 @@ def test_a_crafted_file_with_valid_sums_is_rebuilt_not_trusted(  # type: ignore[
             assert db.radius(q, 12) == brute_radius(recs, q, 12)
         if engine == "numba":  # the kernels take the tables whole: checked whole first
             assert db.stats()["index_source"] == "tables"
+
+
+def test_a_header_nested_past_the_recursion_limit_is_rebuilt(db_path: str) -> None:
+    """A header with a valid crc nesting 100,000 lists made json raise RecursionError out of every open."""
+    recs = records(db_path)
+    raw = b'{"version": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with open(persist.path_in(db_path), "wb") as f:
+        f.write(persist._HEAD.pack(persist.MAGIC, len(raw)) + raw + persist._CRC.pack(zlib.crc32(raw)))
+    with pytest.raises(persist.Rejected, match="corrupt"):
+        persist.read_header(db_path)
+    assert source_after_open(db_path) == "tables"
+    with HashDB(db_path) as db:  # a writer's close decides about the file from its header: no error either
+        assert_exact(db, recs)
 
 
 def test_random_edits_with_valid_sums_never_change_an_answer(db_path: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -254,7 +254,7 @@ def _header(head: bytes, f: Any) -> dict[str, Any]:
         raise Rejected("header checksum mismatch (corrupt)")
     try:
         header = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # a header nested past the recursion limit (crafted): no traceback
         raise Rejected("unreadable header (corrupt)") from None
     if not isinstance(header, dict) or header.get("version") != VERSION:
         raise Rejected(f"format version {header.get('version') if isinstance(header, dict) else None!r}, not {VERSION}")
