@@ -98,6 +98,19 @@ def test_savedmodel_and_checkpoint_folders_are_one_unit_each(tmp_path: Path, has
     assert sniff_format(pair / "faiss.index") is None
 
 
+def test_a_folder_whose_weights_link_outside_it_is_refused(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    tf_checkpoint(elsewhere / "variables", keras_names(numpy_sd(2), optimizer=False))
+    saved = tmp_path / "saved"
+    (saved / "variables").mkdir(parents=True)
+    (saved / "saved_model.pb").write_bytes(b"\x08\x01graph, not read")
+    for name in ("variables.index", "variables.data-00000-of-00001"):
+        (saved / "variables" / name).symlink_to(elsewhere / name)
+    with pytest.raises(ModelFormatError, match="outside the model folder"):
+        load_tensors(saved)
+
+
 def _index(tmp_path: Path, entries: list[tuple[bytes, bytes]], data: bytes = bytes(64)) -> Path:
     header = f_varint(1, 1)
     (tmp_path / "m.data-00000-of-00001").write_bytes(data)

@@ -201,6 +201,8 @@ def folder_weight_files(folder: Path) -> list[Path]:
 
     special = format_folder_weights(folder)  # SavedModel, TF checkpoint folder, .mlpackage, Paddle inference
     if special is not None:
+        for file in special:  # a SavedModel's variables index linked from elsewhere is no file this folder holds
+            _check_inside(file, folder)
         return special
     # Only regular files: a FIFO would block the read forever and a symlink to /dev/zero never end it.
     indexes = sorted((p for p in folder.glob("*.index.json") if is_regular_file(p)),
