@@ -10,8 +10,9 @@ runs of ``ModelHasher.hash(path)`` (the file was just written: in the page cache
 the first run above the RSS just before it (the mark reset through /proc/self/clear_refs; mapped file pages
 that were touched count), so later runs' allocator leftovers cannot hide or inflate it.
 Targets (issue 7): no format over 1.5x the safetensors time, peak under 2x the weights' bytes.
-Keras/TFLite/Flax rows need their reader modules (hashdb/codec/readers/keras.py, tflite.py, flax.py):
-without them the row is skipped with a note.
+Keras/TFLite/Flax rows need their reader modules (hashdb/codec/readers/keras.py, tflite.py, flax.py), as do
+the Caffe/Darknet/ncnn/OpenVINO/MXNet/MNN rows (written by tests/cnn_format_writers.py): without them the row is
+skipped with a note.
 """
 
 from __future__ import annotations
@@ -137,6 +138,81 @@ def write_all(sd: dict[str, np.ndarray], folder: Path) -> dict[str, Path | str]:
     else:
         out["onnx"] = "skipped: the onnx package is not installed"
     out.update(_other_helpers_formats(sd, folder))
+    out.update(_round3_formats(sd, folder))
+    return out
+
+
+def _round3_formats(sd: dict[str, np.ndarray], folder: Path) -> dict[str, Path | str]:
+    """TensorFlow checkpoint and SavedModel, Paddle inference, Core ML NeuralNetwork and ML Program, ONNX with
+    Constant-node weights and int8 QDQ weights, written by the spec-built writers of tests/formats_writers.py."""
+    out: dict[str, Path | str] = {}
+    missing = [m for m in ("tensorflow", "paddle", "coreml") if not _has_reader(m)]
+    if missing:
+        return {"TF / Paddle / Core ML": f"skipped: hashdb/codec/readers/{missing[0]}.py is not here yet"}
+    sys.path.insert(0, str(ROOT))
+    try:
+        from tests import formats_writers as fw
+    finally:
+        sys.path.remove(str(ROOT))
+    n = len(sd) // 2
+    keras = {}
+    for i in range(n):
+        keras[f"layer_with_weights-{i}/kernel/.ATTRIBUTES/VARIABLE_VALUE"] = sd[f"{i}.weight"].transpose(2, 3, 1, 0)
+        keras[f"layer_with_weights-{i}/bias/.ATTRIBUTES/VARIABLE_VALUE"] = sd[f"{i}.bias"]
+    ckpt = folder / "tf_ckpt"
+    ckpt.mkdir()
+    fw.tf_checkpoint(ckpt / "ckpt-1", keras)
+    out["TF checkpoint folder (.index + .data)"] = ckpt
+    saved = folder / "tf_savedmodel"
+    (saved / "variables").mkdir(parents=True)
+    (saved / "saved_model.pb").write_bytes(b"\x08\x01")
+    fw.tf_checkpoint(saved / "variables" / "variables", keras)
+    out["TF SavedModel folder"] = saved
+    paddle = {f"conv2d_{i}.w_0": sd[f"{i}.weight"] for i in range(n)}
+    paddle |= {f"conv2d_{i}.b_0": sd[f"{i}.bias"] for i in range(n)}
+    out["Paddle inference .pdmodel + .pdiparams"] = fw.paddle_inference(
+        folder / "inference", paddle, [f"conv2d_{i}.w_0" for i in range(n)]
+    )
+    layers = [fw.nn_conv(f"conv{i}", *sd[f"{i}.weight"].shape[:2], (3, 3), fw.wp_float(sd[f"{i}.weight"]),
+                         fw.wp_float(sd[f"{i}.bias"])) for i in range(n)]  # fmt: skip
+    out["Core ML .mlmodel (NeuralNetwork)"] = fw.coreml_nn(folder / "m.mlmodel", layers)
+    blobs = fw.BlobWriter()
+    ops = []
+    for i in range(n):
+        w = sd[f"{i}.weight"]
+        val = fw.mil_blob_value(w, "@model_path/weights/weight.bin", blobs.add(w))
+        ops.append(fw.mil_op("const", f"w{i}", attrs={"val": val}))
+        ops.append(fw.mil_op("conv", f"y{i}", {"x": "x", "weight": f"w{i}"}))
+    spec = fw.mlpackage(folder / "m.mlpackage", ops)
+    (spec.parent / "weights" / "weight.bin").write_bytes(blobs.bytes())
+    out["Core ML .mlpackage (ML Program)"] = folder / "m.mlpackage"
+    if importlib.util.find_spec("onnx") is None:
+        out["onnx Constant nodes"] = out["onnx int8 QDQ"] = "skipped: the onnx package is not installed"
+        return out
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def save(path: Path, nodes: list, inits: list) -> Path:
+        graph = helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("x0", TensorProto.FLOAT, [1, 3, 32, 32])],
+            [helper.make_tensor_value_info(f"x{n}", TensorProto.FLOAT, None)], initializer=inits,
+        )  # fmt: skip
+        onnx.save(helper.make_model(graph), str(path))
+        return path
+
+    convs = [helper.make_node("Conv", [f"x{i}", f"w{i}"], [f"x{i + 1}"]) for i in range(n)]
+    consts = [
+        helper.make_node("Constant", [], [f"w{i}"], value=numpy_helper.from_array(sd[f"{i}.weight"])) for i in range(n)
+    ]
+    out["onnx Constant nodes"] = save(folder / "const.onnx", consts + convs, [])
+    qdq, inits = [], []
+    for i in range(n):
+        w = sd[f"{i}.weight"]
+        scale = (np.abs(w).max(axis=(1, 2, 3)) / 127).astype(np.float32)
+        inits += [numpy_helper.from_array(np.round(w / scale[:, None, None, None]).astype(np.int8), f"q{i}"),
+                  numpy_helper.from_array(scale, f"s{i}")]  # fmt: skip
+        qdq.append(helper.make_node("DequantizeLinear", [f"q{i}", f"s{i}"], [f"w{i}"], axis=0))
+    out["onnx int8 QDQ"] = save(folder / "qdq.onnx", qdq + convs, inits)
     return out
 
 
@@ -201,7 +277,51 @@ def _other_helpers_formats(sd: dict[str, np.ndarray], folder: Path) -> dict[str,
         out["tflite"] = "skipped: the flatbuffers package is not installed"
     else:
         out["tflite"] = _write_tflite(sd, folder / "m.tflite")
+    _write_cnn_formats(sd, folder, out)
     return out
+
+
+def _write_cnn_formats(sd: dict[str, np.ndarray], folder: Path, out: dict[str, Path | str]) -> None:
+    """Caffe, Darknet, ncnn, OpenVINO IR, MXNet and MNN files of the same weights, by the spec-built writers of
+    tests/cnn_format_writers.py (the ncnn and OpenVINO ones checked against those runtimes)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        from cnn_format_writers import (
+            caffe_model,
+            darknet_files,
+            mnn_model,
+            mxnet_files,
+            ncnn_files,
+            openvino_files,
+            torch_layers,
+        )
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    layers = torch_layers(sd)
+    for name, module in (("caffe", "caffe"), ("darknet", "darknet"), ("ncnn", "ncnn"), ("openvino", "openvino"),
+                         ("mxnet", "mxnet")):  # fmt: skip
+        if not _has_reader(module):
+            out[name] = f"skipped: hashdb/codec/readers/{module}.py is not here yet"
+            continue
+        (folder / name).mkdir()
+    if _has_reader("caffe"):
+        (folder / "caffe" / "m.caffemodel").write_bytes(caffe_model(layers))
+        out["caffe .caffemodel"] = folder / "caffe" / "m.caffemodel"
+    if _has_reader("darknet"):
+        out["darknet .weights + .cfg"] = darknet_files(folder / "darknet", layers, "m", height=4 * len(layers) + 8)
+    if _has_reader("ncnn"):
+        out["ncnn .param + .bin"] = ncnn_files(folder / "ncnn", layers, "m")[0]
+    if _has_reader("openvino"):
+        out["openvino .xml + .bin"] = openvino_files(folder / "openvino", layers, "m")[0]
+    if _has_reader("mxnet"):
+        out["mxnet .params"] = mxnet_files(folder / "mxnet", layers, "m")
+    if not _has_reader("mnn"):
+        out["mnn"] = "skipped: hashdb/codec/readers/mnn.py is not here yet"
+    elif importlib.util.find_spec("flatbuffers") is None:
+        out["mnn"] = "skipped: the flatbuffers package is not installed"
+    else:
+        (folder / "m.mnn").write_bytes(mnn_model(layers))
+        out["mnn .mnn"] = folder / "m.mnn"
 
 
 def _write_tflite(sd: dict[str, np.ndarray], path: Path) -> Path:
@@ -232,7 +352,10 @@ import numpy as np
 from hashdb.codec import ModelHasher
 h = ModelHasher(256)
 h.hash({{"w": np.random.default_rng(0).standard_normal((64, 32, 3, 3)).astype(np.float32)}})  # JIT warm-up
-for name in ("pickle", "safetensors", "numpy", "onnx", "keras", "tflite", "flax"):  # reader imports
+for name in ("pickle", "safetensors", "numpy", "onnx", "keras", "tflite", "flax", "tensorflow", "paddle",
+             "coreml"):  # reader imports
+for name in ("pickle", "safetensors", "numpy", "onnx", "keras", "tflite", "flax", "caffe", "darknet", "ncnn",
+             "openvino", "mxnet", "mnn"):  # reader imports
     try:
         importlib.import_module("hashdb.codec.readers." + name)
     except ImportError:
@@ -280,6 +403,9 @@ def size_of(path: Path | str) -> int:
         return 0
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    pair = path.with_suffix(".bin")  # an ncnn .param or OpenVINO .xml: the weights are in the .bin beside it
+    if path.suffix in (".param", ".xml") and pair.is_file():
+        return path.stat().st_size + pair.stat().st_size
     return path.stat().st_size
 
 
@@ -288,6 +414,8 @@ def main() -> None:
     parser.add_argument("--params", type=float, default=25e6)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-write", action="store_true", help="print only, leave bench/RESULTS.md alone")
+    parser.add_argument("--only", default="", help="comma-separated label substrings: measure only those rows "
+                        "(and safetensors, the baseline, and the in-memory floor); implies --no-write")  # fmt: skip
     args = parser.parse_args()
     sd = weights(args.params)
     nparams = sum(v.size for v in sd.values())
@@ -296,6 +424,10 @@ def main() -> None:
     try:
         files: dict[str, Path | str] = write_all(sd, folder)
         files["numpy mapping in memory (no file: the codec alone)"] = "memory"
+        if args.only:
+            wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+            keep = ("safetensors", "numpy mapping in memory (no file: the codec alone)")
+            files = {k: v for k, v in files.items() if k in keep or any(w in k for w in wanted)}
         rows, notes, base_time, codes = [], [], None, set()
         for label, path in files.items():
             if isinstance(path, str) and path != "memory":
@@ -309,7 +441,7 @@ def main() -> None:
                 continue
             t = statistics.median(r["times"])
             base_time = t if base_time is None else base_time
-            codes.add(r["code"]) if "fp16" not in label else None
+            codes.add(r["code"]) if "fp16" not in label and "int8" not in label else None
             row = (label, size_of(path) / 1e6, t, t / base_time, r["peak"] / 1e6, r["peak"] / wbytes, r["torch"])
             rows.append(row)
             print(f"{label:34s} {row[1]:8.1f} MB  {t:6.3f} s  {row[3]:5.2f}x  peak {row[4]:7.1f} MB "
@@ -325,7 +457,7 @@ def main() -> None:
         f"{nparams / 1e6:.1f}M float32 parameters ({wbytes / 1e6:.0f} MB of weights), ModelHasher(256), median of "
         f"{args.repeats} runs in a fresh process after a JIT warm-up; peak = peak RSS of the first run above the RSS "
         "before it.",
-        f"Every format gave the same code as safetensors (fp16 rows aside): {len(codes) == 1}.",
+        f"Every format gave the same code as safetensors (fp16 and int8 rows aside): {len(codes) == 1}.",
         "",
         "| format | file MB | load+hash s | x safetensors | peak MB | peak / weights | imports torch |",
         "|---|---|---|---|---|---|---|",
@@ -351,7 +483,7 @@ def main() -> None:
         lines += ["", *notes]
     body = "\n".join(lines)
     print(body)
-    if not args.no_write and args.params == 25e6:
+    if not args.no_write and not args.only and args.params == 25e6:
         write_section("formats", body)
 
 

@@ -159,7 +159,7 @@ def bench_size(n: int, args: argparse.Namespace, table: Table, notes: list[str])
     rss1 = rss_bytes()
     st = db.stats()
     mih = st["index"]["structures"]["mih"]
-    idx = db._index  # the MemoryIndex, for forced-structure timings without key mapping noise
+    idx = db._live.index  # the MemoryIndex, for forced-structure timings without key mapping noise
     notes.append(
         f"N={n:,}: insert_many {n / insert_s:,.0f} codes/s ({insert_s:.1f} s, batches of {batch:,}, durable=False); "
         f"reopen + refresh {reopen_s:.1f} s ({st['index_source']}); index {st['index_bytes'] / n:.1f} B/code "

@@ -70,8 +70,10 @@ def time_hashing(paths: list[Path], pool_of: int = 0, **kwargs) -> tuple[float, 
     first = None
     out = {}
     if pool_of:
-        units, _ = bulk.expand_sources(paths)
-        results = bulk._hash_in_pool(units, 256, {}, pool_of)
+        from hashdb.codec.units import expand
+
+        units, _ = expand(paths)
+        results = bulk._hash_in_processes(units, 256, {}, pool_of, None, ())
     else:
         results = bulk.hash_units(paths, **kwargs)
     for res in results:
@@ -91,10 +93,10 @@ def bench_hashing(n_models: int, rows: list[str], facts: dict[str, float]) -> No
     from hashdb.codec import ModelHasher
 
     ModelHasher(256).hash(paths[0])  # warm this process (torch import) so workers=1 is not charged for it
-    inproc, first0, codes0, load0 = time_hashing(paths, workers=1)
+    inproc, first0, codes0, load0 = time_hashing(paths, engine="inline")
     cpu0 = CPU_S[0]
-    # The pool's forkserver (one import of hashdb.codec, then a fork per worker) lives as long as this process:
-    # start it once outside the timings, so that neither pool is charged for it, and report it.
+    # A worker's start (a fresh interpreter importing hashdb.codec) is timed once on its own and reported; each
+    # run below pays its own workers' start.
     t0 = time.perf_counter()
     time_hashing(paths[:1], pool_of=1)
     server_start = time.perf_counter() - t0
@@ -154,13 +156,13 @@ def bench_hashing(n_models: int, rows: list[str], facts: dict[str, float]) -> No
     rows.append("|---|---|---|---|---|---|---|")
     for name, t, first, load in (
         ("in process (workers=1; numpy/torch thread pools as they come)", inproc, first0, load0),
-        ("1 single-threaded worker (forkserver pool of 1)", one, first1, load1),
-        ("2 local workers (forkserver pool)", two, first2, load2),
+        ("1 single-threaded worker process", one, first1, load1),
+        ("2 local worker processes", two, first2, load2),
         ("Ray local (private instance, ray.init not counted), 2 actors", on_ray, first_r, load_r),
         ("Ray on a running local cluster (address given; connect counted), 2 actors", on_auto, first_a, load_a),
     ):
         rows.append(f"| {name} | {t:.2f} | {n_models / t:.1f} | {mb / t:.0f} | {first:.2f} | {one / t:.2f}x | {load} |")
-    rows.append(f"\nNot in the table: the pool's forkserver start (import hashdb.codec once, hash one model) "
+    rows.append(f"\nNot in the table: one worker's start (import hashdb.codec, hash one model) "
                 f"{server_start:.1f} s; ray.init of a private instance {ray_start:.1f} s; `ray start --head` until it "
                 f"answers {cluster_start:.1f} s; connecting to (and leaving) the running cluster {connect:.1f} s. "
                 "Ray vs the local pool: "
@@ -188,6 +190,7 @@ def planted_codes(n: int, seed: int) -> np.ndarray:
 
 
 def bench_join(n: int, slab: int, naive_slab: int, rows: list[str], facts: dict[str, float]) -> None:
+    from bench.naive_join import naive_pairs_count
     from hashdb.index import join
 
     codes = planted_codes(n, 1)
@@ -195,7 +198,7 @@ def bench_join(n: int, slab: int, naive_slab: int, rows: list[str], facts: dict[
     for method in ("mih", "blocked"):  # compile outside the timings
         join.self_join(small, 16, method)
     join.rectangle_join(small, COPY_RADIUS_256, 0, 64, 0, 4096)
-    join.naive_pairs_count(small, COPY_RADIUS_256, 0, 8)
+    naive_pairs_count(small, COPY_RADIUS_256, 0, 8)
     all_pairs = n * (n - 1) / 2
 
     rows.append(f"Self-join: N = {n:,} x 256 bits (1% planted near copies), numba threads "
@@ -207,7 +210,7 @@ def bench_join(n: int, slab: int, naive_slab: int, rows: list[str], facts: dict[
     # The naive loop on a slab of rows against all N: the per-pair cost at this N (memory traffic included).
     def naive_ns_per_pair(r: int) -> float:
         t0, c0 = time.perf_counter(), time.process_time()
-        join.naive_pairs_count(codes, r, 0, naive_slab)
+        naive_pairs_count(codes, r, 0, naive_slab)
         work = sum(n - 1 - i for i in range(naive_slab))
         cpu[f"naive{r}"] = (time.process_time() - c0) / work * 1e9
         return (time.perf_counter() - t0) / work

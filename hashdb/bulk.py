@@ -1,14 +1,15 @@
-"""Bulk work: hash many models on all local cores or on a Ray cluster, and self-join codes on Ray.
+"""Bulk hashing: many models on all local cores or on a Ray cluster.
 
-``hash_units(sources, workers=N)`` expands paths into model units (``hashdb.codec.units.find_units``: folders
+``hash_units(sources, workers=N)`` expands paths into model units (``hashdb.codec.units.expand``: folders
 are walked, a Hugging Face folder is one unit), hashes them in N worker processes (or Ray actors with
 ``engine="ray"``) and yields one ``BulkResult`` per unit. Workers only read files and return codes; the caller
-is the single writer, so a database stays one consistent LMDB environment (the CLI's ``hashdb add`` commits
-what this yields in batches). Codes are identical whatever the engine and N: every worker runs the same
-``ModelHasher`` with one BLAS/OpenMP thread.
+is the single writer, so a database stays one consistent LMDB environment (``hashdb.ingest`` commits what
+this yields in chunks). Codes are identical whatever the engine and N: every worker runs the same
+``ModelHasher`` with one BLAS/OpenMP thread. A worker that dies or passes the per-file time limit is an error
+for its unit, never a hang (docs/scale.md).
 
 Order: the local engine yields in input order (a slow model holds later results back, not the workers); Ray
-yields as actors finish. Keys, not order, identify results.
+yields as actors finish. Keys, not order, identify results. The self-join on Ray is hashdb.index.ray_join.
 """
 
 from __future__ import annotations
@@ -16,22 +17,15 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Generator, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 from .errors import HashDBError, InvalidArgument, ModelFormatError
+from .raycluster import SINGLE_THREAD_ENV, import_ray, ray_init
 
-ENGINES = ("local", "ray")
-# Set in every worker before numpy/torch load: N processes x N BLAS threads would oversubscribe the cores,
-# and one thread per worker keeps each code bit-identical to the in-process one.
-SINGLE_THREAD_ENV = {
-    "OMP_NUM_THREADS": "1",
-    "OPENBLAS_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-    "NUMEXPR_NUM_THREADS": "1",
-    "NUMBA_NUM_THREADS": "1",
-}
-RAY_MISSING = "needs the optional 'ray' package: pip install hashdb[ray]"
+ENGINES = ("local", "ray", "inline")
+# Seconds one unit may take in a local worker before it counts as a bad file: generous (honest models hash in
+# seconds, docs/scale.md); it stops a file whose parse would never end (issue 17.6).
+FILE_TIMEOUT_S = 300.0
 RAY_BATCH = 2  # units per actor call: small, so progress streams and a slow model does not stall a batch
 
 
@@ -44,24 +38,6 @@ class BulkResult(NamedTuple):
     error: ModelFormatError | None
 
 
-def expand_sources(sources: Iterable[Any]) -> tuple[list[Any], list[BulkResult]]:
-    """(units, errors): paths expanded into ModelUnits by the one key rule (ModelUnits pass through); a path
-    that does not exist becomes an error result instead of stopping the others."""
-    from .codec.units import ModelUnit, find_units, unit_key
-
-    units: list[ModelUnit] = []
-    errors: list[BulkResult] = []
-    for source in sources:
-        if isinstance(source, ModelUnit):
-            units.append(source)
-            continue
-        try:
-            units.extend(find_units(source))
-        except ModelFormatError as e:
-            errors.append(BulkResult(unit_key(source), os.fspath(source), None, e))
-    return units, errors
-
-
 def hash_units(
     sources: Iterable[Any],
     *,
@@ -70,159 +46,354 @@ def hash_units(
     workers: int | None = None,
     engine: str = "local",
     ray_address: str | None = None,
+    timeout: float | None = FILE_TIMEOUT_S,
+    _preload: Sequence[str] = (),
 ) -> Generator[BulkResult, None, None]:
     """Hash every model unit found in ``sources`` (paths, or ModelUnits from ``find_units``).
 
-    ``workers``: processes (local; default: the machine's cores; 1 hashes in this process, no pool) or Ray
-    actors (default: the cluster's CPUs). ``engine``: 'local' or 'ray'; ``ray_address``: 'local' starts Ray
-    on this machine, 'auto' (default) joins a running cluster, or a ``ray://`` address. A unit that cannot
-    be hashed yields its error and the rest go on. Closing the iterator early stops the workers.
+    ``engine``: 'local' (worker processes), 'ray' (Ray actors) or 'inline' (this process: no isolation and no
+    time limit, for debugging). ``workers``: processes (default: the machine's cores) or Ray actors (default:
+    the cluster's CPUs). ``ray_address``: 'local' starts Ray on this machine, 'auto' (default) joins a running
+    cluster, or a ``ray://`` address. ``timeout``: seconds one unit may take in a local worker (None: no
+    limit). A unit that cannot be hashed, kills its worker or runs out of time yields its error and the rest
+    go on; a worker that cannot start raises HashDBError. Closing the iterator early stops the workers.
+    ``_preload``: modules each local worker imports before its hasher (tests inject reader faults with it).
     """
     if engine not in ENGINES:
         raise InvalidArgument(f"engine must be one of {ENGINES}, got {engine!r}")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise InvalidArgument(f"workers must be an int >= 1, got {workers!r}")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0):
+        raise InvalidArgument(f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
     kwargs = dict(hasher_kwargs or {})
     from .codec import ModelHasher
 
     ModelHasher(bits, **kwargs)  # a bad configuration fails here, once, not in every worker
-    units, errors = expand_sources(sources)
-    yield from errors
+    from .codec.units import ModelUnit, expand_in_order
+
+    found = expand_in_order(sources)
+    units = [u for u in found if isinstance(u, ModelUnit)]
+    results: Iterator[BulkResult]
     if not units:
+        results = iter(())
+    elif engine == "ray":  # results come as actors finish: errors first
+        yield from (BulkResult(e.key, e.path, None, e.error) for e in found if not isinstance(e, ModelUnit))
+        yield from _hash_on_ray(units, bits, kwargs, workers, ray_address, _preload)
         return
-    if engine == "ray":
-        yield from _hash_on_ray(units, bits, kwargs, workers, ray_address)
-        return
-    n = min(workers or os.cpu_count() or 1, len(units))
-    if n == 1:
+    elif engine == "inline":
         hasher = ModelHasher(bits, **kwargs)
-        for unit in units:
-            yield _hash_one(hasher, unit.key, os.fspath(unit.path))
-        return
-    yield from _hash_in_pool(units, bits, kwargs, n)
+        results = (_hash_one(hasher, unit.key, os.fspath(unit.path)) for unit in units)
+    else:
+        n = min(workers or os.cpu_count() or 1, len(units))
+        results = _hash_in_processes(units, bits, kwargs, n, timeout, _preload)
+    try:
+        for item in found:  # input order: a path's error where the path was
+            if isinstance(item, ModelUnit):
+                yield next(results)
+            else:
+                yield BulkResult(item.key, item.path, None, item.error)
+    finally:
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()
+
+
+def model_error(path: str, exc: BaseException) -> ModelFormatError:
+    """What went wrong hashing ``path``, as one ModelFormatError that names the path once (every front end
+    reports a bad file this way)."""
+    if isinstance(exc, ModelFormatError):
+        return exc if path in str(exc) else ModelFormatError(f"{path}: {exc}")
+    if isinstance(exc, OSError):
+        return ModelFormatError(f"{path}: {exc.strerror or exc}")
+    return ModelFormatError(f"{path}: {type(exc).__name__}: {exc}")
 
 
 def _hash_one(hasher: Any, key: str, path: str) -> BulkResult:
     """Hash one unit; every failure becomes an error result naming the path (one bad file never ends a run)."""
     try:
         return BulkResult(key, path, hasher.hash(path), None)
-    except ModelFormatError as e:
-        return BulkResult(key, path, None, e if path in str(e) else ModelFormatError(f"{path}: {e}"))
-    except OSError as e:
-        return BulkResult(key, path, None, ModelFormatError(f"{path}: {e.strerror or e}"))
-    except (HashDBError, ValueError, RuntimeError, MemoryError) as e:  # a reader's surprise, e.g. torch's
-        return BulkResult(key, path, None, ModelFormatError(f"{path}: {type(e).__name__}: {e}"))
+    except (HashDBError, OSError, ValueError, RuntimeError, MemoryError) as e:  # a reader's surprise, e.g. torch's
+        return BulkResult(key, path, None, model_error(path, e))
 
 
 # ---- local processes --------------------------------------------------------------------------------------
 
-_worker_hasher: Any = None
+# A worker is a fresh interpreter, not a fork: it inherits neither this process's thread pools nor its LMDB
+# handles. Its first step drops the current directory from sys.path and makes sure the directory of *this*
+# process's hashdb is on it (first, if it was not there already: site-packages keeps its place), so a folder
+# named "hashdb" where the command runs (a clone's parent) cannot shadow the installed package.
+_WORKER_BOOT = (
+    "import os, sys; root = sys.argv[1]; cwd = os.getcwd(); "
+    "path = [p for p in sys.path if p not in ('', '.', cwd)]; "
+    "sys.path[:] = path if root in path else [root, *path]; "
+    "from hashdb.bulk import _worker_main; _worker_main()"
+)
+_STDERR_TAIL = 4096  # bytes of a worker's stderr kept to explain a worker that cannot start
 
 
-def _init_worker(bits: int, kwargs: dict[str, Any]) -> None:
-    global _worker_hasher
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the pool and commits
-    from .codec import ModelHasher
+def _worker_main() -> None:
+    """A hashing worker: reads one JSON path per line on stdin, writes one JSON result per line on the file
+    descriptor named in argv[3]. The first line it writes is {"ready": true}, or {"fatal": message} when it
+    cannot build its hasher."""
+    import importlib
+    import json
+    import sys
 
-    _worker_hasher = ModelHasher(bits, **kwargs)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the workers and commits
+    out = os.fdopen(int(sys.argv[3]), "w", buffering=1, encoding="ascii")
 
+    def send(doc: dict[str, Any]) -> None:
+        out.write(json.dumps(doc) + "\n")
 
-def _hash_in_worker(unit: tuple[str, str]) -> BulkResult:
-    return _hash_one(_worker_hasher, unit[0], unit[1])
-
-
-@contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for child processes started inside the block, then restore them."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
     try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        config = json.loads(sys.argv[2])
+        for module in config.get("preload", ()):  # tests load a reader fault here; see hash_units(_preload=)
+            importlib.import_module(module)
+        from .codec import ModelHasher
+
+        hasher = ModelHasher(config["bits"], **config["kwargs"])
+    except BaseException as e:  # noqa: BLE001 - whatever stops start-up is reported, in one line
+        send({"fatal": f"{type(e).__name__}: {e}"})
+        return
+    send({"ready": True})
+    for line in sys.stdin:
+        path = json.loads(line)
+        try:
+            result = _hash_one(hasher, "", path)
+            error = None if result.error is None else str(result.error)
+            code = None if result.code is None else result.code.hex()
+        except Exception as e:  # noqa: BLE001 - a reader's surprise is this file's error, not the worker's end
+            code, error = None, f"{path}: {type(e).__name__}: {e}"
+        send({"code": code} if error is None else {"error": error})
 
 
-def _hash_in_pool(units: Sequence[Any], bits: int, kwargs: dict[str, Any], n: int) -> Iterator[BulkResult]:
-    import multiprocessing
+class _Worker:
+    """One hashing process and the unit it is working on."""
 
-    # Not a plain fork (it would inherit this process's already-started BLAS and numba thread pools, and LMDB
-    # handles): a forkserver, started clean with SINGLE_THREAD_ENV, imports hashdb.codec (numpy) once and
-    # forks every worker from that, so N workers do not each pay the import (0.25 s apiece measured on 2
-    # loaded cores); spawn where there is no forkserver.
-    ctx: multiprocessing.context.BaseContext
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        forkserver = multiprocessing.get_context("forkserver")
-        forkserver.set_forkserver_preload(["hashdb.codec"])
-        ctx = forkserver
-    else:
-        ctx = multiprocessing.get_context("spawn")
-    with _environment(SINGLE_THREAD_ENV):
-        pool = ctx.Pool(n, initializer=_init_worker, initargs=(bits, kwargs))
+    def __init__(self, config: str, env: dict[str, str]) -> None:
+        import subprocess
+        import sys
+
+        import hashdb
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(hashdb.__file__)))
+        results_r, results_w = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _WORKER_BOOT, root, config, str(results_w)],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=(results_w,),
+                env=env,
+            )  # fmt: skip
+        except BaseException:
+            os.close(results_r)
+            raise
+        finally:
+            os.close(results_w)
+        self.results = results_r
+        self.buffer = b""
+        self.stderr_tail = b""
+        self.stderr_open = True
+        self.ready = False
+        self.item: int | None = None  # index of the unit being hashed
+        self.started = 0.0  # when hashing of the current item began (set once the worker is ready)
+
+    def send(self, index: int, path: str) -> None:
+        import json
+        import time
+
+        self.item = index
+        self.started = time.monotonic()
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write((json.dumps(path) + "\n").encode("ascii"))
+            self.proc.stdin.flush()
+        except OSError:
+            pass  # it died: its results pipe says so next
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        for stream in (self.proc.stdin, self.proc.stderr):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+        os.close(self.results)
+        self.proc.wait()
+
+    def why_not_started(self, fatal: str | None) -> str:
+        if fatal:
+            return fatal
+        lines = [ln for ln in self.stderr_tail.decode("utf-8", "replace").splitlines() if ln.strip()]
+        return lines[-1].strip() if lines else _death(self.proc.wait())
+
+
+def _death(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+def _hash_in_processes(
+    units: Sequence[Any], bits: int, kwargs: dict[str, Any], n: int, timeout: float | None, preload: Sequence[str]
+) -> Iterator[BulkResult]:
+    """Hash ``units`` in ``n`` worker processes, yielding results in input order. A worker that dies (a
+    segfault, os._exit, the kernel's OOM killer) or passes ``timeout`` seconds on one unit makes that unit an
+    error and is replaced; a worker that cannot start ends the run with one HashDBError."""
+    import json
+    import selectors
+    import time
+    from collections import deque
+
+    items = [(u.key, os.fspath(u.path)) for u in units]
+    config = json.dumps({"bits": bits, "kwargs": kwargs, "preload": list(preload)})
+    env = {**os.environ, **SINGLE_THREAD_ENV}
+    waiting = deque(range(len(items)))
+    done: dict[int, BulkResult] = {}
+    selector = selectors.DefaultSelector()
+    workers: list[_Worker] = []
+
+    def start() -> _Worker:
+        worker = _Worker(config, env)
+        workers.append(worker)
+        selector.register(worker.results, selectors.EVENT_READ, (worker, "results"))
+        assert worker.proc.stderr is not None
+        selector.register(worker.proc.stderr, selectors.EVENT_READ, (worker, "stderr"))
+        return worker
+
+    def retire(worker: _Worker, error: str | None) -> None:
+        """Stop a worker; its unit (if any) gets ``error``; a fresh worker takes its place."""
+        selector.unregister(worker.results)
+        if worker.stderr_open and worker.proc.stderr is not None:
+            selector.unregister(worker.proc.stderr)
+        worker.stop()
+        workers.remove(worker)
+        if worker.item is not None and error is not None:
+            key, path = items[worker.item]
+            done[worker.item] = BulkResult(key, path, None, ModelFormatError(f"{path}: {error}"))
+        if waiting:
+            start()
+
+    def handle(worker: _Worker, doc: Any) -> None:
+        if not isinstance(doc, dict):
+            return
+        if "fatal" in doc or not worker.ready and "ready" not in doc:
+            raise HashDBError(f"a hashing worker could not start: {worker.why_not_started(doc.get('fatal'))}")
+        if "ready" in doc:
+            worker.ready = True
+            worker.started = time.monotonic()
+            return
+        if worker.item is None:
+            return
+        key, path = items[worker.item]
+        error = doc.get("error")
+        code = bytes.fromhex(doc["code"]) if error is None else None
+        done[worker.item] = BulkResult(key, path, code, ModelFormatError(error) if error is not None else None)
+        worker.item = None
+
     try:
-        items = [(u.key, os.fspath(u.path)) for u in units]
-        yield from pool.imap(_hash_in_worker, items, chunksize=1)
-        pool.close()
+        for _ in range(n):
+            start()
+        emitted = 0
+        while emitted < len(items):
+            while emitted in done:
+                yield done.pop(emitted)
+                emitted += 1
+            if emitted >= len(items):
+                break
+            for worker in workers:
+                if worker.item is None and waiting:
+                    index = waiting.popleft()
+                    worker.send(index, items[index][1])
+            now = time.monotonic()
+            deadlines = [w.started + timeout for w in workers if timeout is not None and w.ready and w.item is not None]
+            wait = max(0.0, min(deadlines) - now) if deadlines else None
+            for key, _ in selector.select(wait):
+                worker, what = key.data
+                if worker not in workers:
+                    continue  # retired earlier in this round
+                if what == "stderr":
+                    chunk = os.read(key.fd, 65536)
+                    worker.stderr_tail = (worker.stderr_tail + chunk)[-_STDERR_TAIL:]
+                    if not chunk:
+                        selector.unregister(key.fileobj)
+                        worker.stderr_open = False
+                    continue
+                chunk = os.read(worker.results, 65536)
+                if not chunk:  # the worker is gone
+                    worker.proc.wait()
+                    if not worker.ready:
+                        raise HashDBError(f"a hashing worker could not start: {worker.why_not_started(None)}")
+                    retire(worker, f"the hashing worker died ({_death(worker.proc.returncode)}) on this file")
+                    continue
+                worker.buffer += chunk
+                *lines, worker.buffer = worker.buffer.split(b"\n")
+                for line in lines:
+                    try:
+                        doc = json.loads(line)
+                    except ValueError:
+                        continue
+                    handle(worker, doc)
+            now = time.monotonic()
+            for worker in list(workers):
+                if timeout is not None and worker.ready and worker.item is not None and now - worker.started > timeout:
+                    retire(worker, f"took longer than {timeout:g} s to hash (the per-file time limit)")
     finally:
-        pool.terminate()
-        pool.join()
+        for worker in list(workers):
+            try:
+                worker.stop()
+            except OSError:
+                pass
+        selector.close()
 
 
 # ---- Ray ----------------------------------------------------------------------------------------------------
-
-
-def _ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise HashDBError(f"--ray / engine='ray' {RAY_MISSING}") from None
-    return ray
-
-
-def ray_init(address: str | None, num_cpus: int | None = None) -> bool:
-    """Connect to Ray unless already connected; 'local' starts a private local instance. Returns True when
-    this call started the connection (the caller then owns ``ray.shutdown()``)."""
-    ray = _ray()
-    if ray.is_initialized():
-        return False
-    env = {"env_vars": dict(SINGLE_THREAD_ENV)}
-    if address in (None, "auto") or address.startswith("ray://") or ":" in address:
-        ray.init(address=address or "auto", runtime_env=env, log_to_driver=False)
-    elif address == "local":
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=False,
-                 configure_logging=False)  # fmt: skip
-    else:
-        raise InvalidArgument(f"ray address must be 'local', 'auto', host:port or ray://..., got {address!r}")
-    return True
 
 
 class _RayHasher:
     """A Ray actor: builds its ModelHasher once (hashdb.codec and numpy only: no torch, no Ray Data), then
     hashes batches of (key, path) into (key, path, code, error message) tuples."""
 
-    def __init__(self, bits: int, kwargs: dict[str, Any]) -> None:
+    def __init__(self, bits: int, kwargs: dict[str, Any], preload: Sequence[str] = ()) -> None:
         os.environ.update(SINGLE_THREAD_ENV)
+        import importlib
+
+        for module in preload:  # as in the local workers: tests inject reader faults with it
+            importlib.import_module(module)
         from .codec import ModelHasher
 
         self.hasher = ModelHasher(bits, **kwargs)
 
     def hash_batch(self, batch: list[tuple[str, str]]) -> list[tuple[str, str, bytes | None, str | None]]:
-        out = []
+        out: list[tuple[str, str, bytes | None, str | None]] = []
         for key, path in batch:
-            res = _hash_one(self.hasher, key, path)
+            try:
+                res = _hash_one(self.hasher, key, path)
+            except Exception as e:  # noqa: BLE001 - as in the local workers: this unit's error, in one line
+                res = BulkResult(key, path, None, model_error(path, e))
             out.append((res.key, res.path, res.code, str(res.error) if res.error is not None else None))
         return out
 
 
+def _actor_start_error(error: BaseException) -> str:
+    """The one line that says why an actor's constructor failed (the last "Name: message" line of Ray's
+    multi-line report)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    named = [ln for ln in lines if ln.split(":", 1)[0].endswith(("Error", "Exception"))]
+    return (named or lines or [type(error).__name__])[-1]
+
+
 def _hash_on_ray(
-    units: Sequence[Any], bits: int, kwargs: dict[str, Any], workers: int | None, address: str | None
+    units: Sequence[Any], bits: int, kwargs: dict[str, Any], workers: int | None, address: str | None,
+    preload: Sequence[str] = (),
 ) -> Iterator[BulkResult]:
     """N plain actors (one CPU each, started with SINGLE_THREAD_ENV), fed RAY_BATCH units at a time with two
     batches in flight per actor, so an actor never waits for the driver; results are yielded as batches end."""
-    ray = _ray()
+    ray = import_ray()
     started = ray_init(address, num_cpus=workers)
     actors: list[Any] = []
     try:
@@ -234,62 +405,61 @@ def _hash_on_ray(
             cls = ray.remote(num_cpus=1)(_RayHasher)
         else:
             cls = ray.remote(num_cpus=1, runtime_env={"env_vars": dict(SINGLE_THREAD_ENV)})(_RayHasher)
-        actors = [cls.remote(bits, kwargs) for _ in range(n)]
+        actors = [cls.remote(bits, kwargs, list(preload)) for _ in range(n)]
         items = [(u.key, os.fspath(u.path)) for u in units]
-        batches = iter([items[i : i + RAY_BATCH] for i in range(0, len(items), RAY_BATCH)])
-        pending: dict[Any, Any] = {}
-        for _ in range(2):
-            for actor in actors:
-                batch = next(batches, None)
-                if batch is not None:
-                    pending[actor.hash_batch.remote(batch)] = actor
+        batches = [items[i : i + RAY_BATCH] for i in range(0, len(items), RAY_BATCH)]
+        batches.reverse()  # popped from the end: input order
+        # Units of a batch whose actor died, each tried again alone on an actor with nothing else in flight:
+        # one that fails there is the unit that kills actors, and gets one error line (not Ray's report).
+        alone: list[tuple[str, str]] = []
+        pending: dict[Any, tuple[Any, list[tuple[str, str]], bool]] = {}  # ref -> (actor, batch, tried alone)
+
+        def in_flight(actor: Any) -> int:
+            return sum(1 for a, _, _ in pending.values() if a is actor)
+
+        def feed(actor: Any) -> None:
+            """Up to two batches in flight per actor; a unit tried alone has its actor to itself."""
+            while in_flight(actor) < 2:
+                if alone:
+                    if in_flight(actor):
+                        return
+                    unit = alone.pop()
+                    pending[actor.hash_batch.remote([unit])] = (actor, [unit], True)
+                    return
+                if not batches:
+                    return
+                batch = batches.pop()
+                pending[actor.hash_batch.remote(batch)] = (actor, batch, False)
+
+        for actor in actors:
+            feed(actor)
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
-            actor = pending.pop(ref)
-            batch = next(batches, None)
-            if batch is not None:
-                pending[actor.hash_batch.remote(batch)] = actor
-            for key, path, code, error in ray.get(ref):
+            actor, batch, solo = pending.pop(ref)
+            rows: list[tuple[str, str, bytes | None, str | None]] = []
+            try:
+                rows = ray.get(ref)
+            except ray.exceptions.RayError as e:  # the actor died (a segfault, os._exit, OOM) or raised
+                if "creation task" in str(e):  # its constructor failed: no actor will start, so the run ends
+                    raise HashDBError(f"a Ray hashing actor could not start: {_actor_start_error(e)}") from None
+                if solo:
+                    key, path = batch[0]
+                    why = type(e).__name__ if isinstance(e, ray.exceptions.RayActorError) else str(e).splitlines()[0]
+                    rows = [(key, path, None, f"{path}: the hashing worker died on this file ({why})")]
+                else:
+                    alone.extend(reversed(batch))
+                for stale in [r for r, (a, _, _) in pending.items() if a is actor]:  # never ran: try alone
+                    alone.extend(reversed(pending.pop(stale)[1]))
+                if actor in actors:
+                    actors.remove(actor)
+                    ray.kill(actor)
+                    actors.append(cls.remote(bits, kwargs, list(preload)))
+            for idle in actors:
+                feed(idle)
+            for key, path, code, error in rows:
                 yield BulkResult(key, path, code, ModelFormatError(error) if error is not None else None)
     finally:
         for actor in actors:
             ray.kill(actor)
         if started:
             ray.shutdown()
-
-
-# ---- Ray self-join ---------------------------------------------------------------------------------------
-
-
-def _join_block(codes: Any, r: int, i0: int, i1: int, j0: int, j1: int) -> tuple[Any, Any, Any]:
-    from .index.join import rectangle_join
-
-    return rectangle_join(codes, r, i0, i1, j0, j1)
-
-
-def ray_self_join(codes: Any, r: int, *, address: str | None = None, block_rows: int | None = None) -> tuple:
-    """``hashdb.index.join.self_join`` on Ray: the (n, words) uint64 codes go once into the object store, and
-    one task per (rows x rows) block with i-block <= j-block returns its pairs. Same answer as the local join."""
-    import numpy as np
-
-    ray = _ray()
-    started = ray_init(address)
-    try:
-        n = int(codes.shape[0])
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        # About 4 blocks per CPU along the triangle, so stragglers do not decide the wall time.
-        step = block_rows or max(1024, -(-n // max(1, int((8 * cpus) ** 0.5 + 0.5))))
-        ref = ray.put(np.ascontiguousarray(codes, dtype=np.uint64))
-        task = ray.remote(num_cpus=1)(_join_block)
-        futures = [
-            task.remote(ref, int(r), a, min(a + step, n), b, min(b + step, n))
-            for a in range(0, n, step)
-            for b in range(a, n, step)
-        ]
-        parts = ray.get(futures)
-    finally:
-        if started:
-            ray.shutdown()
-    if not parts:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int32)
-    return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))

@@ -11,23 +11,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import difflib
 import json
 import logging
 import math
 import os
 import re
-import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
-from .errors import HashDBError, InvalidCode, InvalidKey, InvalidMeta, KeyNotFound, ModelFormatError
+from .errors import HashDBError, InvalidCode, InvalidMeta, KeyNotFound, ModelFormatError
 
 if TYPE_CHECKING:
     from .codec import ModelHasher
@@ -35,10 +31,6 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_BITS = 256  # of `hashdb hash`; creating a database needs an explicit --bits
-# Models are inserted in chunks: a crash loses at most one chunk (or ADD_FLUSH_S) of hashing, a chunk stays
-# far below the server's frame limit, and slow models still show their results every second.
-ADD_CHUNK = 256
-ADD_FLUSH_S = 1.0
 
 
 class UsageError(Exception):
@@ -53,13 +45,17 @@ class _Parser(argparse.ArgumentParser):
 # -- inputs --------------------------------------------------------------------------------------------
 
 
-def _inputs(items: Sequence[str], stdin: IO[str] | None = None) -> Iterator[str]:
-    """The arguments, or stdin lines (stripped, blank lines skipped) when there are none or one is '-'."""
+def _inputs(items: Sequence[str], stdin: IO[str] | None = None, waiting_note: bool = True) -> Iterator[str]:
+    """The arguments, or stdin lines (stripped, blank lines skipped) when there are none or one is '-'. When
+    stdin is a terminal, say that the command waits for it (a forgotten argument otherwise looks like a hang)."""
     if not items:
         items = ["-"]
     for item in items:
         if item == "-":
-            for line in stdin or sys.stdin:
+            source = stdin or sys.stdin
+            if waiting_note and source.isatty():
+                _warn("reading inputs from the terminal, one per line (end with Ctrl-D)")
+            for line in source:
                 line = line.strip()
                 if line:
                     yield line
@@ -76,50 +72,52 @@ def _is_hex_code(text: str, bits: int) -> bool:
 _HASH_LINE = re.compile(r"(?:0[xX])?([0-9a-fA-F]{16,})\s+(\S.*)")
 
 
-class _Record:
-    """One entry to store: a key and its code, or a model file still to hash (code None)."""
+def _add_input(text: str, bits: int) -> Any:
+    """What one `add` input is: a path (a model file or folder, hashed by the ingest), or an Entry with a code
+    (a `hashdb hash` line, a `hashdb hash --json` or export line)."""
+    from .ingest import Entry
 
-    __slots__ = ("key", "code", "path", "meta", "codec")
-
-    def __init__(self, key: str, code: bytes | None = None, path: str | None = None, meta: dict | None = None,
-                 codec: bool = False) -> None:  # fmt: skip
-        self.key, self.code, self.path, self.meta = key, code, path, meta
-        self.codec = codec  # the code came from this hashdb's default codec (it gets the codec meta)
-
-
-def _add_input(text: str, bits: int) -> _Record:
-    """What one `add` input is: a model file, a `hashdb hash` line, a `hashdb hash --json` / export line."""
-    if os.path.exists(text):
-        return _Record(_key_of(text), path=text)
+    if os.path.lexists(text):
+        return text
     if text.startswith("{"):
         return _json_record(text, bits)
     pair = _HASH_LINE.fullmatch(text)
     if pair is not None:
         from .codes import to_bytes
 
-        return _Record(pair.group(2), to_bytes(pair.group(1), bits))
+        return Entry(pair.group(2), to_bytes(pair.group(1), bits))
     if _is_hex_code(text, bits):
         raise UsageError(f"a hex code needs a key: hashdb add DB --key KEY {text[:16]}...")
-    return _Record(_key_of(text), path=text)  # hashing it names the missing file
+    return text  # the ingest names the missing file
 
 
-def _json_record(text: str, bits: int) -> _Record:
+def _export_header(text: str) -> dict | None:
+    """The header of a `hashdb export` (JSON lines or CSV) when ``text`` is one, else None."""
+    if not text.lstrip().startswith(("{", "#")):
+        return None
+    from .transfer import header_of
+
+    return header_of(text)
+
+
+def _json_record(text: str, bits: int) -> Any:
     from .codes import to_bytes
+    from .ingest import Entry
 
     try:
         doc = json.loads(text)
     except ValueError as e:
-        raise InvalidCode(f"not a JSON line: {e}: {text[:80]}") from None
+        raise InvalidCode(f"not a JSON line: {e}: {_shown(text[:80])}") from None
     key = doc.get("key", doc.get("path")) if isinstance(doc, dict) else None
     if not isinstance(key, str) or not isinstance(doc.get("code"), str):
-        raise InvalidCode(f"a JSON line needs string fields 'key' (or 'path') and 'code': {text[:80]}")
+        raise InvalidCode(f"a JSON line needs string fields 'key' (or 'path') and 'code': {_shown(text[:80])}")
     meta = doc.get("meta")
     if meta is not None and not isinstance(meta, dict):
-        raise InvalidMeta(f"{key}: 'meta' must be an object")
+        raise InvalidMeta(f"{_shown(key)}: 'meta' must be an object")
     from .codec.hasher import CODEC_VERSION
 
     same_codec = doc.get("codec") == CODEC_VERSION and doc.get("bits") == bits  # a `hashdb hash --json` line
-    return _Record(key, to_bytes(doc["code"], bits), meta=meta, codec=same_codec)
+    return Entry(key, to_bytes(doc["code"], bits), meta=meta, from_codec=same_codec)
 
 
 def _key_of(path: str) -> str:
@@ -130,8 +128,12 @@ def _key_of(path: str) -> str:
 
 
 def _shown(text: str) -> str:
-    """``text`` printable on any terminal: a file name that is not valid UTF-8 shows its bytes as escapes."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """``text`` as one printable line (hashdb.text.shown): control characters such as a newline or ESC in a
+    file name, key, tensor name or error message are shown escaped, so they cannot forge output lines or
+    drive the terminal; bytes that are not UTF-8 show as ``\\xNN``."""
+    from .text import shown
+
+    return shown(text)
 
 
 class _Hashers:
@@ -153,12 +155,12 @@ class _Hashers:
         if not os.path.exists(path):
             also = f" (and not a {self.bits}-bit hex code)" if or_code else ""
             raise ModelFormatError(f"{_shown(path)}: no such file{also}")
+        from .bulk import model_error
+
         try:
             return self.hasher.hash(path)
-        except ModelFormatError as e:
-            raise ModelFormatError(_shown(str(e) if path in str(e) else f"{path}: {e}")) from None
-        except OSError as e:
-            raise ModelFormatError(f"{_shown(path)}: {e.strerror or e}") from None
+        except (ModelFormatError, OSError) as e:
+            raise ModelFormatError(_shown(str(model_error(path, e)))) from None
 
     def code_or_model(self, text: str) -> tuple[bytes, bool]:
         """(code, came_from_a_model) for a CODE_OR_MODEL argument."""
@@ -167,26 +169,6 @@ class _Hashers:
 
             return to_bytes(text, self.bits), False
         return self.hash_file(text, or_code=True), True
-
-
-def _model_units(paths: Sequence[str]) -> list[tuple[str, str | ModelFormatError]]:
-    """(key, path to hash or the error) per model unit: a file as given, each model found in a folder."""
-    from .codec.units import find_units, unit_key
-
-    out: list[tuple[str, str | ModelFormatError]] = []
-    for path in paths:
-        if not os.path.isdir(path):
-            out.append((unit_key(path), path))
-            continue
-        try:
-            units = find_units(path)
-        except ModelFormatError as e:
-            out.append((unit_key(path), e))
-            continue
-        if not units:
-            out.append((unit_key(path), ModelFormatError(f"{path}: no model files found in the folder")))
-        out.extend((u.key, str(u.path)) for u in units)
-    return out
 
 
 # -- output --------------------------------------------------------------------------------------------
@@ -201,26 +183,15 @@ def _emit(doc: Any) -> None:
 
 
 def _finite(obj: Any) -> Any:
-    """``obj`` with every non-finite float replaced by the string JSON parsers print for it."""
-    if type(obj).__module__ == "numpy" and hasattr(obj, "item"):  # numpy scalars and arrays (in stats)
-        obj = obj.tolist() if hasattr(obj, "tolist") else obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
+    from .transfer import finite
+
+    return finite(obj)
 
 
 def _json_default(obj: Any) -> Any:
-    if isinstance(obj, bytes | bytearray | memoryview):
-        return bytes(obj).hex()
-    if hasattr(obj, "item"):  # numpy scalars in stats
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    return str(obj)
+    from .transfer import json_default
+
+    return json_default(obj)
 
 
 def _warn(message: str) -> None:
@@ -324,7 +295,8 @@ def _missing_database(path: str, create: bool) -> UsageError:
     if os.path.isfile(path):
         return UsageError(f"{path} is a file, not a hashdb database")
     if os.path.isdir(path) and os.listdir(path):
-        return UsageError(f"{path} is not a hashdb database")
+        also = " (a new database is created only in a new or empty folder)" if create else ""
+        return UsageError(f"{_shown(path)} is not a hashdb database{also}")
     hint = f" (to create one, give --bits N, e.g. --bits {DEFAULT_BITS})" if create else ""
     return UsageError(f"no hashdb database at {path}{hint}")
 
@@ -343,7 +315,8 @@ def _open(args: argparse.Namespace, create: bool = False, readonly: bool = False
 
     bits = getattr(args, "bits", None)
     if not _is_database(args.db):
-        if not (create and bits is not None) or os.path.isfile(args.db):
+        occupied = os.path.isdir(args.db) and bool(os.listdir(args.db))
+        if not (create and bits is not None) or os.path.isfile(args.db) or occupied:
             raise _missing_database(args.db, create)
         return HashDB(args.db, bits=bits)
     return HashDB(args.db, bits=bits, readonly=readonly)
@@ -353,208 +326,142 @@ def _open(args: argparse.Namespace, create: bool = False, readonly: bool = False
 
 
 def cmd_add(args: argparse.Namespace) -> int:
+    """A thin loop over hashdb.ingest: parse the inputs, print each outcome, end with a one-line summary."""
+    from .ingest import Entry, Ingest
+
     inputs = _split_target(args)
     user_meta = _parse_meta(args.meta)
-    with _open(args, create=True) as db:
-        hashers = _Hashers(db.bits)
+    if args.workers is not None and args.workers < 1:
+        raise UsageError("--workers must be >= 1")
+    if args.timeout is not None and not args.timeout > 0:
+        raise UsageError("--timeout must be > 0 seconds")
+    if args.key is not None and (len(inputs) != 1 or inputs == ["-"]):
+        raise UsageError("--key KEY takes exactly one CODE_OR_MODEL argument")
+    texts = inputs if args.key is not None else list(_inputs(inputs, waiting_note=True))
+    if not texts:
+        raise UsageError("no model files given")
+    with _created_only_if_used(args), _open(args, create=True) as db:
+        failed = 0  # inputs that are no entry at all (bad piped lines); the ingest counts its own
+        sources: list[Any] = []
         if args.key is not None:
-            if len(inputs) != 1 or inputs == ["-"]:
-                raise UsageError("--key KEY takes exactly one CODE_OR_MODEL argument")
-            code, from_model = hashers.code_or_model(inputs[0])
-            meta = _model_meta(user_meta, hashers) if from_model else user_meta
-            replaced = args.key in db
-            db.insert(args.key, code, meta)
-            if from_model:
-                _record_codec(db, hashers)
-            _report_added(args, [(args.key, code, replaced)])
-            return EXIT_OK
-        texts = list(_inputs(inputs))
-        if not texts:
-            raise UsageError("no model files given")
-        failed = 0  # entries that could not be added (the batch counts its own)
-        records: list[_Record] = []
-        for text in texts:
-            if os.path.isdir(text):  # a folder: one entry per model unit found in it
-                for key, path in _model_units([text]):
-                    if isinstance(path, ModelFormatError):
-                        failed += 1
-                        _warn(f"error: {path}")
-                    else:
-                        records.append(_Record(key, path=path))
+            text = texts[0]
+            if _is_hex_code(text, db.bits):
+                from .codes import to_bytes
+
+                sources.append(Entry(args.key, to_bytes(text, db.bits)))
+            else:
+                sources.append(Entry(args.key, path=text))
+        export_codec = None  # the codec an export's header names (`hashdb export DB | hashdb add OTHER`)
+        for text in texts if args.key is None else []:
+            header = _export_header(text)
+            if header is not None:
+                if header.get("bits") not in (None, db.bits):
+                    raise UsageError(f"the export holds {header['bits']}-bit codes and the database {db.bits}-bit ones")
+                export_codec = header.get("codec")
                 continue
             try:
-                records.append(_add_input(text, db.bits))
+                sources.append(_add_input(text, db.bits))
             except (InvalidCode, InvalidMeta) as e:  # a bad line of piped input: name it, add the others
                 failed += 1
                 _warn(f"error: {e}")
-        total = len(records) + failed  # entries: a folder counts each model in it
-        progress = Progress(len(records), "models", enabled=False if args.quiet else None)
-        batch = _Batch(db, hashers, user_meta, args, progress)
+        ingest = Ingest(db, meta=user_meta, incremental=not args.rehash and args.key is None)  # --key: always
+        progress = Progress(0, "models", enabled=False if args.quiet else None)
+        outcomes = ingest.run(sources, workers=args.workers, engine="ray" if args.ray else "local",
+                              ray_address=args.ray, timeout=args.timeout)  # fmt: skip
         interrupted = False
         try:
-            try:
-                _hash_and_insert(records, hashers, batch, progress, args.workers, args.ray)
-            except KeyboardInterrupt:  # keep what was hashed: commit it below and say how far we got
-                interrupted = True
-            batch.flush()
-            if batch.from_models:
-                _record_codec(db, hashers)
+            for outcome in outcomes:
+                progress.total = ingest.total
+                _report_outcome(args, outcome, progress)
+        except KeyboardInterrupt:
+            interrupted = True
         finally:
             progress.close()
-        failed += batch.failed
+        if isinstance(export_codec, dict) and ingest.added + ingest.replaced:
+            from .ingest import check_codec
+
+            ingest.warnings.append(check_codec(db, export_codec) or "")
+        for warning in filter(None, ingest.warnings):
+            _warn(f"warning: {warning}")
+        failed += ingest.failed
+        total = ingest.total + failed - ingest.failed
         if interrupted:
-            _warn(f"interrupted: added {batch.added} of {total} entries")
+            _warn(f"interrupted: added {ingest.added + ingest.replaced} of {total} entries")
             return EXIT_INTERRUPTED
+        if not args.quiet and args.key is None:
+            _warn(f"{ingest.added} added, {ingest.replaced} replaced, {ingest.unchanged} unchanged (not hashed "
+                  f"again), {failed} failed, of {total} entries")  # fmt: skip
         if failed:
             _warn(f"{failed} of {total} entries could not be added")
             return EXIT_ERROR
     return EXIT_OK
 
 
-def _hash_and_insert(records: list[_Record], hashers: _Hashers, batch: _Batch, progress: Progress,
-                     workers: int | None = None, ray: str | None = None) -> None:  # fmt: skip
-    """Hand every record to the batch (which inserts in chunks), hashing the model files on the way: in
-    ``workers`` processes, or Ray actors with ``ray`` (hashdb.bulk), while this process stays the one writer."""
-    from .bulk import hash_units
-    from .codec.units import ModelUnit
-
-    if workers is not None and workers < 1:
-        raise UsageError("--workers must be >= 1")
-    waiting: dict[str, list[_Record]] = {}  # key -> the records that take that file's code
-    units: list[ModelUnit] = []
-    for record in records:
-        if record.code is not None:
-            _hand_over(record, batch, progress)
-            continue
-        if record.key not in waiting:  # a missing file comes back as its error, like any unreadable one
-            units.append(ModelUnit(record.key, Path(record.path or record.key)))
-        waiting.setdefault(record.key, []).append(record)
-    if not units:
+def _report_outcome(args: argparse.Namespace, outcome: Any, progress: Progress) -> None:
+    """Print one ingest outcome: added/replaced lines on stdout, errors and notes on stderr."""
+    if outcome.status != "failed":
+        progress.advance()
+    if outcome.status == "failed":
+        progress.advance()
+        progress.message(f"hashdb: error: {outcome.error}")
         return
-    results = hash_units(units, bits=hashers.bits, workers=workers, engine="ray" if ray else "local",
-                         ray_address=ray)  # fmt: skip
-    try:
-        for result in results:
-            for record in waiting.pop(result.key, []):
-                if result.error is not None:
-                    batch.failed += 1
-                    progress.message(f"hashdb: error: {_shown(str(result.error))}")
-                    progress.advance()
-                    continue
-                record.code, record.codec = result.code, True
-                _hand_over(record, batch, progress)
-    finally:
-        results.close()  # on Ctrl-C: stop the workers before what was hashed is committed
-
-
-def _hand_over(record: _Record, batch: _Batch, progress: Progress) -> None:
-    batch.append(record)
-    progress.advance()
-    if len(batch.records) >= ADD_CHUNK or time.monotonic() - batch.since >= ADD_FLUSH_S:
-        batch.flush()
-
-
-class _Batch:
-    """Records waiting to be inserted as one insert_many (one transaction; a crash loses at most this)."""
-
-    def __init__(self, db: Database, hashers: _Hashers, user_meta: dict | None, args: argparse.Namespace,
-                 progress: Progress) -> None:  # fmt: skip
-        self.db, self.hashers, self.user_meta, self.args, self.progress = db, hashers, user_meta, args, progress
-        self.records: list[_Record] = []
-        self.since = time.monotonic()  # of the last flush
-        self.added = self.failed = 0
-        self.from_models = False
-        from .db import key_bytes
-
-        self._check_key = key_bytes
-
-    def append(self, record: _Record) -> None:
-        try:
-            self._check_key(record.key)  # one bad key (too long, not UTF-8) is rejected alone
-        except InvalidKey as e:
-            self.failed += 1
-            self.progress.message(f"hashdb: error: {_shown(record.key)}: {e}")
-            return
-        self.records.append(record)
-
-    def _meta(self, record: _Record) -> dict | None:
-        meta = record.meta if record.meta is not None else self.user_meta
-        if record.codec:
-            meta = dict(meta or {})
-            meta["codec"] = self.hashers.hasher.config
-        return meta
-
-    def flush(self) -> None:
-        self.since = time.monotonic()
-        records, self.records = self.records, []
-        if records:
-            with _interrupts_held():  # Ctrl-C waits for the commit, so what we report is what was stored
-                self._insert(records)
-
-    def _insert(self, records: list[_Record]) -> None:
-        keys = [r.key for r in records]
-        codes = [r.code or b"" for r in records]
-        metas = [self._meta(r) for r in records]
-        replaced = [key in self.db for key in keys]
-        try:
-            self.db.insert_many(keys, codes, metas)
-            done = list(zip(keys, codes, replaced, strict=True))
-        except (InvalidKey, InvalidMeta, InvalidCode):  # find the bad entries; the good ones are still added
-            done = []
-            for key, code, meta, was in zip(keys, codes, metas, replaced, strict=True):
-                try:
-                    self.db.insert(key, code, meta)
-                except (InvalidKey, InvalidMeta, InvalidCode) as e:
-                    self.failed += 1
-                    self.progress.message(f"hashdb: error: {_shown(key)}: {e}")
-                else:
-                    done.append((key, code, was))
-        self.added += len(done)
-        self.from_models = self.from_models or any(r.codec for r in records)
-        self.progress.clear()  # stdout and the bar may share one terminal
-        _report_added(self.args, done)
-        sys.stdout.flush()
-        self.progress.redraw()
+    if outcome.status == "unchanged":
+        if args.json:
+            progress.clear()
+            _emit({"key": outcome.key, "unchanged": True})
+            progress.redraw()
+        return
+    if outcome.same_content:
+        others = ", ".join(_shown(k) for k in outcome.same_content[:3])
+        more = f" and {len(outcome.same_content) - 3} more" if len(outcome.same_content) > 3 else ""
+        progress.message(f"hashdb: note: {outcome.key} has the same bytes as {others}{more}")
+    progress.clear()  # stdout and the bar may share one terminal
+    _report_added(args, [(outcome.key, outcome.code, outcome.status == "replaced")], outcome.same_content)
+    sys.stdout.flush()
+    progress.redraw()
 
 
 @contextlib.contextmanager
-def _interrupts_held() -> Iterator[None]:
-    """Hold SIGINT until the block is done (then raise KeyboardInterrupt): a commit is never cut in half."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
+def _created_only_if_used(args: argparse.Namespace) -> Iterator[None]:
+    """Remove a database this command created when nothing was stored in it (a failed first add leaves the
+    folder as it was: no LMDB files in a new or empty folder)."""
+    path = None if args.socket else args.db
+    fresh = path is not None and not _is_database(path)
+    existed = path is not None and os.path.isdir(path)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
+        if fresh and path is not None and _is_database(path) and _holds_nothing(path):
+            for name in ("data.mdb", "lock.mdb"):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(path, name))
+            if not existed:
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
 
 
-def _model_meta(user_meta: dict | None, hashers: _Hashers) -> dict:
-    meta = dict(user_meta or {})
-    meta["codec"] = hashers.hasher.config
-    return meta
+def _holds_nothing(path: str) -> bool:
+    """True for a database with no entry (and False when it cannot be read: then it is left alone)."""
+    from .db import HashDB
+
+    try:
+        with HashDB(path, bits=None, readonly=True) as db:
+            return len(db) == 0
+    except HashDBError:
+        return False
 
 
-def _record_codec(db: Database, hashers: _Hashers) -> None:
-    """Store the codec config in the database's meta the first time models are added to it."""
-    config = hashers.hasher.config
-    stored = db.codec
-    if stored is None:
-        db.set_codec(config)
-    elif stored != config:
-        _warn("warning: the database's codes were made with another codec configuration; distances may mislead")
-
-
-def _report_added(args: argparse.Namespace, added: list[tuple[str, bytes, bool]]) -> None:
+def _report_added(args: argparse.Namespace, added: list[tuple[str, bytes | None, bool]],
+                  same_content: Sequence[str] = ()) -> None:  # fmt: skip
     for key, code, replaced in added:
+        hex_code = code.hex() if code is not None else None
         if args.json:
-            _emit({"key": key, "code": code.hex(), "replaced": replaced})
+            doc: dict[str, Any] = {"key": key, "code": hex_code, "replaced": replaced}
+            if same_content:
+                doc["same_content"] = list(same_content)
+            _emit(doc)
         elif not args.quiet:
-            print(f"{'replaced' if replaced else 'added'} {code.hex()}  {_shown(key)}")
+            print(f"{'replaced' if replaced else 'added'} {hex_code}  {_shown(key)}")
 
 
 def _parse_meta(text: str | None) -> dict | None:
@@ -580,8 +487,9 @@ def _parse_meta(text: str | None) -> dict | None:
 
 def _copy_radius(codec: dict | None) -> int | None:
     """The copy radius stored with a database's codec configuration (None for databases of bare codes)."""
-    radius = codec.get("copy_radius") if isinstance(codec, dict) else None
-    return radius if isinstance(radius, int) and not isinstance(radius, bool) and radius >= 0 else None
+    from .codec.radius import copy_radius_of
+
+    return copy_radius_of(codec)
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -601,25 +509,72 @@ def cmd_query(args: argparse.Namespace) -> int:
                                  "'hashdb add'), so it has no copy radius: give --radius R or --knn K")  # fmt: skip
             radius = copy_radius
         hashers = _Hashers(db.bits)
-        for text in _inputs(inputs):
-            try:
-                code, _ = hashers.code_or_model(text)
-            except (ModelFormatError, InvalidCode) as e:  # a bad input: say so, and answer the others
+        for text, code_or_error, path in _query_codes(_inputs(inputs), hashers):
+            if not isinstance(code_or_error, bytes):  # a bad input: say so, and answer the others
                 failed += 1
-                _warn(f"error: {e}")
+                _warn(f"error: {code_or_error}")
                 continue
+            code = code_or_error
             matches = db.radius(code, radius) if radius is not None else db.knn(code, args.knn)
             found_any = found_any or bool(matches)
+            same = _same_bytes(db, path, matches)
             if args.json:
                 _emit({"query": text, "code": code.hex(), "copy_radius": copy_radius,
-                       "matches": [{"key": key, "distance": int(dist), "verdict": _verdict(dist, copy_radius)}
+                       "matches": [{"key": key, "distance": int(dist), "verdict": _verdict(dist, copy_radius),
+                                    **({"same_bytes": True} if key in same else {})}
                                    for key, dist in matches]})  # fmt: skip
             else:
-                _print_matches(text, matches, copy_radius)
+                _print_matches(text, matches, copy_radius, same)
             sys.stdout.flush()  # each answer is out before a later input can fail
     if failed:
         return EXIT_ERROR
     return EXIT_OK if found_any else EXIT_NOT_FOUND
+
+
+def _query_codes(texts: Iterator[str], hashers: _Hashers) -> Iterator[tuple[str, bytes | HashDBError, str | None]]:
+    """(what was asked, its code or the error, the model's path or None) per query: a hex code, a model file,
+    or each model unit of a folder of suspects (hashdb.codec.units.expand, asked under its key)."""
+    from .codec.units import expand
+
+    for text in texts:
+        if not _is_hex_code(text, hashers.bits) and os.path.isdir(text):
+            units, problems = expand([text])
+            for problem in problems:
+                yield problem.key, problem.error, None
+            for unit in units:
+                try:
+                    yield unit.key, hashers.hash_file(os.fspath(unit.path)), os.fspath(unit.path)
+                except ModelFormatError as e:
+                    yield unit.key, e, None
+            continue
+        try:
+            code, from_model = hashers.code_or_model(text)
+            yield text, code, text if from_model else None
+        except (ModelFormatError, InvalidCode) as e:
+            yield text, e, None
+
+
+def _same_bytes(db: Database, path: str | None, matches: list[Match]) -> set[str]:
+    """The matched keys at distance 0 whose stored file identity has the query file's sha256 (the same
+    bytes, stored under another key or from another folder)."""
+    exact = [key for key, dist in matches if dist == 0]
+    if path is None or not exact:
+        return set()
+    from .ingest import file_identity
+
+    identity = file_identity(path)
+    if identity is None:
+        return set()
+    same = set()
+    for key in exact:
+        try:
+            _, meta = db.get(key)
+        except KeyNotFound:
+            continue
+        stored = meta.get("file") if isinstance(meta, dict) else None
+        if isinstance(stored, dict) and stored.get("sha256") == identity["sha256"]:
+            same.add(key)
+    return same
 
 
 def _verdict(distance: int, copy_radius: int | None) -> str | None:
@@ -628,7 +583,7 @@ def _verdict(distance: int, copy_radius: int | None) -> str | None:
     return "copy" if distance <= copy_radius else "not a copy"
 
 
-def _print_matches(query: str, matches: list[Match], copy_radius: int | None) -> None:
+def _print_matches(query: str, matches: list[Match], copy_radius: int | None, same: set[str] | None = None) -> None:
     within = f" (copy radius {copy_radius})" if copy_radius is not None else ""
     print(f"query {_shown(query)}: {len(matches)} match{'es' if len(matches) != 1 else ''}{within}")
     if not matches:
@@ -636,11 +591,12 @@ def _print_matches(query: str, matches: list[Match], copy_radius: int | None) ->
     if copy_radius is None:
         print(f"  {'distance':>8}  key")
         for key, dist in matches:
-            print(f"  {int(dist):>8}  {_shown(key)}")
+            print(f"  {int(dist):>8}  {_shown(key)}{' (same bytes)' if same and key in same else ''}")
         return
     print(f"  {'distance':>8}  {'verdict':<10}  key")
     for key, dist in matches:
-        print(f"  {int(dist):>8}  {_verdict(dist, copy_radius):<10}  {_shown(key)}")
+        tail = " (same bytes)" if same and key in same else ""
+        print(f"  {int(dist):>8}  {_verdict(dist, copy_radius):<10}  {_shown(key)}{tail}")
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
@@ -698,6 +654,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
         raise UsageError("stats takes no arguments besides DB")
     with _open(args, readonly=True) as db:
         stats = db.stats()
+        codec = db.codec
+    stats.setdefault("codec", codec)  # the configuration the codes were made with, and its copy radius
+    stats.setdefault("copy_radius", _copy_radius(codec))
     if args.json:
         _emit(stats)
     else:
@@ -727,10 +686,10 @@ def _print_mapping(mapping: dict, indent: str = "") -> None:
     width = max((len(str(k)) for k in mapping), default=0)
     for name, value in mapping.items():
         if isinstance(value, dict):
-            print(f"{indent}{name}:")
+            print(f"{indent}{_shown(str(name))}:")
             _print_mapping(value, indent + "  ")
         else:
-            print(f"{indent}{str(name):<{width}}  {value}")
+            print(f"{indent}{_shown(str(name)):<{width}}  {_shown(str(value))}")
 
 
 def cmd_clusters(args: argparse.Namespace) -> int:
@@ -752,109 +711,134 @@ def cmd_clusters(args: argparse.Namespace) -> int:
         if args.json:
             _emit({"cluster": n, "radius": int(radius), "keys": cluster.keys,
                    "edges": [[a, b, int(d)] for a, b, d in cluster.edges]})  # fmt: skip
-        else:
+        elif args.edges:
             _print_cluster(n, cluster)
+        else:
+            _print_cluster_summary(n, cluster)
     if not args.json:
         models = sum(len(c.keys) for c in clusters)
         print(f"{len(clusters)} cluster{'s' if len(clusters) != 1 else ''} of {models} models within radius {radius}")
     return EXIT_OK if clusters else EXIT_NOT_FOUND
 
 
+def _print_cluster_summary(n: int, cluster: Any) -> None:
+    """One line per cluster: its size, the tightest and loosest edge, and a representative (the model with the
+    most edges: the one the others are copies of, in a star around an original)."""
+    degree: dict[str, int] = {}
+    for a, b, _ in cluster.edges:
+        degree[a] = degree.get(a, 0) + 1
+        degree[b] = degree.get(b, 0) + 1
+    representative = max(cluster.keys, key=lambda k: degree.get(k, 0))
+    distances = [int(d) for _, _, d in cluster.edges]
+    print(f"cluster {n}: {len(cluster.keys)} models, {len(distances)} pairs, distance {min(distances)}-"
+          f"{max(distances)}, representative {_shown(representative)}")  # fmt: skip
+
+
 def _print_cluster(n: int, cluster: Any) -> None:
     print(f"cluster {n}: {len(cluster.keys)} models, {len(cluster.edges)} pairs within the radius")
     for key in cluster.keys:
-        print(f"  {key}")
-    width = max(len(a) for a, _, _ in cluster.edges)
+        print(f"  {_shown(key)}")
+    width = max(len(_shown(a)) for a, _, _ in cluster.edges)
     print(f"  {'distance':>8}  {'key_a':<{width}}  key_b")
     for a, b, d in cluster.edges:
-        print(f"  {int(d):>8}  {a:<{width}}  {b}")
+        print(f"  {int(d):>8}  {_shown(a):<{width}}  {_shown(b)}")
 
 
 def cmd_hash(args: argparse.Namespace) -> int:
+    """Hash model files and folders in worker processes (hashdb.bulk), printing `CODE  KEY` lines in input order.
+
+    A key with a control character (a newline in a file name) has no plain line: `add` reading it back could
+    not tell it from two lines, so it is an error naming the file; `--json` prints it exactly."""
+    from .bulk import hash_units
     from .codec.hasher import CODEC_VERSION
+    from .codec.units import expand_in_order
     from .codes import check_bits
 
     bits = check_bits(args.bits if args.bits is not None else DEFAULT_BITS)
-    hashers = _Hashers(bits)
-    paths = list(_inputs(args.models))
+    if args.workers is not None and args.workers < 1:
+        raise UsageError("--workers must be >= 1")
+    if args.timeout is not None and not args.timeout > 0:
+        raise UsageError("--timeout must be > 0 seconds")
+    found = expand_in_order(_inputs(args.models))
     failed = 0
-    for key, path in _model_units(paths):
-        try:
-            if isinstance(path, ModelFormatError):
-                raise path
-            code = hashers.hash_file(path)
-        except ModelFormatError as e:
-            failed += 1
-            _warn(f"error: {e}")
-            continue
-        if args.json:
-            _emit({"key": key, "path": path, "code": code.hex(), "bits": bits, "codec": CODEC_VERSION})
-        else:
-            print(f"{code.hex()}  {_shown(key)}")
-        sys.stdout.flush()
+    progress = Progress(len(found), "models", enabled=False if args.quiet else None)
+    limit: dict[str, Any] = {} if args.timeout is None else {"timeout": args.timeout}
+    results = hash_units(found, bits=bits, workers=args.workers, **limit)
+    try:
+        for res in results:
+            progress.advance()
+            if res.error is None and not args.json and _has_control(res.key):
+                res = res._replace(code=None, error=ModelFormatError(
+                    f"{_shown(res.key)}: the name holds a control character, so a plain output line could be "
+                    "read back as another key: use --json for its exact key"))  # fmt: skip
+            if res.error is not None or res.code is None:
+                failed += 1
+                progress.message(f"hashdb: error: {res.error}")
+                continue
+            progress.clear()
+            if args.json:
+                _emit({"key": res.key, "path": res.path, "code": res.code.hex(), "bits": bits, "codec": CODEC_VERSION})
+            else:
+                print(f"{res.code.hex()}  {_shown(res.key)}")
+            sys.stdout.flush()
+            progress.redraw()
+    finally:
+        results.close()
+        progress.close()
     return EXIT_ERROR if failed else EXIT_OK
 
 
-EXPORT_FORMAT = "hashdb-export"
-EXPORT_VERSION = 1
-IMPORT_CHUNK = 4096
+def _has_control(text: str) -> bool:
+    from .text import shown
+
+    # Escapes of undecodable bytes (\\xNN) are not control characters: such a key is refused by `add` anyway.
+    return shown(text) != text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Every record as JSON lines (a header line, then {"key", "code", "meta"} in key order) or CSV."""
+    """Every record as JSON lines (a header line, then {"key", "code", "meta"} in key order) or CSV
+    (hashdb.transfer; --json is JSON lines)."""
+    from .transfer import export
+
     if _split_target(args):
         raise UsageError("export takes no arguments besides DB (write to a file with -o FILE)")
+    if args.json and args.format == "csv":
+        raise UsageError("--json writes JSON lines: give it or --format csv, not both")
     out = sys.stdout if args.output in (None, "-") else open(args.output, "w", encoding="utf-8", newline="")
     try:
         with _open(args, readonly=True) as db:
-            writer = csv.writer(out, lineterminator="\n") if args.format == "csv" else None
-            if writer is not None:
-                writer.writerow(["key", "code", "meta"])
-            else:
-                header = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "bits": db.bits, "codec": db.codec}
-                out.write(_json_line(header))
-            for key in db:
-                try:
-                    code, meta = db.get(key)
-                except KeyNotFound:  # deleted while we were exporting
-                    continue
-                if writer is not None:
-                    text = "" if meta is None else json.dumps(_finite(meta), sort_keys=True, default=_json_default)
-                    writer.writerow([key, code.hex(), text])
-                else:
-                    out.write(_json_line({"key": key, "code": code.hex(), "meta": meta}))
+            export(db, out, "jsonl" if args.json else args.format)
     finally:
         if out is not sys.stdout:
             out.close()
     return EXIT_OK
 
 
-def _json_line(doc: Any) -> str:
-    return json.dumps(_finite(doc), sort_keys=True, default=_json_default, allow_nan=False) + "\n"
-
-
 def cmd_import(args: argparse.Namespace) -> int:
     """Insert the records of an export (JSON lines or CSV); existing keys are replaced."""
+    from .transfer import import_rows, read_export
+
     items = _split_target(args)
     if len(items) != 1:
         raise UsageError("import takes DB and one FILE ('-' for stdin)")
     source = sys.stdin if items[0] == "-" else _open_text(items[0])
     try:
-        rows = _import_rows(source, args.format)
-        header = next(rows)
+        header, rows = read_export(source, args.format)
         if args.socket is None and not _is_database(args.db) and args.bits is None:
             args.bits = header.get("bits", header.get("bits_guess"))  # the file's width is enough to create it
-        with _open(args, create=True) as db:
-            failed, added, replaced = _import_into(db, rows, header)
+        with _created_only_if_used(args), _open(args, create=True) as db:
+            done = import_rows(db, header, rows, on_error=lambda line: _warn(f"error: {line}"))
     finally:
         if source is not sys.stdin:
             source.close()
+    if done.warning:
+        _warn(f"warning: {done.warning}")
     if args.json:
-        _emit({"imported": added, "replaced": replaced, "failed": failed})
+        _emit({"imported": done.added, "replaced": done.replaced, "failed": done.failed})
     elif not args.quiet:
-        print(f"imported {added} records ({replaced} replaced) into {args.db or args.socket}")
-    if failed:
-        _warn(f"{failed} records could not be imported")
+        print(f"imported {done.added} records ({done.replaced} replaced) into {_shown(args.db or args.socket)}")
+    if done.failed:
+        _warn(f"{done.failed} records could not be imported")
         return EXIT_ERROR
     return EXIT_OK
 
@@ -863,108 +847,7 @@ def _open_text(path: str) -> IO[str]:
     try:
         return open(path, encoding="utf-8", newline="")
     except OSError as e:
-        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
-
-
-def _import_rows(source: IO[str], fmt: str) -> Iterator[Any]:
-    """Yields the header (a dict, maybe empty), then (line number, key, code hex, meta or None) per record."""
-    first = source.readline()
-    if fmt == "auto":
-        fmt = "jsonl" if first.lstrip().startswith("{") or not first.strip() else "csv"
-    if fmt == "csv":
-        reader = csv.reader([first, *source] if first else source)
-        head = next(reader, None)
-        if head is None or [h.strip() for h in head[:2]] != ["key", "code"]:
-            raise UsageError("a CSV import starts with the header row key,code[,meta]")
-        rows = list(reader)
-        header: dict[str, Any] = {}
-        if rows and len(rows[0]) >= 2:
-            header["bits_guess"] = len(rows[0][1]) * 4  # CSV states no width: the first code's
-        yield header
-        for number, row in enumerate(rows, start=2):
-            if len(row) < 2:
-                yield number, None, None, f"expected key,code[,meta], got {len(row)} fields"
-                continue
-            text = row[2] if len(row) > 2 else ""
-            try:
-                meta = json.loads(text) if text else None
-            except ValueError as e:
-                yield number, row[0], None, f"meta is not JSON: {e}"
-                continue
-            yield number, row[0], row[1], meta
-        return
-    lines = iter([first, *source])
-    header = {}
-    doc = _json_or_none(first)
-    if isinstance(doc, dict) and doc.get("format") == EXPORT_FORMAT:
-        if doc.get("version") != EXPORT_VERSION:
-            raise UsageError(f"export version {doc.get('version')!r}; this hashdb reads {EXPORT_VERSION}")
-        header = doc
-        next(lines)
-    yield header
-    for number, line in enumerate(lines, start=2 if header else 1):
-        if not line.strip():
-            continue
-        doc = _json_or_none(line)
-        if not isinstance(doc, dict) or not isinstance(doc.get("key"), str) or not isinstance(doc.get("code"), str):
-            yield number, None, None, "expected a JSON object with string 'key' and 'code'"
-            continue
-        yield number, doc["key"], doc["code"], doc.get("meta")
-
-
-def _json_or_none(line: str) -> Any:
-    try:
-        return json.loads(line)
-    except ValueError:
-        return None
-
-
-def _import_into(db: Database, rows: Iterator[Any], header: dict) -> tuple[int, int, int]:
-    from .codes import to_bytes
-    from .db import key_bytes
-
-    if header.get("bits") not in (None, db.bits):
-        raise UsageError(f"the export holds {header['bits']}-bit codes and the database {db.bits}-bit ones")
-    failed = added = replaced = 0
-    keys: list[str] = []
-    codes: list[bytes] = []
-    metas: list[dict | None] = []
-
-    def flush() -> None:
-        nonlocal added, replaced
-        if keys:
-            replaced += sum(key in db for key in keys)
-            added += db.insert_many(keys, codes, metas)
-            keys.clear()
-            codes.clear()
-            metas.clear()
-
-    for number, key, code, meta in rows:
-        try:
-            if key is None or code is None:
-                raise InvalidCode(str(meta))
-            key_bytes(key)
-            if meta is not None and not isinstance(meta, dict):
-                raise InvalidMeta("meta must be an object")
-            raw = to_bytes(code, db.bits)
-        except HashDBError as e:
-            failed += 1
-            _warn(f"error: line {number}: {e}")
-            continue
-        keys.append(key)
-        codes.append(raw)
-        metas.append(meta)
-        if len(keys) >= IMPORT_CHUNK:
-            flush()
-    flush()
-    codec = header.get("codec")
-    if isinstance(codec, dict):
-        stored = db.codec
-        if stored is None:
-            db.set_codec(codec)
-        elif stored != codec:
-            _warn("warning: the export was made with another codec configuration than the database's")
-    return failed, added, replaced
+        raise UsageError(f"cannot read {_shown(path)}: {e.strerror or e}") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -990,6 +873,21 @@ def cmd_demo(argv: list[str]) -> int:
 
 
 # -- argument parsing ----------------------------------------------------------------------------------
+
+
+EXAMPLES = {
+    "add": "hashdb add models.db --bits 256 zoo/ --workers 4   (again later: only new and changed files are hashed)",
+    "clusters": "hashdb clusters models.db   (--edges lists every pair)",
+    "query": "hashdb query models.db suspect.safetensors suspects/   (a folder: one answer per model)",
+    "delete": "hashdb delete models.db zoo/m0.pt",
+    "get": "hashdb get models.db zoo/m0.pt --json",
+    "list": "hashdb list models.db | head",
+    "stats": "hashdb stats models.db",
+    "export": "hashdb export models.db -o models.jsonl   (or: hashdb export models.db | hashdb add other.db)",
+    "import": "hashdb import other.db models.jsonl",
+    "serve": "hashdb serve models.db --socket /tmp/hashdb.sock",
+    "hash": "hashdb hash zoo/*.pt | hashdb add models.db --bits 256",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1019,6 +917,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", "-j", type=int, metavar="N", help=cores)
     ray = "hash on Ray: 'local' starts Ray here, 'auto' joins a running cluster (needs pip install hashdb[ray])"
     p.add_argument("--ray", metavar="ADDRESS", help=ray)
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="per-file time limit of a hashing worker (default 300); over it: an error")  # fmt: skip
+    p.add_argument("--rehash", action="store_true",
+                   help="hash every file again (default: skip files stored before and unchanged since)")  # fmt: skip
     p.set_defaults(func=cmd_add)
 
     usage = "hashdb clusters DB [--radius R] [--json] [--ray ADDRESS]"
@@ -1027,6 +929,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--radius", "-r", type=int, help="Hamming radius of an edge (default: the stored copy radius)")
     p.add_argument("--json", action="store_true", help='one JSON object per cluster per line: "keys", "edges"')
     p.add_argument("--ray", metavar="ADDRESS", help="split the self-join into Ray tasks ('local' or 'auto')")
+    p.add_argument("--edges", action="store_true", help="list every model and pair (default: one line per cluster)")
     p.set_defaults(func=cmd_clusters)
 
     usage = "hashdb query (DB | --socket PATH) CODE_OR_MODEL... [--radius R | --knn K] [--json]"
@@ -1079,13 +982,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("hash", help="print the perceptual hash of model files")
-    p.add_argument("models", nargs="*", metavar="MODEL", help="model files; '-' or none: stdin")
+    p.add_argument("models", nargs="*", metavar="MODEL", help="model files or folders; '-' or none: stdin")
     p.add_argument("--bits", type=int, help=f"code width (default {DEFAULT_BITS})")
     p.add_argument("--json", action="store_true", help="one JSON document per line")
+    p.add_argument("--workers", "-j", type=int, metavar="N", help="hashing processes (default: the machine's cores)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="per-file time limit (default 300)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_hash)
 
     sub.add_parser("demo", help="end-to-end demo: train CNNs, copy them, find the copies (see 'hashdb demo -h')",
                    add_help=False)  # fmt: skip
+    for name, example in EXAMPLES.items():
+        sub.choices[name].epilog = f"example: {example}"
     parser.commands = dict(sub.choices)  # type: ignore[attr-defined]
     return parser
 

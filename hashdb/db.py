@@ -3,39 +3,32 @@
 Consistency: the in-memory index remembers the last log sequence it applied. Every query opens one read
 transaction, compares that with the newest sequence in the log, replays what is new (or rebuilds when the
 log was compacted past it), answers from the index, and maps ids back to keys in the same snapshot. So a
-query sees every write committed before it began, by this process or any other.
+query sees every write committed before it began, by this process or any other. The index's life (log
+replay, the index file, the move from numpy to the numba kernels, the readers table) is one LiveIndex
+(live_index.py) that each handle owns.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
-import threading
-import time
-import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import numpy as np
 
 from .codes import Code, bytes_to_words, check_bits, many_to_bytes, to_bytes
-from .errors import InvalidArgument, InvalidKey, InvalidMeta, KeyNotFound, StorageError
+from .errors import InvalidArgument, InvalidKey, InvalidMeta, KeyNotFound, StorageError, shown
+from .index.contract import FORCES  # noqa: F401 - numpy only; defined once there, re-exported for callers
+from .live_index import LiveIndex
 from .store import DEFAULT_MODE, MAX_KEY_BYTES, LogBatch, Store, Txn, open_store, pack_meta, release_store
+
+if TYPE_CHECKING:
+    from .index.memory import MemoryIndex
+    from .ingest import Outcome
 
 log = logging.getLogger(__name__)
 
-FORCES = (None, "mih", "bktree", "scan")
-# Below this many codes no index file is written: reading the codes from LMDB and scanning them costs
-# about a millisecond, less than mapping and checking a file.
-PERSIST_MIN_CODES = 50_000
-# A handle answers with numpy (no numba import: about 1-2 s of a fresh process) until its numpy query work
-# reaches this many seconds, then moves to the numba kernels; a forced structure moves at once.
-NUMPY_SECONDS = 1.0
-# A writer rewrites the index file at close once its log replay would exceed this (as MIH's own delta).
-PERSIST_REPLAY_MIN = 2048
-PERSIST_REPLAY_FRACTION = 64
-REGISTRY_INTERVAL_S = 5.0  # how stale this reader's log position in the readers table may get (a hint only)
 ITER_CHUNK = 4096  # keys per read transaction while iterating: no snapshot is held across user code
 
 Match = tuple[str, int]
@@ -48,24 +41,6 @@ class Cluster(NamedTuple):
 
     keys: list[str]
     edges: list[Pair]
-
-
-def _new_index(bits: int) -> Any:
-    from .index import MemoryIndex  # numba loads on the first query, not on import hashdb
-
-    return MemoryIndex(bits)
-
-
-def _index_type() -> Any:
-    from .index import MemoryIndex
-
-    return MemoryIndex
-
-
-def _numpy_index() -> Any:
-    from .index.numpy_index import NumpyIndex  # numpy only
-
-    return NumpyIndex
 
 
 def _persist() -> Any:
@@ -115,14 +90,14 @@ def meta_bytes(meta: Any) -> bytes | None:
 
 def _check_int(name: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
-        raise InvalidArgument(f"{name} must be an int >= {low}, got {value!r}")
+        raise InvalidArgument(f"{name} must be an int >= {low}, got {shown(value)}")
     return int(value)
 
 
 def _check_force(force: Any) -> str | None:
-    if force not in FORCES:
-        raise InvalidArgument(f"force must be one of {FORCES}, got {force!r}")
-    return force
+    from .index.contract import check_force  # numpy only
+
+    return check_force(force)
 
 
 def _as_list(items: Any, what: str) -> list[Any]:
@@ -172,16 +147,8 @@ class HashDB:
         self._closed = False
         if codec is not None and not readonly and self._store.get_meta("codec") is None:
             self._store.set_meta("codec", codec)
-        self._lock = threading.Lock()  # guards the index: its queries use shared scratch arrays
-        self._index: Any = None
-        self._applied = 0  # newest log sequence the index reflects
-        self._token = random.getrandbits(63)
-        self._registered_at: float | None = None  # monotonic time of our last readers-table update
-        self._registered_seq = -1
-        self._rebuilds = 0
-        self._index_source: str | None = None  # "file" (mapped from the index file) or "tables" (read from LMDB)
-        self._wrote = False  # this handle committed a write (close() may then refresh the index file)
-        self._file_rejected = False  # the index file failed a lazy check: this handle reads LMDB from now on
+        # The in-memory index, kept in step with LMDB: log replay, index file, reader registry (live_index.py).
+        self._live = LiveIndex(lambda: self._s, self._store.path, self._store.bits, readonly)
 
     # ------------------------------------------------------------------------------------- properties
 
@@ -303,7 +270,7 @@ class HashDB:
 
     def _write_one(self, name: str, args: dict[str, Any]) -> Any:
         if name not in ("insert", "insert_many", "delete", "delete_many", "set_codec"):
-            return InvalidArgument(f"not a write operation: {name!r}")
+            return InvalidArgument(f"not a write operation: {shown(name)}")
         try:
             return getattr(self, name)(**args)
         except TypeError as e:  # arguments that do not fit the method
@@ -333,6 +300,32 @@ class HashDB:
 
         self._after_write(*self._w.write(body, reserve=reserve))
 
+    def add_models(
+        self,
+        sources: Iterable[Any],
+        *,
+        workers: int | None = None,
+        engine: str = "local",
+        ray_address: str | None = None,
+        meta: dict[str, Any] | None = None,
+        incremental: bool = True,
+        timeout: float | None = None,
+    ) -> Iterator[Outcome]:
+        """Hash the models at ``sources`` (files, folders, ModelUnits) and store them: what ``hashdb add``
+        does (hashdb.ingest.add_models). Yields one ``Outcome`` per entry: added, replaced, unchanged (its
+        file was stored before and has not changed since: not hashed again) or failed (with the error)."""
+        from .ingest import add_models
+
+        return add_models(self, sources, workers=workers, engine=engine, ray_address=ray_address, meta=meta,
+                          incremental=incremental, timeout=timeout)  # fmt: skip
+
+    def check_codec(self, config: dict[str, Any]) -> str | None:
+        """Record ``config`` as the database's codec if it holds none; return a warning when it holds another
+        (the one set-or-warn rule of add, import and ``export | add``: hashdb.ingest.check_codec)."""
+        from .ingest import check_codec
+
+        return check_codec(self, config)
+
     def delete(self, key: str) -> bool:
         """Delete ``key``; False if it was absent."""
         return self.delete_many([key]) == 1
@@ -355,25 +348,13 @@ class HashDB:
 
     def _maintain(self, txn: Txn) -> None:
         """Inside a write: record our log position (a compaction hint) and compact the log."""
-        if self._index is not None:
-            self._s.set_reader(txn, self._token, self._applied)
+        live = self._live
+        if live.index is not None:
+            self._s.set_reader(txn, live.token, live.applied)
         self._s.compact_log(txn)
 
     def _after_write(self, prev: int, seq: int, batch: LogBatch) -> None:
-        """Apply our own committed write to the index directly when nothing else came in between."""
-        if seq != prev:
-            self._wrote = True
-        with self._lock:
-            if self._index is not None and self._applied == prev and seq != prev:
-                try:
-                    self._apply(batch)
-                except Exception:  # the write is committed: never report it as failed
-                    log.exception("could not apply a committed write to the index; it will be rebuilt")
-                    self._index = None
-                    return
-                self._applied = seq
-                self._registered_seq = seq
-                self._registered_at = time.monotonic()
+        self._live.after_write(prev, seq, batch)
 
     def compact_log(self, honour_readers: bool = True) -> int:
         """Drop log entries every live reader has applied (all but the newest with honour_readers=False).
@@ -391,7 +372,7 @@ class HashDB:
         with self._s.read() as txn:
             found = self._s.get(txn, kb)
         if found is None:
-            raise KeyNotFound(f"key not found: {key!r}")
+            raise KeyNotFound(f"key not found: {shown(key, 600)}")
         return found
 
     def __contains__(self, key: object) -> bool:
@@ -461,7 +442,7 @@ class HashDB:
         """Every unordered pair of keys within Hamming distance <= r, once each as (key_a, key_b, distance)
         with key_a < key_b, sorted by (distance, key_a, key_b): an exact self-join of one snapshot (MIH for
         small r, tiled all-pairs popcount for large r; hashdb/index/join.py). ``engine='ray'`` splits it into
-        row blocks computed by Ray tasks (``ray_address`` as in hashdb.bulk.ray_init); same answer."""
+        row blocks computed by Ray tasks (``ray_address`` as in hashdb.raycluster.ray_init); same answer."""
         r = min(_check_int("r", r, 0), self.bits)
         if engine not in JOIN_ENGINES:
             raise InvalidArgument(f"engine must be one of {JOIN_ENGINES}, got {engine!r}")
@@ -470,7 +451,7 @@ class HashDB:
             ids = index.matrix.live_ids()
             codes = index.matrix.codes[ids]
             if engine == "ray":
-                from .bulk import ray_self_join
+                from .index.ray_join import ray_self_join
 
                 a, b, d = ray_self_join(codes, r, address=ray_address)
             else:
@@ -509,38 +490,30 @@ class HashDB:
         """Bring the in-memory index up to date and build its tables now, not when queries make them pay off
         (a server about to answer many queries); returns the log sequence it reflects."""
         self._query(lambda index: [], "kernels")
-        with self._lock:
-            if self._index is not None:
-                self._index.prepare()
-        return self._applied
+        with self._live.lock:
+            index = self._live.index
+            if index is not None and index.engine == "kernels":  # forced there by the query above
+                cast("MemoryIndex", index).prepare()
+        return self._live.applied
 
     def _query(self, ask: Any, force: str | None = None, convert: Any = None) -> list[Any]:
         for _ in range(100):
+            live = self._live
             with self._s.read() as txn:
                 last = self._s.last_seq(txn)
-                with self._lock:
-                    if self._index is not None and self._applied > last:
+                with live.lock:
+                    if live.index is not None and live.applied > last:
                         continue  # another thread refreshed from a newer snapshot: take a newer one too
                     try:
-                        answers = self._answer(txn, last, ask, force)
+                        answers = live.answer(txn, last, ask, force)
                     except _persist().Rejected as e:  # a mapped chunk failed its check mid-query
                         log.info("index file of %r not used: %s", self.path, e)
-                        self._index, self._file_rejected = None, True
-                        answers = self._answer(txn, last, ask, force)
+                        live.index, live.file_rejected = None, True
+                        answers = live.answer(txn, last, ask, force)
                 out = [(convert or self._to_matches)(txn, *answer) for answer in answers]
-            self._register_if_due()
+            live.register_if_due()
             return out
         raise StorageError("could not get a snapshot at least as new as the index")
-
-    def _answer(self, txn: Txn, last: int, ask: Any, force: str | None) -> Any:
-        """Under self._lock: refresh the index to ``last``, move it to the kernels when due, ask it."""
-        if self._index is None or self._applied != last:
-            self._refresh(txn, last)
-        if getattr(self._index, "engine", None) == "numpy" and (
-            force is not None or self._index.spent >= NUMPY_SECONDS
-        ):
-            self._index = self._to_kernels(self._index)
-        return ask(self._index)
 
     def _to_matches(self, txn: Txn, ids: np.ndarray, dists: np.ndarray) -> list[Match]:
         if len(ids) == 0:
@@ -562,178 +535,24 @@ class HashDB:
         out.sort(key=lambda p: (p[2], p[0], p[1]))
         return out
 
-    def _refresh(self, txn: Txn, last: int) -> None:
-        """Under self._lock: make the index reflect exactly sequence ``last`` of ``txn``'s snapshot."""
-        if self._index is not None:
-            found = self._s.read_log(txn, self._applied)
-            # Replaying far more than the index holds costs more than rebuilding from the tables.
-            if found is not None and found[1] == last and len(found[0].put_ids) <= len(self._index) + 100_000:
-                self._apply(found[0])
-                self._applied = last
-                return
-        index = self._load_index_file(txn, last)
-        if index is not None:
-            self._index, self._applied, self._index_source = index, last, "file"
-            return
-        ids, codes = self._s.load_all(txn)
-        self._index = _numpy_index().from_rows(self.bits, ids, codes)
-        self._applied = last
-        self._index_source = "tables"
-        self._rebuilds += 1
-
-    # ------------------------------------------------------------------------------------ index file
-
-    def _to_kernels(self, index: Any) -> Any:
-        """The numba MemoryIndex holding what a NumpyIndex holds (its mapped tables, when it has them)."""
-        saved = index.arrays()
-        if saved is not None:
-            return _index_type().restore(self.bits, *saved)
-        kernels = _new_index(self.bits)
-        # Tables are built when queries make them pay off (the planner counts the build), so a process that
-        # asks a few questions scans instead of building what it will not reuse.
-        kernels.bulk_load(*index.live(), build=False)
-        return kernels
-
-    def _database_stamp(self) -> dict[str, Any]:
-        """What ties an index file to this database: the width and the environment's creation stamp."""
-        return {"bits": self.bits, "database": self._s.db_id}
-
-    def _log_crc(self, txn: Txn, seq: int) -> int | None:
-        """crc32 of log entry ``seq`` (None when it is not in the log): a file stamped with a sequence whose
-        entry now holds something else (a database restored from a backup) must not be used."""
-        raw = self._s.log_entry(txn, seq)
-        return None if raw is None else zlib.crc32(raw)
-
-    def _load_index_file(self, txn: Txn, last: int) -> Any:
-        """The index mapped from the database's index file and caught up from the log to ``last``, or None
-        (no file, or one that is torn, corrupt, foreign or stale: the caller rebuilds from LMDB)."""
-        persist = _persist()
-        if self._file_rejected:
-            return None
-        try:
-            header, arrays, checker = persist.read(self.path, self._database_stamp())
-        except FileNotFoundError:
-            return None
-        except (persist.Rejected, OSError) as e:
-            log.info("index file of %r not used: %s", self.path, e)
-            return None
-        seq = header.get("seq")
-        why = None
-        if not isinstance(seq, int) or seq > last:
-            why = f"it reflects log sequence {seq!r}, the database is at {last}"
-        elif header.get("log_crc") != self._log_crc(txn, seq) and self._log_crc(txn, seq) is not None:
-            why = f"log entry {seq} differs from the one it was made at"
-        found = None if why else self._s.read_log(txn, seq)
-        if why is None and found is None:
-            why = f"the log was compacted past its sequence {seq}"
-        if why is None:
-            try:
-                index = _numpy_index().restore(self.bits, arrays, header["scalars"], checker)
-                self._index = index
-                self._apply(found[0]) if found is not None else None  # found is set whenever why is None
-            except (InvalidArgument, KeyError, TypeError, ValueError, persist.Rejected) as e:
-                why = f"it does not fit ({e})"
-            else:
-                if len(index) == self._s.count(txn):
-                    return index
-                why = f"{len(index)} codes after replaying the log, the database holds {self._s.count(txn)}"
-        self._index = None
-        log.info("index file of %r not used: %s", self.path, why)
-        return None
-
     def save_index(self) -> str | None:
         """Write the index file now (building the tables first if needed): the in-memory index, stamped with
         the log sequence it reflects, so the next process maps it instead of rebuilding. Returns its path, or
         None when the directory is not writable. ``close()`` does this by itself when it pays off."""
         self._query(lambda index: [], "kernels")
-        with self._lock:
-            return self._write_index_file()
-
-    def _write_index_file(self) -> str | None:
-        """Under self._lock: save the current index (tables built) atomically beside the environment."""
-        if getattr(self._index, "engine", None) == "numpy":
-            self._index = self._to_kernels(self._index)
-        index = self._index
-        if index is None:
-            return None
-        index.prepare()
-        saved = index.saved()
-        if saved is None:
-            return None
-        arrays, scalars = saved
-        persist = _persist()
-        try:
-            if not self._store.durable:  # the file must never claim a sequence a crash could take back
-                self._s.sync()
-            with self._s.read() as txn:
-                stamp = {**self._database_stamp(), "seq": self._applied, "log_crc": self._log_crc(txn, self._applied)}
-            return persist.write(self.path, stamp, arrays, scalars)
-        except (OSError, StorageError) as e:
-            log.info("could not write the index file of %r: %s", self.path, e)
-            return None
-
-    def _built_here(self) -> bool:
-        """Did this handle build MIH tables (rather than map them from the file)?"""
-        mih = getattr(self._index, "mih", None)
-        return mih is not None and mih.rebuilds > 0
-
-    def _index_file_due(self) -> bool:
-        """At close: does the index file need (re)writing? When it is missing, unusable or behind what this
-        handle built, or when this handle's writes left it further behind than a reader should replay."""
-        persist = _persist()
-        with self._s.read() as txn:
-            count = self._s.count(txn)
-            if count < PERSIST_MIN_CODES:
-                return False
-            try:
-                header = persist.read_header(self.path)
-            except (FileNotFoundError, persist.Rejected, OSError):
-                return self._wrote or self._built_here()
-            if header.get("database") != self._database_stamp()["database"] or header.get("bits") != self.bits:
-                return True
-            seq = header.get("seq")
-            if not isinstance(seq, int) or seq > self._s.last_seq(txn):
-                return True
-            if self._built_here() and seq < self._applied:
-                return True  # this handle built tables newer than the file's
-            if not self._wrote:
-                return False
-            found = self._s.read_log(txn, seq)
-            if found is None:
-                return True
-            changed = len(found[0].put_ids) + len(found[0].deleted_ids)
-            return changed > max(PERSIST_REPLAY_MIN, count // PERSIST_REPLAY_FRACTION)
-
-    def _apply(self, batch: LogBatch) -> None:
-        if len(batch.deleted_ids):
-            self._index.remove(batch.deleted_ids)
-        if len(batch.put_ids):
-            self._index.add(batch.put_ids, batch.put_codes)
-
-    def _register_if_due(self) -> None:
-        """Tell other processes how far we got, at most every REGISTRY_INTERVAL_S (it costs a write)."""
-        if self.readonly or self._applied == self._registered_seq:
-            return
-        now = time.monotonic()
-        if self._registered_at is not None and now - self._registered_at < REGISTRY_INTERVAL_S:
-            return
-        self._registered_at = now
-        seq = self._applied
-        self._registered_seq = seq
-        try:
-            self._s.write(lambda txn: self._s.set_reader(txn, self._token, seq))
-        except StorageError as e:  # a hint for compaction only: a query must not fail on it
-            log.warning("could not record this reader's log position: %s", e)
+        with self._live.lock:
+            return self._live.write_file()
 
     # ------------------------------------------------------------------------------------ housekeeping
 
     def stats(self) -> dict[str, Any]:
         """Counts, sizes and log positions (for the CLI's ``stats`` and monitoring)."""
         found = self._s.stats()
-        with self._lock:
-            index = None if self._index is None else self._index.stats()
-            index_bytes = 0 if self._index is None else int(self._index.nbytes())
-            applied = self._applied
+        live = self._live
+        with live.lock:
+            index = None if live.index is None else live.index.stats()
+            index_bytes = 0 if live.index is None else int(live.index.nbytes())
+            applied = live.applied
         return {
             "count": found["count"],
             "bits": self.bits,
@@ -748,8 +567,8 @@ class HashDB:
             "log_entries": found["log_entries"],
             "readers": found["readers"],
             "index_seq": applied,
-            "index_rebuilds": self._rebuilds,
-            "index_source": self._index_source,
+            "index_rebuilds": self._live.rebuilds,
+            "index_source": self._live.source,
             "index_bytes": index_bytes,
             "index": index,
         }
@@ -758,20 +577,20 @@ class HashDB:
         """Release the index and this handle's share of LMDB; idempotent. Other methods raise StorageError."""
         if self._closed:
             return
-        if not self.readonly and self._registered_at is not None:
+        if not self.readonly and self._live.registered_at is not None:
             try:
-                self._store.write(lambda txn: self._store.set_reader(txn, self._token, None))
+                self._store.write(lambda txn: self._store.set_reader(txn, self._live.token, None))
             except StorageError:
                 pass  # a stale registry entry only delays compaction until its pid is gone
         try:
-            if self._index_file_due():
+            if self._live.file_due():
                 self.save_index()
         except Exception:  # noqa: BLE001 - the index file is an optimisation: closing must not fail on it
             log.exception("could not refresh the index file of %r", self.path)
         self._closed = True
         release_store(self._store)
-        with self._lock:
-            self._index = None
+        with self._live.lock:
+            self._live.index = None
 
     def __del__(self) -> None:
         # A handle dropped without close() must not keep the shared environment open forever.

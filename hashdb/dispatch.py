@@ -15,7 +15,7 @@ import msgpack
 import numpy as np
 
 from .codes import to_bytes
-from .errors import HashDBError, ProtocolError, ServerError
+from .errors import HashDBError, ProtocolError, ServerError, shown
 from .protocol import MAX_KEYS_PAGE, OPS, READ, WRITE, encode_frame, error_payload
 
 log = logging.getLogger("hashdb.server")
@@ -51,10 +51,10 @@ def parse_request(message: Any) -> Request:
     op = message.pop("op", None)
     spec = _SPECS.get(op) if type(op) is str else None
     if spec is None:
-        return Request(rid, None, None, ProtocolError(f"unknown op {op!r:.100}"))
+        return Request(rid, None, None, ProtocolError(f"unknown op {shown(op)}"))
     required, allowed = spec
     if not message.keys() <= allowed:
-        unknown = sorted(str(name) for name in message if name not in allowed)
+        unknown = sorted(name[:80] if type(name) is str else shown(name) for name in message if name not in allowed)
         return Request(rid, op, None, ProtocolError(f"op {op!r} takes no argument {', '.join(unknown)}"))
     for name in required:
         if name not in message:
@@ -68,10 +68,13 @@ def is_write(request: Request) -> bool:
 
 
 def is_heavy(request: Request, bits: int) -> bool:
-    """True for a read whose cost has no small bound (a wide radius, a kNN, many codes): a reader thread runs it."""
+    """True for a read whose cost has no small bound (a wide radius, a kNN, many codes, a forced plan): a reader
+    thread runs it."""
     if request.error is not None:
         return False
     op, args = request.op, request.args
+    if op in ("radius", "radius_many", "knn") and args.get("force") is not None:  # type: ignore[union-attr]
+        return True  # a forced plan may cost anything (building a BK-tree over 1M codes took 7.2 s)
     if op == "radius":
         r = args["r"]  # type: ignore[index]
         return not (type(r) is int and r * 8 <= bits)

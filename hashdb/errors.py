@@ -59,6 +59,23 @@ class ServerError(HashDBError):
     """The server is unreachable or answered with an error hashdb has no class for."""
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """``value`` as an error message may show it: the repr of a scalar, cut to ``limit`` characters; only the
+    type and size of a container. A request's field may nest 1,000 deep and repr() of it raises RecursionError
+    (which killed the server), so untrusted containers are never repr'd."""
+    scalars = (type(None), bool, int, float, str, bytes, bytearray)
+    if isinstance(value, scalars):
+        text = repr(value[: limit + 1] if isinstance(value, str | bytes | bytearray) else value)
+        return text if len(text) <= limit else text[:limit] + "..."
+    if isinstance(value, list | tuple) and len(value) <= 8 and all(isinstance(v, bool | int | float) for v in value):
+        return repr(value)[:limit]  # a short flat list of numbers (a shape, offsets): safe to show whole
+    try:
+        size = f" of {len(value)} items"  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - an object without a length (or a hostile __len__): its type alone
+        size = ""
+    return f"a {type(value).__name__}{size}"
+
+
 # Stable names used on the wire and by the CLI; the server sends type(e).__name__ and the client maps it back.
 ERROR_TYPES: dict[str, type[HashDBError]] = {
     cls.__name__: cls

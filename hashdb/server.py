@@ -17,6 +17,10 @@ read of a connection is in flight, its later requests wait (so a client always r
 Bounds per connection: it is not read while it pipelines MAX_PENDING requests ahead or has
 OUT_HIGH_WATER bytes of replies unsent, and none of its requests is started while its replies exceed
 OUT_HIGH_WATER, so a client that never reads costs the server at most that much memory, whatever it sent.
+What clients send is bounded in bytes too: requests wait as their frame bytes (decoded when they start), a
+connection holds at most a frame and a half, all connections MAX_HELD_TOTAL (past it, those holding any
+are not read), and a partial frame idle for PARTIAL_FRAME_TIMEOUT_S drops its connection. Shutdown waits
+SHUTDOWN_GRACE_S for answers and threads, however long a reader's query runs.
 """
 
 from __future__ import annotations
@@ -57,6 +61,14 @@ log = logging.getLogger("hashdb.server")
 # resume when it drains. Bounds the server's memory per connection.
 MAX_PENDING = 4096
 OUT_HIGH_WATER = 16 * 1024 * 1024
+# Bytes of requests held (a partial frame being received, whole frames waiting undecoded): per connection a
+# frame and a half, and in total across connections; past the total, connections that hold any are not read
+# until it drains (100 connections each stalling one byte short of a 16 MiB frame held 1.84 GB).
+# Requests are decoded only when they start, so what waits is its bytes, not its objects (one 16.8 MB
+# frame of 5.5M tiny strings decoded to 390 MB).
+MAX_HELD_TOTAL = 256 * 1024 * 1024
+# A connection whose partial frame made no progress for this long is dropped.
+PARTIAL_FRAME_TIMEOUT_S = 30.0
 # Cheap reads one connection may have answered per loop turn, so one pipelining client cannot make a
 # turn (and the other clients' wait) arbitrarily long; the rest waits for the next turn.
 MAX_READS_PER_TURN = 64
@@ -129,14 +141,18 @@ class _Poller:
 
 
 class _Connection:
-    __slots__ = ("sock", "fd", "reader", "outbuf", "pending", "busy", "eof", "closing", "events", "closed")
+    __slots__ = ("sock", "fd", "reader", "outbuf", "pending", "busy", "eof", "closing", "events", "closed",
+                 "held", "progress_at")  # fmt: skip
 
     def __init__(self, sock: socket.socket, max_frame: int):
         self.sock = sock
         self.fd = sock.fileno()
         self.reader = FrameReader(max_frame)
         self.outbuf = bytearray()
-        self.pending: collections.deque[Request] = collections.deque()
+        # requests in order: a frame body not decoded yet, or a Request (decoded, or an error to answer)
+        self.pending: collections.deque[Request | bytes | bytearray | memoryview] = collections.deque()
+        self.held = 0  # bytes of the partial frame and the undecoded bodies (counted in Server._held)
+        self.progress_at = 0.0  # when its partial frame last grew
         self.busy = False  # a write or an expensive read of this connection is with a worker thread
         self.eof = False  # the client shut down its sending side
         self.closing = False  # the stream cannot be re-synchronized: answer what we have, then close
@@ -173,6 +189,9 @@ class Server:
         self._conns: dict[int, _Connection] = {}
         self._ready: dict[int, _Connection] = {}  # connections with requests to dispatch (ordered set)
         self._dirty: dict[int, _Connection] = {}  # connections with replies to send
+        self._held = 0  # bytes held by all connections (_Connection.held)
+        self._starved: dict[int, _Connection] = {}  # not read while _held is over MAX_HELD_TOTAL
+        self._next_sweep = 0.0
         self._packer = new_packer()
         # Work for the threads: (connection, request), None to stop. Answers come back through _done.
         self._jobs: queue.SimpleQueue[tuple[_Connection, Request] | None] = queue.SimpleQueue()
@@ -187,6 +206,7 @@ class Server:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._stopping = False
+        self._deadline: float | None = None  # when shutdown stops waiting for answers and threads
         self._accept_paused_until: float | None = None
         self._accept_backoff = ACCEPT_BACKOFF_S[0]
         self._accept_failures = 0  # since the last log line about them
@@ -245,6 +265,8 @@ class Server:
     def _turn(self, timeout: float | None) -> None:
         if self._ready:
             timeout = 0  # requests held back from the last turn
+        if self._held:  # partial frames may go idle: wake up to drop them
+            timeout = PARTIAL_FRAME_TIMEOUT_S / 4 if timeout is None else min(timeout, PARTIAL_FRAME_TIMEOUT_S / 4)
         if self._accept_paused_until is not None:
             left = self._accept_paused_until - time.monotonic()
             if left <= 0:
@@ -266,6 +288,26 @@ class Server:
             self._dispatch()
         if self._dirty:
             self._flush_dirty()
+        if self._held and time.monotonic() >= self._next_sweep:
+            self._drop_idle_partial_frames()
+
+    def _drop_idle_partial_frames(self) -> None:
+        now = time.monotonic()
+        self._next_sweep = now + PARTIAL_FRAME_TIMEOUT_S / 4
+        idle = [c for c in self._conns.values() if c.reader.buffered and now - c.progress_at > PARTIAL_FRAME_TIMEOUT_S]
+        if idle:
+            log.warning("dropping %d connections idle for %.0f s inside a frame", len(idle), PARTIAL_FRAME_TIMEOUT_S)
+        for conn in idle:
+            self._close(conn)
+
+    def _hold(self, conn: _Connection, change: int) -> None:
+        """Count ``change`` more (or fewer) bytes held by ``conn``; wake starved connections once under the total."""
+        conn.held += change
+        self._held += change
+        if change < 0 and self._starved and self._held < MAX_HELD_TOTAL:
+            starved, self._starved = self._starved, {}
+            for other in starved.values():
+                self._update_events(other)
 
     def _accept(self) -> bool:
         """Accept up to 64 waiting connections; True if there may be more."""
@@ -327,12 +369,12 @@ class Server:
         if conn.closing:
             return
         reader = conn.reader
-        for body in reader.feed(data):
-            try:
-                request = parse_request(unpack_body(body))
-            except ProtocolError as e:
-                request = Request(None, None, None, e)
-            conn.pending.append(request)
+        before = reader.buffered
+        bodies = reader.feed(data)
+        conn.pending.extend(bodies)
+        if reader.buffered:
+            conn.progress_at = time.monotonic()
+        self._hold(conn, reader.buffered - before + sum(len(body) for body in bodies))
         if reader.too_big is not None:
             # The rest of the stream is likely garbage: answer once, then close.
             too_big = ProtocolError(f"frame of {reader.too_big} bytes exceeds the limit of {self.max_frame}")
@@ -358,7 +400,7 @@ class Server:
                 if taken == MAX_READS_PER_TURN:
                     self._ready[conn.fd] = conn
                     break
-                request = pending.popleft()
+                request = self._decode(conn, pending.popleft())
                 if is_write(request):
                     writes.append((conn, request))
                     conn.busy = True
@@ -381,6 +423,19 @@ class Server:
             self._read_jobs.put(job)
         for job in writes:
             self._jobs.put(job)
+
+    def _decode(self, conn: _Connection, item: Request | bytes | bytearray | memoryview) -> Request:
+        """The request of a pending item: decoded and checked now that it starts (its bytes no longer held)."""
+        if isinstance(item, Request):
+            return item
+        self._hold(conn, -len(item))
+        try:
+            return parse_request(unpack_body(item))
+        except ProtocolError as e:
+            return Request(None, None, None, e)
+        except Exception as e:  # noqa: BLE001 - a bug in checking one request must not stop the loop
+            log.error("cannot parse a request: %s", type(e).__name__)
+            return Request(None, None, None, ProtocolError(f"malformed request ({type(e).__name__})"))
 
     def _reply(self, conn: _Connection, data: bytes) -> None:
         if conn.closed:
@@ -500,12 +555,17 @@ class Server:
 
     def _update_events(self, conn: _Connection) -> None:
         events = 0
+        starved = conn.held > 0 and self._held >= MAX_HELD_TOTAL  # one holding nothing may still send a ping
+        if starved:
+            self._starved[conn.fd] = conn
         if (
             not conn.eof
             and not conn.closing
             and not self._stopping
             and len(conn.pending) < MAX_PENDING
+            and conn.held < conn.reader.max_frame + (conn.reader.max_frame >> 1)  # type: ignore[operator]
             and len(conn.outbuf) < OUT_HIGH_WATER
+            and not starved
         ):
             events |= READABLE
         if conn.outbuf:
@@ -531,6 +591,9 @@ class Server:
         self._conns.pop(conn.fd, None)
         self._ready.pop(conn.fd, None)
         self._dirty.pop(conn.fd, None)
+        self._starved.pop(conn.fd, None)
+        conn.pending.clear()
+        self._hold(conn, -conn.held)
 
     # -- shutdown --------------------------------------------------------------------------------------
 
@@ -544,7 +607,7 @@ class Server:
         for conn in list(self._conns.values()):
             self._read_available(conn)
             self._update_events(conn)
-        deadline = time.monotonic() + SHUTDOWN_GRACE_S
+        deadline = self._deadline = time.monotonic() + SHUTDOWN_GRACE_S
         while any(not c.idle() for c in self._conns.values()):
             left = deadline - time.monotonic()
             if left <= 0:
@@ -585,13 +648,20 @@ class Server:
         self._jobs.put(None)
         for _ in range(READ_THREADS):
             self._read_jobs.put(None)
+        # The threads finish what they run, within the grace: a reader busy with one long query (a wide
+        # radius_many at 1M codes) must not hold SIGTERM up for minutes. One still running then keeps the
+        # database open (closing LMDB under it could crash it); the process exits and LMDB needs no close.
+        deadline = self._deadline if self._deadline is not None else time.monotonic() + SHUTDOWN_GRACE_S
         for worker in self._workers:
             if worker.is_alive():
-                worker.join()
+                worker.join(max(0.1, deadline - time.monotonic()))
+        busy = [w.name for w in self._workers if w.is_alive()]
+        if busy:
+            log.warning("shutdown: %s still running after the grace; leaving the database to the exit", busy)
         self._sel.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
-        if self.close_db:
+        if self.close_db and not busy:
             self.db.close()
 
 

@@ -5,8 +5,10 @@ Ray runs locally: one instance started by a module fixture for every Ray test, w
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,11 +53,18 @@ def ray_local():
 
     previous = signal.signal(signal.SIGALRM, too_slow)
     signal.alarm(RAY_START_TIMEOUT_S)
+    saved = os.environ.get("PYTHONPATH")
+    # Ray's workers inherit this environment: tests/ on their path lets them import worker_faults.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), saved]))
     try:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
     yield ray
     ray.shutdown()
 
@@ -157,9 +166,15 @@ def test_cli_clusters_json_and_table(zoo, tmp_path, capsys) -> None:  # type: ig
     pairs = {(d["keys"][0], d["keys"][1]) for d in docs if len(d["keys"]) == 2}
     assert (unit_key(zoo / "copy0.pt"), unit_key(zoo / "m0.pt")) in pairs  # each near copy clusters with its original
     assert main(["clusters", db, "--radius", "0"]) == 1  # no two models are equal
+    capsys.readouterr()
     assert main(["clusters", db]) == 0
+    out = capsys.readouterr().out  # a summary: one line per cluster, and the total
+    assert len(out.splitlines()) == len(clusters) + 1 and "within radius" in out
+    assert all(f"{len(c.keys)} models, {len(c.edges)} pairs, distance " in line
+               for c, line in zip(clusters, out.splitlines(), strict=False))  # fmt: skip
+    assert main(["clusters", db, "--edges"]) == 0
     out = capsys.readouterr().out
-    assert "cluster 1:" in out and "distance" in out and "within radius" in out
+    assert "cluster 1:" in out and "key_a" in out and "within radius" in out
     assert main(["clusters", db, "--radius", "-1"]) == 2
     assert main(["clusters", str(tmp_path / "missing")]) == 2  # named like every command's missing DB
     assert "no hashdb database at" in capsys.readouterr().err
@@ -186,9 +201,32 @@ def test_cli_add_on_ray_then_clusters_on_ray_match_local(zoo, tmp_path, ray_loca
     assert capsys.readouterr().out == on_ray
 
 
+def test_a_ray_actor_that_dies_is_one_error_line_for_its_file_and_the_rest_are_hashed(ray_local, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    for seed, name in enumerate(["a", "exit1", "b", "segv1", "c"]):
+        np.save(zoo / f"{name}.npy", np.random.default_rng(seed).standard_normal((8, 4, 3, 3)).astype(np.float32))
+    expected = {r.key: r.code for r in hash_units([zoo], engine="inline")}
+    got = {r.key: r for r in hash_units([zoo], engine="ray", workers=2, _preload=["worker_faults"])}
+    assert sorted(got) == sorted(expected)
+    for key, result in got.items():
+        if "exit1" in key or "segv1" in key:
+            assert result.code is None and "hashing worker died on this file" in str(result.error)
+            assert "\n" not in str(result.error) and str(result.error).startswith(str(zoo))
+        else:
+            assert result.code == expected[key] and result.error is None
+
+
+def test_ray_actors_that_cannot_start_end_the_run_in_one_line(ray_local, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    np.save(tmp_path / "a.npy", np.ones((8, 4, 3, 3), np.float32))
+    with pytest.raises(HashDBError, match="Ray hashing actor could not start: .*No module named") as e:
+        list(hash_units([tmp_path], engine="ray", workers=1, _preload=["hashdb_no_such_module"]))
+    assert "\n" not in str(e.value)
+
+
 def test_ray_self_join_blocks_equal_the_local_join(ray_local) -> None:  # type: ignore[no-untyped-def]
-    from hashdb.bulk import ray_self_join
     from hashdb.index.join import self_join
+    from hashdb.index.ray_join import ray_self_join
 
     rng = np.random.default_rng(5)
     codes = rng.integers(0, 2**63, (3000, 4), dtype=np.uint64)

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ from frontend_helpers import run_cli, short_socket_path, start_server_process
 from hashdb.cli import Progress, main
 from hashdb.codec import ModelHasher
 from hashdb.db import HashDB
+from hashdb.ingest import codec_fingerprint
 
 BITS = 256
 
@@ -121,9 +125,11 @@ def test_add_models_then_query_finds_the_copy(models, tmp_path, capsys):
     assert doc["matches"][0]["distance"] <= 20
     with HashDB(db, bits=None) as embedded:
         _, meta = embedded.get(models["m1"])
-        assert embedded.codec == meta["codec"]
+        codec = embedded.codec
     assert meta["owner"] == "lab"
-    assert meta["codec"]["bits"] == BITS and "encoding" in meta["codec"]
+    assert codec["bits"] == BITS and "encoding" in codec  # the config once, in the database; per entry its name
+    assert meta["file"]["codec"] == codec_fingerprint(codec) and meta["file"]["size"] == os.path.getsize(models["m1"])
+    assert meta["file"]["sha256"] == hashlib.sha256(Path(models["m1"]).read_bytes()).hexdigest()
 
 
 def test_add_reports_bad_files_but_stores_the_good_ones(models, tmp_path):
@@ -396,6 +402,11 @@ def test_stats_prints_dates_and_sizes_for_people_and_raw_numbers_in_json(tmp_pat
     assert fields["created"].startswith(time.strftime("%Y-%m-%d", time.localtime(raw["created"])))
     assert re.fullmatch(r"\d+\.\d (KiB|MiB|GiB)", fields["map_size"].strip()), fields["map_size"]
     assert fields["count"].strip() == "1"
+    assert raw["codec"] is None and raw["copy_radius"] is None and fields["copy_radius"].strip() == "None"
+    with HashDB(db) as embedded:
+        embedded.set_codec({"codec": "test", "copy_radius": 9})
+    code, out, _ = cli(capsys, "stats", db)
+    assert code == 0 and "copy_radius  9" in out and "codec:" in out  # the codec shown, nested
 
 
 def test_query_without_radius_uses_the_stored_copy_radius_and_gives_verdicts(models, tmp_path, capsys):
@@ -435,7 +446,9 @@ def test_keys_of_model_files_follow_one_rule_and_a_replaced_key_says_so(tmp_path
     db = str(tmp_path / "db")
     code, out, _ = cli(capsys, "add", db, "--bits", "256", "./C.npz")
     assert code == 0 and out.startswith("added ") and out.split()[-1] == "C.npz"
-    code, out, _ = cli(capsys, "add", db, str(tmp_path / "C.npz"), "C.npz")
+    code, out, err = cli(capsys, "add", db, str(tmp_path / "C.npz"), "C.npz")
+    assert code == 0 and out == "" and "0 added, 0 replaced, 2 unchanged" in err  # stored and unchanged since
+    code, out, _ = cli(capsys, "add", db, str(tmp_path / "C.npz"), "C.npz", "--rehash")
     assert code == 0
     assert [line.split()[0] for line in out.splitlines()] == ["replaced", "replaced"]
     with HashDB(db) as embedded:
@@ -461,7 +474,7 @@ def test_hash_output_pipes_into_add_as_text_and_as_json(tmp_path):
         with HashDB(path) as embedded:
             assert {k: embedded.get(k)[0].hex() for k in embedded} == expected
             assert (embedded.codec == config) is with_codec  # JSON lines name the codec; bare text does not
-            assert (embedded.get(files[0])[1] == {"codec": config}) is with_codec
+            assert embedded.get(files[0])[1] is None  # the config is stored once, with the database
     done = run_cli("query", json_db, files[1])  # the codec came along: the copy radius is known
     assert done.returncode == 0 and "copy" in done.stdout
 
@@ -505,15 +518,14 @@ def test_export_import_export_round_trips_identically(tmp_path, capsys, fmt):
     with HashDB(db) as a, HashDB(copy) as b:
         assert list(a) == list(b)
         assert all(a.get(k) == b.get(k) for k in a)
-        assert b.codec == (a.codec if fmt == "jsonl" else None)  # only JSON lines carry the codec
+        assert b.codec == a.codec is not None  # both carry the codec (CSV in its first line, '# {header}')
     code, out, _ = cli(capsys, "import", copy, str(dump), "-q")  # again: every key is replaced, nothing added twice
     assert code == 0 and out == ""
     with HashDB(copy) as b:
         assert len(b) == 5
-    if fmt == "jsonl":  # the header states the width: a database of another width refuses the file whole
-        narrow = records_db(tmp_path / "narrow", bits=128)
-        code, _, err = cli(capsys, "import", narrow, str(dump))
-        assert code == 2 and "256-bit" in err and "128-bit" in err
+    narrow = records_db(tmp_path / "narrow", bits=128)  # the header states the width: another width refuses it
+    code, _, err = cli(capsys, "import", narrow, str(dump))
+    assert code == 2 and "256-bit" in err and "128-bit" in err
 
 
 def test_import_of_a_new_database_from_csv_infers_the_width_and_names_bad_rows(tmp_path, capsys):

@@ -163,9 +163,9 @@ def crash_dir() -> Iterator[str]:
 
 
 def test_sigkilled_writers_lose_no_acknowledged_write_and_leave_no_partial_batch(crash_dir, monkeypatch):
-    import hashdb.db
+    import hashdb.live_index
 
-    monkeypatch.setattr(hashdb.db, "REGISTRY_INTERVAL_S", 0.0)  # our reader position pins the log each round
+    monkeypatch.setattr(hashdb.live_index, "REGISTRY_INTERVAL_S", 0.0)  # our reader position pins the log each round
     rnd = random.Random(7)
     path = os.path.join(crash_dir, "db")
     HashDB(path, bits=BITS).close()

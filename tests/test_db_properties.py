@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-import hashdb.db as hashdb_db
+import hashdb.live_index as hashdb_db  # the index lifecycle and its constants
 from hashdb import HashDB, KeyNotFound
 from hashdb.db import FORCES
 from hashdb.index import persist

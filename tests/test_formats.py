@@ -282,7 +282,7 @@ def test_payloads_never_run_whatever_they_name(tmp_path: Path, hasher: ModelHash
 
 
 def test_reader_objects_cannot_be_patched_by_a_pickle(tmp_path: Path) -> None:
-    from hashdb.codec.readers import pickle as reader
+    from hashdb.codec.readers import unpickler as reader
 
     path = tmp_path / "patch.pt"
     path.write_bytes(b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n}X\x04\x00\x00\x00funcK\x01sb.")

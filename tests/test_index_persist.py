@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import zlib
 
 import numpy as np
 import pytest
 from db_helpers import brute_knn, brute_radius, random_codes
 
-import hashdb.db as hashdb_db
+import hashdb.live_index as hashdb_db  # the index lifecycle and its constants
 from hashdb import HashDB
 from hashdb.index import persist
 
@@ -226,3 +227,115 @@ def test_numpy_answers_check_each_chunk_they_read_and_fall_back_on_a_bad_one(db_
         assert db.radius(recs["k00000"], 3) == brute_radius(recs, recs["k00000"], 3)
         assert db.stats()["index_source"] == "tables"
         assert db.knn(recs["k00001"], 4) == brute_knn(recs, recs["k00001"], 4)
+
+
+# ---------------------------------------------------------------- crafted files (issue 17): sums recomputed
+
+
+def _craft(path: str, edit) -> None:  # type: ignore[no-untyped-def]
+    """Rewrite the index file with ``edit(arrays, scalars)`` applied and every sum and crc recomputed, as an
+    attacker with write access to the directory could."""
+    header = persist.read_header(path)
+    _, mapped, _ = persist.read(path, {})
+    arrays = {name: np.array(a) for name, a in mapped.items()}
+    scalars = dict(header["scalars"])
+    edit(arrays, scalars)
+    persist.write(path, {k: header[k] for k in ("bits", "database", "seq", "log_crc")}, arrays, scalars)
+
+
+def _ramp(arrays, scalars) -> None:  # type: ignore[no-untyped-def]
+    # monotone, spanning, in bounds: only the entries' contents show the directory is not theirs
+    width = arrays["mih_offsets"].shape[1]
+    arrays["mih_offsets"][:] = np.linspace(0, scalars["n_base"], width).astype(np.int32)
+
+
+def _id_past_capacity(arrays, scalars) -> None:  # type: ignore[no-untyped-def]
+    scalars["id_bits"] += 8  # entries now decode to ids far past the code matrix
+    entries = arrays["mih_entries"]
+    if scalars["id_bits"] + int(arrays["mih_lens"].max()) - scalars["t"] > 8 * entries.itemsize:
+        arrays["mih_entries"] = entries.astype(np.uint64)
+
+
+CRAFTED = {
+    "entry ids past the code matrix": _id_past_capacity,
+    "ramped offsets": _ramp,
+    "offsets past the table": lambda a, s: a["mih_offsets"].__setitem__((0, -1), s["n_base"] + 100),
+    "pending ids past the code matrix": lambda a, s: a.__setitem__("mih_delta", np.array([10**9], np.int64)),
+    "a substring past the last bit": lambda a, s: a["mih_starts"].__setitem__(0, BITS - 1),
+    "t of another directory": lambda a, s: s.__setitem__("t", s["t"] + 1),
+    "t not an int": lambda a, s: s.__setitem__("t", [1] * 3),
+    "an id listed twice": lambda a, s: a["mih_entries"].__setitem__((0, 1), a["mih_entries"][0, 0]),
+    "entries swapped between tables": lambda a, s: a["mih_entries"].__setitem__(0, a["mih_entries"][1].copy()),
+}
+
+
+@pytest.mark.parametrize("engine", ["numba", "numpy"])
+@pytest.mark.parametrize("attack", list(CRAFTED))
+def test_a_crafted_file_with_valid_sums_is_rebuilt_not_trusted(  # type: ignore[no-untyped-def]
+    db_path: str, monkeypatch, attack: str, engine: str
+) -> None:
+    """Entry ids past the code matrix made the numba kernels segfault, ramped offsets made them answer 42 of
+    42 queries wrongly, and the numpy path raised raw IndexError: every array and scalar is checked against
+    the others, and a file that does not fit is rebuilt from LMDB. Answers stay the brute force's."""
+    if engine == "numpy":
+        monkeypatch.setattr(hashdb_db, "NUMPY_SECONDS", 1e9)
+    recs = records(db_path)
+    _craft(db_path, CRAFTED[attack])
+    with HashDB(db_path, readonly=True) as db:
+        assert_exact(db, recs)
+        for q in list(recs.values())[::150]:  # queries over the whole file: every table run is read
+            assert db.radius(q, 12) == brute_radius(recs, q, 12)
+        if engine == "numba":  # the kernels take the tables whole: checked whole first
+            assert db.stats()["index_source"] == "tables"
+
+
+def test_a_header_nested_past_the_recursion_limit_is_rebuilt(db_path: str) -> None:
+    """A header with a valid crc nesting 100,000 lists made json raise RecursionError out of every open."""
+    recs = records(db_path)
+    raw = b'{"version": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with open(persist.path_in(db_path), "wb") as f:
+        f.write(persist._HEAD.pack(persist.MAGIC, len(raw)) + raw + persist._CRC.pack(zlib.crc32(raw)))
+    with pytest.raises(persist.Rejected, match="corrupt"):
+        persist.read_header(db_path)
+    assert source_after_open(db_path) == "tables"
+    with HashDB(db_path) as db:  # a writer's close decides about the file from its header: no error either
+        assert_exact(db, recs)
+
+
+def test_random_edits_with_valid_sums_never_change_an_answer(db_path: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Hypothesis: one array element or scalar of the index file set to an extreme or random value, sums and
+    crc recomputed, on either engine: every answer equals brute force (the file is used only if it fits)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    recs = records(db_path)
+    pristine = open(persist.path_in(db_path), "rb").read()
+    # not "codes": a code row edited with its sums is the file's word against LMDB's, which only reading LMDB
+    # settles (the numba path notices it disagrees with the tables; a numpy scan does not: see docs/index.md)
+    names = ["alive", "mih_starts", "mih_lens", "mih_offsets", "mih_entries", "mih_collisions", "mih_delta"]
+    values = st.sampled_from([0, 1, -1, 2**31 - 1, 2**32 - 1, 2**40, 2**63 - 1, 7])
+
+    @settings(max_examples=12, deadline=None, derandomize=True, database=None)
+    @given(st.sampled_from(names + ["t", "id_bits", "n_base", "tombstones"]), st.integers(0, 10**9), values,
+           st.booleans())  # fmt: skip
+    def run(target: str, where: int, value: int, numpy_engine: bool) -> None:
+        def edit(arrays, scalars) -> None:  # type: ignore[no-untyped-def]
+            if target in arrays:
+                flat = arrays[target].reshape(-1)
+                if flat.size:
+                    info = np.iinfo(flat.dtype) if flat.dtype.kind in "iu" else None
+                    flat[where % flat.size] = value if info is None else min(max(value, info.min), info.max)
+            else:
+                scalars[target] = value
+
+        with open(persist.path_in(db_path), "wb") as f:
+            f.write(pristine)
+        _craft(db_path, edit)
+        monkeypatch.setattr(hashdb_db, "NUMPY_SECONDS", 1e9 if numpy_engine else 0.0)
+        with HashDB(db_path, readonly=True) as db:
+            for q in list(recs.values())[::600]:
+                assert db.radius(q, 10) == brute_radius(recs, q, 10)
+            q = recs["k00007"]
+            assert db.knn(q, 5) == brute_knn(recs, q, 5)
+
+    run()

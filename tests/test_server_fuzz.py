@@ -12,7 +12,7 @@ import socket
 
 import msgpack
 import pytest
-from frontend_helpers import raw_connect, read_reply, server_thread, short_socket_path
+from frontend_helpers import frames, raw_connect, read_reply, server_thread, short_socket_path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -51,6 +51,7 @@ _bad_codes = st.sampled_from([[[1], [1, 2]], [1, "x"], {"a": 1}, 3.5, b"\x00", "
 # Not a list of valid codes (an empty list is valid: it gets an empty answer).
 _bad_code_lists = st.one_of(_bad_codes.filter(bool), st.lists(_bad_codes, min_size=1, max_size=2))
 _bad_keys = st.sampled_from(["", 7, None, b"bytes", "x" * 600, ["k1"]])
+
 
 def request(op: str, **args: st.SearchStrategy) -> st.SearchStrategy:
     return st.fixed_dictionaries({"op": st.just(op), **args})
@@ -191,3 +192,50 @@ def test_pipelined_random_frames_are_each_answered_and_lose_nothing(target, batc
         sock.sendall(encode_frame(msgpack.packb({"id": 1, "op": "ping"})))
         assert read_reply(sock)["ok"]["bits"] == BITS
     assert {key: db.get(key) for key in db} == model
+
+
+# one level of msgpack nesting around a value: a one-item array, or a one-entry map {"a": value}
+_NEST = {"array": b"\x91", "map": b"\x81\xa1a"}
+
+
+def _deep(levels: list[str]) -> bytes:
+    return b"".join(_NEST[kind] for kind in levels) + b"\xc0"
+
+
+def test_every_field_of_every_op_survives_deep_nesting(tmp_path) -> None:
+    """Each field of each op (id and op included) set to arrays and maps nested up to 1,000 deep (a ~1 KB frame
+    whose repr raised RecursionError outside the loop's handler and killed the server): every frame gets one
+    reply, the database is unchanged, and the server still answers."""
+    from hashdb.protocol import OPS
+
+    db = HashDB(str(tmp_path / "db"), bits=BITS, durable=False)
+    db.insert_many(list(INITIAL), [code for code, _ in INITIAL.values()])
+    valid = {"key": "n1", "code": INITIAL["k1"][0], "keys": ["n1"], "codes": [INITIAL["k1"][0]], "r": 2, "k": 2,
+             "meta": {"n": 1}, "metas": [None], "force": None, "config": {}, "after": None, "limit": 3}  # fmt: skip
+    with server_thread(db, short_socket_path(tmp_path)) as server:
+        sock = raw_connect(server.path)
+        sent = 0
+        for op, (_, required, optional) in OPS.items():
+            for field in ("id", "op", *required, *optional):
+                for levels in (["array"] * 1000, ["map"] * 1000, ["array", "map"] * 400, ["array"] * 200):
+                    fields = {"id": 1, "op": op, **{name: valid[name] for name in required}}
+                    fields[field] = None
+                    body = bytes([0x80 | len(fields)]) + b"".join(
+                        msgpack.packb(name) + (_deep(levels) if name == field else msgpack.packb(value))
+                        for name, value in fields.items()
+                    )
+                    sock.sendall(encode_frame(body))
+                    reply = read_reply(sock)
+                    assert reply is not None, f"{op}.{field}: connection closed"
+                    if "error" in reply:
+                        assert reply["error"]["type"] in ERROR_TYPES and len(reply["error"]["message"]) < 2000
+                    sent += 1
+                    COUNTS["deeply nested fields"] += 1
+        sock.sendall(frames({"id": 2, "op": "ping"}))
+        assert read_reply(sock)["ok"]["bits"] == BITS
+        sock.close()
+    assert sent > 150
+    for key, (code, _) in INITIAL.items():  # only writes of the valid fields (to n1) may have landed
+        assert db.get(key)[0] == code
+    assert len(db) in (len(INITIAL), len(INITIAL) + 1)
+    db.close()

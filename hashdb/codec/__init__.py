@@ -13,5 +13,6 @@ from __future__ import annotations
 
 from .hasher import CODEC_VERSION, ModelHasher, hash_files, hash_model
 from .load import load_tensors
+from .radius import copy_radius_of
 
-__all__ = ["CODEC_VERSION", "ModelHasher", "hash_files", "hash_model", "load_tensors"]
+__all__ = ["CODEC_VERSION", "ModelHasher", "copy_radius_of", "hash_files", "hash_model", "load_tensors"]

@@ -294,23 +294,16 @@ def hash_files(
     """Hash each file, and each model unit of each folder (keys by hashdb.codec.units.unit_key: the normalized
     path, or ORG/NAME@REV for a Hugging Face cache snapshot); a bad unit yields its ModelFormatError (naming
     the file) and the others still hash."""
-    from .units import find_units, unit_key
+    from .units import expand
 
     hasher = ModelHasher(bits, **kwargs)
     out: list[tuple[str, bytes | ModelFormatError]] = []
     for p in paths:
-        units = [(unit_key(p), os.fspath(p))]
-        if os.path.isdir(p):
+        units, problems = expand([p])  # hashdb.codec.units: the one way paths become model units
+        out.extend((problem.key, problem.error) for problem in problems)
+        for unit in units:
             try:
-                units = [(u.key, os.fspath(u.path)) for u in find_units(p)]
+                out.append((unit.key, hasher.hash(unit.path)))
             except ModelFormatError as exc:
-                out.append((unit_key(p), exc))
-                continue
-            if not units:
-                out.append((unit_key(p), ModelFormatError(f"{os.fspath(p)}: no model files found in the folder")))
-        for key, path in units:
-            try:
-                out.append((key, hasher.hash(path)))
-            except ModelFormatError as exc:
-                out.append((key, exc))
+                out.append((unit.key, exc))
     return out

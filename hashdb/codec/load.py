@@ -17,7 +17,6 @@ torch is imported only when the source is a torch object: every file format is r
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import sys
 from collections.abc import Mapping
@@ -26,13 +25,17 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ModelFormatError
-from .readers import NamedTensor, max_bytes_from_env
+from ..errors import ModelFormatError, shown
+from .readers import (
+    MAX_JSON_BYTES,
+    NESTED_CHECKPOINT_KEYS,
+    NamedTensor,
+    float32_or_none,
+    max_bytes_from_env,
+    parse_json,
+)
 
 Tensors = list[NamedTensor]
-
-# Keys under which training scripts nest the weights inside a full checkpoint, most specific first.
-_NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights", "params")
 
 
 def load_tensors(source: Any, max_bytes: int | None = None) -> Tensors:
@@ -83,12 +86,34 @@ _READER_MODULES: dict[str, tuple[str, str]] = {
     "keras": ("keras", "read_keras"),
     "tflite": ("tflite", "read"),
     "flax": ("flax", "read"),
+    "tf_bundle": ("tensorflow", "read"),
+    "paddle_inference": ("paddle", "read"),
+    "coreml": ("coreml", "read"),
+    "caffe": ("caffe", "read"),
+    "darknet": ("darknet", "read"),
+    "ncnn": ("ncnn", "read"),
+    "openvino": ("openvino", "read"),
+    "mxnet": ("mxnet", "read"),
+    "mnn": ("mnn", "read"),
 }
 _SUFFIX_FORMATS: dict[str, str] = {
     ".safetensors": "safetensors", ".npz": "npz", ".npy": "npy", ".onnx": "onnx", ".pdparams": "pdparams",
     ".pt": "torch", ".pth": "torch", ".bin": "torch", ".ckpt": "torch", ".tar": "torch",
     ".h5": "keras_h5", ".hdf5": "keras_h5", ".keras": "keras", ".tflite": "tflite", ".msgpack": "flax",
+    ".pdiparams": "paddle_inference", ".pdmodel": "paddle_inference", ".mlmodel": "coreml",
+    ".caffemodel": "caffe", ".weights": "darknet", ".cfg": "darknet", ".param": "ncnn", ".xml": "openvino",
+    ".params": "mxnet", ".mnn": "mnn",
 }  # fmt: skip
+MXNET_MAGIC = (0x112).to_bytes(8, "little")  # NDArray list files (mx.nd.save, Gluon export)
+
+
+def paired_graph(path: Path) -> str | None:
+    """The format of a raw ``.bin`` that is the weights half of an OpenVINO (``.xml``) or ncnn (``.param``) pair."""
+    if path.with_suffix(".xml").is_file():
+        return "openvino"
+    if path.with_suffix(".param").is_file():
+        return "ncnn"
+    return None
 
 
 def sniff_format(path: Path) -> str | None:
@@ -96,6 +121,12 @@ def sniff_format(path: Path) -> str | None:
     with open(path, "rb") as f:
         head = f.read(16)
     suffix = path.suffix.lower()
+    if suffix == ".index" or ".data-" in path.name or path.name.startswith("saved_model.pb"):
+        # a TensorFlow bundle (an SSTable, told by its footer's magic), named by its index, a shard or its SavedModel
+        from .readers.tensorflow import index_of, is_table
+
+        if is_table(index_of(path)):
+            return "tf_bundle"
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
         return "keras_h5"
     if head[4:8] == b"TFL3":
@@ -104,6 +135,12 @@ def sniff_format(path: Path) -> str | None:
         return "npy"
     if head.startswith(b"PK\x03\x04"):  # zip: torch, TorchScript, .keras and .npz are all zip archives
         return {".keras": "keras", ".npz": "npz"}.get(suffix, "torch")
+    if head.startswith(b"7767517"):
+        return "ncnn"
+    if head.startswith(MXNET_MAGIC):
+        return "mxnet"
+    if suffix == ".bin" and (paired := paired_graph(path)):
+        return paired
     if len(head) >= 9 and head[8:9] == b"{" and suffix == ".safetensors":
         return "safetensors"
     if head[:1] == b"\x80" and suffix not in (".onnx", ".msgpack", ".tflite"):  # a pickle (legacy torch, paddle)
@@ -144,32 +181,62 @@ _HF_SINGLE = ("model.safetensors", "pytorch_model.bin", "diffusion_pytorch_model
               "pytorch_model.pt", "flax_model.msgpack", "tf_model.h5", "model.onnx")  # fmt: skip
 
 
+def _check_inside(shard: Path, folder: Path) -> None:
+    """Refuse a shard that is (a symlink to) a file outside the model folder: reading it would hash, and its
+    errors quote, a file the folder does not hold. A Hugging Face cache snapshot's links into its repo's
+    blobs/ folder stay inside (the repo folder is the bound there)."""
+    from .units import _hf_cache_repo
+
+    bound = folder.resolve()
+    if _hf_cache_repo(folder.absolute()) is not None:
+        bound = bound.parent.parent  # models--ORG--NAME/ holds snapshots/REV and blobs/
+    target = shard.resolve()
+    if target != bound and bound not in target.parents:
+        raise ModelFormatError(f"{folder}: shard {shard.name} links to a file outside the model folder")
+
+
 def folder_weight_files(folder: Path) -> list[Path]:
     """The weight files of a one-model folder: the shards its index names, or its single weight file."""
-    indexes = sorted(folder.glob("*.index.json"), key=lambda p: (".safetensors." not in p.name, p.name))
+    from .units import format_folder_weights, is_regular_file
+
+    special = format_folder_weights(folder)  # SavedModel, TF checkpoint folder, .mlpackage, Paddle inference
+    if special is not None:
+        for file in special:  # a SavedModel's variables index linked from elsewhere is no file this folder holds
+            _check_inside(file, folder)
+        return special
+    # Only regular files: a FIFO would block the read forever and a symlink to /dev/zero never end it.
+    indexes = sorted((p for p in folder.glob("*.index.json") if is_regular_file(p)),
+                     key=lambda p: (".safetensors." not in p.name, p.name))  # fmt: skip
     for index in indexes:
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-            raise ModelFormatError(f"{index}: unreadable shard index ({type(exc).__name__})") from None
+            with open(index, "rb") as f:  # never more than a JSON document may hold (a file still growing)
+                data = f.read(MAX_JSON_BYTES + 1)
+            weight_map = parse_json(data, "shard index").get("weight_map")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ModelFormatError(f"{index}: unreadable shard index ({exc})") from None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelFormatError(f"{index}: shard index has no weight_map")
         shards: list[Path] = []
         for name in dict.fromkeys(weight_map.values()):
             rel = os.path.normpath(str(name)) if isinstance(name, str) else ""
             if not rel or os.path.isabs(rel) or rel.startswith(".."):
-                raise ModelFormatError(f"{index}: shard {name!r} lies outside the folder")
+                raise ModelFormatError(f"{index}: shard {shown(name)} lies outside the folder")
             shards.append(folder / rel)
-        missing = [s.name for s in shards if not s.is_file()]
+        missing = [s.name for s in shards if not is_regular_file(s)]
         if missing:
             raise ModelFormatError(f"{index}: missing shard(s) {', '.join(missing[:3])}")
+        for shard in shards:
+            _check_inside(shard, folder)
         return shards
     for name in _HF_SINGLE:
-        if (folder / name).is_file():
+        if is_regular_file(folder / name):
+            _check_inside(folder / name, folder)
             return [folder / name]
     from .units import MODEL_SUFFIXES
 
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in MODEL_SUFFIXES)
+    files = sorted(p for p in folder.iterdir() if is_regular_file(p) and p.suffix.lower() in MODEL_SUFFIXES)
+    for file in files:
+        _check_inside(file, folder)
     if files:
         suffix = files[0].suffix.lower()  # unindexed shards of one format: model-00001-of-00002.safetensors ...
         return [p for p in files if p.suffix.lower() == suffix]
@@ -203,10 +270,7 @@ def load_folder(folder: Path, max_bytes: int | None = None) -> Tensors:
 
 def _float32(arr: Any) -> np.ndarray | None:
     """A float32 copy of a floating numpy array, None for integer/bool/object arrays (step counters, masks)."""
-    arr = np.asarray(arr)
-    if arr.dtype.kind != "f" or arr.size == 0:
-        return None
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    return float32_or_none(np.asarray(arr))
 
 
 def _is_torch_tensor(obj: Any) -> bool:
@@ -232,7 +296,7 @@ def _from_object(obj: Any, where: str) -> Tensors:
     tensors = _flat_tensors(obj)
     if tensors:
         return tensors
-    for key in _NESTED_KEYS:  # a full checkpoint: {"epoch": 3, "state_dict": {...}, "optimizer": {...}}
+    for key in NESTED_CHECKPOINT_KEYS:  # a full checkpoint: {"epoch": 3, "state_dict": {...}, "optimizer": {...}}
         inner = obj.get(key)
         if torch is not None and isinstance(inner, torch.nn.Module):
             inner = inner.state_dict()

@@ -455,23 +455,6 @@ def self_join(codes: np.ndarray, r: int, method: str | None = None) -> Pairs:
 
 
 @njit(cache=True)
-def naive_pairs_count(codes: np.ndarray, r: int, i0: int = 0, i1: int = -1) -> int:
-    """The textbook double loop (no tiling, no threads) over rows i in [i0, i1) and all j > i: the benchmark's
-    baseline; counts pairs within r."""
-    n = codes.shape[0]
-    words = codes.shape[1]
-    c = 0
-    for i in range(i0, n if i1 < 0 else i1):
-        for j in range(i + 1, n):
-            d = 0
-            for w in range(words):
-                d += popcount64(codes[i, w] ^ codes[j, w])
-            if d <= r:
-                c += 1
-    return c
-
-
-@njit(cache=True)
 def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Connected-component label of each of n nodes given edges (a[k], b[k]): the smallest node of its component."""
     parent = np.arange(n)

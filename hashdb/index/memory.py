@@ -8,15 +8,15 @@ from typing import Any, cast
 import numpy as np
 
 from ..codes import check_bits
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, shown
 from .base import CodeMatrix, Result, Structure
 from .bits import last_occurrences
 from .bktree import BKTree
+from .contract import check_force
 from .mih import MIH
 from .planner import choose
 from .scan import Scan
 
-FORCES = (None, "mih", "bktree", "scan")
 _noticed = False
 
 
@@ -41,7 +41,9 @@ def compile_notice() -> None:
 
 
 class MemoryIndex:
-    """Exact Hamming radius and k-NN over codes keyed by dense integer ids."""
+    """Exact Hamming radius and k-NN over codes keyed by dense integer ids (contract.InMemoryIndex)."""
+
+    engine = "kernels"
 
     def __init__(self, bits: int) -> None:
         compile_notice()
@@ -165,13 +167,12 @@ class MemoryIndex:
 
     @staticmethod
     def _check_force(force: str | None) -> None:
-        if force not in FORCES:
-            raise InvalidArgument(f"force must be one of {FORCES}, got {force!r}")
+        check_force(force)
 
     @staticmethod
     def _check_int(name: str, value: Any, low: int) -> int:
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
-            raise InvalidArgument(f"{name} must be an int >= {low}, got {value!r}")
+            raise InvalidArgument(f"{name} must be an int >= {low}, got {shown(value)}")
         return int(value)
 
     def _structure(self, name: str) -> Structure:

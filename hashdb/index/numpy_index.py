@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-FORCES = (None, "mih", "bktree", "scan")
+from .contract import FORCES  # noqa: F401 - re-exported: defined once, in contract.py
+
 SCAN_CHUNK = 1 << 16  # rows per numpy pass: the chunk is checked, then read again while still in cache
 # A probe costs numpy about what verifying this many rows of a scan does; past that, the scan answers.
 PROBE_ROWS = 40
@@ -108,7 +109,12 @@ class NumpyIndex:
     def restore(
         cls, bits: int, arrays: dict[str, np.ndarray], scalars: dict[str, Any], checker: Any = None
     ) -> NumpyIndex:
-        """Over the index file's arrays (persist.read and its checker), as MemoryIndex.restore."""
+        """Over the index file's arrays (persist.read and its checker), as MemoryIndex.restore; arrays and
+        scalars are checked against each other (validate.py: the small ones now, the tables chunk by chunk
+        as they are first read), persist.Rejected if they do not fit."""
+        from .validate import SavedTables
+
+        saved = SavedTables(bits, arrays, scalars)
         codes, alive = arrays["codes"], arrays["alive"]
         if checker is not None:
             checker.span("alive", 0, alive.nbytes)
@@ -119,7 +125,11 @@ class NumpyIndex:
         if arrays["mih_entries"].shape != (arrays["mih_starts"].size, int(scalars["n_base"])):
             raise ValueError("saved MIH tables do not match their header")
         tables = {k: v for k, v in arrays.items() if k.startswith("mih_")}
-        return cls(bits, codes, alive, tables, scalars, checker)
+        index = cls(bits, codes, alive, tables, scalars, checker)
+        if checker is not None:
+            saved.current = lambda: (index.alive, index.delta())
+            checker.validate, checker.complete = saved.chunk, saved.complete
+        return index
 
     def _check(self, name: str, index: np.ndarray, item_bytes: int) -> None:
         if self.checker is not None:

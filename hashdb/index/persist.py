@@ -34,6 +34,7 @@ import os
 import struct
 import tempfile
 import zlib
+from collections.abc import Callable
 from typing import Any, NotRequired, TypedDict
 
 import numpy as np
@@ -95,6 +96,12 @@ class Checker:
         self.arrays = dict(arrays)
         self.sums = sums
         self.ok = {name: np.zeros(s.size, bool) for name, s in sums.items()}
+        # Set by the index that adopts the arrays (validate.SavedTables): ``validate(name, lo_byte, hi_byte)``
+        # checks each chunk's contents against the other arrays once its sums passed, and ``complete()``
+        # what only the whole can show, once everything is checked. Both raise Rejected.
+        self.validate: Callable[[str, int, int], None] | None = None
+        self.complete: Callable[[], None] | None = None
+        self._completed = False
 
     def forget(self, name: str) -> None:
         """``name`` now lives in memory (copied after a full check): nothing left to check."""
@@ -118,6 +125,8 @@ class Checker:
             if bad.size:
                 at = (c0 + int(bad[0])) * CHECK_BYTES
                 raise Rejected(f"array {name!r} fails its checksum at byte {at} (corrupt)")
+            if self.validate is not None:
+                self.validate(name, c0 * CHECK_BYTES, min(c1 * CHECK_BYTES, raw.size))
         ok[todo] = True
 
     def items(self, name: str, index: np.ndarray, item_bytes: int) -> None:
@@ -143,7 +152,15 @@ class Checker:
                 bad = np.flatnonzero(fresh != self.sums[name])
                 if bad.size:
                     raise Rejected(f"array {name!r} fails its checksum at byte {int(bad[0]) * CHECK_BYTES} (corrupt)")
+                if self.validate is not None:
+                    todo = np.flatnonzero(~ok)
+                    for run in np.split(todo, np.flatnonzero(np.diff(todo) != 1) + 1):
+                        nbytes = self.arrays[name].nbytes
+                        self.validate(name, int(run[0]) * CHECK_BYTES, min((int(run[-1]) + 1) * CHECK_BYTES, nbytes))
                 ok[:] = True
+        if self.complete is not None and not self._completed:
+            self.complete()
+            self._completed = True
 
 
 class _Entry(TypedDict):
@@ -237,7 +254,7 @@ def _header(head: bytes, f: Any) -> dict[str, Any]:
         raise Rejected("header checksum mismatch (corrupt)")
     try:
         header = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # a header nested past the recursion limit (crafted): no traceback
         raise Rejected("unreadable header (corrupt)") from None
     if not isinstance(header, dict) or header.get("version") != VERSION:
         raise Rejected(f"format version {header.get('version') if isinstance(header, dict) else None!r}, not {VERSION}")

@@ -19,8 +19,9 @@ The contract every reader module keeps (see docs/codec.md for the table of forma
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -44,6 +45,76 @@ def check_size(path: Path | str, declared_bytes: int, max_bytes: int) -> None:
             f"{path}: declares {declared_bytes:,} bytes of tensors, over the limit of {max_bytes:,} "
             f"(raise it with HASHDB_MAX_MODEL_BYTES or ModelHasher(max_bytes=...))"
         )
+
+
+# What a file's tensors may expand to, as a multiple of the bytes it actually stores: int8/float8 -> float32 is
+# 4x, and one tied copy (an embedding reused as the output layer) doubles that. Aliases (one array referenced
+# many times), stride-0 views, fill values and decompression filters all count in what is produced, so a small
+# file cannot make a reader allocate gigabytes; the floor lets tiny files with tiny tensors through.
+MAX_EXPANSION = 8
+EXPANSION_FLOOR = 16 << 20
+
+
+def check_expansion(path: Path | str, stored_bytes: int, produced_bytes: int, max_bytes: int) -> None:
+    """Refuse a file whose tensors would take more than ``max_bytes``, or more than MAX_EXPANSION times the
+    bytes it stores (checked before allocating)."""
+    check_size(path, produced_bytes, max_bytes)
+    if produced_bytes > MAX_EXPANSION * stored_bytes + EXPANSION_FLOOR:
+        raise ModelFormatError(
+            f"{path}: its tensors would take {produced_bytes:,} bytes from {stored_bytes:,} bytes stored "
+            f"(over {MAX_EXPANSION}x: aliased, repeated or filled data)"
+        )
+
+
+# Deepest nesting of containers a reader accepts from a file (pickles, msgpack, JSON configs). Real files nest
+# under 20 deep; CPython hashes nested tuples and Python code walks nested containers recursively, so a deep
+# enough file crashes a process (a 300,000-deep tuple key segfaulted) or escapes as RecursionError.
+MAX_NESTING = 200
+
+# A JSON config or index a reader parses: what parsing costs in Python objects is bounded by its bytes and by
+# the containers it opens (a 60 MB config of empty lists took 1.6 GB); the largest real ones (Keras
+# applications' config.json, a 70B model's index.json) are a few MB with tens of thousands of containers.
+MAX_JSON_BYTES = 16 << 20
+MAX_JSON_CONTAINERS = 1 << 20
+
+
+def nesting_depth(obj: object, limit: int = MAX_NESTING) -> int:
+    """How deep dicts, lists and tuples nest in ``obj`` (iteratively; stops counting past ``limit``)."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(obj, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list | tuple):
+            children = node
+        else:
+            continue
+        depth += 1
+        deepest = max(deepest, depth)
+        if depth > limit:
+            return depth
+        stack.extend((child, depth) for child in children)
+    return deepest
+
+
+def parse_json(data: bytes | str, what: str, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """A JSON document of a model file (a config, a shard index, a safetensors header) with its size,
+    containers and nesting bounded; ValueError (saying ``what`` is wrong) on anything else."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    if len(raw) > max_bytes:
+        raise ValueError(f"{what} of {len(raw):,} bytes is over the limit of {max_bytes:,}")
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_CONTAINERS:
+        raise ValueError(f"{what} opens over {MAX_JSON_CONTAINERS:,} arrays and objects")
+    try:
+        doc = json.loads(raw)
+    except RecursionError:
+        raise ValueError(f"{what} nests over {MAX_NESTING} deep") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what} is not valid JSON ({str(exc)[:80]})") from None
+    if nesting_depth(doc) > MAX_NESTING:
+        raise ValueError(f"{what} nests over {MAX_NESTING} deep")
+    return doc
 
 
 # A compressed member may inflate to at most this many times its compressed size (beyond 1 MiB): float
@@ -84,6 +155,12 @@ def max_bytes_from_env() -> int:
     return value
 
 
+# Keys under which training scripts nest the weights inside a full checkpoint, most specific first; shared by
+# the in-memory loader (load.py) and the pickle reader.
+NESTED_CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights", "params",
+                          "model_ema", "ema")  # fmt: skip
+
+
 def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
     """bfloat16 values stored as uint16 -> float32 (bf16 is the top half of a float32)."""
     return (np.asarray(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
@@ -118,3 +195,14 @@ def float32_or_none(arr: np.ndarray) -> np.ndarray | None:
     if arr.dtype.kind != "f" or arr.size == 0:
         return None
     return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def drop_mapped_pages(mm: object) -> None:
+    """Let the kernel unmap the pages of a read-only file mapping already read (touched again, they are read
+    back from the file): a reader that copies each tensor out of the map calls it after each one, so the
+    process holds the arrays it returns and not the file's pages as well (peak ~1x the weights, not 2x)."""
+    import mmap
+
+    advise = getattr(mm, "madvise", None)
+    if advise is not None and hasattr(mmap, "MADV_DONTNEED"):
+        advise(mmap.MADV_DONTNEED)

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import ModelFormatError
-from . import NamedTensor, check_size
+from ...errors import ModelFormatError, shown
+from . import MAX_NESTING, NamedTensor, bf16_to_float32, check_size
 
 _EXT_NDARRAY, _EXT_COMPLEX, _EXT_SCALAR = 1, 2, 3
 _CHUNKED = "__msgpack_chunked_array__"
@@ -62,7 +62,7 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
         if code == _EXT_NDARRAY:
             shape, dtype_name, buffer = msgpack.unpackb(data, raw=False)
             if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-                raise _Bad(f"array with bad shape {str(shape)[:80]}")
+                raise _Bad(f"array with bad shape {shown(shape)}")
             if not isinstance(dtype_name, str) or not isinstance(buffer, bytes):
                 raise _Bad("array ext object without a dtype name and a byte buffer")
             dtype = _DTYPES.get(dtype_name)
@@ -115,6 +115,8 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
 
 
 def _walk(node: Any, names: list[str], out: list[NamedTensor]) -> None:
+    if len(names) > MAX_NESTING:  # msgpack nests up to 1,024 deep: past Python's recursion limit
+        raise _Bad(f"state dict nests over {MAX_NESTING} deep")
     if isinstance(node, dict):
         if node.get(_CHUNKED) is True:
             _leaf(_unchunk(node, names), names, out)
@@ -147,8 +149,8 @@ def _unchunk(node: dict, names: list[str]) -> _Array:
 def _leaf(arr: _Array, names: list[str], out: list[NamedTensor]) -> None:
     if not arr.dtype_name.startswith(("float", "bfloat")) or arr.raw.size == 0:
         return
-    if arr.dtype_name == "bfloat16":  # bf16 is the top half of a float32
-        w = (arr.raw.astype(np.uint32) << 16).view(np.float32)
+    if arr.dtype_name == "bfloat16":
+        w = bf16_to_float32(arr.raw)
     else:
         w = arr.raw.astype(np.float32, copy=False)
     name = "/".join(names)

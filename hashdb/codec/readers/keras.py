@@ -16,7 +16,6 @@ Needs the optional ``h5py`` package (``pip install hashdb[keras]``); Keras itsel
 from __future__ import annotations
 
 import io
-import json
 import math
 import re
 import tempfile
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ModelFormatError
-from . import NamedTensor, check_size
+from . import MAX_JSON_BYTES, NamedTensor, check_expansion, check_inflation, check_size, parse_json
 
 # Keras layer classes whose kernels we read: class -> {weight: kind}. A weight is its Keras 3 variable index
 # (``vars/0``) or its Keras 2 / legacy weight name. kind: 'conv' (*k, in, out), 'depthwise' (*k, C, M),
@@ -56,7 +55,6 @@ def _snake(cls: str) -> str:
 
 
 _SNAKE_CLASSES = {_snake(c): c for c in _LAYER_KERNELS}
-_MAX_CONFIG_BYTES = 64 << 20  # config.json of the largest Keras applications is a few MB
 _COPY_CHUNK = 1 << 20
 
 
@@ -83,10 +81,11 @@ def read_keras(path: Path, max_bytes: int) -> list[NamedTensor]:
         config = None
         if "config.json" in names:
             info = archive.getinfo("config.json")
-            if info.file_size > _MAX_CONFIG_BYTES:
+            if info.file_size > MAX_JSON_BYTES:
                 raise ModelFormatError(f"{path}: config.json of {info.file_size:,} bytes is implausibly large")
+            check_inflation(path, "config.json", info.compress_size, info.file_size)
             try:
-                config = json.loads(_read_member(archive, info, _MAX_CONFIG_BYTES))
+                config = parse_json(_read_member(archive, info, MAX_JSON_BYTES), "config.json")
             except ModelFormatError:
                 raise
             except Exception as exc:  # bad JSON, nesting too deep, a corrupt zip member
@@ -177,7 +176,8 @@ def _member_file(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo, ma
             yield io.BufferedReader(_Window(f, start, info.file_size), buffer_size=1 << 16)
         return
     # Compressed member: inflate into an anonymous temporary file, never more than the tensor bound allows
-    # (plus room for HDF5's own metadata).
+    # (plus room for HDF5's own metadata), nor more than a plausible ratio of its compressed bytes.
+    check_inflation(path, info.filename, info.compress_size, info.file_size)
     limit = max_bytes + (64 << 20)
     with tempfile.TemporaryFile() as tmp:
         try:
@@ -203,17 +203,27 @@ def _read_h5_file(h5py: Any, f: Any, path: Path, max_bytes: int, config: Any) ->
     try:
         model_weights = _hard_group(h5py, f, "model_weights")
         if model_weights is not None:
-            config = config if config is not None else _json_attr(f.attrs.get("model_config"))
+            config = config if config is not None else _json_attr(_attr(f, "model_config"))
             entries = _legacy_entries(h5py, model_weights, _config_classes(config))
         elif "layer_names" in f.attrs:
-            config = config if config is not None else _json_attr(f.attrs.get("model_config"))
+            config = config if config is not None else _json_attr(_attr(f, "model_config"))
             entries = _legacy_entries(h5py, f, _config_classes(config))
         elif "layers" in f or "vars" in f:
             entries = _v3_entries(h5py, f, _config_classes(config))
         else:
             raise ModelFormatError(f"{path}: HDF5 file without Keras weights (no model_weights, layers or layer_names)")
-        declared = sum(math.prod(ds.shape or ()) * max(4, ds.dtype.itemsize) for _, ds, _ in entries)
-        check_size(path, declared, max_bytes)
+        # What reading makes, against what the file stores: an unallocated dataset reads as its fill value
+        # and a filtered one inflates, so a few KB could make gigabytes (check_expansion).
+        declared, stored = 0, 0
+        for name, ds, _ in entries:
+            raw = math.prod(ds.shape or ()) * ds.dtype.itemsize
+            on_disk = ds.id.get_storage_size()
+            declared += math.prod(ds.shape or ()) * max(4, ds.dtype.itemsize)
+            if ds.id.get_create_plist().get_nfilters():  # compressed: the compression-bomb rule, as for zips
+                check_inflation(path, f"dataset {name}", on_disk, raw)
+                on_disk = raw
+            stored += min(on_disk, raw)
+        check_expansion(path, stored, declared, max_bytes)
         out: list[NamedTensor] = []
         for name, ds, kind in entries:
             arr = ds[()]
@@ -246,14 +256,27 @@ def _to_tensor(name: str, arr: np.ndarray, kind: str | None) -> NamedTensor:
 
 
 def _json_attr(value: Any) -> Any:
-    if value is None:
-        return None
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
-    try:
-        return json.loads(str(value))
-    except (ValueError, RecursionError):  # not JSON: read the file without a config
+    if not isinstance(value, str):
         return None
+    try:
+        return parse_json(value, "model_config")
+    except ValueError:  # not JSON, or too large or deep: read the file without a config
+        return None
+
+
+def _attr(obj: Any, name: str) -> Any:
+    """An attribute of an HDF5 object, refused before it is read when it stores more than a config may."""
+    if name not in obj.attrs:
+        return None
+    try:
+        stored = obj.attrs.get_id(name).get_storage_size()
+    except RuntimeError:  # h5py reports a size of 0 (an empty attribute) as an error
+        stored = 0
+    if stored > MAX_JSON_BYTES:
+        raise ModelFormatError(f"attribute {name!r} of {stored:,} bytes is implausibly large")
+    return obj.attrs.get(name)
 
 
 def _config_classes(config: Any) -> dict[str, str | None]:
@@ -282,7 +305,10 @@ def _class_from_name(name: str) -> str | None:
 def _attr_strings(value: Any) -> list[str]:
     if value is None:
         return []
-    return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in np.asarray(value).ravel()]
+    # only strings and numbers: str() of a nested (variable-length) element would repr untrusted nesting
+    items = np.asarray(value).ravel() if not isinstance(value, str | bytes) else [value]
+    return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in items
+            if isinstance(v, str | bytes | int | float | np.number)]  # fmt: skip
 
 
 def _hard_group(h5py: Any, parent: Any, name: str) -> Any:
@@ -320,14 +346,14 @@ def _legacy_entries(h5py: Any, root: Any, classes: dict[str, str | None]) -> lis
     """Keras 2 / legacy layout: ``<layer>`` groups listed in the ``layer_names`` attribute, each holding its
     weights under the paths of its ``weight_names`` attribute (``conv2d/kernel:0``)."""
     entries: list[tuple[str, Any, str | None]] = []
-    layer_names = _attr_strings(root.attrs.get("layer_names")) or list(root.keys())
+    layer_names = _attr_strings(_attr(root, "layer_names")) or list(root.keys())
     for layer in layer_names:
         group = _hard_group(h5py, root, layer)
         if group is None:
             continue
         cls = classes.get(layer) or _class_from_name(layer)
         datasets = dict(_datasets(h5py, group))
-        order = [w for w in _attr_strings(group.attrs.get("weight_names")) if w in datasets]
+        order = [w for w in _attr_strings(_attr(group, "weight_names")) if w in datasets]
         order += [w for w in datasets if w not in order]
         for wname in order:
             base = wname.rsplit("/", 1)[-1].split(":", 1)[0]
@@ -351,7 +377,7 @@ def _v3_entries(h5py: Any, root: Any, classes: dict[str, str | None]) -> list[tu
         parts = name.split("/")
         kind = None
         if len(parts) >= 3 and parts[-2] == "vars" and parts[-1].isdigit():
-            layer_name = root[name].parent.attrs.get("name")
+            layer_name = _attr(root[name].parent, "name")
             layer_name = layer_name.decode() if isinstance(layer_name, bytes) else layer_name
             cls = classes.get(layer_name) if isinstance(layer_name, str) else None
             cls = cls or _class_from_name(parts[-3])

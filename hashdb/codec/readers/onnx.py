@@ -1,6 +1,11 @@
 """ONNX models: the graph's initializers (needs the optional ``onnx`` package: pip install hashdb[onnx]).
 
-Conv weights (an initializer that is input 1 of a Conv node) are OIHW by the ONNX spec and are marked so.
+Conv weights (input 1 of a Conv or ConvTranspose node, an initializer or a Constant node's value) are OIHW
+by the ONNX spec and are marked so. Quantized weights are dequantized ``(q - zero_point) * scale``: the
+int8/uint8 (or int4/uint4) constant behind a DequantizeLinear (per tensor, along its axis, or blocked by
+``block_size``), the weight of QLinearConv/QLinearMatMul (per tensor or per output channel), and the weight
+of dynamic-int8 ConvInteger/MatMulInteger with its zero point and the scale the graph multiplies its output
+by (none found: zero point only; a per-tensor scale does not change the code).
 External data is resolved against the model file's own folder only: an absolute location, one that
 leaves the folder (``..``, a symlink out) or a missing file is refused; the current directory is never
 looked at. Its declared length is size-checked before it is mapped.
@@ -16,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ModelFormatError
-from . import NamedTensor, bf16_to_float32, check_size, float8_table, float32_or_none
+from . import NamedTensor, bf16_to_float32, check_expansion, check_size, float8_table, float32_or_none
 
 # TensorProto.DataType -> (numpy dtype of the stored bytes, decoding)
 _TYPES: dict[int, tuple[str, str]] = {
@@ -37,9 +42,9 @@ def _external(path: Path, init: Any, folder: Path, max_bytes: int) -> np.ndarray
         )
     if not target.is_file():
         raise ModelFormatError(f"{path}: initializer {init.name!r}: external data file {location!r} not found")
-    if init.data_type not in _TYPES:
+    if init.data_type not in _TYPES and init.data_type not in _INT_TYPES:
         return None
-    np_dtype, _ = _TYPES[init.data_type]
+    np_dtype = _TYPES[init.data_type][0] if init.data_type in _TYPES else _INT_TYPES[init.data_type]
     shape = tuple(int(d) for d in init.dims)
     if any(d < 0 for d in shape):
         raise ModelFormatError(f"{path}: initializer {init.name!r}: negative dimension")
@@ -66,6 +71,218 @@ def _decode(raw: np.ndarray, data_type: int) -> np.ndarray | None:
     return float8_table(decode)[raw]
 
 
+# Integer element types of quantized weights, zero points and int32 biases (TensorProto.DataType -> dtype).
+_INT_TYPES: dict[int, str] = {2: "u1", 3: "i1", 4: "<u2", 5: "<i2", 6: "<i4"}
+_INT4_TYPES: dict[int, type] = {21: np.uint8, 22: np.int8}  # UINT4, INT4: two per byte, unpacked by onnx
+# Ops whose weight is input 1 and OIHW by the ONNX spec (ConvTranspose: (in, out/groups, *k), torch's order).
+_CONV_OPS = frozenset({"Conv", "ConvTranspose", "ConvInteger"})
+# Ops a weight passes through unchanged on its way from its constant to the op that uses it.
+_PASS_THROUGH = frozenset({"Identity", "Cast"})
+
+
+def _stored(path: Path, init: Any, folder: Path, max_bytes: int, numpy_helper: Any) -> np.ndarray | None:
+    """The tensor as stored (floats decoded to float32, integers kept as integers); None for other types."""
+    if init.data_location == 1:  # TensorProto.EXTERNAL
+        if init.data_type in _INT4_TYPES:
+            raise ModelFormatError(f"{path}: tensor {init.name!r}: 4-bit weights in external data are not supported")
+        raw = _external(path, init, folder, max_bytes)
+        return raw if raw is None or init.data_type not in _TYPES else _decode(raw, init.data_type)
+    if init.data_type not in _TYPES and init.data_type not in _INT_TYPES and init.data_type not in _INT4_TYPES:
+        return None
+    shape = tuple(int(d) for d in init.dims)
+    if any(d < 0 for d in shape):
+        raise ModelFormatError(f"{path}: tensor {init.name!r}: negative dimension")
+    try:
+        if init.data_type in _INT4_TYPES:
+            check_size(path, math.prod(shape), max_bytes)  # unpacked to a byte each
+            return np.asarray(numpy_helper.to_array(init)).astype(_INT4_TYPES[init.data_type])
+        if init.raw_data:
+            stored = _TYPES[init.data_type][0] if init.data_type in _TYPES else _INT_TYPES[init.data_type]
+            raw = np.frombuffer(init.raw_data, dtype=stored).reshape(shape)
+            return _decode(raw, init.data_type) if init.data_type in _TYPES else raw
+        # values in the typed fields (float_data, int32_data for fp16/bf16/int8): onnx decodes them
+        arr = np.asarray(numpy_helper.to_array(init))
+        return arr.astype(np.float32) if init.data_type in _TYPES else arr
+    except (ValueError, TypeError) as exc:
+        raise ModelFormatError(f"{path}: tensor {init.name!r}: {str(exc)[:120]}") from None
+
+
+def _constants(path: Path, graph: Any, folder: Path, max_bytes: int, numpy_helper: Any) -> dict[str, np.ndarray]:
+    """Initializers and the ``value`` tensors of Constant nodes (paddle2onnx keeps weights there), by name."""
+    out: dict[str, np.ndarray] = {}
+    used = 0
+    protos = [(init.name, init) for init in graph.initializer]
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            protos += [(node.output[0], a.t) for a in node.attribute if a.name == "value" and a.type == 4]
+    for name, proto in protos:
+        arr = _stored(path, proto, folder, max_bytes - used, numpy_helper)
+        if arr is not None and arr.size:
+            used += arr.size * 4
+            check_size(path, used, max_bytes)
+            out[name] = arr
+    return out
+
+
+def _dequantize(path: Path, name: str, q: np.ndarray, scale: np.ndarray | None, zero: np.ndarray | None,
+                axis: int, block: int = 0) -> np.ndarray:  # fmt: skip
+    """``(q - zero_point) * scale``, per tensor or along ``axis`` (a 1-D scale/zero point of that axis' length),
+    or blocked (``block`` > 0: the parameters have q's rank, ``ceil(n / block)`` along ``axis``)."""
+    w = q.astype(np.float32)
+    for param in (zero, scale):
+        if param is None or param.size == 1:
+            value = np.float32(1.0 if param is None else param.reshape(()).astype(np.float32))
+            w = w - value if param is zero else w * value
+            continue
+        ax = axis + q.ndim if axis < 0 else axis
+        if block > 0:
+            want = tuple(-(-d // block) if i == ax else d for i, d in enumerate(q.shape))
+            if param.shape != want:
+                raise ModelFormatError(
+                    f"{path}: quantized tensor {name!r} of shape {q.shape}: blocked scale/zero point of shape "
+                    f"{param.shape}, want {want} (block {block} along axis {axis})"
+                )
+            expanded = np.repeat(param.astype(np.float32), block, axis=ax)
+            expanded = np.take(expanded, np.arange(q.shape[ax]), axis=ax)
+            w = w - expanded if param is zero else w * expanded
+            continue
+        if param.ndim != 1 or not 0 <= ax < q.ndim or param.size != q.shape[ax]:
+            raise ModelFormatError(
+                f"{path}: quantized tensor {name!r} of shape {q.shape}: scale/zero point of shape "
+                f"{param.shape} does not fit axis {axis}"
+            )
+        shape = [1] * q.ndim
+        shape[ax] = param.size
+        column = param.astype(np.float32).reshape(shape)
+        w = w - column if param is zero else w * column
+    return w
+
+
+def _following_scale(
+    node: Any, consumers: dict[str, list[Any]], producers: dict[str, Any], consts: dict[str, np.ndarray]
+) -> np.ndarray | None:
+    """The weight scale of a dynamic-int8 ConvInteger/MatMulInteger, from the graph after it: onnxruntime writes
+    op -> Cast -> Mul(by Mul(x_scale, w_scale)); the constant float factor of that inner Mul is w_scale.
+    None where the graph says otherwise (a per-tensor scale does not change the code)."""
+    out = node.output[0] if node.output else ""
+    for _ in range(3):
+        nexts = consumers.get(out, [])
+        if len(nexts) != 1:
+            return None
+        nxt = nexts[0]
+        if nxt.op_type in _PASS_THROUGH and nxt.output:
+            out = nxt.output[0]
+            continue
+        if nxt.op_type != "Mul":
+            return None
+        for other in nxt.input:
+            if other == out:
+                continue
+            if other in consts and consts[other].dtype.kind == "f":
+                return consts[other]
+            inner = producers.get(other)
+            if inner is not None and inner.op_type == "Mul":
+                found = [consts[i] for i in inner.input if i in consts and consts[i].dtype.kind == "f"]
+                if len(found) == 1:
+                    return found[0]
+        return None
+    return None
+
+
+def _quantized(path: Path, graph: Any, consts: dict[str, np.ndarray]) -> dict[str, tuple[str, np.ndarray]]:
+    """Integer weight constant -> (the name the graph uses for its float value, the dequantized array)."""
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def integer(name: str) -> bool:
+        return name in consts and consts[name].dtype.kind in "iu"
+
+    out: dict[str, tuple[str, np.ndarray]] = {}
+    for node in graph.node:
+        ins = [*node.input, "", "", "", "", "", "", "", ""]
+        q, scale, zero, axis, block, name = "", None, None, 0, 0, ""
+        if node.op_type == "DequantizeLinear" and integer(ins[0]) and ins[1] in consts and node.output:
+            q, scale, zero, name = ins[0], consts[ins[1]], consts.get(ins[2]), node.output[0]
+            axis = next((int(a.i) for a in node.attribute if a.name == "axis"), 1)
+            block = next((int(a.i) for a in node.attribute if a.name == "block_size"), 0)
+        elif node.op_type in ("QLinearConv", "QLinearMatMul") and integer(ins[3]):
+            q, scale, zero, name = ins[3], consts.get(ins[4]), consts.get(ins[5]), ins[3]
+            axis = 0 if node.op_type == "QLinearConv" else -1
+        elif node.op_type in ("ConvInteger", "MatMulInteger") and integer(ins[1]):
+            q, zero, name = ins[1], consts.get(ins[3]), ins[1]
+            axis = 0 if node.op_type == "ConvInteger" else -1
+            scale = _following_scale(node, consumers, producers, consts)
+            if scale is not None and scale.size > 1:
+                scale = scale.reshape(-1)
+        if q and q not in out:
+            try:
+                out[q] = (name, _dequantize(path, q, consts[q], scale, zero, axis, block))
+            except (ValueError, TypeError) as exc:
+                raise ModelFormatError(f"{path}: {node.op_type} node {node.name!r}: {str(exc)[:120]}") from None
+    return out
+
+
+# Inputs of quantization ops that are scales or zero points, not weights: (op, input indices).
+_PARAM_INPUTS = {"DequantizeLinear": (1, 2), "QuantizeLinear": (1, 2), "QLinearConv": (1, 2, 4, 5, 6, 7),
+                 "QLinearMatMul": (1, 2, 4, 5, 6, 7)}  # fmt: skip
+
+
+def _quantization_params(graph: Any) -> set[str]:
+    """Names of the scales and zero points of quantization ops (a blocked scale has the weight's rank, and would
+    pass for a kernel)."""
+    return {node.input[i] for node in graph.node for i in _PARAM_INPUTS.get(node.op_type, ()) if i < len(node.input)}
+
+
+def _conv_weights(graph: Any) -> set[str]:
+    """Names of the float tensors that are conv weights: input 1 of Conv/ConvTranspose/ConvInteger (traced
+    back through Identity/Cast to its constant or to the DequantizeLinear that makes it), input 3 of QLinearConv."""
+    producers = {out: node for node in graph.node for out in node.output}
+    names: set[str] = set()
+    for node in graph.node:
+        index = 3 if node.op_type == "QLinearConv" else 1
+        if (node.op_type in _CONV_OPS or node.op_type == "QLinearConv") and len(node.input) > index:
+            name = node.input[index]
+            for _ in range(8):
+                producer = producers.get(name)
+                if producer is None or producer.op_type not in _PASS_THROUGH or not producer.input:
+                    break
+                name = producer.input[0]
+            names.add(name)
+    return names
+
+def _check_expansion(path: Path, model: Any, folder: Path, max_bytes: int) -> None:
+    """What the float initializers make against the bytes stored (check_expansion): many initializers may
+    name one range of one external file, and each would be read again."""
+    import onnx
+
+    produced = 0
+    ranges: dict[str, dict[int, int]] = {}  # external location -> offset -> length
+    for init in model.graph.initializer:
+        if init.data_type not in _TYPES or any(int(d) < 0 for d in init.dims):
+            continue  # skipped, or refused with its own message when read
+        produced += 4 * math.prod(int(d) for d in init.dims)
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in init.external_data}
+            try:
+                offset, length = int(info.get("offset", "0") or 0), int(info.get("length", "0") or 0)
+            except ValueError:
+                continue  # refused when read
+            at = ranges.setdefault(info.get("location", ""), {})
+            at[offset] = max(at.get(offset, 0), length)
+    stored = path.stat().st_size
+    for location, lengths in ranges.items():
+        try:  # only its size: where it may be read from is checked (and refused) when it is read
+            target = folder / location
+            size = target.stat().st_size if location and target.is_file() else 0
+        except (OSError, ValueError):  # a NUL or an over-long name
+            size = 0
+        stored += min(sum(lengths.values()), size)  # overlapping ranges never count past the file
+    check_expansion(path, stored, produced, max_bytes)
+
+
 def read(path: Path, max_bytes: int) -> list[NamedTensor]:
     try:
         import onnx
@@ -77,28 +294,21 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and friends: the file is not a valid ModelProto
         raise ModelFormatError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+    graph = model.graph
+    consts = _constants(path, graph, path.resolve().parent, max_bytes, numpy_helper)
+    dequantized = _quantized(path, graph, consts)
+    conv_weights = _conv_weights(graph)
+    params = _quantization_params(graph)
+
     folder = path.resolve().parent
+    _check_expansion(path, model, folder, max_bytes)
     conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1}
     out: list[NamedTensor] = []
-    for init in model.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            raw = _external(path, init, folder, max_bytes)
-            arr = None if raw is None else _decode(raw, init.data_type)
-        elif init.data_type in _TYPES:
-            shape = tuple(int(d) for d in init.dims)
-            if any(d < 0 for d in shape):
-                raise ModelFormatError(f"{path}: initializer {init.name!r}: negative dimension")
-            try:
-                if init.raw_data:
-                    raw = np.frombuffer(init.raw_data, dtype=_TYPES[init.data_type][0]).reshape(shape)
-                    arr = _decode(raw, init.data_type)
-                else:  # values in the typed fields (float_data, int32_data for fp16/bf16): onnx decodes them
-                    arr = np.asarray(numpy_helper.to_array(init)).astype(np.float32)
-            except (ValueError, TypeError) as exc:
-                raise ModelFormatError(f"{path}: initializer {init.name!r}: {str(exc)[:120]}") from None
-        else:
+    for name, arr in consts.items():  # in the file's order; integer constants only as their dequantized weights
+        if name in dequantized:
+            name, arr = dequantized[name]
+        elif arr.dtype.kind != "f" or name in params:
             continue
-        if arr is not None and arr.size:
-            layout = "oihw" if init.name in conv_weights and arr.ndim >= 3 else None
-            out.append(NamedTensor(init.name, np.ascontiguousarray(arr, dtype=np.float32), layout))
+        layout = "oihw" if name in conv_weights and arr.ndim >= 3 else None
+        out.append(NamedTensor(name, np.ascontiguousarray(arr, dtype=np.float32), layout))
     return out

@@ -1,13 +1,9 @@
-"""Pickle-based checkpoints read by a restricted unpickler of our own: torch zip and legacy checkpoints,
-whole pickled ``nn.Module`` objects, training checkpoints, TorchScript archives and PaddlePaddle ``.pdparams``.
+"""Pickle-based checkpoints: torch zip and legacy checkpoints, whole pickled ``nn.Module`` objects, training
+checkpoints, TorchScript archives and PaddlePaddle ``.pdparams``.
 
-Nothing from the file is imported or called. ``find_class`` answers every GLOBAL with one of our own
-objects: torch's tensor-rebuild functions and numpy's array reconstruction are re-implemented here (they
-build numpy views of the storages, so torch is not needed), torch dtypes and storage types become tokens,
-``collections.OrderedDict`` and a few builtin containers are allowed, and every other class or function
-becomes an inert ``Stub`` that only records what the pickle hands it (constructor arguments, state,
-items). The stubs' state is then walked for tensors: a module's ``_parameters``/``_buffers`` and
-``_modules`` recursively with dotted names, nested dicts, lists and tuples.
+Every pickle goes through the restricted unpickler of ``unpickler.py`` (nothing from the file is imported or
+called). Its result is walked for tensors: a module's ``_parameters``/``_buffers`` and ``_modules``
+recursively with dotted names, nested dicts, lists and tuples.
 
 Storages of a zip checkpoint stored uncompressed are memory-mapped by offset; compressed ones are inflated
 only after their declared size passed ``check_size``.
@@ -15,429 +11,29 @@ only after their declared size passed ``check_size``.
 
 from __future__ import annotations
 
-import collections
 import io
 import math
-import pickle as _pickle
 import struct
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ...errors import ModelFormatError
-from . import NamedTensor, check_size, check_zip_members, float8_table
+from . import NESTED_CHECKPOINT_KEYS, NamedTensor, check_expansion, check_size, check_zip_members, float32_or_none
+from .unpickler import NUMPY_KINDS, TORCH_DTYPES, NDArrayRef, Refused, StorageRef, Stub, TensorRef, Token, unpickle
 
 _TORCH_MAGIC = 0x1950A86A20F9469CFC6C
 _MAX_PICKLE_BYTES = 1 << 30  # a data.pkl holding names and offsets; 1 GiB is far beyond any real one
 _MAX_DEPTH = 1000  # nesting walked for tensors
 
-# torch dtype name -> (numpy storage dtype, how the values decode to float32)
-_DTYPES: dict[str, tuple[str, str]] = {
-    "float32": ("<f4", "float"), "float": ("<f4", "float"), "float64": ("<f8", "float"), "double": ("<f8", "float"),
-    "float16": ("<f2", "float"), "half": ("<f2", "float"), "bfloat16": ("<u2", "bf16"),
-    "float8_e4m3fn": ("u1", "e4m3fn"), "float8_e5m2": ("u1", "e5m2"),
-    "int64": ("<i8", "int"), "long": ("<i8", "int"), "int32": ("<i4", "int"), "int": ("<i4", "int"),
-    "int16": ("<i2", "int"), "short": ("<i2", "int"), "int8": ("i1", "int"), "uint8": ("u1", "int"),
-    "bool": ("?", "int"), "qint8": ("i1", "quant"), "quint8": ("u1", "quant"), "qint32": ("<i4", "quant"),
-}  # fmt: skip
-_STORAGE_DTYPES: dict[str, str] = {
-    "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
-    "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16", "CharStorage": "int8",
-    "ByteStorage": "uint8", "BoolStorage": "bool", "QInt8Storage": "qint8", "QUInt8Storage": "quint8",
-    "QInt32Storage": "qint32", "Float8_e4m3fnStorage": "float8_e4m3fn", "Float8_e5m2Storage": "float8_e5m2",
-    "UntypedStorage": "uint8",
-}  # fmt: skip
-_NUMPY_KINDS = frozenset("fiub?")
-
-
-class _Frozen:
-    """Base of the objects find_class hands out: BUILD cannot set attributes on them."""
-
-    __slots__ = ()
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise _Refused("a pickle tried to set an attribute on a reader object")
-
-    def __setstate__(self, state: Any) -> None:
-        raise _Refused("a pickle tried to set the state of a reader object")
-
-
-class _Refused(Exception):
-    pass
-
-
-class _Token(_Frozen):
-    """A torch dtype, storage type or qscheme: data, never called."""
-
-    __slots__ = ("kind", "name")
-    kind: str  # "dtype", "storage", "qscheme" or "numpy"
-    name: str
-
-    def __init__(self, kind: str, name: str) -> None:
-        object.__setattr__(self, "kind", kind)
-        object.__setattr__(self, "name", name)
-
-    def __call__(self, *args: Any) -> Any:
-        raise _Refused(f"a pickle tried to call torch.{self.name}")
-
-
-class _Function(_Frozen):
-    """One of our re-implementations of an allowed function (a tensor rebuild, numpy reconstruction)."""
-
-    __slots__ = ("func",)
-    func: Callable[..., Any]
-
-    def __init__(self, func: Callable[..., Any]) -> None:
-        object.__setattr__(self, "func", func)
-
-    def __call__(self, *args: Any) -> Any:
-        try:
-            return self.func(*args)
-        except (TypeError, ValueError, IndexError, KeyError) as exc:
-            raise _Refused(f"bad arguments to {self.func.__name__.lstrip('_')}: {exc}") from None
-
-
-class Stub:
-    """An inert stand-in for a class or function the pickle names: records what it is given, runs nothing."""
-
-    __module_name__ = ""
-    __class_name__ = ""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.__dict__["_stub"] = {"args": args, "state": None, "items": {}, "list": []}
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Stub:
-        obj = object.__new__(cls)
-        obj.__dict__["_stub"] = {"args": args, "state": None, "items": {}, "list": []}
-        return obj
-
-    def __setstate__(self, state: Any) -> None:
-        self.__dict__["_stub"]["state"] = state
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self.__dict__["_stub"]["items"][key] = value
-
-    def append(self, value: Any) -> None:
-        self.__dict__["_stub"]["list"].append(value)
-
-    def extend(self, values: Any) -> None:
-        self.__dict__["_stub"]["list"].extend(values)
-
-    def __setattr__(self, name: str, value: Any) -> None:  # BUILD's slot state
-        state = self.__dict__["_stub"]
-        if not isinstance(state["state"], dict):
-            state["state"] = {}
-        state["state"][name] = value
-
-    def __reduce__(self) -> Any:
-        raise TypeError("stubs are not picklable")
-
-
-def _stub_class(module: str, name: str, cache: dict[tuple[str, str], type]) -> type:
-    key = (module, name)
-    if key not in cache:
-        cls = type(name, (Stub,), {"__module_name__": module, "__class_name__": name, "__slots__": ()})
-        cache[key] = cls
-    return cache[key]
-
-
-# ---------------------------------------------------------------- storages and tensors
-
-
-class _Storage(_Frozen):
-    """A storage named by a persistent id; its bytes are attached (mapped or read) after unpickling."""
-
-    __slots__ = ("key", "dtype", "numel", "data")
-    key: str
-    dtype: str  # a key of _DTYPES
-    numel: int
-    data: np.ndarray | None
-
-    def __init__(self, key: str, dtype: str, numel: int) -> None:
-        object.__setattr__(self, "key", key)
-        object.__setattr__(self, "dtype", dtype)
-        object.__setattr__(self, "numel", numel)
-        object.__setattr__(self, "data", None)  # np.ndarray of uint8 once attached
-
-    def attach(self, data: np.ndarray) -> None:
-        object.__setattr__(self, "data", data)
-
-
-class _TensorRef(_Frozen):
-    """A tensor as the pickle describes it: a strided view of a storage, maybe quantized; decoded later."""
-
-    __slots__ = ("storage", "offset", "size", "stride", "dtype", "quant")
-    storage: _Storage
-    offset: int
-    size: tuple[int, ...]
-    stride: tuple[int, ...]
-    dtype: str  # a key of _DTYPES
-    quant: Any  # the quantizer tuple of a quantized tensor, checked by _dequantize
-
-    def __init__(self, storage: Any, offset: Any, size: Any, stride: Any, dtype: str, quant: Any = None) -> None:
-        if not isinstance(storage, _Storage):
-            raise ValueError("tensor storage is not a storage reference")
-        size, stride = _int_tuple(size, "size"), _int_tuple(stride, "stride")
-        if len(size) != len(stride) or not isinstance(offset, int) or offset < 0:
-            raise ValueError("tensor size, stride and offset do not match")
-        if dtype not in _DTYPES:
-            raise ValueError(f"unsupported tensor dtype {dtype}")
-        for name, value in (("storage", storage), ("offset", offset), ("size", size), ("stride", stride)):
-            object.__setattr__(self, name, value)
-        object.__setattr__(self, "dtype", dtype)
-        object.__setattr__(self, "quant", quant)
-
-    def values(self) -> np.ndarray:
-        """The raw values (storage dtype) as a strided view of the storage, bounds checked."""
-        data = self.storage.data
-        if data is None:
-            raise ValueError(f"storage {self.storage.key} has no data")
-        np_dtype = np.dtype(_DTYPES[self.dtype][0])
-        count = data.size // np_dtype.itemsize
-        if any(s == 0 for s in self.size):
-            return np.zeros(self.size, dtype=np_dtype)
-        last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride, strict=True))
-        if last >= count:
-            raise ValueError(f"tensor of shape {list(self.size)} runs past its storage ({count} values)")
-        flat = data[: count * np_dtype.itemsize].view(np_dtype)
-        return np.lib.stride_tricks.as_strided(
-            flat[self.offset :], shape=self.size, strides=[s * np_dtype.itemsize for s in self.stride], writeable=False
-        )
-
-    def float32(self) -> np.ndarray | None:
-        """float32 values (dequantized, decoded), or None for integer/bool tensors."""
-        decode = _DTYPES[self.dtype][1]
-        if decode == "int":
-            return None
-        raw = self.values()
-        if decode == "float":
-            return np.ascontiguousarray(raw, dtype=np.float32)
-        if decode == "bf16":
-            return (raw.astype(np.uint32) << 16).view(np.float32)
-        if decode in ("e4m3fn", "e5m2"):
-            return float8_table(decode)[raw]
-        return _dequantize(raw, self.quant)
-
-
-def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(value, tuple | list) or len(value) > 16:
-        raise ValueError(f"tensor {what} is not a short tuple")
-    out = tuple(value)
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in out):
-        raise ValueError(f"tensor {what} holds a negative or non-integer entry")
-    return out
-
-
-def _dequantize(raw: np.ndarray, quant: Any) -> np.ndarray:
-    if not isinstance(quant, tuple) or not quant or not isinstance(quant[0], _Token):
-        raise ValueError("quantized tensor without its quantizer parameters")
-    scheme = quant[0].name
-    if scheme == "per_tensor_affine" and len(quant) == 3:
-        scale, zero = float(quant[1]), int(quant[2])
-        return ((raw.astype(np.float64) - zero) * scale).astype(np.float32)
-    if scheme in ("per_channel_affine", "per_channel_affine_float_qparams") and len(quant) == 4:
-        scales, zeros, axis = _vector(quant[1]), _vector(quant[2]), quant[3]
-        if not isinstance(axis, int) or not 0 <= axis < raw.ndim:
-            raise ValueError(f"per-channel axis {axis!r} out of range")
-        if scales.shape != (raw.shape[axis],) or zeros.shape != scales.shape:
-            raise ValueError("per-channel scales do not match the tensor")
-        shape = [1] * raw.ndim
-        shape[axis] = -1
-        return ((raw.astype(np.float64) - zeros.reshape(shape)) * scales.reshape(shape)).astype(np.float32)
-    raise ValueError(f"unsupported quantization scheme {scheme}")
-
-
-def _vector(value: Any) -> np.ndarray:
-    if isinstance(value, _TensorRef):
-        return np.asarray(value.values(), dtype=np.float64).reshape(-1)
-    if isinstance(value, list | tuple):
-        return np.asarray([float(v) for v in value], dtype=np.float64)
-    raise ValueError("quantizer parameters are not a tensor or a list")
-
-
-def _dtype_of(storage: Any) -> str:
-    if not isinstance(storage, _Storage):
-        raise ValueError("tensor storage is not a storage reference")
-    return storage.dtype
-
-
-def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *_: Any) -> _TensorRef:
-    return _TensorRef(storage, offset, size, stride, _dtype_of(storage))
-
-
-def _rebuild_tensor_v3(storage: Any, offset: Any, size: Any, stride: Any, rg: Any, hooks: Any, dtype: Any,
-                       *_: Any) -> _TensorRef:  # fmt: skip
-    if not isinstance(dtype, _Token) or dtype.kind != "dtype":
-        raise ValueError("tensor dtype is not a torch dtype")
-    return _TensorRef(storage, offset, size, stride, dtype.name)
-
-
-def _rebuild_qtensor(storage: Any, offset: Any, size: Any, stride: Any, quant: Any, *_: Any) -> _TensorRef:
-    return _TensorRef(storage, offset, size, stride, _dtype_of(storage), quant)
-
-
-def _rebuild_parameter(data: Any, *_: Any) -> Any:
-    return data
-
-
-def _rebuild_from_type(func: Any, new_type: Any, args: Any, state: Any = None) -> Any:
-    if not isinstance(func, _Function) or not isinstance(args, tuple):
-        raise ValueError("tensor subclass rebuild names no tensor rebuild")
-    return func(*args)
-
-
-def _rebuild_from_numpy(data: Any, *_: Any) -> Any:
-    return data
-
-
-class _NDArray(_Frozen):
-    """numpy's ``_reconstruct`` + BUILD: the array is made from the raw bytes of the state, nothing called."""
-
-    __slots__ = ("array",)
-    array: np.ndarray | None
-
-    def __init__(self) -> None:
-        object.__setattr__(self, "array", None)
-
-    def __setstate__(self, state: Any) -> None:
-        if self.array is not None or not isinstance(state, tuple) or len(state) != 5:
-            raise _Refused("malformed numpy array state")
-        _, shape, dtype, fortran, raw = state
-        if not isinstance(dtype, _NPDType) or dtype.dtype is None:
-            raise _Refused("numpy array without a numeric dtype")
-        if isinstance(raw, str):
-            raw = raw.encode("latin1")
-        if not isinstance(raw, bytes | bytearray):
-            raise _Refused("numpy array data is not bytes")
-        shape = _int_tuple(shape, "shape")
-        count = int(np.prod(shape, dtype=np.int64))
-        if count * dtype.dtype.itemsize != len(raw):
-            raise _Refused(f"numpy array of shape {list(shape)} does not match its {len(raw)} data bytes")
-        arr = np.frombuffer(raw, dtype=dtype.dtype).reshape(shape, order="F" if fortran else "C")
-        object.__setattr__(self, "array", arr)
-
-
-class _NPDType(_Frozen):
-    __slots__ = ("dtype",)
-    dtype: np.dtype | None  # None: not a numeric dtype we read
-
-    def __init__(self, descr: Any) -> None:
-        dtype = None
-        if isinstance(descr, str) and len(descr) <= 4:
-            try:
-                candidate = np.dtype(descr)
-            except TypeError:
-                candidate = None
-            if candidate is not None and candidate.kind in _NUMPY_KINDS and candidate.fields is None:
-                dtype = candidate
-        object.__setattr__(self, "dtype", dtype)
-
-    def __setstate__(self, state: Any) -> None:
-        if isinstance(state, tuple) and len(state) >= 2 and state[1] in ("<", ">") and self.dtype is not None:
-            object.__setattr__(self, "dtype", self.dtype.newbyteorder(state[1]))
-
-
-def _np_reconstruct(cls: Any, shape: Any, dtype_code: Any) -> _NDArray:
-    return _NDArray()
-
-
-def _np_dtype(descr: Any, *_: Any) -> _NPDType:
-    return _NPDType(descr)
-
-
-def _np_scalar(dtype: Any, raw: Any = None) -> Any:
-    if isinstance(dtype, _NPDType) and dtype.dtype is not None and isinstance(raw, bytes | str):
-        data = raw.encode("latin1") if isinstance(raw, str) else raw
-        if len(data) == dtype.dtype.itemsize:
-            return np.frombuffer(data, dtype=dtype.dtype)[0].item()
-    raise ValueError("malformed numpy scalar")
-
-
-def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:  # how protocol-2 pickles spell bytes
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
-        raise ValueError("bytes spelled with an unsupported codec")
-    return text.encode(encoding)
-
-
-def _reconstructor(cls: Any, base: Any, state: Any) -> Any:  # copyreg._reconstructor of protocol 0/1 pickles
-    if isinstance(cls, type) and issubclass(cls, Stub):
-        return cls.__new__(cls)
-    if cls is collections.OrderedDict or cls is dict:
-        return cls()
-    raise ValueError("copyreg reconstruction of a class that is not a stub")
-
-
-_ALLOWED: dict[tuple[str, str], Any] = {
-    ("torch._utils", "_rebuild_tensor"): _Function(_rebuild_tensor),
-    ("torch._utils", "_rebuild_tensor_v2"): _Function(_rebuild_tensor),
-    ("torch._utils", "_rebuild_tensor_v3"): _Function(_rebuild_tensor_v3),
-    ("torch._utils", "_rebuild_qtensor"): _Function(_rebuild_qtensor),
-    ("torch._utils", "_rebuild_parameter"): _Function(_rebuild_parameter),
-    ("torch._utils", "_rebuild_parameter_with_state"): _Function(_rebuild_parameter),
-    ("torch._utils", "_rebuild_device_tensor_from_numpy"): _Function(_rebuild_from_numpy),
-    ("torch._tensor", "_rebuild_from_type"): _Function(_rebuild_from_type),
-    ("torch._tensor", "_rebuild_from_type_v2"): _Function(_rebuild_from_type),
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("builtins", "set"): set, ("__builtin__", "set"): set,
-    ("builtins", "frozenset"): frozenset, ("__builtin__", "frozenset"): frozenset,
-    ("copyreg", "_reconstructor"): _Function(_reconstructor), ("copy_reg", "_reconstructor"): _Function(_reconstructor),
-}  # fmt: skip
-for _numpy in ("numpy.core.multiarray", "numpy._core.multiarray"):
-    _ALLOWED[(_numpy, "_reconstruct")] = _Function(_np_reconstruct)
-    _ALLOWED[(_numpy, "scalar")] = _Function(_np_scalar)
-_ALLOWED[("numpy", "dtype")] = _Function(_np_dtype)
-_ALLOWED[("_codecs", "encode")] = _Function(_codecs_encode)
-_ALLOWED[("torch.storage", "UntypedStorage")] = _Token("storage", "uint8")
-_ALLOWED[("numpy", "ndarray")] = _Token("numpy", "ndarray")
-_QSCHEMES = ("per_tensor_affine", "per_channel_affine", "per_channel_affine_float_qparams")
-
-
-class _Unpickler(_pickle.Unpickler):
-    def __init__(self, file: io.BufferedIOBase, storage: Callable[[tuple], Any]) -> None:
-        super().__init__(file, encoding="latin1")
-        self._storage = storage
-        self._stubs: dict[tuple[str, str], type] = {}
-
-    def find_class(self, module: str, name: str) -> Any:
-        allowed = _ALLOWED.get((module, name))
-        if allowed is not None:
-            return allowed
-        if module == "torch":
-            if name in _STORAGE_DTYPES:
-                return _Token("storage", _STORAGE_DTYPES[name])
-            if name in _DTYPES:
-                return _Token("dtype", name)
-            if name in _QSCHEMES:
-                return _Token("qscheme", name)
-        # everything else (os.system, builtins.eval, a model class) is an inert stub: calling it records its
-        # arguments and nothing more
-        return _stub_class(module, name, self._stubs)
-
-    def persistent_load(self, pid: Any) -> Any:
-        return self._storage(pid)
-
-
-def _unpickle(file: Any, storage: Callable[[tuple], Any]) -> Any:
-    """One pickle from ``file`` through the restricted unpickler; any failure is a ValueError."""
-    try:
-        return _Unpickler(file, storage).load()
-    except _Refused as exc:
-        raise ValueError(str(exc)) from None
-    except (_pickle.UnpicklingError, EOFError, TypeError, AttributeError, IndexError, KeyError, ValueError,
-            UnicodeDecodeError, struct.error, OverflowError, MemoryError, RecursionError) as exc:  # fmt: skip
-        raise ValueError(f"malformed pickle ({type(exc).__name__}: {str(exc)[:120]})") from None
-
-
 # ---------------------------------------------------------------- walking the unpickled object for tensors
 
 _SKIP_KEYS = frozenset({"optimizer", "optimizer_state_dict", "optim", "optimizer_states", "scheduler",
                         "lr_scheduler", "lr_schedulers", "scaler", "amp", "callbacks", "loops"})  # fmt: skip
-_NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights", "params",
-                "model_ema", "ema")  # fmt: skip
 _MODULE_FIELDS = ("_parameters", "_buffers", "_modules")
 
 
@@ -449,7 +45,7 @@ def _is_module(obj: Any) -> bool:
 
 
 def _tensor_like(obj: Any) -> bool:
-    return isinstance(obj, _TensorRef | _NDArray) or (isinstance(obj, np.ndarray) and obj.dtype.kind in _NUMPY_KINDS)
+    return isinstance(obj, TensorRef | NDArrayRef) or (isinstance(obj, np.ndarray) and obj.dtype.kind in NUMPY_KINDS)
 
 
 def _children(obj: Any) -> list[tuple[str, Any]] | None:
@@ -508,26 +104,44 @@ def _weights_root(obj: Any) -> Any:
     if any(_tensor_like(v) for _, v in items):
         return obj  # a state_dict
     named = dict(items)
-    for key in _NESTED_KEYS:
+    for key in NESTED_CHECKPOINT_KEYS:
         inner = named.get(key)
         if inner is not None and any(True for _ in walk_tensors(inner)):
             return inner
     return {k: v for k, v in items if k not in _SKIP_KEYS}
 
 
+def _stored_and_produced(refs: list[tuple[str, Any]]) -> tuple[int, int]:
+    """Bytes the tensors' distinct storages and arrays hold, and float32 bytes the tensors expand to."""
+    stored: dict[int, int] = {}
+    produced = 0
+    for _, ref in refs:
+        if isinstance(ref, TensorRef):
+            data = ref.storage.data
+            stored[id(ref.storage)] = data.nbytes if data is not None else 0
+            produced += 4 * math.prod(ref.size)
+        else:
+            raw = ref.array if isinstance(ref, NDArrayRef) else ref
+            if raw is not None:
+                stored[id(raw)] = raw.nbytes
+                produced += 4 * raw.size
+    return sum(stored.values()), produced
+
+
 def tensors_of(obj: Any, where: str, max_bytes: int) -> list[NamedTensor]:
-    """The float tensors of an unpickled checkpoint as float32 arrays. What they expand to is bounded by
-    ``max_bytes`` before any is built: views may overlap (stride 0 repeats one value any number of times)."""
+    """The float tensors of an unpickled checkpoint as float32 arrays. What they expand to is bounded before
+    any is built, by ``max_bytes`` and by the bytes the storages hold (check_expansion): views may overlap
+    (stride 0 repeats one value any number of times) and the memo lets one array be referenced many times."""
     refs = list(walk_tensors(_weights_root(obj)))
-    check_size(where, sum(4 * math.prod(r.size) for _, r in refs if isinstance(r, _TensorRef)), max_bytes)
+    check_expansion(where, *_stored_and_produced(refs), max_bytes)
     out: list[NamedTensor] = []
     for name, ref in refs:
         try:
-            if isinstance(ref, _TensorRef):
+            if isinstance(ref, TensorRef):
                 arr = ref.float32()
             else:
-                raw = ref.array if isinstance(ref, _NDArray) else ref
-                arr = np.ascontiguousarray(raw, dtype=np.float32) if raw is not None and raw.dtype.kind == "f" else None
+                raw = ref.array if isinstance(ref, NDArrayRef) else ref
+                arr = float32_or_none(raw) if raw is not None else None
         except ValueError as exc:
             raise ModelFormatError(f"{where}: tensor {name}: {exc}") from None
         if arr is not None and arr.size:
@@ -566,19 +180,19 @@ def read_zip(path: Path, max_bytes: int) -> list[NamedTensor]:
         check_zip_members(path, [*members.values(), pkl], max_bytes)
         if pkl.file_size > min(_MAX_PICKLE_BYTES, max_bytes):
             raise ModelFormatError(f"{path}: data.pkl declares {pkl.file_size:,} bytes")
-        storages: dict[str, _Storage] = {}
+        storages: dict[str, StorageRef] = {}
 
-        def storage(pid: Any) -> _Storage:
+        def storage(pid: Any) -> StorageRef:
             if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
-                raise _Refused("unknown persistent id")
+                raise Refused("unknown persistent id")
             _, stype, key, _location, numel = pid[:5]
-            if not isinstance(stype, _Token) or stype.kind not in ("storage", "dtype") or not isinstance(key, str):
-                raise _Refused("malformed storage reference")
+            if not isinstance(stype, Token) or stype.kind not in ("storage", "dtype") or not isinstance(key, str):
+                raise Refused("malformed storage reference")
             if key not in storages:
-                storages[key] = _Storage(key, stype.name, numel if isinstance(numel, int) else 0)
+                storages[key] = StorageRef(key, stype.name, numel if isinstance(numel, int) else 0)
             return storages[key]
 
-        obj = _unpickle(io.BytesIO(zf.read(pkl)), storage)
+        obj = unpickle(io.BytesIO(zf.read(pkl)), storage)
         for key, st in storages.items():
             info = members.get(key)
             if info is None:
@@ -596,33 +210,33 @@ def read_legacy(path: Path, max_bytes: int) -> list[NamedTensor]:
     size = path.stat().st_size
     check_size(path, size, max_bytes)
     mapped = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
-    storages: dict[str, _Storage] = {}
+    storages: dict[str, StorageRef] = {}
 
-    def storage(pid: Any) -> _Storage:
+    def storage(pid: Any) -> StorageRef:
         if not isinstance(pid, tuple) or not pid:
-            raise _Refused("unknown persistent id")
+            raise Refused("unknown persistent id")
         if pid[0] == "module":  # ("module", class, source file, source): the class (a stub), its source ignored
             if len(pid) > 1 and isinstance(pid[1], type) and issubclass(pid[1], Stub):
                 return pid[1]  # type: ignore[return-value]
-            raise _Refused("malformed module reference")
+            raise Refused("malformed module reference")
         if pid[0] != "storage" or len(pid) < 5:
-            raise _Refused("unknown persistent id")
+            raise Refused("unknown persistent id")
         _, stype, key, _location, numel = pid[:5]
-        if not isinstance(stype, _Token) or not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
-            raise _Refused("malformed storage reference")
+        if not isinstance(stype, Token) or not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
+            raise Refused("malformed storage reference")
         if key not in storages:
-            storages[key] = _Storage(key, stype.name, numel)
+            storages[key] = StorageRef(key, stype.name, numel)
         return storages[key]
 
     with open(path, "rb") as stream:  # the C unpickler leaves the file just past each pickle it read
-        first = _unpickle(stream, storage)
+        first = unpickle(stream, storage)
         if not (isinstance(first, int) and first == _TORCH_MAGIC):  # a plain pickle: paddle, a bare dict
             return tensors_of(first, str(path), max_bytes)
-        if _unpickle(stream, storage) != 1001:
+        if unpickle(stream, storage) != 1001:
             raise ModelFormatError(f"{path}: unsupported legacy torch protocol version")
-        _unpickle(stream, storage)  # sys info
-        obj = _unpickle(stream, storage)
-        keys = _unpickle(stream, storage)
+        unpickle(stream, storage)  # sys info
+        obj = unpickle(stream, storage)
+        keys = unpickle(stream, storage)
         pos = stream.tell()
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         raise ModelFormatError(f"{path}: malformed legacy storage key list")
@@ -631,7 +245,7 @@ def read_legacy(path: Path, max_bytes: int) -> list[NamedTensor]:
             raise ModelFormatError(f"{path}: truncated legacy storage {key}")
         (numel,) = struct.unpack("<q", mapped[pos : pos + 8].tobytes())
         st = storages.get(key)
-        itemsize = np.dtype(_DTYPES[st.dtype][0]).itemsize if st is not None else 1
+        itemsize = np.dtype(TORCH_DTYPES[st.dtype][0]).itemsize if st is not None else 1
         nbytes = numel * itemsize
         if numel < 0 or pos + 8 + nbytes > size:
             raise ModelFormatError(f"{path}: legacy storage {key} runs past the end of the file")

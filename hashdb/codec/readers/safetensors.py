@@ -8,15 +8,14 @@ length matches the shape, and the entries cover the data buffer contiguously, wi
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ...errors import ModelFormatError
-from . import NamedTensor, bf16_to_float32, check_size, float8_table
+from ...errors import ModelFormatError, shown
+from . import NamedTensor, bf16_to_float32, check_size, float8_table, parse_json
 
 MAX_HEADER_BYTES = 100_000_000  # the format's own bound on the JSON header
 
@@ -44,9 +43,9 @@ def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], int, int]:
             raise ModelFormatError(f"{path}: truncated safetensors header ({n:,} bytes declared, file {size:,})")
         text = f.read(n)
     try:
-        header = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ModelFormatError(f"{path}: safetensors header is not JSON ({type(exc).__name__})") from None
+        header = parse_json(text, "safetensors header", MAX_HEADER_BYTES)
+    except ValueError as exc:
+        raise ModelFormatError(f"{path}: {exc}") from None
     if not isinstance(header, dict):
         raise ModelFormatError(f"{path}: safetensors header is not a JSON object")
     buffer_len = size - 8 - n
@@ -58,14 +57,16 @@ def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], int, int]:
                 raise ModelFormatError(f"{path}: safetensors __metadata__ is not an object")
             continue
         if not isinstance(info, dict) or set(info) - {"dtype", "shape", "data_offsets"}:
-            raise ModelFormatError(f"{path}: tensor {name!r}: malformed safetensors entry")
+            raise ModelFormatError(f"{path}: tensor {shown(name)}: malformed safetensors entry")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise ModelFormatError(f"{path}: tensor {name!r}: unknown safetensors dtype {dtype!r}")
+            raise ModelFormatError(f"{path}: tensor {shown(name)}: unknown safetensors dtype {shown(dtype)}")
         if not isinstance(shape, list) or not all(_uint(d) for d in shape):
-            raise ModelFormatError(f"{path}: tensor {name!r}: shape {shape!r} is not a list of non-negative ints")
+            raise ModelFormatError(
+                f"{path}: tensor {shown(name)}: shape {shown(shape)} is not a list of non-negative ints"
+            )
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_uint(o) for o in offsets)):
-            raise ModelFormatError(f"{path}: tensor {name!r}: bad data_offsets {offsets!r}")
+            raise ModelFormatError(f"{path}: tensor {shown(name)}: bad data_offsets {shown(offsets)}")
         begin, end = offsets
         if begin > end or end > buffer_len:
             raise ModelFormatError(

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ModelFormatError
-from . import NamedTensor, check_size
+from . import NamedTensor, bf16_to_float32, check_expansion
 
 CONV_2D, DEPTHWISE_CONV_2D, DEQUANTIZE, FULLY_CONNECTED, TRANSPOSE_CONV = 3, 4, 6, 9, 67
 CONV_3D, CONV_3D_TRANSPOSE = 132, 141
@@ -54,14 +54,37 @@ class _Corrupt(Exception):
     """An offset or length that points outside the file: the flatbuffer is truncated or corrupt."""
 
 
+# Parse work allowed per byte of file, counted in numbers and tables visited (plus one per vector; the bytes
+# of tensor data are not visited one by one): a flatbuffer may point many vectors at one table, so one
+# operator with L outputs listed K times cost K x L steps (85 KB took 38 s, 1.6 MB about 4 hours). A real
+# model visits each of its 4-byte numbers a few times (outputs, inputs, shapes): under one step per byte.
+WORK_PER_BYTE = 2
+WORK_FLOOR = 1 << 18
+
+
+class _Work:
+    """The parse-work budget of one file, shared by all its tables."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, file_size: int) -> None:
+        self.left = WORK_PER_BYTE * file_size + WORK_FLOOR
+
+    def spend(self, steps: int) -> None:
+        self.left -= steps
+        if self.left < 0:
+            raise _Corrupt("the flatbuffer's tables alias each other far beyond the file's size (parse refused)")
+
+
 class _Table:
     """One flatbuffer table: field i is located through the table's vtable (absent fields read as default)."""
 
-    __slots__ = ("buf", "pos", "vtable", "vsize")
+    __slots__ = ("buf", "pos", "vtable", "vsize", "work")
 
-    def __init__(self, buf: Any, pos: int) -> None:
+    def __init__(self, buf: Any, pos: int, work: _Work) -> None:
         self.buf = buf
         self.pos = pos
+        self.work = work
         vtable = pos - _get(buf, "<i", pos)
         self.vtable = vtable
         self.vsize = _get(buf, "<H", vtable)
@@ -86,7 +109,7 @@ class _Table:
 
     def table(self, i: int) -> _Table | None:
         at = self._target(i)
-        return _Table(self.buf, at) if at else None
+        return _Table(self.buf, at, self.work) if at else None
 
     def vector(self, i: int, elem_size: int) -> tuple[int, int]:
         """(start of the elements, count) of a vector field; (0, 0) when absent."""
@@ -100,11 +123,13 @@ class _Table:
     def numbers(self, i: int, dtype: str) -> np.ndarray:
         size = np.dtype(dtype).itemsize
         start, n = self.vector(i, size)
+        self.work.spend(1 + n)
         return np.frombuffer(self.buf, dtype=dtype, count=n, offset=start).copy() if n else np.zeros(0, dtype)
 
     def tables(self, i: int) -> list[_Table]:
         start, n = self.vector(i, 4)
-        return [_Table(self.buf, start + 4 * k + _get(self.buf, "<I", start + 4 * k)) for k in range(n)]
+        self.work.spend(1 + n)
+        return [_Table(self.buf, start + 4 * k + _get(self.buf, "<I", start + 4 * k), self.work) for k in range(n)]
 
     def string(self, i: int) -> str:
         start, n = self.vector(i, 1)
@@ -150,7 +175,7 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
 def _read_model(path: Path, buf: Any, file: Any, max_bytes: int) -> list[NamedTensor]:
     if bytes(buf[4:8]) != b"TFL3":
         raise ModelFormatError(f"{path}: not a TFLite model (no TFL3 identifier)")
-    model = _Table(buf, _get(buf, "<I", 0))
+    model = _Table(buf, _get(buf, "<I", 0), _Work(len(buf)))
     codes = []
     for code in model.tables(1):
         deprecated = code.scalar(0, "<b", 0)
@@ -190,7 +215,11 @@ def _read_model(path: Path, buf: Any, file: Any, max_bytes: int) -> list[NamedTe
                 continue  # a weight computed at run time, not stored in the file
             name = source.string(3) or f"subgraph{g}/tensor{t}"
             planned.append((name if g == 0 else f"subgraph{g}/{name}", source, spec[1]))
-    check_size(path, sum(4 * math.prod(_shape(path, t)) for _, t, _ in planned), max_bytes)
+    # Subgraphs and tensors may share one buffer: what they make counts against the distinct buffers stored.
+    # Overlapping ranges are each counted, but never more than the file holds.
+    stored = min(len(buf), sum(n for _, n in {_data_range(t, buffers) for _, t, _ in planned}))
+    produced = sum(4 * math.prod(_shape(path, t)) for _, t, _ in planned)
+    check_expansion(path, stored, produced, max_bytes)
     for name, tensor, layout in planned:
         out.append(NamedTensor(name, _to_oihw(_values(path, buf, file, tensor, buffers, name), layout), "oihw"))
     return out
@@ -206,6 +235,15 @@ def _shape(path: Path, tensor: _Table) -> list[int]:
 def _buffer_of(tensor: _Table, buffers: list[_Table]) -> _Table | None:
     b = int(tensor.scalar(2, "<I", 0))
     return buffers[b] if 0 < b < len(buffers) else None  # buffer 0 is the empty sentinel
+
+
+def _data_range(tensor: _Table, buffers: list[_Table]) -> tuple[int, int]:
+    """(start, size) of a tensor's bytes in the file: its buffer's data vector, or its offset and size."""
+    buffer = _buffer_of(tensor, buffers)
+    if buffer is None:
+        return 0, 0
+    start, n = buffer.vector(0, 1)
+    return (start, n) if n else (int(buffer.scalar(1, "<Q", 0)), int(buffer.scalar(2, "<Q", 0)))
 
 
 def _has_data(tensor: _Table, buffers: list[_Table]) -> bool:
@@ -249,7 +287,7 @@ def _values(path: Path, buf: Any, file: Any, tensor: _Table, buffers: list[_Tabl
         raise ModelFormatError(f"{path}: buffer of {name!r} is cut short (truncated file)")
     if ttype in _FLOAT_TYPES:
         if type_name == "bfloat16":
-            return (raw.astype(np.uint32) << 16).view(np.float32)
+            return bf16_to_float32(raw)
         return raw.astype(np.float32, copy=False)
     return _dequantize(path, tensor, raw, name, type_name)
 
