@@ -137,10 +137,13 @@ def _shown(text: str) -> str:
 
 
 class _Hashers:
-    """Builds the ModelHasher on first use, so commands given hex codes never import the codec (or torch)."""
+    """Builds the ModelHasher on first use, so commands given hex codes never import the codec (or torch).
+    A database's stored codec configuration decides how its suspects are hashed (codes of another codec
+    version are not comparable); without one, the default codec at the database's width."""
 
-    def __init__(self, bits: int):
+    def __init__(self, bits: int, codec: dict | None = None):
         self.bits = bits
+        self.codec = codec
         self._hasher: ModelHasher | None = None
 
     @property
@@ -148,7 +151,7 @@ class _Hashers:
         if self._hasher is None:
             from .codec import ModelHasher
 
-            self._hasher = ModelHasher(bits=self.bits)
+            self._hasher = ModelHasher.from_config(self.codec) if self.codec else ModelHasher(bits=self.bits)
         return self._hasher
 
     def hash_file(self, path: str, or_code: bool = False) -> bytes:
@@ -498,17 +501,20 @@ def cmd_query(args: argparse.Namespace) -> int:
         raise UsageError("--radius must be >= 0")
     if args.knn is not None and args.knn < 1:
         raise UsageError("--knn must be >= 1")
+    from .codec.radius import decision_radius
+
     found_any = False
     failed = 0
     with _open(args, readonly=True) as db:
         copy_radius = _copy_radius(db.codec)
+        n_codes = len(db)
         radius = args.radius
         if radius is None and args.knn is None:
-            if copy_radius is None:
+            radius = decision_radius(db.codec, n_codes)
+            if radius is None:
                 raise UsageError("this database stores no codec configuration (no model was added with "
                                  "'hashdb add'), so it has no copy radius: give --radius R or --knn K")  # fmt: skip
-            radius = copy_radius
-        hashers = _Hashers(db.bits)
+        hashers = _Hashers(db.bits, db.codec)
         for text, code_or_error, path in _query_codes(_inputs(inputs), hashers):
             if not isinstance(code_or_error, bytes):  # a bad input: say so, and answer the others
                 failed += 1
@@ -519,16 +525,31 @@ def cmd_query(args: argparse.Namespace) -> int:
             found_any = found_any or bool(matches)
             same = _same_bytes(db, path, matches)
             if args.json:
-                _emit({"query": text, "code": code.hex(), "copy_radius": copy_radius,
-                       "matches": [{"key": key, "distance": int(dist), "verdict": _verdict(dist, copy_radius),
+                _emit({"query": text, "code": code.hex(), "copy_radius": copy_radius, "radius": radius,
+                       "codes": n_codes,
+                       "matches": [{"key": key, "distance": int(dist), **_rates(db.codec, int(dist), n_codes),
                                     **({"same_bytes": True} if key in same else {})}
                                    for key, dist in matches]})  # fmt: skip
             else:
-                _print_matches(text, matches, copy_radius, same)
+                _print_matches(text, matches, db.codec, n_codes, same)
             sys.stdout.flush()  # each answer is out before a later input can fail
     if failed:
         return EXIT_ERROR
     return EXIT_OK if found_any else EXIT_NOT_FOUND
+
+
+def _rates(codec: dict | None, distance: int, n_codes: int) -> dict[str, Any]:
+    """A match's ``verdict``, ``fmr`` (chance of an independent model this close, per pair) and
+    ``expected_false`` (fmr x codes in the database); nothing for a database of bare codes."""
+    from .codec.null import match_rates
+
+    rates = match_rates(codec, distance, n_codes)
+    if rates is None:
+        return {"verdict": None}
+    out: dict[str, Any] = {"verdict": rates.verdict, "fmr": rates.fmr, "expected_false": rates.expected_false}
+    if not rates.calibrated:
+        out["calibrated"] = False
+    return out
 
 
 def _query_codes(texts: Iterator[str], hashers: _Hashers) -> Iterator[tuple[str, bytes | HashDBError, str | None]]:
@@ -577,26 +598,24 @@ def _same_bytes(db: Database, path: str | None, matches: list[Match]) -> set[str
     return same
 
 
-def _verdict(distance: int, copy_radius: int | None) -> str | None:
-    if copy_radius is None:
-        return None
-    return "copy" if distance <= copy_radius else "not a copy"
-
-
-def _print_matches(query: str, matches: list[Match], copy_radius: int | None, same: set[str] | None = None) -> None:
+def _print_matches(query: str, matches: list[Match], codec: dict | None, n_codes: int,
+                   same: set[str] | None = None) -> None:  # fmt: skip
+    copy_radius = _copy_radius(codec)
     within = f" (copy radius {copy_radius})" if copy_radius is not None else ""
     print(f"query {_shown(query)}: {len(matches)} match{'es' if len(matches) != 1 else ''}{within}")
     if not matches:
         return
-    if copy_radius is None:
+    if codec is None:
         print(f"  {'distance':>8}  key")
         for key, dist in matches:
             print(f"  {int(dist):>8}  {_shown(key)}{' (same bytes)' if same and key in same else ''}")
         return
-    print(f"  {'distance':>8}  {'verdict':<10}  key")
+    print(f"  {'distance':>8}  {'verdict':<10}  {'fmr':>8}  {'expected':>8}  key")
     for key, dist in matches:
         tail = " (same bytes)" if same and key in same else ""
-        print(f"  {int(dist):>8}  {_verdict(dist, copy_radius):<10}  {_shown(key)}{tail}")
+        r = _rates(codec, int(dist), n_codes)
+        print(f"  {int(dist):>8}  {r['verdict']:<10}  {r['fmr']:>8.1e}  {r['expected_false']:>8.1e}  "
+              f"{_shown(key)}{tail}")
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
@@ -700,7 +719,9 @@ def cmd_clusters(args: argparse.Namespace) -> int:
     from .db import HashDB
 
     with HashDB(args.db, bits=None, readonly=True) as db:
-        radius = args.radius if args.radius is not None else _copy_radius(db.codec)
+        from .codec.radius import decision_radius
+
+        radius = args.radius if args.radius is not None else decision_radius(db.codec, len(db))
         if radius is None:  # codes added as hex, no codec recorded: the codec's default at this width
             from .codec.hasher import ModelHasher
 

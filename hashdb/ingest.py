@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .errors import HashDBError, InvalidCode, InvalidKey, InvalidMeta
+from .errors import HashDBError, InvalidArgument, InvalidCode, InvalidKey, InvalidMeta
 from .text import shown
 
 if TYPE_CHECKING:
@@ -169,8 +169,28 @@ class Ingest:
         if self._config is None:
             from .codec import ModelHasher
 
-            self._config = ModelHasher(self.db.bits, **self.hasher_kwargs).config
+            stored = self.db.codec
+            if isinstance(stored, dict) and not self.hasher_kwargs and stored.get("bits") == self.db.bits:
+                # a database keeps hashing with the codec it was made with (codes of two codecs do not compare)
+                try:
+                    self._config = ModelHasher.from_config(stored).config
+                    self.hasher_kwargs = {k: v for k, v in stored.items()
+                                          if k not in ("bits", "copy_radius", "directions")}  # fmt: skip
+                except InvalidArgument:
+                    pass  # an unknown codec: refused by check_version below
+            if self._config is None:
+                self._config = ModelHasher(self.db.bits, **self.hasher_kwargs).config
         return self._config
+
+    def check_version(self) -> None:
+        """Refuse, before hashing anything, to add codes of another codec version than the database's."""
+        stored = self.db.codec
+        if isinstance(stored, dict) and stored.get("codec") != self.config.get("codec"):
+            raise InvalidArgument(
+                f"the database was made with codec {stored.get('codec')!r} and these models would be hashed with "
+                f"{self.config.get('codec')!r}; codes of two codecs do not compare: re-hash the models into a new "
+                f"database (hashdb add NEW.db --bits N FOLDER...)"
+            )
 
     def run(
         self, sources: Iterable[Any], *, workers: int | None = None, engine: str = "local",
@@ -183,6 +203,8 @@ class Ingest:
         from . import bulk
         from .codec.units import ModelUnit, expand
 
+        if self.db.codec is not None:
+            self.check_version()
         entries: list[Entry] = []
         paths: list[Any] = []
         for source in sources:

@@ -65,7 +65,7 @@ class ModelHasher:
         max_bytes: int | None = None,
         dim: int = 32,
         omega: float = 2.0,
-        ridge: float = 0.05,
+        ridge: float = 0.3,
         prune: float = 0.5,
         prune_rule: str = "relative",
         features: Sequence[str] = ("skew", "kurt"),

@@ -84,6 +84,33 @@ def verdict(expected: float) -> str:
     return "copy" if expected <= COPY_EXPECTED_FALSE else "not a copy"
 
 
+class MatchRates(NamedTuple):
+    """How likely a match is chance: per pair (``fmr``), in the whole database (``expected_false``), and the
+    verdict that follows (``copy`` when expected_false <= 0.01; a codec without a fitted null keeps its fixed
+    copy radius for the verdict and says ``calibrated`` False)."""
+
+    fmr: float
+    expected_false: float
+    verdict: str
+    calibrated: bool
+
+
+def match_rates(config: dict[str, Any] | None, distance: int, n_codes: int) -> MatchRates | None:
+    """The rates of one match at ``distance`` in a database of ``n_codes`` codes made with codec ``config``
+    (a database's ``codec``); None for a database of bare codes (no codec recorded)."""
+    if not isinstance(config, dict) or not isinstance(config.get("bits"), int):
+        return None
+    bits = int(config["bits"])
+    fit = null_fit(config)
+    fmr = false_match_rate(distance, bits, fit)
+    expected = fmr * max(int(n_codes), 0)
+    if fit.calibrated:
+        return MatchRates(fmr, expected, verdict(expected), True)
+    radius = config.get("copy_radius")
+    within = isinstance(radius, int) and distance <= radius
+    return MatchRates(fmr, expected, "copy" if within else "not a copy", False)
+
+
 def largest_distance(bits: int, fit: NullFit, max_rate: float) -> int:
     """The largest distance whose per-pair false-match rate is at most ``max_rate`` (-1 if none)."""
     lo, hi = -1, bits  # invariant: rate(lo) <= max_rate (lo = -1 stands for 'none'), rate(hi) > max_rate or hi = bits
