@@ -82,7 +82,12 @@ def test_code_is_bits_over_8_bytes_and_radius_scales(bits: int) -> None:
     h = ModelHasher(bits=bits)
     code = h.hash(make_cnn(0))
     assert isinstance(code, bytes) and len(code) == bits // 8
-    assert 0 < h.copy_radius < bits // 2
+    # codec v3's copy radius is the largest distance at false-match rate <= 1e-12 per pair (its fitted null):
+    # 64 bits cannot reach that rate even at distance 0, and the radius widens (as a fraction) with length
+    assert 0 <= h.copy_radius < bits // 2
+    assert (h.copy_radius > 0) == (bits >= 128)
+    if bits > 64:
+        assert h.radius_fraction >= ModelHasher(bits // 2).radius_fraction
 
 
 @pytest.mark.parametrize("bits", [0, 32, 100, 4096, 2112, "256", 256.0, True])
@@ -139,13 +144,13 @@ def test_hashing_runs_blas_on_one_thread_and_restores_it(hasher: ModelHasher, mo
         return [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
 
     seen: list[list[int]] = []
-    real = hasher_mod.projection_statistics
+    real = hasher_mod.chain_sketches  # codec v3's BLAS work
 
     def spy(*args, **kwargs):
         seen.append(blas_threads())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(hasher_mod, "projection_statistics", spy)
+    monkeypatch.setattr(hasher_mod, "chain_sketches", spy)
     with threadpoolctl.threadpool_limits(2, user_api="blas"):
         before = blas_threads()
         hasher.hash(make_cnn(13))

@@ -108,11 +108,12 @@ def test_sinkhorn_balance_divides_out_row_and_column_scales_and_commutes_with_pe
     col_of_row = cols[np.arange(out) // (out // groups)]  # each row's group's input scales
     scaled = w * rows[:, None, None] * col_of_row[:, :, None]
     a, b = sinkhorn_balance(w, groups), sinkhorn_balance(scaled, groups)
-    np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-10)
+    # balanced values are float32 (as the layer): equal to float32 rounding whatever the scales were
+    np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-9)
     perm = np.concatenate([g * (out // groups) + rng.permutation(out // groups) for g in range(groups)])
-    np.testing.assert_allclose(sinkhorn_balance(w[perm], groups), a[perm], rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(sinkhorn_balance(w[perm], groups), a[perm], rtol=2e-6, atol=1e-9)
     live = (a != 0).any(axis=2).any(axis=1)
-    np.testing.assert_allclose(np.einsum("oik,oik->o", a, a)[live], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(np.einsum("oik,oik->o", a, a)[live], 1.0, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- kernels of any shape
@@ -133,7 +134,7 @@ def test_long_1d_kernels_are_hashed_with_memory_linear_in_the_kernel() -> None:
     code = h.hash(sd)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert len(code) == 32 and peak < 4 * weights
+    assert len(code) == 32 and peak < 2 * weights  # the arrays it reads are the caller's: the rest is working set
     names = [n for n, _ in h.layer_sketches(sd)]
     assert sorted(names) == sorted(sd)
     sd2 = dict(sd, **{"conv2.weight": sd["conv2.weight"] * 1.0001})
@@ -188,7 +189,8 @@ def test_expected_false_scales_with_the_database_and_decides_the_verdict() -> No
 
 def test_shipped_fit_covers_the_default_codec_and_an_unmeasured_config_is_conservative() -> None:
     fit = null_fit(ModelHasher(512).config)
-    assert fit.calibrated and 0.4 < fit.p <= 0.5 and fit.dof > 0.5 * 512
+    # the most conservative group of the null library (1-D conv nets today: p 0.447, dof 0.42 x bits)
+    assert fit.calibrated and 0.4 < fit.p <= 0.5 and 0.3 * 512 < fit.dof <= 512
     odd = null_fit({**ModelHasher(512).config, "omega": 7.5})
     assert not odd.calibrated and odd.p < fit.p and odd.dof < fit.dof
     assert ModelHasher(512).copy_radius == largest_distance(512, fit, 1e-12)

@@ -145,62 +145,69 @@ def _producer(
 
 def sinkhorn_balance(w: np.ndarray, groups: int = 1, sweeps: int = 30) -> np.ndarray:
     """Scale an (out, in per group, k) layer so that every output channel has unit energy and every input
-    channel the same energy (Sinkhorn-Knopp on the squared kernel norms), in float64; all-zero rows and
-    columns stay zero.
+    channel the same energy (Sinkhorn-Knopp on the squared kernel norms); all-zero rows and columns stay zero.
+    Returns float32 (one layer-sized array: the scales are found on the (out, in) norm matrix in float64).
 
     Each group of a grouped convolution is its own block (its rows read only its input channels). The sweeps
-    start from select.balance's exact closed-form cancellation of row and column scales (log-norms double
-    centred), and their number is fixed, so any positive row and column scaling of ``w`` and any permutation of
-    rows and of input channels gives the same (permuted) result whether or not the sweeps have converged
-    (pruned layers without total support converge slowly). The energy weighting is what keeps a near-identity
-    layer near the identity: its tiny off-diagonal noise cannot be blown up to the diagonal's weight.
+    start from an exact closed-form cancellation of row and column scales (kernel log-norms double centred),
+    and their number is fixed, so any positive row and column scaling of ``w`` and any permutation of rows and
+    of input channels gives the same (permuted) result whether or not the sweeps have converged (pruned layers
+    without total support converge slowly). The energy weighting is what keeps a near-identity layer near the
+    identity: its tiny off-diagonal noise cannot be blown up to the diagonal's weight.
     """
-    out, in_g, k = w.shape
+    from .select import kernel_sq_norms
+
+    out, in_g, _ = w.shape
     rows_g = out // groups
-    result = np.zeros((out, in_g, k))
+    sq = kernel_sq_norms(np.ascontiguousarray(w, dtype=np.float32))  # float64, exact for any finite float32
+    log_scale = np.full((out, in_g), -np.inf)
     for g in range(groups):
-        block = w[g * rows_g : (g + 1) * rows_g]
-        b = _log_centred(block)
-        sq = np.einsum("oik,oik->oi", b, b)
-        r = np.ones(rows_g)
-        c = np.ones(in_g)
-        live_rows = sq.sum(axis=1) > 0
-        live_cols = sq.sum(axis=0) > 0
-        if not live_rows.any():
-            continue
-        col_target = live_rows.sum() / live_cols.sum()
-        for _ in range(sweeps):
-            rs = sq @ c
-            r = np.divide(1.0, rs, out=np.zeros_like(rs), where=rs > 0)
-            cs = r @ sq
-            c = np.divide(col_target, cs, out=np.zeros_like(cs), where=cs > 0)
-        rs = sq @ c  # end on exact unit row energies
-        r = np.divide(1.0, rs, out=np.zeros_like(rs), where=rs > 0)
-        result[g * rows_g : (g + 1) * rows_g] = b * np.sqrt(r[:, None] * c[None, :])[:, :, None]
-    return result
+        rows = slice(g * rows_g, (g + 1) * rows_g)
+        log_scale[rows] = _block_log_scale(sq[rows], sweeps)
+    with np.errstate(under="ignore", over="ignore"):
+        scale = np.exp(log_scale)  # 0 for dead rows/columns
+    scale32 = scale.astype(np.float32)
+    live = scale > 0
+    if not (np.isfinite(scale32).all() and (scale32[live] >= np.finfo(np.float32).tiny).all()):
+        # a scale float32 cannot hold (norms near its range's ends): form the product in float64, round once
+        return (w.astype(np.float64) * scale[:, :, None]).astype(np.float32)
+    return w * scale32[:, :, None]
 
 
-def _log_centred(w: np.ndarray) -> np.ndarray:
-    """``w`` (float64) with its kernel log-norms double centred: every positive row and column scale divided
-    out in closed form (masked alternating means where kernels are zero); all-zero rows/columns stay zero."""
-    w64 = w.astype(np.float64)
-    norms = np.sqrt(np.einsum("oik,oik->oi", w64, w64))
-    mask = norms > 0
+def _block_log_scale(sq: np.ndarray, sweeps: int) -> np.ndarray:
+    """log of the per-kernel scale of one group block from its squared norms: closed-form double centring of
+    the log-norms (masked alternating means where kernels are zero), then ``sweeps`` Sinkhorn sweeps."""
+    mask = sq > 0
+    out = np.full(sq.shape, -np.inf)
     if not mask.any():
-        return w64
-    logn = np.log(np.where(mask, norms, 1.0))
+        return out
+    logn = 0.5 * np.log(np.where(mask, sq, 1.0))
     rows_live, cols_live = mask.any(axis=1), mask.any(axis=0)
     cnt_r, cnt_c = np.maximum(mask.sum(axis=1), 1), np.maximum(mask.sum(axis=0), 1)
-    row = np.zeros(w.shape[0])
-    col = np.zeros(w.shape[1])
-    for _ in range(200 if not mask[rows_live][:, cols_live].all() else 1):
+    row = np.zeros(sq.shape[0])
+    col = np.zeros(sq.shape[1])
+    for _ in range(1 if mask[rows_live][:, cols_live].all() else 200):
         row = ((logn - col[None, :]) * mask).sum(axis=1) / cnt_r
         new_col = ((logn - row[:, None]) * mask).sum(axis=0) / cnt_c
         done = np.abs(new_col - col).max() < 1e-12
         col = new_col
         if done:
             break
-    return w64 * np.exp(-row[:, None] - col[None, :])[:, :, None]
+    e = np.where(mask, np.exp(2 * (logn - row[:, None] - col[None, :])), 0.0)  # squared norms after centring
+    r = np.ones(sq.shape[0])
+    c = np.ones(sq.shape[1])
+    col_target = rows_live.sum() / cols_live.sum()
+    for _ in range(sweeps):
+        rs = e @ c
+        r = np.divide(1.0, rs, out=np.zeros_like(rs), where=rs > 0)
+        cs = r @ e
+        c = np.divide(col_target, cs, out=np.zeros_like(cs), where=cs > 0)
+    rs = e @ c  # end on exact unit row energies
+    r = np.divide(1.0, rs, out=np.zeros_like(rs), where=rs > 0)
+    with np.errstate(divide="ignore"):
+        out[:] = -row[:, None] - col[None, :] + 0.5 * (np.log(r)[:, None] + np.log(c)[None, :])
+    out[~mask] = np.where(np.isfinite(out[~mask]), out[~mask], -np.inf)
+    return out
 
 
 def prune_small(b: np.ndarray, prune: float) -> np.ndarray:
@@ -211,16 +218,20 @@ def prune_small(b: np.ndarray, prune: float) -> np.ndarray:
     return np.where(a > thr, b, 0.0)
 
 
-def tap_maps(kshape: tuple[int, ...], m: int) -> np.ndarray:
-    """Fixed (k, m, m) maps, one per kernel tap: random Gaussian / sqrt(m), the identity at the centre tap
-    (odd kernels), seeded by the kernel shape so every model uses the same ones."""
+def tap_maps(kshape: tuple[int, ...], m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed maps of descriptor space, one per kernel tap: signed permutations (orthogonal, O(m) each, so a
+    1x512 kernel costs 512 x m numbers), the identity at the centre tap of odd kernels so that 1x1 and identity
+    layers pass descriptors through; seeded by the kernel shape so every model uses the same ones. Returns
+    (k, m) source indices and (k, m) signs: tap s maps d to signs[s] * d[index[s]]."""
     k = int(np.prod(kshape))
-    seed = [0x43484149, m, len(kshape), *kshape]
-    maps = np.random.default_rng(seed).standard_normal((k, m, m)) / np.sqrt(m)
+    rng = np.random.default_rng([0x43484149, m, len(kshape), *kshape])
+    index = np.argsort(rng.random((k, m)), axis=1)
+    signs = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=(k, m))
     if all(d % 2 for d in kshape):
         centre = int(np.ravel_multi_index(tuple(d // 2 for d in kshape), kshape))
-        maps[centre] = np.eye(m)
-    return maps
+        index[centre] = np.arange(m)
+        signs[centre] = 1.0
+    return index, signs
 
 
 def data_descriptors(channels: int, m: int) -> np.ndarray:
@@ -232,21 +243,25 @@ def data_descriptors(channels: int, m: int) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def descriptors(w: np.ndarray, inputs: np.ndarray, groups: int, maps: np.ndarray) -> np.ndarray:
+def descriptors(w: np.ndarray, inputs: np.ndarray, groups: int, maps: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """Output-channel descriptors (out, m) of a balanced (out, in per group, k) layer reading channels with
-    descriptors ``inputs`` (in, m): d_o = normalize(sum_{i,s} w[o, i, s] maps[s] inputs[i]); zero rows stay 0."""
+    descriptors ``inputs`` (in, m): d_o = normalize(sum_{i,s} w[o, i, s] P_s inputs[i]) with P_s tap s's
+    signed permutation (``tap_maps``); zero rows stay 0."""
     out, in_g, k = w.shape
     m = inputs.shape[1]
-    projected = np.einsum("smn,in->ism", maps, inputs)  # (in, k, m): tap s's image of input i
+    index, signs = maps
+    # (in, k, m): tap s's image of input i, float32 (the layer's own precision)
+    projected = inputs.astype(np.float32)[:, index] * signs[None, :, :]
     rows_g = out // groups
     if groups > 1 and in_g == 1:  # depthwise (channel multiplier rows_g): row o reads input o // rows_g
         t = np.einsum("os,osm->om", w[:, 0, :], projected[np.arange(out) // rows_g])
     else:
-        t = np.empty((out, m))
+        t = np.empty((out, m), dtype=np.float32)
         for g in range(groups):
             rows = slice(g * rows_g, (g + 1) * rows_g)
             cols = slice(g * in_g, (g + 1) * in_g)
             t[rows] = w[rows].reshape(rows_g, in_g * k) @ projected[cols].reshape(in_g * k, m)
+    t = t.astype(np.float64)
     norms = np.linalg.norm(t, axis=1, keepdims=True)
     return np.divide(t, norms, out=np.zeros_like(t), where=norms > 0)
 
@@ -320,7 +335,7 @@ def chain_sketches(
     freq = frequencies(cfg.dim, features, cfg.omega)
     desc: list[np.ndarray] = []
     out: list[tuple[str, np.ndarray]] = []
-    maps_cache: dict[tuple[int, ...], np.ndarray] = {}
+    maps_cache: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
     for layer in chain:
         w = make_layer(layer.index)
         w = w.reshape(w.shape[0], w.shape[1], -1)

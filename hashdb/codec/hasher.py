@@ -84,37 +84,38 @@ class ModelHasher:
             raise InvalidArgument(f"layout must be 'auto', 'oihw' or 'hwio', got {layout!r}")
         self.layout = layout
         self.include_linear = bool(include_linear)
+        # every tunable is checked whichever codec uses it: a typo is an error, not silently ignored
+        if not isinstance(dim, int) or isinstance(dim, bool) or not 4 <= dim <= 256:
+            raise InvalidArgument(f"dim must be an int in 4..256, got {dim!r}")
+        if not (isinstance(omega, int | float) and 0.0 < omega <= 100.0):
+            raise InvalidArgument(f"omega must be in (0, 100], got {omega!r}")
+        if not (isinstance(ridge, int | float) and 0.0 < ridge <= 10.0):
+            raise InvalidArgument(f"ridge must be in (0, 10], got {ridge!r}")
+        if not (isinstance(prune, int | float) and 0.0 <= prune < 1.0):
+            raise InvalidArgument(f"prune must be in [0, 1), got {prune!r}")
+        features = tuple(features)
+        if not features or any(f not in FEATURES for f in features) or len(set(features)) != len(features):
+            raise InvalidArgument(f"features must be distinct names from {FEATURES}, got {features!r}")
+        if encoding not in ENCODINGS:
+            raise InvalidArgument(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+        if not isinstance(max_kernels, int) or max_kernels < 64:
+            raise InvalidArgument(f"max_kernels must be an int >= 64, got {max_kernels!r}")
+        if contrast not in CONTRASTS:
+            raise InvalidArgument(f"contrast must be one of {CONTRASTS}, got {contrast!r}")
+        if prune_rule not in PRUNE_RULES:
+            raise InvalidArgument(f"prune_rule must be one of {PRUNE_RULES}, got {prune_rule!r}")
+        self.max_kernels = max_kernels
+        self.contrast = contrast
+        self.prune = float(prune)
+        self.prune_rule = prune_rule
+        self.encoding = encoding
+        self.chain = ChainConfig(dim=dim, omega=float(omega), ridge=float(ridge))
         if codec == CODEC_VERSION:
-            if not isinstance(dim, int) or isinstance(dim, bool) or not 4 <= dim <= 256:
-                raise InvalidArgument(f"dim must be an int in 4..256, got {dim!r}")
-            if not (isinstance(omega, int | float) and 0.0 < omega <= 100.0):
-                raise InvalidArgument(f"omega must be in (0, 100], got {omega!r}")
-            if not (isinstance(ridge, int | float) and 0.0 < ridge <= 10.0):
-                raise InvalidArgument(f"ridge must be in (0, 10], got {ridge!r}")
-            self.chain = ChainConfig(dim=dim, omega=float(omega), ridge=float(ridge))
             self.feature_names: tuple[str, ...] = ("sketch",)
             self.directions = self.bits
             default_fraction = null_radius_fraction(self.config_without_radius())
         else:
-            if not (isinstance(prune, int | float) and 0.0 <= prune < 1.0):
-                raise InvalidArgument(f"prune must be in [0, 1), got {prune!r}")
-            features = tuple(features)
-            if not features or any(f not in FEATURES for f in features) or len(set(features)) != len(features):
-                raise InvalidArgument(f"features must be distinct names from {FEATURES}, got {features!r}")
-            if encoding not in ENCODINGS:
-                raise InvalidArgument(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
-            if not isinstance(max_kernels, int) or max_kernels < 64:
-                raise InvalidArgument(f"max_kernels must be an int >= 64, got {max_kernels!r}")
-            if contrast not in CONTRASTS:
-                raise InvalidArgument(f"contrast must be one of {CONTRASTS}, got {contrast!r}")
-            if prune_rule not in PRUNE_RULES:
-                raise InvalidArgument(f"prune_rule must be one of {PRUNE_RULES}, got {prune_rule!r}")
-            self.max_kernels = max_kernels
-            self.contrast = contrast
-            self.prune = float(prune)
-            self.prune_rule = prune_rule
             self.feature_names = features  # the statistic of each column of features()
-            self.encoding = encoding
             self.directions = -(-self.bits // len(features))
             default_fraction = radius_fraction_for(self.bits)
         self.radius_fraction = default_fraction if radius_fraction is None else float(radius_fraction)
