@@ -113,6 +113,7 @@ def plot_layer_similarity(named: list[tuple[str, Mapping[str, Any]]]) -> str:
         corr = [x["correlation"] for x in result["layers"]]
         ax.plot(range(1, len(corr) + 1), corr, marker="o", label=name)
     ax.set_ylim(-0.1, 1.05)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("matched layer (in the first model's order)")
     ax.set_ylabel("aligned weight correlation")
     ax.axhline(0, color="grey", lw=0.5)
