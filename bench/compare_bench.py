@@ -25,9 +25,9 @@ if __package__ in (None, ""):
 from bench._results import machine_line, write_section  # noqa: E402
 from hashdb.evidence import compare  # noqa: E402
 
-# (out, in) of the 3x3 convs; 12 layers of up to 512 channels and a 512x1000 head: about 25M parameters
-WIDTHS = [(64, 3), (64, 64), (128, 64), (128, 128), (256, 128), (256, 256), (256, 256),
-          (512, 256), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]  # fmt: skip
+# (out, in) of the 3x3 convs; 14 layers of up to 512 channels and a 512x1000 head: about 25M parameters
+WIDTHS = [(64, 3), (64, 64), (128, 64), (128, 128), (256, 128), (256, 256), (256, 256), (256, 256),
+          (512, 256), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]  # fmt: skip
 
 
 def big_model(seed: int) -> dict[str, np.ndarray]:

@@ -46,24 +46,30 @@ HISTOGRAM_BINS = 60
 
 def kurtosis(w: np.ndarray) -> float:
     """Pearson kurtosis E[(x - mean)^4] / var^2 of all the weights of a layer (3 for a Gaussian)."""
-    x = w.reshape(-1).astype(np.float64)
-    x = x - x.mean()
-    var = float(np.mean(x * x))
-    return float(np.mean(x**4) / (var * var)) if var > 0 else 0.0
+    x = w.reshape(-1)
+    centred = x - np.float32(x.mean(dtype=np.float64))
+    sq = centred * centred
+    var = float(sq.mean(dtype=np.float64))
+    return float((sq * sq).mean(dtype=np.float64)) / (var * var) if var > 0 else 0.0
 
 
 def _layer_evidence(wa: np.ndarray, wb: np.ndarray) -> dict[str, float]:
-    a = wa.astype(np.float64).reshape(len(wa), -1)
-    b = wb.astype(np.float64).reshape(len(wb), -1)
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    cosine = float((a * b).sum() / (na * nb)) if na > 0 and nb > 0 else 0.0
-    ac, bc = a - a.mean(), b - b.mean()
-    denom = np.linalg.norm(ac) * np.linalg.norm(bc)
-    correlation = float((ac * bc).sum() / denom) if denom > 0 else 0.0
-    # the positive scale per filter that brings b closest to a (a BatchNorm fold or a rescaling attack)
-    bb = (b * b).sum(axis=1)
-    scale = np.where(bb > 0, np.maximum((a * b).sum(axis=1), 0.0) / np.where(bb > 0, bb, 1.0), 0.0)
-    change = float(np.linalg.norm(a - scale[:, None] * b) / na) if na > 0 else 0.0
+    # float32 values, float64 sums: a 512x512x3x3 layer in milliseconds, errors far below the digits shown
+    a, b = wa.reshape(len(wa), -1), wb.reshape(len(wb), -1)
+    ab = np.einsum("ij,ij->i", a, b, dtype=np.float64)
+    aa = np.einsum("ij,ij->i", a, a, dtype=np.float64)
+    bb = np.einsum("ij,ij->i", b, b, dtype=np.float64)
+    na, nb, n = math.sqrt(aa.sum()), math.sqrt(bb.sum()), a.size
+    cosine = float(ab.sum() / (na * nb)) if na > 0 and nb > 0 else 0.0
+    ma, mb = a.mean(dtype=np.float64), b.mean(dtype=np.float64)
+    cov = ab.sum() / n - ma * mb
+    va, vb = aa.sum() / n - ma * ma, bb.sum() / n - mb * mb
+    correlation = float(cov / math.sqrt(va * vb)) if va > 0 and vb > 0 else 0.0
+    # the positive scale per filter that brings b closest to a (a BatchNorm fold or a rescaling attack):
+    # ||a - s b||^2 = aa - 2 s ab + s^2 bb, summed over filters
+    scale = np.where(bb > 0, np.maximum(ab, 0.0) / np.where(bb > 0, bb, 1.0), 0.0)
+    residual = float(np.maximum(aa - 2 * scale * ab + scale * scale * bb, 0.0).sum())
+    change = math.sqrt(residual) / na if na > 0 else 0.0
     return {"correlation": correlation, "cosine": cosine, "relative_change": change}
 
 
@@ -223,14 +229,15 @@ def _inherited_order(i: int, j: int, la: Layer, previous: tuple[int, int, np.nda
 
 def _scaled_difference(wa: np.ndarray, wb: np.ndarray, limit: int = 200_000) -> np.ndarray:
     """(a - s b) / sd(a) of an aligned pair, s the positive per-filter scale, subsampled to ``limit`` values."""
+    rows = len(wa)
+    if wa.size > limit:  # whole filters, evenly spaced: the histogram of a sample, not of every weight
+        keep = np.unique(np.linspace(0, rows - 1, max(1, limit * rows // wa.size)).astype(np.int64))
+        wa, wb = wa[keep], wb[keep]
     a = wa.astype(np.float64).reshape(len(wa), -1)
     b = wb.astype(np.float64).reshape(len(wb), -1)
     bb = (b * b).sum(axis=1)
     scale = np.where(bb > 0, np.maximum((a * b).sum(axis=1), 0.0) / np.where(bb > 0, bb, 1.0), 0.0)
-    diff = ((a - scale[:, None] * b) / (a.std() or 1.0)).reshape(-1)
-    if diff.size > limit:
-        diff = diff[np.random.default_rng(0).choice(diff.size, limit, replace=False)]
-    return diff
+    return ((a - scale[:, None] * b) / (a.std() or 1.0)).reshape(-1)
 
 
 def _histogram(diffs: list[np.ndarray]) -> dict[str, Any]:
