@@ -788,7 +788,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     if args.permutations < 1:
         raise UsageError("--permutations must be >= 1")
-    result = compare(args.a, args.b, n_perm=args.permutations, seed=args.seed)
+    a, b = args.a, args.b
+    if args.db is not None:  # an argument that is no file is a stored key of DB, compared with its file
+        if not _is_database(args.db):
+            raise _missing_database(args.db, create=False)
+        from .db import HashDB
+        from .evidence.lineage import stored_model_file
+
+        with HashDB(args.db, bits=None, readonly=True) as db:
+            a, b = (x if os.path.exists(x) else stored_model_file(db, x) for x in (a, b))
+    result = compare(a, b, n_perm=args.permutations, seed=args.seed)
     if args.html:
         from .evidence.report import write_page
 
@@ -1095,7 +1104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tree", action="store_true", help="order each cluster into a derivation tree (reads the files)")
     p.set_defaults(func=cmd_clusters)
 
-    usage = "hashdb compare A B [--json] [--html OUT.html] [--permutations N]"
+    usage = "hashdb compare A B [--db DB] [--json] [--html OUT.html] [--permutations N]"
     p = sub.add_parser("compare", help="verify a pair of models: aligned layers, exact p-value, direction",
                        usage=usage)  # fmt: skip
     p.add_argument("a", metavar="A", help="model file or folder")
@@ -1104,6 +1113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", metavar="OUT", help="also write a self-contained HTML report")
     p.add_argument("--permutations", type=int, default=999, metavar="N", help="permutations of the test (999)")
     p.add_argument("--seed", type=int, default=0, help="seed of the permutations")
+    p.add_argument("--db", metavar="DB", help="A or B may be a key of DB whose model file is still readable")
     p.set_defaults(func=cmd_compare)
 
     usage = "hashdb report DB SUSPECT -o OUT.html [--radius R] [--json]"

@@ -155,3 +155,11 @@ def test_cli_clusters_tree_orders_a_cluster(tmp_path, capsys, monkeypatch):
     assert family[0]["tree"]["rooted_by"] == "kurtosis"
     assert main(["clusters", "db", "--tree"]) == 0
     assert "derivation tree, root = estimated original" in capsys.readouterr().out
+    # a stored key stands for its file in compare
+    with HashDB("db") as db:
+        db.insert("victim", db.get("original.npz")[0], {"path": str(tmp_path / "original.npz")})
+    assert main(["compare", "victim", "finetune2.npz", "--db", "db", "--json", "--permutations", "9"]) == 0
+    assert json.loads(capsys.readouterr().out)["verdict"]["call"] == "derived"
+    (tmp_path / "finetune.npz").unlink()
+    assert main(["compare", "original.npz", "finetune.npz", "--db", "db"]) == EXIT_ERROR
+    assert "not readable here" in capsys.readouterr().err

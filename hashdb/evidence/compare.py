@@ -37,7 +37,7 @@ DEFAULT_PERMUTATIONS = 999
 # percent between layers; a few steps of fine-tuning move it by more (measured in tests/test_evidence.py).
 DIRECTION_BAND = 0.005
 DIRECTION_AGREEMENT = 2 / 3  # and at least this share of the matched layers must point the same way
-P_SIGNIFICANT = 0.01  # the verdict's level for the exact test
+P_SIGNIFICANT = 0.01  # the verdict's level for the exact test (both of its p-values together)
 # Aligned weight correlation above which unrelabelled evidence is called a (permuted) copy; independently
 # trained small CNNs align to 0.1-0.5 (tests/test_evidence.py).
 CORRELATION_COPY = 0.8
@@ -270,7 +270,9 @@ def verdict(result: dict[str, Any]) -> dict[str, str]:
     p = min(test["p_value"], test["p_value_bound"])
     corr = result["aligned_correlation"]
     matched = f"{result['layers_matched']} of a's {result['layers_a']} layers matched in b"
-    if test["p_value"] <= P_SIGNIFICANT:
+    # Either p-value is valid alone; calling on either at half the level keeps the level (Bonferroni), and the
+    # bound lets few permutations (or a huge observed count) still reach it.
+    if min(test["p_value"], test["p_value_bound"]) <= P_SIGNIFICANT / 2:
         call = "derived"
         words = (f"Not independent: {test['observed']} of {test['hidden_units']} hidden units of b sit where a has "
                  f"their match (p = {test['p_value']:.3g} by {test['n_perm']} permutations, "

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..codec.load import load_tensors
-from ..errors import HashDBError
+from ..errors import HashDBError, ModelFormatError
 from .align import Layer, align_layers, model_layers
 from .compare import kurtosis
 
@@ -109,6 +109,16 @@ def model_file(key: str, meta: Mapping[str, Any] | None) -> str | None:
         if isinstance(candidate, str) and candidate and os.path.exists(candidate):
             return candidate
     return None
+
+
+def stored_model_file(db: Any, key: str) -> str:
+    """The readable file of stored model ``key`` of ``db`` (a HashDB); KeyNotFound if not stored,
+    ModelFormatError if its file cannot be found any more."""
+    _, meta = db.get(key)
+    path = model_file(key, meta)
+    if path is None:
+        raise ModelFormatError(f"{key}: stored in {db.path}, but its model file is not readable here")
+    return path
 
 
 def cluster_tree(db: Any, keys: list[str]) -> dict[str, Any]:
