@@ -6,6 +6,7 @@ import html.parser
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,27 @@ def test_json_block_cannot_end_the_script_early():
     parsed = summary(page)
     assert json.loads(parsed.json_text)["a"] == result["a"]
     assert "<script>alert" not in page
+
+
+def test_a_suspect_far_from_everything_is_no_match_with_its_nearest_shown(tmp_path):
+    from hashdb.evidence.report import suspect_report
+
+    hasher = ModelHasher(256)
+    with HashDB(tmp_path / "db", bits=256) as db:
+        db.set_codec(hasher.config)
+        path = save("independent1", tmp_path)
+        db.insert("independent1", hasher.hash(path), {"path": str(path)})
+        doc = suspect_report(db, save("original", tmp_path), radius=0, n_perm=9)
+    assert not doc["within_radius"] and doc["verdict"]["call"] == "no match"
+    assert [m["key"] for m in doc["matches"]] == ["independent1"]
+    assert doc["matches"][0]["compare"]["verdict"]["call"] == "no evidence"
+    page = summary(html_page(doc))
+    assert page.verdict.startswith("no match: No stored model within 0 bits")
+    assert json.loads(page.json_text)["matches"][0]["distance"] > 0
+
+
+def test_importing_the_evidence_package_loads_no_heavy_dependency(repo):
+    code = ("import sys, hashdb.evidence, hashdb.evidence.report, hashdb.evidence.lineage; "
+            "print(sorted(m for m in ('torch', 'numba', 'scipy', 'matplotlib') if m in sys.modules))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, timeout=60)
+    assert done.stdout.strip() == "[]", done.stderr
