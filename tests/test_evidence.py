@@ -101,12 +101,17 @@ def test_matching_is_equivariant_so_the_permutation_null_is_exact():
         assert np.array_equal(y.out_perm, x.out_perm[perm])
 
 
-def test_fixed_point_bound_is_above_the_exact_tail():
-    rng = np.random.default_rng(0)
-    null = _fixed_point_null([5, 7, 9], 200_000, rng)
-    for observed in (4, 6, 8):
-        assert fixed_point_tail_bound(observed, 3) >= float((null >= observed).mean())
-    assert fixed_point_tail_bound(2, 3) == 1.0
+@pytest.mark.parametrize("groups", [
+    {5: [np.arange(5)], 7: [np.arange(7)], 9: [np.arange(9)]},  # untied layers
+    {6: [np.arange(6)] * 3, 4: [np.arange(4), np.arange(4)[::-1]]},  # layers sharing a permutation
+])  # fmt: skip
+def test_fixed_point_bound_is_above_the_monte_carlo_tail(groups):
+    null = _fixed_point_null(groups, 200_000, np.random.default_rng(0))
+    sizes = [len(g) for g in groups.values()]
+    for observed in range(sum(sizes) + 1, int(null.max()) + 1):
+        assert fixed_point_tail_bound(observed, sizes) >= float((null >= observed).mean())
+    assert fixed_point_tail_bound(sum(sizes), sizes) == 1.0
+    assert fixed_point_tail_bound(60, sizes) < 1e-6
 
 
 def test_derivation_tree_roots_at_the_original(tmp_path):

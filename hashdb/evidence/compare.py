@@ -11,10 +11,10 @@
   likely next to B. The statistic is the number of hidden units the filter matching pairs with the unit of
   the same index in B (the paper's matching statistic, counted instead of rank-correlated). Relabelling A
   relabels the matching (align.py is equivariant), so each null draw is the count of fixed points of
-  (random permutation o matching) and costs no new assignment. p = (1 + #{null >= observed}) / (1 + n_perm)
-  is valid for any n_perm; ``p_value_bound`` is a closed-form upper bound on the same test's p-value
-  (a permutation's fixed-point count has factorial moments 1, so the total is dominated by Poisson(units
-  layers) in the Chernoff sense), which reaches below 1 / (1 + n_perm).
+  (matching o random permutation) and costs no new assignment; one permutation per layer width, shared by
+  the layers of that width, so units tied across layers (residual streams, depthwise convs) move together.
+  p = (1 + #{null >= observed}) / (1 + n_perm) is valid for any n_perm; ``p_value_bound`` is a closed-form
+  upper bound on the same test's p-value (``fixed_point_tail_bound``), which reaches below 1 / (1 + n_perm).
   What no permutation test can see: a copy whose units were relabelled at random is, by the same
   exchangeability, as likely as A itself; the aligned correlation is the evidence there.
 - direction (MoTHer, ICLR 2025: fine-tuning raises weight kurtosis): the mean log ratio of B's to A's
@@ -73,24 +73,44 @@ def _layer_evidence(wa: np.ndarray, wb: np.ndarray) -> dict[str, float]:
     return {"correlation": correlation, "cosine": cosine, "relative_change": change}
 
 
-def _fixed_point_null(units: list[int], n_perm: int, rng: np.random.Generator) -> np.ndarray:
-    """Total fixed points of independent uniform random permutations of each layer's units, n_perm draws."""
+def _fixed_point_null(groups: dict[int, list[np.ndarray]], n_perm: int, rng: np.random.Generator) -> np.ndarray:
+    """The statistic with a's hidden units relabelled, ``n_perm`` draws: one uniform permutation P per width
+    n, shared by every layer of that width (``groups[n]``: their matchings), each layer counting the units i
+    with matching[P[i]] == i (relabelling a by P turns matching m into m o P).
+
+    One permutation per width, not per layer: units tied across layers (a residual stream, a depthwise conv
+    and the conv before it) must move together, and every such tie joins layers of equal width. Moving equal
+    widths together is still a symmetry of an untied chain, so the test stays exact either way.
+    """
     total = np.zeros(n_perm, dtype=np.int64)
-    for n in units:
+    for n in sorted(groups):
         draws = rng.permuted(np.tile(np.arange(n), (n_perm, 1)), axis=1)
-        total += (draws == np.arange(n)).sum(axis=1)
+        for matching in groups[n]:
+            total += (matching[draws] == np.arange(n)).sum(axis=1)
     return total
 
 
-def fixed_point_tail_bound(observed: int, layers: int) -> float:
-    """An upper bound on P(total fixed points >= observed) for ``layers`` independent random permutations.
+def fixed_point_tail_bound(observed: int, group_layers: list[int]) -> float:
+    """An upper bound on P(statistic >= observed) under the null of ``_fixed_point_null``, whose groups hold
+    ``group_layers[g]`` layers each.
 
-    E[(1 + s)^F] = sum_{r <= n} s^r / r! <= e^s for one permutation's fixed points F, so the total T has
-    E[(1 + s)^T] <= e^(layers s), and Markov at s = observed / layers - 1 gives the Poisson Chernoff bound.
+    One layer's count F (fixed points of a uniform permutation composed with a fixed one) has
+    E[(1 + u)^F] = sum_{r <= n} u^r / r! <= e^u. A group of k layers shares one permutation; by Hoelder,
+    E[(1 + s)^(F_1 + ... + F_k)] <= max_l E[(1 + s)^(k F_l)] <= exp((1 + s)^k - 1). Groups are independent, so
+    with x = log(1 + s): P(T >= t) <= exp(sum_g (e^(k_g x) - 1) - t x), minimised over x > 0 (convex in x).
     """
-    if layers == 0 or observed <= layers:
+    ks = np.asarray([k for k in group_layers if k > 0], dtype=np.float64)
+    if not len(ks) or observed <= ks.sum():  # the minimum is at x = 0 (bound 1) when t <= sum k_g
         return 1.0
-    log_bound = observed - layers + observed * math.log(layers / observed)
+    lo, hi = 0.0, math.log(observed) / ks.min() + 1.0  # the derivative sum k e^(kx) - t changes sign in between
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if float((ks * np.exp(ks * mid)).sum()) < observed:
+            lo = mid
+        else:
+            hi = mid
+    x = (lo + hi) / 2
+    log_bound = float(np.expm1(ks * x).sum()) - observed * x
     return math.exp(log_bound) if log_bound > -745 else 0.0
 
 
@@ -135,6 +155,7 @@ def compare(
 
     per_layer: list[dict[str, Any]] = []
     units: list[int] = []
+    groups: dict[int, list[np.ndarray]] = {}
     observed = 0
     diffs: list[np.ndarray] = []
     for i, j, out_perm, in_perm, fixed_outputs in alignment:
@@ -144,6 +165,7 @@ def compare(
         kept = int((out_perm == np.arange(len(out_perm))).sum())
         if not fixed_outputs:
             units.append(len(out_perm))
+            groups.setdefault(len(out_perm), []).append(out_perm)
             observed += kept
         per_layer.append({
             "layer_a": la.name, "layer_b": lb.name, "shape": [la.weights.shape[0], la.weights.shape[1], *la.kernel],
@@ -155,7 +177,7 @@ def compare(
         diffs.append(_scaled_difference(la.weights, aligned))
 
     rng = np.random.default_rng(seed)
-    null = _fixed_point_null(units, n_perm, rng)
+    null = _fixed_point_null(groups, n_perm, rng)
     p_value = (1 + int((null >= observed).sum())) / (1 + n_perm)
     sizes = [int(np.prod(layers_a[i].weights.shape)) for i, _ in pairs]
     mean_corr = float(np.average([x["correlation"] for x in per_layer], weights=sizes)) if pairs else 0.0
@@ -171,8 +193,9 @@ def compare(
             "hypothesis": "b was trained independently of a",
             "statistic": "hidden units whose matched partner kept its index",
             "observed": observed, "hidden_units": int(sum(units)), "hidden_layers": len(units),
+            "permutation_groups": {str(n): len(g) for n, g in sorted(groups.items())},
             "n_perm": n_perm, "seed": seed,
-            "p_value": p_value, "p_value_bound": fixed_point_tail_bound(observed, len(units)),
+            "p_value": p_value, "p_value_bound": fixed_point_tail_bound(observed, [len(g) for g in groups.values()]),
             "null": _counts(null),
         },
         "direction": lineage,
