@@ -168,3 +168,16 @@ def test_cli_clusters_tree_orders_a_cluster(tmp_path, capsys, monkeypatch):
     (tmp_path / "finetune.npz").unlink()
     assert main(["compare", "original.npz", "finetune.npz", "--db", "db"]) == EXIT_ERROR
     assert "not readable here" in capsys.readouterr().err
+
+
+def test_pruned_filters_that_tie_are_not_counted_as_evidence():
+    # Both models had the same filters structurally pruned: the zero filters tie and the solver would pair
+    # them by position, which looks like "units kept in place" but is no evidence.
+    a, b = dict(trained("original")), dict(trained("independent2"))
+    for sd in (a, b):
+        sd["2.weight"] = sd["2.weight"].copy()
+        sd["2.weight"][:20] = 0.0
+    result = compare(a, b, bits=None)
+    layer = result["layers"][1]
+    assert layer["layer_a"] == "2.weight" and layer["units_in_place"] <= 12
+    assert result["test"]["p_value"] > 0.05 and result["verdict"]["call"] == "no evidence"

@@ -76,7 +76,7 @@ def _layer_evidence(wa: np.ndarray, wb: np.ndarray) -> dict[str, float]:
 def _fixed_point_null(groups: dict[int, list[np.ndarray]], n_perm: int, rng: np.random.Generator) -> np.ndarray:
     """The statistic with a's hidden units relabelled, ``n_perm`` draws: one uniform permutation P per width
     n, shared by every layer of that width (``groups[n]``: their matchings), each layer counting the units i
-    with matching[P[i]] == i (relabelling a by P turns matching m into m o P).
+    with matching[P[i]] == i (relabelling a by P turns matching m into m o P; -1 marks a unit never counted).
 
     One permutation per width, not per layer: units tied across layers (a residual stream, a depthwise conv
     and the conv before it) must move together, and every such tie joins layers of equal width. Moving equal
@@ -162,10 +162,13 @@ def compare(
         la, lb = layers_a[i], layers_b[j]
         aligned = lb.weights[out_perm][:, in_perm]
         evidence = _layer_evidence(la.weights, aligned)
-        kept = int((out_perm == np.arange(len(out_perm))).sum())
+        # An all-zero filter of a (a structurally pruned unit) ties with every partner and the solver places it
+        # by position, which no relabelling reproduces: it is marked -1 and never counts, here or in the null.
+        counted = np.where(np.abs(la.weights).reshape(len(la.weights), -1).max(axis=1) > 0, out_perm, -1)
+        kept = int((counted == np.arange(len(counted))).sum())
         if not fixed_outputs:
             units.append(len(out_perm))
-            groups.setdefault(len(out_perm), []).append(out_perm)
+            groups.setdefault(len(out_perm), []).append(counted)
             observed += kept
         per_layer.append({
             "layer_a": la.name, "layer_b": lb.name, "shape": [la.weights.shape[0], la.weights.shape[1], *la.kernel],
