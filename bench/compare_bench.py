@@ -59,7 +59,7 @@ def permuted(sd: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
     return out
 
 
-def timing(bits: int, repeat: int) -> list[str]:
+def timing(bits: int, repeat: int, extra_pairs: int) -> list[str]:
     a = big_model(0)
     params = sum(v.size for v in a.values())
     rows = [f"model: VGG-style, {params / 1e6:.1f}M parameters, {len(WIDTHS) + 1} weight layers", "",
@@ -78,6 +78,10 @@ def timing(bits: int, repeat: int) -> list[str]:
                         f"{result['verdict']['call']} | {result['test']['p_value']:.3g} | "
                         f"{result['aligned_correlation']:.3f} |")  # fmt: skip
             print(rows[-1], flush=True)
+    # one independent pair is one draw of a 1 % test: more pairs of the same size show where it fell
+    ps = [compare(big_model(10 + k), big_model(110 + k), bits=None)["test"]["p_value"] for k in range(extra_pairs)]
+    rows.append(f"\nmore independent pairs of this size ({extra_pairs}, seeds 10+k vs 110+k): p = "
+                + ", ".join(f"{p:.3g}" for p in ps))
     return rows
 
 
@@ -126,12 +130,13 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--seeds", type=int, default=10, help="independent CNNs for the p-value check")
+    parser.add_argument("--big-pairs", type=int, default=8, help="more independent 25M pairs for their p-values")
     parser.add_argument("--random-pairs", type=int, default=300, help="random-init pairs for the p-value check")
     parser.add_argument("--no-null", action="store_true", help="skip the p-value check (it trains CNNs)")
     args = parser.parse_args()
     body = ["## compare: a pair verified (bench/compare_bench.py)", "",
             f"`python3 bench/compare_bench.py{' --no-null' if args.no_null else ''}`; {machine_line()}", ""]
-    body += timing(args.bits, args.repeat)
+    body += timing(args.bits, args.repeat, args.big_pairs)
     if not args.no_null:
         body += ["", *null_pvalues(args.seeds, args.random_pairs)]
     print("\n".join(body))
