@@ -728,14 +728,19 @@ def cmd_clusters(args: argparse.Namespace) -> int:
             radius = ModelHasher(db.bits).copy_radius
             _warn(f"no codec recorded in {args.db}: using the default copy radius {radius} of {db.bits}-bit codes")
         clusters = db.clusters(int(radius), engine="ray" if args.ray else "local", ray_address=args.ray)
-    for n, cluster in enumerate(clusters, 1):
+        trees = [_cluster_tree(db, c.keys) for c in clusters] if args.tree else [None] * len(clusters)
+    for n, (cluster, tree) in enumerate(zip(clusters, trees, strict=True), 1):
         if args.json:
-            _emit({"cluster": n, "radius": int(radius), "keys": cluster.keys,
-                   "edges": [[a, b, int(d)] for a, b, d in cluster.edges]})  # fmt: skip
-        elif args.edges:
-            _print_cluster(n, cluster)
+            doc = {"cluster": n, "radius": int(radius), "keys": cluster.keys,
+                   "edges": [[a, b, int(d)] for a, b, d in cluster.edges]}  # fmt: skip
+            _emit(doc if tree is None else {**doc, "tree": tree})
         else:
-            _print_cluster_summary(n, cluster)
+            if args.edges:
+                _print_cluster(n, cluster)
+            else:
+                _print_cluster_summary(n, cluster)
+            if tree is not None:
+                _print_tree(tree)
     if not args.json:
         models = sum(len(c.keys) for c in clusters)
         print(f"{len(clusters)} cluster{'s' if len(clusters) != 1 else ''} of {models} models within radius {radius}")
@@ -753,6 +758,76 @@ def _print_cluster_summary(n: int, cluster: Any) -> None:
     distances = [int(d) for _, _, d in cluster.edges]
     print(f"cluster {n}: {len(cluster.keys)} models, {len(distances)} pairs, distance {min(distances)}-"
           f"{max(distances)}, representative {_shown(representative)}")  # fmt: skip
+
+
+def _cluster_tree(db: Any, keys: list[str]) -> dict:
+    from .evidence.lineage import cluster_tree
+
+    return cluster_tree(db, keys)
+
+
+def _print_tree(tree: dict) -> None:
+    how = "estimated original (lowest weight kurtosis)" if tree["rooted_by"] == "kurtosis" else "medoid"
+    print(f"  derivation tree, root = {how}" + (f" ({tree['note']})" if tree.get("note") else ""))
+    children: dict[str, list[tuple[str, int]]] = {}
+    for parent, child, d in tree["edges"]:
+        children.setdefault(parent, []).append((child, d))
+    stack: list[tuple[str, int, int | None]] = [(tree["root"], 0, None)]
+    while stack:
+        key, depth, d = stack.pop()
+        print(f"    {'  ' * depth}{_shown(key)}" + (f"  ({d} bits from its parent)" if d is not None else ""))
+        stack.extend((child, depth + 1, dd) for child, dd in reversed(children.get(key, [])))
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .evidence import compare
+
+    if args.permutations < 1:
+        raise UsageError("--permutations must be >= 1")
+    a, b = args.a, args.b
+    if args.db is not None:  # an argument that is no file is a stored key of DB, compared with its file
+        if not _is_database(args.db):
+            raise _missing_database(args.db, create=False)
+        from .db import HashDB
+        from .evidence.lineage import stored_model_file
+
+        with HashDB(args.db, bits=None, readonly=True) as db:
+            a, b = (x if os.path.exists(x) else stored_model_file(db, x) for x in (a, b))
+    result = compare(a, b, n_perm=args.permutations, seed=args.seed)
+    if args.html:
+        from .evidence.report import write_page
+
+        write_page(args.html, result)
+    if args.json:
+        _emit(result)
+    else:
+        _print_comparison(result)
+    return EXIT_OK
+
+
+def _print_comparison(result: dict) -> None:
+    print(f"{result['verdict']['call']}: {result['verdict']['words']}")
+    print(f"  {'correlation':>11}  {'change':>6}  {'in place':>9}  layer of a -> layer of b")
+    for x in result["layers"]:
+        kept = "" if x["units_in_place"] is None else f"{x['units_in_place']}/{x['units']}"
+        print(f"  {x['correlation']:>11.3f}  {x['relative_change']:>6.3f}  {kept:>9}  {x['layer_a']} -> {x['layer_b']}")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    if not _is_database(args.db):
+        raise _missing_database(args.db, create=False)
+    from .db import HashDB
+    from .evidence.report import suspect_report, write_page
+
+    with HashDB(args.db, bits=None, readonly=True) as db:
+        doc = suspect_report(db, args.suspect, radius=args.radius, n_perm=args.permutations)
+    write_page(args.output, doc)
+    if args.json:
+        _emit(doc)
+    else:
+        print(f"{doc['verdict']['call']}: {doc['verdict']['words']}")
+        print(f"report written to {args.output}")
+    return EXIT_OK if doc["within_radius"] else EXIT_NOT_FOUND
 
 
 def _print_cluster(n: int, cluster: Any) -> None:
@@ -944,14 +1019,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hash every file again (default: skip files stored before and unchanged since)")  # fmt: skip
     p.set_defaults(func=cmd_add)
 
-    usage = "hashdb clusters DB [--radius R] [--json] [--ray ADDRESS]"
+    usage = "hashdb clusters DB [--radius R] [--json] [--ray ADDRESS] [--tree]"
     p = sub.add_parser("clusters", help="groups of stored models within a radius of each other", usage=usage)
     p.add_argument("db", metavar="DB")
     p.add_argument("--radius", "-r", type=int, help="Hamming radius of an edge (default: the stored copy radius)")
     p.add_argument("--json", action="store_true", help='one JSON object per cluster per line: "keys", "edges"')
     p.add_argument("--ray", metavar="ADDRESS", help="split the self-join into Ray tasks ('local' or 'auto')")
     p.add_argument("--edges", action="store_true", help="list every model and pair (default: one line per cluster)")
+    p.add_argument("--tree", action="store_true", help="order each cluster into a derivation tree (reads the files)")
     p.set_defaults(func=cmd_clusters)
+
+    usage = "hashdb compare A B [--db DB] [--json] [--html OUT.html] [--permutations N]"
+    p = sub.add_parser("compare", help="verify a pair of models: aligned layers, exact p-value, direction",
+                       usage=usage)  # fmt: skip
+    p.add_argument("a", metavar="A", help="model file or folder")
+    p.add_argument("b", metavar="B", help="model file or folder")
+    p.add_argument("--json", action="store_true", help="the whole result as one JSON document")
+    p.add_argument("--html", metavar="OUT", help="also write a self-contained HTML report")
+    p.add_argument("--permutations", type=int, default=999, metavar="N", help="permutations of the test (999)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the permutations")
+    p.add_argument("--db", metavar="DB", help="A or B may be a key of DB whose model file is still readable")
+    p.set_defaults(func=cmd_compare)
+
+    usage = "hashdb report DB SUSPECT -o OUT.html [--radius R] [--json]"
+    p = sub.add_parser("report", help="an HTML report of a suspect model's matches in a database", usage=usage)
+    p.add_argument("db", metavar="DB")
+    p.add_argument("suspect", metavar="SUSPECT", help="model file or folder")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="HTML file to write")
+    p.add_argument("--radius", "-r", type=int, help="Hamming radius of a match (default: the stored copy radius)")
+    p.add_argument("--json", action="store_true", help="also print the report's JSON")
+    p.add_argument("--permutations", type=int, default=999, metavar="N", help="permutations of each test (999)")
+    p.set_defaults(func=cmd_report)
 
     usage = "hashdb query (DB | --socket PATH) CODE_OR_MODEL... [--radius R | --knn K] [--json]"
     p = sub.add_parser("query", help="find stored codes near a code or a model", usage=usage)
