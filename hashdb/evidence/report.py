@@ -51,8 +51,8 @@ def suspect_report(
     for key, distance in found:
         stored_code, meta = db.get(key)
         path = model_file(key, meta)
-        match: dict[str, Any] = {"key": key, "distance": int(distance), "fmr": false_match_rate(int(distance), db.bits, db.codec),
-                                 "file": path}  # fmt: skip
+        fmr = false_match_rate(int(distance), db.bits, db.codec)
+        match: dict[str, Any] = {"key": key, "distance": int(distance), "fmr": fmr, "file": path}
         match["expected_false"] = match["fmr"] * len(db)
         if path is not None:
             match["compare"] = compare(suspect, path, n_perm=n_perm, bits=None)
