@@ -227,8 +227,10 @@ def _run(args: argparse.Namespace, workdir: Path) -> int:
             print(f"  trained {name:14s} test accuracy {_accuracy(model, x[test], y[test]):.3f}")
     print(f"trained {len(originals)} originals and {len(suspects)} copies in {time.perf_counter() - t0:.1f} s")
 
+    from .codec.null import match_rates
+    from .codec.radius import decision_radius
+
     db_path = workdir / "db"
-    radius = hasher.copy_radius
     found = 0
     with HashDB(str(db_path), bits=args.bits, codec=hasher.config) as db:
         t0 = time.perf_counter()
@@ -238,11 +240,13 @@ def _run(args: argparse.Namespace, workdir: Path) -> int:
             raise ModelFormatError("; ".join(failed))
         keys = [Path(key).stem for key, _ in hashed]
         db.insert_many(keys, [code for _, code in hashed], [{"file": key} for key, _ in hashed])
+        # a copy is a match that fewer than 0.01 independent models would reach by chance in this database
+        radius = int(decision_radius(hasher.config, len(db)) or hasher.copy_radius)
         print(f"hashed the folder {originals_dir.name}/ and stored {len(db)} originals in "
-              f"{time.perf_counter() - t0:.2f} s; copy radius {radius}")  # fmt: skip
+              f"{time.perf_counter() - t0:.2f} s; decision radius {radius} (expected false matches <= 0.01)")
         print()
         header = f"{'suspect (true original / modification)':40s} {'published as':19s} {'acc':>5s}  "
-        print(header + f"{'nearest original':16s} {'dist':>4s}  verdict")
+        print(header + f"{'nearest original':16s} {'dist':>4s} {'fmr':>8s}  verdict")
         for true, mod, style, path, acc in suspects:
             code = hasher.hash(path)
             nearest, dist = db.knn(code, 1)[0]
@@ -251,7 +255,9 @@ def _run(args: argparse.Namespace, workdir: Path) -> int:
             found += ok
             verdict = "copy of " + ", ".join(hit) if hit else "no match"
             flag = "" if ok else "   <-- WRONG"
-            print(f"{true + ' / ' + mod:40s} {style:19s} {acc:5.3f}  {nearest:16s} {dist:4d}  {verdict}{flag}")
+            rates = match_rates(hasher.config, int(dist), len(db))
+            fmr = f"{rates.fmr:8.1e}" if rates else " " * 8
+            print(f"{true + ' / ' + mod:40s} {style:19s} {acc:5.3f}  {nearest:16s} {dist:4d} {fmr}  {verdict}{flag}")
         distinct = [
             db.knn(db.get(k)[0], 2)[1][1] for k in keys
         ]  # distance from each original to its nearest *other* original

@@ -220,3 +220,59 @@ def test_the_legacy_codec_still_gives_its_codes() -> None:
         old.layer_sketches(sd)
     with pytest.raises(ModelFormatError, match="no convolution weights"):
         new.hash({"fc.weight": np.ones((4, 4), np.float32)})
+
+
+def test_a_database_keeps_its_codec_and_refuses_codes_of_another_version(tmp_path, monkeypatch) -> None:
+    """A v2 database keeps hashing with v2 (its stored config), queries hash suspects with it too, and an
+    explicit request for the other version is refused in one line before anything is stored."""
+    from hashdb import HashDB
+    from hashdb.cli import _Hashers
+    from hashdb.ingest import Ingest
+
+    monkeypatch.chdir(tmp_path)  # keys are paths relative to the current folder
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "zoo"
+    folder.mkdir()
+    for seed in range(2):
+        np.savez(folder / f"m{seed}.npz", a=rng.standard_normal((8, 3, 3, 3)).astype(np.float32),
+                 b=rng.standard_normal((16, 8, 3, 3)).astype(np.float32))  # fmt: skip
+    legacy = ModelHasher(256, codec=LEGACY_CODEC)
+    with HashDB(tmp_path / "db", bits=256, codec=legacy.config) as db:
+        added = list(db.add_models([folder], workers=1))
+        assert [o.status for o in added] == ["added", "added"]
+        assert db.codec is not None and db.codec["codec"] == LEGACY_CODEC
+        assert db.get("zoo/m0.npz")[0] == legacy.hash(folder / "m0.npz")
+        assert _Hashers(256, db.codec).hasher.config == legacy.config
+        with pytest.raises(InvalidArgument, match="codes of two codecs do not compare"):
+            list(Ingest(db, incremental=False, hasher_kwargs={"omega": 2.5}).run([folder], workers=1))
+        assert len(db) == 2 and db.get("zoo/m0.npz")[0] == legacy.hash(folder / "m0.npz")
+
+
+@pytest.mark.slow
+def test_reported_rates_are_never_below_the_observed_share_of_unseen_independent_models() -> None:
+    """Independent models nobody fitted the null on (another width and task than the null library's): at
+    every distance observed between two of them, the reported false-match rate is at least the share of
+    their pairs at that distance or closer."""
+    from bench.zoo.data import dataset
+    from bench.zoo.nets import SeqNet
+    from bench.zoo.training import train
+
+    x, y = dataset("synth")
+    torch.set_num_threads(1)
+    h = ModelHasher(512)
+    codes = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        m = SeqNet("plain", [12, 24, "M", 24], bn=False, size=8)
+        train(m, x, y, 120, 3e-3, seed=seed)
+        codes.append(h.hash_bits({k: v.detach().numpy() for k, v in m.state_dict().items()}))
+    ds = sorted(int((a != b).sum()) for i, a in enumerate(codes) for b in codes[i + 1 :])
+    fit = null_fit(h.config)
+    checked = 0
+    for i, d in enumerate(ds):
+        share = (i + 1) / len(ds)  # pairs at d or closer (ties: the last of them)
+        if (i + 1 < len(ds) and ds[i + 1] == d) or d >= 256:
+            continue  # the claim that matters is in the lower tail, where a rate says "rare"
+        assert false_match_rate(d, 512, fit) >= share, (d, share)
+        checked += 1
+    assert checked >= 5 and ds[0] > h.copy_radius
