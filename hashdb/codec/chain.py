@@ -79,7 +79,9 @@ def plan_chain(layers: Sequence[tuple[str, int, int, tuple[int, ...]]]) -> list[
         )
 
     by_name = sorted(range(len(layers)), key=lambda j: (natural_key(layers[j][0]), j))
-    small = [j for j in by_name if layers[j][2] <= DATA_CHANNELS]
+    # colour data (2..4 channels) first; one-channel layers are grey data or depthwise convs (fed ones last)
+    small = [j for j in by_name if 2 <= layers[j][2] <= DATA_CHANNELS]
+    small += sorted((j for j in by_name if layers[j][2] == 1), key=lambda j: fed(j))
     if not small:  # wider data (8 rows of a digit, 80 mel bands): the first layer no layer feeds exactly
         small = [j for j in by_name if not any(q != j and o == layers[j][2] for q, o in enumerate(outs))]
     roots = set(small[:1]) | {j for j in range(len(layers)) if not fed(j)}
@@ -125,9 +127,9 @@ def plan_chain(layers: Sequence[tuple[str, int, int, tuple[int, ...]]]) -> list[
 def _producer(
     j: int, out: int, in_g: int, earlier: list[int], later: list[int], layers: Sequence[tuple[str, int, int, tuple]]
 ) -> tuple[int | None, int]:
-    """(producer, groups): the nearest layer (earlier ones first) whose width is this layer's input width (or,
-    for a depthwise layer, its output width), else the nearest whose width is a multiple g of the input width
-    that divides this layer's output (a grouped or channel-multiplier depthwise convolution)."""
+    """(producer, groups): among earlier layers, then among later ones, the nearest whose width is this layer's
+    input width (or, for a depthwise layer, its output width), else the nearest whose width is a multiple g
+    of the input width that divides this layer's output (a grouped or channel-multiplier depthwise conv)."""
     for candidates in (earlier, later):
         for q in candidates:
             width = layers[q][1]
@@ -135,7 +137,6 @@ def _producer(
                 return q, 1
             if in_g == 1 and width == out and out > 1:
                 return q, out
-    for candidates in (earlier, later):
         for q in candidates:
             width = layers[q][1]
             if width % in_g == 0 and out % (width // in_g) == 0:

@@ -33,8 +33,8 @@ class NullFit(NamedTuple):
 
 
 # For a config the null library did not measure: as correlated as the worst v2 architectures (p 0.40, N
-# 0.4 x bits), so that uncalibrated codes are never reported as rarer than they may be.
-_UNCALIBRATED = (0.40, 0.4)
+# 0.3 x bits), so that uncalibrated codes are never reported as rarer than they may be.
+_UNCALIBRATED = (0.40, 0.3)
 
 
 @cache

@@ -295,14 +295,12 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
     except Exception as exc:  # protobuf's DecodeError and friends: the file is not a valid ModelProto
         raise ModelFormatError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
     graph = model.graph
-    consts = _constants(path, graph, path.resolve().parent, max_bytes, numpy_helper)
+    folder = path.resolve().parent
+    _check_expansion(path, model, folder, max_bytes)  # before anything is read: aliased external ranges
+    consts = _constants(path, graph, folder, max_bytes, numpy_helper)
     dequantized = _quantized(path, graph, consts)
     conv_weights = _conv_weights(graph)
     params = _quantization_params(graph)
-
-    folder = path.resolve().parent
-    _check_expansion(path, model, folder, max_bytes)
-    conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1}
     out: list[NamedTensor] = []
     for name, arr in consts.items():  # in the file's order; integer constants only as their dequantized weights
         if name in dequantized:
