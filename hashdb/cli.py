@@ -973,7 +973,9 @@ def cmd_demo(argv: list[str]) -> int:
 
 EXAMPLES = {
     "add": "hashdb add models.db --bits 256 zoo/ --workers 4   (again later: only new and changed files are hashed)",
-    "clusters": "hashdb clusters models.db   (--edges lists every pair)",
+    "clusters": "hashdb clusters models.db   (--edges lists every pair; --tree orders each into a derivation tree)",
+    "compare": "hashdb compare original.pt suspect.safetensors --html evidence.html",
+    "report": "hashdb report models.db suspect.pt -o report.html",
     "query": "hashdb query models.db suspect.safetensors suspects/   (a folder: one answer per model)",
     "delete": "hashdb delete models.db zoo/m0.pt",
     "get": "hashdb get models.db zoo/m0.pt --json",

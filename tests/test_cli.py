@@ -120,14 +120,17 @@ def test_add_models_then_query_finds_the_copy(models, tmp_path, capsys):
     code, out, _ = cli(capsys, "query", db, models["copy0"], "--radius", "20", "--json")
     assert code == 0
     doc = json.loads(out)
-    assert sorted(doc) == ["code", "copy_radius", "matches", "query"]
+    assert sorted(doc) == ["code", "codes", "copy_radius", "matches", "query", "radius"]
     assert doc["matches"][0]["key"] == models["m0"]
     assert doc["matches"][0]["distance"] <= 20
+    match = doc["matches"][0]  # every match says how likely it is to be chance, and what follows
+    assert 0 <= match["fmr"] <= 1 and match["expected_false"] == pytest.approx(match["fmr"] * doc["codes"])
+    assert match["verdict"] == ("copy" if match["expected_false"] <= 0.01 else "not a copy")
     with HashDB(db, bits=None) as embedded:
         _, meta = embedded.get(models["m1"])
         codec = embedded.codec
     assert meta["owner"] == "lab"
-    assert codec["bits"] == BITS and "encoding" in codec  # the config once, in the database; per entry its name
+    assert codec["bits"] == BITS and "omega" in codec  # the config once, in the database; per entry its name
     assert meta["file"]["codec"] == codec_fingerprint(codec) and meta["file"]["size"] == os.path.getsize(models["m1"])
     assert meta["file"]["sha256"] == hashlib.sha256(Path(models["m1"]).read_bytes()).hexdigest()
 
@@ -409,25 +412,30 @@ def test_stats_prints_dates_and_sizes_for_people_and_raw_numbers_in_json(tmp_pat
     assert code == 0 and "copy_radius  9" in out and "codec:" in out  # the codec shown, nested
 
 
-def test_query_without_radius_uses_the_stored_copy_radius_and_gives_verdicts(models, tmp_path, capsys):
+def test_query_without_radius_uses_the_decision_radius_and_gives_verdicts(models, tmp_path, capsys):
+    from hashdb.codec.null import match_rates
+    from hashdb.codec.radius import decision_radius
+
     db = str(tmp_path / "db")
     assert cli(capsys, "add", db, "--bits", "256", models["m0"], models["m1"], models["m2"])[0] == 0
-    copy_radius = ModelHasher(bits=BITS).copy_radius
+    config = ModelHasher(bits=BITS).config
     code, out, _ = cli(capsys, "query", db, models["copy0"], "--json")
     doc = json.loads(out)
-    assert code == 0 and doc["copy_radius"] == copy_radius
+    # the default radius: the largest distance whose expected false matches in these 3 codes stay <= 0.01
+    assert code == 0 and doc["copy_radius"] == config["copy_radius"] and doc["radius"] == decision_radius(config, 3)
     assert [m["key"] for m in doc["matches"]] == [models["m0"]]
     assert doc["matches"][0]["verdict"] == "copy"
     code, out, _ = cli(capsys, "query", db, models["copy0"], "--knn", "3", "--json")
     matches = json.loads(out)["matches"]
     assert len(matches) == 3
-    expected = ["copy" if m["distance"] <= copy_radius else "not a copy" for m in matches]
-    assert [m["verdict"] for m in matches] == expected
+    expected = [match_rates(config, m["distance"], 3) for m in matches]
+    assert [m["verdict"] for m in matches] == [r.verdict for r in expected]  # type: ignore[union-attr]
+    assert [m["fmr"] for m in matches] == [r.fmr for r in expected]  # type: ignore[union-attr]
     assert "not a copy" in [m["verdict"] for m in matches]  # unrelated models are far apart
     code, out, _ = cli(capsys, "query", db, models["copy0"], "--knn", "3")
-    assert f"(copy radius {copy_radius})" in out.splitlines()[0]
+    assert f"(copy radius {config['copy_radius']})" in out.splitlines()[0]
     rows = [line.split() for line in out.splitlines()[2:]]
-    assert rows[0][1] == "copy" and rows[0][2] == models["m0"]
+    assert rows[0][1] == "copy" and rows[0][4] == models["m0"]
     assert any(row[1:3] == ["not", "a"] for row in rows)
 
 

@@ -47,6 +47,13 @@ def keras_depthwise(w: np.ndarray, channels: int) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(channels, cm // channels, kh, kw).transpose(2, 3, 0, 1))
 
 
+def in_order(sd: dict) -> dict:
+    """The state_dict with names that carry torch's order (module registration, i.e. execution order): codec v3
+    chains layers by their names' natural order (docs/codec.md), and these fixtures' short names (c0, dw, c2)
+    do not sort in it, while the flax and Keras files name their layers in order."""
+    return {f"{i:03d}.{k}": v for i, (k, v) in enumerate(sd.items())}
+
+
 @pytest.fixture(scope="module")
 def keras() -> Any:
     os.environ["KERAS_BACKEND"] = "torch"  # the test suite has torch; TensorFlow and JAX are not installed
@@ -120,7 +127,13 @@ def test_keras_files_read_as_torch_layout_and_give_the_state_dict_code(saved, ha
     assert got.keys() == expected.keys()
     for shape, arrays in expected.items():  # same arrays, whatever the order the file keeps them in
         assert sorted(a.tobytes() for a in got[shape]) == sorted(a.tobytes() for a in arrays), shape
-    assert hasher.hash(saved[kind]) == hasher.hash(sd)
+    if kind == "h5":  # legacy .h5 keeps the layers' own names, which sort in execution order here
+        assert hasher.hash(saved[kind]) == hasher.hash(in_order(sd))
+    else:
+        # Keras 3 names variables by layer class (conv2d, dense, sequential/layers/conv2d), which do not sort in
+        # execution order: codec v3 chains them otherwise than the torch model (docs/codec.md, limits), but both
+        # Keras 3 forms of one model give one code
+        assert hasher.hash(saved[kind]) == hasher.hash(saved["keras"])
 
 
 def test_modified_copy_is_within_copy_radius_and_another_model_is_not(saved, hasher) -> None:
@@ -175,7 +188,7 @@ def test_keras2_layouts_give_the_state_dict_code(tmp_path: Path, hasher, with_co
     np.testing.assert_array_equal(got["stem/stem/kernel:0"].array, sd["c0.weight"])
     np.testing.assert_array_equal(got["depthwise_conv2d/depthwise_conv2d/depthwise_kernel:0"].array, sd["dw.weight"])
     np.testing.assert_array_equal(got["logits/logits/kernel:0"].array, sd["fc.weight"])
-    assert hasher.hash(p) == hasher.hash(sd)
+    assert hasher.hash(p) == hasher.hash(in_order(sd))
 
 
 def test_config_class_decides_what_a_kernel_is(tmp_path: Path) -> None:

@@ -53,7 +53,9 @@ def test_csv_round_trip_keeps_the_codec_so_default_queries_work(
     capsys.readouterr()
     assert main(["query", str(tmp_path / "b"), code, "--json"]) == 0  # no --radius: the codec's copy radius
     doc = json.loads(capsys.readouterr().out)
-    assert doc["copy_radius"] == 9 and doc["matches"][0] == {"key": "k1", "distance": 0, "verdict": "copy"}
+    # an uncalibrated test codec keeps its stored radius for the verdict and says so
+    assert doc["copy_radius"] == 9 and {k: doc["matches"][0][k] for k in ("key", "distance", "verdict")} == {
+        "key": "k1", "distance": 0, "verdict": "copy"} and doc["matches"][0]["calibrated"] is False
 
 
 def test_an_export_pipes_into_add_with_its_codec(tmp_path: Path) -> None:

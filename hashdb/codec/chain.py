@@ -31,7 +31,7 @@ wider they are. Identity lives in the specific weights and in how layers connect
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,14 +91,23 @@ def plan_chain(layers: Sequence[tuple[str, int, int, tuple[int, ...]]]) -> list[
 
     order = sorted(range(len(layers)), key=lambda j: (not reads_data(j), natural_key(layers[j][0]), j))
     chosen: dict[int, tuple[int | None, int]] = {}
+
+    def ancestors(q: int | None) -> Iterator[int]:
+        while q is not None:
+            yield q
+            q = chosen.get(q, (None, 1))[0]
+
     for pos, j in enumerate(order):
         name, out, in_g, ks = layers[j]
+        chosen[j] = (None, 1)
         if reads_data(j):
-            chosen[j] = (None, 1)
             continue
         earlier = [order[q] for q in range(pos - 1, -1, -1)]
         later = [order[q] for q in range(pos + 1, len(order))]
-        chosen[j] = _producer(j, out, in_g, earlier, later, layers)
+        for producer, groups in _producers(out, in_g, earlier, later, layers):
+            if j not in ancestors(producer):  # a producer never reads, through others, from this layer
+                chosen[j] = (producer, groups)
+                break
     # A producer found among later layers is processed first; a cycle (two layers each other's only
     # candidate) makes the layer met first a data root.
     result: list[ChainLayer] = []
@@ -124,24 +133,25 @@ def plan_chain(layers: Sequence[tuple[str, int, int, tuple[int, ...]]]) -> list[
     return result
 
 
-def _producer(
-    j: int, out: int, in_g: int, earlier: list[int], later: list[int], layers: Sequence[tuple[str, int, int, tuple]]
-) -> tuple[int | None, int]:
-    """(producer, groups): among earlier layers, then among later ones, the nearest whose width is this layer's
-    input width (or, for a depthwise layer, its output width), else the nearest whose width is a multiple g
-    of the input width that divides this layer's output (a grouped or channel-multiplier depthwise conv)."""
+def _producers(
+    out: int, in_g: int, earlier: list[int], later: list[int], layers: Sequence[tuple[str, int, int, tuple]]
+) -> Iterator[tuple[int, int]]:
+    """Candidate (producer, groups) in preference order: among earlier layers, then among later ones, the
+    nearest whose width is this layer's input width (or, for a depthwise layer, its output width), then the
+    nearest whose width is a multiple g of the input width that divides this layer's output (a grouped or
+    channel-multiplier depthwise conv). The first that closes no cycle is taken: where names do not sort in
+    execution order (c0, c2, dw), widths still tell which layer can feed which."""
     for candidates in (earlier, later):
         for q in candidates:
             width = layers[q][1]
             if width == in_g:
-                return q, 1
-            if in_g == 1 and width == out and out > 1:
-                return q, out
+                yield q, 1
+            elif in_g == 1 and width == out and out > 1:
+                yield q, out
         for q in candidates:
             width = layers[q][1]
-            if width % in_g == 0 and out % (width // in_g) == 0:
-                return q, width // in_g
-    return None, 1
+            if width != in_g and width % in_g == 0 and out % (width // in_g) == 0:
+                yield q, width // in_g
 
 
 def sinkhorn_balance(w: np.ndarray, groups: int = 1, sweeps: int = 30) -> np.ndarray:
