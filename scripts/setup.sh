@@ -3,6 +3,12 @@
 # extras named in HASHDB_EXTRAS (e.g. bench). Idempotent; safe on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Debian's chromium renders the HTML reports in tests/test_report.py (a headless browser test); present is fine.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; fi
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
