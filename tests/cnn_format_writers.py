@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+from formats_writers import varint  # the one protobuf varint writer of the tests
 
 # A layer: (kind, weight in torch layout, bias or None); kind "conv" (O, I/g, kh, kw) or "linear" (out, in).
 Layer = tuple[str, np.ndarray, np.ndarray | None]
@@ -25,19 +26,6 @@ def torch_layers(state_dict: dict[str, np.ndarray]) -> list[Layer]:
 
 
 # ---- protobuf (Caffe) ----
-
-
-def varint(n: int) -> bytes:
-    n &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
 
 
 def pb_len(field: int, payload: bytes) -> bytes:

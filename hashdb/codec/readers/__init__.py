@@ -206,3 +206,14 @@ def drop_mapped_pages(mm: object) -> None:
     advise = getattr(mm, "madvise", None)
     if advise is not None and hasattr(mmap, "MADV_DONTNEED"):
         advise(mmap.MADV_DONTNEED)
+
+
+def close_map(mm: Any) -> None:
+    """Close a reader's memory map (None is fine); a view still referenced by an exception's traceback keeps
+    it open (BufferError), and the garbage collector closes it then."""
+    if mm is None:
+        return
+    try:
+        mm.close()
+    except BufferError:
+        pass

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import ModelFormatError
-from . import NamedTensor, check_size, drop_mapped_pages
+from . import NamedTensor, check_size, close_map, drop_mapped_pages
 from . import protowire as pw
 
 # V1LayerParameter.LayerType values of the layers whose first blob is a kernel.
@@ -41,10 +41,7 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
     except ValueError as exc:
         raise ModelFormatError(f"{path}: not a readable Caffe model ({exc})") from None
     finally:
-        try:
-            mm.close()
-        except BufferError:  # a view is still referenced by an exception traceback; the GC closes it
-            pass
+        close_map(mm)
 
 
 def _read_net(path: Path, buf: memoryview, mm: mmap.mmap) -> list[NamedTensor]:

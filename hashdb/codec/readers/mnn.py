@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ModelFormatError
-from . import NamedTensor, check_size, drop_mapped_pages
+from . import NamedTensor, check_size, close_map, drop_mapped_pages
 from .tflite import _Corrupt, _get, _Table, _Work
 
 CONVOLUTION, CONVOLUTION_DEPTHWISE, DECONVOLUTION, DECONVOLUTION_DEPTHWISE = 12, 13, 17, 18
@@ -58,10 +58,7 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
     except (ValueError, TypeError, IndexError, OverflowError, MemoryError) as exc:
         raise ModelFormatError(f"{path}: corrupt MNN flatbuffer ({type(exc).__name__})") from None
     finally:
-        try:
-            mm.close()
-        except BufferError:  # a view is still referenced by an exception traceback; the GC closes it
-            pass
+        close_map(mm)
 
 
 def _read_net(path: Path, buf: Any, max_bytes: int) -> list[NamedTensor]:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import ModelFormatError
-from . import NamedTensor, bf16_to_float32, check_size, drop_mapped_pages
+from . import NamedTensor, bf16_to_float32, check_size, close_map, drop_mapped_pages
 
 LIST_MAGIC = 0x112
 V1, V2, V3 = 0xF993FAC8, 0xF993FAC9, 0xF993FACA
@@ -98,10 +98,7 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
     try:
         arrays, names = _read_list(path, _Cursor(path, memoryview(mm), max_bytes), mm)
     finally:
-        try:
-            mm.close()
-        except BufferError:  # a view is still referenced by an exception traceback; the GC closes it
-            pass
+        close_map(mm)
     if names and len(names) != len(arrays):
         raise ModelFormatError(f"{path}: {len(arrays)} arrays but {len(names)} names")
     channels_last = _channels_last_convs(path)

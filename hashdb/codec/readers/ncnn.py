@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import ModelFormatError
-from . import NamedTensor, check_size, drop_mapped_pages
+from . import NamedTensor, check_size, close_map, drop_mapped_pages
 
 MAGIC = "7767517"
 MAX_PARAM_BYTES = 16 << 20
@@ -147,11 +147,7 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
             )
         return out
     finally:
-        if mm is not None:
-            try:
-                mm.close()
-            except BufferError:  # a view is still referenced by an exception traceback; the GC closes it
-                pass
+        close_map(mm)
 
 
 def _layer(path: Path, bin_: _Bin, kind: str, name: str, params: Params) -> list[NamedTensor]:

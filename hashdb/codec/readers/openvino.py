@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ModelFormatError
-from . import NamedTensor, bf16_to_float32, check_size, drop_mapped_pages
+from . import NamedTensor, bf16_to_float32, check_size, close_map, drop_mapped_pages
 
 MAX_XML_BYTES = 256 << 20
 _TYPES = {"f32": "<f4", "f16": "<f2", "f64": "<f8", "bf16": "<u2", "i8": "i1", "u8": "u1", "i16": "<i2",
@@ -212,11 +212,7 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
     except (ValueError, TypeError, IndexError) as exc:  # shapes that do not broadcast or reshape: a bad IR
         raise ModelFormatError(f"{path}: inconsistent OpenVINO IR ({type(exc).__name__}: {str(exc)[:100]})") from None
     finally:
-        if mm is not None:
-            try:
-                mm.close()
-            except BufferError:  # a view is still referenced by an exception traceback; the GC closes it
-                pass
+        close_map(mm)
 
 
 def _declared_bytes(graph: _Graph) -> int:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import ModelFormatError
-from . import NamedTensor, bf16_to_float32, check_expansion
+from . import NamedTensor, bf16_to_float32, check_expansion, close_map
 
 CONV_2D, DEPTHWISE_CONV_2D, DEQUANTIZE, FULLY_CONNECTED, TRANSPOSE_CONV = 3, 4, 6, 9, 67
 CONV_3D, CONV_3D_TRANSPOSE = 132, 141
@@ -166,10 +166,7 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
         except Exception as exc:  # e.g. a shape that does not fit its buffer's dtype: a corrupt file, not a crash
             raise ModelFormatError(f"{path}: corrupt TFLite flatbuffer ({type(exc).__name__})") from None
         finally:
-            try:
-                mm.close()
-            except BufferError:  # a view is still referenced by an exception traceback; the GC closes it
-                pass
+            close_map(mm)
 
 
 def _read_model(path: Path, buf: Any, file: Any, max_bytes: int) -> list[NamedTensor]:
