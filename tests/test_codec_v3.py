@@ -276,3 +276,34 @@ def test_reported_rates_are_never_below_the_observed_share_of_unseen_independent
         assert false_match_rate(d, 512, fit) >= share, (d, share)
         checked += 1
     assert checked >= 5 and ds[0] > h.copy_radius
+
+
+@pytest.mark.parametrize("widths", [(1, 4, 8, 16), (3, 4, 8)])
+def test_a_narrow_hidden_layer_is_never_taken_for_the_data(widths: tuple[int, ...]) -> None:
+    """A 4-channel hidden layer reads as few channels as RGBA data: the root must still be the first layer, so
+    permuting the first layer's outputs (and the next layer's inputs) keeps the code."""
+    rng = np.random.default_rng(5)
+    sd = {f"conv{i + 1}.weight": rng.standard_normal((b, a, 3, 3)).astype(np.float32)
+          for i, (a, b) in enumerate(zip(widths, widths[1:], strict=False))}  # fmt: skip
+    chain = plan_chain([(k, v.shape[0], v.shape[1], (3, 3)) for k, v in sd.items()])
+    assert chain[0].name == "conv1.weight" and [c.producer for c in chain] == [None, 0, 1, 2][: len(chain)]
+    perm = rng.permutation(widths[1])
+    moved = dict(sd, **{"conv1.weight": sd["conv1.weight"][perm], "conv2.weight": sd["conv2.weight"][:, perm]})
+    h = ModelHasher(256)
+    assert h.hash(moved) == h.hash(sd)
+
+
+def test_a_grouped_conv_of_four_channels_per_group_is_fed_not_a_root() -> None:
+    chain = plan_chain([("stem.conv.weight", 64, 3, (3, 3)), ("stages.0.conv1.weight", 128, 64, (1, 1)),
+                        ("stages.0.conv2.weight", 128, 4, (3, 3)), ("stages.0.conv3.weight", 256, 128, (1, 1))])  # fmt: skip
+    by_name = {c.name: c for c in chain}
+    assert chain[0].name == "stem.conv.weight" and chain[0].producer is None
+    conv2 = by_name["stages.0.conv2.weight"]
+    assert conv2.producer is not None and chain[conv2.producer].name == "stages.0.conv1.weight" and conv2.groups == 32
+
+
+def test_longer_codes_than_measured_never_claim_more_degrees_of_freedom() -> None:
+    longest = null_fit(ModelHasher(1024).config)
+    for bits in (1536, 2048):
+        assert null_fit(ModelHasher(bits).config).dof <= longest.dof
+    assert null_fit(ModelHasher(128).config).dof <= null_fit(ModelHasher(256).config).dof / 2 + 1e-9

@@ -79,9 +79,13 @@ def plan_chain(layers: Sequence[tuple[str, int, int, tuple[int, ...]]]) -> list[
         )
 
     by_name = sorted(range(len(layers)), key=lambda j: (natural_key(layers[j][0]), j))
-    # colour data (2..4 channels) first; one-channel layers are grey data or depthwise convs (fed ones last)
-    small = [j for j in by_name if 2 <= layers[j][2] <= DATA_CHANNELS]
-    small += sorted((j for j in by_name if layers[j][2] == 1), key=lambda j: fed(j))
+    def fed_exactly(j: int) -> bool:  # some other layer's width is this layer's input (or depthwise) width
+        _, out, in_g, _ = layers[j]
+        return any(q != j and (o == in_g or (in_g == 1 and o == out > 1)) for q, o in enumerate(outs))
+
+    # layers reading at most 4 channels: the data root is one no layer can feed, else one no layer feeds
+    # exactly (a narrow hidden layer or a grouped conv of 4 channels per group is fed), then by name
+    small = sorted((j for j in by_name if layers[j][2] <= DATA_CHANNELS), key=lambda j: (fed(j), fed_exactly(j)))
     if not small:  # wider data (8 rows of a digit, 80 mel bands): the first layer no layer feeds exactly
         small = [j for j in by_name if not any(q != j and o == layers[j][2] for q, o in enumerate(outs))]
     roots = set(small[:1]) | {j for j in range(len(layers)) if not fed(j)}
@@ -261,17 +265,18 @@ def descriptors(w: np.ndarray, inputs: np.ndarray, groups: int, maps: tuple[np.n
     out, in_g, k = w.shape
     m = inputs.shape[1]
     index, signs = maps
-    # (in, k, m): tap s's image of input i, float32 (the layer's own precision)
-    projected = inputs.astype(np.float32)[:, index] * signs[None, :, :]
+    x = inputs.astype(np.float32)
     rows_g = out // groups
-    if groups > 1 and in_g == 1:  # depthwise (channel multiplier rows_g): row o reads input o // rows_g
-        t = np.einsum("os,osm->om", w[:, 0, :], projected[np.arange(out) // rows_g])
-    else:
-        t = np.empty((out, m), dtype=np.float32)
-        for g in range(groups):
-            rows = slice(g * rows_g, (g + 1) * rows_g)
-            cols = slice(g * in_g, (g + 1) * in_g)
-            t[rows] = w[rows].reshape(rows_g, in_g * k) @ projected[cols].reshape(in_g * k, m)
+    t = np.zeros((out, m), dtype=np.float32)
+    # tap by tap: P_s applied to the inputs is (in, m), so the working set is O((in + out) m), never (in, k, m)
+    for s in range(k):
+        image = x[:, index[s]] * signs[s]
+        if groups > 1 and in_g == 1:  # depthwise (channel multiplier rows_g): row o reads input o // rows_g
+            t += w[:, 0, s][:, None] * image[np.arange(out) // rows_g]
+        else:
+            for g in range(groups):
+                rows = slice(g * rows_g, (g + 1) * rows_g)
+                t[rows] += w[rows, :, s] @ image[g * in_g : (g + 1) * in_g]
     t = t.astype(np.float64)
     norms = np.linalg.norm(t, axis=1, keepdims=True)
     return np.divide(t, norms, out=np.zeros_like(t), where=norms > 0)
