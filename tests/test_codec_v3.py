@@ -294,8 +294,10 @@ def test_a_narrow_hidden_layer_is_never_taken_for_the_data(widths: tuple[int, ..
 
 
 def test_a_grouped_conv_of_four_channels_per_group_is_fed_not_a_root() -> None:
-    chain = plan_chain([("stem.conv.weight", 64, 3, (3, 3)), ("stages.0.conv1.weight", 128, 64, (1, 1)),
-                        ("stages.0.conv2.weight", 128, 4, (3, 3)), ("stages.0.conv3.weight", 256, 128, (1, 1))])  # fmt: skip
+    chain = plan_chain([
+        ("stem.conv.weight", 64, 3, (3, 3)), ("stages.0.conv1.weight", 128, 64, (1, 1)),
+        ("stages.0.conv2.weight", 128, 4, (3, 3)), ("stages.0.conv3.weight", 256, 128, (1, 1)),
+    ])  # fmt: skip
     by_name = {c.name: c for c in chain}
     assert chain[0].name == "stem.conv.weight" and chain[0].producer is None
     conv2 = by_name["stages.0.conv2.weight"]
