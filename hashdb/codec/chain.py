@@ -71,63 +71,52 @@ def plan_chain(layers: Sequence[tuple[str, int, int, tuple[int, ...]]]) -> list[
     """
     outs = [out for _, out, _, _ in layers]
 
-    def fed(j: int) -> bool:  # some other layer's output could be this layer's input
+    def fed(j: int, exactly: bool = False) -> bool:  # another layer's output could be this layer's input
         _, out, in_g, _ = layers[j]
         return any(
-            q != j and (o == in_g or (in_g == 1 and o == out > 1) or (o % in_g == 0 and out % (o // in_g) == 0))
+            q != j and (_exact_groups(o, out, in_g) or (not exactly and _multiple_groups(o, out, in_g)))
             for q, o in enumerate(outs)
         )
 
     by_name = sorted(range(len(layers)), key=lambda j: (natural_key(layers[j][0]), j))
-    def fed_exactly(j: int) -> bool:  # some other layer's width is this layer's input (or depthwise) width
-        _, out, in_g, _ = layers[j]
-        return any(q != j and (o == in_g or (in_g == 1 and o == out > 1)) for q, o in enumerate(outs))
-
     # layers reading at most 4 channels: the data root is one no layer can feed, else one no layer feeds
     # exactly (a narrow hidden layer or a grouped conv of 4 channels per group is fed), then by name
-    small = sorted((j for j in by_name if layers[j][2] <= DATA_CHANNELS), key=lambda j: (fed(j), fed_exactly(j)))
+    small = sorted((j for j in by_name if layers[j][2] <= DATA_CHANNELS), key=lambda j: (fed(j), fed(j, True)))
     if not small:  # wider data (8 rows of a digit, 80 mel bands): the first layer no layer feeds exactly
-        small = [j for j in by_name if not any(q != j and o == layers[j][2] for q, o in enumerate(outs))]
+        small = [j for j in by_name if not fed(j, True)]
     roots = set(small[:1]) | {j for j in range(len(layers)) if not fed(j)}
+    order = sorted(range(len(layers)), key=lambda j: (j not in roots, natural_key(layers[j][0]), j))
 
-    def reads_data(j: int) -> bool:
-        return j in roots
-
-    order = sorted(range(len(layers)), key=lambda j: (not reads_data(j), natural_key(layers[j][0]), j))
-    chosen: dict[int, tuple[int | None, int]] = {}
+    # Each layer takes the first candidate producer that closes no cycle, so the producers form a forest.
+    producer_of: dict[int, tuple[int | None, int]] = {}
 
     def ancestors(q: int | None) -> Iterator[int]:
         while q is not None:
             yield q
-            q = chosen.get(q, (None, 1))[0]
+            q = producer_of.get(q, (None, 1))[0]
 
     for pos, j in enumerate(order):
-        name, out, in_g, ks = layers[j]
-        chosen[j] = (None, 1)
-        if reads_data(j):
+        _, out, in_g, _ = layers[j]
+        producer_of[j] = (None, 1)
+        if j in roots:
             continue
         earlier = [order[q] for q in range(pos - 1, -1, -1)]
         later = [order[q] for q in range(pos + 1, len(order))]
         for producer, groups in _producers(out, in_g, earlier, later, layers):
-            if j not in ancestors(producer):  # a producer never reads, through others, from this layer
-                chosen[j] = (producer, groups)
+            if j not in ancestors(producer):
+                producer_of[j] = (producer, groups)
                 break
-    # A producer found among later layers is processed first; a cycle (two layers each other's only
-    # candidate) makes the layer met first a data root.
+
+    # Processing order: a producer found among later layers is placed before its consumer.
     result: list[ChainLayer] = []
     placed: dict[int, int] = {}
-    visiting: set[int] = set()
 
     def place(j: int) -> None:
         if j in placed:
             return
-        visiting.add(j)
-        prod, groups = chosen[j]
-        if prod is not None and prod in visiting:
-            prod, groups = None, 1
+        prod, groups = producer_of[j]
         if prod is not None:
             place(prod)
-        visiting.discard(j)
         name, out, in_g, ks = layers[j]
         placed[j] = len(result)
         result.append(ChainLayer(j, name, out, in_g, ks, None if prod is None else placed[prod], groups))
@@ -147,15 +136,31 @@ def _producers(
     execution order (c0, c2, dw), widths still tell which layer can feed which."""
     for candidates in (earlier, later):
         for q in candidates:
-            width = layers[q][1]
-            if width == in_g:
-                yield q, 1
-            elif in_g == 1 and width == out and out > 1:
-                yield q, out
+            groups = _exact_groups(layers[q][1], out, in_g)
+            if groups:
+                yield q, groups
         for q in candidates:
-            width = layers[q][1]
-            if width != in_g and width % in_g == 0 and out % (width // in_g) == 0:
-                yield q, width // in_g
+            groups = _multiple_groups(layers[q][1], out, in_g)
+            if groups:
+                yield q, groups
+
+
+def _exact_groups(width: int, out: int, in_g: int) -> int | None:
+    """The groups of a layer reading ``in_g`` channels per group into ``out`` when a layer ``width`` wide feeds
+    it exactly: 1 when ``width`` is its input width, ``out`` for a depthwise layer as wide as its producer."""
+    if width == in_g:
+        return 1
+    if in_g == 1 and width == out > 1:
+        return out
+    return None
+
+
+def _multiple_groups(width: int, out: int, in_g: int) -> int | None:
+    """The groups g when ``width`` is a multiple g of the input width that divides ``out`` (a grouped or a
+    channel-multiplier depthwise conv)."""
+    if width != in_g and width % in_g == 0 and out % (width // in_g) == 0:
+        return width // in_g
+    return None
 
 
 def sinkhorn_balance(w: np.ndarray, groups: int = 1, sweeps: int = 30) -> np.ndarray:
