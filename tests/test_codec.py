@@ -12,21 +12,12 @@ import msgpack
 import numpy as np
 import pytest
 import torch
+from evidence_helpers import make_cnn, numpy_sd  # the small CNN every codec and evidence test builds
 from torch import nn
 
 from hashdb.codec import ModelHasher, hash_files, hash_model
 from hashdb.codec.nts import kurt_z, skew_z
 from hashdb.errors import InvalidArgument, ModelFormatError
-
-
-def make_cnn(seed: int, width: int = 16) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, 10),
-    )  # fmt: skip
 
 
 def make_bn_cnn(seed: int) -> nn.Sequential:
@@ -36,10 +27,6 @@ def make_bn_cnn(seed: int) -> nn.Sequential:
         nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
     )  # fmt: skip
-
-
-def numpy_sd(model: nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items() if v.is_floating_point()}
 
 
 def hamming(a: bytes, b: bytes) -> int:
