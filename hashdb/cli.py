@@ -361,6 +361,9 @@ def cmd_add(args: argparse.Namespace) -> int:
                 if header.get("bits") not in (None, db.bits):
                     raise UsageError(f"the export holds {header['bits']}-bit codes and the database {db.bits}-bit ones")
                 export_codec = header.get("codec")
+                from .ingest import refuse_other_version
+
+                refuse_other_version(db, export_codec)  # before anything of it is added
                 continue
             try:
                 sources.append(_add_input(text, db.bits))

@@ -127,6 +127,18 @@ def _unchanged(stored: dict[str, Any] | None, path: str, fingerprint: str) -> bo
     return bool(stored.get("size") == size and stored.get("mtime_ns") == mtime)
 
 
+def refuse_other_version(db: Database, config: dict[str, Any] | None) -> None:
+    """Raise InvalidArgument, before anything is written, when ``config`` names another codec version than the
+    one the database's codes were made with (every writer of codes calls it: add, import, export | add)."""
+    stored = db.codec
+    if isinstance(stored, dict) and isinstance(config, dict) and stored.get("codec") != config.get("codec"):
+        raise InvalidArgument(
+            f"the database was made with codec {stored.get('codec')!r} and these codes with "
+            f"{config.get('codec')!r}; codes of two codecs do not compare: re-hash the models into a new "
+            f"database (hashdb add NEW.db --bits N FOLDER...)"
+        )
+
+
 def check_codec(db: Database, config: dict[str, Any]) -> str | None:
     """Record ``config`` as the database's codec if it has none; return a warning when it holds another
     (its codes were made otherwise and distances between the two kinds may mislead), else None."""
@@ -184,13 +196,7 @@ class Ingest:
 
     def check_version(self) -> None:
         """Refuse, before hashing anything, to add codes of another codec version than the database's."""
-        stored = self.db.codec
-        if isinstance(stored, dict) and stored.get("codec") != self.config.get("codec"):
-            raise InvalidArgument(
-                f"the database was made with codec {stored.get('codec')!r} and these models would be hashed with "
-                f"{self.config.get('codec')!r}; codes of two codecs do not compare: re-hash the models into a new "
-                f"database (hashdb add NEW.db --bits N FOLDER...)"
-            )
+        refuse_other_version(self.db, self.config)
 
     def run(
         self, sources: Iterable[Any], *, workers: int | None = None, engine: str = "local",

@@ -152,11 +152,13 @@ def import_rows(db: Database, header: dict[str, Any], rows: Iterator[Row],
     in a database without one."""
     from .codes import to_bytes
     from .db import key_bytes
-    from .ingest import check_codec
+    from .ingest import check_codec, refuse_other_version
     from .text import shown
 
     if header.get("bits") not in (None, db.bits):
         raise ExportFormatError(f"the export holds {header['bits']}-bit codes and the database {db.bits}-bit ones")
+    codec = header.get("codec")
+    refuse_other_version(db, codec)
     failed = added = replaced = 0
     keys: list[str] = []
     codes: list[bytes] = []
@@ -190,7 +192,6 @@ def import_rows(db: Database, header: dict[str, Any], rows: Iterator[Row],
         if len(keys) >= IMPORT_CHUNK:
             flush()
     flush()
-    codec = header.get("codec")
     warning = check_codec(db, codec) if isinstance(codec, dict) and added else None
     return Imported(added, replaced, failed, warning)
 

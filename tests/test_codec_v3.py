@@ -309,3 +309,32 @@ def test_longer_codes_than_measured_never_claim_more_degrees_of_freedom() -> Non
     for bits in (1536, 2048):
         assert null_fit(ModelHasher(bits).config).dof <= longest.dof
     assert null_fit(ModelHasher(128).config).dof <= null_fit(ModelHasher(256).config).dof / 2 + 1e-9
+
+
+def test_importing_an_export_of_another_codec_version_is_refused_before_anything_is_stored(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from hashdb import HashDB
+    from hashdb.transfer import export_header, import_rows, json_line, read_export
+
+    legacy = ModelHasher(256, codec=LEGACY_CODEC).config
+    with HashDB(tmp_path / "old", bits=256, codec=legacy) as old:
+        old.insert("k1", bytes(32))
+        header = export_header(old)
+    dump = tmp_path / "old.jsonl"
+    dump.write_text(json_line(header) + json_line({"key": "k1", "code": "00" * 32, "meta": None}))
+    with HashDB(tmp_path / "new", bits=256, codec=ModelHasher(256).config) as new:
+        with open(dump) as f:
+            head, rows = read_export(f)
+            with pytest.raises(InvalidArgument, match="codes of two codecs do not compare"):
+                import_rows(new, head, rows)
+        assert len(new) == 0
+    for argv in (["add", str(tmp_path / "new")], ["import", str(tmp_path / "new"), str(dump)]):
+        with open(dump) as stdin:  # `hashdb export OLD | hashdb add NEW`, and `hashdb import NEW OLD.jsonl`
+            done = subprocess.run([sys.executable, "-m", "hashdb.cli", *argv], stdin=stdin, capture_output=True,
+                                  text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 2 and "codes of two codecs do not compare" in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    with HashDB(tmp_path / "new", bits=None) as new:
+        assert len(new) == 0
