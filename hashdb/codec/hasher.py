@@ -24,6 +24,10 @@ CODECS = (CODEC_VERSION, LEGACY_CODEC)
 
 # copy_radius / bits that maximizes min(precision, recall) of light copies vs distinct models on the zoo, per
 # code length (bench/codec_sweep.py report; docs/codec.md); other lengths interpolate in log2(bits).
+# Layers with fewer filters than this get no code of their own (hash_with_layers): their codes are too alike
+# across independently trained models to index (bench/null_bench.py, section null, layer codes).
+LAYER_MIN_FILTERS = 16
+
 RADIUS_FRACTIONS = {64: 0.20, 128: 0.266, 256: 0.305, 512: 0.315, 1024: 0.325, 2048: 0.33}
 
 
@@ -204,6 +208,10 @@ class ModelHasher:
         (producers before consumers); the model's features are their sum, a layer's own code their sign."""
         if self.codec != CODEC_VERSION:
             raise InvalidArgument(f"layer sketches need codec {CODEC_VERSION!r}, this hasher is {self.codec!r}")
+        return self._sketches(source)[0]
+
+    def _sketches(self, source: Any) -> tuple[list[tuple[str, np.ndarray]], dict[str, int]]:
+        """layer_sketches() and each layer's number of filters (output channels), by tensor name."""
         where = _where(source)
         tensors, plan = self._plan(source, where)
         shapes = []
@@ -223,9 +231,23 @@ class ModelHasher:
 
         try:
             with _one_blas_thread():
-                return chain_sketches(shapes, make_layer, self.bits, self.chain)
+                return chain_sketches(shapes, make_layer, self.bits, self.chain), {s[0]: s[1] for s in shapes}
         except (ModelFormatError, ValueError) as exc:
             raise ModelFormatError(f"{where}: {exc}") from None
+
+    def hash_with_layers(self, source: Any) -> tuple[bytes, list[tuple[str, bytes]]]:
+        """The model's code and, from the same pass, each layer's own code (sign of its sketch) as
+        (tensor name, code bytes), in chain order: what a database stores to find partial copies (a stolen
+        backbone inside a bigger model). Layers whose codes carry too little identity to index (fewer than
+        ``LAYER_MIN_FILTERS`` filters, measured on the null library: bench/null_bench.py) get no code of their
+        own but still count in the model's code. Codec v2 has no per-layer pieces: its layer list is empty."""
+        if self.codec != CODEC_VERSION:
+            return self.hash(source), []
+        sketches, filters = self._sketches(source)
+        total = np.sum([s for _, s in sketches], axis=0)
+        code = np.packbits(total > 0).tobytes()
+        layers = [(name, np.packbits(s > 0).tobytes()) for name, s in sketches if filters[name] >= LAYER_MIN_FILTERS]
+        return code, layers
 
     def _plan(self, source: Any, where: str) -> tuple[list, list[tuple[int, str]]]:
         """The source's tensors and the convolution plan over them (select.conv_plan), NaN/inf refused."""
