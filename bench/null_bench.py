@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
              f"`python3 -m bench.null train` then `python3 bench/null_bench.py {' '.join(argv or sys.argv[1:])}`"
              f"; {machine_line()}.\n"]  # fmt: skip
     fits: dict[int, list[tuple[str, float, float]]] = {b: [] for b in args.bits}
+    library: dict[str, np.ndarray] = {}  # codec v3 codes per group, at the longest length
+    families: dict[str, str | None] = {}  # each group's kernel family (hasher.suspect)
     for codec in codecs:
         t0 = time.perf_counter()
         full = ModelHasher(top, codec=codec)
@@ -123,6 +126,9 @@ def main(argv: list[str] | None = None) -> None:
             if len(seeds) < 3:
                 continue
             codes = np.array([full.hash_bits(_state(null.trained(g, s))) for s in seeds])
+            if codec == CODEC_VERSION:
+                library[g] = codes
+                families[g] = full.suspect(_state(null.trained(g, 0))).family
             for b in args.bits:
                 st = group_stats(codes, b, radii[b])
                 rows.append((g, b, len(seeds), st))
@@ -150,19 +156,58 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"Fitted null at {b} bits (the most conservative group: lowest p, lowest dof): p = {p:.4f}, "
                      f"dof = {dof:.0f}; copy radius (fmr <= {COPY_RADIUS_FMR:g} per pair) = "
                      f"{largest_distance(b, NullFit(p, dof, True), COPY_RADIUS_FMR)}.")  # fmt: skip
+    family_fits, family_lines = fit_families(library, families, args.bits, fits)
+    lines += family_lines
     text = "\n".join(lines)
     print(text)
     if args.write_null and conservative:
         cfg = ModelHasher(top).config
         entry = {"config": {k: cfg[k] for k in ("codec", "layout", "include_linear", "dim", "omega", "ridge")},
                  "by_bits": {str(b): {"p": round(p, 4), "dof": round(dof, 1)} for b, (p, dof) in conservative.items()},
-                 "groups": sorted(g for g, _, _ in fits[max(fits)]), "seeds": args.seeds}  # fmt: skip
+                 "groups": sorted(g for g, _, _ in fits[max(fits)]), "seeds": args.seeds,
+                 "families": family_fits}  # fmt: skip
         table = json.loads(NULL_JSON.read_text()) if NULL_JSON.exists() else {"fits": []}
+        for old in table["fits"]:  # the layer null (bench/layer_null.py) is fitted apart: keep it
+            if old["config"] == entry["config"] and "layers" in old:
+                entry["layers"] = old["layers"]
         table["fits"] = [f for f in table["fits"] if f["config"] != entry["config"]] + [entry]
         NULL_JSON.write_text(json.dumps(table, indent=1) + "\n")
         print(f"wrote {NULL_JSON}")
     if not args.no_results:
         write_section("null", text)
+
+
+CROSS_SEEDS = 6  # models per group in the cross-architecture pairs
+
+
+def fit_families(library: dict[str, np.ndarray], families: dict[str, str | None], bits_list: list[int],
+                 fits: dict[int, list[tuple[str, float, float]]]) -> tuple[dict[str, Any], list[str]]:  # fmt: skip
+    """The null of each kernel family (a suspect's hasher.suspect().family): the most conservative of its own
+    groups' same-architecture pairs and of every pair between one of its models and a model of another group
+    (any architecture, any family), so the fit holds whatever the stored model is."""
+    out: dict[str, Any] = {}
+    lines = ["", "Fits per kernel family (the suspect's; pairs with models of every other group included):", "",
+             "| family | bits | groups | cross pairs | cross p | cross dof | fitted p | fitted dof | copy radius |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for family in sorted({f for f in families.values() if f is not None}):
+        own = [g for g, f in families.items() if f == family]
+        by_bits = {}
+        for b in bits_list:
+            cross = [int(np.count_nonzero(x[:b] != y[:b]))
+                     for g in own for h in library if h != g
+                     for x in library[g][:CROSS_SEEDS] for y in library[h][:CROSS_SEEDS]]  # fmt: skip
+            frac = np.array(cross) / b
+            cp, csd = float(frac.mean()), float(frac.std(ddof=1))
+            cdof = cp * (1 - cp) / csd**2
+            same = [(p, dof) for g, p, dof in fits[b] if g in own]
+            p = min([cp] + [x[0] for x in same])
+            dof = min([cdof] + [x[1] for x in same])
+            by_bits[str(b)] = {"p": round(p, 4), "dof": round(dof, 1)}
+            radius = largest_distance(b, NullFit(p, dof, True), COPY_RADIUS_FMR)
+            lines.append(f"| {family} | {b} | {len(own)} | {len(cross)} | {cp:.4f} | {cdof:.0f} | {p:.4f} | {dof:.0f} "
+                         f"| {radius} |")  # fmt: skip
+        out[family] = {"by_bits": by_bits, "groups": sorted(own)}
+    return out, lines
 
 
 def copies_table(groups: list[str], bits_list: list[int]) -> list[str]:

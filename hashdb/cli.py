@@ -20,13 +20,15 @@ import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from typing import IO, TYPE_CHECKING, Any, NoReturn
+from typing import IO, TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 from . import __version__
 from .errors import HashDBError, InvalidCode, InvalidMeta, KeyNotFound, ModelFormatError
 
 if TYPE_CHECKING:
     from .codec import ModelHasher
+    from .codec.hasher import Suspect
+    from .matching import ModelMatch
     from .types import Database, Match
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -155,23 +157,28 @@ class _Hashers:
         return self._hasher
 
     def hash_file(self, path: str, or_code: bool = False) -> bytes:
+        return self.suspect(path, or_code).code
+
+    def suspect(self, path: str, or_code: bool = False) -> Suspect:
+        """The code, layer codes and kernel family of a model file (hasher.suspect), or one ModelFormatError."""
         if not os.path.exists(path):
             also = f" (and not a {self.bits}-bit hex code)" if or_code else ""
             raise ModelFormatError(f"{_shown(path)}: no such file{also}")
         from .bulk import model_error
 
         try:
-            return self.hasher.hash(path)
+            return self.hasher.suspect(path)
         except (ModelFormatError, OSError) as e:
             raise ModelFormatError(_shown(str(model_error(path, e)))) from None
 
-    def code_or_model(self, text: str) -> tuple[bytes, bool]:
-        """(code, came_from_a_model) for a CODE_OR_MODEL argument."""
+    def code_or_model(self, text: str) -> tuple[bytes, Suspect | None]:
+        """(code, the model's hasher.suspect or None for a hex code) for a CODE_OR_MODEL argument."""
         if _is_hex_code(text, self.bits):
             from .codes import to_bytes
 
-            return to_bytes(text, self.bits), False
-        return self.hash_file(text, or_code=True), True
+            return to_bytes(text, self.bits), None
+        found = self.suspect(text, or_code=True)
+        return found.code, found
 
 
 # -- output --------------------------------------------------------------------------------------------
@@ -505,6 +512,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     if args.knn is not None and args.knn < 1:
         raise UsageError("--knn must be >= 1")
     from .codec.radius import decision_radius
+    from .matching import find_matches
 
     found_any = False
     failed = 0
@@ -513,28 +521,29 @@ def cmd_query(args: argparse.Namespace) -> int:
         n_codes = len(db)
         radius = args.radius
         if radius is None and args.knn is None:
-            radius = decision_radius(db.codec, n_codes)
-            if radius is None:
+            if decision_radius(db.codec, n_codes) is None:
                 raise UsageError("this database stores no codec configuration (no model was added with "
                                  "'hashdb add'), so it has no copy radius: give --radius R or --knn K")  # fmt: skip
         hashers = _Hashers(db.bits, db.codec)
-        for text, code_or_error, path in _query_codes(_inputs(inputs), hashers):
-            if not isinstance(code_or_error, bytes):  # a bad input: say so, and answer the others
+        for query in _query_codes(_inputs(inputs), hashers):
+            if not isinstance(query.code, bytes):  # a bad input: say so, and answer the others
                 failed += 1
-                _warn(f"error: {code_or_error}")
+                _warn(f"error: {query.code}")
                 continue
-            code = code_or_error
-            matches = db.radius(code, radius) if radius is not None else db.knn(code, args.knn)
+            code, model = query.code, query.model
+            family = None if model is None else model.family
+            layers = None if model is None or not args.layers else model.layers
+            asked = radius if radius is not None or args.knn is not None else decision_radius(db.codec, n_codes, family)
+            matches = find_matches(db, code, layers, radius=asked, knn=args.knn, family=family)
             found_any = found_any or bool(matches)
-            same = _same_bytes(db, path, matches)
+            same = _same_bytes(db, query.path, [(m.key, m.distance) for m in matches if m.distance is not None])
             if args.json:
-                _emit({"query": text, "code": code.hex(), "copy_radius": copy_radius, "radius": radius,
-                       "codes": n_codes,
-                       "matches": [{"key": key, "distance": int(dist), **_rates(db.codec, int(dist), n_codes),
-                                    **({"same_bytes": True} if key in same else {})}
-                                   for key, dist in matches]})  # fmt: skip
+                _emit({"query": query.text, "code": code.hex(), "copy_radius": copy_radius, "radius": asked,
+                       "codes": n_codes, "family": family, "layers": None if model is None else len(model.layers),
+                       "matches": [{**m.as_dict(), **({"same_bytes": True} if m.key in same else {})}
+                                   for m in matches]})  # fmt: skip
             else:
-                _print_matches(text, matches, db.codec, n_codes, same)
+                _print_matches(query.text, matches, db.codec, same)
             sys.stdout.flush()  # each answer is out before a later input can fail
     if failed:
         return EXIT_ERROR
@@ -555,27 +564,37 @@ def _rates(codec: dict | None, distance: int, n_codes: int) -> dict[str, Any]:
     return out
 
 
-def _query_codes(texts: Iterator[str], hashers: _Hashers) -> Iterator[tuple[str, bytes | HashDBError, str | None]]:
-    """(what was asked, its code or the error, the model's path or None) per query: a hex code, a model file,
-    or each model unit of a folder of suspects (hashdb.codec.units.expand, asked under its key)."""
+class _Query(NamedTuple):
+    """One query: what was asked, its code (or why it has none), and for a model its path and hasher.suspect."""
+
+    text: str
+    code: bytes | HashDBError
+    path: str | None = None
+    model: Suspect | None = None
+
+
+def _query_codes(texts: Iterator[str], hashers: _Hashers) -> Iterator[_Query]:
+    """One _Query per query: a hex code, a model file, or each model unit of a folder of suspects
+    (hashdb.codec.units.expand, asked under its key)."""
     from .codec.units import expand
 
     for text in texts:
         if not _is_hex_code(text, hashers.bits) and os.path.isdir(text):
             units, problems = expand([text])
             for problem in problems:
-                yield problem.key, problem.error, None
+                yield _Query(problem.key, problem.error)
             for unit in units:
                 try:
-                    yield unit.key, hashers.hash_file(os.fspath(unit.path)), os.fspath(unit.path)
+                    found = hashers.suspect(os.fspath(unit.path))
+                    yield _Query(unit.key, found.code, os.fspath(unit.path), found)
                 except ModelFormatError as e:
-                    yield unit.key, e, None
+                    yield _Query(unit.key, e)
             continue
         try:
-            code, from_model = hashers.code_or_model(text)
-            yield text, code, text if from_model else None
+            code, model = hashers.code_or_model(text)
+            yield _Query(text, code, None if model is None else text, model)
         except (ModelFormatError, InvalidCode) as e:
-            yield text, e, None
+            yield _Query(text, e)
 
 
 def _same_bytes(db: Database, path: str | None, matches: list[Match]) -> set[str]:
@@ -601,8 +620,7 @@ def _same_bytes(db: Database, path: str | None, matches: list[Match]) -> set[str
     return same
 
 
-def _print_matches(query: str, matches: list[Match], codec: dict | None, n_codes: int,
-                   same: set[str] | None = None) -> None:  # fmt: skip
+def _print_matches(query: str, matches: list[ModelMatch], codec: dict | None, same: set[str] | None = None) -> None:
     copy_radius = _copy_radius(codec)
     within = f" (copy radius {copy_radius})" if copy_radius is not None else ""
     print(f"query {_shown(query)}: {len(matches)} match{'es' if len(matches) != 1 else ''}{within}")
@@ -610,15 +628,18 @@ def _print_matches(query: str, matches: list[Match], codec: dict | None, n_codes
         return
     if codec is None:
         print(f"  {'distance':>8}  key")
-        for key, dist in matches:
-            print(f"  {int(dist):>8}  {_shown(key)}{' (same bytes)' if same and key in same else ''}")
+        for m in matches:
+            print(f"  {m.distance:>8}  {_shown(m.key)}{' (same bytes)' if same and m.key in same else ''}")
         return
-    print(f"  {'distance':>8}  {'verdict':<10}  {'fmr':>8}  {'expected':>8}  key")
-    for key, dist in matches:
-        tail = " (same bytes)" if same and key in same else ""
-        r = _rates(codec, int(dist), n_codes)
-        print(f"  {int(dist):>8}  {r['verdict']:<10}  {r['fmr']:>8.1e}  {r['expected_false']:>8.1e}  "
-              f"{_shown(key)}{tail}")
+    print(f"  {'distance':>8}  {'kind':<7}  {'layers':>6}  {'verdict':<10}  {'fmr':>8}  {'expected':>8}  key")
+    for m in matches:
+        tail = " (same bytes)" if same and m.key in same else ""
+        distance = "-" if m.distance is None else str(m.distance)
+        print(f"  {distance:>8}  {m.kind:<7}  {len(m.layers):>6}  {m.verdict:<10}  {m.fmr:>8.1e}  "
+              f"{m.expected_false:>8.1e}  {_shown(m.key)}{tail}")
+        if m.kind == "partial":
+            for t in m.layers:
+                print(f"  {'':>8}  {'':<7}  {t.distance:>6}  {_shown(t.suspect)} = {_shown(t.stored)}")
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
@@ -1063,6 +1084,8 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--radius", "-r", type=int,
                      help="every code within Hamming distance R (default: the database's copy radius)")  # fmt: skip
     how.add_argument("--knn", "-k", type=int, help="the K nearest codes")
+    p.add_argument("--no-layers", dest="layers", action="store_false",
+                   help="whole-model matches only (no search for shared layers)")  # fmt: skip
     p.set_defaults(func=cmd_query)
 
     p = sub.add_parser("delete", help="delete keys", usage="hashdb delete (DB | --socket PATH) KEY... [--json]")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -36,6 +36,24 @@ def radius_fraction_for(bits: int) -> float:
     xs = np.log2(sorted(RADIUS_FRACTIONS))
     ys = [RADIUS_FRACTIONS[b] for b in sorted(RADIUS_FRACTIONS)]
     return float(np.interp(np.log2(bits), xs, ys))
+
+
+LayerShape = tuple[str, int, int, tuple[int, ...]]  # (name, filters, inputs per group, kernel shape)
+
+
+class Suspect(NamedTuple):
+    """What a query needs of one model: its code, its layers' codes, its kernel family (ModelHasher.suspect)."""
+
+    code: bytes
+    layers: list[tuple[str, bytes]]
+    family: str | None
+
+
+def kernel_family(kernel_shapes: Sequence[tuple[int, ...]]) -> str | None:
+    """'2d' when every kernel with more than one tap spans exactly two dimensions (3x3, 5x5; not 7x1), else
+    None: the null library measured 2-D models apart from the rest (codec.null.null_fit)."""
+    spans = {sum(k > 1 for k in ks) for ks in kernel_shapes} - {0}
+    return "2d" if spans == {2} else None
 
 
 class ModelHasher:
@@ -210,8 +228,8 @@ class ModelHasher:
             raise InvalidArgument(f"layer sketches need codec {CODEC_VERSION!r}, this hasher is {self.codec!r}")
         return self._sketches(source)[0]
 
-    def _sketches(self, source: Any) -> tuple[list[tuple[str, np.ndarray]], dict[str, int]]:
-        """layer_sketches() and each layer's number of filters (output channels), by tensor name."""
+    def _sketches(self, source: Any) -> tuple[list[tuple[str, np.ndarray]], list[LayerShape]]:
+        """layer_sketches() and each layer's (name, filters, inputs per group, kernel shape)."""
         where = _where(source)
         tensors, plan = self._plan(source, where)
         shapes = []
@@ -231,7 +249,7 @@ class ModelHasher:
 
         try:
             with _one_blas_thread():
-                return chain_sketches(shapes, make_layer, self.bits, self.chain), {s[0]: s[1] for s in shapes}
+                return chain_sketches(shapes, make_layer, self.bits, self.chain), shapes
         except (ModelFormatError, ValueError) as exc:
             raise ModelFormatError(f"{where}: {exc}") from None
 
@@ -239,15 +257,22 @@ class ModelHasher:
         """The model's code and, from the same pass, each layer's own code (sign of its sketch) as
         (tensor name, code bytes), in chain order: what a database stores to find partial copies (a stolen
         backbone inside a bigger model). Layers whose codes carry too little identity to index (fewer than
-        ``LAYER_MIN_FILTERS`` filters, measured on the null library: bench/null_bench.py) get no code of their
+        ``LAYER_MIN_FILTERS`` filters, measured on the null library: bench/layer_null.py) get no code of their
         own but still count in the model's code. Codec v2 has no per-layer pieces: its layer list is empty."""
+        found = self.suspect(source)
+        return found.code, found.layers
+
+    def suspect(self, source: Any) -> Suspect:
+        """hash_with_layers() and the model's kernel family: '2d' when every kernel with more than one tap
+        spans two dimensions (the family whose null the codec fits apart: codec.null.null_fit), else None."""
         if self.codec != CODEC_VERSION:
-            return self.hash(source), []
-        sketches, filters = self._sketches(source)
+            return Suspect(self.hash(source), [], None)
+        sketches, shapes = self._sketches(source)
         total = np.sum([s for _, s in sketches], axis=0)
         code = np.packbits(total > 0).tobytes()
+        filters = {name: out for name, out, _, _ in shapes}
         layers = [(name, np.packbits(s > 0).tobytes()) for name, s in sketches if filters[name] >= LAYER_MIN_FILTERS]
-        return code, layers
+        return Suspect(code, layers, kernel_family([ks for _, _, _, ks in shapes]))
 
     def _plan(self, source: Any, where: str) -> tuple[list, list[tuple[int, str]]]:
         """The source's tensors and the convolution plan over them (select.conv_plan), NaN/inf refused."""

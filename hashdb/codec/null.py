@@ -48,22 +48,38 @@ def _table() -> dict[str, Any]:
 _FIT_KEYS = ("codec", "dim", "omega", "ridge")
 
 
-def null_fit(config: dict[str, Any]) -> NullFit:
-    """The fitted null of a codec ``config`` (ModelHasher.config or a database's stored codec)."""
-    bits = int(config.get("bits", 256))
+def _fit_at(by_bits: dict[str, Any], bits: int) -> NullFit:
+    """The fit of one length from a table of measured lengths."""
+    if str(bits) in by_bits:
+        fit = by_bits[str(bits)]
+        return NullFit(float(fit["p"]), float(fit["dof"]), True)
+    # other lengths: shorter ones take the dof fraction of the nearest measured length (dof / bits falls with
+    # length, so that is conservative); longer ones keep the longest measured length's dof, never more
+    # (extrapolating the fraction up would claim rates the null library never showed)
+    near = min(by_bits, key=lambda b: abs(math.log2(int(b)) - math.log2(bits)))
+    fit = by_bits[near]
+    return NullFit(float(fit["p"]), float(fit["dof"]) * min(1.0, bits / int(near)), True)
+
+
+def _entry(config: dict[str, Any]) -> dict[str, Any] | None:
     for entry in _table().get("fits", []):
         if all(entry["config"].get(k) == config.get(k) for k in _FIT_KEYS if k in entry["config"]):
-            by_bits = entry["by_bits"]
-            if str(bits) in by_bits:
-                fit = by_bits[str(bits)]
-                return NullFit(float(fit["p"]), float(fit["dof"]), True)
-            # other lengths: shorter ones take the dof fraction of the nearest measured length (dof / bits falls
-            # with length, so that is conservative); longer ones keep the longest measured length's dof, never
-            # more (extrapolating the fraction up would claim rates the null library never showed)
-            near = min(by_bits, key=lambda b: abs(math.log2(int(b)) - math.log2(bits)))
-            fit = by_bits[near]
-            dof = float(fit["dof"]) * min(1.0, bits / int(near))
-            return NullFit(float(fit["p"]), dof, True)
+            return entry
+    return None
+
+
+def null_fit(config: dict[str, Any], family: str | None = None) -> NullFit:
+    """The fitted null of a codec ``config`` (ModelHasher.config or a database's stored codec). ``family``
+    (ModelHasher.suspect: '2d' when every kernel of the suspect is two-dimensional) selects the fit of that
+    kind of model, measured against its own kind and every other; None or an unmeasured family: the most
+    conservative fit over everything measured."""
+    bits = int(config.get("bits", 256))
+    entry = _entry(config)
+    if entry is not None:
+        families = entry.get("families", {})
+        if family is not None and family in families:
+            return _fit_at(families[family]["by_bits"], bits)
+        return _fit_at(entry["by_bits"], bits)
     p, frac = _UNCALIBRATED
     return NullFit(p, frac * bits, False)
 
@@ -101,13 +117,15 @@ class MatchRates(NamedTuple):
     calibrated: bool
 
 
-def match_rates(config: dict[str, Any] | None, distance: int, n_codes: int) -> MatchRates | None:
+def match_rates(config: dict[str, Any] | None, distance: int, n_codes: int,
+                family: str | None = None) -> MatchRates | None:  # fmt: skip
     """The rates of one match at ``distance`` in a database of ``n_codes`` codes made with codec ``config``
-    (a database's ``codec``); None for a database of bare codes (no codec recorded)."""
+    (a database's ``codec``), for a suspect of kernel ``family`` (None: unknown, the conservative fit); None
+    for a database of bare codes (no codec recorded)."""
     if not isinstance(config, dict) or not isinstance(config.get("bits"), int):
         return None
     bits = int(config["bits"])
-    fit = null_fit(config)
+    fit = null_fit(config, family)
     fmr = false_match_rate(distance, bits, fit)
     expected = fmr * max(int(n_codes), 0)
     if fit.calibrated:
@@ -115,6 +133,60 @@ def match_rates(config: dict[str, Any] | None, distance: int, n_codes: int) -> M
     radius = config.get("copy_radius")
     within = isinstance(radius, int) and distance <= radius
     return MatchRates(fmr, expected, "copy" if within else "not a copy", False)
+
+
+# ---- layers: partial copies (a stolen backbone inside a bigger model) ---------------------------------------
+
+LAYER_SCREEN_FMR = 1e-4  # layer codes within the distance of this per-pair rate are candidates of a partial copy
+
+
+def layer_null_fit(config: dict[str, Any]) -> NullFit:
+    """The fitted null of single layers' codes (hasher.hash_with_layers): independently trained models' layer
+    pairs, every eligible layer against every other, the most conservative group measured."""
+    entry = _entry(config)
+    if entry is not None and "layers" in entry:
+        return _fit_at(entry["layers"]["by_bits"], int(config.get("bits", 256)))
+    p, frac = _UNCALIBRATED
+    return NullFit(p, frac * int(config.get("bits", 256)), False)
+
+
+def layer_screen_radius(config: dict[str, Any]) -> int:
+    """The layer-code distance within which a stored layer is a candidate twin of a suspect's layer."""
+    bits = int(config.get("bits", 256))
+    return max(largest_distance(bits, layer_null_fit(config), LAYER_SCREEN_FMR), 0)
+
+
+def layers_false_match_rate(distances: list[int], n_suspect: int, n_stored: int, bits: int, fit: NullFit) -> float:
+    """P(an independently trained model shows layer twins this close): ``distances`` are the matched layer
+    pairs' code distances (one-to-one), among ``n_suspect`` x ``n_stored`` possible pairs.
+
+    For the j closest matches, "at least j of the pairs within the j-th distance" has probability at most
+    C(pairs, j) fmr(d_j)^j (a union bound over which pairs; pairs of independent models taken as independent,
+    which the null library checks: bench/null_bench.py); the best j is taken and paid for (times k)."""
+    ds = sorted(int(d) for d in distances)
+    if not ds:
+        return 1.0
+    pairs = max(n_suspect * n_stored, len(ds))
+    best = 0.0  # log of the smallest bound
+    for j, d in enumerate(ds, start=1):
+        rate = false_match_rate(d, bits, fit)
+        if rate <= 0.0:
+            return 0.0
+        log_bound = math.lgamma(pairs + 1) - math.lgamma(j + 1) - math.lgamma(pairs - j + 1) + j * math.log(rate)
+        best = min(best, log_bound)
+    return min(1.0, len(ds) * math.exp(best))
+
+
+def layer_match_rates(config: dict[str, Any] | None, distances: list[int], n_suspect: int, n_stored: int,
+                      n_codes: int) -> MatchRates | None:  # fmt: skip
+    """match_rates() of a partial match: ``distances`` of the matched layer pairs, the two models' numbers of
+    layer codes, ``n_codes`` models in the database. None without a codec config."""
+    if not isinstance(config, dict) or not isinstance(config.get("bits"), int):
+        return None
+    fit = layer_null_fit(config)
+    fmr = layers_false_match_rate(distances, n_suspect, n_stored, int(config["bits"]), fit)
+    expected = fmr * max(int(n_codes), 0)
+    return MatchRates(fmr, expected, verdict(expected), fit.calibrated)
 
 
 def largest_distance(bits: int, fit: NullFit, max_rate: float) -> int:
