@@ -173,3 +173,44 @@ def test_a_torch_conv1d_with_few_filters_and_a_long_kernel_is_read_oihw() -> Non
     # a Keras model of nothing but such tensors (taps, in, filters) is still read by its short kernels
     keras_like = {"c0": np.ones((8, 1, 512), np.float32), "c1": np.ones((3, 512, 64), np.float32)}
     assert [read for _, read in conv_plan(load_tensors(keras_like))] == ["hwio", "hwio"]
+
+
+def test_tflite_split_conv_composes_and_a_fused_relu_between_keeps_them_apart(tmp_path: Path) -> None:
+    from test_formats_tflite import CONV_2D, CONV_FIELDS, CONV_OPTIONS, TFLiteModel, add_conv
+
+    rng = np.random.default_rng(5)
+    kernels = [rng.standard_normal(s).astype(np.float32) for s in ((16, 3, 3, 3), (32, 16, 3, 3), (32, 32, 3, 3))]
+
+    def model(split: bool, fused_relu: bool = False) -> TFLiteModel:
+        m = TFLiteModel()
+        x = m.tensor("input", (1, 12, 12, 3))
+        hw = 12
+        for n, w in enumerate(kernels):
+            if not split or n == 0:
+                x = add_conv(m, x, hw, w, name=f"c{n}")
+                hw -= 2
+                continue
+            c = w.shape[0]
+            q, _ = np.linalg.qr(rng.standard_normal((c, c)))
+            a = q * rng.uniform(0.5, 2.0, c)  # any invertible mixing
+            first = np.einsum("po,oikl->pikl", np.linalg.inv(a), w).astype(np.float32)
+            weight = m.const(f"c{n}a/w", np.ascontiguousarray(first.transpose(0, 2, 3, 1)))
+            mid = m.tensor(f"c{n}a/out", (1, hw - 2, hw - 2, c))
+            fields = {**CONV_FIELDS, 3: ("b", 1)} if fused_relu else CONV_FIELDS  # 1: RELU
+            m.op(CONV_2D, [x, weight, -1], [mid], CONV_OPTIONS, fields)
+            hw -= 2
+            x = add_conv(m, mid, hw, a.astype(np.float32)[:, :, None, None], name=f"c{n}b")
+        m.inputs, m.outputs = [0], [x]  # type: ignore[attr-defined]
+        return m
+
+    def save(m: TFLiteModel, name: str) -> Path:
+        path = tmp_path / name
+        path.write_bytes(m.to_bytes(m.inputs, m.outputs))  # type: ignore[attr-defined]
+        return path
+
+    h = ModelHasher(BITS)
+    code = h.hash(save(model(False), "original.tflite"))
+    split = save(model(True), "split.tflite")
+    assert [t.name for t in load_tensors(split)] == ["c0/w", "c1a/w", "c2a/w"]
+    assert hamming(h.hash(split), code) <= 4
+    assert len(load_tensors(save(model(True, fused_relu=True), "relu.tflite"))) == 5
