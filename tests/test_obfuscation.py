@@ -214,3 +214,16 @@ def test_tflite_split_conv_composes_and_a_fused_relu_between_keeps_them_apart(tm
     assert [t.name for t in load_tensors(split)] == ["c0/w", "c1a/w", "c2a/w"]
     assert hamming(h.hash(split), code) <= 4
     assert len(load_tensors(save(model(True, fused_relu=True), "relu.tflite"))) == 5
+
+
+def test_trained_layers_keep_their_sketch_and_an_identity_inserted_into_a_trained_model_is_skipped() -> None:
+    from evidence_helpers import trained
+
+    h = ModelHasher(BITS)
+    original = trained("original")  # shared with the evidence tests (trained once per process)
+    assert [n for n, _ in h.layer_sketches(original)] == conv_names(original)  # every trained layer keeps its sketch
+    square = [w for w in original.values() if w.ndim == 4 and w.shape[0] == w.shape[1]]
+    assert square and all(
+        channel_pass(sinkhorn_balance(w.reshape(*w.shape[:2], -1)), 1, w.shape[2:]) is None for w in square
+    )
+    assert hamming(h.hash(with_near_identity(original, 3)), h.hash(original)) <= 2
