@@ -157,6 +157,10 @@ def test_onnx_split_conv_composes_to_the_original_kernel(tmp_path: Path) -> None
     relu_between = nn.Sequential(*[m for p in zip(layers[0::3], layers[1::3], strict=True)
                                    for m in (p[0], nn.ReLU(), p[1])])  # fmt: skip
     assert len(h.layer_sketches(_onnx(relu_between, tmp_path / "relu.onnx"))) == 8
+    # a 1x1 that changes the width (a linear bottleneck's projection) is the architecture's, not a split: kept
+    torch.manual_seed(0)
+    bottleneck = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.Conv2d(32, 24, 1))
+    assert len(h.layer_sketches(_onnx(bottleneck, tmp_path / "bottleneck.onnx"))) == 3
 
 
 def test_a_torch_conv1d_with_few_filters_and_a_long_kernel_is_read_oihw() -> None:

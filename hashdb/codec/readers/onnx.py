@@ -259,8 +259,8 @@ def _ints(node: Any, name: str) -> list[int] | None:
 
 
 def _split_convs(graph: Any, consts: dict[str, np.ndarray]) -> dict[str, tuple[str, str, str]]:
-    """Pairs of Conv nodes the graph shows as one linear map: a Conv (group 1) whose output only a 1x1 Conv
-    (group 1, stride 1, no padding) reads, with nothing between them (no activation, no BatchNorm, no add) and
+    """Pairs of Conv nodes the graph shows as one linear map: a Conv (group 1) whose output only a square 1x1
+    Conv (group 1, stride 1, no padding) reads, with nothing between them (no activation, no BatchNorm, no add) and
     not a graph output; a split convolution (W -> A^-1 W then A, Neural Structural Obfuscation) or a
     factorised layer. Returns the 1x1's weight name -> (the first weight's name, its bias name, the 1x1's
     bias name) ("" where absent); each weight plain float and used by its own node only."""
@@ -285,7 +285,8 @@ def _split_convs(graph: Any, consts: dict[str, np.ndarray]) -> dict[str, tuple[s
         if not plain_conv(node) or not node.input[0]:
             continue
         a = consts[node.input[1]]
-        if any(d != 1 for d in a.shape[2:]) or any(v != 1 for v in _ints(node, "strides") or [1]):
+        square = a.shape[0] == a.shape[1]  # a split keeps the width; a width-changing 1x1 is the architecture's
+        if not square or any(d != 1 for d in a.shape[2:]) or any(v != 1 for v in _ints(node, "strides") or [1]):
             continue
         if any(v != 0 for v in _ints(node, "pads") or [0]):
             continue

@@ -241,7 +241,7 @@ def _split_convs(
     tensors: list[_Table],
 ) -> list[tuple[int, int]]:  # fmt: skip
     """(1x1 weight, first weight) tensor indices of CONV_2D pairs the graph shows as one linear map: a CONV_2D
-    with no fused activation whose output only a 1x1 CONV_2D of stride 1 reads (not a subgraph output), each
+    with no fused activation whose output only a square 1x1 CONV_2D of stride 1 reads (not a subgraph output), each
     weight used by its own op only. A split convolution (W -> A^-1 W then A) composes back into W."""
     uses: dict[int, int] = {}
     for op in operators:
@@ -258,7 +258,10 @@ def _split_convs(
         options = op.table(4)
         if options is None or int(options.scalar(1, "<i", 0)) != 1 or int(options.scalar(2, "<i", 0)) != 1:
             continue
-        if not 0 <= weight < len(tensors) or [int(d) for d in tensors[weight].numbers(0, "<i4")][1:3] != [1, 1]:
+        if not 0 <= weight < len(tensors):
+            continue
+        shape = [int(d) for d in tensors[weight].numbers(0, "<i4")]  # OHWI: a square 1x1 (a split keeps the width)
+        if len(shape) != 4 or shape[1:3] != [1, 1] or shape[0] != shape[3]:
             continue
         code, first = producer.get(x, (-1, None))
         if first is None or code != CONV_2D or uses.get(x) != 1 or x in outputs or uses.get(weight) != 1:
