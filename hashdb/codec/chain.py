@@ -420,13 +420,13 @@ def chain_sketches(
         c = chain[nxt[0]]
         return c.groups == 1 and c.out == c.in_per_group and int(np.prod(c.kshape)) == 1
 
-    def sketch(pos: int, w: np.ndarray, inputs: np.ndarray) -> np.ndarray:
-        """The layer's descriptors (as handed on) from its raw (out, in per group, k) weights; adds its sketch."""
+    def sketch(pos: int, b: np.ndarray, inputs: np.ndarray) -> np.ndarray:
+        """The layer's descriptors (as handed on) from its balanced (out, in per group, k) weights; adds its
+        sketch (or replaces the one it had)."""
         layer = chain[pos]
         maps = maps_cache.get(layer.kshape)
         if maps is None:
             maps = maps_cache[layer.kshape] = tap_maps(layer.kshape, cfg.dim)
-        b = sinkhorn_balance(w, layer.groups)
         if cfg.prune > 0:
             b = sinkhorn_balance(prune_small(b, cfg.prune), layer.groups)
         d = descriptors(b, inputs, layer.groups, maps)
@@ -449,14 +449,13 @@ def chain_sketches(
         )
         b = sinkhorn_balance(w, layer.groups)
         through = channel_pass(b, layer.groups, layer.kshape)
-        del b
         if through is not None and layer.producer in kept:
             # a near-identity 1x1 A after a kernel W (a split conv W -> A^-1 W, A): hash A @ (A^-1 W) = W in the
             # producer's place. Exact with nothing between them; with a ReLU between, A's noise is all it adds.
             w_prev, inputs_prev = kept.pop(layer.producer)
             composed = np.einsum("po,oik->pik", w[:, :, 0], w_prev)
-            del w, w_prev
-            desc.append(sketch(layer.producer, composed, inputs_prev))
+            del w, w_prev, b
+            desc.append(sketch(layer.producer, sinkhorn_balance(composed, 1), inputs_prev))
             continue
         if layer.producer is not None:
             kept.pop(layer.producer, None)
@@ -466,6 +465,7 @@ def chain_sketches(
             continue
         if composable(pos):
             kept[pos] = (w, inputs)
-        desc.append(sketch(pos, w, inputs))
         del w
+        desc.append(sketch(pos, b, inputs))
+        del b
     return out
