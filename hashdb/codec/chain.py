@@ -237,8 +237,9 @@ def _block_log_scale(sq: np.ndarray, sweeps: int) -> np.ndarray:
 # A layer is a pass-through (``channel_pass``) when, after balancing, each output channel's centre-tap weight on
 # one input channel (a permutation of them) is at least PASS_DOMINANCE times the channel's next largest weight
 # (median over channels) and those weights hold at least PASS_SHARE of the layer's energy. Measured
-# (bench/obfuscation_bench.py --measure, docs/codec.md): the 306 square and depthwise layers of 116 trained null
-# library models have median dominance at most 1.30 and share at most 0.31 (no dense one forms a permutation); an
+# (bench/obfuscation_bench.py --measure, docs/codec.md): the 676 square and depthwise layers of 242 trained null
+# library models have median dominance at most 1.36 and share at most 0.34 (1 of 535 dense ones forms a
+# permutation, by chance at 16 channels); an
 # inserted identity with 1 % noise has dominance 25-62 and share 0.52-1.0 (16..1024 channels, 1x1 and 3x3),
 # one with 5 % noise dominance 5-12, the 1x1 half of the benchmark's split conv (I + 0.5 G / sqrt(C)) 3.6-19.
 PASS_DOMINANCE = 3.0
