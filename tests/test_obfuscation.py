@@ -87,6 +87,17 @@ def test_a_split_conv_whose_one_by_one_half_is_near_identity_composes_back_in_pl
         split[name] = np.einsum("po,oikl->pikl", np.linalg.inv(a), sd[name]).astype(np.float32)
         split[name[: -len("weight")] + "x.weight"] = a.astype(np.float32)[:, :, None, None]
     assert hamming(h.hash(split), h.hash(sd)) <= 4
+    # a split data root whose 1x1 sorts after every other name ("stem" < "stem.x", after "layers.*"): the 1x1
+    # is placed right after the stem, not left at the end of the chain
+    rng = np.random.default_rng(3)
+    named = {"layers.0.weight": rng.standard_normal((32, 32, 3, 3)).astype(np.float32),
+             "layers.1.weight": rng.standard_normal((32, 32, 3, 3)).astype(np.float32),
+             "stem.weight": rng.standard_normal((32, 3, 3, 3)).astype(np.float32)}  # fmt: skip
+    a = np.eye(32) + 0.5 * rng.standard_normal((32, 32)) / np.sqrt(32)
+    split_stem = {**named, "stem.weight": np.einsum("po,oikl->pikl", np.linalg.inv(a), named["stem.weight"])}
+    split_stem["stem.x.weight"] = a[:, :, None, None]
+    split_stem = {k: v.astype(np.float32) for k, v in split_stem.items()}
+    assert hamming(h.hash(split_stem), h.hash(named)) <= 4
 
 
 def test_non_identity_square_layers_are_never_passed_through() -> None:

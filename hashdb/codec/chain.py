@@ -26,8 +26,8 @@ wider they are. Identity lives in the specific weights and in how layers connect
    phases.
 5. **Pass-through** (``channel_pass``): a layer that is a channel permutation plus small noise after balancing
    (an inserted near-identity layer) gets no sketch; its consumers read its producer's descriptors, permuted.
-   A near-identity 1x1 whose producer feeds nothing else is composed into that producer instead (a split
-   conv W -> A^-1 W, A hashes as W).
+   A near-identity square 1x1 is placed right after the layer it follows in name order (taking over that
+   layer's consumers) and composed into it (a split conv W -> A^-1 W, A hashes as W).
 6. **Code**: the layer sketches are summed (each normalised by sqrt of its channel count) and bit k is the
    sign of feature k.
 """
@@ -401,6 +401,8 @@ def chain_sketches(
     chain = plan_chain(shapes)
     if not chain:
         raise ModelFormatError("no convolution weights found")
+    made: dict[int, np.ndarray] = {}  # layers made ahead (square 1x1 layers, to place near-identity ones)
+    chain = _place_near_identity_1x1(chain, make_layer, made)
     freq = frequencies(cfg.dim, features, cfg.omega)
     desc: list[np.ndarray] = []
     out: list[tuple[str, np.ndarray]] = []
@@ -441,7 +443,7 @@ def chain_sketches(
         return propagated(d, cfg.ridge) if cfg.whiten_chain else d
 
     for pos, layer in enumerate(chain):
-        w = make_layer(layer.index)
+        w = made.pop(layer.index) if layer.index in made else make_layer(layer.index)
         w = w.reshape(w.shape[0], w.shape[1], -1)
         inputs = (
             data_descriptors(layer.in_per_group * layer.groups, cfg.dim)
@@ -470,3 +472,52 @@ def chain_sketches(
         desc.append(sketch(pos, b, inputs))
         del b
     return out
+
+
+def _place_near_identity_1x1(
+    chain: list[ChainLayer], make_layer: Callable[[int], np.ndarray], made: dict[int, np.ndarray]
+) -> list[ChainLayer]:
+    """The chain with each near-identity square 1x1 layer (``channel_pass``) placed right after the layer it
+    follows in name order (``features.3`` -> ``features.3.x``; ``stem`` -> ``stem.x``), reading that layer and
+    read by its consumers. The plan puts data roots first, so a 1x1 inserted after a root (a split stem) would
+    otherwise sit at the end of the chain, with the root's consumers reading the root itself. Square 1x1
+    layers are made here (kept in ``made`` for their turn); trained ones never pass (bench/obfuscation_bench.py
+    --measure), so an ordinary model's chain is unchanged."""
+    by_name = sorted(range(len(chain)), key=lambda p: (natural_key(chain[p].name), chain[p].index))
+    moves: dict[int, int] = {}  # near-identity 1x1 position -> the position it follows
+    for rank, pos in enumerate(by_name):
+        x = chain[pos]
+        if x.groups != 1 or x.out != x.in_per_group or int(np.prod(x.kshape)) != 1 or rank == 0:
+            continue
+        w = made[x.index] = make_layer(x.index)
+        w = w.reshape(w.shape[0], w.shape[1], -1)
+        if channel_pass(sinkhorn_balance(w, 1), 1, x.kshape) is None:
+            continue
+        prev = by_name[rank - 1]
+        if chain[prev].out == x.in_per_group and prev not in moves and prev not in moves.values():
+            moves[pos] = prev
+    if all(chain[one].producer == prev and _sole_consumer(chain, one, prev) for one, prev in moves.items()):
+        return chain
+    order = [p for p in range(len(chain)) if p not in moves]
+    for one, prev in moves.items():
+        order.insert(order.index(prev) + 1, one)
+    producer: dict[int, int | None] = {p: chain[p].producer for p in range(len(chain))}
+    for one, prev in moves.items():
+        for p in range(len(chain)):
+            if producer[p] == prev and p != one:
+                producer[p] = one
+        producer[one] = prev
+    new_pos = {p: i for i, p in enumerate(order)}
+    placed = {p: None if q is None else new_pos[q] for p, q in producer.items()}
+    if any(q is not None and q > new_pos[p] for p, q in placed.items()):
+        return chain  # the moves would put a consumer before its producer: keep the plan
+    return [
+        ChainLayer(chain[p].index, chain[p].name, chain[p].out, chain[p].in_per_group, chain[p].kshape, placed[p],
+                   chain[p].groups)
+        for p in order
+    ]  # fmt: skip
+
+
+def _sole_consumer(chain: list[ChainLayer], one: int, prev: int) -> bool:
+    """Whether chain position ``one`` is the only layer reading position ``prev`` already."""
+    return all(layer.producer != prev for p, layer in enumerate(chain) if p != one)
