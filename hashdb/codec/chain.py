@@ -24,7 +24,11 @@ wider they are. Identity lives in the specific weights and in how layers connect
    a random walk over the model's own channels, not a law-of-large-numbers mean: independent models get
    independent sketches at any width, while a copy, whose descriptors moved by a small angle, keeps its
    phases.
-5. **Code**: the layer sketches are summed (each normalised by sqrt of its channel count) and bit k is the
+5. **Pass-through** (``channel_pass``): a layer that is a channel permutation plus small noise after balancing
+   (an inserted near-identity layer) gets no sketch; its consumers read its producer's descriptors, permuted.
+   A near-identity square 1x1 is placed right after the layer it follows in name order (taking over that
+   layer's consumers) and composed into it (a split conv W -> A^-1 W, A hashes as W).
+6. **Code**: the layer sketches are summed (each normalised by sqrt of its channel count) and bit k is the
    sign of feature k.
 """
 
@@ -230,6 +234,50 @@ def _block_log_scale(sq: np.ndarray, sweeps: int) -> np.ndarray:
     return out
 
 
+# A layer is a pass-through (``channel_pass``) when, after balancing, each output channel's centre-tap weight on
+# one input channel (a permutation of them) is at least PASS_DOMINANCE times the channel's next largest weight
+# (median over channels) and those weights hold at least PASS_SHARE of the layer's energy. Measured
+# (bench/obfuscation_bench.py --measure, docs/codec.md): the 676 square and depthwise layers of 242 trained null
+# library models have median dominance at most 1.36 and share at most 0.34 (1 of 535 dense ones forms a
+# permutation, by chance at 16 channels); an
+# inserted identity with 1 % noise has dominance 25-62 and share 0.52-1.0 (16..1024 channels, 1x1 and 3x3),
+# one with 5 % noise dominance 5-12, the 1x1 half of the benchmark's split conv (I + 0.5 G / sqrt(C)) 3.6-19.
+PASS_DOMINANCE = 3.0
+PASS_SHARE = 0.5
+
+
+def channel_pass(b: np.ndarray, groups: int, kshape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(source input channel, sign) of every output channel when the balanced (out, in per group, k) layer is a
+    signed channel permutation (a square dense layer) or a per-channel map (a depthwise layer) at its centre tap
+    plus small noise, else None. Such a layer (an inserted near-identity layer, Neural Structural Obfuscation)
+    carries no identity of its own: its consumers get its producer's descriptors, permuted as it permutes.
+    Invariant to the positive scales and the permutations balancing already cancels. Costs one (out, in)
+    pass for layers that are no permutation (every trained layer measured), one layer-sized pass otherwise."""
+    out, in_g, k = b.shape
+    if not all(d % 2 for d in kshape):
+        return None  # an even kernel has no centre tap: no shift-free identity
+    centre = int(np.ravel_multi_index(tuple(d // 2 for d in kshape), kshape))
+    if groups == 1 and out == in_g > 1:
+        src = np.abs(b[:, :, centre]).argmax(axis=1)
+        if len(np.unique(src)) != out:
+            return None
+        flat = src * k + centre
+    elif groups == out > 1 and in_g == 1:
+        src = np.arange(out)
+        flat = np.full(out, centre)
+    else:
+        return None
+    rows = b.reshape(out, -1)
+    top = rows[np.arange(out), flat].astype(np.float64)
+    rest = np.abs(rows)
+    rest[np.arange(out), flat] = 0.0
+    dominance = np.abs(top) / np.maximum(rest.max(axis=1), 1e-300)
+    energy = float(np.einsum("ok,ok->", rows, rows, dtype=np.float64))
+    if energy <= 0 or np.median(dominance) < PASS_DOMINANCE or float(top @ top) < PASS_SHARE * energy:
+        return None
+    return src, np.where(top < 0, -1.0, 1.0)
+
+
 def prune_small(b: np.ndarray, prune: float) -> np.ndarray:
     """Zero the balanced weights with |w| <= prune / 0.9 x the layer's 90th percentile of |w| (the fraction
     ``prune`` of a uniform layer): an attacker's magnitude pruning then removes what is ignored anyway."""
@@ -353,27 +401,123 @@ def chain_sketches(
     chain = plan_chain(shapes)
     if not chain:
         raise ModelFormatError("no convolution weights found")
+    made: dict[int, np.ndarray] = {}  # layers made ahead (square 1x1 layers, to place near-identity ones)
+    chain = _place_near_identity_1x1(chain, make_layer, made)
     freq = frequencies(cfg.dim, features, cfg.omega)
     desc: list[np.ndarray] = []
     out: list[tuple[str, np.ndarray]] = []
+    sketch_at: dict[int, int] = {}  # chain position -> its entry in ``out``
     maps_cache: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
-    for layer in chain:
-        w = make_layer(layer.index)
+    consumers: dict[int, list[int]] = {}
+    for pos, layer in enumerate(chain):
+        if layer.producer is not None:
+            consumers.setdefault(layer.producer, []).append(pos)
+    # A dense layer whose only consumer is a square 1x1 layer keeps its raw weights until that consumer is made:
+    # should the consumer be a near-identity (split-conv) 1x1, the two compose into one kernel.
+    kept: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def composable(pos: int) -> bool:
+        nxt = consumers.get(pos, [])
+        if chain[pos].groups != 1 or len(nxt) != 1:
+            return False
+        c = chain[nxt[0]]
+        return c.groups == 1 and c.out == c.in_per_group and int(np.prod(c.kshape)) == 1
+
+    def sketch(pos: int, b: np.ndarray, inputs: np.ndarray) -> np.ndarray:
+        """The layer's descriptors (as handed on) from its balanced (out, in per group, k) weights; adds its
+        sketch (or replaces the one it had)."""
+        layer = chain[pos]
+        maps = maps_cache.get(layer.kshape)
+        if maps is None:
+            maps = maps_cache[layer.kshape] = tap_maps(layer.kshape, cfg.dim)
+        if cfg.prune > 0:
+            b = sinkhorn_balance(prune_small(b, cfg.prune), layer.groups)
+        d = descriptors(b, inputs, layer.groups, maps)
+        del b
+        entry = (layer.name, layer_sketch(d, freq, cfg.ridge))
+        if pos in sketch_at:
+            out[sketch_at[pos]] = entry
+        else:
+            sketch_at[pos] = len(out)
+            out.append(entry)
+        return propagated(d, cfg.ridge) if cfg.whiten_chain else d
+
+    for pos, layer in enumerate(chain):
+        w = made.pop(layer.index) if layer.index in made else make_layer(layer.index)
         w = w.reshape(w.shape[0], w.shape[1], -1)
         inputs = (
             data_descriptors(layer.in_per_group * layer.groups, cfg.dim)
             if layer.producer is None
             else desc[layer.producer]
         )
-        maps = maps_cache.get(layer.kshape)
-        if maps is None:
-            maps = maps_cache[layer.kshape] = tap_maps(layer.kshape, cfg.dim)
         b = sinkhorn_balance(w, layer.groups)
+        through = channel_pass(b, layer.groups, layer.kshape)
+        if through is not None and layer.producer in kept:
+            # a near-identity 1x1 A after a kernel W (a split conv W -> A^-1 W, A): hash A @ (A^-1 W) = W in the
+            # producer's place. Exact with nothing between them; with a ReLU between, A's noise is all it adds.
+            w_prev, inputs_prev = kept.pop(layer.producer)
+            composed = np.einsum("po,oik->pik", w[:, :, 0], w_prev)
+            del w, w_prev, b
+            desc.append(sketch(layer.producer, sinkhorn_balance(composed, 1), inputs_prev))
+            continue
+        if layer.producer is not None:
+            kept.pop(layer.producer, None)
+        if through is not None:  # a near-identity kxk layer: no sketch, its consumers read its producer's channels
+            src, sign = through
+            desc.append(inputs[src] * sign[:, None])
+            continue
+        if composable(pos):
+            kept[pos] = (w, inputs)
         del w
-        if cfg.prune > 0:
-            b = sinkhorn_balance(prune_small(b, cfg.prune), layer.groups)
-        d = descriptors(b, inputs, layer.groups, maps)
+        desc.append(sketch(pos, b, inputs))
         del b
-        desc.append(propagated(d, cfg.ridge) if cfg.whiten_chain else d)
-        out.append((layer.name, layer_sketch(d, freq, cfg.ridge)))
     return out
+
+
+def _place_near_identity_1x1(
+    chain: list[ChainLayer], make_layer: Callable[[int], np.ndarray], made: dict[int, np.ndarray]
+) -> list[ChainLayer]:
+    """The chain with each near-identity square 1x1 layer (``channel_pass``) placed right after the layer it
+    follows in name order (``features.3`` -> ``features.3.x``; ``stem`` -> ``stem.x``), reading that layer and
+    read by its consumers. The plan puts data roots first, so a 1x1 inserted after a root (a split stem) would
+    otherwise sit at the end of the chain, with the root's consumers reading the root itself. Square 1x1
+    layers are made here (kept in ``made`` for their turn); trained ones never pass (bench/obfuscation_bench.py
+    --measure), so an ordinary model's chain is unchanged."""
+    by_name = sorted(range(len(chain)), key=lambda p: (natural_key(chain[p].name), chain[p].index))
+    moves: dict[int, int] = {}  # near-identity 1x1 position -> the position it follows
+    for rank, pos in enumerate(by_name):
+        x = chain[pos]
+        if x.groups != 1 or x.out != x.in_per_group or int(np.prod(x.kshape)) != 1 or rank == 0:
+            continue
+        w = made[x.index] = make_layer(x.index)
+        w = w.reshape(w.shape[0], w.shape[1], -1)
+        if channel_pass(sinkhorn_balance(w, 1), 1, x.kshape) is None:
+            continue
+        prev = by_name[rank - 1]
+        if chain[prev].out == x.in_per_group and prev not in moves and prev not in moves.values():
+            moves[pos] = prev
+    if all(chain[one].producer == prev and _sole_consumer(chain, one, prev) for one, prev in moves.items()):
+        return chain
+    order = [p for p in range(len(chain)) if p not in moves]
+    for one, prev in moves.items():
+        order.insert(order.index(prev) + 1, one)
+    producer: dict[int, int | None] = {p: chain[p].producer for p in range(len(chain))}
+    for one, prev in moves.items():
+        for p in range(len(chain)):
+            if producer[p] == prev and p != one:
+                producer[p] = one
+        producer[one] = prev
+    new_pos = {p: i for i, p in enumerate(order)}
+    placed = {p: None if q is None else new_pos[q] for p, q in producer.items()}
+    if any(q is not None and q > new_pos[p] for p, q in placed.items()):
+        return chain  # the moves would put a consumer before its producer: keep the plan
+    return [
+        ChainLayer(chain[p].index, chain[p].name, chain[p].out, chain[p].in_per_group, chain[p].kshape, placed[p],
+                   chain[p].groups)
+        for p in order
+    ]  # fmt: skip
+
+
+def _sole_consumer(chain: list[ChainLayer], one: int, prev: int) -> bool:
+    """Whether chain position ``one`` is the only layer reading position ``prev`` already."""
+    return all(layer.producer != prev for p, layer in enumerate(chain) if p != one)

@@ -83,6 +83,11 @@ def _guess_long(shape: Sequence[int]) -> str | None:
     return fits[0] if fits else None
 
 
+def _long_oihw(shape: Sequence[int]) -> bool:
+    """A 3-D shape whose OIHW reading is a conv1d of at least 2 filters with a long (over MAX_KERNEL) kernel."""
+    return len(shape) == 3 and shape[0] >= 2 and MAX_KERNEL < shape[2] <= MAX_LONG_KERNEL
+
+
 def conv_layers(tensors: Sequence[NamedTensor], layout: str = "auto", include_linear: bool = False) -> list[np.ndarray]:
     """Convolution (and optionally linear) weights as float32 arrays (out, in, *kernel shape), in source order.
 
@@ -104,8 +109,14 @@ def conv_plan(
         raise ValueError(f"layout must be 'auto', 'oihw' or 'hwio', got {layout!r}")
     stated = [t.layout == "oihw" and t.array.ndim >= 3 for t in tensors]
     guesses = ["stated" if known else guess_layout(t.array.shape) for t, known in zip(tensors, stated, strict=True)]
+    # A 3-D tensor read HWIO by its short kernel whose OIHW reading is a long 1-D kernel, e.g. (8, 1, 512): a
+    # torch conv1d of 8 filters of 512 taps as much as a Keras one of 512 filters of 8 taps. The model's other
+    # tensors decide; only a model of nothing but such tensors is read by their short kernels.
+    weak = [g == "hwio" and _long_oihw(t.array.shape) for t, g in zip(tensors, guesses, strict=True)]
     if layout == "auto":
-        n_oihw, n_hwio = guesses.count("oihw"), guesses.count("hwio")
+        n_oihw, n_hwio = guesses.count("oihw"), guesses.count("hwio") - sum(weak)
+        if n_oihw + n_hwio == 0:
+            n_hwio = sum(weak)
         majority = "hwio" if n_hwio > n_oihw else "oihw"
     out: list[tuple[int, str]] = []
     for i, ((_, arr, _), guess) in enumerate(zip(tensors, guesses, strict=True)):
@@ -118,8 +129,8 @@ def conv_plan(
             continue
         if guess is None:
             continue
-        read = layout if layout != "auto" else (majority if guess == "both" else guess)
-        if layout != "auto" and guess not in (read, "both"):
+        read = layout if layout != "auto" else (majority if guess == "both" or weak[i] else guess)
+        if layout != "auto" and guess not in (read, "both") and not weak[i]:
             continue  # a tensor that cannot be a kernel in the forced layout
         out.append((i, read))
     return out

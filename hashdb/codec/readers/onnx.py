@@ -253,6 +253,74 @@ def _conv_weights(graph: Any) -> set[str]:
             names.add(name)
     return names
 
+
+def _ints(node: Any, name: str) -> list[int] | None:
+    return next((list(a.ints) for a in node.attribute if a.name == name), None)
+
+
+def _split_convs(graph: Any, consts: dict[str, np.ndarray]) -> dict[str, tuple[str, str, str]]:
+    """Pairs of Conv nodes the graph shows as one linear map: a Conv (group 1) whose output only a square 1x1
+    Conv (group 1, stride 1, no padding) reads, with nothing between them (no activation, no BatchNorm, no add) and
+    not a graph output; a split convolution (W -> A^-1 W then A, Neural Structural Obfuscation) or a
+    factorised layer. Returns the 1x1's weight name -> (the first weight's name, its bias name, the 1x1's
+    bias name) ("" where absent); each weight plain float and used by its own node only."""
+    producers = {out: node for node in graph.node for out in node.output}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    outputs = {o.name for o in graph.output}
+
+    def plain_conv(node: Any) -> bool:
+        ins = list(node.input)
+        return (
+            node.op_type == "Conv" and len(ins) >= 2 and ins[1] in consts and consts[ins[1]].dtype.kind == "f"
+            and consts[ins[1]].ndim >= 3 and uses.get(ins[1]) == 1
+            and next((int(a.i) for a in node.attribute if a.name == "group"), 1) == 1
+        )  # fmt: skip
+
+    pairs: dict[str, tuple[str, str, str]] = {}
+    merged: set[str] = set()
+    for node in graph.node:
+        if not plain_conv(node) or not node.input[0]:
+            continue
+        a = consts[node.input[1]]
+        square = a.shape[0] == a.shape[1]  # a split keeps the width; a width-changing 1x1 is the architecture's
+        if not square or any(d != 1 for d in a.shape[2:]) or any(v != 1 for v in _ints(node, "strides") or [1]):
+            continue
+        if any(v != 0 for v in _ints(node, "pads") or [0]):
+            continue
+        first = producers.get(node.input[0])
+        if first is None or not plain_conv(first) or uses.get(node.input[0]) != 1 or node.input[0] in outputs:
+            continue
+        w = consts[first.input[1]]
+        if w.shape[0] != a.shape[1] or first.input[1] in merged or node.input[1] in pairs:
+            continue
+        first_bias, second_bias = (
+            n[0] if n and n[0] in consts and uses.get(n[0]) == 1 else "" for n in (first.input[2:3], node.input[2:3])
+        )
+        pairs[node.input[1]] = (first.input[1], first_bias, second_bias)
+        merged.add(node.input[1])
+    return pairs
+
+
+def _compose(consts: dict[str, np.ndarray], pairs: dict[str, tuple[str, str, str]]) -> set[str]:
+    """Replace each pair's first weight (and bias) by the composed kernel A @ W (bias A @ b_W + b_A), in place;
+    returns the names of the 1x1 weights and biases now inside it."""
+    dropped: set[str] = set()
+    for one_by_one, (first, first_bias, second_bias) in pairs.items():
+        one = consts[one_by_one]
+        a = one.reshape(one.shape[0], one.shape[1]).astype(np.float64)
+        consts[first] = np.einsum("po,o...->p...", a, consts[first].astype(np.float64)).astype(np.float32)
+        bias = a @ consts[first_bias].astype(np.float64) if first_bias else np.zeros(a.shape[0])
+        if second_bias:
+            bias = bias + consts[second_bias].astype(np.float64)
+        if first_bias or second_bias:
+            consts[first_bias or second_bias] = bias.astype(np.float32)
+        dropped |= {one_by_one, second_bias if first_bias else ""} - {""}
+    return dropped
+
+
 def _check_expansion(path: Path, model: Any, folder: Path, max_bytes: int) -> None:
     """What the float initializers make against the bytes stored (check_expansion): many initializers may
     name one range of one external file, and each would be read again."""
@@ -301,8 +369,12 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
     dequantized = _quantized(path, graph, consts)
     conv_weights = _conv_weights(graph)
     params = _quantization_params(graph)
+    # a kxk Conv whose only reader is a 1x1 Conv is one linear map: hashed as that one kernel (docs/codec.md)
+    composed_away = _compose(consts, _split_convs(graph, consts))
     out: list[NamedTensor] = []
     for name, arr in consts.items():  # in the file's order; integer constants only as their dequantized weights
+        if name in composed_away:
+            continue
         if name in dequantized:
             name, arr = dequantized[name]
         elif arr.dtype.kind != "f" or name in params:

@@ -180,6 +180,7 @@ def _read_model(path: Path, buf: Any, file: Any, max_bytes: int) -> list[NamedTe
     buffers = model.tables(4)
     out: list[NamedTensor] = []
     planned: list[tuple[str, _Table, str]] = []  # (name, constant tensor, layout)
+    composed: dict[int, int] = {}  # planned position of a 1x1 CONV_2D's weight -> that of the conv it follows
     for g, subgraph in enumerate(model.tables(2)):
         tensors = subgraph.tables(0)
         operators = subgraph.tables(3)
@@ -188,6 +189,7 @@ def _read_model(path: Path, buf: Any, file: Any, max_bytes: int) -> list[NamedTe
             idx = int(op.scalar(0, "<I", 0))
             for t in op.numbers(2, "<i4"):
                 producer[int(t)] = (codes[idx] if idx < len(codes) else -1, op)
+        at: dict[int, int] = {}  # weight tensor index -> its position in planned
         seen: set[int] = set()
         for op in operators:
             idx = int(op.scalar(0, "<I", 0))
@@ -211,15 +213,67 @@ def _read_model(path: Path, buf: Any, file: Any, max_bytes: int) -> list[NamedTe
             if not _has_data(source, buffers):
                 continue  # a weight computed at run time, not stored in the file
             name = source.string(3) or f"subgraph{g}/tensor{t}"
+            at[t] = len(planned)
             planned.append((name if g == 0 else f"subgraph{g}/{name}", source, spec[1]))
+        for one_by_one, first in _split_convs(subgraph, operators, codes, producer, tensors):
+            if one_by_one in at and first in at and at[first] not in composed:
+                composed[at[one_by_one]] = at[first]
     # Subgraphs and tensors may share one buffer: what they make counts against the distinct buffers stored.
     # Overlapping ranges are each counted, but never more than the file holds.
     stored = min(len(buf), sum(n for _, n in {_data_range(t, buffers) for _, t, _ in planned}))
     produced = sum(4 * math.prod(_shape(path, t)) for _, t, _ in planned)
     check_expansion(path, stored, produced, max_bytes)
-    for name, tensor, layout in planned:
-        out.append(NamedTensor(name, _to_oihw(_values(path, buf, file, tensor, buffers, name), layout), "oihw"))
+    arrays = [_to_oihw(_values(path, buf, file, tensor, buffers, name), layout) for name, tensor, layout in planned]
+    for one_by_one, first in list(composed.items()):  # A @ W: the kxk conv and the 1x1 after it as one kernel
+        a, w = arrays[one_by_one], arrays[first]
+        if a.ndim == 4 and w.ndim == 4 and a.shape[2:] == (1, 1) and a.shape[1] == w.shape[0]:
+            arrays[first] = np.einsum("po,oikl->pikl", a[:, :, 0, 0].astype(np.float64), w).astype(np.float32)
+        else:  # widths that do not chain: not one map after all
+            del composed[one_by_one]
+    for j, ((name, _, _), arr) in enumerate(zip(planned, arrays, strict=True)):
+        if j not in composed:
+            out.append(NamedTensor(name, arr, "oihw"))
     return out
+
+
+def _split_convs(
+    subgraph: _Table, operators: list[_Table], codes: list[int], producer: dict[int, tuple[int, _Table]],
+    tensors: list[_Table],
+) -> list[tuple[int, int]]:  # fmt: skip
+    """(1x1 weight, first weight) tensor indices of CONV_2D pairs the graph shows as one linear map: a CONV_2D
+    with no fused activation whose output only a square 1x1 CONV_2D of stride 1 reads (not a subgraph output), each
+    weight used by its own op only. A split convolution (W -> A^-1 W then A) composes back into W."""
+    uses: dict[int, int] = {}
+    for op in operators:
+        for t in op.numbers(1, "<i4"):
+            uses[int(t)] = uses.get(int(t), 0) + 1
+    outputs = {int(t) for t in subgraph.numbers(2, "<i4")}
+    pairs = []
+    for op in operators:
+        idx = int(op.scalar(0, "<I", 0))
+        inputs = op.numbers(1, "<i4")
+        if idx >= len(codes) or codes[idx] != CONV_2D or len(inputs) < 2:
+            continue
+        x, weight = int(inputs[0]), int(inputs[1])
+        options = op.table(4)
+        if options is None or int(options.scalar(1, "<i", 0)) != 1 or int(options.scalar(2, "<i", 0)) != 1:
+            continue
+        if not 0 <= weight < len(tensors):
+            continue
+        shape = [int(d) for d in tensors[weight].numbers(0, "<i4")]  # OHWI: a square 1x1 (a split keeps the width)
+        if len(shape) != 4 or shape[1:3] != [1, 1] or shape[0] != shape[3]:
+            continue
+        code, first = producer.get(x, (-1, None))
+        if first is None or code != CONV_2D or uses.get(x) != 1 or x in outputs or uses.get(weight) != 1:
+            continue
+        first_inputs = first.numbers(1, "<i4")
+        first_options = first.table(4)
+        if len(first_inputs) < 2 or uses.get(int(first_inputs[1])) != 1:
+            continue
+        if first_options is not None and int(first_options.scalar(3, "<b", 0)) != 0:  # a fused ReLU between
+            continue
+        pairs.append((weight, int(first_inputs[1])))
+    return pairs
 
 
 def _shape(path: Path, tensor: _Table) -> list[int]:
