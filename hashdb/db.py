@@ -29,6 +29,7 @@ from .live_index import LiveIndex
 from .store import (
     DEFAULT_MODE,
     MAX_KEY_BYTES,
+    MAX_LAYERS,
     Change,
     LayerSet,
     LogBatch,
@@ -51,7 +52,6 @@ Match = tuple[str, int]
 Pair = tuple[str, str, int]
 LayerMatch = tuple[str, str, int]  # (model key, layer name, distance)
 JOIN_ENGINES = ("local", "ray")
-MAX_LAYERS = 4096  # per model: far above any CNN's eligible layers, and a layer's position fits 2 bytes
 MAX_LAYER_NAME_BYTES = 1024  # utf-8 bytes of one layer name (tensor names are rarely over 200)
 LAYERS_FILENAME = "layers.index.hashdb"  # the layer space's index file (persist.LAYERS_FILENAME)
 
@@ -108,9 +108,10 @@ def meta_bytes(meta: Any) -> bytes | None:
         raise InvalidMeta(f"meta is not msgpack-serializable: {e}") from None
 
 
-def layer_set(layers: Any, bits: int, key: Any) -> LayerSet | None:
+def layer_set(layers: Any, bits: int, key: Any, names_seen: dict[str, bytes] | None = None) -> LayerSet | None:
     """One model's layers, ``[(name, code), ...]``, validated and packed (None when there are none), or
-    InvalidArgument / InvalidCode naming the key and the layer."""
+    InvalidArgument / InvalidCode naming the key and the layer. ``names_seen`` carries the names already
+    checked (and packed) between the models of one call: most models of a collection share layer names."""
     if layers is None:
         return None
     if isinstance(layers, str | bytes | dict) or not isinstance(layers, Iterable):
@@ -122,29 +123,41 @@ def layer_set(layers: Any, bits: int, key: Any) -> LayerSet | None:
         return None
     if len(items) > MAX_LAYERS:
         raise InvalidArgument(f"key {shown(key)} has {len(items)} layers; at most {MAX_LAYERS} are allowed")
+    seen = {} if names_seen is None else names_seen
+    nbytes = bits // 8
     names: list[bytes] = []
     codes: list[bytes] = []
     for i, item in enumerate(items):
         if not isinstance(item, tuple | list) or len(item) != 2:
             raise InvalidArgument(f"layer {i} of key {shown(key)} must be a (name, code) pair, got {shown(item)}")
         name, code = item
-        if not isinstance(name, str) or not name:
-            raise InvalidArgument(f"layer {i} of key {shown(key)}: its name must be a non-empty str, got {shown(name)}")
-        try:
-            size = len(name.encode("utf-8"))
-        except UnicodeEncodeError as e:
-            raise InvalidArgument(f"layer {i} of key {shown(key)}: its name is not encodable as utf-8: {e}") from None
-        if size > MAX_LAYER_NAME_BYTES:
-            raise InvalidArgument(
-                f"layer {i} of key {shown(key)}: its name is {size} utf-8 bytes; at most {MAX_LAYER_NAME_BYTES} are"
-                " allowed"
-            )
+        packed = seen.get(name) if type(name) is str else None
+        if packed is None:
+            packed = seen[name] = _layer_name(name, i, key)
+        names.append(packed)
+        if type(code) is bytes and len(code) == nbytes:  # the common case, as the codec gives them
+            codes.append(code)
+            continue
         try:
             codes.append(to_bytes(code, bits))
         except InvalidCode as e:
             raise InvalidCode(f"layer {i} ({shown(name)}) of key {shown(key)}: {e}") from None
-        names.append(pack_meta(name))
     return names, b"".join(codes)
+
+
+def _layer_name(name: Any, i: int, key: Any) -> bytes:
+    """A valid layer name as stored (msgpack of the str), or InvalidArgument."""
+    if not isinstance(name, str) or not name:
+        raise InvalidArgument(f"layer {i} of key {shown(key)}: its name must be a non-empty str, got {shown(name)}")
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise InvalidArgument(f"layer {i} of key {shown(key)}: its name is not encodable as utf-8: {e}") from None
+    if size > MAX_LAYER_NAME_BYTES:
+        raise InvalidArgument(
+            f"layer {i} of key {shown(key)}: its name is {size} utf-8 bytes; at most {MAX_LAYER_NAME_BYTES} are allowed"
+        )
+    return pack_meta(name)
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
@@ -308,7 +321,8 @@ class HashDB:
             layers = _as_list(layers, "layers")
             if len(layers) != len(keys):
                 raise InvalidArgument(f"{len(keys)} keys but {len(layers)} entries of layers")
-            raw_layers = [layer_set(ls, self.bits, k) for k, ls in zip(keys, layers, strict=True)]
+            seen: dict[str, bytes] = {}
+            raw_layers = [layer_set(ls, self.bits, k, seen) for k, ls in zip(keys, layers, strict=True)]
             if all(ls is None for ls in raw_layers):
                 raw_layers = None
         raw_keys = keys_bytes(keys)

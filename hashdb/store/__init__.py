@@ -10,7 +10,7 @@
 Nothing here knows the in-memory index; ``HashDB`` (db.py) ties the two together.
 """
 
-from .core import LAYER_NEXT_ID, Change, LayerSet, LayerSpace, Store, layer_key, open_store, release_store
+from .core import LAYER_NEXT_ID, MAX_LAYERS, Change, LayerSet, LayerSpace, Store, layer_key, open_store, release_store
 from .env import DEFAULT_MAP_SIZE, DEFAULT_MODE, MAX_MAP_SIZE, Environment, RWLock, Txn, file_identity
 from .log import LOG_BATCH, LOG_PIN_BYTES, OP_DELETE, OP_PUT, ChangeLog, LogBatch, pid_alive
 from .records import MAX_KEY_BYTES, Records, block_size, put_reserve
@@ -30,6 +30,7 @@ __all__ = [
     "ALL_TABLES",
     "LAYER_NEXT_ID",
     "LAYER_TABLES",
+    "MAX_LAYERS",
     "Change",
     "LayerSet",
     "LayerSpace",

@@ -43,6 +43,10 @@ Change = tuple[int, int, LogBatch]
 LayerSet = tuple[list[bytes], bytes]
 
 
+MAX_LAYERS = 4096  # per model: far above any CNN's eligible layers (db.py refuses more before writing)
+_POSITIONS = [_POSITION.pack(p) for p in range(MAX_LAYERS)]
+
+
 def layer_key(model_id: int, position: int) -> bytes:
     """The key of a layer record: its model's id and its position, so a model's layers are one key range."""
     return pack_seq(model_id) + _POSITION.pack(position)
@@ -310,8 +314,10 @@ class Store(Environment):
             for i in np.argsort(ids, kind="stable").tolist():
                 found = layers[i]
                 if found is not None and found[0]:
-                    model_id = int(ids[i])
-                    new_keys.extend(layer_key(model_id, p) for p in range(len(found[0])))
+                    if len(found[0]) > MAX_LAYERS:
+                        raise StorageError(f"{len(found[0])} layers for one model; at most {MAX_LAYERS} are stored")
+                    base = pack_seq(int(ids[i]))
+                    new_keys.extend([base + p for p in _POSITIONS[: len(found[0])]])  # layer_key() of each
                     names.extend(found[0])
                     code_parts.append(found[1])
         if not old and not new_keys:
