@@ -6,6 +6,11 @@ log was compacted past it), answers from the index, and maps ids back to keys in
 query sees every write committed before it began, by this process or any other. The index's life (log
 replay, the index file, the move from numpy to the numba kernels, the readers table) is one LiveIndex
 (live_index.py) that each handle owns.
+
+Per-layer codes (``insert(..., layers=)``) are a second space of records in the same environment, written in
+the same transaction as their model's record, with their own log and their own LiveIndex (its own index
+file), so ``layer_radius`` is exact and current in the same way. A layer match maps back to (model key,
+layer name) in the query's snapshot.
 """
 
 from __future__ import annotations
@@ -18,10 +23,22 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 import numpy as np
 
 from .codes import Code, bytes_to_words, check_bits, many_to_bytes, to_bytes
-from .errors import InvalidArgument, InvalidKey, InvalidMeta, KeyNotFound, StorageError, shown
+from .errors import InvalidArgument, InvalidCode, InvalidKey, InvalidMeta, KeyNotFound, StorageError, shown
 from .index.contract import FORCES  # noqa: F401 - numpy only; defined once there, re-exported for callers
 from .live_index import LiveIndex
-from .store import DEFAULT_MODE, MAX_KEY_BYTES, LogBatch, Store, Txn, open_store, pack_meta, release_store
+from .store import (
+    DEFAULT_MODE,
+    MAX_KEY_BYTES,
+    MAX_LAYERS,
+    Change,
+    LayerSet,
+    LogBatch,
+    Store,
+    Txn,
+    open_store,
+    pack_meta,
+    release_store,
+)
 
 if TYPE_CHECKING:
     from .index.memory import MemoryIndex
@@ -33,7 +50,10 @@ ITER_CHUNK = 4096  # keys per read transaction while iterating: no snapshot is h
 
 Match = tuple[str, int]
 Pair = tuple[str, str, int]
+LayerMatch = tuple[str, str, int]  # (model key, layer name, distance)
 JOIN_ENGINES = ("local", "ray")
+MAX_LAYER_NAME_BYTES = 1024  # utf-8 bytes of one layer name (tensor names are rarely over 200)
+LAYERS_FILENAME = "layers.index.hashdb"  # the layer space's index file (persist.LAYERS_FILENAME)
 
 
 class Cluster(NamedTuple):
@@ -86,6 +106,58 @@ def meta_bytes(meta: Any) -> bytes | None:
         return pack_meta(meta)
     except (TypeError, ValueError, OverflowError) as e:
         raise InvalidMeta(f"meta is not msgpack-serializable: {e}") from None
+
+
+def layer_set(layers: Any, bits: int, key: Any, names_seen: dict[str, bytes] | None = None) -> LayerSet | None:
+    """One model's layers, ``[(name, code), ...]``, validated and packed (None when there are none), or
+    InvalidArgument / InvalidCode naming the key and the layer. ``names_seen`` carries the names already
+    checked (and packed) between the models of one call: most models of a collection share layer names."""
+    if layers is None:
+        return None
+    if isinstance(layers, str | bytes | dict) or not isinstance(layers, Iterable):
+        raise InvalidArgument(
+            f"layers of key {shown(key)} must be a sequence of (name, code) pairs, got {type(layers).__name__}"
+        )
+    items = list(layers)
+    if not items:
+        return None
+    if len(items) > MAX_LAYERS:
+        raise InvalidArgument(f"key {shown(key)} has {len(items)} layers; at most {MAX_LAYERS} are allowed")
+    seen = {} if names_seen is None else names_seen
+    nbytes = bits // 8
+    names: list[bytes] = []
+    codes: list[bytes] = []
+    for i, item in enumerate(items):
+        if not isinstance(item, tuple | list) or len(item) != 2:
+            raise InvalidArgument(f"layer {i} of key {shown(key)} must be a (name, code) pair, got {shown(item)}")
+        name, code = item
+        packed = seen.get(name) if type(name) is str else None
+        if packed is None:
+            packed = seen[name] = _layer_name(name, i, key)
+        names.append(packed)
+        if type(code) is bytes and len(code) == nbytes:  # the common case, as the codec gives them
+            codes.append(code)
+            continue
+        try:
+            codes.append(to_bytes(code, bits))
+        except InvalidCode as e:
+            raise InvalidCode(f"layer {i} ({shown(name)}) of key {shown(key)}: {e}") from None
+    return names, b"".join(codes)
+
+
+def _layer_name(name: Any, i: int, key: Any) -> bytes:
+    """A valid layer name as stored (msgpack of the str), or InvalidArgument."""
+    if not isinstance(name, str) or not name:
+        raise InvalidArgument(f"layer {i} of key {shown(key)}: its name must be a non-empty str, got {shown(name)}")
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise InvalidArgument(f"layer {i} of key {shown(key)}: its name is not encodable as utf-8: {e}") from None
+    if size > MAX_LAYER_NAME_BYTES:
+        raise InvalidArgument(
+            f"layer {i} of key {shown(key)}: its name is {size} utf-8 bytes; at most {MAX_LAYER_NAME_BYTES} are allowed"
+        )
+    return pack_meta(name)
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
@@ -149,6 +221,10 @@ class HashDB:
             self._store.set_meta("codec", codec)
         # The in-memory index, kept in step with LMDB: log replay, index file, reader registry (live_index.py).
         self._live = LiveIndex(lambda: self._s, self._store.path, self._store.bits, readonly)
+        # The same over the layer space, with its own log, readers and index file.
+        self._layer_live = LiveIndex(
+            lambda: self._s.layers, self._store.path, self._store.bits, readonly, LAYERS_FILENAME, {"space": "layers"}
+        )
 
     # ------------------------------------------------------------------------------------- properties
 
@@ -196,19 +272,37 @@ class HashDB:
 
     # ----------------------------------------------------------------------------------------- writes
 
-    def insert(self, key: str, code: Code, meta: dict[str, Any] | None = None) -> None:
-        """Insert ``key`` or replace its code and metadata (meta=None removes earlier metadata)."""
+    def insert(
+        self,
+        key: str,
+        code: Code,
+        meta: dict[str, Any] | None = None,
+        *,
+        layers: Sequence[tuple[str, Code]] | None = None,
+    ) -> None:
+        """Insert ``key`` or replace its code, metadata and layer codes (meta=None removes earlier metadata;
+        layers=None or [] earlier layer codes). ``layers``: (layer name, code of db.bits) in the model's
+        order, at most 4096, names non-empty of at most 1024 utf-8 bytes."""
         kb = key_bytes(key)
         cb = to_bytes(code, self.bits)
         mb = meta_bytes(meta)
-        self._put([kb], cb, None if mb is None else [mb])
+        ls = layer_set(layers, self.bits, key)
+        self._put([kb], cb, None if mb is None else [mb], None if ls is None else [ls])
 
-    def insert_many(self, keys: Sequence[str], codes: Any, metas: Sequence[dict[str, Any] | None] | None = None) -> int:
+    def insert_many(
+        self,
+        keys: Sequence[str],
+        codes: Any,
+        metas: Sequence[dict[str, Any] | None] | None = None,
+        *,
+        layers: Sequence[Sequence[tuple[str, Code]] | None] | None = None,
+    ) -> int:
         """Insert or replace many records in one transaction; returns how many distinct keys were written.
 
-        ``codes`` is a sequence of codes or an (n, bits/8) uint8 / (n, bits) bool array. A key repeated
-        within the call takes its last code and meta. Everything is validated before the transaction, so a
-        bad record anywhere leaves the database unchanged.
+        ``codes`` is a sequence of codes or an (n, bits/8) uint8 / (n, bits) bool array; ``layers`` None or
+        one entry per key (its layers as insert() takes them, or None). A key repeated within the call takes
+        its last code, meta and layers. Everything is validated before the transaction, so a bad record
+        anywhere leaves the database unchanged.
         """
         keys = _as_list(keys, "keys")
         matrix = self._code_matrix(codes)
@@ -222,23 +316,34 @@ class HashDB:
             raw_metas = [meta_bytes(m) for m in metas]
             if all(m is None for m in raw_metas):
                 raw_metas = None
+        raw_layers: list[LayerSet | None] | None = None
+        if layers is not None:
+            layers = _as_list(layers, "layers")
+            if len(layers) != len(keys):
+                raise InvalidArgument(f"{len(keys)} keys but {len(layers)} entries of layers")
+            seen: dict[str, bytes] = {}
+            raw_layers = [layer_set(ls, self.bits, k, seen) for k, ls in zip(keys, layers, strict=True)]
+            if all(ls is None for ls in raw_layers):
+                raw_layers = None
         raw_keys = keys_bytes(keys)
         if not raw_keys:
             return 0
-        if len(set(raw_keys)) != len(raw_keys):  # a repeated key keeps its last code and meta
+        if len(set(raw_keys)) != len(raw_keys):  # a repeated key keeps its last code, meta and layers
             keep = sorted({k: i for i, k in enumerate(raw_keys)}.values())
             raw_keys = [raw_keys[i] for i in keep]
             matrix = matrix[keep]
             raw_metas = None if raw_metas is None else [raw_metas[i] for i in keep]
+            raw_layers = None if raw_layers is None else [raw_layers[i] for i in keep]
         # Sorted keys make LMDB's inserts sequential: measured 0.36 s vs 1.09 s for 1M keys in random order.
         order = sorted(range(len(raw_keys)), key=raw_keys.__getitem__)
         kb = [raw_keys[i] for i in order]
         mb = None if raw_metas is None else [raw_metas[i] for i in order]
-        self._put(kb, matrix[np.fromiter(order, np.intp, len(order))].tobytes(), mb)
+        lb = None if raw_layers is None else [raw_layers[i] for i in order]
+        self._put(kb, matrix[np.fromiter(order, np.intp, len(order))].tobytes(), mb, lb)
         return len(kb)
 
     def write_batch(self, ops: Sequence[tuple[str, dict[str, Any]]]) -> list[Any]:
-        """Run writes in order: ``[("insert", {"key", "code", "meta"?}), ("delete", {"key"}), ...]``.
+        """Run writes in order: ``[("insert", {"key", "code", "meta"?, "layers"?}), ("delete", {"key"}), ...]``.
 
         Returns one entry per op: its result, or the exception it raised (never raised; lmdb failures come
         as StorageError), and the later ops still run. Inserts next to each other commit as one
@@ -256,7 +361,10 @@ class HashDB:
                 group = [args for _, args in ops[i:j]]
                 try:
                     metas = [a.get("meta") for a in group]
-                    self.insert_many([a["key"] for a in group], [a["code"] for a in group], metas)
+                    layers = [a.get("layers") for a in group]
+                    keys = [a["key"] for a in group]
+                    codes = [a["code"] for a in group]
+                    self.insert_many(keys, codes, metas, layers=None if all(x is None for x in layers) else layers)
                 except Exception:  # noqa: BLE001 - a bad entry or a failed commit: run them one by one below
                     pass
                 else:
@@ -290,12 +398,14 @@ class HashDB:
         raw = many_to_bytes(codes, self.bits)
         return np.frombuffer(b"".join(raw), dtype=np.uint8).reshape(len(raw), nb)
 
-    def _put(self, kb: list[bytes], codes: bytes, mb: list[bytes | None] | None) -> None:
-        reserve = self._s.reserve_for_put(kb, mb)
+    def _put(
+        self, kb: list[bytes], codes: bytes, mb: list[bytes | None] | None, lb: list[LayerSet | None] | None
+    ) -> None:
+        reserve = self._s.reserve_for_put(kb, mb, lb)
 
-        def body(txn: Txn) -> tuple[int, int, LogBatch]:
-            result = self._s.put_many(txn, kb, codes, mb)
-            self._maintain(txn)
+        def body(txn: Txn) -> tuple[int, int, LogBatch, Change | None]:
+            result = self._s.put_many(txn, kb, codes, mb, lb)
+            self._maintain(txn, result[3] is not None)
             return result
 
         self._after_write(*self._w.write(body, reserve=reserve))
@@ -336,33 +446,47 @@ class HashDB:
         if not kb:
             return 0
 
-        def body(txn: Txn) -> tuple[int, int, LogBatch]:
+        def body(txn: Txn) -> tuple[int, int, LogBatch, Change | None]:
             result = self._s.delete_many(txn, kb)
             if result[1] != result[0]:
-                self._maintain(txn)
+                self._maintain(txn, result[3] is not None)
             return result
 
-        prev, seq, batch = self._w.write(body)
-        self._after_write(prev, seq, batch)
+        prev, seq, batch, layer_change = self._w.write(body)
+        self._after_write(prev, seq, batch, layer_change)
         return len(batch.deleted_ids)
 
-    def _maintain(self, txn: Txn) -> None:
-        """Inside a write: record our log position (a compaction hint) and compact the log."""
+    def _maintain(self, txn: Txn, layers_changed: bool = False) -> None:
+        """Inside a write: record our log position (a compaction hint) and compact the log (the layer log
+        too when this write changed layers)."""
         live = self._live
         if live.index is not None:
             self._s.set_reader(txn, live.token, live.applied)
         self._s.compact_log(txn)
+        if layers_changed:
+            layer_live = self._layer_live
+            if layer_live.index is not None:
+                self._s.layers.set_reader(txn, layer_live.token, layer_live.applied)
+            self._s.layers.compact_log(txn)
 
-    def _after_write(self, prev: int, seq: int, batch: LogBatch) -> None:
+    def _after_write(self, prev: int, seq: int, batch: LogBatch, layer_change: Change | None = None) -> None:
         self._live.after_write(prev, seq, batch)
+        if layer_change is not None:
+            self._layer_live.after_write(*layer_change)
 
     def compact_log(self, honour_readers: bool = True) -> int:
-        """Drop log entries every live reader has applied (all but the newest with honour_readers=False).
+        """Drop log entries every live reader has applied (all but the newest with honour_readers=False),
+        in the models' log and the layers' log.
 
         Writes compact automatically; this is for tools and tests. Readers left behind rebuild their index
         from the tables on their next query. Returns the number of entries dropped.
         """
-        return self._w.write(lambda txn: self._s.compact_log(txn, honour_readers))
+        store = self._w
+
+        def body(txn: Txn) -> int:
+            return store.compact_log(txn, honour_readers) + store.layers.compact_log(txn, honour_readers)
+
+        return store.write(body)
 
     # ------------------------------------------------------------------------------------------ reads
 
@@ -402,6 +526,22 @@ class HashDB:
     def keys(self) -> list[str]:
         return list(self)
 
+    def layers(self, key: str) -> list[tuple[str, bytes]]:
+        """(layer name, code) of each layer code stored with ``key``, in stored order; KeyNotFound if absent."""
+        kb = key_bytes(key)
+        self._s.find_layer_tables()
+        with self._s.read() as txn:
+            found = self._s.layers_of(txn, kb)
+        if found is None:
+            raise KeyNotFound(f"key not found: {shown(key, 600)}")
+        return found
+
+    def layer_count(self) -> int:
+        """How many layer codes the database holds (over all models)."""
+        self._s.find_layer_tables()
+        with self._s.read() as txn:
+            return self._s.layers.count(txn)
+
     def keys_after(self, after: str | None = None, limit: int = ITER_CHUNK) -> list[str]:
         """Up to ``limit`` keys in utf-8 byte order, strictly after ``after`` (from the first when None)."""
         limit = _check_int("limit", limit, 1)
@@ -429,6 +569,28 @@ class HashDB:
         queries = bytes_to_words(raw, self.bits)
         r = min(r, self.bits)
         return self._query(lambda index: index.radius_many(queries, r, force=force), force)
+
+    def layer_radius(self, code: Code, r: int, force: str | None = None) -> list[LayerMatch]:
+        """Every stored layer code within Hamming distance <= r of ``code``, as (model key, layer name,
+        distance), sorted by (distance, model key, the layer's position in its model)."""
+        r = _check_int("r", r, 0)
+        force = _check_force(force)
+        query = bytes_to_words(to_bytes(code, self.bits), self.bits)
+        r = min(r, self.bits)
+        ask = lambda index: [index.radius(query, r, force=force)]  # noqa: E731
+        return self._query(ask, force, self._to_layer_matches, layers=True)[0]
+
+    def layer_radius_many(self, codes: Any, r: int, force: str | None = None) -> list[list[LayerMatch]]:
+        """layer_radius() for each code, all answered from one snapshot."""
+        r = _check_int("r", r, 0)
+        force = _check_force(force)
+        raw = many_to_bytes(codes, self.bits)
+        if not raw:
+            return []
+        queries = bytes_to_words(raw, self.bits)
+        r = min(r, self.bits)
+        ask = lambda index: index.radius_many(queries, r, force=force)  # noqa: E731
+        return self._query(ask, force, self._to_layer_matches, layers=True)
 
     def knn(self, code: Code, k: int, force: str | None = None) -> list[Match]:
         """The k nearest keys, sorted by (distance, key); among equal distances the smaller keys win."""
@@ -490,17 +652,26 @@ class HashDB:
         """Bring the in-memory index up to date and build its tables now, not when queries make them pay off
         (a server about to answer many queries); returns the log sequence it reflects."""
         self._query(lambda index: [], "kernels")
-        with self._live.lock:
-            index = self._live.index
-            if index is not None and index.engine == "kernels":  # forced there by the query above
-                cast("MemoryIndex", index).prepare()
+        lives = [self._live]
+        if self.layer_count():
+            self._query(lambda index: [], "kernels", layers=True)
+            lives.append(self._layer_live)
+        for live in lives:
+            with live.lock:
+                index = live.index
+                if index is not None and index.engine == "kernels":  # forced there by the query above
+                    cast("MemoryIndex", index).prepare()
         return self._live.applied
 
-    def _query(self, ask: Any, force: str | None = None, convert: Any = None) -> list[Any]:
+    def _query(self, ask: Any, force: str | None = None, convert: Any = None, *, layers: bool = False) -> list[Any]:
+        """Answer ``ask(index)`` from the index of the models (or of the layers) brought to one snapshot, and
+        ``convert`` each answer to keys in that snapshot."""
+        if layers:
+            self._s.find_layer_tables()
         for _ in range(100):
-            live = self._live
+            live = self._layer_live if layers else self._live
             with self._s.read() as txn:
-                last = self._s.last_seq(txn)
+                last = (self._s.layers if layers else self._s).last_seq(txn)
                 with live.lock:
                     if live.index is not None and live.applied > last:
                         continue  # another thread refreshed from a newer snapshot: take a newer one too
@@ -521,6 +692,16 @@ class HashDB:
         keys = self._s.keys_of(txn, ids)
         pairs = sorted(zip(np.asarray(dists).tolist(), keys, strict=True))
         return [(k.decode("utf-8"), d) for d, k in pairs]
+
+    def _to_layer_matches(self, txn: Txn, ids: np.ndarray, dists: np.ndarray) -> list[LayerMatch]:
+        if len(ids) == 0:
+            return []
+        owners = self._s.layer_owners(txn, ids)
+        rows = sorted(
+            (d, model, position, name)
+            for d, (model, position, name) in zip(np.asarray(dists).tolist(), owners, strict=True)
+        )
+        return [(model.decode("utf-8"), name, d) for d, model, _, name in rows]
 
     def _to_pairs(self, txn: Txn, ids_a: np.ndarray, ids_b: np.ndarray, dists: np.ndarray) -> list[Pair]:
         if len(dists) == 0:
@@ -547,12 +728,16 @@ class HashDB:
 
     def stats(self) -> dict[str, Any]:
         """Counts, sizes and log positions (for the CLI's ``stats`` and monitoring)."""
+        self._s.find_layer_tables()
         found = self._s.stats()
         live = self._live
         with live.lock:
             index = None if live.index is None else live.index.stats()
             index_bytes = 0 if live.index is None else int(live.index.nbytes())
             applied = live.applied
+        with self._layer_live.lock:
+            layer_index = self._layer_live.index
+            layer_index_bytes = 0 if layer_index is None else int(layer_index.nbytes())
         return {
             "count": found["count"],
             "bits": self.bits,
@@ -571,15 +756,23 @@ class HashDB:
             "index_source": self._live.source,
             "index_bytes": index_bytes,
             "index": index,
+            "layers": found["layers"],
+            "layer_index_bytes": layer_index_bytes,
         }
 
     def close(self) -> None:
         """Release the index and this handle's share of LMDB; idempotent. Other methods raise StorageError."""
         if self._closed:
             return
-        if not self.readonly and self._live.registered_at is not None:
+        store = self._store
+        if not self.readonly and (self._live.registered_at is not None or self._layer_live.registered_at is not None):
+
+            def forget(txn: Txn) -> None:
+                store.set_reader(txn, self._live.token, None)
+                store.layers.set_reader(txn, self._layer_live.token, None)
+
             try:
-                self._store.write(lambda txn: self._store.set_reader(txn, self._live.token, None))
+                store.write(forget)
             except StorageError:
                 pass  # a stale registry entry only delays compaction until its pid is gone
         try:
@@ -587,10 +780,19 @@ class HashDB:
                 self.save_index()
         except Exception:  # noqa: BLE001 - the index file is an optimisation: closing must not fail on it
             log.exception("could not refresh the index file of %r", self.path)
+        try:
+            if self._layer_live.file_due():
+                self._query(lambda index: [], "kernels", layers=True)
+                with self._layer_live.lock:
+                    self._layer_live.write_file()
+        except Exception:  # noqa: BLE001 - as above
+            log.exception("could not refresh the layer index file of %r", self.path)
         self._closed = True
         release_store(self._store)
         with self._live.lock:
             self._live.index = None
+        with self._layer_live.lock:
+            self._layer_live.index = None
 
     def __del__(self) -> None:
         # A handle dropped without close() must not keep the shared environment open forever.
@@ -608,4 +810,13 @@ class HashDB:
         self.close()
 
 
-__all__ = ["HashDB", "Match", "key_bytes", "meta_bytes"]
+__all__ = [
+    "MAX_LAYERS",
+    "MAX_LAYER_NAME_BYTES",
+    "HashDB",
+    "LayerMatch",
+    "Match",
+    "key_bytes",
+    "layer_set",
+    "meta_bytes",
+]

@@ -4,7 +4,8 @@
 index file (checked against the database's stamp and log before use), replaying the log to catch up, moving
 from the numpy index to the numba kernels when queries make it pay off, applying the handle's own writes,
 deciding when the index file is worth (re)writing and writing it, and recording this reader's log position
-in the readers table (a compaction hint). HashDB holds one and calls it under ``lock``.
+in the readers table (a compaction hint). HashDB holds one and calls it under ``lock``, and a second one
+over the layer space (store.LayerSpace: the same verbs over the layer tables, its own index file).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from .index.contract import InMemoryIndex
     from .index.memory import MemoryIndex
     from .index.numpy_index import NumpyIndex
-    from .store import LogBatch, Store, Txn
+    from .store import LayerSpace, LogBatch, Store, Txn
 
 log = logging.getLogger("hashdb.db")
 
@@ -68,9 +69,19 @@ class LiveIndex:
     the handle is closed); ``path`` and ``bits`` name the database. Callers hold ``lock`` around ``answer``,
     ``refresh``, ``write_file`` and reads of ``index``: the index's queries use shared scratch arrays."""
 
-    def __init__(self, store: Callable[[], Store], path: str, bits: int, readonly: bool) -> None:
+    def __init__(
+        self,
+        store: Callable[[], Store | LayerSpace],
+        path: str,
+        bits: int,
+        readonly: bool,
+        filename: str | None = None,
+        stamp: dict[str, Any] | None = None,
+    ) -> None:
         self._store = store
         self.path = path
+        self.filename = filename or _persist().FILENAME  # the index file, beside the environment
+        self.stamp = stamp or {}  # what else ties that file to its space (the layer space names itself)
         self.bits = bits
         self.readonly = readonly
         self.lock = threading.Lock()
@@ -85,7 +96,7 @@ class LiveIndex:
         self.file_rejected = False  # the index file failed a lazy check: this handle reads LMDB from now on
 
     @property
-    def _s(self) -> Store:
+    def _s(self) -> Store | LayerSpace:
         return self._store()
 
     def after_write(self, prev: int, seq: int, batch: LogBatch) -> None:
@@ -146,7 +157,7 @@ class LiveIndex:
 
     def database_stamp(self) -> dict[str, Any]:
         """What ties an index file to this database: the width and the environment's creation stamp."""
-        return {"bits": self.bits, "database": self._s.db_id}
+        return {"bits": self.bits, "database": self._s.db_id, **self.stamp}
 
     def log_crc(self, txn: Txn, seq: int) -> int | None:
         """crc32 of log entry ``seq`` (None when it is not in the log): a file stamped with a sequence whose
@@ -161,7 +172,7 @@ class LiveIndex:
         if self.file_rejected:
             return None
         try:
-            header, arrays, checker = persist.read(self.path, self.database_stamp())
+            header, arrays, checker = persist.read(self.path, self.database_stamp(), self.filename)
         except FileNotFoundError:
             return None
         except (persist.Rejected, OSError) as e:
@@ -209,7 +220,7 @@ class LiveIndex:
                 self._s.sync()
             with self._s.read() as txn:
                 stamp = {**self.database_stamp(), "seq": self.applied, "log_crc": self.log_crc(txn, self.applied)}
-            return persist.write(self.path, stamp, arrays, scalars)
+            return persist.write(self.path, stamp, arrays, scalars, self.filename)
         except (OSError, StorageError) as e:
             log.info("could not write the index file of %r: %s", self.path, e)
             return None
@@ -228,10 +239,10 @@ class LiveIndex:
             if count < PERSIST_MIN_CODES:
                 return False
             try:
-                header = persist.read_header(self.path)
+                header = persist.read_header(self.path, self.filename)
             except (FileNotFoundError, persist.Rejected, OSError):
                 return self.wrote or self.built_here()
-            if header.get("database") != self.database_stamp()["database"] or header.get("bits") != self.bits:
+            if any(header.get(field) != value for field, value in self.database_stamp().items()):
                 return True
             seq = header.get("seq")
             if not isinstance(seq, int) or seq > self._s.last_seq(txn):

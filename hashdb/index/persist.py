@@ -40,6 +40,7 @@ from typing import Any, NotRequired, TypedDict
 import numpy as np
 
 FILENAME = "index.hashdb"
+LAYERS_FILENAME = "layers.index.hashdb"  # the layer space's index (db.py): the same format, its own file
 MAGIC = b"HDBINDEX"
 VERSION = 1
 ALIGN = 4096
@@ -53,8 +54,8 @@ class Rejected(Exception):
     """The file exists but must not be used (the message says why); the caller rebuilds."""
 
 
-def path_in(directory: str) -> str:
-    return os.path.join(directory, FILENAME)
+def path_in(directory: str, name: str = FILENAME) -> str:
+    return os.path.join(directory, name)
 
 
 def digest(buf: np.ndarray) -> int:
@@ -175,19 +176,21 @@ class _Entry(TypedDict):
     sums_offset: NotRequired[int]
 
 
-def write(directory: str, stamp: dict[str, Any], arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> str:
+def write(
+    directory: str, stamp: dict[str, Any], arrays: dict[str, np.ndarray], scalars: dict[str, Any], name: str = FILENAME
+) -> str:
     """Save ``arrays`` (and JSON-able ``scalars``) stamped with ``stamp`` (bits, database, seq, log_crc)
-    atomically as the directory's index file; returns its path. Raises OSError when it cannot."""
+    atomically as the directory's index file ``name``; returns its path. Raises OSError when it cannot."""
     layout: list[_Entry] = []
     offset = 0
     sums: dict[str, np.ndarray] = {}
-    for name, a in arrays.items():
+    for array_name, a in arrays.items():
         a = np.ascontiguousarray(a)
-        arrays[name] = a
-        sums[name] = chunk_sums(a)
+        arrays[array_name] = a
+        sums[array_name] = chunk_sums(a)
         layout.append(
-            {"name": name, "dtype": a.dtype.str, "shape": list(a.shape), "nbytes": int(a.nbytes),
-             "sums_digest": digest(sums[name])}  # fmt: skip
+            {"name": array_name, "dtype": a.dtype.str, "shape": list(a.shape), "nbytes": int(a.nbytes),
+             "sums_digest": digest(sums[array_name])}  # fmt: skip
         )
     header: dict[str, Any] = {"version": VERSION, **stamp, "scalars": scalars, "arrays": layout}
     # Offsets depend on the header's length, which depends on the offsets: fix them with a generous pad.
@@ -203,7 +206,7 @@ def write(directory: str, stamp: dict[str, Any], arrays: dict[str, np.ndarray], 
     raw = json.dumps(header, sort_keys=True).encode()
     if layout and _HEAD.size + len(raw) + _CRC.size > layout[0]["offset"]:
         raise ValueError("index header outgrew its padding")
-    target = path_in(directory)
+    target = path_in(directory, name)
     fd, tmp = tempfile.mkstemp(prefix=".index-", suffix=".tmp", dir=directory)
     try:
         try:  # readable by whoever may read the database itself (mkstemp makes it 0600)
@@ -231,10 +234,10 @@ def write(directory: str, stamp: dict[str, Any], arrays: dict[str, np.ndarray], 
     return target
 
 
-def read_header(directory: str) -> dict[str, Any]:
-    """The header of the directory's index file, checked for magic, version, crc and size; Rejected if not
-    usable, FileNotFoundError if there is none."""
-    with open(path_in(directory), "rb") as f:
+def read_header(directory: str, name: str = FILENAME) -> dict[str, Any]:
+    """The header of the directory's index file ``name``, checked for magic, version, crc and size; Rejected
+    if not usable, FileNotFoundError if there is none."""
+    with open(path_in(directory, name), "rb") as f:
         return _header(f.read(_HEAD.size), f)
 
 
@@ -264,16 +267,18 @@ def _header(head: bytes, f: Any) -> dict[str, Any]:
     return header
 
 
-def read(directory: str, expect: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray], Checker]:
-    """Map the directory's index file copy-on-write and check it: every field of ``expect`` (bits,
+def read(
+    directory: str, expect: dict[str, Any], name: str = FILENAME
+) -> tuple[dict[str, Any], dict[str, np.ndarray], Checker]:
+    """Map the directory's index file ``name`` copy-on-write and check it: every field of ``expect`` (bits,
     database) must match the header and every array's chunk sums their digest. Returns (header, arrays,
     checker): the arrays' chunks are checked lazily through the checker. Raises Rejected (unusable:
     rebuild) or FileNotFoundError (none yet)."""
-    with open(path_in(directory), "rb") as f:
+    with open(path_in(directory, name), "rb") as f:
         header = _header(f.read(_HEAD.size), f)
-        for name, value in expect.items():
-            if header.get(name) != value:
-                raise Rejected(f"made for {name}={header.get(name)!r}, not {value!r} (foreign)")
+        for field, value in expect.items():
+            if header.get(field) != value:
+                raise Rejected(f"made for {field}={header.get(field)!r}, not {value!r} (foreign)")
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     arrays: dict[str, np.ndarray] = {}
     sums: dict[str, np.ndarray] = {}
@@ -301,4 +306,15 @@ def _round_up(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-__all__ = ["FILENAME", "Checker", "Rejected", "chunk_sums", "digest", "path_in", "read", "read_header", "write"]
+__all__ = [
+    "FILENAME",
+    "LAYERS_FILENAME",
+    "Checker",
+    "Rejected",
+    "chunk_sums",
+    "digest",
+    "path_in",
+    "read",
+    "read_header",
+    "write",
+]

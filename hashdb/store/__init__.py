@@ -10,13 +10,31 @@
 Nothing here knows the in-memory index; ``HashDB`` (db.py) ties the two together.
 """
 
-from .core import Store, open_store, release_store
+from .core import LAYER_NEXT_ID, MAX_LAYERS, Change, LayerSet, LayerSpace, Store, layer_key, open_store, release_store
 from .env import DEFAULT_MAP_SIZE, DEFAULT_MODE, MAX_MAP_SIZE, Environment, RWLock, Txn, file_identity
 from .log import LOG_BATCH, LOG_PIN_BYTES, OP_DELETE, OP_PUT, ChangeLog, LogBatch, pid_alive
 from .records import MAX_KEY_BYTES, Records, block_size, put_reserve
-from .schema import FORMAT_VERSION, TABLES, Tables, pack_meta, pack_seq, unpack_meta, unpack_seq
+from .schema import (
+    ALL_TABLES,
+    FORMAT_VERSION,
+    LAYER_TABLES,
+    TABLES,
+    Tables,
+    pack_meta,
+    pack_seq,
+    unpack_meta,
+    unpack_seq,
+)
 
 __all__ = [
+    "ALL_TABLES",
+    "LAYER_NEXT_ID",
+    "LAYER_TABLES",
+    "MAX_LAYERS",
+    "Change",
+    "LayerSet",
+    "LayerSpace",
+    "layer_key",
     "DEFAULT_MAP_SIZE",
     "DEFAULT_MODE",
     "FORMAT_VERSION",

@@ -21,7 +21,7 @@ from ..errors import DatabaseNotFound, InvalidArgument, NotADatabase, StorageErr
 
 DEFAULT_MAP_SIZE = 1 << 30  # only address space: the file grows with the data, the map doubles when full
 MAX_MAP_SIZE = 1 << 44
-MAX_DBS = 8
+MAX_DBS = 16  # the model tables and the layer tables (schema.py)
 DATA_FILE = "data.mdb"
 LOCK_FILE = "lock.mdb"
 # New databases are private to their owner: they hold keys and metadata. mode=0o770 (say) shares a group.

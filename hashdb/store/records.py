@@ -47,8 +47,9 @@ def put_reserve(nbytes: int, keys: Sequence[bytes], metas: Sequence[bytes | None
 class Records:
     """The ids, keys, blocks, attrs and free tables of one database with ``bits``-bit codes."""
 
-    def __init__(self, tables: Tables, bits: int, block: int) -> None:
+    def __init__(self, tables: Tables, bits: int, block: int, next_id_key: bytes = b"next_id") -> None:
         self.tables = tables
+        self.next_id_key = next_id_key  # meta's id counter of this space (models, or layers)
         self.bits = bits
         self.nbytes = bits // 8
         self.words = bits // 64
@@ -96,6 +97,18 @@ class Records:
             out.append(key)
             if len(out) >= limit:
                 break
+        return out
+
+    def with_prefix(self, txn: Txn, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        """(key, packed id) of every key starting with ``prefix``, in key order: one range of the ids table."""
+        cursor = txn.cursor(db=self.tables.ids)
+        out: list[tuple[bytes, bytes]] = []
+        if not cursor.set_range(prefix):
+            return out
+        for key, raw_id in cursor.iternext():
+            if not key.startswith(prefix):
+                break
+            out.append((key, raw_id))
         return out
 
     def keys_of(self, txn: Txn, ids: np.ndarray) -> list[bytes]:
@@ -192,10 +205,12 @@ class Records:
         for i in np.flatnonzero(~keep).tolist():  # a block with no code left goes away
             txn.delete(packed_keys[8 * i : 8 * i + 8], db=db)
 
-    def put(self, txn: Txn, keys: Sequence[bytes], codes: bytes, metas: Sequence[bytes | None] | None) -> np.ndarray:
+    def put(
+        self, txn: Txn, keys: Sequence[bytes], codes: bytes, metas: Sequence[bytes | None] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Upsert validated records (distinct keys, ascending; ``codes`` their joined canonical bytes).
 
-        Returns the records' ids (int64, in the order of ``keys``).
+        Returns the records' ids (int64, in the order of ``keys``) and the ids of those that existed before.
         """
         tables = self.tables
         n = len(keys)
@@ -216,10 +231,10 @@ class Records:
             new_id_bytes = self.take_free_ids(txn, n_new)
             reused = len(new_id_bytes)
             if reused < n_new:
-                next_id = get_meta(txn, tables, b"next_id")
+                next_id = get_meta(txn, tables, self.next_id_key) or 0
                 fresh = np.arange(next_id, next_id + n_new - reused, dtype=">u8").tobytes()
                 new_id_bytes += [fresh[j : j + 8] for j in range(0, len(fresh), 8)]
-                txn.put(b"next_id", pack_meta(next_id + n_new - reused), db=tables.meta)
+                txn.put(self.next_id_key, pack_meta(next_id + n_new - reused), db=tables.meta)
             new_keys = keys if n_new == n else [keys[i] for i in new_pos]
             cursor.putmulti(zip(new_keys, new_id_bytes, strict=True), append=beyond)
             # Ids come out ascending; when all are fresh they extend the keys table at its end.
@@ -230,6 +245,12 @@ class Records:
                 for j, i in enumerate(new_pos):
                     existing[i] = new_id_bytes[j]
         ids = np.frombuffer(b"".join(existing), dtype=">u8").astype(np.int64)  # type: ignore[arg-type]
+        if n_new == n:
+            replaced = ids[:0]
+        else:
+            is_new = np.zeros(n, bool)
+            is_new[new_pos] = True
+            replaced = ids[~is_new]
         self.write_blocks(txn, ids, np.frombuffer(codes, dtype=np.uint8).reshape(n, self.nbytes))
         attrs_db = tables.attrs
         # A replaced record's old metadata goes unless new metadata overwrites it.
@@ -242,7 +263,7 @@ class Records:
             with_meta = [(keys[i], m) for i, m in enumerate(metas) if m is not None]
             if with_meta:
                 txn.cursor(db=attrs_db).putmulti(with_meta, append=beyond)
-        return ids
+        return ids, replaced
 
     def take_free_ids(self, txn: Txn, limit: int) -> list[bytes]:
         """Up to ``limit`` freed ids (packed), smallest first, removed from the free table."""

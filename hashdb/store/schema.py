@@ -9,6 +9,13 @@
     free     ids of deleted keys (8 bytes big-endian) -> b"", handed out again before fresh ones
     log      sequence (8 bytes big-endian) -> one batch of upserts or deletes (log.py)
     readers  pid + token -> last sequence that reader's in-memory index applied (compaction hint only)
+
+Per-layer codes live in a second space of the same tables, prefixed ``layer_`` (layer_ids, layer_keys,
+layer_blocks, layer_attrs, layer_free, layer_log, layer_readers), with their own id counter
+(``layer_next_id`` in meta). A layer's key is its model's dense id (8 bytes big-endian) and its position
+in the model (2 bytes big-endian), so one model's layers are one key range; its attrs value is its name.
+A database made before layers existed has none of these tables: a writable open creates them, a
+read-only open reports no layers (``Tables.layers`` is None).
 """
 
 from __future__ import annotations
@@ -26,6 +33,10 @@ from .env import Environment, Txn
 
 FORMAT_VERSION = 1
 TABLES = ("meta", "ids", "keys", "blocks", "attrs", "free", "log", "readers")
+# The layer space: the same tables but meta (shared), under a prefix.
+LAYER_PREFIX = "layer_"
+LAYER_TABLES = tuple(LAYER_PREFIX + name for name in TABLES if name != "meta")
+ALL_TABLES = TABLES + LAYER_TABLES
 
 _SEQ = struct.Struct(">Q")
 
@@ -48,7 +59,7 @@ def unpack_meta(raw: bytes) -> Any:
 
 
 class Tables:
-    """The named sub-database handles of one environment."""
+    """The named sub-database handles of one space (models, or layers) of an environment."""
 
     __slots__ = TABLES
     meta: Any
@@ -60,29 +71,42 @@ class Tables:
     log: Any
     readers: Any
 
-    def __init__(self, handles: dict[str, Any]) -> None:
+    def __init__(self, handles: dict[str, Any], prefix: str = "") -> None:
         for name in TABLES:
-            setattr(self, name, handles[name])
+            setattr(self, name, handles[name if name == "meta" else prefix + name])
 
 
-def open_tables(env: Environment) -> Tables:
-    """Open (creating when writable) every table; refuse an environment holding anything else."""
+def open_tables(env: Environment) -> tuple[Tables, Tables | None]:
+    """Open (creating when writable) every table; refuse an environment holding anything else. Returns the
+    model tables and the layer tables (None when a read-only open finds a database made before layers)."""
     path = env.path
     try:
         if env.readonly:  # no write transaction at all: lmdb opens the handles in a read transaction
             handles = {n: env.env.open_db(n.encode(), create=False) for n in TABLES}
-        else:
-            with env.env.begin(write=True) as txn:
-                # Refuse (and leave untouched) an environment holding anything but our tables.
-                foreign = [k for k in txn.cursor().iternext(values=False) if k.decode("latin-1") not in TABLES]
-                if foreign:
-                    raise NotADatabase(f"{path!r} is an LMDB environment but not a hashdb database")
-                handles = {n: env.env.open_db(n.encode(), txn=txn) for n in TABLES}
+            layers = open_layer_tables(env)
+            return Tables(handles), layers
+        with env.env.begin(write=True) as txn:
+            # Refuse (and leave untouched) an environment holding anything but our tables.
+            names = [k.decode("latin-1") for k in txn.cursor().iternext(values=False)]
+            if any(n not in ALL_TABLES for n in names):
+                raise NotADatabase(f"{path!r} is an LMDB environment but not a hashdb database")
+            handles = {n: env.env.open_db(n.encode(), txn=txn) for n in ALL_TABLES}
     except lmdb.NotFoundError as e:
         raise NotADatabase(f"{path!r} is not a hashdb database (missing table: {e})") from e
     except lmdb.Error as e:
         raise StorageError(f"cannot open the tables of {path!r}: {e}") from e
-    return Tables(handles)
+    return Tables(handles), Tables(handles, LAYER_PREFIX)
+
+
+def open_layer_tables(env: Environment, meta: Any = None) -> Tables | None:
+    """Read-only: the layer tables, or None while the database has none (made before layers existed).
+    The caller holds no transaction of this environment's in this thread."""
+    try:
+        handles = {n: env.env.open_db(n.encode(), create=False) for n in LAYER_TABLES}
+        handles["meta"] = meta if meta is not None else env.env.open_db(b"meta", create=False)
+    except lmdb.NotFoundError:
+        return None
+    return Tables(handles, LAYER_PREFIX)
 
 
 def get_meta(txn: Txn, tables: Tables, name: bytes) -> Any:
