@@ -881,7 +881,9 @@ def cmd_hash(args: argparse.Namespace) -> int:
                 continue
             progress.clear()
             if args.json:
-                _emit({"key": res.key, "path": res.path, "code": res.code.hex(), "bits": bits, "codec": CODEC_VERSION})
+                layers = [[name, layer.hex()] for name, layer in res.layers or ()]  # `add` stores them too
+                _emit({"key": res.key, "path": res.path, "code": res.code.hex(), "bits": bits, "codec": CODEC_VERSION,
+                       "layers": layers})  # fmt: skip
             else:
                 print(f"{res.code.hex()}  {_shown(res.key)}")
             sys.stdout.flush()

@@ -276,3 +276,16 @@ def test_add_names_an_export_line_with_bad_layers_and_adds_the_rest(tmp_path: Pa
     assert added.returncode != 0 and "bad: layers must be a list" in added.stderr
     with HashDB(tmp_path / "b", bits=None) as db:
         assert list(db) == ["good"] and db.layers("good") == [("conv", layer_code(3))]
+
+
+def test_hash_json_piped_into_add_stores_the_layer_codes(
+    tmp_path: Path, models: Path, expected: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hashdb.cli import main
+
+    assert main(["hash", "--json", "-q", "--workers", "1", str(models)]) == 0
+    hashed = capsys.readouterr().out
+    added = run_cli("add", str(tmp_path / "db"), "--bits", str(BITS), "-q", stdin=hashed)
+    assert added.returncode == 0, added.stderr
+    with HashDB(tmp_path / "db", bits=None) as db:
+        assert {key: (db.get(key)[0], db.layers(key)) for key in db} == expected
