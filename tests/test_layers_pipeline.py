@@ -182,6 +182,22 @@ def test_a_bad_layers_argument_gets_an_error_reply_and_the_server_serves_on(serv
     assert "x" not in db and len(db) == 1
 
 
+def test_layer_answers_over_the_reply_bound_are_refused_and_the_server_serves_on(served, monkeypatch) -> None:
+    import hashdb.dispatch
+
+    db, path = served
+    db.insert_many(["a", "b"], [layer_code(1), layer_code(2)],
+                   layers=[[("x", layer_code(1)), ("y", layer_code(2))], [("z", layer_code(3))]])  # fmt: skip
+    monkeypatch.setattr(hashdb.dispatch, "MAX_REPLY_MATCHES", 2)
+    with hashdb.connect(path, timeout=30) as client:
+        with pytest.raises(hashdb.ProtocolError, match="layer_radius answer has more than 2 matches"):
+            client.layer_radius(layer_code(1), BITS)
+        with pytest.raises(hashdb.ProtocolError, match="layer_radius_many answer has more than 2 matches"):
+            client.layer_radius_many([layer_code(1)], BITS)
+        assert client.layer_radius(layer_code(3), 0) == [("b", "z", 0)]
+        assert client.layer_radius_many([layer_code(1), layer_code(2)], 0) == [[("a", "x", 0)], [("a", "y", 0)]]
+
+
 def test_add_through_the_server_stores_layer_codes(served, models: Path, expected: dict) -> None:
     db, path = served
     with hashdb.connect(path, timeout=60) as client:
