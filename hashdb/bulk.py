@@ -2,10 +2,11 @@
 
 ``hash_units(sources, workers=N)`` expands paths into model units (``hashdb.codec.units.expand``: folders
 are walked, a Hugging Face folder is one unit), hashes them in N worker processes (or Ray actors with
-``engine="ray"``) and yields one ``BulkResult`` per unit. Workers only read files and return codes; the caller
-is the single writer, so a database stays one consistent LMDB environment (``hashdb.ingest`` commits what
-this yields in chunks). Codes are identical whatever the engine and N: every worker runs the same
-``ModelHasher`` with one BLAS/OpenMP thread. A worker that dies or passes the per-file time limit is an error
+``engine="ray"``) and yields one ``BulkResult`` per unit. Workers only read files and return codes (the
+model's and each layer's, from one pass: ``ModelHasher.hash_with_layers``); the caller is the single writer,
+so a database stays one consistent LMDB environment (``hashdb.ingest`` commits what this yields in chunks).
+Codes are identical whatever the engine and N: every worker runs the same ``ModelHasher`` with one BLAS/OpenMP
+thread. A worker that dies or passes the per-file time limit is an error
 for its unit, never a hang (docs/scale.md).
 
 Order: the local engine yields in input order (a slow model holds later results back, not the workers); Ray
@@ -29,13 +30,18 @@ FILE_TIMEOUT_S = 300.0
 RAY_BATCH = 2  # units per actor call: small, so progress streams and a slow model does not stall a batch
 
 
+Layers = list[tuple[str, bytes]]  # (tensor name, layer code) per layer, as ModelHasher.hash_with_layers gives them
+
+
 class BulkResult(NamedTuple):
-    """One model unit's outcome: ``code`` (bytes) or ``error`` (a ModelFormatError naming the path)."""
+    """One model unit's outcome: ``code`` (bytes) and ``layers`` (each layer's own code, in chain order:
+    ``ModelHasher.hash_with_layers``), or ``error`` (a ModelFormatError naming the path; layers None)."""
 
     key: str
     path: str
     code: bytes | None
     error: ModelFormatError | None
+    layers: Layers | None = None
 
 
 def hash_units(
@@ -109,9 +115,11 @@ def model_error(path: str, exc: BaseException) -> ModelFormatError:
 
 
 def _hash_one(hasher: Any, key: str, path: str) -> BulkResult:
-    """Hash one unit; every failure becomes an error result naming the path (one bad file never ends a run)."""
+    """Hash one unit (its code and its layers' codes, one pass); every failure becomes an error result naming
+    the path (one bad file never ends a run)."""
     try:
-        return BulkResult(key, path, hasher.hash(path), None)
+        code, layers = hasher.hash_with_layers(path)
+        return BulkResult(key, path, code, None, layers)
     except (HashDBError, OSError, ValueError, RuntimeError, MemoryError) as e:  # a reader's surprise, e.g. torch's
         return BulkResult(key, path, None, model_error(path, e))
 
@@ -133,8 +141,8 @@ _STDERR_TAIL = 4096  # bytes of a worker's stderr kept to explain a worker that 
 
 def _worker_main() -> None:
     """A hashing worker: reads one JSON path per line on stdin, writes one JSON result per line on the file
-    descriptor named in argv[3]. The first line it writes is {"ready": true}, or {"fatal": message} when it
-    cannot build its hasher."""
+    descriptor named in argv[3]: {"code": hex, "layers": [[name, hex], ...]} or {"error": message}. The first
+    line it writes is {"ready": true}, or {"fatal": message} when it cannot build its hasher."""
     import importlib
     import json
     import sys
@@ -162,9 +170,10 @@ def _worker_main() -> None:
             result = _hash_one(hasher, "", path)
             error = None if result.error is None else str(result.error)
             code = None if result.code is None else result.code.hex()
+            layers = [[name, layer.hex()] for name, layer in result.layers or ()]
         except Exception as e:  # noqa: BLE001 - a reader's surprise is this file's error, not the worker's end
             code, error = None, f"{path}: {type(e).__name__}: {e}"
-        send({"code": code} if error is None else {"error": error})
+        send({"code": code, "layers": layers} if error is None else {"error": error})
 
 
 class _Worker:
@@ -291,8 +300,11 @@ def _hash_in_processes(
             return
         key, path = items[worker.item]
         error = doc.get("error")
-        code = bytes.fromhex(doc["code"]) if error is None else None
-        done[worker.item] = BulkResult(key, path, code, ModelFormatError(error) if error is not None else None)
+        if error is None:
+            layers = [(name, bytes.fromhex(layer)) for name, layer in doc["layers"]]
+            done[worker.item] = BulkResult(key, path, bytes.fromhex(doc["code"]), None, layers)
+        else:
+            done[worker.item] = BulkResult(key, path, None, ModelFormatError(error))
         worker.item = None
 
     try:
@@ -354,9 +366,12 @@ def _hash_in_processes(
 # ---- Ray ----------------------------------------------------------------------------------------------------
 
 
+_RayRow = tuple[str, str, bytes | None, str | None, Layers | None]  # key, path, code, error message, layers
+
+
 class _RayHasher:
     """A Ray actor: builds its ModelHasher once (hashdb.codec and numpy only: no torch, no Ray Data), then
-    hashes batches of (key, path) into (key, path, code, error message) tuples."""
+    hashes batches of (key, path) into (key, path, code, error message, layers) tuples."""
 
     def __init__(self, bits: int, kwargs: dict[str, Any], preload: Sequence[str] = ()) -> None:
         os.environ.update(SINGLE_THREAD_ENV)
@@ -368,14 +383,14 @@ class _RayHasher:
 
         self.hasher = ModelHasher(bits, **kwargs)
 
-    def hash_batch(self, batch: list[tuple[str, str]]) -> list[tuple[str, str, bytes | None, str | None]]:
-        out: list[tuple[str, str, bytes | None, str | None]] = []
+    def hash_batch(self, batch: list[tuple[str, str]]) -> list[_RayRow]:
+        out: list[_RayRow] = []
         for key, path in batch:
             try:
                 res = _hash_one(self.hasher, key, path)
             except Exception as e:  # noqa: BLE001 - as in the local workers: this unit's error, in one line
                 res = BulkResult(key, path, None, model_error(path, e))
-            out.append((res.key, res.path, res.code, str(res.error) if res.error is not None else None))
+            out.append((res.key, res.path, res.code, str(res.error) if res.error is not None else None, res.layers))
         return out
 
 
@@ -436,7 +451,7 @@ def _hash_on_ray(
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
             actor, batch, solo = pending.pop(ref)
-            rows: list[tuple[str, str, bytes | None, str | None]] = []
+            rows: list[_RayRow] = []
             try:
                 rows = ray.get(ref)
             except ray.exceptions.RayError as e:  # the actor died (a segfault, os._exit, OOM) or raised
@@ -445,7 +460,7 @@ def _hash_on_ray(
                 if solo:
                     key, path = batch[0]
                     why = type(e).__name__ if isinstance(e, ray.exceptions.RayActorError) else str(e).splitlines()[0]
-                    rows = [(key, path, None, f"{path}: the hashing worker died on this file ({why})")]
+                    rows = [(key, path, None, f"{path}: the hashing worker died on this file ({why})", None)]
                 else:
                     alone.extend(reversed(batch))
                 for stale in [r for r, (a, _, _) in pending.items() if a is actor]:  # never ran: try alone
@@ -456,8 +471,8 @@ def _hash_on_ray(
                     actors.append(cls.remote(bits, kwargs, list(preload)))
             for idle in actors:
                 feed(idle)
-            for key, path, code, error in rows:
-                yield BulkResult(key, path, code, ModelFormatError(error) if error is not None else None)
+            for key, path, code, error, layers in rows:
+                yield BulkResult(key, path, code, ModelFormatError(error) if error is not None else None, layers)
     finally:
         for actor in actors:
             ray.kill(actor)

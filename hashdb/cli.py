@@ -117,9 +117,14 @@ def _json_record(text: str, bits: int) -> Any:
     if meta is not None and not isinstance(meta, dict):
         raise InvalidMeta(f"{_shown(key)}: 'meta' must be an object")
     from .codec.hasher import CODEC_VERSION
+    from .transfer import layers_of
 
+    try:
+        layers = layers_of(doc.get("layers"), bits)  # an export line's layer codes go in with its code
+    except InvalidCode as e:
+        raise InvalidCode(f"{_shown(key)}: {e}") from None
     same_codec = doc.get("codec") == CODEC_VERSION and doc.get("bits") == bits  # a `hashdb hash --json` line
-    return Entry(key, to_bytes(doc["code"], bits), meta=meta, from_codec=same_codec)
+    return Entry(key, to_bytes(doc["code"], bits), meta=meta, from_codec=same_codec, layers=layers)
 
 
 def _key_of(path: str) -> str:
@@ -897,7 +902,9 @@ def cmd_hash(args: argparse.Namespace) -> int:
                 continue
             progress.clear()
             if args.json:
-                _emit({"key": res.key, "path": res.path, "code": res.code.hex(), "bits": bits, "codec": CODEC_VERSION})
+                layers = [[name, layer.hex()] for name, layer in res.layers or ()]  # `add` stores them too
+                _emit({"key": res.key, "path": res.path, "code": res.code.hex(), "bits": bits, "codec": CODEC_VERSION,
+                       "layers": layers})  # fmt: skip
             else:
                 print(f"{res.code.hex()}  {_shown(res.key)}")
             sys.stdout.flush()

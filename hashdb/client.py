@@ -13,7 +13,7 @@ import os
 import selectors
 import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import msgpack
@@ -46,6 +46,30 @@ def _code_meta(result: Any) -> tuple[bytes, dict | None]:
     return code, meta
 
 
+def _layer_codes(result: Any) -> list[tuple[str, bytes]]:
+    return [(name, code) for name, code in result]
+
+
+def _layer_matches(result: Any) -> list[tuple[str, str, int]]:
+    return [(key, layer, dist) for key, layer, dist in result]
+
+
+def _many_layer_matches(result: Any) -> list[list[tuple[str, str, int]]]:
+    return [_layer_matches(rows) for rows in result]
+
+
+def _layers_arg(layers: Any, bits: int) -> list[list[Any]]:
+    """One model's layer codes as the wire carries them: [[name, code bytes], ...] (the server judges names)."""
+    if isinstance(layers, str | bytes) or not isinstance(layers, Iterable):
+        raise InvalidArgument(f"layers must be a sequence of (name, code) pairs, got {type(layers).__name__}")
+    out: list[list[Any]] = []
+    for i, pair in enumerate(layers):
+        if isinstance(pair, str | bytes) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise InvalidArgument(f"layers[{i}] must be a (name, code) pair, got {type(pair).__name__}")
+        out.append([pair[0], to_bytes(pair[1], bits)])
+    return out
+
+
 # msgpack carries ints below 2**64 only; larger radii and counts mean the same as these, as they do embedded.
 _MAX_K = 2**63 - 1
 
@@ -65,16 +89,29 @@ class _Calls:
     def _submit(self, op: str, args: dict[str, Any], convert: Convert = None) -> Any:
         raise NotImplementedError
 
-    def insert(self, key: str, code: Code, meta: dict | None = None) -> Any:
+    def insert(
+        self, key: str, code: Code, meta: dict | None = None, *, layers: Sequence[tuple[str, Code]] | None = None
+    ) -> Any:
+        """As HashDB.insert; ``layers`` (name, code) pairs are sent only when given (None and [] mean the same)."""
         args: dict[str, Any] = {"key": key, "code": to_bytes(code, self.bits)}
         if meta is not None:
             args["meta"] = meta
+        if layers is not None:
+            args["layers"] = _layers_arg(layers, self.bits)
         return self._submit("insert", args)
 
-    def insert_many(self, keys: Iterable[str], codes: Any, metas: Iterable[dict | None] | None = None) -> Any:
+    def insert_many(
+        self, keys: Iterable[str], codes: Any, metas: Iterable[dict | None] | None = None, *,
+        layers: Iterable[Sequence[tuple[str, Code]] | None] | None = None,
+    ) -> Any:  # fmt: skip
+        """As HashDB.insert_many; ``layers``: None, or one sequence of (name, code) pairs (or None) per key."""
         args: dict[str, Any] = {"keys": list(keys), "codes": many_to_bytes(codes, self.bits)}
         if metas is not None:
             args["metas"] = list(metas)
+        if layers is not None:
+            if isinstance(layers, str | bytes) or not isinstance(layers, Iterable):
+                raise InvalidArgument(f"layers must be None or one entry per key, got {type(layers).__name__}")
+            args["layers"] = [None if item is None else _layers_arg(item, self.bits) for item in layers]
         return self._submit("insert_many", args)
 
     def delete(self, key: str) -> Any:
@@ -100,6 +137,23 @@ class _Calls:
         if force is not None:
             args["force"] = force
         return self._submit("knn", args, _pairs)
+
+    def layers(self, key: str) -> Any:
+        """The stored layer codes of ``key``: (name, code) pairs in stored order; KeyNotFound if absent."""
+        return self._submit("layers", {"key": key}, _layer_codes)
+
+    def layer_radius(self, code: Code, r: int, force: str | None = None) -> Any:
+        """(model key, layer name, distance) of every stored layer code within ``r`` of ``code``."""
+        args: dict[str, Any] = {"code": to_bytes(code, self.bits), "r": _clamp(r, self.bits)}
+        if force is not None:
+            args["force"] = force
+        return self._submit("layer_radius", args, _layer_matches)
+
+    def layer_radius_many(self, codes: Any, r: int, force: str | None = None) -> Any:
+        args: dict[str, Any] = {"codes": many_to_bytes(codes, self.bits), "r": _clamp(r, self.bits)}
+        if force is not None:
+            args["force"] = force
+        return self._submit("layer_radius_many", args, _many_layer_matches)
 
     def contains(self, key: str) -> Any:
         return self._submit("contains", {"key": key})

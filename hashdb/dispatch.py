@@ -1,6 +1,7 @@
 """What the server does with a request, apart from moving bytes: check it, run it on HashDB, encode the reply.
 
-``parse_request`` checks a decoded map against protocol.OPS; ``answer_reads`` runs a turn's cheap reads
+``parse_request`` checks a decoded map against protocol.OPS (and gives an insert's layer codes the shape HashDB
+takes: (name, code) tuples); ``answer_reads`` runs a turn's cheap reads
 (radius queries sharing a radius as one ``radius_many``); ``run_read`` runs one expensive read on a reader
 thread, with a bound on the size of its answer; ``run_writes`` hands writes to ``HashDB.write_batch``
 (group commit); ``encode_reply`` packs a result or an error into one frame. No sockets here (server.py).
@@ -15,7 +16,7 @@ import msgpack
 import numpy as np
 
 from .codes import to_bytes
-from .errors import HashDBError, ProtocolError, ServerError, shown
+from .errors import HashDBError, InvalidArgument, ProtocolError, ServerError, shown
 from .protocol import MAX_KEYS_PAGE, OPS, READ, WRITE, encode_frame, error_payload
 
 log = logging.getLogger("hashdb.server")
@@ -60,7 +61,40 @@ def parse_request(message: Any) -> Request:
         if name not in message:
             missing = [n for n in required if n not in message]
             return Request(rid, op, None, ProtocolError(f"op {op!r} is missing {', '.join(missing)}"))
+    if message.get("layers") is not None:
+        try:
+            if op == "insert":
+                message["layers"] = _layer_pairs(message["layers"], "layers")
+            else:
+                message["layers"] = _layers_per_key(message["layers"])
+        except InvalidArgument as e:
+            return Request(rid, op, None, e)
     return Request(rid, op, message)
+
+
+def _layer_pairs(value: Any, where: str) -> list[tuple[Any, Any]]:
+    """One model's layer codes from the wire ([[name, code], ...]) as the (name, code) tuples HashDB takes;
+    what the names and codes hold is HashDB's to check (it refuses bad ones before writing anything)."""
+    if not isinstance(value, list):
+        raise InvalidArgument(f"{where} must be an array of [name, code] pairs, got {_kind(value)}")
+    pairs: list[tuple[Any, Any]] = []
+    for i, pair in enumerate(value):
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise InvalidArgument(f"{where}[{i}] must be a [name, code] pair, got {_kind(pair)}")
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
+def _layers_per_key(value: Any) -> list[list[tuple[Any, Any]] | None]:
+    """insert_many's layers: one array of [name, code] pairs, or nil, per key."""
+    if not isinstance(value, list):
+        raise InvalidArgument(f"layers must be an array with one entry per key, got {_kind(value)}")
+    return [None if item is None else _layer_pairs(item, f"layers[{i}]") for i, item in enumerate(value)]
+
+
+def _kind(value: Any) -> str:
+    """What a wire value is, in a few words (never its repr: it may be nested a thousand deep)."""
+    return f"an array of {len(value)}" if isinstance(value, list) else type(value).__name__
 
 
 def is_write(request: Request) -> bool:
@@ -73,15 +107,18 @@ def is_heavy(request: Request, bits: int) -> bool:
     if request.error is not None:
         return False
     op, args = request.op, request.args
-    if op in ("radius", "radius_many", "knn") and args.get("force") is not None:  # type: ignore[union-attr]
+    if op in _QUERIES and args.get("force") is not None:  # type: ignore[union-attr]
         return True  # a forced plan may cost anything (building a BK-tree over 1M codes took 7.2 s)
-    if op == "radius":
+    if op in ("radius", "layer_radius"):  # a layer query is bounded as a model query of the same radius
         r = args["r"]  # type: ignore[index]
         return not (type(r) is int and r * 8 <= bits)
-    if op == "radius_many":
+    if op in ("radius_many", "layer_radius_many"):
         r, codes = args["r"], args["codes"]  # type: ignore[index]
         return not (type(r) is int and r * 8 <= bits and isinstance(codes, list) and len(codes) <= INLINE_RADIUS_MANY)
     return op == "knn"
+
+
+_QUERIES = ("radius", "radius_many", "knn", "layer_radius", "layer_radius_many")
 
 
 def call(db: Any, op: str, args: dict[str, Any], info: dict[str, Any]) -> Any:
@@ -99,32 +136,37 @@ def call(db: Any, op: str, args: dict[str, Any], info: dict[str, Any]) -> Any:
         if type(limit) is int and limit > MAX_KEYS_PAGE:
             limit = MAX_KEYS_PAGE  # a page is bounded; the client asks again from the last key
         return db.keys_after(args.get("after"), limit)
-    if op == "radius_many":
-        return _bounded_radius_many(db, **args)
+    if op in ("radius_many", "layer_radius_many"):
+        return _bounded_many(getattr(db, op), op, **args)
+    if op == "layer_radius":  # one code's layer matches are bounded as radius_many's (a layer index is larger)
+        answer = db.layer_radius(**args)
+        _check_reply_size(op, len(answer))
+        return answer
     return getattr(db, op)(**args)
 
 
-def _bounded_radius_many(db: Any, codes: Any, r: Any, force: Any = None) -> list[Any]:
-    """radius_many in chunks of codes, refused once the answer passes MAX_REPLY_MATCHES matches."""
+def _bounded_many(query: Any, op: str, codes: Any, r: Any, force: Any = None) -> list[Any]:
+    """radius_many or layer_radius_many in chunks of codes, refused once the answer passes MAX_REPLY_MATCHES
+    matches."""
     if not isinstance(codes, list) or len(codes) <= RADIUS_MANY_CHUNK:
-        answers = db.radius_many(codes, r, force=force)
-        _check_reply_size(sum(map(len, answers)))
+        answers = query(codes, r, force=force)
+        _check_reply_size(op, sum(map(len, answers)))
         return answers
     out: list[Any] = []
     total = 0
     for start in range(0, len(codes), RADIUS_MANY_CHUNK):
-        part = db.radius_many(codes[start : start + RADIUS_MANY_CHUNK], r, force=force)
+        part = query(codes[start : start + RADIUS_MANY_CHUNK], r, force=force)
         total += sum(map(len, part))
-        _check_reply_size(total, start + len(part), len(codes))
+        _check_reply_size(op, total, start + len(part), len(codes))
         out.extend(part)
     return out
 
 
-def _check_reply_size(matches: int, done: int | None = None, of: int | None = None) -> None:
+def _check_reply_size(op: str, matches: int, done: int | None = None, of: int | None = None) -> None:
     if matches > MAX_REPLY_MATCHES:
         where = "" if done is None else f" after {done} of {of} codes"
         raise ProtocolError(
-            f"radius_many answer has more than {MAX_REPLY_MATCHES:,} matches{where}; "
+            f"{op} answer has more than {MAX_REPLY_MATCHES:,} matches{where}; "
             "ask for fewer codes or a smaller radius"
         )
 

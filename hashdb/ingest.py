@@ -8,10 +8,13 @@ is committed, and a bad entry's error at once. Ctrl-C (KeyboardInterrupt) stops 
 was hashed, yields it, then re-raises. The codec configuration is recorded in the database the first time
 models are hashed into it, or checked against the stored one (``check_codec``).
 
-Each entry hashed from a file stores the file's identity in ``meta["file"]``: size, mtime_ns, sha256 of its
-bytes (with the other file of a pair and a folder's files: ``units.unit_files``), format, and a fingerprint of
-the codec configuration that made the code. A later add of the same key skips the file when size, mtime and
-codec still match (``Outcome.status == "unchanged"``), and an entry whose bytes equal another key's says so
+Each entry hashed from a file is stored with its layers' codes (``ModelHasher.hash_with_layers``, in the same
+transaction as the model's code) and stores the file's identity in ``meta["file"]``: size, mtime_ns, sha256 of
+its bytes (with the other file of a pair and a folder's files: ``units.unit_files``), format, a fingerprint of
+the codec configuration that made the code, and ``layers``: how many layer codes were stored with it. A later
+add of the same key skips the file when size, mtime and codec still match and its layers were stored
+(``Outcome.status == "unchanged"``): an entry stored before layer codes existed (no ``layers`` in its file
+identity) is hashed once more so that its layers are stored. An entry whose bytes equal another key's says so
 (``Outcome.same_content``).
 """
 
@@ -36,6 +39,10 @@ from .text import shown
 if TYPE_CHECKING:
     from .types import Database
 
+# What one bad entry raises (a key too long, meta that is no map, a code or layer list the store refuses, e.g.
+# more layers than it keeps per model): that entry fails and the rest are stored. Anything else (a full disk)
+# ends the run.
+_ENTRY_ERRORS = (InvalidKey, InvalidMeta, InvalidCode, InvalidArgument)
 # A crash loses at most one chunk (or ADD_FLUSH_S) of hashing, a chunk stays far below the server's frame
 # limit, and slow models still show their results every second.
 ADD_CHUNK = 256
@@ -47,7 +54,9 @@ _READ_BLOCK = 1 << 20
 class Entry:
     """One thing to store: a key with its code (e.g. a ``hashdb hash`` line), or a model unit to hash
     (``code`` None: ``path`` is hashed with the database's codec). ``from_codec``: the code came from this
-    hashdb's default codec at the database's width (a ``hashdb hash --json`` line), so it counts as hashed."""
+    hashdb's default codec at the database's width (a ``hashdb hash --json`` line), so it counts as hashed.
+    ``layers``: the model's layer codes, (layer name, code) in chain order, stored with its code (None: none;
+    a hashed unit gets the hasher's)."""
 
     key: str
     code: bytes | None = None
@@ -55,6 +64,7 @@ class Entry:
     meta: dict[str, Any] | None = None
     from_codec: bool = False
     file: dict[str, Any] | None = field(default=None, repr=False)
+    layers: list[tuple[str, bytes]] | None = field(default=None, repr=False)
 
 
 class Outcome(NamedTuple):
@@ -112,8 +122,9 @@ def _role(file: Path, unit: str, first: Path) -> str:
 
 
 def _unchanged(stored: dict[str, Any] | None, path: str, fingerprint: str) -> bool:
-    """True when the entry's stored file identity matches the file now (size and mtime: no read needed)."""
-    if not isinstance(stored, dict) or stored.get("codec") != fingerprint:
+    """True when the entry's stored file identity matches the file now (size and mtime: no read needed) and its
+    layer codes were stored with it (``layers``: absent in entries stored before layer codes existed)."""
+    if not isinstance(stored, dict) or stored.get("codec") != fingerprint or "layers" not in stored:
         return False
     from .codec.units import unit_files
 
@@ -250,7 +261,7 @@ class Ingest:
                         if result.error is not None:
                             yield self._fail(entry.key, result.error)
                             continue
-                        entry.code, entry.from_codec = result.code, True
+                        entry.code, entry.layers, entry.from_codec = result.code, result.layers or [], True
                         entry.file = file_identity(result.path)
                         yield from self._take(entry)
         except KeyboardInterrupt:  # keep what was hashed: commit it below, then re-raise
@@ -308,7 +319,8 @@ class Ingest:
         meta = entry.meta if entry.meta is not None else self.meta
         if entry.file is not None:
             meta = dict(meta or {})
-            meta["file"] = {**entry.file, "codec": codec_fingerprint(self.config)}
+            # "layers" also marks an entry whose layer codes were stored: one without it is hashed again
+            meta["file"] = {**entry.file, "codec": codec_fingerprint(self.config), "layers": len(entry.layers or ())}
         return meta
 
     def _same_content(self, entries: list[Entry]) -> list[tuple[str, ...]]:
@@ -351,29 +363,38 @@ class Ingest:
         keys = [e.key for e in entries]
         codes = [e.code or b"" for e in entries]
         metas = [self._meta(e) for e in entries]
+        layers = [e.layers for e in entries]
+        # Batches without layer codes (codes read from hash lines) carry no layers argument: the same meaning
+        # (None removes a replaced key's layers), and a server that predates layer codes still takes them.
+        with_layers = any(layers)
         was = [key in self.db for key in keys]
         same = self._same_content(entries)
         errors: list[Any]
         write_batch = getattr(self.db, "write_batch", None)
         if write_batch is not None:  # HashDB: one insert_many, falling back to one by one on a bad entry
-            ops = [("insert", {"key": k, "code": c, "meta": m}) for k, c, m in zip(keys, codes, metas, strict=True)]
+            ops = []
+            for key, code, meta, layer_codes in zip(keys, codes, metas, layers, strict=True):
+                args: dict[str, Any] = {"key": key, "code": code, "meta": meta}
+                if with_layers:
+                    args["layers"] = layer_codes
+                ops.append(("insert", args))
             errors = write_batch(ops)
         else:  # a server connection
             try:
-                self.db.insert_many(keys, codes, metas)
+                self.db.insert_many(keys, codes, metas, layers=layers if with_layers else None)
                 errors = [None] * len(keys)
-            except (InvalidKey, InvalidMeta, InvalidCode):
+            except _ENTRY_ERRORS:
                 errors = []
-                for key, code, meta in zip(keys, codes, metas, strict=True):
+                for key, code, meta, layer_codes in zip(keys, codes, metas, layers, strict=True):
                     try:
-                        self.db.insert(key, code, meta)
+                        self.db.insert(key, code, meta, layers=layer_codes)
                         errors.append(None)
-                    except (InvalidKey, InvalidMeta, InvalidCode) as e:
+                    except _ENTRY_ERRORS as e:
                         errors.append(e)
         out: list[Outcome] = []
         for entry, error, existed, twins in zip(entries, errors, was, same, strict=True):
             if error is not None:
-                if not isinstance(error, InvalidKey | InvalidMeta | InvalidCode):
+                if not isinstance(error, _ENTRY_ERRORS):
                     raise error  # the store failed (a full disk): the run ends, in one error, nothing half-written
                 out.append(self._fail(entry.key, type(error)(f"{shown(entry.key)}: {error}")))
                 continue

@@ -3,7 +3,8 @@
 A frame is a 4-byte big-endian length followed by that many bytes of one msgpack map. Requests are
 ``{"id": int, "op": str, ...arguments}``; replies are ``{"id": same, "ok": result}`` or
 ``{"id": same, "error": {"type": str, "message": str}}``, where ``type`` is a name from
-``hashdb.errors.ERROR_TYPES``. Codes travel as msgpack bin (hex str also accepted).
+``hashdb.errors.ERROR_TYPES``. Codes travel as msgpack bin (hex str also accepted); a model's layer codes as
+an array of [name, code] pairs (``insert``'s ``layers``; ``insert_many``'s: one such array or nil per key).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ READ, WRITE, INFO = "read", "write", "info"
 # name, except len / contains / ping (``len(db)``, ``key in db``, server information) and codec (the
 # ``HashDB.codec`` property); keys_after returns at most MAX_KEYS_PAGE keys whatever its limit.
 OPS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
-    "insert": (WRITE, ("key", "code"), ("meta",)),
-    "insert_many": (WRITE, ("keys", "codes"), ("metas",)),
+    "insert": (WRITE, ("key", "code"), ("meta", "layers")),
+    "insert_many": (WRITE, ("keys", "codes"), ("metas", "layers")),
     "delete": (WRITE, ("key",), ()),
     "get": (READ, ("key",), ()),
     "codec": (READ, (), ()),
@@ -40,6 +41,9 @@ OPS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "radius": (READ, ("code", "r"), ("force",)),
     "radius_many": (READ, ("codes", "r"), ("force",)),
     "knn": (READ, ("code", "k"), ("force",)),
+    "layers": (READ, ("key",), ()),
+    "layer_radius": (READ, ("code", "r"), ("force",)),
+    "layer_radius_many": (READ, ("codes", "r"), ("force",)),
     "len": (READ, (), ()),
     "contains": (READ, ("key",), ()),
     "stats": (READ, (), ()),

@@ -1,9 +1,12 @@
 """Export and import: every record of a database as JSON lines or CSV, and back (``hashdb export`` / ``import``).
 
 JSON lines: a header ``{"format": "hashdb-export", "version": 1, "bits", "codec"}``, then ``{"key", "code",
-"meta"}`` per record in key order. CSV: the same header as a first line ``# {...}`` (so the codec survives
-a CSV round trip; readers that do not know it skip one row), then ``key,code,meta`` rows with meta as JSON
-text. An import records the export's codec in a database that has none and warns when it holds another
+"meta", "layers"?}`` per record in key order, ``layers`` being the model's layer codes as ``[[name, hex],
+...]`` in stored order (absent when it has none). CSV: the same header as a first line ``# {...}`` (so the
+codec survives a CSV round trip; readers that do not know it skip one row), then ``key,code,meta,layers`` rows
+with meta and layers as JSON text. Exports written before layer codes existed (no ``layers``) import as
+models without layer codes; a hashdb that predates them reads a newer export and skips the layers. An import
+records the export's codec in a database that has none and warns when it holds another
 (``hashdb.ingest.check_codec``). ``hashdb export DB | hashdb add OTHER`` reads the same lines.
 """
 
@@ -15,7 +18,7 @@ import math
 from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
-from .errors import HashDBError, InvalidCode, InvalidMeta, KeyNotFound
+from .errors import HashDBError, InvalidArgument, InvalidCode, InvalidKey, InvalidMeta, KeyNotFound
 
 if TYPE_CHECKING:
     from .types import Database
@@ -23,6 +26,8 @@ if TYPE_CHECKING:
 EXPORT_FORMAT = "hashdb-export"
 EXPORT_VERSION = 1
 IMPORT_CHUNK = 4096  # records per insert_many: one transaction each
+# What the store raises for one bad record of a chunk: that record is reported and the others still go in.
+_RECORD_ERRORS = (InvalidArgument, InvalidCode, InvalidKey, InvalidMeta)
 _CSV_HEADER_PREFIX = "# "
 
 
@@ -31,13 +36,15 @@ class ExportFormatError(HashDBError):
 
 
 class Row(NamedTuple):
-    """One record line of an export: its line number, and key/code/meta, or ``error`` saying what is wrong."""
+    """One record line of an export: its line number, and key/code/meta/layers (layers as read: [[name, hex],
+    ...] or None), or ``error`` saying what is wrong."""
 
     number: int
     key: str | None
     code: str | None
     meta: Any
     error: str | None = None
+    layers: Any = None
 
 
 class Imported(NamedTuple):
@@ -77,20 +84,24 @@ def export(db: Database, out: IO[str], fmt: str = "jsonl") -> int:
     writer = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
     if writer is not None:
         out.write(_CSV_HEADER_PREFIX + header)
-        writer.writerow(["key", "code", "meta"])
+        writer.writerow(["key", "code", "meta", "layers"])
     else:
         out.write(header)
     written = 0
     for key in db:
         try:
             code, meta = db.get(key)
+            layers = [[name, bytes(layer).hex()] for name, layer in db.layers(key)]
         except KeyNotFound:  # deleted while we were exporting
             continue
         if writer is not None:
             text = "" if meta is None else json.dumps(finite(meta), sort_keys=True, default=json_default)
-            writer.writerow([key, code.hex(), text])
+            writer.writerow([key, code.hex(), text, json.dumps(layers) if layers else ""])
         else:
-            out.write(json_line({"key": key, "code": code.hex(), "meta": meta}))
+            record: dict[str, Any] = {"key": key, "code": code.hex(), "meta": meta}
+            if layers:
+                record["layers"] = layers
+            out.write(json_line(record))
         written += 1
     return written
 
@@ -108,7 +119,7 @@ def read_export(source: IO[str], fmt: str = "auto") -> tuple[dict[str, Any], Ite
         reader = csv.reader([first, *source] if first else source)
         head = next(reader, None)
         if head is None or [h.strip() for h in head[:2]] != ["key", "code"]:
-            raise ExportFormatError("a CSV import starts with the header row key,code[,meta]")
+            raise ExportFormatError("a CSV import starts with the header row key,code[,meta[,layers]]")
         rows = list(reader)
         if rows and len(rows[0]) >= 2 and "bits" not in header:
             header["bits_guess"] = len(rows[0][1]) * 4  # a CSV without the header line states no width
@@ -120,7 +131,7 @@ def read_export(source: IO[str], fmt: str = "auto") -> tuple[dict[str, Any], Ite
 def _csv_rows(rows: list[list[str]], start: int) -> Iterator[Row]:
     for number, row in enumerate(rows, start=start):
         if len(row) < 2:
-            yield Row(number, None, None, None, f"expected key,code[,meta], got {len(row)} fields")
+            yield Row(number, None, None, None, f"expected key,code[,meta[,layers]], got {len(row)} fields")
             continue
         text = row[2] if len(row) > 2 else ""
         try:
@@ -128,7 +139,13 @@ def _csv_rows(rows: list[list[str]], start: int) -> Iterator[Row]:
         except ValueError as e:
             yield Row(number, row[0], None, None, f"meta is not JSON: {e}")
             continue
-        yield Row(number, row[0], row[1], meta)
+        text = row[3] if len(row) > 3 else ""
+        try:
+            layers = json.loads(text) if text else None
+        except ValueError as e:
+            yield Row(number, row[0], None, None, f"layers is not JSON: {e}")
+            continue
+        yield Row(number, row[0], row[1], meta, layers=layers)
 
 
 def _json_rows(first: str, source: IO[str], start: int) -> Iterator[Row]:
@@ -142,7 +159,7 @@ def _json_rows(first: str, source: IO[str], start: int) -> Iterator[Row]:
         if not isinstance(doc, dict) or not isinstance(doc.get("key"), str) or not isinstance(doc.get("code"), str):
             yield Row(number, None, None, None, "expected a JSON object with string 'key' and 'code'")
             continue
-        yield Row(number, doc["key"], doc["code"], doc.get("meta"))
+        yield Row(number, doc["key"], doc["code"], doc.get("meta"), layers=doc.get("layers"))
 
 
 def import_rows(db: Database, header: dict[str, Any], rows: Iterator[Row],
@@ -163,15 +180,30 @@ def import_rows(db: Database, header: dict[str, Any], rows: Iterator[Row],
     keys: list[str] = []
     codes: list[bytes] = []
     metas: list[dict | None] = []
+    layers: list[list[tuple[str, bytes]] | None] = []
+    numbers: list[int] = []
 
     def flush() -> None:
-        nonlocal added, replaced
-        if keys:
-            replaced += sum(key in db for key in keys)
-            added += db.insert_many(keys, codes, metas)
-            keys.clear()
-            codes.clear()
-            metas.clear()
+        nonlocal added, replaced, failed
+        if not keys:
+            return
+        replaced += sum(key in db for key in keys)
+        try:
+            added += db.insert_many(keys, codes, metas, layers=layers if any(layers) else None)
+        except _RECORD_ERRORS:  # one record the store refuses (e.g. a layer name it does not keep): one by one
+            stored: set[str] = set()
+            for number, key, code, meta, row_layers in zip(numbers, keys, codes, metas, layers, strict=True):
+                try:
+                    db.insert(key, code, meta, layers=row_layers)
+                    stored.add(key)
+                except _RECORD_ERRORS as e:
+                    failed += 1
+                    replaced -= key in db and key not in stored
+                    if on_error is not None:
+                        on_error(f"line {number}: {shown(str(e))}")
+            added += len(stored)
+        for column in (keys, codes, metas, layers, numbers):
+            column.clear()
 
     for row in rows:
         try:
@@ -181,6 +213,7 @@ def import_rows(db: Database, header: dict[str, Any], rows: Iterator[Row],
             if row.meta is not None and not isinstance(row.meta, dict):
                 raise InvalidMeta("meta must be an object")
             raw = to_bytes(row.code, db.bits)
+            row_layers = layers_of(row.layers, db.bits)
         except HashDBError as e:
             failed += 1
             if on_error is not None:
@@ -189,11 +222,33 @@ def import_rows(db: Database, header: dict[str, Any], rows: Iterator[Row],
         keys.append(row.key)
         codes.append(raw)
         metas.append(row.meta)
+        layers.append(row_layers)
+        numbers.append(row.number)
         if len(keys) >= IMPORT_CHUNK:
             flush()
     flush()
     warning = check_codec(db, codec) if isinstance(codec, dict) and added else None
     return Imported(added, replaced, failed, warning)
+
+
+def layers_of(value: Any, bits: int) -> list[tuple[str, bytes]] | None:
+    """An export record's ``layers`` ([[name, hex code], ...] or None) as (name, code bytes) pairs; InvalidCode
+    saying what is wrong otherwise (names and counts are the store's to judge: it refuses them before writing)."""
+    from .codes import to_bytes
+
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise InvalidCode(f"layers must be a list of [name, code] pairs, got {type(value).__name__}")
+    out: list[tuple[str, bytes]] = []
+    for i, pair in enumerate(value):
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str) and isinstance(pair[1], str)):
+            raise InvalidCode(f"layers[{i}] must be a [name, hex code] pair")
+        try:
+            out.append((pair[0], to_bytes(pair[1], bits)))
+        except InvalidCode as e:
+            raise InvalidCode(f"layers[{i}]: {e}") from None
+    return out
 
 
 def json_line(doc: Any) -> str:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from .codes import Code
 
 Match = tuple[str, int]  # (key, Hamming distance), as radius() and knn() return them
+LayerMatch = tuple[str, str, int]  # (model key, layer name, Hamming distance), as layer_radius() returns them
 Meta = dict[str, Any]
 
 
@@ -31,9 +32,14 @@ class Database(Protocol):
 
     def set_codec(self, config: Meta | None) -> None: ...
 
-    def insert(self, key: str, code: Code, meta: Meta | None = None) -> None: ...
+    def insert(
+        self, key: str, code: Code, meta: Meta | None = None, *, layers: Sequence[tuple[str, Code]] | None = None
+    ) -> None: ...
 
-    def insert_many(self, keys: Sequence[str], codes: Any, metas: Sequence[Meta | None] | None = None) -> int: ...
+    def insert_many(
+        self, keys: Sequence[str], codes: Any, metas: Sequence[Meta | None] | None = None, *,
+        layers: Sequence[Sequence[tuple[str, Code]] | None] | None = None,
+    ) -> int: ...  # fmt: skip
 
     def delete(self, key: str) -> bool: ...
 
@@ -44,6 +50,12 @@ class Database(Protocol):
     def radius_many(self, codes: Any, r: int, force: str | None = None) -> list[list[Match]]: ...
 
     def knn(self, code: Code, k: int, force: str | None = None) -> list[Match]: ...
+
+    def layers(self, key: str) -> list[tuple[str, bytes]]: ...
+
+    def layer_radius(self, code: Code, r: int, force: str | None = None) -> list[LayerMatch]: ...
+
+    def layer_radius_many(self, codes: Any, r: int, force: str | None = None) -> list[list[LayerMatch]]: ...
 
     def stats(self) -> dict[str, Any]: ...
 
@@ -62,4 +74,4 @@ class Database(Protocol):
     ) -> None: ...
 
 
-__all__ = ["Database", "Match", "Meta"]
+__all__ = ["Database", "LayerMatch", "Match", "Meta"]

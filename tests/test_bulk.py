@@ -208,8 +208,9 @@ def test_a_ray_actor_that_dies_is_one_error_line_for_its_file_and_the_rest_are_h
     zoo = tmp_path / "zoo"
     zoo.mkdir()
     for seed, name in enumerate(["a", "exit1", "b", "segv1", "c"]):
-        np.save(zoo / f"{name}.npy", np.random.default_rng(seed).standard_normal((8, 4, 3, 3)).astype(np.float32))
-    expected = {r.key: r.code for r in hash_units([zoo], engine="inline")}
+        np.save(zoo / f"{name}.npy", np.random.default_rng(seed).standard_normal((16, 4, 3, 3)).astype(np.float32))
+    expected = {r.key: (r.code, r.layers) for r in hash_units([zoo], engine="inline")}
+    assert all(layers for _, layers in expected.values())  # 16 filters: each model has a layer code to carry
     got = {r.key: r for r in hash_units([zoo], engine="ray", workers=2, _preload=["worker_faults"])}
     assert sorted(got) == sorted(expected)
     for key, result in got.items():
@@ -217,7 +218,7 @@ def test_a_ray_actor_that_dies_is_one_error_line_for_its_file_and_the_rest_are_h
             assert result.code is None and "hashing worker died on this file" in str(result.error)
             assert "\n" not in str(result.error) and str(result.error).startswith(str(zoo))
         else:
-            assert result.code == expected[key] and result.error is None
+            assert (result.code, result.layers) == expected[key] and result.error is None
 
 
 def test_ray_actors_that_cannot_start_end_the_run_in_one_line(ray_local, tmp_path) -> None:  # type: ignore[no-untyped-def]

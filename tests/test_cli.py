@@ -104,10 +104,11 @@ def test_hash_json_is_stable_and_matches_the_library(models, capsys):
     code, out, _ = cli(capsys, "hash", "--json", "--bits", "128", models["m0"], models["m2"])
     assert code == 0
     docs = [json.loads(line) for line in out.splitlines()]
-    assert [sorted(d) for d in docs] == [["bits", "code", "codec", "key", "path"]] * 2
+    assert [sorted(d) for d in docs] == [["bits", "code", "codec", "key", "layers", "path"]] * 2
     hasher = ModelHasher(bits=128)
-    code0 = hasher.hash(models["m0"]).hex()
-    assert docs[0] == {"path": models["m0"], "key": models["m0"], "code": code0, "bits": 128, "codec": CODEC_VERSION}
+    code0, layers0 = hasher.hash_with_layers(models["m0"])
+    assert docs[0] == {"path": models["m0"], "key": models["m0"], "code": code0.hex(), "bits": 128,
+                       "codec": CODEC_VERSION, "layers": [[name, layer.hex()] for name, layer in layers0]}  # fmt: skip
     assert docs[1]["code"] == hasher.hash(models["m2"]).hex()
 
 

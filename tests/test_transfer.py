@@ -46,7 +46,7 @@ def test_csv_round_trip_keeps_the_codec_so_default_queries_work(
     db = sample_db(tmp_path / "a")
     dump = tmp_path / "dump.csv"
     assert main(["export", db, "--format", "csv", "-o", str(dump)]) == 0
-    assert dump.read_text().splitlines()[1] == "key,code,meta"
+    assert dump.read_text().splitlines()[1] == "key,code,meta,layers"
     assert main(["import", str(tmp_path / "b"), str(dump)]) == 0
     with HashDB(tmp_path / "a", bits=None) as a:
         code = a.get("k1")[0].hex()

@@ -11,9 +11,10 @@ from typing import Any
 from hashdb.codec import hasher
 
 _real_hash = hasher.ModelHasher.hash
+_real_hash_with_layers = hasher.ModelHasher.hash_with_layers
 
 
-def _faulty_hash(self: Any, source: Any) -> bytes:
+def _fault(source: Any) -> None:
     name = os.path.basename(str(source))
     if name.startswith("exit"):
         os._exit(3)
@@ -21,7 +22,17 @@ def _faulty_hash(self: Any, source: Any) -> bytes:
         os.kill(os.getpid(), signal.SIGSEGV)
     if name.startswith("slow"):
         time.sleep(60)
+
+
+def _faulty_hash(self: Any, source: Any) -> bytes:
+    _fault(source)
     return _real_hash(self, source)
 
 
+def _faulty_hash_with_layers(self: Any, source: Any) -> tuple[bytes, list[tuple[str, bytes]]]:
+    _fault(source)  # the workers hash with layers: the fault must be where they call
+    return _real_hash_with_layers(self, source)
+
+
 hasher.ModelHasher.hash = _faulty_hash  # type: ignore[method-assign]
+hasher.ModelHasher.hash_with_layers = _faulty_hash_with_layers  # type: ignore[method-assign]
