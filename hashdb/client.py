@@ -14,7 +14,7 @@ import selectors
 import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
@@ -31,6 +31,9 @@ from .protocol import (
 )
 
 Convert = Callable[[Any], Any] | None
+
+if TYPE_CHECKING:
+    from .matching import ModelMatch
 
 
 def _pairs(result: Any) -> list[tuple[str, int]]:
@@ -155,6 +158,9 @@ class _Calls:
             args["force"] = force
         return self._submit("layer_radius_many", args, _many_layer_matches)
 
+    def layer_count(self) -> Any:
+        return self._submit("layer_count", {})
+
     def contains(self, key: str) -> Any:
         return self._submit("contains", {"key": key})
 
@@ -208,6 +214,21 @@ class Client(_Calls):
     def codec(self) -> dict[str, Any] | None:
         """The codec configuration stored with the served database (None if never set)."""
         return self._submit("codec", {})
+
+    def find_matches(
+        self,
+        code: Code,
+        layers: Sequence[tuple[str, Code]] | None = None,
+        *,
+        radius: int | None = None,
+        knn: int | None = None,
+        layer_radius: int | None = None,
+        family: str | None = None,
+    ) -> list[ModelMatch]:
+        """HashDB.find_matches over this connection (the rule runs here, on the server's answers)."""
+        from .matching import find_matches
+
+        return find_matches(self, code, layers, radius=radius, knn=knn, layer_radius=layer_radius, family=family)
 
     # -- HashDB's dunder protocol ----------------------------------------------------------------------
 

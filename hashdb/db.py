@@ -43,6 +43,7 @@ from .store import (
 if TYPE_CHECKING:
     from .index.memory import MemoryIndex
     from .ingest import Outcome
+    from .matching import ModelMatch
 
 log = logging.getLogger(__name__)
 
@@ -599,6 +600,22 @@ class HashDB:
         query = bytes_to_words(to_bytes(code, self.bits), self.bits)
         # Any k past the number of codes means "all of them"; clamping keeps huge k out of the int64 kernels.
         return self._query(lambda index: [index.knn(query, max(1, min(k, len(index))), force=force)], force)[0][:k]
+
+    def find_matches(
+        self,
+        code: Code,
+        layers: Sequence[tuple[str, Code]] | None = None,
+        *,
+        radius: int | None = None,
+        knn: int | None = None,
+        layer_radius: int | None = None,
+        family: str | None = None,
+    ) -> list[ModelMatch]:
+        """Whole and partial matches of a suspect, each with its rates (hashdb.matching.find_matches): what
+        ``hashdb query`` answers. ``code``, ``layers`` and ``family`` come from ``ModelHasher.suspect(model)``."""
+        from .matching import find_matches
+
+        return find_matches(self, code, layers, radius=radius, knn=knn, layer_radius=layer_radius, family=family)
 
     def pairs(self, r: int, *, engine: str = "local", ray_address: str | None = None) -> list[Pair]:
         """Every unordered pair of keys within Hamming distance <= r, once each as (key_a, key_b, distance)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+from .codes import Code, to_bytes
 from .errors import KeyNotFound
 
 
@@ -68,7 +69,7 @@ def _twins(hits: list[tuple[int, str, int]]) -> list[tuple[int, str, int]]:
     return out
 
 
-def layer_twins(db: Any, layers: Sequence[tuple[str, bytes]], radius: int) -> dict[str, list[LayerTwin]]:
+def layer_twins(db: Any, layers: Sequence[tuple[str, Code]], radius: int) -> dict[str, list[LayerTwin]]:
     """Per stored model, the one-to-one twins of the suspect's ``layers`` within ``radius`` (layer codes)."""
     if not layers:
         return {}
@@ -83,8 +84,8 @@ def layer_twins(db: Any, layers: Sequence[tuple[str, bytes]], radius: int) -> di
 
 def find_matches(
     db: Any,
-    code: bytes,
-    layers: Sequence[tuple[str, bytes]] | None = None,
+    code: Code,
+    layers: Sequence[tuple[str, Code]] | None = None,
     *,
     radius: int | None = None,
     knn: int | None = None,
@@ -100,6 +101,8 @@ def find_matches(
     from .codec.null import layer_match_rates, layer_screen_radius, match_rates
     from .codec.radius import decision_radius
 
+    code = to_bytes(code, db.bits)
+    layers = [(name, to_bytes(c, db.bits)) for name, c in layers or ()]
     config = db.codec
     n_codes = len(db)
     if radius is None and knn is None:

@@ -44,6 +44,7 @@ OPS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "layers": (READ, ("key",), ()),
     "layer_radius": (READ, ("code", "r"), ("force",)),
     "layer_radius_many": (READ, ("codes", "r"), ("force",)),
+    "layer_count": (READ, (), ()),
     "len": (READ, (), ()),
     "contains": (READ, ("key",), ()),
     "stats": (READ, (), ()),

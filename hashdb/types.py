@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from .codes import Code
+    from .matching import ModelMatch
 
 Match = tuple[str, int]  # (key, Hamming distance), as radius() and knn() return them
 LayerMatch = tuple[str, str, int]  # (model key, layer name, Hamming distance), as layer_radius() returns them
@@ -56,6 +57,13 @@ class Database(Protocol):
     def layer_radius(self, code: Code, r: int, force: str | None = None) -> list[LayerMatch]: ...
 
     def layer_radius_many(self, codes: Any, r: int, force: str | None = None) -> list[list[LayerMatch]]: ...
+
+    def layer_count(self) -> int: ...
+
+    def find_matches(
+        self, code: Code, layers: Sequence[tuple[str, Code]] | None = None, *, radius: int | None = None,
+        knn: int | None = None, layer_radius: int | None = None, family: str | None = None,
+    ) -> list[ModelMatch]: ...  # fmt: skip
 
     def stats(self) -> dict[str, Any]: ...
 
