@@ -54,7 +54,6 @@ Pair = tuple[str, str, int]
 LayerMatch = tuple[str, str, int]  # (model key, layer name, distance)
 JOIN_ENGINES = ("local", "ray")
 MAX_LAYER_NAME_BYTES = 1024  # utf-8 bytes of one layer name (tensor names are rarely over 200)
-LAYERS_FILENAME = "layers.index.hashdb"  # the layer space's index file (persist.LAYERS_FILENAME)
 
 
 class Cluster(NamedTuple):
@@ -224,7 +223,12 @@ class HashDB:
         self._live = LiveIndex(lambda: self._s, self._store.path, self._store.bits, readonly)
         # The same over the layer space, with its own log, readers and index file.
         self._layer_live = LiveIndex(
-            lambda: self._s.layers, self._store.path, self._store.bits, readonly, LAYERS_FILENAME, {"space": "layers"}
+            lambda: self._s.layers,
+            self._store.path,
+            self._store.bits,
+            readonly,
+            _persist().LAYERS_FILENAME,
+            {"space": "layers"},
         )
 
     # ------------------------------------------------------------------------------------- properties

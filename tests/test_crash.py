@@ -1,7 +1,8 @@
 """Crash safety, standing test: a child process writes in a loop through an embedded HashDB and is SIGKILLed,
 again and again: at random moments, right after it grew the LMDB map, and in the middle of a write whose log
 compaction had already deleted entries. After every kill: every acknowledged write is there, the one write
-that may have been in flight is there whole or not at all, and queries equal brute force."""
+that may have been in flight is there whole or not at all (its models' layer codes included), and queries
+(of models and of layers) equal brute force."""
 
 from __future__ import annotations
 
@@ -69,11 +70,11 @@ def writer(path, start, mode, out):
     say("ready")
     i = start
     while True:
-        op, keys, codes, metas = batch(i)
+        op, keys, codes, metas, layers = batch(i)
         if op == "delete":
             db.delete_many(keys)
         else:
-            db.insert_many(keys, codes, metas)
+            db.insert_many(keys, codes, metas, layers=layers)
         say(f"ack {i}")
         i += 1
 
@@ -169,7 +170,7 @@ def test_sigkilled_writers_lose_no_acknowledged_write_and_leave_no_partial_batch
     rnd = random.Random(7)
     path = os.path.join(crash_dir, "db")
     HashDB(path, bits=BITS).close()
-    state: dict[str, tuple[bytes, dict | None]] = {}
+    state: dict[str, tuple[bytes, dict | None, list[tuple[str, bytes]]]] = {}
     committed = -1  # the last batch the database holds
     watcher = HashDB(path)  # a long-lived reader in this process: replays the children's log or rebuilds
     modes = ["random"] * (KILLS // 2) + ["grow"] * (KILLS // 6) + ["grow-mapfull"] * (KILLS // 6)
@@ -200,7 +201,7 @@ def test_sigkilled_writers_lose_no_acknowledged_write_and_leave_no_partial_batch
             for i in range(committed + 1, last_ack + 1):
                 apply(state, i)
             figures["acked"] += len(acks)
-            found = {k: watcher.get(k) for k in watcher}
+            found = {k: (*watcher.get(k), watcher.layers(k)) for k in watcher}
             if found == state:
                 figures["in_flight_absent"] += 1
                 committed = last_ack
@@ -209,7 +210,8 @@ def test_sigkilled_writers_lose_no_acknowledged_write_and_leave_no_partial_batch
                 assert found == state, f"after kill {figures['kills']} ({mode}) the database is neither state"
                 figures["in_flight_present"] += 1
                 committed = last_ack + 1
-            codes = {k: c for k, (c, _) in state.items()}
+            codes = {k: c for k, (c, _, _) in state.items()}
+            layer_codes = {f"{k}\0{name}": code for k, (_, _, ls) in state.items() for name, code in ls}
             with HashDB(path, readonly=True) as fresh:  # its own index, built from the tables
                 for _ in range(2):
                     q = rnd.choice(list(codes.values())) if codes else bytes(BITS // 8)
@@ -218,12 +220,16 @@ def test_sigkilled_writers_lose_no_acknowledged_write_and_leave_no_partial_batch
                     assert watcher.radius(flip, r) == brute_radius(codes, flip.tobytes(), r)
                     assert fresh.radius(flip, r) == brute_radius(codes, flip.tobytes(), r)
                     assert watcher.knn(flip, 5) == brute_knn(codes, flip.tobytes(), 5)
-                    figures["queries"] += 3
+                    # Each layer's name is unique within its model here, so (key, name) sorts as (key, position).
+                    expected = [(*kn.split("\0"), d) for kn, d in brute_radius(layer_codes, flip.tobytes(), 4 * r)]
+                    assert watcher.layer_radius(flip, 4 * r) == expected
+                    assert fresh.layer_radius(flip, 4 * r) == expected
+                    figures["queries"] += 5
     finally:
         zygote.close()
         watcher.close()
     with HashDB(path) as db:  # and a clean reopen agrees
-        assert {k: db.get(k) for k in db} == state
+        assert {k: (*db.get(k), db.layers(k)) for k in db} == state
     figures["verified_writes"] = committed + 1
     figures["records"] = len(state)
     print(f"\ncrash test: {figures}, kills paused in map growth {paused_at['grow']}, in compaction "

@@ -417,3 +417,14 @@ def test_the_layer_index_file_is_used_when_fresh_and_rebuilt_when_stale(tmp_path
     shutil.copyfile(persist.path_in(path), layer_file)
     with HashDB(path) as db:
         assert check(db) == "tables"
+
+
+def test_refresh_warms_the_layer_index_only_when_there_are_layers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with HashDB(tmp_path / "db", bits=BITS) as db:
+        db.insert("a", c(1))
+        db.refresh()
+        assert db.stats()["index_bytes"] > 0 and db.stats()["layer_index_bytes"] == 0
+        db.insert("b", c(2), layers=[("l", c(2))])
+        db.refresh()
+        assert db.stats()["layer_index_bytes"] > 0
+        assert db.layer_radius(c(2), 0, force="mih") == [("b", "l", 0)]
