@@ -271,7 +271,7 @@ def channel_pass(b: np.ndarray, groups: int, kshape: tuple[int, ...]) -> tuple[n
     top = rows[np.arange(out), flat].astype(np.float64)
     rest = np.abs(rows)
     rest[np.arange(out), flat] = 0.0
-    dominance = np.abs(top) / np.maximum(rest.max(axis=1), 1e-300)
+    dominance = np.abs(top) / np.maximum(rest.max(axis=1).astype(np.float64), 1e-300)  # float32 has no 1e-300
     energy = float(np.einsum("ok,ok->", rows, rows, dtype=np.float64))
     if energy <= 0 or np.median(dominance) < PASS_DOMINANCE or float(top @ top) < PASS_SHARE * energy:
         return None
