@@ -88,6 +88,26 @@ def main() -> None:
         "bytes_per_layer_live": round((both["live"] - plain["live"]) / n_layers, 1),  # type: ignore[operator]
     }
     print(json.dumps(report, indent=1))
+    from bench._results import machine_line, write_section
+
+    per_layer_index = 96  # bytes per layer code in the in-memory index and its file (measured: 37.5 MB / 400k)
+    total = n * report["bytes_per_model_file"] + n_layers * report["bytes_per_layer_file"]  # type: ignore[operator]
+    scale = 1e7 / n
+    write_section("layer_storage", "\n".join([
+        "## Layer codes on disk (bench/layer_storage_bench.py)\n",
+        f"`{report['command']}`; {machine_line()}. Random codes, {n:,} models, {n_layers // n} layer codes each "
+        f"(names like torchvision tensor names), {args.bits} bits, insert_many in chunks of {args.chunk}.\n",
+        "| database | data file high-water | live pages | bytes per model | bytes per layer code |",
+        "|---|---|---|---|---|",
+        f"| models only | {plain['map_used'] / 1e6:.2f} MB | {plain['live'] / 1e6:.2f} MB "
+        f"| {report['bytes_per_model_file']} ({report['bytes_per_model_live']} live) | - |",
+        f"| with layers | {both['map_used'] / 1e6:.2f} MB | {both['live'] / 1e6:.2f} MB | - "
+        f"| {report['bytes_per_layer_file']} ({report['bytes_per_layer_live']} live) |",
+        "",
+        f"At 10M models x {n_layers // n} layers: about {total * scale / 1e9:.0f} GB of LMDB, and about "
+        f"{1e7 * (n_layers // n) * per_layer_index / 1e9:.0f} GB for the layer index in memory (and its file): "
+        "the disk fits one host; the layer index's memory is the limit at that scale.",
+    ]))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -144,8 +144,6 @@ def main(argv: list[str] | None = None) -> None:
                          f"| {st['dof'] / b:.2f} | {st['min']} | {st['within']} | {radii[b]} "
                          f"| {st['fmr']:.1e} |")  # fmt: skip
         lines.append("")
-    if not args.no_copies:
-        lines += copies_table(groups, args.bits)
     conservative = {}
     for b, entries in fits.items():
         if not entries:
@@ -157,6 +155,9 @@ def main(argv: list[str] | None = None) -> None:
                      f"dof = {dof:.0f}; copy radius (fmr <= {COPY_RADIUS_FMR:g} per pair) = "
                      f"{largest_distance(b, NullFit(p, dof, True), COPY_RADIUS_FMR)}.")  # fmt: skip
     family_fits, family_lines = fit_families(library, families, args.bits, fits)
+    if not args.no_copies:
+        lines += copies_table(groups, args.bits, {g: family_radii(family_fits.get(f or ""), args.bits)
+                                                  for g, f in families.items()})  # fmt: skip
     lines += family_lines
     text = "\n".join(lines)
     print(text)
@@ -210,11 +211,22 @@ def fit_families(library: dict[str, np.ndarray], families: dict[str, str | None]
     return out, lines
 
 
-def copies_table(groups: list[str], bits_list: list[int]) -> list[str]:
+def family_radii(fit: dict[str, Any] | None, bits_list: list[int]) -> dict[int, int] | None:
+    """The copy radius (fmr <= 1e-12 per pair) of each length under one family's fit (None: no family fit)."""
+    if fit is None:
+        return None
+    return {b: largest_distance(b, NullFit(fit["by_bits"][str(b)]["p"], fit["by_bits"][str(b)]["dof"], True),
+                                COPY_RADIUS_FMR) for b in bits_list}  # fmt: skip
+
+
+def copies_table(groups: list[str], bits_list: list[int], own: dict[str, dict[int, int] | None]) -> list[str]:
+    """Copies against their originals: within the codec's radius (the conservative null) and within the radius
+    of the suspect's kernel family (``own``: per group, None where no family fit applies)."""
     top = max(bits_list)
     h = ModelHasher(top)
     radii = {b: ModelHasher(b).copy_radius for b in bits_list}
-    dists: dict[str, list[int]] = {}
+    dists: dict[str, list[np.ndarray]] = {}
+    within_own: dict[str, list[list[bool]]] = {}
     for g in groups:
         for seed in range(COPY_SEEDS):
             if not null.cache_path(g, seed).exists():
@@ -225,15 +237,22 @@ def copies_table(groups: list[str], bits_list: list[int]) -> list[str]:
                 sd = cached_copy(g, seed, name, lambda fn=fn, orig=orig, seed=seed: fn(orig, 100 + seed))
                 d = h.hash_bits(sd) != code
                 dists.setdefault(name, []).append(d)
+                r_own = own.get(g) or radii
+                within_own.setdefault(name, []).append([int(d[:b].sum()) <= r_own[b] for b in bits_list])
+    fam = next((r for r in own.values() if r), None)
     out = ["### Copies against their originals (codec default)\n",
+           "Within r: the radius of the conservative null (every suspect); within own r: the radius of the "
+           "suspect's kernel family (2-D models: " + (", ".join(f"{fam[b]}" for b in bits_list) if fam else "-")
+           + " bits; others the conservative one), what a query of a model file uses.\n",
            "| copy class | light | copies | "
-           + " | ".join(f"{b} bits: median / max / within r={radii[b]}" for b in bits_list) + " |",
+           + " | ".join(f"{b} bits: median / max / within r={radii[b]} / within own r" for b in bits_list) + " |",
            "|---|---|---|" + "---|" * len(bits_list)]  # fmt: skip
     for name, ds in dists.items():
         cells = []
-        for b in bits_list:
+        for i, b in enumerate(bits_list):
             d = np.array([int(x[:b].sum()) for x in ds])
-            cells.append(f"{int(np.median(d))} / {d.max()} / {np.mean(d <= radii[b]):.2f}")
+            share_own = np.mean([w[i] for w in within_own[name]])
+            cells.append(f"{int(np.median(d))} / {d.max()} / {np.mean(d <= radii[b]):.2f} / {share_own:.2f}")
         out.append(f"| {name} | {'yes' if name in LIGHT else 'no'} | {len(ds)} | " + " | ".join(cells) + " |")
     out.append("")
     return out

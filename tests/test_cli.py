@@ -121,10 +121,11 @@ def test_add_models_then_query_finds_the_copy(models, tmp_path, capsys):
     code, out, _ = cli(capsys, "query", db, models["copy0"], "--radius", "20", "--json")
     assert code == 0
     doc = json.loads(out)
-    assert sorted(doc) == ["code", "codes", "copy_radius", "matches", "query", "radius"]
+    assert sorted(doc) == ["code", "codes", "copy_radius", "family", "layers", "matches", "query", "radius"]
     assert doc["matches"][0]["key"] == models["m0"]
     assert doc["matches"][0]["distance"] <= 20
     match = doc["matches"][0]  # every match says how likely it is to be chance, and what follows
+    assert match["kind"] in ("whole", "partial") and isinstance(match["layers"], list)
     assert 0 <= match["fmr"] <= 1 and match["expected_false"] == pytest.approx(match["fmr"] * doc["codes"])
     assert match["verdict"] == ("copy" if match["expected_false"] <= 0.01 else "not a copy")
     with HashDB(db, bits=None) as embedded:
@@ -184,8 +185,8 @@ def test_query_reads_codes_from_stdin(tmp_path):
     assert done.returncode == 0, done.stderr
     docs = [json.loads(line) for line in done.stdout.splitlines()]
     assert [d["matches"] for d in docs] == [
-        [{"key": "k1", "distance": 0, "verdict": None}],  # bare codes: no copy radius, no verdict
-        [{"key": "k2", "distance": 0, "verdict": None}],
+        [{"key": "k1", "kind": "whole", "distance": 0, "layers": [], "verdict": None}],  # bare codes: no verdict
+        [{"key": "k2", "kind": "whole", "distance": 0, "layers": [], "verdict": None}],
     ]
     done = run_cli("delete", db, "-", stdin="k0\nk3\n")
     assert done.returncode == 0
@@ -423,21 +424,23 @@ def test_query_without_radius_uses_the_decision_radius_and_gives_verdicts(models
     code, out, _ = cli(capsys, "query", db, models["copy0"], "--json")
     doc = json.loads(out)
     # the default radius: the largest distance whose expected false matches in these 3 codes stay <= 0.01
-    assert code == 0 and doc["copy_radius"] == config["copy_radius"] and doc["radius"] == decision_radius(config, 3)
+    # (a model file is a 2-D CNN: its kernel family's fitted null decides)
+    assert doc["family"] == "2d" and doc["radius"] == decision_radius(config, 3, "2d")
+    assert code == 0 and doc["copy_radius"] == config["copy_radius"]
     assert [m["key"] for m in doc["matches"]] == [models["m0"]]
     assert doc["matches"][0]["verdict"] == "copy"
     code, out, _ = cli(capsys, "query", db, models["copy0"], "--knn", "3", "--json")
     matches = json.loads(out)["matches"]
     assert len(matches) == 3
-    expected = [match_rates(config, m["distance"], 3) for m in matches]
+    expected = [match_rates(config, m["distance"], 3, "2d") for m in matches]
     assert [m["verdict"] for m in matches] == [r.verdict for r in expected]  # type: ignore[union-attr]
     assert [m["fmr"] for m in matches] == [r.fmr for r in expected]  # type: ignore[union-attr]
     assert "not a copy" in [m["verdict"] for m in matches]  # unrelated models are far apart
     code, out, _ = cli(capsys, "query", db, models["copy0"], "--knn", "3")
     assert f"(copy radius {config['copy_radius']})" in out.splitlines()[0]
     rows = [line.split() for line in out.splitlines()[2:]]
-    assert rows[0][1] == "copy" and rows[0][4] == models["m0"]
-    assert any(row[1:3] == ["not", "a"] for row in rows)
+    assert rows[0][1] == "whole" and rows[0][3] == "copy" and rows[0][6] == models["m0"]
+    assert any(row[3:5] == ["not", "a"] for row in rows)
 
 
 def test_query_of_a_database_of_bare_codes_needs_a_radius(tmp_path, capsys):
@@ -446,7 +449,8 @@ def test_query_of_a_database_of_bare_codes_needs_a_radius(tmp_path, capsys):
     code, _, err = cli(capsys, "query", db, hex_code(0))
     assert code == 2 and "--radius" in err
     code, out, _ = cli(capsys, "query", db, hex_code(0), "--radius", "0", "--json")
-    assert code == 0 and json.loads(out)["matches"] == [{"key": "k", "distance": 0, "verdict": None}]
+    assert code == 0 and json.loads(out)["matches"] == [{"key": "k", "kind": "whole", "distance": 0, "layers": [],
+                                                         "verdict": None}]  # fmt: skip
 
 
 def test_keys_of_model_files_follow_one_rule_and_a_replaced_key_says_so(tmp_path, capsys, monkeypatch):

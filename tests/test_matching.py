@@ -71,10 +71,10 @@ def test_a_stolen_backbone_is_a_partial_copy_and_independent_models_are_not_flag
     with HashDB(str(folder / "db"), readonly=True) as db:
         for noise in (0.0, 0.02):
             suspect = h.suspect(thief_of(models["victim"], 11, noise))
-            matches = db.find_matches(suspect.code, suspect.layers, family=suspect.family)
+            matches = db.find_matches(suspect.code, suspect.layers, radius=20, family=suspect.family)
             copies = [m for m in matches if m.verdict == "copy"]
             assert [m.key for m in copies] == ["victim"]
-            found = copies[0]
+            found = copies[0]  # the whole codes are farther apart than 20 bits: only the layers match
             assert found.kind == "partial" and found.distance is not None and found.distance > 40
             assert found.expected_false is not None and found.expected_false <= 0.01
             pairs = {(t.suspect, t.stored) for t in found.layers}
@@ -102,29 +102,30 @@ def test_a_whole_copy_stays_whole_and_lists_its_layer_twins(library) -> None:
         assert plain[0].key == "victim" and plain[0].layers == []
         thief = h.suspect(thief_of(models["victim"], 12))
         near = db.find_matches(thief.code, thief.layers, knn=2, family=thief.family)
-        assert "victim" in [m.key for m in near if m.kind == "partial"]
+        assert "victim" in [m.key for m in near if m.verdict == "copy"]
 
 
 def test_query_json_server_and_library_agree_on_partial_matches(library, tmp_path: Path) -> None:
     folder, models = library
     path = tmp_path / "thief.safetensors"
     save_file(thief_of(models["victim"], 13, 0.01), str(path))
-    out = run_cli("query", str(folder / "db"), str(path), "--json")
+    out = run_cli("query", str(folder / "db"), str(path), "--json", "--radius", "20")  # whole codes: only close ones
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     victim = [m for m in doc["matches"] if m["key"] == "victim"]
     assert victim and victim[0]["kind"] == "partial" and victim[0]["verdict"] == "copy"
     assert {"suspect_layer": "features.0.weight", "stored_layer": "0.weight"}.items() <= victim[0]["layers"][0].items()
     assert victim[0]["fmr"] <= victim[0]["expected_false"] and doc["family"] == "2d"
-    plain = json.loads(run_cli("query", str(folder / "db"), str(path), "--json", "--no-layers").stdout)
+    plain = json.loads(run_cli("query", str(folder / "db"), str(path), "--json", "--no-layers", "-r", "20").stdout)
     assert all(m["kind"] == "whole" for m in plain["matches"]) and not any(
         m["key"] == "victim" and m["verdict"] == "copy" for m in plain["matches"])  # fmt: skip
-    human = run_cli("query", str(folder / "db"), str(path))
+    human = run_cli("query", str(folder / "db"), str(path), "--radius", "20")
     assert "partial" in human.stdout and "features.0.weight = 0.weight" in human.stdout
     suspect = ModelHasher(BITS).suspect(str(path))
     with HashDB(str(folder / "db")) as db:
-        local = db.find_matches(suspect.code, suspect.layers, family=suspect.family)
+        local = db.find_matches(suspect.code, suspect.layers, radius=20, family=suspect.family)
+        assert [m.kind for m in local if m.key == "victim"] == ["partial"]
         sock = short_socket_path(tmp_path)
         with server_thread(db, sock), hashdb.connect(sock, timeout=30) as client:
             assert client.layer_count() == db.layer_count() > 0
-            assert client.find_matches(suspect.code, suspect.layers, family=suspect.family) == local
+            assert client.find_matches(suspect.code, suspect.layers, radius=20, family=suspect.family) == local
