@@ -260,20 +260,25 @@ def test_reported_rates_are_never_below_the_observed_share_of_unseen_independent
     x, y = dataset("synth")
     torch.set_num_threads(1)
     h = ModelHasher(512)
-    codes = []
-    for seed in range(8):
+    codes, families = [], set()
+    for seed in range(12):
         torch.manual_seed(seed)
         m = SeqNet("plain", [12, 24, "M", 24], bn=False, size=8)
         train(m, x, y, 120, 3e-3, seed=seed)
-        codes.append(h.hash_bits({k: v.detach().numpy() for k, v in m.state_dict().items()}))
+        found = h.suspect({k: v.detach().numpy() for k, v in m.state_dict().items()})
+        codes.append(np.unpackbits(np.frombuffer(found.code, np.uint8)).astype(bool))
+        families.add(found.family)
     ds = sorted(int((a != b).sum()) for i, a in enumerate(codes) for b in codes[i + 1 :])
-    fit = null_fit(h.config)
+    assert families == {"2d"}
+    fit = null_fit(h.config, "2d")  # the fit a query of these models uses (the least conservative one shipped)
     checked = 0
     for i, d in enumerate(ds):
         share = (i + 1) / len(ds)  # pairs at d or closer (ties: the last of them)
-        if (i + 1 < len(ds) and ds[i + 1] == d) or d >= 256:
-            continue  # the claim that matters is in the lower tail, where a rate says "rare"
-        assert false_match_rate(d, 512, fit) >= share, (d, share)
+        rate = false_match_rate(d, 512, fit)
+        if (i + 1 < len(ds) and ds[i + 1] == d) or rate > 0.25:
+            continue  # the claim that matters is in the lower tail, where a rate says "rare" (the bulk's shares
+            # of 66 pairs are +-0.06 of sampling noise)
+        assert rate >= share, (d, share, ds)
         checked += 1
     assert checked >= 5 and ds[0] > h.copy_radius
 
