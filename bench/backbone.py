@@ -392,25 +392,42 @@ def pair_tables(hashed: dict[str, Hashed], bits: int) -> list[str]:
 
 def layer_null(pairs: list[Pair], hashed: dict[str, Hashed], bits: int) -> list[str]:
     """The layer-level null: every layer pair of the negative pairs, fractional distance, by filters (the smaller
-    of the two layers')."""
-    by_bucket: dict[str, list[float]] = {}
+    of the two layers'); 128+ from the new convs of the bigger models trained from scratch (pairs of other
+    seeds: the same seed means the same init of the new convs)."""
+    from hashdb.codec.null import NullFit, false_match_rate
+
+    by_bucket: dict[str, list[int]] = {}
     for p in pairs:
         if p.positive or p.klass == SHARED_INIT:
             continue
         fs, fv = hashed[p.suspect].filters, hashed[p.stored].filters
         for i, j in itertools.product(range(len(fs)), range(len(fv))):
-            by_bucket.setdefault(bucket(min(fs[i], fv[j])), []).append(p.matrix[i, j] / bits)
+            by_bucket.setdefault(bucket(min(fs[i], fv[j])), []).append(int(p.matrix[i, j]))
+    scratch = [h for h in hashed.values() if h.entry.kind == "scratch"]
+    for a, b in itertools.combinations(scratch, 2):
+        if a.entry.seed == b.entry.seed:
+            continue
+        m = layer_distances(a, b, bits)
+        for i, j in itertools.product(range(len(a.filters)), range(len(b.filters))):
+            if min(a.filters[i], b.filters[j]) >= 128:
+                by_bucket.setdefault("128+", []).append(int(m[i, j]))
     mins = np.array([p.nearest[0] for p in pairs if not p.positive and p.klass != SHARED_INIT])
     lines = [f"Layer-level null at {bits} bits: every layer pair of the negative pairs (shared-init pairs left "
-             "out), fractional distance, by the "
-             "smaller layer's number of filters (dof = p(1-p)/sd^2):\n",
-             "| filters | layer pairs | p | sd | dof | min distance |", "|---|---|---|---|---|---|"]  # fmt: skip
-    for b in ("16-31", "32-63", "64-127", "128+"):
-        if b not in by_bucket:
+             "out) by the smaller layer's number of filters; 128+: the new 128-filter convs of the bigger models "
+             "from scratch, pairs of other seeds. Fractional distance p, sd, dof = p(1-p)/sd^2; the closest pair "
+             "and how many pairs that close the binomial fit (p, dof) expects (n x fmr(min)): far below 1 means "
+             "the tail is heavier than the fit.\n",
+             "| filters | layer pairs | p | sd | dof | min distance | fit expects at or below min |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name in ("16-31", "32-63", "64-127", "128+"):
+        if name not in by_bucket:
             continue
-        f = np.array(by_bucket[b])
+        d = np.array(by_bucket[name])
+        f = d / bits
         p, sd = float(f.mean()), float(f.std(ddof=1))
-        lines.append(f"| {b} | {len(f)} | {p:.4f} | {sd:.4f} | {p * (1 - p) / sd**2:.0f} | {round(f.min() * bits)} |")
+        dof = p * (1 - p) / sd**2
+        expected = len(d) * false_match_rate(int(d.min()), bits, NullFit(p, dof, True))
+        lines.append(f"| {name} | {len(d)} | {p:.4f} | {sd:.4f} | {dof:.0f} | {d.min()} | {expected:.2g} |")
     qs = np.percentile(mins, [0, 1, 5, 25, 50])
     lines.append(
         f"\nMinimum layer-pair distance per negative pair ({len(mins)} pairs): min {qs[0]:.0f}, 1st pct "
@@ -572,11 +589,21 @@ def end_to_end(hashed: dict[str, Hashed], bits: int) -> list[str]:
                             f"expected_false {copies[k].expected_false:.2g})" for k in wrong]  # fmt: skip
         finally:
             db.close()
+    from hashdb.codec import null as codec_null
+
+    config = ModelHasher(bits).config
+    screen = ""
+    if hasattr(codec_null, "layer_screen_radius") and hasattr(codec_null, "layer_null_fit"):
+        fit = codec_null.layer_null_fit(config)
+        screen = (
+            f" Layer screening radius {codec_null.layer_screen_radius(config)} from the codec's layer null "
+            f"(p {fit.p:.3g}, dof {fit.dof:.0f}, {'fitted' if fit.calibrated else 'NOT fitted: the default'})."
+        )
     lines = [title, f"A HashDB of {len(stored)} models (the victims and their architectures' independents: model "
              f"code, layer codes, the codec's config); {len(queries)} suspects queried with their model and layer "
              f"codes at the defaults (decision radius, layer screening radius), {time.perf_counter() - t0:.1f} s. "
              "Found = the suspect's own victim reported with verdict copy; false flags = any other stored model "
-             "reported as copy (the suspect itself, when stored, is left out).\n",
+             f"reported as copy (the suspect itself, when stored, is left out).{screen}\n",
              "| suspect class | queries | own victim found: whole | partial | false flags | other matches (not "
              f"copy) | {SHARED_INIT} reported as copy |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for kind, (n, whole, partial, wrong, other, shared) in rows.items():
