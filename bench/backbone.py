@@ -445,10 +445,10 @@ def _histogram(ps: list[float]) -> list[str]:
     for c, lo, hi in zip(counts, edges[:-1], edges[1:], strict=True):
         rows.append(f"| [{lo:.1f}, {hi:.1f}) | {c} | {c / len(ps):.0%} {'#' * int(c)} |")
     arr = np.array(ps)
-    rows.append(
-        f"\n{len(ps)} pairs; smallest p: {arr.min():.3g}; share <= 0.05: {np.mean(arr <= 0.05):.1%}; "
-        f"share <= 0.01: {np.mean(arr <= 0.01):.1%}; mean {arr.mean():.3f} (uniform: 0.5)"
-    )
+    # a valid p-value has P(p <= a) <= a at every level a (equality for a continuous statistic)
+    levels = ", ".join(f"{a:g}: {np.mean(arr <= a):.1%}" for a in (0.01, 0.05, 0.1, 0.25, 0.5))
+    rows.append(f"\n{len(ps)} pairs; smallest p: {arr.min():.3g}; mean {arr.mean():.3f} (uniform: 0.5); share of "
+                f"pairs with p <= a (valid: at most a) at a = {levels}")  # fmt: skip
     return rows
 
 
