@@ -594,10 +594,12 @@ def end_to_end(hashed: dict[str, Hashed], bits: int) -> list[str]:
     config = ModelHasher(bits).config
     screen = ""
     if hasattr(codec_null, "layer_screen_radius") and hasattr(codec_null, "layer_null_fit"):
-        fit = codec_null.layer_null_fit(config)
+        fit = codec_null.layer_null_fit(config, "2d")  # every suspect here is a 2-D CNN: its family's fit
         screen = (
-            f" Layer screening radius {codec_null.layer_screen_radius(config)} from the codec's layer null "
-            f"(p {fit.p:.3g}, dof {fit.dof:.0f}, {'fitted' if fit.calibrated else 'NOT fitted: the default'})."
+            f" Layer screening radius {codec_null.layer_screen_radius(config, '2d')} from the codec's layer null "
+            f"of 2-D models (p {fit.p:.3g}, dof {fit.dof:.0f}, "
+            f"{'fitted' if fit.calibrated else 'NOT fitted: the default'}); a partial copy needs "
+            f"{getattr(codec_null, 'MIN_PARTIAL_TWINS', 1)} layer twins."
         )
     lines = [title, f"A HashDB of {len(stored)} models (the victims and their architectures' independents: model "
              f"code, layer codes, the codec's config); {len(queries)} suspects queried with their model and layer "

@@ -42,6 +42,7 @@ from hashdb.matching import _twins  # noqa: E402
 
 NULL_JSON = Path(__file__).resolve().parent.parent / "hashdb" / "codec" / "null.json"
 BUCKETS = (16, 32, 64, 128)  # layer sizes (filters of the smaller layer of a pair), each up to the next
+CROSS_SEEDS = 4  # models per group in the cross-group layer pairs of a family fit
 
 
 def _bucket(filters: int) -> int:
@@ -78,16 +79,17 @@ def main(argv: list[str] | None = None) -> None:
              f"`python3 -m bench.null train` then `python3 bench/layer_null.py {' '.join(argv or sys.argv[1:])}`; "
              f"{machine_line()}.\n"]  # fmt: skip
     t0 = time.perf_counter()
-    library = {}
+    library, families = {}, {}
     for g in groups:
         seeds = [s for s in range(args.seeds) if null.cache_path(g, s).exists()]
         models = [model_layers(h, g, s) for s in seeds]
         if len(models) >= 3 and all(models):
             library[g] = models
+            families[g] = h.suspect({k: v.detach().numpy() for k, v in null.trained(g, 0).state_dict().items()}).family
     lines.append(f"{sum(len(m) for m in library.values())} models, {len(library)} groups, hashed in "
                  f"{time.perf_counter() - t0:.0f} s. Eligible layers: 16 filters or more.\n")  # fmt: skip
     rows, by_size, fits = [], {}, {b: [] for b in args.bits}
-    pair_matrices: dict[int, list[np.ndarray]] = {b: [] for b in args.bits}
+    pair_matrices: dict[int, list[tuple[np.ndarray, str | None]]] = {b: [] for b in args.bits}
     for g, models in library.items():
         for b in args.bits:
             ds, sizes = [], []
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
                 fa = np.array([f for _, _, f in ma])
                 fb = np.array([f for _, _, f in mb])
                 sizes.append(np.minimum(fa[:, None], fb[None, :]).ravel())
-                pair_matrices[b].append(d)
+                pair_matrices[b].append((d, families[g]))
             all_d, all_s = np.concatenate(ds), np.concatenate(sizes)
             p, sd, dof, dmin = _stats(all_d, b)
             tail = tail_matched_dof(all_d, b, p, dof)
@@ -129,13 +131,38 @@ def main(argv: list[str] | None = None) -> None:
         screen = largest_distance(b, NullFit(p, dof, True), LAYER_SCREEN_FMR)
         lines.append(f"Layer null at {b} bits (most conservative group): p = {p:.4f}, dof = {dof:.0f}; screening "
                      f"radius (fmr <= {LAYER_SCREEN_FMR:g} per layer pair) = {screen}.")  # fmt: skip
+    family_fits = {}
+    lines.append("\nPer kernel family of the suspect (its own groups, and its layers against every other group's: "
+                 f"the first {CROSS_SEEDS} models of each, pairs of other seeds only, since bench/null.py seeds every "
+                 "architecture alike and a shared first-layer init is no independent pair):\n")
+    lines.append("| family | bits | cross layer pairs | cross p | cross tail dof | fitted p | fitted dof "
+                 "| screening r |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for family in sorted({f for f in families.values() if f is not None}):
+        own = [g for g, f in families.items() if f == family]
+        family_fits[family] = {}
+        for b in args.bits:
+            cross = [(np.array([c[:b] for _, c, _ in ma])[:, None, :] != np.array([c[:b] for _, c, _ in mb])[None])
+                     .sum(axis=2).ravel() for g in own for o in library if o != g
+                     for i, ma in enumerate(library[g][:CROSS_SEEDS])
+                     for j, mb in enumerate(library[o][:CROSS_SEEDS]) if i != j]  # fmt: skip
+            cd = np.concatenate(cross)
+            cp, _, cdof, _ = _stats(cd, b)
+            ctail = tail_matched_dof(cd, b, cp, cdof)
+            p = min([cp] + [e[1] for e in fits[b] if e[0] in own])
+            dof = min([ctail] + [e[2] for e in fits[b] if e[0] in own])
+            family_fits[family][b] = (p, dof)
+            screen = largest_distance(b, NullFit(p, dof, True), LAYER_SCREEN_FMR)
+            lines.append(f"| {family} | {b} | {len(cd)} | {cp:.4f} | {ctail:.0f} | {p:.4f} | {dof:.0f} | {screen} |")
     lines.append("\nCalibration of the \"k of n layers\" rate on independent model pairs (same group), as "
-                 "hashdb.matching reports it: the share of pairs whose rate is <= t must not exceed t.\n")
+                 "hashdb.matching reports it (with the suspect's family fit): the share of pairs whose rate is <= t "
+                 "must not exceed t.\n")
     lines.append("| bits | model pairs | pairs with any twin | smallest rate | share <= 1e-1 | share <= 1e-2 "
                  "| share <= 1e-3 |")  # fmt: skip
     lines.append("|---|---|---|---|---|---|---|")
     for b, matrices in pair_matrices.items():
-        r = np.array([pair_rate(d, b, NullFit(*conservative[b], True)) for d in matrices])
+        r = np.array([pair_rate(d, b, NullFit(*(family_fits.get(f or "", {}).get(b) or conservative[b]), True))
+                      for d, f in matrices])  # fmt: skip
         lines.append(f"| {b} | {len(r)} | {int((r < 1).sum())} | {r.min():.1e} | {(r <= 0.1).mean():.3f} "
                      f"| {(r <= 0.01).mean():.3f} | {(r <= 0.001).mean():.3f} |")  # fmt: skip
     text = "\n".join(lines)
@@ -147,7 +174,11 @@ def main(argv: list[str] | None = None) -> None:
             if all(entry["config"].get(k) == cfg[k] for k in ("codec", "dim", "omega", "ridge")):
                 entry["layers"] = {"by_bits": {str(b): {"p": round(p, 4), "dof": round(dof, 1)}
                                                for b, (p, dof) in conservative.items()},
-                                   "groups": sorted(library), "seeds": args.seeds, "min_filters": 16}  # fmt: skip
+                                   "groups": sorted(library), "seeds": args.seeds, "min_filters": 16,
+                                   "families": {f: {"by_bits": {str(b): {"p": round(p, 4), "dof": round(dof, 1)}
+                                                                for b, (p, dof) in fit.items()},
+                                                    "groups": sorted(g for g, x in families.items() if x == f)}
+                                                for f, fit in family_fits.items()}}  # fmt: skip
         NULL_JSON.write_text(json.dumps(table, indent=1) + "\n")
         print(f"wrote {NULL_JSON}")
     if not args.no_results:

@@ -113,7 +113,7 @@ def find_matches(
     twins: dict[str, list[LayerTwin]] = {}
     stored_layers: dict[str, int] = {}
     if layers and isinstance(config, dict) and db.layer_count() > 0:
-        r = layer_screen_radius(config) if layer_radius is None else int(layer_radius)
+        r = layer_screen_radius(config, family) if layer_radius is None else int(layer_radius)
         twins = layer_twins(db, layers, r)
         for key in twins:
             try:
@@ -126,7 +126,7 @@ def find_matches(
         seen.add(key)
         rates = match_rates(config, int(d), n_codes, family)
         twins_of = twins.get(key, [])
-        partial = _partial_rates(config, twins_of, len(layers or ()), stored_layers.get(key, 0), n_codes)
+        partial = _partial_rates(config, twins_of, len(layers), stored_layers.get(key, 0), n_codes, family)
         if (rates is None or rates.verdict != "copy") and partial is not None and partial.verdict == "copy":
             out.append(ModelMatch(key, "partial", int(d), twins_of, partial.fmr, partial.expected_false,
                                   partial.verdict, partial.calibrated))  # fmt: skip
@@ -139,8 +139,8 @@ def find_matches(
     for key, twins_of in twins.items():
         if key in seen or stored_layers.get(key, 0) == 0:
             continue
-        partial = layer_match_rates(config, [t.distance for t in twins_of], len(layers or ()), stored_layers[key],
-                                    n_codes)  # fmt: skip
+        partial = layer_match_rates(config, [t.distance for t in twins_of], len(layers), stored_layers[key],
+                                    n_codes, family)  # fmt: skip
         assert partial is not None  # config is a dict here
         out.append(ModelMatch(key, "partial", _distance(db, key, code), twins_of, partial.fmr,
                               partial.expected_false, partial.verdict, partial.calibrated))  # fmt: skip
@@ -151,12 +151,13 @@ def find_matches(
     return out
 
 
-def _partial_rates(config: Any, twins: list[LayerTwin], n_suspect: int, n_stored: int, n_codes: int) -> Any:
+def _partial_rates(config: Any, twins: list[LayerTwin], n_suspect: int, n_stored: int, n_codes: int,
+                   family: str | None) -> Any:  # fmt: skip
     if not twins or not n_stored:
         return None
     from .codec.null import layer_match_rates
 
-    return layer_match_rates(config, [t.distance for t in twins], n_suspect, n_stored, n_codes)
+    return layer_match_rates(config, [t.distance for t in twins], n_suspect, n_stored, n_codes, family)
 
 
 def _distance(db: Any, key: str, code: bytes) -> int | None:

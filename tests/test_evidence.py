@@ -181,3 +181,22 @@ def test_pruned_filters_that_tie_are_not_counted_as_evidence():
     layer = result["layers"][1]
     assert layer["layer_a"] == "2.weight" and layer["units_in_place"] <= 12
     assert result["test"]["p_value"] > 0.05 and result["verdict"]["call"] == "no evidence"
+
+
+def test_layers_of_a_safetensors_file_come_in_natural_name_order(tmp_path) -> None:
+    """safetensors stores names in string order (features.10 before features.2): the layers must still pair in
+    the network's order, so that a deep sequential model's permuted copy is recognised."""
+    from safetensors.numpy import save_file
+
+    from hashdb.codec.load import load_tensors
+    from hashdb.evidence.align import model_layers
+
+    rng = np.random.default_rng(0)
+    widths = [1] + [8 + i for i in range(12)]
+    sd = {f"features.{2 * i}.weight": rng.standard_normal((b, a, 3, 3)).astype(np.float32)
+          for i, (a, b) in enumerate(zip(widths, widths[1:], strict=False))}  # fmt: skip
+    save_file(sd, str(tmp_path / "deep.safetensors"))
+    names = [layer.name for layer in model_layers(load_tensors(str(tmp_path / "deep.safetensors")))]
+    assert names == list(sd)  # features.0, .2, ..., .22: not .0, .10, .12, ..., .2
+    reordered = [layer.name for layer in model_layers(load_tensors({k: sd[k] for k in reversed(list(sd))}))]
+    assert reordered == list(reversed(list(sd)))  # a source order that is not string order is kept

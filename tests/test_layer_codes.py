@@ -127,3 +127,10 @@ def test_the_shipped_layer_null_is_calibrated_and_its_screening_radius_is_rare()
     assert rates is not None and rates.verdict == "copy" and rates.calibrated
     far = layer_match_rates(cfg, [r], 40, 40, 1_000_000)
     assert far is not None and far.verdict == "not a copy"
+    # one twin alone is never a partial copy, however close (a shared seeded first layer looks like that)
+    single = layer_match_rates(cfg, [0], 5, 5, 10)
+    assert single is not None and single.fmr < 1e-6 and single.verdict == "not a copy"
+    # a 2-D suspect's own fit: measured apart, never more conservative than the fit over everything
+    two_d = layer_null_fit(cfg, "2d")
+    assert two_d.calibrated and two_d.dof >= fit.dof and layer_screen_radius(cfg, "2d") >= r
+    assert layer_null_fit(cfg, "3d") == fit

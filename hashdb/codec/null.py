@@ -138,22 +138,30 @@ def match_rates(config: dict[str, Any] | None, distance: int, n_codes: int,
 # ---- layers: partial copies (a stolen backbone inside a bigger model) ---------------------------------------
 
 LAYER_SCREEN_FMR = 1e-4  # layer codes within the distance of this per-pair rate are candidates of a partial copy
+# A partial copy needs this many layer twins: one layer alone is also what a shared initialization leaves (two
+# models trained from the same seeded first layer kept it 37-85 bits apart of 256: bench/backbone.py), and a
+# stolen backbone is more than one layer.
+MIN_PARTIAL_TWINS = 2
 
 
-def layer_null_fit(config: dict[str, Any]) -> NullFit:
+def layer_null_fit(config: dict[str, Any], family: str | None = None) -> NullFit:
     """The fitted null of single layers' codes (hasher.hash_with_layers): independently trained models' layer
-    pairs, every eligible layer against every other, the most conservative group measured."""
+    pairs, every eligible layer against every other, the most conservative group measured; for a suspect of
+    kernel ``family`` (hasher.suspect) that family's fit (its groups, and its layers against every other
+    group's), else the one over everything."""
     entry = _entry(config)
     if entry is not None and "layers" in entry:
-        return _fit_at(entry["layers"]["by_bits"], int(config.get("bits", 256)))
+        families = entry["layers"].get("families", {})
+        chosen = families[family] if family is not None and family in families else entry["layers"]
+        return _fit_at(chosen["by_bits"], int(config.get("bits", 256)))
     p, frac = _UNCALIBRATED
     return NullFit(p, frac * int(config.get("bits", 256)), False)
 
 
-def layer_screen_radius(config: dict[str, Any]) -> int:
+def layer_screen_radius(config: dict[str, Any], family: str | None = None) -> int:
     """The layer-code distance within which a stored layer is a candidate twin of a suspect's layer."""
     bits = int(config.get("bits", 256))
-    return max(largest_distance(bits, layer_null_fit(config), LAYER_SCREEN_FMR), 0)
+    return max(largest_distance(bits, layer_null_fit(config, family), LAYER_SCREEN_FMR), 0)
 
 
 def layers_false_match_rate(distances: list[int], n_suspect: int, n_stored: int, bits: int, fit: NullFit) -> float:
@@ -178,15 +186,17 @@ def layers_false_match_rate(distances: list[int], n_suspect: int, n_stored: int,
 
 
 def layer_match_rates(config: dict[str, Any] | None, distances: list[int], n_suspect: int, n_stored: int,
-                      n_codes: int) -> MatchRates | None:  # fmt: skip
+                      n_codes: int, family: str | None = None) -> MatchRates | None:  # fmt: skip
     """match_rates() of a partial match: ``distances`` of the matched layer pairs, the two models' numbers of
-    layer codes, ``n_codes`` models in the database. None without a codec config."""
+    layer codes, ``n_codes`` models in the database. ``copy`` also needs MIN_PARTIAL_TWINS twins. None without
+    a codec config."""
     if not isinstance(config, dict) or not isinstance(config.get("bits"), int):
         return None
-    fit = layer_null_fit(config)
+    fit = layer_null_fit(config, family)
     fmr = layers_false_match_rate(distances, n_suspect, n_stored, int(config["bits"]), fit)
     expected = fmr * max(int(n_codes), 0)
-    return MatchRates(fmr, expected, verdict(expected), fit.calibrated)
+    called = verdict(expected) if len(distances) >= MIN_PARTIAL_TWINS else "not a copy"
+    return MatchRates(fmr, expected, called, fit.calibrated)
 
 
 def largest_distance(bits: int, fit: NullFit, max_rate: float) -> int:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..codec.chain import natural_key
 from ..codec.readers import NamedTensor
 from ..codec.select import conv_layer, conv_plan
 
@@ -43,9 +44,16 @@ class Layer:
 
 
 def model_layers(tensors: list[NamedTensor], layout: str = "auto") -> list[Layer]:
-    """Convolution and linear layers of a model in source order (hashdb.codec.select's choice of tensors)."""
+    """Convolution and linear layers of a model in source order (hashdb.codec.select's choice of tensors), or in
+    natural name order (``features.2`` before ``features.10``) when the source order is plain string order, as
+    safetensors stores names: then it says nothing about the layers' order, and string order would put a deep
+    layer between shallow ones."""
+    plan = conv_plan(tensors, layout, include_linear=True)
+    names = [tensors[i].name for i, _ in plan]
+    if names == sorted(names):
+        plan = sorted(plan, key=lambda p: natural_key(tensors[p[0]].name))
     layers = []
-    for i, read in conv_plan(tensors, layout, include_linear=True):
+    for i, read in plan:
         w = conv_layer(tensors[i].array, read)
         kernel = tuple(int(d) for d in w.shape[2:])
         flat = np.ascontiguousarray(w, dtype=np.float32).reshape(w.shape[0], w.shape[1], -1)
