@@ -130,3 +130,18 @@ def test_query_json_server_and_library_agree_on_partial_matches(library, tmp_pat
         with server_thread(db, sock), hashdb.connect(sock, timeout=30) as client:
             assert client.layer_count() == db.layer_count() > 0
             assert client.find_matches(suspect.code, suspect.layers, radius=20, family=suspect.family) == local
+
+
+def test_the_suspect_report_carries_partial_matches_and_says_which_layers(library, tmp_path: Path) -> None:
+    from hashdb.evidence.report import suspect_report
+
+    folder, models = library
+    path = tmp_path / "thief.safetensors"
+    save_file(thief_of(models["victim"], 14, 0.01), str(path))
+    with HashDB(str(folder / "db"), readonly=True) as db:
+        doc = suspect_report(db, str(path), radius=20, n_perm=19)
+    victim = [m for m in doc["matches"] if m["key"] == "victim"]
+    assert victim and victim[0]["kind"] == "partial" and victim[0]["expected_false"] <= 0.01
+    assert {"suspect_layer": "features.0.weight", "stored_layer": "0.weight"}.items() <= victim[0]["layers"][0].items()
+    assert doc["within_radius"] and "shares" in doc["verdict"]["words"] and "features.0.weight = 0.weight" in (
+        doc["verdict"]["words"])  # fmt: skip

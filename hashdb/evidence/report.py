@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ..matching import ModelMatch
 from .compare import DEFAULT_PERMUTATIONS, compare
 from .lineage import derivation_tree, hamming, model_file
 from .nulldist import distance_null, false_match_rate
@@ -39,26 +40,30 @@ def suspect_report(
     from ..codec.radius import decision_radius
 
     hasher = ModelHasher.from_config(db.codec) if db.codec else ModelHasher(db.bits)  # the database's codec
-    stored = decision_radius(db.codec, len(db))
+    code, layers, family = hasher.suspect(suspect)
+    stored = decision_radius(db.codec, len(db), family)
     r = int(radius if radius is not None else stored if isinstance(stored, int) else hasher.copy_radius)
-    code = hasher.hash(suspect)
-    found = db.radius(code, r)
+    found = db.find_matches(code, layers, radius=r, family=family) if db.codec else [
+        ModelMatch(key, "whole", d, [], None, None, None, True) for key, d in db.radius(code, r)]  # fmt: skip
     within = bool(found)
-    if not found:
-        found = db.knn(code, NEAREST) if len(db) else []
+    if not found and len(db):
+        found = db.find_matches(code, knn=NEAREST, family=family) if db.codec else [
+            ModelMatch(key, "whole", d, [], None, None, None, True) for key, d in db.knn(code, NEAREST)]  # fmt: skip
     suspect_label = str(suspect) if isinstance(suspect, str | os.PathLike) else "suspect"
     matches, codes, files = [], {suspect_label: code}, {suspect_label: suspect}
-    for key, distance in found:
-        stored_code, meta = db.get(key)
-        path = model_file(key, meta)
-        fmr = false_match_rate(int(distance), db.bits, db.codec)
-        match: dict[str, Any] = {"key": key, "distance": int(distance), "fmr": fmr, "file": path}
-        match["expected_false"] = match["fmr"] * len(db)
+    for m in found:
+        stored_code, meta = db.get(m.key)
+        path = model_file(m.key, meta)
+        distance = m.distance if m.distance is not None else hamming(stored_code, code)
+        fmr = m.fmr if m.fmr is not None else false_match_rate(int(distance), db.bits, db.codec)
+        match: dict[str, Any] = {"key": m.key, "kind": m.kind, "distance": int(distance), "fmr": fmr, "file": path,
+                                 "layers": m.as_dict()["layers"]}  # fmt: skip
+        match["expected_false"] = m.expected_false if m.expected_false is not None else fmr * len(db)
         if path is not None:
             match["compare"] = compare(suspect, path, n_perm=n_perm, bits=None)
         matches.append(match)
-        if key != suspect_label:
-            codes[key], files[key] = stored_code, path
+        if m.key != suspect_label:
+            codes[m.key], files[m.key] = stored_code, path
     tree = derivation_tree(codes, files) if len(codes) > 1 else None
     doc = {
         "kind": "suspect", "suspect": suspect_label, "database": str(db.path), "models": len(db), "bits": db.bits,
@@ -76,8 +81,14 @@ def suspect_verdict(doc: Mapping[str, Any]) -> dict[str, str]:
         return {"call": "no match", "words": f"No stored model within {doc['radius']} bits of the suspect{far}."}
     parts, call = [], "match"
     for m in doc["matches"]:
-        line = (f"{m['key']}: {m['distance']} of {doc['bits']} bits (false-match rate {m['fmr']:.2g}, "
-                f"{m['expected_false']:.2g} expected by chance among {doc['models']} models)")  # fmt: skip
+        if m.get("kind") == "partial":
+            twins = ", ".join(f"{t['suspect_layer']} = {t['stored_layer']} ({t['distance']} bits)" for t in m["layers"])
+            line = (f"{m['key']}: shares {len(m['layers'])} layers with the suspect ({twins}; false-match rate "
+                    f"{m['fmr']:.2g}, {m['expected_false']:.2g} expected by chance among {doc['models']} models), "
+                    f"whole models {m['distance']} of {doc['bits']} bits apart")  # fmt: skip
+        else:
+            line = (f"{m['key']}: {m['distance']} of {doc['bits']} bits (false-match rate {m['fmr']:.2g}, "
+                    f"{m['expected_false']:.2g} expected by chance among {doc['models']} models)")  # fmt: skip
         if "compare" in m:
             line += ". " + m["compare"]["verdict"]["words"]
             if m["compare"]["verdict"]["call"] != "no evidence":
@@ -85,7 +96,8 @@ def suspect_verdict(doc: Mapping[str, Any]) -> dict[str, str]:
         else:
             line += "; its file is not readable here, so it was not verified"
         parts.append(line)
-    head = f"{len(doc['matches'])} stored model{'s' if len(doc['matches']) != 1 else ''} within {doc['radius']} bits"
+    head = (f"{len(doc['matches'])} stored model{'s' if len(doc['matches']) != 1 else ''} within {doc['radius']} "
+            "bits or sharing layers")  # fmt: skip
     head += ", verified as derived." if call == "copy" else "."
     return {"call": call, "words": head + " " + " ".join(parts)}
 
