@@ -211,6 +211,36 @@ def fit_families(library: dict[str, np.ndarray], families: dict[str, str | None]
     return out, lines
 
 
+MILLION = 1_000_000
+
+
+def _bits(code: bytes) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(code, np.uint8)).astype(bool)
+
+
+def found_in_a_million(original: Any, suspect: Any, bits: int) -> str:
+    """How a query of ``suspect`` (hasher.suspect at the longest length) finds ``original`` in a database of a
+    million models at ``bits`` (codes are prefixes of the longest ones): 'whole', 'partial' or ''."""
+    from hashdb.codec.null import layer_match_rates, layer_screen_radius
+    from hashdb.codec.radius import decision_radius
+    from hashdb.matching import _twins
+
+    config = ModelHasher(bits).config
+    whole = int((_bits(original.code)[:bits] != _bits(suspect.code)[:bits]).sum())
+    radius = decision_radius(config, MILLION, suspect.family)
+    if radius is not None and whole <= radius:
+        return "whole"
+    mine = [_bits(c)[:bits] for _, c in suspect.layers]
+    theirs = [(name, _bits(c)[:bits]) for name, c in original.layers]
+    screen = layer_screen_radius(config, suspect.family)
+    hits = [(i, name, int((a != b).sum())) for i, a in enumerate(mine) for name, b in theirs]
+    twins = _twins([x for x in hits if x[2] <= screen])
+    if not twins:
+        return ""
+    rates = layer_match_rates(config, [t[2] for t in twins], len(mine), len(theirs), MILLION, suspect.family)
+    return "partial" if rates is not None and rates.verdict == "copy" else ""
+
+
 def family_radii(fit: dict[str, Any] | None, bits_list: list[int]) -> dict[int, int] | None:
     """The copy radius (fmr <= 1e-12 per pair) of each length under one family's fit (None: no family fit)."""
     if fit is None:
@@ -227,32 +257,43 @@ def copies_table(groups: list[str], bits_list: list[int], own: dict[str, dict[in
     radii = {b: ModelHasher(b).copy_radius for b in bits_list}
     dists: dict[str, list[np.ndarray]] = {}
     within_own: dict[str, list[list[bool]]] = {}
+    found: dict[str, list[list[str]]] = {}  # per copy and length: "whole", "partial" or ""
     for g in groups:
         for seed in range(COPY_SEEDS):
             if not null.cache_path(g, seed).exists():
                 continue
             orig = null.trained(g, seed)
-            code = h.hash_bits(_state(orig))
+            original = h.suspect(_state(orig))
+            code = _bits(original.code)
             for name, fn in copy_classes(g).items():
                 sd = cached_copy(g, seed, name, lambda fn=fn, orig=orig, seed=seed: fn(orig, 100 + seed))
-                d = h.hash_bits(sd) != code
+                suspect = h.suspect(sd)
+                d = _bits(suspect.code) != code
                 dists.setdefault(name, []).append(d)
                 r_own = own.get(g) or radii
                 within_own.setdefault(name, []).append([int(d[:b].sum()) <= r_own[b] for b in bits_list])
+                found.setdefault(name, []).append([found_in_a_million(original, suspect, b) for b in bits_list])
     fam = next((r for r in own.values() if r), None)
     out = ["### Copies against their originals (codec default)\n",
            "Within r: the radius of the conservative null (every suspect); within own r: the radius of the "
            "suspect's kernel family (2-D models: " + (", ".join(f"{fam[b]}" for b in bits_list) if fam else "-")
            + " bits; others the conservative one), what a query of a model file uses.\n",
+           "Found in 1M: the share a query finds as a copy (verdict `copy`) in a database of 1,000,000 models, by "
+           "its whole code (the family's decision radius for 1M codes) or, failing that, as a partial copy (two "
+           "or more layer twins with expected_false <= 0.01, hashdb.matching's rule), with how many by layers.\n",
            "| copy class | light | copies | "
-           + " | ".join(f"{b} bits: median / max / within r={radii[b]} / within own r" for b in bits_list) + " |",
+           + " | ".join(f"{b} bits: median / max / within r={radii[b]} / within own r / found in 1M (by layers)"
+                        for b in bits_list) + " |",
            "|---|---|---|" + "---|" * len(bits_list)]  # fmt: skip
     for name, ds in dists.items():
         cells = []
         for i, b in enumerate(bits_list):
             d = np.array([int(x[:b].sum()) for x in ds])
             share_own = np.mean([w[i] for w in within_own[name]])
-            cells.append(f"{int(np.median(d))} / {d.max()} / {np.mean(d <= radii[b]):.2f} / {share_own:.2f}")
+            how = [f[i] for f in found[name]]
+            hit = np.mean([x != "" for x in how])
+            cells.append(f"{int(np.median(d))} / {d.max()} / {np.mean(d <= radii[b]):.2f} / {share_own:.2f} "
+                         f"/ {hit:.2f} ({how.count('partial')})")  # fmt: skip
         out.append(f"| {name} | {'yes' if name in LIGHT else 'no'} | {len(ds)} | " + " | ".join(cells) + " |")
     out.append("")
     return out
