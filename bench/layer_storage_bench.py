@@ -95,7 +95,8 @@ def main() -> None:
     scale = 1e7 / n
     write_section("layer_storage", "\n".join([
         "## Layer codes on disk (bench/layer_storage_bench.py)\n",
-        f"`{report['command']}`; {machine_line()}. Random codes, {n:,} models, {n_layers // n} layer codes each "
+        f"`{report['command']}`; {machine_line()}. Random codes, {args.models:,} models, {args.layers} layer codes "
+        "each "
         f"(names like torchvision tensor names), {args.bits} bits, insert_many in chunks of {args.chunk}.\n",
         "| database | data file high-water | live pages | bytes per model | bytes per layer code |",
         "|---|---|---|---|---|",
@@ -104,8 +105,8 @@ def main() -> None:
         f"| with layers | {both['map_used'] / 1e6:.2f} MB | {both['live'] / 1e6:.2f} MB | - "
         f"| {report['bytes_per_layer_file']} ({report['bytes_per_layer_live']} live) |",
         "",
-        f"At 10M models x {n_layers // n} layers: about {total * scale / 1e9:.0f} GB of LMDB, and about "
-        f"{1e7 * (n_layers // n) * per_layer_index / 1e9:.0f} GB for the layer index in memory (and its file): "
+        f"At 10M models x {args.layers} layers: about {total * scale / 1e9:.0f} GB of LMDB, and about "
+        f"{1e7 * args.layers * per_layer_index / 1e9:.0f} GB for the layer index in memory (and its file): "
         "the disk fits one host; the layer index's memory is the limit at that scale.",
     ]))  # fmt: skip
 
