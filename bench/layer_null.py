@@ -33,6 +33,7 @@ from bench._results import machine_line, write_section  # noqa: E402
 from hashdb.codec import ModelHasher  # noqa: E402
 from hashdb.codec.null import (  # noqa: E402
     LAYER_SCREEN_FMR,
+    MIN_PARTIAL_TWINS,
     NullFit,
     false_match_rate,
     largest_distance,
@@ -204,7 +205,10 @@ def pair_rate(d: np.ndarray, bits: int, fit: NullFit) -> float:
     """The "k of n layers" rate hashdb.matching reports for two models with layer distance matrix ``d``."""
     radius = largest_distance(bits, fit, LAYER_SCREEN_FMR)
     twins = _twins([(i, str(j), int(d[i, j])) for i, j in zip(*np.nonzero(d <= radius), strict=True)])
-    return layers_false_match_rate([t[2] for t in twins], d.shape[0], d.shape[1], bits, fit) if twins else 1.0
+    if not twins:
+        return 1.0
+    at_least = MIN_PARTIAL_TWINS if len(twins) >= MIN_PARTIAL_TWINS else 1  # as layer_match_rates reports it
+    return layers_false_match_rate([t[2] for t in twins], d.shape[0], d.shape[1], bits, fit, at_least)
 
 
 if __name__ == "__main__":

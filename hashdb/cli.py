@@ -544,7 +544,7 @@ def cmd_query(args: argparse.Namespace) -> int:
             same = _same_bytes(db, query.path, [(m.key, m.distance) for m in matches if m.distance is not None])
             if args.json:
                 _emit({"query": query.text, "code": code.hex(), "copy_radius": copy_radius, "radius": asked,
-                       "codes": n_codes, "family": family, "layers": None if model is None else len(model.layers),
+                       "codes": n_codes, "family": family, "layers": None if layers is None else len(layers),
                        "matches": [{**m.as_dict(), **({"same_bytes": True} if m.key in same else {})}
                                    for m in matches]})  # fmt: skip
             else:
@@ -640,8 +640,10 @@ def _print_matches(query: str, matches: list[ModelMatch], codec: dict | None, sa
     for m in matches:
         tail = " (same bytes)" if same and m.key in same else ""
         distance = "-" if m.distance is None else str(m.distance)
-        print(f"  {distance:>8}  {m.kind:<7}  {len(m.layers):>6}  {m.verdict:<10}  {m.fmr:>8.1e}  "
-              f"{m.expected_false:>8.1e}  {_shown(m.key)}{tail}")
+        fmr = "-" if m.fmr is None else f"{m.fmr:.1e}"  # a codec config without a usable width has no rates
+        expected = "-" if m.expected_false is None else f"{m.expected_false:.1e}"
+        print(f"  {distance:>8}  {m.kind:<7}  {len(m.layers):>6}  {m.verdict or '-':<10}  {fmr:>8}  {expected:>8}  "
+              f"{_shown(m.key)}{tail}")
         if m.kind == "partial":
             for t in m.layers:
                 print(f"  {'':>8}  {'':<7}  {t.distance:>6}  {_shown(t.suspect)} = {_shown(t.stored)}")

@@ -11,6 +11,7 @@ verdict ``copy`` means expected_false <= 0.01. One rule for the library, the ser
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -96,9 +97,10 @@ def find_matches(
     decision radius) and every partial match (layer twins within ``layer_radius``, default the codec's layer
     screening radius) of a suspect with model code ``code``, layer codes ``layers`` (hasher.suspect; None or []
     asks for whole matches only) and kernel ``family`` (hasher.suspect; None: unknown, the conservative null).
-    ``db`` is a HashDB or a server connection. Sorted: copies first, then by expected_false, whole before
-    partial, then key."""
-    from .codec.null import layer_match_rates, layer_screen_radius, match_rates
+    ``db`` is a HashDB or a server connection. Partial matches that are not copies are listed only when
+    ``layer_radius`` is given (by default a stored model sharing one chance layer is no answer). Sorted: copies
+    first, then by expected_false, whole before partial, then by distance and key."""
+    from .codec.null import MIN_PARTIAL_TWINS, layer_match_rates, layer_screen_radius, match_rates
     from .codec.radius import decision_radius
 
     code = to_bytes(code, db.bits)
@@ -110,12 +112,16 @@ def find_matches(
         if radius is None:
             raise ValueError("the database stores no codec configuration: give radius or knn")
     whole = db.radius(code, radius) if knn is None else db.knn(code, knn)
+    listed = {key for key, _ in whole}
+    every_partial = layer_radius is not None
     twins: dict[str, list[LayerTwin]] = {}
     stored_layers: dict[str, int] = {}
     if layers and isinstance(config, dict) and db.layer_count() > 0:
         r = layer_screen_radius(config, family) if layer_radius is None else int(layer_radius)
         twins = layer_twins(db, layers, r)
         for key in twins:
+            if not (every_partial or key in listed or len(twins[key]) >= MIN_PARTIAL_TWINS):
+                continue  # one twin alone is never a copy: no round trip for it
             try:
                 stored_layers[key] = len(db.layers(key))
             except KeyNotFound:  # deleted between the two reads: its twins go with it
@@ -142,10 +148,12 @@ def find_matches(
         partial = layer_match_rates(config, [t.distance for t in twins_of], len(layers), stored_layers[key],
                                     n_codes, family)  # fmt: skip
         assert partial is not None  # config is a dict here
+        if partial.verdict != "copy" and not every_partial:
+            continue
         out.append(ModelMatch(key, "partial", _distance(db, key, code), twins_of, partial.fmr,
                               partial.expected_false, partial.verdict, partial.calibrated))  # fmt: skip
     out.sort(key=lambda m: (m.verdict != "copy", m.expected_false if m.expected_false is not None else 0.0,
-                            m.kind != "whole", m.key))  # fmt: skip
+                            m.kind != "whole", m.distance if m.distance is not None else math.inf, m.key))  # fmt: skip
     if knn is not None:  # knn asks for model codes; partial matches come on top only when they are copies
         out = [m for m in out if m.kind == "whole" or m.verdict == "copy"]
     return out

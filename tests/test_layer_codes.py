@@ -105,16 +105,23 @@ def test_a_family_fit_is_used_only_for_its_family_and_never_claims_more_than_mea
 
 def test_k_of_n_layers_rate_falls_with_more_and_closer_twins_and_is_a_bound() -> None:
     fit = NullFit(0.5, 256.0, True)
+    weight = math.pi**2 / 6  # the weight of j = 1 (j^2 pi^2 / 6)
     one = layers_false_match_rate([60], 10, 10, 256, fit)
-    assert one == pytest.approx(100 * false_match_rate(60, 256, fit), rel=1e-9)  # 100 pairs, one twin
+    assert one == pytest.approx(weight * 100 * false_match_rate(60, 256, fit), rel=1e-9)  # 100 pairs, one twin
     assert layers_false_match_rate([60, 60], 10, 10, 256, fit) < one
     assert layers_false_match_rate([30], 10, 10, 256, fit) < one
     assert layers_false_match_rate([60], 20, 20, 256, fit) > one  # more pairs to choose from: less rare
     assert layers_false_match_rate([], 10, 10, 256, fit) == 1.0
     assert layers_false_match_rate([128] * 5, 10, 10, 256, fit) == 1.0
-    # the union bound C(pairs, j) fmr^j for j = 3 of 50 pairs, paid for the choice of j (x3)
+    # the union bound C(pairs, j) fmr^j for j = 3 of 50 pairs, weighted by j^2 pi^2 / 6
     f = false_match_rate(70, 256, fit)
-    assert layers_false_match_rate([50, 60, 70], 5, 10, 256, fit) <= 3 * math.comb(50, 3) * f**3 * (1 + 1e-9)
+    assert layers_false_match_rate([50, 60, 70], 5, 10, 256, fit) <= 9 * weight * math.comb(50, 3) * f**3 * (1 + 1e-9)
+    # two or more twins: one very close layer does not make a chance second one evidence
+    close_then_far = layers_false_match_rate([5, 90], 20, 20, 256, fit, at_least=2)
+    assert close_then_far == pytest.approx(min(1.0, 4 * weight * math.comb(400, 2) * false_match_rate(90, 256, fit) ** 2))
+    assert close_then_far > 1000 * layers_false_match_rate([5, 90], 20, 20, 256, fit)
+    assert layers_false_match_rate([5], 20, 20, 256, fit, at_least=2) == 1.0
+    assert layers_false_match_rate([5, 6], 0, 0, 256, fit) == layers_false_match_rate([5, 6], 2, 2, 256, fit)
 
 
 def test_the_shipped_layer_null_is_calibrated_and_its_screening_radius_is_rare() -> None:

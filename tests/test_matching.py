@@ -145,3 +145,32 @@ def test_the_suspect_report_carries_partial_matches_and_says_which_layers(librar
     assert {"suspect_layer": "features.0.weight", "stored_layer": "0.weight"}.items() <= victim[0]["layers"][0].items()
     assert doc["within_radius"] and "shares" in doc["verdict"]["words"] and "features.0.weight = 0.weight" in (
         doc["verdict"]["words"])  # fmt: skip
+
+
+def flip(code: bytes, n: int, rng: np.random.Generator) -> bytes:
+    bits = np.unpackbits(np.frombuffer(code, np.uint8))
+    bits[rng.choice(len(bits), n, replace=False)] ^= 1
+    return np.packbits(bits).tobytes()
+
+
+def test_one_chance_layer_twin_is_no_answer_by_default_and_listed_when_asked(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    random_code = lambda: rng.integers(0, 256, BITS // 8, dtype=np.uint8).tobytes()  # noqa: E731
+    suspect_layers = [(f"s{i}", random_code()) for i in range(20)]
+    stored_layers = [(f"t{i}", random_code()) for i in range(20)]
+    stored_layers[3] = ("t3", flip(suspect_layers[0][1], 40, rng))  # e.g. a shared seeded first layer
+    with HashDB(str(tmp_path / "db"), bits=BITS, codec=ModelHasher(BITS).config) as db:
+        db.insert("other", random_code(), layers=stored_layers)
+        code = random_code()
+        assert db.find_matches(code, suspect_layers, family="2d") == []
+        listed = db.find_matches(code, suspect_layers, family="2d", layer_radius=60)
+        assert [(m.key, m.kind, m.verdict, [(t.suspect, t.stored, t.distance) for t in m.layers]) for m in listed] == [
+            ("other", "partial", "not a copy", [("s0", "t3", 40)])]  # fmt: skip
+
+
+def test_matches_of_a_database_of_bare_codes_come_nearest_first(tmp_path: Path) -> None:
+    with HashDB(str(tmp_path / "db"), bits=BITS) as db:
+        q = bytes(BITS // 8)
+        db.insert_many(["z_near", "m_mid", "a_far"], [q[:-1] + b"\x01", q[:-2] + b"\xff\x03", b"\xff" * 5 + q[5:]])
+        assert [(m.key, m.distance) for m in db.find_matches(q, knn=3)] == [("z_near", 1), ("m_mid", 10),
+                                                                            ("a_far", 40)]  # fmt: skip

@@ -164,39 +164,49 @@ def layer_screen_radius(config: dict[str, Any], family: str | None = None) -> in
     return max(largest_distance(bits, layer_null_fit(config, family), LAYER_SCREEN_FMR), 0)
 
 
-def layers_false_match_rate(distances: list[int], n_suspect: int, n_stored: int, bits: int, fit: NullFit) -> float:
+def layers_false_match_rate(distances: list[int], n_suspect: int, n_stored: int, bits: int, fit: NullFit,
+                            at_least: int = 1) -> float:  # fmt: skip
     """P(an independently trained model shows layer twins this close): ``distances`` are the matched layer
     pairs' code distances (one-to-one), among ``n_suspect`` x ``n_stored`` possible pairs.
 
     For the j closest matches, "at least j of the pairs within the j-th distance" has probability at most
-    C(pairs, j) fmr(d_j)^j (a union bound over which pairs; pairs of independent models taken as independent,
-    which the null library checks: bench/null_bench.py); the best j is taken and paid for (times k)."""
+    b_j = C(pairs, j) fmr(d_j)^j (a union bound over which pairs; pairs of independent models taken as
+    independent, which the null library checks: bench/layer_null.py). The best j >= ``at_least`` is taken and
+    paid for with fixed weights, b_j x j^2 pi^2 / 6 (the weights 6 / (pi^2 j^2) sum to at most 1, so the minimum
+    is a valid bound whatever number of twins the data shows). ``at_least`` = 2 asks how rare two or more
+    twins this close are: one very close layer then cannot make a chance second one look like evidence."""
     ds = sorted(int(d) for d in distances)
-    if not ds:
+    if len(ds) < max(at_least, 1):
         return 1.0
-    pairs = max(n_suspect * n_stored, len(ds))
-    best = 0.0  # log of the smallest bound
+    pairs = max(n_suspect, len(ds)) * max(n_stored, len(ds))  # a count below the twins found is a caller's slip
+    best = math.inf  # log of the smallest weighted bound
     for j, d in enumerate(ds, start=1):
+        if j < at_least:
+            continue
         rate = false_match_rate(d, bits, fit)
         if rate <= 0.0:
             return 0.0
-        log_bound = math.lgamma(pairs + 1) - math.lgamma(j + 1) - math.lgamma(pairs - j + 1) + j * math.log(rate)
+        log_bound = (math.lgamma(pairs + 1) - math.lgamma(j + 1) - math.lgamma(pairs - j + 1) + j * math.log(rate)
+                     + math.log(j * j * math.pi**2 / 6))  # fmt: skip
         best = min(best, log_bound)
-    return min(1.0, len(ds) * math.exp(best))
+    return min(1.0, math.exp(best))
 
 
 def layer_match_rates(config: dict[str, Any] | None, distances: list[int], n_suspect: int, n_stored: int,
                       n_codes: int, family: str | None = None) -> MatchRates | None:  # fmt: skip
     """match_rates() of a partial match: ``distances`` of the matched layer pairs, the two models' numbers of
-    layer codes, ``n_codes`` models in the database. ``copy`` also needs MIN_PARTIAL_TWINS twins. None without
-    a codec config."""
+    layer codes, ``n_codes`` models in the database. ``copy`` needs MIN_PARTIAL_TWINS twins, and the rate is then
+    that of so many twins this close (the closest alone does not count). None without a codec config."""
     if not isinstance(config, dict) or not isinstance(config.get("bits"), int):
         return None
     fit = layer_null_fit(config, family)
-    fmr = layers_false_match_rate(distances, n_suspect, n_stored, int(config["bits"]), fit)
-    expected = fmr * max(int(n_codes), 0)
-    called = verdict(expected) if len(distances) >= MIN_PARTIAL_TWINS else "not a copy"
-    return MatchRates(fmr, expected, called, fit.calibrated)
+    bits = int(config["bits"])
+    if len(distances) >= MIN_PARTIAL_TWINS:  # the rate of "MIN_PARTIAL_TWINS or more twins this close"
+        fmr = layers_false_match_rate(distances, n_suspect, n_stored, bits, fit, MIN_PARTIAL_TWINS)
+        expected = fmr * max(int(n_codes), 0)
+        return MatchRates(fmr, expected, verdict(expected), fit.calibrated)
+    fmr = layers_false_match_rate(distances, n_suspect, n_stored, bits, fit)  # shown, never a copy on its own
+    return MatchRates(fmr, fmr * max(int(n_codes), 0), "not a copy", fit.calibrated)
 
 
 def largest_distance(bits: int, fit: NullFit, max_rate: float) -> int:
