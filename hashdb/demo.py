@@ -124,6 +124,16 @@ def _copies(model: Any, x: Any, y: Any, seed: int) -> dict[str, Any]:
                     getattr(m, name).copy_(getattr(m, name)[perm])
         layers[second].weight.copy_(layers[second].weight[:, perm])
     out["channels permuted"] = permuted
+    # A stolen backbone: the convolutions inside a bigger model (eight new layers, a new head), every layer
+    # trained on. Its whole code moves with the new layers; its layers' codes give it away.
+    backbone = [copy.deepcopy(m) for m in model if not isinstance(m, nn.AdaptiveAvgPool2d | nn.Flatten | nn.Linear)]
+    width = [m for m in backbone if isinstance(m, nn.Conv2d)][-1].out_channels
+    torch.manual_seed(seed + 2000)
+    extra: list[Any] = []
+    for i in range(8):
+        extra += [nn.Conv2d(width if i == 0 else 64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
+    thief = nn.Sequential(*backbone, *extra, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    out["stolen backbone"] = _train(thief, x, y, epochs=3, lr=2e-3, seed=seed + 2000)
     return out
 
 
@@ -191,10 +201,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"removed {workdir} (keep the models and the database with --dir DIR)")
 
 
+def _name(key: str) -> str:
+    """An original's name from its key (the path `add` stored it under)."""
+    return Path(key).stem
+
+
 def _run(args: argparse.Namespace, workdir: Path) -> int:
     import torch
 
-    from .codec import ModelHasher, hash_files
+    from .codec import ModelHasher
     from .db import HashDB
     from .errors import ModelFormatError
 
@@ -227,43 +242,46 @@ def _run(args: argparse.Namespace, workdir: Path) -> int:
             print(f"  trained {name:14s} test accuracy {_accuracy(model, x[test], y[test]):.3f}")
     print(f"trained {len(originals)} originals and {len(suspects)} copies in {time.perf_counter() - t0:.1f} s")
 
-    from .codec.null import match_rates
     from .codec.radius import decision_radius
 
     db_path = workdir / "db"
     found = 0
     with HashDB(str(db_path), bits=args.bits, codec=hasher.config) as db:
         t0 = time.perf_counter()
-        hashed = hash_files([originals_dir], bits=args.bits)  # a folder: one entry per model file in it
-        failed = [str(code) for _, code in hashed if isinstance(code, Exception)]
+        outcomes = list(db.add_models([originals_dir], workers=1))  # what `hashdb add` does: codes and layer codes
+        failed = [str(o.error) for o in outcomes if o.error is not None]
         if failed:
             raise ModelFormatError("; ".join(failed))
-        keys = [Path(key).stem for key, _ in hashed]
-        db.insert_many(keys, [code for _, code in hashed], [{"file": key} for key, _ in hashed])
+        keys = [o.key for o in outcomes]
         # a copy is a match that fewer than 0.01 independent models would reach by chance in this database
-        radius = int(decision_radius(hasher.config, len(db)) or hasher.copy_radius)
+        radius = int(decision_radius(hasher.config, len(db), "2d") or hasher.copy_radius)  # the demo's CNNs are 2-D
         print(f"hashed the folder {originals_dir.name}/ and stored {len(db)} originals in "
               f"{time.perf_counter() - t0:.2f} s; decision radius {radius} (expected false matches <= 0.01)")
         print()
         header = f"{'suspect (true original / modification)':40s} {'published as':19s} {'acc':>5s}  "
         print(header + f"{'nearest original':16s} {'dist':>4s} {'fmr':>8s}  verdict")
         for true, mod, style, path, acc in suspects:
-            code = hasher.hash(path)
-            nearest, dist = db.knn(code, 1)[0]
-            hit = [k for k, _ in db.radius(code, radius)]
+            suspect = hasher.suspect(path)  # code, layer codes and kernel family: what `hashdb query` asks with
+            nearest_key, dist = db.knn(suspect.code, 1)[0]
+            nearest = _name(nearest_key)
+            matches = db.find_matches(suspect.code, suspect.layers, family=suspect.family)
+            copies = [m for m in matches if m.verdict == "copy"]
+            hit = [_name(m.key) for m in copies]
             ok = hit == [true]
             found += ok
-            verdict = "copy of " + ", ".join(hit) if hit else "no match"
+            partial = bool(copies) and copies[0].kind == "partial"
+            how = f" (partial: {len(copies[0].layers)} layers)" if partial else ""
+            verdict = "copy of " + ", ".join(hit) + how if hit else "no match"
             flag = "" if ok else "   <-- WRONG"
-            rates = match_rates(hasher.config, int(dist), len(db))
-            fmr = f"{rates.fmr:8.1e}" if rates else " " * 8
+            fmr = f"{copies[0].fmr:8.1e}" if copies and copies[0].fmr is not None else " " * 8
             print(f"{true + ' / ' + mod:40s} {style:19s} {acc:5.3f}  {nearest:16s} {dist:4d} {fmr}  {verdict}{flag}")
         distinct = [
             db.knn(db.get(k)[0], 2)[1][1] for k in keys
         ]  # distance from each original to its nearest *other* original
+        layer_codes = db.layer_count()
     print()
-    print(f"found {found}/{len(suspects)} copies at radius {radius}; nearest distinct originals are "
-          f"{min(distinct)}..{max(distinct)} bits apart (of {args.bits})")
+    print(f"found {found}/{len(suspects)} copies (decision radius {radius}, {layer_codes} layer codes stored); "
+          f"nearest distinct originals are {min(distinct)}..{max(distinct)} bits apart (of {args.bits})")
     if args.dir:
         print(f"models in {models_dir}, database in {db_path} (try: hashdb query {db_path} {suspects[0][3]})")
     return 0 if found == len(suspects) else 1

@@ -23,8 +23,8 @@ def test_demo_finds_every_copy_and_removes_its_temporary_folder(
     monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
     assert main(["--seeds", "1"]) == 0
     out = capsys.readouterr().out
-    assert "found 10/10 copies" in out
-    assert "WRONG" not in out
+    assert "found 12/12 copies" in out and "layer codes stored" in out
+    assert "WRONG" not in out and out.count("/ stolen backbone") == 2  # a backbone inside a bigger model, each
     assert f"hashdb demo in {workdir}" in out and f"removed {workdir}" in out
     assert not workdir.exists()  # no --dir: nothing left behind
     for name in ("plain-seed0", "bn-seed0"):
