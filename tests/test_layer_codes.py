@@ -118,7 +118,8 @@ def test_k_of_n_layers_rate_falls_with_more_and_closer_twins_and_is_a_bound() ->
     assert layers_false_match_rate([50, 60, 70], 5, 10, 256, fit) <= 9 * weight * math.comb(50, 3) * f**3 * (1 + 1e-9)
     # two or more twins: one very close layer does not make a chance second one evidence
     close_then_far = layers_false_match_rate([5, 90], 20, 20, 256, fit, at_least=2)
-    assert close_then_far == pytest.approx(min(1.0, 4 * weight * math.comb(400, 2) * false_match_rate(90, 256, fit) ** 2))
+    second = false_match_rate(90, 256, fit)
+    assert close_then_far == pytest.approx(min(1.0, 4 * weight * math.comb(400, 2) * second**2))
     assert close_then_far > 1000 * layers_false_match_rate([5, 90], 20, 20, 256, fit)
     assert layers_false_match_rate([5], 20, 20, 256, fit, at_least=2) == 1.0
     assert layers_false_match_rate([5, 6], 0, 0, 256, fit) == layers_false_match_rate([5, 6], 2, 2, 256, fit)
