@@ -33,13 +33,12 @@ from bench._results import machine_line, write_section  # noqa: E402
 from hashdb.codec import ModelHasher  # noqa: E402
 from hashdb.codec.null import (  # noqa: E402
     LAYER_SCREEN_FMR,
-    MIN_PARTIAL_TWINS,
     NullFit,
     false_match_rate,
     largest_distance,
-    layers_false_match_rate,
+    partial_false_match_rate,
 )
-from hashdb.matching import _twins  # noqa: E402
+from hashdb.matching import one_to_one  # noqa: E402
 
 NULL_JSON = Path(__file__).resolve().parent.parent / "hashdb" / "codec" / "null.json"
 BUCKETS = (16, 32, 64, 128)  # layer sizes (filters of the smaller layer of a pair), each up to the next
@@ -204,11 +203,8 @@ def tail_matched_dof(ds: np.ndarray, bits: int, p: float, dof: float) -> float:
 def pair_rate(d: np.ndarray, bits: int, fit: NullFit) -> float:
     """The "k of n layers" rate hashdb.matching reports for two models with layer distance matrix ``d``."""
     radius = largest_distance(bits, fit, LAYER_SCREEN_FMR)
-    twins = _twins([(i, str(j), int(d[i, j])) for i, j in zip(*np.nonzero(d <= radius), strict=True)])
-    if not twins:
-        return 1.0
-    at_least = MIN_PARTIAL_TWINS if len(twins) >= MIN_PARTIAL_TWINS else 1  # as layer_match_rates reports it
-    return layers_false_match_rate([t[2] for t in twins], d.shape[0], d.shape[1], bits, fit, at_least)
+    twins = one_to_one([(i, str(j), int(d[i, j])) for i, j in zip(*np.nonzero(d <= radius), strict=True)])
+    return partial_false_match_rate([t[2] for t in twins], d.shape[0], d.shape[1], bits, fit) if twins else 1.0
 
 
 if __name__ == "__main__":

@@ -223,7 +223,7 @@ def found_in_a_million(original: Any, suspect: Any, bits: int) -> str:
     million models at ``bits`` (codes are prefixes of the longest ones): 'whole', 'partial' or ''."""
     from hashdb.codec.null import layer_match_rates, layer_screen_radius
     from hashdb.codec.radius import decision_radius
-    from hashdb.matching import _twins
+    from hashdb.matching import one_to_one
 
     config = ModelHasher(bits).config
     whole = int((_bits(original.code)[:bits] != _bits(suspect.code)[:bits]).sum())
@@ -234,7 +234,7 @@ def found_in_a_million(original: Any, suspect: Any, bits: int) -> str:
     theirs = [(name, _bits(c)[:bits]) for name, c in original.layers]
     screen = layer_screen_radius(config, suspect.family)
     hits = [(i, name, int((a != b).sum())) for i, a in enumerate(mine) for name, b in theirs]
-    twins = _twins([x for x in hits if x[2] <= screen])
+    twins = one_to_one([x for x in hits if x[2] <= screen])
     if not twins:
         return ""
     rates = layer_match_rates(config, [t[2] for t in twins], len(mine), len(theirs), MILLION, suspect.family)

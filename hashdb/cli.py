@@ -555,20 +555,6 @@ def cmd_query(args: argparse.Namespace) -> int:
     return EXIT_OK if found_any else EXIT_NOT_FOUND
 
 
-def _rates(codec: dict | None, distance: int, n_codes: int) -> dict[str, Any]:
-    """A match's ``verdict``, ``fmr`` (chance of an independent model this close, per pair) and
-    ``expected_false`` (fmr x codes in the database); nothing for a database of bare codes."""
-    from .codec.null import match_rates
-
-    rates = match_rates(codec, distance, n_codes)
-    if rates is None:
-        return {"verdict": None}
-    out: dict[str, Any] = {"verdict": rates.verdict, "fmr": rates.fmr, "expected_false": rates.expected_false}
-    if not rates.calibrated:
-        out["calibrated"] = False
-    return out
-
-
 class _Query(NamedTuple):
     """One query: what was asked, its code (or why it has none), and for a model its path and hasher.suspect."""
 

@@ -558,35 +558,32 @@ class HashDB:
 
     def radius(self, code: Code, r: int, force: str | None = None) -> list[Match]:
         """Every key within Hamming distance <= r of ``code``, sorted by (distance, key)."""
-        r = _check_int("r", r, 0)
-        force = _check_force(force)
-        query = bytes_to_words(to_bytes(code, self.bits), self.bits)
-        r = min(r, self.bits)
-        return self._query(lambda index: [index.radius(query, r, force=force)], force)[0]
+        return self._radius_one(code, r, force, layers=False)
 
     def radius_many(self, codes: Any, r: int, force: str | None = None) -> list[list[Match]]:
         """radius() for each code, all answered from one snapshot."""
-        r = _check_int("r", r, 0)
-        force = _check_force(force)
-        raw = many_to_bytes(codes, self.bits)
-        if not raw:
-            return []
-        queries = bytes_to_words(raw, self.bits)
-        r = min(r, self.bits)
-        return self._query(lambda index: index.radius_many(queries, r, force=force), force)
+        return self._radius_many(codes, r, force, layers=False)
 
     def layer_radius(self, code: Code, r: int, force: str | None = None) -> list[LayerMatch]:
         """Every stored layer code within Hamming distance <= r of ``code``, as (model key, layer name,
         distance), sorted by (distance, model key, the layer's position in its model)."""
+        return self._radius_one(code, r, force, layers=True)
+
+    def layer_radius_many(self, codes: Any, r: int, force: str | None = None) -> list[list[LayerMatch]]:
+        """layer_radius() for each code, all answered from one snapshot."""
+        return self._radius_many(codes, r, force, layers=True)
+
+    def _radius_one(self, code: Code, r: int, force: str | None, *, layers: bool) -> list[Any]:
+        """radius() over the model codes, or layer_radius() over the layer codes."""
         r = _check_int("r", r, 0)
         force = _check_force(force)
         query = bytes_to_words(to_bytes(code, self.bits), self.bits)
         r = min(r, self.bits)
         ask = lambda index: [index.radius(query, r, force=force)]  # noqa: E731
-        return self._query(ask, force, self._to_layer_matches, layers=True)[0]
+        return self._query(ask, force, self._to_layer_matches if layers else None, layers=layers)[0]
 
-    def layer_radius_many(self, codes: Any, r: int, force: str | None = None) -> list[list[LayerMatch]]:
-        """layer_radius() for each code, all answered from one snapshot."""
+    def _radius_many(self, codes: Any, r: int, force: str | None, *, layers: bool) -> list[list[Any]]:
+        """radius_many() over the model codes, or layer_radius_many() over the layer codes."""
         r = _check_int("r", r, 0)
         force = _check_force(force)
         raw = many_to_bytes(codes, self.bits)
@@ -595,7 +592,7 @@ class HashDB:
         queries = bytes_to_words(raw, self.bits)
         r = min(r, self.bits)
         ask = lambda index: index.radius_many(queries, r, force=force)  # noqa: E731
-        return self._query(ask, force, self._to_layer_matches, layers=True)
+        return self._query(ask, force, self._to_layer_matches if layers else None, layers=layers)
 
     def knn(self, code: Code, k: int, force: str | None = None) -> list[Match]:
         """The k nearest keys, sorted by (distance, key); among equal distances the smaller keys win."""

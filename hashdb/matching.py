@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .codes import Code, to_bytes
 from .errors import KeyNotFound
+
+if TYPE_CHECKING:
+    from .codec.null import MatchRates
 
 
 class LayerTwin(NamedTuple):
@@ -57,8 +60,9 @@ class ModelMatch(NamedTuple):
         return out
 
 
-def _twins(hits: list[tuple[int, str, int]]) -> list[tuple[int, str, int]]:
-    """One-to-one pairs among (suspect layer index, stored layer name, distance) hits, closest first."""
+def one_to_one(hits: list[tuple[int, str, int]]) -> list[tuple[int, str, int]]:
+    """One-to-one pairs among (suspect layer index, stored layer name, distance) hits, closest first: how a
+    query pairs layer twins (the benches pair them the same way)."""
     used_suspect: set[int] = set()
     used_stored: set[str] = set()
     out = []
@@ -80,7 +84,7 @@ def layer_twins(db: Any, layers: Sequence[tuple[str, Code]], radius: int) -> dic
         for key, name, d in matches:
             hits.setdefault(key, []).append((i, name, int(d)))
     names = [name for name, _ in layers]
-    return {key: [LayerTwin(names[i], name, d) for i, name, d in _twins(h)] for key, h in hits.items()}
+    return {key: [LayerTwin(names[i], name, d) for i, name, d in one_to_one(h)] for key, h in hits.items()}
 
 
 def find_matches(
@@ -100,7 +104,7 @@ def find_matches(
     ``db`` is a HashDB or a server connection. Partial matches that are not copies are listed only when
     ``layer_radius`` is given (by default a stored model sharing one chance layer is no answer). Sorted: copies
     first, then by expected_false, whole before partial, then by distance and key."""
-    from .codec.null import MIN_PARTIAL_TWINS, layer_match_rates, layer_screen_radius, match_rates
+    from .codec.null import MIN_PARTIAL_TWINS, layer_screen_radius, match_rates
     from .codec.radius import decision_radius
 
     code = to_bytes(code, db.bits)
@@ -127,31 +131,21 @@ def find_matches(
             except KeyNotFound:  # deleted between the two reads: its twins go with it
                 stored_layers[key] = 0
     out: list[ModelMatch] = []
-    seen: set[str] = set()
     for key, d in whole:
-        seen.add(key)
         rates = match_rates(config, int(d), n_codes, family)
         twins_of = twins.get(key, [])
         partial = _partial_rates(config, twins_of, len(layers), stored_layers.get(key, 0), n_codes, family)
         if (rates is None or rates.verdict != "copy") and partial is not None and partial.verdict == "copy":
-            out.append(ModelMatch(key, "partial", int(d), twins_of, partial.fmr, partial.expected_false,
-                                  partial.verdict, partial.calibrated))  # fmt: skip
-            continue
-        if rates is None:
-            out.append(ModelMatch(key, "whole", int(d), twins_of, None, None, None, True))
+            out.append(_match(key, "partial", int(d), twins_of, partial))
         else:
-            out.append(ModelMatch(key, "whole", int(d), twins_of, rates.fmr, rates.expected_false, rates.verdict,
-                                  rates.calibrated))  # fmt: skip
+            out.append(_match(key, "whole", int(d), twins_of, rates))
     for key, twins_of in twins.items():
-        if key in seen or stored_layers.get(key, 0) == 0:
+        if key in listed:
             continue
-        partial = layer_match_rates(config, [t.distance for t in twins_of], len(layers), stored_layers[key],
-                                    n_codes, family)  # fmt: skip
-        assert partial is not None  # config is a dict here
-        if partial.verdict != "copy" and not every_partial:
+        partial = _partial_rates(config, twins_of, len(layers), stored_layers.get(key, 0), n_codes, family)
+        if partial is None or (partial.verdict != "copy" and not every_partial):
             continue
-        out.append(ModelMatch(key, "partial", _distance(db, key, code), twins_of, partial.fmr,
-                              partial.expected_false, partial.verdict, partial.calibrated))  # fmt: skip
+        out.append(_match(key, "partial", _distance(db, key, code), twins_of, partial))
     out.sort(key=lambda m: (m.verdict != "copy", m.expected_false if m.expected_false is not None else 0.0,
                             m.kind != "whole", m.distance if m.distance is not None else math.inf, m.key))  # fmt: skip
     if knn is not None:  # knn asks for model codes; partial matches come on top only when they are copies
@@ -159,8 +153,16 @@ def find_matches(
     return out
 
 
+def _match(key: str, kind: str, distance: int | None, twins: list[LayerTwin], rates: MatchRates | None) -> ModelMatch:
+    """A ModelMatch carrying the rates of the evidence that made its kind (none for a bare-code database)."""
+    if rates is None:
+        return ModelMatch(key, kind, distance, twins, None, None, None, True)
+    return ModelMatch(key, kind, distance, twins, rates.fmr, rates.expected_false, rates.verdict, rates.calibrated)
+
+
 def _partial_rates(config: Any, twins: list[LayerTwin], n_suspect: int, n_stored: int, n_codes: int,
-                   family: str | None) -> Any:  # fmt: skip
+                   family: str | None) -> MatchRates | None:  # fmt: skip
+    """layer_match_rates() of a stored model's twins; None without twins or stored layer codes."""
     if not twins or not n_stored:
         return None
     from .codec.null import layer_match_rates
@@ -177,4 +179,4 @@ def _distance(db: Any, key: str, code: bytes) -> int | None:
     return (int.from_bytes(stored, "big") ^ int.from_bytes(code, "big")).bit_count()
 
 
-__all__ = ["LayerTwin", "ModelMatch", "find_matches", "layer_twins"]
+__all__ = ["LayerTwin", "ModelMatch", "find_matches", "layer_twins", "one_to_one"]

@@ -192,6 +192,13 @@ def layers_false_match_rate(distances: list[int], n_suspect: int, n_stored: int,
     return min(1.0, math.exp(best))
 
 
+def partial_false_match_rate(distances: list[int], n_suspect: int, n_stored: int, bits: int, fit: NullFit) -> float:
+    """The rate a partial match reports: of MIN_PARTIAL_TWINS or more twins this close when it has that many
+    (the closest alone does not count), else of its one twin."""
+    at_least = MIN_PARTIAL_TWINS if len(distances) >= MIN_PARTIAL_TWINS else 1
+    return layers_false_match_rate(distances, n_suspect, n_stored, bits, fit, at_least)
+
+
 def layer_match_rates(config: dict[str, Any] | None, distances: list[int], n_suspect: int, n_stored: int,
                       n_codes: int, family: str | None = None) -> MatchRates | None:  # fmt: skip
     """match_rates() of a partial match: ``distances`` of the matched layer pairs, the two models' numbers of
@@ -200,13 +207,10 @@ def layer_match_rates(config: dict[str, Any] | None, distances: list[int], n_sus
     if not isinstance(config, dict) or not isinstance(config.get("bits"), int):
         return None
     fit = layer_null_fit(config, family)
-    bits = int(config["bits"])
-    if len(distances) >= MIN_PARTIAL_TWINS:  # the rate of "MIN_PARTIAL_TWINS or more twins this close"
-        fmr = layers_false_match_rate(distances, n_suspect, n_stored, bits, fit, MIN_PARTIAL_TWINS)
-        expected = fmr * max(int(n_codes), 0)
-        return MatchRates(fmr, expected, verdict(expected), fit.calibrated)
-    fmr = layers_false_match_rate(distances, n_suspect, n_stored, bits, fit)  # shown, never a copy on its own
-    return MatchRates(fmr, fmr * max(int(n_codes), 0), "not a copy", fit.calibrated)
+    fmr = partial_false_match_rate(distances, n_suspect, n_stored, int(config["bits"]), fit)
+    expected = fmr * max(int(n_codes), 0)
+    called = verdict(expected) if len(distances) >= MIN_PARTIAL_TWINS else "not a copy"  # one twin: shown only
+    return MatchRates(fmr, expected, called, fit.calibrated)
 
 
 def largest_distance(bits: int, fit: NullFit, max_rate: float) -> int:

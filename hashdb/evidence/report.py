@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 
-from ..matching import ModelMatch
 from .compare import DEFAULT_PERMUTATIONS, compare
 from .lineage import derivation_tree, hamming, model_file
 from .nulldist import distance_null, false_match_rate
@@ -43,12 +42,10 @@ def suspect_report(
     code, layers, family = hasher.suspect(suspect)
     stored = decision_radius(db.codec, len(db), family)
     r = int(radius if radius is not None else stored if isinstance(stored, int) else hasher.copy_radius)
-    found = db.find_matches(code, layers, radius=r, family=family) if db.codec else [
-        ModelMatch(key, "whole", d, [], None, None, None, True) for key, d in db.radius(code, r)]  # fmt: skip
+    found = db.find_matches(code, layers, radius=r, family=family)  # a bare-code database: whole matches only
     within = bool(found)
     if not found and len(db):
-        found = db.find_matches(code, knn=NEAREST, family=family) if db.codec else [
-            ModelMatch(key, "whole", d, [], None, None, None, True) for key, d in db.knn(code, NEAREST)]  # fmt: skip
+        found = db.find_matches(code, knn=NEAREST, family=family)
     suspect_label = str(suspect) if isinstance(suspect, str | os.PathLike) else "suspect"
     matches, codes, files = [], {suspect_label: code}, {suspect_label: suspect}
     for m in found:
