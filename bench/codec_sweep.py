@@ -232,57 +232,56 @@ def report(args: argparse.Namespace) -> None:
 
 
 def speed(args: argparse.Namespace) -> None:
-    """Single-thread hashing time of a ResNet-50-shaped model (weights already in memory as numpy), per stage."""
+    """Single-thread hashing time of each codec on the same models (weights already in memory as numpy),
+    interleaved run by run so the shared machine's load falls on all of them alike; medians."""
     import torch
 
     from bench._results import machine_line, write_section
-    from bench.codec_bench import RandomProjectionHasher, resnet50_state_dict
+    from bench.codec_bench import resnet50_state_dict
     from hashdb.codec import ModelHasher
-    from hashdb.codec.load import load_tensors
-    from hashdb.codec.nts import projection_statistics
-    from hashdb.codec.select import cap_pool, conv_layers, important_kernels, kernel_pools
+    from hashdb.codec.hasher import CODECS
 
     torch.set_num_threads(1)
-    sd = {k: v.numpy() for k, v in resnet50_state_dict().items()}
-    n = sum(v.size for v in sd.values())
-    h = ModelHasher(args.bits)
-    base = RandomProjectionHasher(args.bits)
+    models = {"ResNet-50 shapes, random": {k: v.numpy() for k, v in resnet50_state_dict().items()}}
+    try:
+        from bench import null
 
-    def timed(fn: Any) -> float:
-        fn()
-        ts = []
+        if null.cache_path("resnet18", 0).exists():
+            net = null.trained("resnet18", 0)
+            models["ResNet-18, trained (null library)"] = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+    except ImportError:
+        pass
+    hashers = {codec: ModelHasher(args.bits, codec=codec) for codec in CODECS}
+    rows = []
+    for name, sd in models.items():
+        n = sum(v.size for v in sd.values())
+        times: dict[str, list[float]] = {c: [] for c in hashers}
+        for h in hashers.values():
+            h.hash(sd)  # warm-up
         for _ in range(args.repeats):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        return float(np.median(ts))
-
-    layers = [w for w in conv_layers(load_tensors(sd)) if w[0, 0].size > 1]
-    kernels = [(w.shape[2:], important_kernels(w, h.prune, h.prune_rule)) for w in layers]
-    pools = [(ks, cap_pool(b, h.max_kernels)) for ks, b in kernel_pools(kernels)]
-    rows = [
-        ("load + find convs", timed(lambda: conv_layers(load_tensors(sd)))),
-        ("balance + prune + balance", timed(lambda: [important_kernels(w, h.prune, h.prune_rule) for w in layers])),
-        ("pool + cap", timed(lambda: [cap_pool(b, h.max_kernels) for _, b in kernel_pools(kernels)])),
-        ("moments + NTS", timed(lambda: projection_statistics(pools, h.directions, h.feature_names))),
-        ("ModelHasher.hash total", timed(lambda: h.hash(sd))),
-        ("RandomProjectionHasher (bench baseline)", timed(lambda: base.hash(sd))),
-    ]
+            for codec, h in hashers.items():
+                t = time.perf_counter()
+                h.hash(sd)
+                times[codec].append(time.perf_counter() - t)
+        med = {c: float(np.median(v)) for c, v in times.items()}
+        base = med[CODECS[-1]]
+        rows += [f"| {name} | {n / 1e6:.1f}M | {c} | {med[c]:.3f} | {med[c] / base:.2f} |" for c in hashers]
     cmd = "python3 bench/codec_sweep.py speed " + " ".join(sys.argv[2:])
     text = "\n".join(
         [
-            "## Codec speed: hashing a ResNet-50-shaped model on one thread",
+            "## Codec speed: hashing one model on one thread, per codec",
             "",
             f"`{cmd.strip()}`",
             "",
-            machine_line() + f"; one thread; median of {args.repeats} after a warm-up; load average at start "
-            f"{os.getloadavg()[0]:.1f} (the machine is shared, so these are upper bounds)",
+            machine_line() + f"; one thread; median of {args.repeats} after a warm-up, codecs interleaved run by run; "
+            f"load average at start {os.getloadavg()[0]:.1f} (the machine is shared, so these are upper bounds)",
             "",
-            f"{n / 1e6:.1f}M parameters (random tensors with ResNet-50 shapes, numpy in memory), bits={args.bits}.",
+            f"Weights in memory as numpy, bits={args.bits}; the ratio is to {CODECS[-1]} (the codec the hashing-time "
+            "budget of codec v3+ is measured against: 1.5x).",
             "",
-            "| stage | seconds |",
-            "|---|---|",
-            *[f"| {name} | {sec:.3f} |" for name, sec in rows],
+            "| model | parameters | codec | seconds | x v2 |",
+            "|---|---|---|---|---|",
+            *rows,
         ]
     )
     print(text)

@@ -30,6 +30,12 @@ wider they are. Identity lives in the specific weights and in how layers connect
    layer's consumers) and composed into it (a split conv W -> A^-1 W, A hashes as W).
 6. **Code**: the layer sketches are summed (each normalised by sqrt of its channel count) and bit k is the
    sign of feature k.
+
+Codec v4 (``chain-sketch-4``, ChainConfig(centre=True, sweeps=6, single=True), dim 96) is the same pipeline with
+each filter centred before its descriptors are made, descriptors of dimension 96 (v3: 32), and the arithmetic
+made cheap enough to pay for them: balancing keeps each block's scale as a row factor times a column factor and
+sweeps in float32 (6 sweeps after the exact double centring), descriptors are one matrix product per group, and
+whitening and sines run in float32. Measured in docs/codec.md ("Codec v4").
 """
 
 from __future__ import annotations
@@ -167,7 +173,7 @@ def _multiple_groups(width: int, out: int, in_g: int) -> int | None:
     return None
 
 
-def sinkhorn_balance(w: np.ndarray, groups: int = 1, sweeps: int = 30) -> np.ndarray:
+def sinkhorn_balance(w: np.ndarray, groups: int = 1, sweeps: int = 30, single: bool = False) -> np.ndarray:
     """Scale an (out, in per group, k) layer so that every output channel has unit energy and every input
     channel the same energy (Sinkhorn-Knopp on the squared kernel norms); all-zero rows and columns stay zero.
     Returns float32 (one layer-sized array: the scales are found on the (out, in) norm matrix in float64).
@@ -178,16 +184,21 @@ def sinkhorn_balance(w: np.ndarray, groups: int = 1, sweeps: int = 30) -> np.nda
     of input channels gives the same (permuted) result whether or not the sweeps have converged (pruned layers
     without total support converge slowly). The energy weighting is what keeps a near-identity layer near the
     identity: its tiny off-diagonal noise cannot be blown up to the diagonal's weight.
+
+    ``single`` (codec v4) runs the sweeps in float32: they are matrix-vector passes over the (out, in) matrix, so
+    memory-bound, and the scales they refine need no more than float32's precision.
     """
     from .select import kernel_sq_norms
 
     out, in_g, _ = w.shape
     rows_g = out // groups
     sq = kernel_sq_norms(np.ascontiguousarray(w, dtype=np.float32))  # float64, exact for any finite float32
+    if single:
+        return _balanced_single(w, sq, groups, sweeps)
     log_scale = np.full((out, in_g), -np.inf)
     for g in range(groups):
         rows = slice(g * rows_g, (g + 1) * rows_g)
-        log_scale[rows] = _block_log_scale(sq[rows], sweeps)
+        log_scale[rows] = _block_log_scale(sq[rows], sweeps, single)
     with np.errstate(under="ignore", over="ignore"):
         scale = np.exp(log_scale)  # 0 for dead rows/columns
     scale32 = scale.astype(np.float32)
@@ -198,7 +209,99 @@ def sinkhorn_balance(w: np.ndarray, groups: int = 1, sweeps: int = 30) -> np.nda
     return w * scale32[:, :, None]
 
 
-def _block_log_scale(sq: np.ndarray, sweeps: int) -> np.ndarray:
+def _balanced_single(w: np.ndarray, sq: np.ndarray, groups: int, sweeps: int) -> np.ndarray:
+    """sinkhorn_balance for codec v4: the same balancing with each block's scale kept as a row factor times a
+    column factor (the double centring and the sweeps are both such products), so no (out, in) matrix of
+    logarithms and exponentials is formed; the sweeps run in float32. A depthwise layer's blocks are single
+    kernels, each scaled to unit norm at once."""
+    out, in_g, _ = w.shape
+    if groups > 1 and in_g == 1:  # one kernel per block: balancing divides it by its norm
+        with np.errstate(divide="ignore"):
+            scale = np.where(sq > 0, 1.0 / np.sqrt(np.where(sq > 0, sq, 1.0)), 0.0)
+    else:
+        rows_g = out // groups
+        scale = np.empty((out, in_g))
+        for g in range(groups):
+            rows = slice(g * rows_g, (g + 1) * rows_g)
+            a, b = _block_factors(sq[rows], sweeps)
+            if groups == 1:
+                return _scaled(w, a, b)
+            scale[rows] = a[:, None] * b[None, :]
+    with np.errstate(over="ignore", under="ignore"):
+        scale32 = scale.astype(np.float32)
+    live = scale > 0
+    if not (np.isfinite(scale32).all() and (scale32[live] >= np.finfo(np.float32).tiny).all()):
+        return (w.astype(np.float64) * scale[:, :, None]).astype(np.float32)
+    return w * scale32[:, :, None]
+
+
+def _scaled(w: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``w`` (out, in, k) times a[o] b[i], in float32 when every product is a normal float32 number."""
+    f32 = np.finfo(np.float32)
+    pos_a, pos_b = a[a > 0], b[b > 0]
+    if (
+        len(pos_a) and len(pos_b) and np.isfinite(a).all() and np.isfinite(b).all()
+        and pos_a.max() * pos_b.max() < f32.max and pos_a.min() * pos_b.min() > 4 * f32.tiny
+        and pos_a.max() < f32.max and pos_b.max() < f32.max and pos_a.min() > f32.tiny and pos_b.min() > f32.tiny
+    ):
+        with np.errstate(under="ignore"):
+            return w * (a.astype(np.float32)[:, None] * b.astype(np.float32)[None, :])[:, :, None]
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        scale = a[:, None] * b[None, :]
+        scale[~np.isfinite(scale)] = 0.0
+        return (w.astype(np.float64) * scale[:, :, None]).astype(np.float32)
+
+
+def _block_factors(sq: np.ndarray, sweeps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row factors, column factors) of one block's kernel scales (``_block_log_scale``'s exp, as a product):
+    the closed-form double centring of the log squared norms, then ``sweeps`` float32 Sinkhorn sweeps. Where
+    every norm is a normal float32 number (any trained layer) the logarithms are float32 too."""
+    lo, hi = float(sq.min()), float(sq.max())
+    if hi <= 0:
+        return np.zeros(sq.shape[0]), np.zeros(sq.shape[1])
+    full = lo > 0
+    if full:
+        narrow = np.float32 if lo > 1e-37 and hi < 1e37 else np.float64
+        log_sq = np.log(sq.astype(narrow))
+        rows_live: np.ndarray = np.ones(sq.shape[0], bool)
+        cols_live: np.ndarray = np.ones(sq.shape[1], bool)
+        row = log_sq.mean(axis=1)
+        col = log_sq.mean(axis=0) - row.mean()
+    else:
+        mask = sq > 0
+        log_sq = np.log(np.where(mask, sq, 1.0))
+        rows_live, cols_live = np.asarray(mask.any(axis=1)), np.asarray(mask.any(axis=0))
+        cnt_r, cnt_c = np.maximum(mask.sum(axis=1), 1), np.maximum(mask.sum(axis=0), 1)
+        row, col = np.zeros(sq.shape[0]), np.zeros(sq.shape[1])
+        for _ in range(200):
+            row = ((log_sq - col[None, :]) * mask).sum(axis=1) / cnt_r
+            new_col = ((log_sq - row[:, None]) * mask).sum(axis=0) / cnt_c
+            done = np.abs(new_col - col).max() < 1e-12
+            col = new_col
+            if done:
+                break
+    log_sq -= row[:, None]
+    log_sq -= col[None, :]
+    with np.errstate(over="ignore", under="ignore"):
+        e = np.exp(log_sq, out=log_sq).astype(np.float32, copy=False)  # squared norms after centring
+    if not full:
+        e[~mask] = 0
+    r = np.ones(sq.shape[0], dtype=np.float32)
+    c = np.ones(sq.shape[1], dtype=np.float32)
+    col_target = np.float32(rows_live.sum() / cols_live.sum())
+    for _ in range(sweeps):
+        rs = e @ c
+        r = np.divide(np.float32(1), rs, out=np.zeros_like(rs), where=rs > 0)
+        cs = r @ e
+        c = np.divide(col_target, cs, out=np.zeros_like(cs), where=cs > 0)
+    rs = e @ c  # end on exact unit row energies
+    r = np.divide(np.float32(1), rs, out=np.zeros_like(rs), where=rs > 0)
+    row64, col64 = np.asarray(row, np.float64), np.asarray(col, np.float64)
+    with np.errstate(over="ignore"):
+        return np.exp(-row64 / 2) * np.sqrt(r.astype(np.float64)), np.exp(-col64 / 2) * np.sqrt(c.astype(np.float64))
+
+
+def _block_log_scale(sq: np.ndarray, sweeps: int, single: bool = False) -> np.ndarray:
     """log of the per-kernel scale of one group block from its squared norms: closed-form double centring of
     the log-norms (masked alternating means where kernels are zero), then ``sweeps`` Sinkhorn sweeps."""
     mask = sq > 0
@@ -218,9 +321,11 @@ def _block_log_scale(sq: np.ndarray, sweeps: int) -> np.ndarray:
         if done:
             break
     e = np.where(mask, np.exp(2 * (logn - row[:, None] - col[None, :])), 0.0)  # squared norms after centring
-    r = np.ones(sq.shape[0])
-    c = np.ones(sq.shape[1])
-    col_target = rows_live.sum() / cols_live.sum()
+    if single:
+        e = e.astype(np.float32)
+    r = np.ones(sq.shape[0], dtype=e.dtype)
+    c = np.ones(sq.shape[1], dtype=e.dtype)
+    col_target = e.dtype.type(rows_live.sum() / cols_live.sum())
     for _ in range(sweeps):
         rs = e @ c
         r = np.divide(1.0, rs, out=np.zeros_like(rs), where=rs > 0)
@@ -228,6 +333,7 @@ def _block_log_scale(sq: np.ndarray, sweeps: int) -> np.ndarray:
         c = np.divide(col_target, cs, out=np.zeros_like(cs), where=cs > 0)
     rs = e @ c  # end on exact unit row energies
     r = np.divide(1.0, rs, out=np.zeros_like(rs), where=rs > 0)
+    r, c = r.astype(np.float64), c.astype(np.float64)
     with np.errstate(divide="ignore"):
         out[:] = -row[:, None] - col[None, :] + 0.5 * (np.log(r)[:, None] + np.log(c)[None, :])
     out[~mask] = np.where(np.isfinite(out[~mask]), out[~mask], -np.inf)
@@ -335,6 +441,56 @@ def descriptors(w: np.ndarray, inputs: np.ndarray, groups: int, maps: tuple[np.n
     return np.divide(t, norms, out=np.zeros_like(t), where=norms > 0)
 
 
+DESCRIPTOR_CHUNK = 1 << 22  # codec v4: at most this many float32 numbers of tap images at once (16 MiB)
+
+
+def descriptors_gemm(
+    w: np.ndarray, inputs: np.ndarray, groups: int, maps: tuple[np.ndarray, np.ndarray], centre: bool = False
+) -> np.ndarray:
+    """Codec v4's ``descriptors``: the same sum as one matrix product per group, (out, in x k) weights times the
+    (in x k, m) tap images of the inputs, float32 with a float64 result. The images are made a slice of input
+    channels at a time, at most a quarter of the layer's size (or ``DESCRIPTOR_CHUNK`` numbers), so the working
+    set stays below the layer's own. ``centre`` first subtracts each filter's mean weight (applied to the
+    product, not to a copy of the layer): a component every filter of a layer shares says more about the
+    architecture and the data than about the model (independent 1-D models agreed on it, docs/codec.md)."""
+    out, in_g, k = w.shape
+    m = inputs.shape[1]
+    index, signs = maps
+    x = inputs.astype(np.float32)
+    rows_g = out // groups
+    mean = w.reshape(out, -1).mean(axis=1, dtype=np.float64).astype(np.float32) if centre else None
+    t = np.zeros((out, m), dtype=np.float32)
+    if groups > 1 and in_g == 1:  # depthwise (channel multiplier rows_g): row o reads input o // rows_g
+        src = x[np.arange(out) // rows_g]
+        tap_total = np.zeros_like(t)
+        for s in range(k):
+            image = src[:, index[s]] * signs[s]
+            t += w[:, 0, s][:, None] * image
+            if mean is not None:
+                tap_total += image
+        if mean is not None:
+            t -= mean[:, None] * tap_total
+    else:
+        step = max(1, min(DESCRIPTOR_CHUNK, w.size // 4) // max(k * m, 1))
+        for g in range(groups):
+            rows = slice(g * rows_g, (g + 1) * rows_g)
+            xg = x[g * in_g : (g + 1) * in_g]
+            total = np.zeros(m, dtype=np.float32)
+            for i0 in range(0, in_g, step):
+                i1 = min(in_g, i0 + step)
+                images = xg[i0:i1][:, index]  # (slice, k, m): row i * k + s is P_s x_i
+                images *= signs
+                images = images.reshape((i1 - i0) * k, m)
+                t[rows] += w[rows, i0:i1, :].reshape(rows_g, (i1 - i0) * k) @ images
+                if mean is not None:
+                    total += images.sum(axis=0)
+            if mean is not None:
+                t[rows] -= mean[rows, None] * total[None, :]
+    t64 = t.astype(np.float64)
+    norms = np.linalg.norm(t64, axis=1, keepdims=True)
+    return np.divide(t64, norms, out=np.zeros_like(t64), where=norms > 0)
+
+
 def frequencies(m: int, features: int, omega: float) -> np.ndarray:
     """The fixed random Fourier frequencies: (m, features) unit directions scaled by ``omega``."""
     rng = np.random.default_rng([0x52464600, m])
@@ -343,11 +499,21 @@ def frequencies(m: int, features: int, omega: float) -> np.ndarray:
     return g * omega
 
 
-def whiten(d: np.ndarray, ridge: float) -> np.ndarray:
-    """Centre a layer's live descriptors and whiten them with their own (ridge-regularised) covariance."""
+def whiten(d: np.ndarray, ridge: float, single: bool = False) -> np.ndarray:
+    """Centre a layer's live descriptors and whiten them with their own (ridge-regularised) covariance, C^-1/2:
+    the whitening that moves them least, so a copy's small changes stay small (a Cholesky whitening, tried for
+    v4, moved copies 20-30 % further). ``single`` (v4): float32 products and eigendecomposition."""
     x = d - d.mean(axis=0)
-    cov = x.T @ x / max(len(x), 1)
+    if single:
+        x32 = x.astype(np.float32)
+        cov = (x32.T @ x32).astype(np.float64) / max(len(x), 1)
+    else:
+        cov = x.T @ x / max(len(x), 1)
     cov += ridge * np.trace(cov) / len(cov) * np.eye(len(cov))
+    if single:
+        vals32, vecs32 = np.linalg.eigh(cov.astype(np.float32))
+        root = (vecs32 / np.sqrt(np.maximum(vals32, np.float32(1e-30)))) @ vecs32.T
+        return (x32 @ root.astype(np.float32)).astype(np.float64)
     vals, vecs = np.linalg.eigh(cov)
     inv_sqrt = (vecs / np.sqrt(np.maximum(vals, 1e-300))) @ vecs.T
     return x @ inv_sqrt
@@ -365,6 +531,28 @@ def propagated(d: np.ndarray, ridge: float) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     out[live] = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
     return out
+
+
+def sketch_and_propagate(
+    d: np.ndarray, freq: np.ndarray, ridge: float, single: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(``layer_sketch(d)``, ``propagated(d)``) from one whitening of the layer's descriptors. ``single``
+    (codec v4) takes the sines in float32 (the sketch is a sum of a few thousand of them: float32's error is
+    far below a bit's margin); the phases stay float64, as a float32 product's rounding depends on how many
+    features it computes at once."""
+    live = np.abs(d).sum(axis=1) > 0
+    if live.sum() < 2:
+        return np.zeros(freq.shape[1]), d
+    x = whiten(d[live], ridge, single)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    handed = np.zeros_like(d)
+    handed[live] = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+    x *= np.sqrt(x.shape[1] / max(float(np.einsum("om,om->", x, x)) / len(x), 1e-300))
+    if single:  # phases in float64 (so each feature is the same whatever the code length), sines in float32
+        sketch = np.sin((x @ freq).astype(np.float32)).sum(axis=0, dtype=np.float64)
+    else:
+        sketch = np.sin(x @ freq).sum(axis=0)
+    return sketch / np.sqrt(live.sum()), handed
 
 
 def layer_sketch(d: np.ndarray, freq: np.ndarray, ridge: float) -> np.ndarray:
@@ -387,6 +575,10 @@ class ChainConfig:
     ridge: float = 0.3
     prune: float = 0.0
     whiten_chain: bool = True
+    # codec v4 (chain-sketch-4): filters centred, float32 balancing sweeps (fewer), matrix-product descriptors
+    centre: bool = False
+    sweeps: int = 30
+    single: bool = False
 
 
 def chain_sketches(
@@ -402,7 +594,11 @@ def chain_sketches(
     if not chain:
         raise ModelFormatError("no convolution weights found")
     made: dict[int, np.ndarray] = {}  # layers made ahead (square 1x1 layers, to place near-identity ones)
-    chain = _place_near_identity_1x1(chain, make_layer, made)
+
+    def balance(w: np.ndarray, groups: int) -> np.ndarray:
+        return sinkhorn_balance(w, groups, cfg.sweeps, cfg.single)
+
+    chain = _place_near_identity_1x1(chain, make_layer, made, balance)
     freq = frequencies(cfg.dim, features, cfg.omega)
     desc: list[np.ndarray] = []
     out: list[tuple[str, np.ndarray]] = []
@@ -431,16 +627,20 @@ def chain_sketches(
         if maps is None:
             maps = maps_cache[layer.kshape] = tap_maps(layer.kshape, cfg.dim)
         if cfg.prune > 0:
-            b = sinkhorn_balance(prune_small(b, cfg.prune), layer.groups)
-        d = descriptors(b, inputs, layer.groups, maps)
+            b = balance(prune_small(b, cfg.prune), layer.groups)
+        if cfg.single:
+            d = descriptors_gemm(b, inputs, layer.groups, maps, cfg.centre)
+        else:
+            d = descriptors(b - b.mean(axis=(1, 2), keepdims=True) if cfg.centre else b, inputs, layer.groups, maps)
         del b
-        entry = (layer.name, layer_sketch(d, freq, cfg.ridge))
+        sk, handed = sketch_and_propagate(d, freq, cfg.ridge, cfg.single)
+        entry = (layer.name, sk)
         if pos in sketch_at:
             out[sketch_at[pos]] = entry
         else:
             sketch_at[pos] = len(out)
             out.append(entry)
-        return propagated(d, cfg.ridge) if cfg.whiten_chain else d
+        return handed if cfg.whiten_chain else d
 
     for pos, layer in enumerate(chain):
         w = made.pop(layer.index) if layer.index in made else make_layer(layer.index)
@@ -450,7 +650,7 @@ def chain_sketches(
             if layer.producer is None
             else desc[layer.producer]
         )
-        b = sinkhorn_balance(w, layer.groups)
+        b = balance(w, layer.groups)
         through = channel_pass(b, layer.groups, layer.kshape)
         if through is not None and layer.producer in kept:
             # a near-identity 1x1 A after a kernel W (a split conv W -> A^-1 W, A): hash A @ (A^-1 W) = W in the
@@ -458,7 +658,7 @@ def chain_sketches(
             w_prev, inputs_prev = kept.pop(layer.producer)
             composed = np.einsum("po,oik->pik", w[:, :, 0], w_prev)
             del w, w_prev, b
-            desc.append(sketch(layer.producer, sinkhorn_balance(composed, 1), inputs_prev))
+            desc.append(sketch(layer.producer, balance(composed, 1), inputs_prev))
             continue
         if layer.producer is not None:
             kept.pop(layer.producer, None)
@@ -475,7 +675,10 @@ def chain_sketches(
 
 
 def _place_near_identity_1x1(
-    chain: list[ChainLayer], make_layer: Callable[[int], np.ndarray], made: dict[int, np.ndarray]
+    chain: list[ChainLayer],
+    make_layer: Callable[[int], np.ndarray],
+    made: dict[int, np.ndarray],
+    balance: Callable[[np.ndarray, int], np.ndarray] = sinkhorn_balance,
 ) -> list[ChainLayer]:
     """The chain with each near-identity square 1x1 layer (``channel_pass``) placed right after the layer it
     follows in name order (``features.3`` -> ``features.3.x``; ``stem`` -> ``stem.x``), reading that layer and
@@ -491,7 +694,7 @@ def _place_near_identity_1x1(
             continue
         w = made[x.index] = make_layer(x.index)
         w = w.reshape(w.shape[0], w.shape[1], -1)
-        if channel_pass(sinkhorn_balance(w, 1), 1, x.kshape) is None:
+        if channel_pass(balance(w, 1), 1, x.kshape) is None:
             continue
         prev = by_name[rank - 1]
         if chain[prev].out == x.in_per_group and prev not in moves and prev not in moves.values():

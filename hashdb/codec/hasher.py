@@ -18,9 +18,22 @@ from .nts import CONTRASTS, FEATURES, projection_statistics
 from .null import null_radius_fraction
 from .select import PRUNE_RULES, Pool, capped_pools, conv_layer, conv_plan, important_kernels, kernel_shape
 
-CODEC_VERSION = "chain-sketch-3"  # the default codec: chain.py (canonical descriptors, Fourier sketches)
+CODEC_VERSION = "chain-sketch-4"  # the default codec: chain.py (canonical descriptors, Fourier sketches)
+CHAIN_V3 = "chain-sketch-3"  # codec v3: chain.py as first shipped, kept to query and extend databases made with it
 LEGACY_CODEC = "nts-dihedral-2"  # codec v2 (pooled-kernel statistics), kept to query databases made with it
-CODECS = (CODEC_VERSION, LEGACY_CODEC)
+CHAIN_CODECS = (CODEC_VERSION, CHAIN_V3)
+CODECS = (CODEC_VERSION, CHAIN_V3, LEGACY_CODEC)
+
+# Each chain codec's fixed choices (chain.ChainConfig) and its tunables' defaults. v4 (docs/codec.md, "Codec v4"):
+# filters centred, float32 balancing with fewer sweeps, descriptors as matrix products, a wider descriptor.
+CHAIN_FIXED: dict[str, dict[str, Any]] = {
+    CODEC_VERSION: {"centre": True, "sweeps": 6, "single": True},
+    CHAIN_V3: {},
+}
+CHAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    CODEC_VERSION: {"dim": 96, "omega": 2.0, "ridge": 0.3},
+    CHAIN_V3: {"dim": 32, "omega": 2.0, "ridge": 0.3},
+}
 
 # copy_radius / bits that maximizes min(precision, recall) of light copies vs distinct models on the zoo, per
 # code length (bench/codec_sweep.py report; docs/codec.md); other lengths interpolate in log2(bits).
@@ -60,18 +73,19 @@ class ModelHasher:
     """Perceptual hash of a CNN's weights: copies land within ``copy_radius`` bits of each other, independently
     trained models (even of the same architecture) about half the bits apart.
 
-    ``bits``: code length, a multiple of 64 in 64..2048. ``codec``: 'chain-sketch-3' (the default,
+    ``bits``: code length, a multiple of 64 in 64..2048. ``codec``: 'chain-sketch-4' (the default,
     hashdb/codec/chain.py: channel descriptors propagated from the input in canonical coordinates, summed
-    through random Fourier features; independent bits for independently trained models, docs/codec.md) or
-    'nts-dihedral-2' (the previous codec, pooled-kernel statistics; kept so that databases made with it can
-    still be queried). Shared tunables: ``layout`` ('auto' | 'oihw' | 'hwio'), ``include_linear``,
-    ``radius_fraction`` (copy_radius / bits; default from the codec's fitted null).
-    Codec v3 tunables: ``dim`` (descriptor dimension), ``omega`` (Fourier frequency: higher is more
-    distinctive, lower more tolerant of fine-tuning), ``ridge`` (whitening regularisation).
+    through random Fourier features; independent bits for independently trained models, docs/codec.md),
+    'chain-sketch-3' (its first version: 32-dimensional descriptors, uncentred filters, float64 balancing; kept
+    so that databases made with it keep their codes) or 'nts-dihedral-2' (pooled-kernel statistics; kept so that
+    databases made with it can still be queried). Shared tunables: ``layout`` ('auto' | 'oihw' | 'hwio'),
+    ``include_linear``, ``radius_fraction`` (copy_radius / bits; default from the codec's fitted null).
+    Chain codec tunables: ``dim`` (descriptor dimension: v4 96, v3 32), ``omega`` (Fourier frequency: higher is
+    more distinctive, lower more tolerant of fine-tuning; 2), ``ridge`` (whitening regularisation; 0.3).
     Codec v2 tunables: ``prune``, ``prune_rule``, ``features``, ``encoding``, ``contrast``, ``max_kernels``.
 
     ``hash`` / ``hash_bits`` give the code; ``features`` the real values it binarizes (sign); ``layer_sketches``
-    (v3) each layer's part of them. ``ModelHasher.from_config(db.codec)`` rebuilds the hasher a database was
+    (chain codecs) each layer's part of them. ``ModelHasher.from_config(db.codec)`` rebuilds the hasher a database was
     made with. ``max_bytes`` is the tensor bytes one model file may declare or inflate to (default
     HASHDB_MAX_MODEL_BYTES, else 8 GiB; not part of the code's config).
     """
@@ -85,9 +99,9 @@ class ModelHasher:
         include_linear: bool = False,
         radius_fraction: float | None = None,
         max_bytes: int | None = None,
-        dim: int = 32,
-        omega: float = 2.0,
-        ridge: float = 0.3,
+        dim: int | None = None,
+        omega: float | None = None,
+        ridge: float | None = None,
         prune: float = 0.5,
         prune_rule: str = "relative",
         features: Sequence[str] = ("skew", "kurt"),
@@ -107,6 +121,10 @@ class ModelHasher:
         self.layout = layout
         self.include_linear = bool(include_linear)
         # every tunable is checked whichever codec uses it: a typo is an error, not silently ignored
+        chain_defaults = CHAIN_DEFAULTS.get(codec, CHAIN_DEFAULTS[CODEC_VERSION])
+        dim = chain_defaults["dim"] if dim is None else dim
+        omega = chain_defaults["omega"] if omega is None else omega
+        ridge = chain_defaults["ridge"] if ridge is None else ridge
         if not isinstance(dim, int) or isinstance(dim, bool) or not 4 <= dim <= 256:
             raise InvalidArgument(f"dim must be an int in 4..256, got {dim!r}")
         if not (isinstance(omega, int | float) and 0.0 < omega <= 100.0):
@@ -131,8 +149,8 @@ class ModelHasher:
         self.prune = float(prune)
         self.prune_rule = prune_rule
         self.encoding = encoding
-        self.chain = ChainConfig(dim=dim, omega=float(omega), ridge=float(ridge))
-        if codec == CODEC_VERSION:
+        self.chain = ChainConfig(dim=dim, omega=float(omega), ridge=float(ridge), **CHAIN_FIXED.get(codec, {}))
+        if codec in CHAIN_CODECS:
             self.feature_names: tuple[str, ...] = ("sketch",)
             self.directions = self.bits
             default_fraction = null_radius_fraction(self.config_without_radius())
@@ -164,7 +182,7 @@ class ModelHasher:
         return int(round(self.radius_fraction * self.bits))
 
     def config_without_radius(self) -> dict[str, Any]:
-        if self.codec == CODEC_VERSION:
+        if self.codec in CHAIN_CODECS:
             return {
                 "codec": self.codec,
                 "bits": self.bits,
@@ -203,7 +221,7 @@ class ModelHasher:
 
     def hash_bits(self, source: Any) -> np.ndarray:
         """The code as a bool vector of length ``bits`` (bit i is the i-th packbits bit)."""
-        if self.codec == CODEC_VERSION:
+        if self.codec in CHAIN_CODECS:
             return self.features(source)[:, 0] > 0
         return encode(self.features(source), self.bits, self.encoding, names=self.feature_names)
 
@@ -211,7 +229,7 @@ class ModelHasher:
         """The real values the code binarizes, float64, one row per direction, one column per feature name
         (codec v3: one column, the summed layer sketches, bit = value > 0; v2: normal test statistics, ``hash_bits``
         is encode.encode of them). For benchmarks and tuning: the same pipeline as ``hash``."""
-        if self.codec == CODEC_VERSION:
+        if self.codec in CHAIN_CODECS:
             return np.sum([s for _, s in self.layer_sketches(source)], axis=0)[:, None]
         where = _where(source)
         pools = self.pools(source)
@@ -224,8 +242,8 @@ class ModelHasher:
     def layer_sketches(self, source: Any) -> list[tuple[str, np.ndarray]]:
         """Codec v3: (tensor name, float64 sketch of ``bits`` values) per convolution layer, in chain order
         (producers before consumers); the model's features are their sum, a layer's own code their sign."""
-        if self.codec != CODEC_VERSION:
-            raise InvalidArgument(f"layer sketches need codec {CODEC_VERSION!r}, this hasher is {self.codec!r}")
+        if self.codec not in CHAIN_CODECS:
+            raise InvalidArgument(f"layer sketches need a chain codec {CHAIN_CODECS}, this hasher is {self.codec!r}")
         return self._sketches(source)[0]
 
     def _sketches(self, source: Any) -> tuple[list[tuple[str, np.ndarray]], list[LayerShape]]:
@@ -265,7 +283,7 @@ class ModelHasher:
     def suspect(self, source: Any) -> Suspect:
         """hash_with_layers() and the model's kernel family: '2d' when every kernel with more than one tap
         spans two dimensions (the family whose null the codec fits apart: codec.null.null_fit), else None."""
-        if self.codec != CODEC_VERSION:
+        if self.codec not in CHAIN_CODECS:
             return Suspect(self.hash(source), [], None)
         sketches, shapes = self._sketches(source)
         total = np.sum([s for _, s in sketches], axis=0)

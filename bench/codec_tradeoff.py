@@ -1,0 +1,138 @@
+"""The codec's trade-off: independence of independent models against closeness of copies, per setting.
+
+    python3 -m bench.null train                     # the null library and its copies (bench/null.py), cached
+    python3 bench/codec_tradeoff.py                 # table -> bench/RESULTS.md section codec_tradeoff
+
+For each (descriptor dimension, Fourier frequency omega) of the default codec, on the whole null library: the
+most conservative group's p and dof (what the shipped fit would be), the copy radius they give (fmr <= 1e-12 per
+pair), the 2-D family's decision radius for a database of 1M models, and the share of copies whose whole code
+falls within their family's 1M decision radius (all light classes together; transfer after 30 epochs and 30 %
+magnitude pruning apart, the hardest light ones), and the hashing time of a ResNet-50-shaped model. Higher
+omega or dimension: more independent bits; lower: copies closer. Layer twins (partial matches) are not counted
+here: bench/null_bench.py's "found in 1M" column counts both for the shipped setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import null  # noqa: E402
+from bench._results import machine_line, write_section  # noqa: E402
+from bench.null_bench import LIGHT, _state, cached_copy, copy_classes  # noqa: E402
+from hashdb.codec import ModelHasher  # noqa: E402
+from hashdb.codec.hasher import CHAIN_DEFAULTS, CODEC_VERSION  # noqa: E402
+from hashdb.codec.null import COPY_RADIUS_FMR, NullFit, largest_distance  # noqa: E402
+
+MILLION_FMR = 0.01 / 1_000_000  # the per-pair rate a 'copy' verdict needs in a database of 1M codes
+CROSS_SEEDS = 6
+
+
+def _fit(codes: np.ndarray, bits: int) -> tuple[float, float]:
+    frac = np.array([np.count_nonzero(a[:bits] != b[:bits]) for a, b in itertools.combinations(codes, 2)]) / bits
+    p, sd = float(frac.mean()), float(frac.std(ddof=1))
+    return p, p * (1 - p) / sd**2
+
+
+def measure(dim: int, omega: float, bits_list: list[int], library: dict[str, list[dict[str, np.ndarray]]],
+            copies: dict[tuple[str, str], dict[str, np.ndarray]], big: dict[str, np.ndarray],
+            repeats: int) -> dict[str, Any]:  # fmt: skip
+    top = max(bits_list)
+    h = ModelHasher(top, dim=dim, omega=omega)
+    codes = {g: np.array([h.hash_bits(sd) for sd in sds]) for g, sds in library.items()}
+    family = {g: h.suspect(sds[0]).family for g, sds in library.items()}
+    out: dict[str, Any] = {"dim": dim, "omega": omega}
+    for b in bits_list:
+        per = {g: _fit(c, b) for g, c in codes.items()}
+        cons = NullFit(min(p for p, _ in per.values()), min(d for _, d in per.values()), True)
+        two = [g for g in codes if family[g] == "2d"]
+        cross = np.array([np.count_nonzero(x[:b] != y[:b]) for g in two for o in codes if o != g
+                          for x in codes[g][:CROSS_SEEDS] for y in codes[o][:CROSS_SEEDS]]) / b  # fmt: skip
+        cp = float(cross.mean())
+        cdof = cp * (1 - cp) / float(cross.std(ddof=1)) ** 2
+        fit2 = NullFit(min([cp] + [per[g][0] for g in two]), min([cdof] + [per[g][1] for g in two]), True)
+        found: dict[str, list[bool]] = {}
+        for (g, name), sd in copies.items():
+            d = int(np.count_nonzero(h.hash_bits(sd)[:b] != codes[g][0][:b]))
+            radius = largest_distance(b, fit2 if family[g] == "2d" else cons, MILLION_FMR)
+            found.setdefault(name, []).append(d <= radius)
+        light = [x for name, xs in found.items() if name in LIGHT for x in xs]
+        out[b] = {"p": cons.p, "dof": cons.dof / b, "radius": largest_distance(b, cons, COPY_RADIUS_FMR),
+                  "radius_2d_1m": largest_distance(b, fit2, MILLION_FMR), "light": float(np.mean(light)),
+                  "transfer": float(np.mean(found.get("transfer 30 epochs", [0]))),
+                  "prune": float(np.mean(found.get("prune 30%", [0])))}  # fmt: skip
+    small = ModelHasher(256, dim=dim, omega=omega)
+    small.hash(big)
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        small.hash(big)
+        ts.append(time.perf_counter() - t)
+    out["seconds"] = float(np.median(ts))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bits", type=int, nargs="+", default=[256, 512])
+    ap.add_argument("--dims", type=int, nargs="+", default=[32, 64, 96, 128])
+    ap.add_argument("--omegas", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-results", action="store_true", help="print only; leave bench/RESULTS.md as it is")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    from bench.codec_bench import resnet50_state_dict
+
+    big = {k: v.numpy() for k, v in resnet50_state_dict().items()}
+    library = {g: [_state(null.trained(g, s)) for s in range(30) if null.cache_path(g, s).exists()]
+               for g in null.GROUPS}  # fmt: skip
+    library = {g: sds for g, sds in library.items() if len(sds) >= 3}
+    copies = {}
+    for g in library:
+        for name in copy_classes(g):
+            path = null.CACHE / "copies" / f"{null.RECIPE}-{g}-s0-{name.replace(' ', '_').replace('%', 'pc')}.st"
+            if path.exists():
+                copies[(g, name)] = cached_copy(g, 0, name, lambda: None)  # type: ignore[arg-type,return-value]
+    default = CHAIN_DEFAULTS[CODEC_VERSION]
+    settings = [(d, default["omega"]) for d in args.dims] + [(default["dim"], o) for o in args.omegas
+                                                             if o != default["omega"]]  # fmt: skip
+    rows = []
+    for dim, omega in settings:
+        r = measure(dim, omega, args.bits, library, copies, big, args.repeats)
+        mark = " (shipped)" if (dim, omega) == (default["dim"], default["omega"]) else ""
+        cells = [f"{r[b]['p']:.4f} / {r[b]['dof']:.2f} / {r[b]['radius']} / {r[b]['radius_2d_1m']} / "
+                 f"{r[b]['light']:.2f} / {r[b]['transfer']:.2f} / {r[b]['prune']:.2f}" for b in args.bits]  # fmt: skip
+        rows.append(f"| {dim} | {omega:g}{mark} | " + " | ".join(cells) + f" | {r['seconds']:.3f} |")
+        print(rows[-1], flush=True)
+    n_copies = len(copies)
+    text = "\n".join([
+        "## Codec trade-off: independent bits against close copies, per setting (bench/codec_tradeoff.py)",
+        "",
+        f"`python3 bench/codec_tradeoff.py {' '.join(argv or sys.argv[1:])}`; {machine_line()}.",
+        "",
+        f"Codec {CODEC_VERSION}, null library ({sum(len(v) for v in library.values())} models, {len(library)} groups) "
+        f"and {n_copies} copies of one model per group. Per length: conservative p / dof per bit / copy radius "
+        "(fmr <= 1e-12) / 2-D family's decision radius for 1M codes / share of light copies within their family's "
+        "1M radius (whole code) / transfer 30 epochs / prune 30 %. Targets: p >= 0.48, dof >= 0.75 x bits. Last "
+        "column: seconds to hash the ResNet-50-shaped model (25.6M parameters, one thread, median).",
+        "",
+        "| dim | omega | " + " | ".join(f"{b} bits" for b in args.bits) + " | seconds |",
+        "|---|---|" + "---|" * len(args.bits) + "---|",
+        *rows,
+    ])  # fmt: skip
+    print(text)
+    if not args.no_results:
+        write_section("codec_tradeoff", text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Codec v4 (chain-sketch-4): its faster pieces compute what v3's did, its invariances hold, v3 stays
+selectable. The invariance and copy tests of tests/test_codec.py and tests/test_codec_v3.py run on v4 too
+(it is the default)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hashdb.codec import ModelHasher, chain
+from hashdb.codec.chain import descriptors, descriptors_gemm, sinkhorn_balance, tap_maps, whiten
+from hashdb.codec.hasher import CHAIN_V3, CODEC_VERSION
+
+
+@given(st.integers(0, 2**31), st.integers(1, 3), st.booleans())
+@settings(max_examples=25, deadline=None)
+def test_single_precision_balancing_divides_out_scales_and_commutes_with_permutations(
+    seed: int, groups: int, depthwise: bool
+) -> None:
+    rng = np.random.default_rng(seed)
+    if depthwise:
+        out, in_g, groups = 4 * groups, 1, 4 * groups
+    else:
+        out, in_g = 4 * groups, int(rng.integers(1, 6))
+    w = rng.standard_normal((out, in_g, 9)).astype(np.float32)
+    w[rng.random((out, in_g)) < 0.2] = 0.0  # pruned kernels
+    rows = np.exp(rng.uniform(-15, 15, out))
+    cols = np.exp(rng.uniform(-15, 15, in_g * groups)).reshape(groups, in_g)
+    scaled = (w * rows[:, None, None] * cols[np.arange(out) // (out // groups)][:, :, None]).astype(np.float32)
+    a = sinkhorn_balance(w, groups, sweeps=6, single=True)
+    np.testing.assert_allclose(sinkhorn_balance(scaled, groups, sweeps=6, single=True), a, rtol=1e-4, atol=1e-6)
+    perm = np.concatenate([g * (out // groups) + rng.permutation(out // groups) for g in range(groups)])
+    np.testing.assert_allclose(sinkhorn_balance(w[perm], groups, 6, True), a[perm], rtol=1e-4, atol=1e-6)
+    # the same balancing as the float64 path with as many sweeps, to float32's precision
+    np.testing.assert_allclose(a, sinkhorn_balance(w, groups, sweeps=6), rtol=1e-3, atol=1e-6)
+    live = (a != 0).any(axis=2).any(axis=1)
+    np.testing.assert_allclose(np.einsum("oik,oik->o", a, a)[live], 1.0, rtol=1e-4)
+
+
+def test_single_precision_balancing_of_extreme_norms_falls_back_to_float64() -> None:
+    """Weights near float32's range ends (a function-preserving rescaling by 1e30 is legal) balance as the
+    moderate ones do: the float32 shortcut is taken only where every number fits."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((8, 6, 9)).astype(np.float32)
+    big = (w * np.float32(1e30)).astype(np.float32)
+    tiny = (w * np.float32(1e-30)).astype(np.float32)
+    a = sinkhorn_balance(w, 1, 6, True)
+    for x in (big, tiny):
+        b = sinkhorn_balance(x, 1, 6, True)
+        assert np.isfinite(b).all()
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("out", "in_g", "k", "groups"), [(12, 7, 9, 1), (12, 3, 3, 2), (10, 1, 9, 10),
+                                                          (20, 1, 5, 10), (6, 40, 512, 1)])  # fmt: skip
+def test_matrix_product_descriptors_equal_the_tap_by_tap_sum(monkeypatch, out, in_g, k, groups) -> None:
+    monkeypatch.setattr(chain, "DESCRIPTOR_CHUNK", 5 * k * 8)  # several input-channel slices per product
+    rng = np.random.default_rng(out * in_g + k)
+    m = 8
+    w = rng.standard_normal((out, in_g, k)).astype(np.float32)
+    inputs = rng.standard_normal((in_g * groups, m))
+    maps = tap_maps((k,), m)
+    np.testing.assert_allclose(descriptors_gemm(w, inputs, groups, maps), descriptors(w, inputs, groups, maps),
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    centred = w - w.mean(axis=(1, 2), keepdims=True)
+    np.testing.assert_allclose(descriptors_gemm(w, inputs, groups, maps, centre=True),
+                               descriptors(centred, inputs, groups, maps), rtol=1e-4, atol=1e-5)  # fmt: skip
+
+
+def test_single_precision_whitening_is_the_same_whitening() -> None:
+    d = np.random.default_rng(2).standard_normal((300, 24)) @ np.diag(np.linspace(0.1, 3, 24))
+    np.testing.assert_allclose(whiten(d, 0.3, single=True), whiten(d, 0.3), rtol=1e-3, atol=1e-4)
+
+
+def test_v3_stays_selectable_and_its_databases_keep_it() -> None:
+    rng = np.random.default_rng(3)
+    sd = {"a.weight": rng.standard_normal((16, 3, 3, 3)).astype(np.float32),
+          "b.weight": rng.standard_normal((32, 16, 3, 3)).astype(np.float32)}  # fmt: skip
+    v3, v4 = ModelHasher(256, codec=CHAIN_V3), ModelHasher(256)
+    assert v4.config["codec"] == CODEC_VERSION and v3.config["codec"] == CHAIN_V3
+    assert v3.config["dim"] == 32 and v4.config["dim"] == 96
+    again = ModelHasher.from_config(v3.config)
+    assert again.config == v3.config and again.hash(sd) == v3.hash(sd)
+    assert v3.hash(sd) != v4.hash(sd)
+    assert len(v3.suspect(sd).layers) == len(v4.suspect(sd).layers) == 2
