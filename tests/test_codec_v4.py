@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from hashdb.codec import ModelHasher, chain
 from hashdb.codec.chain import descriptors, descriptors_gemm, sinkhorn_balance, tap_maps, whiten
 from hashdb.codec.hasher import CHAIN_V3, CODEC_VERSION
+from hashdb.errors import InvalidArgument
 
 
 @given(st.integers(0, 2**31), st.integers(1, 3), st.booleans())
@@ -85,3 +86,25 @@ def test_v3_stays_selectable_and_its_databases_keep_it() -> None:
     assert again.config == v3.config and again.hash(sd) == v3.hash(sd)
     assert v3.hash(sd) != v4.hash(sd)
     assert len(v3.suspect(sd).layers) == len(v4.suspect(sd).layers) == 2
+
+
+def test_depth_weights_change_the_model_code_but_never_a_layer_code() -> None:
+    """v4 weighs a layer's sketch by (1 + depth)^-decay in the model's code (deep layers carry every earlier
+    layer's change: transfer learning moves them most); each layer's own code is its sketch's sign, so it is
+    the same at any decay. decay is v4's: v3 refuses it, and configs round-trip it."""
+    rng = np.random.default_rng(5)
+    sd = {f"f.{i}.weight": rng.standard_normal((24, 3 if i == 0 else 24, 3, 3)).astype(np.float32) for i in range(6)}
+    flat, deep = ModelHasher(256, decay=0.0), ModelHasher(256)
+    a, b = flat.suspect(sd), deep.suspect(sd)
+    assert a.layers == b.layers and a.code != b.code
+    sketches = deep.layer_sketches(sd)
+    plain = dict(flat.layer_sketches(sd))
+    for depth, (name, s) in enumerate(sketches):  # a plain chain: depth is the position
+        np.testing.assert_allclose(s, plain[name] * (1.0 + depth) ** -0.5, rtol=1e-12)
+    np.testing.assert_allclose(deep.features(sd)[:, 0], np.sum([s for _, s in sketches], axis=0), rtol=1e-12)
+    assert ModelHasher.from_config(deep.config).config == deep.config and deep.config["decay"] == 0.5
+    assert "decay" not in ModelHasher(256, codec=CHAIN_V3).config
+    with pytest.raises(InvalidArgument, match="decay"):
+        ModelHasher(256, codec=CHAIN_V3, decay=0.5)
+    with pytest.raises(InvalidArgument, match="decay"):
+        ModelHasher(256, decay=-1)

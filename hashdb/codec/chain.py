@@ -579,6 +579,7 @@ class ChainConfig:
     centre: bool = False
     sweeps: int = 30
     single: bool = False
+    decay: float = 0.0  # v4: a layer's sketch counts (1 + depth)^-decay in the model's code
 
 
 def chain_sketches(
@@ -601,6 +602,7 @@ def chain_sketches(
     chain = _place_near_identity_1x1(chain, make_layer, made, balance)
     freq = frequencies(cfg.dim, features, cfg.omega)
     desc: list[np.ndarray] = []
+    depth: list[int] = []  # per chain position: layers with sketches between it and the data (v4's weights)
     out: list[tuple[str, np.ndarray]] = []
     sketch_at: dict[int, int] = {}  # chain position -> its entry in ``out``
     maps_cache: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
@@ -621,7 +623,7 @@ def chain_sketches(
 
     def sketch(pos: int, b: np.ndarray, inputs: np.ndarray) -> np.ndarray:
         """The layer's descriptors (as handed on) from its balanced (out, in per group, k) weights; adds its
-        sketch (or replaces the one it had)."""
+        sketch, weighted by its depth (or replaces the one it had)."""
         layer = chain[pos]
         maps = maps_cache.get(layer.kshape)
         if maps is None:
@@ -634,7 +636,7 @@ def chain_sketches(
             d = descriptors(b - b.mean(axis=(1, 2), keepdims=True) if cfg.centre else b, inputs, layer.groups, maps)
         del b
         sk, handed = sketch_and_propagate(d, freq, cfg.ridge, cfg.single)
-        entry = (layer.name, sk)
+        entry = (layer.name, sk * (1.0 + depth[pos]) ** -cfg.decay if cfg.decay else sk)
         if pos in sketch_at:
             out[sketch_at[pos]] = entry
         else:
@@ -658,17 +660,20 @@ def chain_sketches(
             w_prev, inputs_prev = kept.pop(layer.producer)
             composed = np.einsum("po,oik->pik", w[:, :, 0], w_prev)
             del w, w_prev, b
+            depth.append(depth[layer.producer])  # A is no layer of its own
             desc.append(sketch(layer.producer, balance(composed, 1), inputs_prev))
             continue
         if layer.producer is not None:
             kept.pop(layer.producer, None)
         if through is not None:  # a near-identity kxk layer: no sketch, its consumers read its producer's channels
             src, sign = through
+            depth.append(-1 if layer.producer is None else depth[layer.producer])  # transparent: no depth either
             desc.append(inputs[src] * sign[:, None])
             continue
         if composable(pos):
             kept[pos] = (w, inputs)
         del w
+        depth.append(0 if layer.producer is None else depth[layer.producer] + 1)
         desc.append(sketch(pos, b, inputs))
         del b
     return out

@@ -31,8 +31,8 @@ CHAIN_FIXED: dict[str, dict[str, Any]] = {
     CHAIN_V3: {},
 }
 CHAIN_DEFAULTS: dict[str, dict[str, Any]] = {
-    CODEC_VERSION: {"dim": 96, "omega": 2.0, "ridge": 0.3},
-    CHAIN_V3: {"dim": 32, "omega": 2.0, "ridge": 0.3},
+    CODEC_VERSION: {"dim": 96, "omega": 2.0, "ridge": 0.3, "decay": 0.5},
+    CHAIN_V3: {"dim": 32, "omega": 2.0, "ridge": 0.3, "decay": 0.0},
 }
 
 # copy_radius / bits that maximizes min(precision, recall) of light copies vs distinct models on the zoo, per
@@ -81,7 +81,8 @@ class ModelHasher:
     databases made with it can still be queried). Shared tunables: ``layout`` ('auto' | 'oihw' | 'hwio'),
     ``include_linear``, ``radius_fraction`` (copy_radius / bits; default from the codec's fitted null).
     Chain codec tunables: ``dim`` (descriptor dimension: v4 96, v3 32), ``omega`` (Fourier frequency: higher is
-    more distinctive, lower more tolerant of fine-tuning; 2), ``ridge`` (whitening regularisation; 0.3).
+    more distinctive, lower more tolerant of fine-tuning; 2), ``ridge`` (whitening regularisation; 0.3); v4 only:
+    ``decay`` (a layer's sketch counts (1 + depth)^-decay in the model's code; 0.5).
     Codec v2 tunables: ``prune``, ``prune_rule``, ``features``, ``encoding``, ``contrast``, ``max_kernels``.
 
     ``hash`` / ``hash_bits`` give the code; ``features`` the real values it binarizes (sign); ``layer_sketches``
@@ -102,6 +103,7 @@ class ModelHasher:
         dim: int | None = None,
         omega: float | None = None,
         ridge: float | None = None,
+        decay: float | None = None,
         prune: float = 0.5,
         prune_rule: str = "relative",
         features: Sequence[str] = ("skew", "kurt"),
@@ -125,6 +127,11 @@ class ModelHasher:
         dim = chain_defaults["dim"] if dim is None else dim
         omega = chain_defaults["omega"] if omega is None else omega
         ridge = chain_defaults["ridge"] if ridge is None else ridge
+        if decay is not None and codec != CODEC_VERSION and decay != chain_defaults.get("decay"):
+            raise InvalidArgument(f"decay is a {CODEC_VERSION} setting; codec {codec} has none")
+        decay = chain_defaults.get("decay", 0.0) if decay is None else decay
+        if not (isinstance(decay, int | float) and not isinstance(decay, bool) and 0.0 <= decay <= 4.0):
+            raise InvalidArgument(f"decay must be in [0, 4], got {decay!r}")
         if not isinstance(dim, int) or isinstance(dim, bool) or not 4 <= dim <= 256:
             raise InvalidArgument(f"dim must be an int in 4..256, got {dim!r}")
         if not (isinstance(omega, int | float) and 0.0 < omega <= 100.0):
@@ -149,7 +156,8 @@ class ModelHasher:
         self.prune = float(prune)
         self.prune_rule = prune_rule
         self.encoding = encoding
-        self.chain = ChainConfig(dim=dim, omega=float(omega), ridge=float(ridge), **CHAIN_FIXED.get(codec, {}))
+        self.chain = ChainConfig(dim=dim, omega=float(omega), ridge=float(ridge), decay=float(decay),
+                                 **CHAIN_FIXED.get(codec, {}))
         if codec in CHAIN_CODECS:
             self.feature_names: tuple[str, ...] = ("sketch",)
             self.directions = self.bits
@@ -191,6 +199,7 @@ class ModelHasher:
                 "dim": self.chain.dim,
                 "omega": self.chain.omega,
                 "ridge": self.chain.ridge,
+                **({"decay": self.chain.decay} if self.codec == CODEC_VERSION else {}),
             }
         return {
             "codec": self.codec,
