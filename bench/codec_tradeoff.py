@@ -59,7 +59,8 @@ def measure(dim: int, omega: float, decay: float, bits_list: list[int], library:
         cons = NullFit(min(p for p, _ in per.values()), min(d for _, d in per.values()), True)
         two = [g for g in codes if family[g] == "2d"]
         cross = np.array([np.count_nonzero(x[:b] != y[:b]) for g in two for o in codes if o != g
-                          for x in codes[g][:CROSS_SEEDS] for y in codes[o][:CROSS_SEEDS]]) / b  # fmt: skip
+                          for i, x in enumerate(codes[g][:CROSS_SEEDS])
+                          for j, y in enumerate(codes[o][:CROSS_SEEDS]) if i != j]) / b  # other seeds (null_bench)
         cp = float(cross.mean())
         cdof = cp * (1 - cp) / float(cross.std(ddof=1)) ** 2
         fit2 = NullFit(min([cp] + [per[g][0] for g in two]), min([cdof] + [per[g][1] for g in two]), True)

@@ -186,7 +186,10 @@ def fit_families(library: dict[str, np.ndarray], families: dict[str, str | None]
                  fits: dict[int, list[tuple[str, float, float]]]) -> tuple[dict[str, Any], list[str]]:  # fmt: skip
     """The null of each kernel family (a suspect's hasher.suspect().family): the most conservative of its own
     groups' same-architecture pairs and of every pair between one of its models and a model of another group
-    (any architecture, any family), so the fit holds whatever the stored model is."""
+    (any architecture, any family), so the fit holds whatever the stored model is. Cross pairs are of other
+    seeds only: bench/null.py seeds every architecture alike, so the same seed gives two architectures the same
+    initial first layer, and models grown from one initialisation are not independent (bench/layer_null.py
+    measures their first layers 37-85 of 256 bits apart)."""
     out: dict[str, Any] = {}
     lines = ["", "Fits per kernel family (the suspect's; pairs with models of every other group included):", "",
              "| family | bits | groups | cross pairs | cross p | cross dof | fitted p | fitted dof | copy radius |",
@@ -197,7 +200,8 @@ def fit_families(library: dict[str, np.ndarray], families: dict[str, str | None]
         for b in bits_list:
             cross = [int(np.count_nonzero(x[:b] != y[:b]))
                      for g in own for h in library if h != g
-                     for x in library[g][:CROSS_SEEDS] for y in library[h][:CROSS_SEEDS]]  # fmt: skip
+                     for i, x in enumerate(library[g][:CROSS_SEEDS])
+                     for j, y in enumerate(library[h][:CROSS_SEEDS]) if i != j]  # fmt: skip
             frac = np.array(cross) / b
             cp, csd = float(frac.mean()), float(frac.std(ddof=1))
             cdof = cp * (1 - cp) / csd**2

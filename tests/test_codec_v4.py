@@ -108,3 +108,13 @@ def test_depth_weights_change_the_model_code_but_never_a_layer_code() -> None:
         ModelHasher(256, codec=CHAIN_V3, decay=0.5)
     with pytest.raises(InvalidArgument, match="decay"):
         ModelHasher(256, decay=-1)
+
+
+def test_the_shipped_fit_is_the_v4_configs_own_and_another_decay_is_uncalibrated() -> None:
+    from hashdb.codec.null import null_fit
+
+    config = ModelHasher(256).config
+    fit = null_fit(config)
+    assert fit.calibrated and fit.p >= 0.48 and fit.dof >= 0.75 * 256  # the codec's targets at its default length
+    other = null_fit({**config, "decay": 0.75})  # a fit holds for the settings it was measured with only
+    assert not other.calibrated and other.dof < fit.dof

@@ -63,7 +63,7 @@ def _fit_at(by_bits: dict[str, Any], bits: int) -> NullFit:
 
 def _entry(config: dict[str, Any]) -> dict[str, Any] | None:
     for entry in _table().get("fits", []):
-        if all(entry["config"].get(k) == config.get(k) for k in _FIT_KEYS if k in entry["config"]):
+        if all(entry["config"].get(k) == config.get(k) for k in _FIT_KEYS):  # a key neither has: both None
             return entry
     return None
 
