@@ -89,7 +89,7 @@ def test_v3_stays_selectable_and_its_databases_keep_it() -> None:
 
 
 def test_depth_weights_change_the_model_code_but_never_a_layer_code() -> None:
-    """v4 weighs a layer's sketch by (1 + depth)^-decay in the model's code (deep layers carry every earlier
+    """v4 weighs a layer's sketch by (1 + max(depth, 1))^-decay in the model's code (deep layers carry every earlier
     layer's change: transfer learning moves them most); each layer's own code is its sketch's sign, so it is
     the same at any decay. decay is v4's: v3 refuses it, and configs round-trip it."""
     rng = np.random.default_rng(5)
@@ -100,12 +100,12 @@ def test_depth_weights_change_the_model_code_but_never_a_layer_code() -> None:
     sketches = deep.layer_sketches(sd)
     plain = dict(flat.layer_sketches(sd))
     for depth, (name, s) in enumerate(sketches):  # a plain chain: depth is the position
-        np.testing.assert_allclose(s, plain[name] * (1.0 + depth) ** -0.5, rtol=1e-12)
+        np.testing.assert_allclose(s, plain[name] * (1.0 + max(depth, 1)) ** -0.75, rtol=1e-12)
     np.testing.assert_allclose(deep.features(sd)[:, 0], np.sum([s for _, s in sketches], axis=0), rtol=1e-12)
-    assert ModelHasher.from_config(deep.config).config == deep.config and deep.config["decay"] == 0.5
+    assert ModelHasher.from_config(deep.config).config == deep.config and deep.config["decay"] == 0.75
     assert "decay" not in ModelHasher(256, codec=CHAIN_V3).config
     with pytest.raises(InvalidArgument, match="decay"):
-        ModelHasher(256, codec=CHAIN_V3, decay=0.5)
+        ModelHasher(256, codec=CHAIN_V3, decay=0.75)
     with pytest.raises(InvalidArgument, match="decay"):
         ModelHasher(256, decay=-1)
 
@@ -116,5 +116,5 @@ def test_the_shipped_fit_is_the_v4_configs_own_and_another_decay_is_uncalibrated
     config = ModelHasher(256).config
     fit = null_fit(config)
     assert fit.calibrated and fit.p >= 0.48 and fit.dof >= 0.75 * 256  # the codec's targets at its default length
-    other = null_fit({**config, "decay": 0.75})  # a fit holds for the settings it was measured with only
+    other = null_fit({**config, "decay": 0.5})  # a fit holds for the settings it was measured with only
     assert not other.calibrated and other.dof < fit.dof

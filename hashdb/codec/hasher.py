@@ -31,7 +31,7 @@ CHAIN_FIXED: dict[str, dict[str, Any]] = {
     CHAIN_V3: {},
 }
 CHAIN_DEFAULTS: dict[str, dict[str, Any]] = {
-    CODEC_VERSION: {"dim": 96, "omega": 2.0, "ridge": 0.3, "decay": 0.5},
+    CODEC_VERSION: {"dim": 96, "omega": 2.0, "ridge": 0.3, "decay": 0.75},
     CHAIN_V3: {"dim": 32, "omega": 2.0, "ridge": 0.3, "decay": 0.0},
 }
 
@@ -82,7 +82,7 @@ class ModelHasher:
     ``include_linear``, ``radius_fraction`` (copy_radius / bits; default from the codec's fitted null).
     Chain codec tunables: ``dim`` (descriptor dimension: v4 96, v3 32), ``omega`` (Fourier frequency: higher is
     more distinctive, lower more tolerant of fine-tuning; 2), ``ridge`` (whitening regularisation; 0.3); v4 only:
-    ``decay`` (a layer's sketch counts (1 + depth)^-decay in the model's code; 0.5).
+    ``decay`` (a layer's sketch counts (1 + max(depth, 1))^-decay in the model's code; 0.75).
     Codec v2 tunables: ``prune``, ``prune_rule``, ``features``, ``encoding``, ``contrast``, ``max_kernels``.
 
     ``hash`` / ``hash_bits`` give the code; ``features`` the real values it binarizes (sign); ``layer_sketches``
