@@ -127,6 +127,10 @@ class HashRun:
     errors: dict[str, str] = field(default_factory=dict)
     rel_change: np.ndarray | None = None  # ||w' - w|| / ||w|| over same-named weights (original: 0)
     accuracy: np.ndarray | None = None  # test accuracy on the model's own task (NaN when not measured)
+    # hashers with ModelHasher.suspect: each entry's kernel family and layer codes (bool rows), for `decided`
+    families: dict[int, str | None] = field(default_factory=dict)
+    layers: dict[int, np.ndarray] = field(default_factory=dict)
+    config: dict[str, Any] | None = None
 
 
 def relative_change(original: Mapping[str, Any], copy: Mapping[str, Any]) -> float:
@@ -188,7 +192,15 @@ def hash_all(
             run.params[i] = n_params
             t = time.perf_counter()
             try:
-                code = h.hash(sd)
+                if hasattr(h, "suspect"):  # one pass gives the code, the layer codes and the family
+                    found = h.suspect(sd)
+                    code = found.code
+                    run.families[i] = found.family
+                    run.layers[i] = np.array([np.unpackbits(np.frombuffer(c, np.uint8)) for _, c in found.layers],
+                                             bool).reshape(len(found.layers), h.bits)  # fmt: skip
+                    run.config = h.config
+                else:
+                    code = h.hash(sd)
             except Exception as exc:  # a failure is a measured outcome (a miss), not a crash of the bench
                 run.errors[e.key] = f"{type(exc).__name__}: {exc}"
                 continue
@@ -397,6 +409,79 @@ def metrics(run: HashRun, library: Any, radius: int | None = None) -> dict[str, 
     }
 
 
+def decided_lines(results: Mapping[str, dict[str, Any]]) -> list[str]:
+    """The `decided` measurement (light copies found as a query decides) of each hasher that has it."""
+    out = []
+    for name, m in results.items():
+        dec = m.get("decided")
+        if not dec:
+            continue
+        classes = ", ".join(f"{c} {v:.3f}" for c, v in dec["per_class"].items())
+        out += [f"**As a query decides** ({name}; hashdb.matching's rule in a database of every zoo entry: whole code "
+                f"within the decision radius for that size, {dec['radius_2d']} bits for 2-D suspects and "
+                f"{dec['radius_other']} otherwise, or two layer twins with a 'copy' verdict): light-copy recall "
+                f"{dec['recall_light']:.4f} of {dec['light']} ({dec['by_layers']} by layers only; {classes}); "
+                f"entries of other originals reported as copies: {dec['false_flags']} over {dec['queries']} "
+                "queries (distilled students left out).", ""]  # fmt: skip
+    return out
+
+
+def decided(run: HashRun, library: Any) -> dict[str, Any] | None:
+    """Light copies found as ``hashdb query`` decides, in a database holding every zoo entry: each original's
+    query reports an entry as a copy when its whole code is within the decision radius of a database of that
+    size for the original's kernel family (fmr x N <= 0.01), or when >= 2 of its layers are twins of the
+    original's within the layer screening radius with a 'k of n layers' verdict of copy (hashdb.matching's rule,
+    from the same pieces). Recall: light copies reported for their own original; false: entries derived from
+    another original (distilled students left out on both sides: they share no weights). None for hashers
+    without layer codes."""
+    if run.config is None:
+        return None
+    from hashdb.codec.null import layer_match_rates, layer_screen_radius
+    from hashdb.codec.radius import decision_radius
+    from hashdb.matching import one_to_one
+
+    entries = library.entries
+    n = len(entries)
+    index = {e.key: i for i, e in enumerate(entries)}
+    root = np.array([i if e.original is None else index[e.original] for i, e in enumerate(entries)])
+    light = np.array([e.light and e.original is not None and e.mclass != "distill" for e in entries])
+    distill = np.array([e.mclass == "distill" for e in entries])
+    owner = np.concatenate([np.full(len(run.layers.get(i, ())), i) for i in range(n)]).astype(int)
+    stack = np.concatenate([run.layers.get(i, np.zeros((0, run.bits), bool)) for i in range(n)])
+    found = np.zeros(n, bool)
+    by_layers = np.zeros(n, bool)
+    false_flags = 0
+    queries = [i for i, e in enumerate(entries) if e.original is None and run.ok[i]]
+    for q in queries:
+        family = run.families.get(q)
+        radius = decision_radius(run.config, n, family)
+        d = _distances(run, q)
+        hit = d <= (radius if radius is not None else -1)
+        mine = run.layers.get(q, np.zeros((0, run.bits), bool))
+        screen = layer_screen_radius(run.config, family)
+        if len(mine) and len(stack):
+            ld = (mine[:, None, :] != stack[None, :, :]).sum(axis=2)  # (suspect layers, every stored layer)
+            for j in np.unique(owner[(ld <= screen).any(axis=0)]):
+                if hit[j] or j == q:
+                    continue
+                cols = np.flatnonzero(owner == j)
+                twins = one_to_one([(a, int(c), int(ld[a, c])) for a in range(len(mine)) for c in cols
+                                    if ld[a, c] <= screen])  # fmt: skip
+                rates = layer_match_rates(run.config, [t[2] for t in twins], len(mine), len(cols), n, family)
+                if rates is not None and rates.verdict == "copy":
+                    hit[j] = by_layers[j] = True
+        mine_all = root == q
+        found |= hit & mine_all
+        false_flags += int((hit & ~mine_all & ~distill).sum()) if not distill[q] else 0
+    lights = light & run.ok
+    return {"recall_light": float(found[lights].mean()) if lights.any() else float("nan"),
+            "by_layers": int((found & by_layers & lights).sum()), "light": int(lights.sum()),
+            "false_flags": false_flags, "queries": len(queries),
+            "radius_2d": decision_radius(run.config, n, "2d"), "radius_other": decision_radius(run.config, n, None),
+            "per_class": {c: float(found[lights & (mc == c)].mean()) for mc in [np.array([e.mclass for e in entries])]
+                          for c in sorted(set(mc[lights]))}}  # fmt: skip
+
+
 def evaluate_many(
     hashers: Mapping[str, Hasher],
     library: Any,
@@ -406,7 +491,7 @@ def evaluate_many(
 ) -> dict[str, dict[str, Any]]:
     """Metrics for several hashers over one materialization pass of ``library``."""
     runs = hash_all(hashers, library, verbose=verbose, accuracy=accuracy)
-    return {name: metrics(run, library, radius) for name, run in runs.items()}
+    return {name: metrics(run, library, radius) | {"decided": decided(run, library)} for name, run in runs.items()}
 
 
 def evaluate(hasher: Hasher, library: Any, radius: int | None = None) -> dict[str, Any]:
@@ -649,6 +734,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         summary_table(results, big),
         "",
+        *decided_lines(results),
         "### Recall at each hasher's radius and median distance to the original, per modification class",
         "",
         recall_by_class_table(results),
