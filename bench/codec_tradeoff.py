@@ -3,16 +3,16 @@
     python3 -m bench.null train                     # the null library and its copies (bench/null.py), cached
     python3 bench/codec_tradeoff.py                 # table -> bench/RESULTS.md section codec_tradeoff
 
-For each (descriptor dimension, Fourier frequency omega, depth decay, weight power) of the default codec (one
-varied at a time), on the whole null library: the most conservative group's p and dof (what the shipped fit
-would be), the copy radius they give (fmr <= 1e-12 per pair), the 2-D family's decision radius for a database of
-1M models, and the share of copies whose whole code falls within their family's 1M decision radius (all light
-classes together; transfer after 30 epochs and 30 % magnitude pruning apart, the hardest light ones), and the
-hashing time of a ResNet-50-shaped model. Higher omega or dimension, lower decay or power: more independent
-bits; the other way: copies closer. decay weighs a layer's sketch by (1 + max(depth, 1))^-decay (deep layers
-carry every earlier layer's change, so transfer learning moves them most); power > 1 makes small weights (what
-magnitude pruning removes) count less. Layer twins (partial matches) are not counted here: bench/null_bench.py's
-"found in 1M" column counts both for the shipped setting.
+For each (descriptor dimension, Fourier frequency omega, depth decay) of the default codec (one varied at a
+time), on the whole null library: the
+most conservative group's p and dof (what the shipped fit would be), the copy radius they give (fmr <= 1e-12 per
+pair), the 2-D family's decision radius for a database of 1M models, and the share of copies whose whole code
+falls within their family's 1M decision radius (all light classes together; transfer after 30 epochs and 30 %
+magnitude pruning apart, the hardest light ones), and the hashing time of a ResNet-50-shaped model. Higher
+omega or dimension or lower decay: more independent bits; the other way: copies closer (decay weighs a layer's
+sketch by (1 + depth)^-decay: deep layers carry every earlier layer's change, so transfer learning moves them
+most). Layer twins (partial matches) are not counted
+here: bench/null_bench.py's "found in 1M" column counts both for the shipped setting.
 """
 
 from __future__ import annotations
@@ -46,14 +46,14 @@ def _fit(codes: np.ndarray, bits: int) -> tuple[float, float]:
     return p, p * (1 - p) / sd**2
 
 
-def measure(dim: int, omega: float, decay: float, power: float, bits_list: list[int],
-            library: dict[str, list[dict[str, np.ndarray]]], copies: dict[tuple[str, str], dict[str, np.ndarray]],
-            big: dict[str, np.ndarray], repeats: int) -> dict[str, Any]:  # fmt: skip
+def measure(dim: int, omega: float, decay: float, bits_list: list[int], library: dict[str, list[dict[str, np.ndarray]]],
+            copies: dict[tuple[str, str], dict[str, np.ndarray]], big: dict[str, np.ndarray],
+            repeats: int) -> dict[str, Any]:  # fmt: skip
     top = max(bits_list)
-    h = ModelHasher(top, dim=dim, omega=omega, decay=decay, power=power)
+    h = ModelHasher(top, dim=dim, omega=omega, decay=decay)
     codes = {g: np.array([h.hash_bits(sd) for sd in sds]) for g, sds in library.items()}
     family = {g: h.suspect(sds[0]).family for g, sds in library.items()}
-    out: dict[str, Any] = {"dim": dim, "omega": omega, "decay": decay, "power": power}
+    out: dict[str, Any] = {"dim": dim, "omega": omega, "decay": decay}
     for b in bits_list:
         per = {g: _fit(c, b) for g, c in codes.items()}
         cons = NullFit(min(p for p, _ in per.values()), min(d for _, d in per.values()), True)
@@ -74,7 +74,7 @@ def measure(dim: int, omega: float, decay: float, power: float, bits_list: list[
                   "radius_2d_1m": largest_distance(b, fit2, MILLION_FMR), "light": float(np.mean(light)),
                   "transfer": float(np.mean(found.get("transfer 30 epochs", [0]))),
                   "prune": float(np.mean(found.get("prune 30%", [0])))}  # fmt: skip
-    small = ModelHasher(256, dim=dim, omega=omega, decay=decay, power=power)
+    small = ModelHasher(256, dim=dim, omega=omega, decay=decay)
     small.hash(big)
     ts = []
     for _ in range(repeats):
@@ -90,8 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--dims", type=int, nargs="+", default=[32, 64, 96, 128])
     ap.add_argument("--omegas", type=float, nargs="+", default=[1.0, 2.0, 3.0])
-    ap.add_argument("--decays", type=float, nargs="+", default=[0.0, 0.5, 0.75, 1.0, 1.25])
-    ap.add_argument("--powers", type=float, nargs="+", default=[1.0, 2.0])
+    ap.add_argument("--decays", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-results", action="store_true", help="print only; leave bench/RESULTS.md as it is")
     args = ap.parse_args(argv)
@@ -109,19 +108,17 @@ def main(argv: list[str] | None = None) -> None:
             if path.exists():
                 copies[(g, name)] = cached_copy(g, 0, name, lambda: None)  # type: ignore[arg-type,return-value]
     default = CHAIN_DEFAULTS[CODEC_VERSION]
-    shipped = (default["dim"], default["omega"], default["decay"], default["power"])
-    settings = [(d, *shipped[1:]) for d in args.dims]
-    settings += [(shipped[0], o, *shipped[2:]) for o in args.omegas if o != shipped[1]]
-    settings += [(*shipped[:2], c, shipped[3]) for c in args.decays if c != shipped[2]]
-    settings += [(*shipped[:3], w) for w in args.powers if w != shipped[3]]
+    shipped = (default["dim"], default["omega"], default["decay"])
+    settings = [(d, shipped[1], shipped[2]) for d in args.dims]
+    settings += [(shipped[0], o, shipped[2]) for o in args.omegas if o != shipped[1]]
+    settings += [(shipped[0], shipped[1], c) for c in args.decays if c != shipped[2]]
     rows = []
-    for dim, omega, decay, power in settings:
-        r = measure(dim, omega, decay, power, args.bits, library, copies, big, args.repeats)
-        mark = " (shipped)" if (dim, omega, decay, power) == shipped else ""
+    for dim, omega, decay in settings:
+        r = measure(dim, omega, decay, args.bits, library, copies, big, args.repeats)
+        mark = " (shipped)" if (dim, omega, decay) == shipped else ""
         cells = [f"{r[b]['p']:.4f} / {r[b]['dof']:.2f} / {r[b]['radius']} / {r[b]['radius_2d_1m']} / "
                  f"{r[b]['light']:.2f} / {r[b]['transfer']:.2f} / {r[b]['prune']:.2f}" for b in args.bits]  # fmt: skip
-        rows.append(f"| {dim} | {omega:g} | {decay:g} | {power:g}{mark} | " + " | ".join(cells)
-                    + f" | {r['seconds']:.3f} |")
+        rows.append(f"| {dim} | {omega:g} | {decay:g}{mark} | " + " | ".join(cells) + f" | {r['seconds']:.3f} |")
         print(rows[-1], flush=True)
     n_copies = len(copies)
     text = "\n".join([
@@ -135,8 +132,8 @@ def main(argv: list[str] | None = None) -> None:
         "1M radius (whole code) / transfer 30 epochs / prune 30 %. Targets: p >= 0.48, dof >= 0.75 x bits. Last "
         "column: seconds to hash the ResNet-50-shaped model (25.6M parameters, one thread, median).",
         "",
-        "| dim | omega | decay | power | " + " | ".join(f"{b} bits" for b in args.bits) + " | seconds |",
-        "|---|---|---|---|" + "---|" * len(args.bits) + "---|",
+        "| dim | omega | decay | " + " | ".join(f"{b} bits" for b in args.bits) + " | seconds |",
+        "|---|---|---|" + "---|" * len(args.bits) + "---|",
         *rows,
     ])  # fmt: skip
     print(text)

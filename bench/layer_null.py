@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         table = json.loads(NULL_JSON.read_text())
         cfg = ModelHasher(top).config
         for entry in table["fits"]:
-            if all(entry["config"].get(k) == cfg.get(k) for k in ("codec", "dim", "omega", "ridge", "decay", "power")):
+            if all(entry["config"].get(k) == cfg.get(k) for k in ("codec", "dim", "omega", "ridge", "decay")):
                 entry["layers"] = {"by_bits": {str(b): {"p": round(p, 4), "dof": round(dof, 1)}
                                                for b, (p, dof) in conservative.items()},
                                    "groups": sorted(library), "seeds": args.seeds, "min_filters": 16,

@@ -163,8 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.write_null and conservative:
         cfg = ModelHasher(top).config
-        entry = {"config": {k: cfg[k] for k in ("codec", "layout", "include_linear", "dim", "omega", "ridge", "decay",
-                                                   "power")
+        entry = {"config": {k: cfg[k] for k in ("codec", "layout", "include_linear", "dim", "omega", "ridge", "decay")
                             if k in cfg},
                  "by_bits": {str(b): {"p": round(p, 4), "dof": round(dof, 1)} for b, (p, dof) in conservative.items()},
                  "groups": sorted(g for g, _, _ in fits[max(fits)]), "seeds": args.seeds,

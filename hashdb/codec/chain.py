@@ -584,9 +584,6 @@ class ChainConfig:
     # reads the data's few channels, and its filters are the most alike across independent models (per-layer
     # dof 0.48 x bits for a 12-filter grey first layer where its consumers had 0.96-1.33)
     decay: float = 0.0
-    # v4: descriptors are made of sign(w) |w|^power of the balanced weights: small weights (what magnitude pruning
-    # removes) count less, large ones (what fine-tuning moves least, relatively) more
-    power: float = 1.0
 
 
 def chain_sketches(
@@ -637,14 +634,6 @@ def chain_sketches(
             maps = maps_cache[layer.kshape] = tap_maps(layer.kshape, cfg.dim)
         if cfg.prune > 0:
             b = balance(prune_small(b, cfg.prune), layer.groups)
-        if cfg.power != 1.0:  # sign(b) |b|^power, in place on the balanced copy (it is this function's own)
-            mag = np.abs(b)
-            if cfg.power == 1.5:
-                np.sqrt(mag, out=mag)
-            else:
-                np.power(mag, np.float32(cfg.power - 1.0), out=mag)
-            b *= mag
-            del mag
         if cfg.single:
             d = descriptors_gemm(b, inputs, layer.groups, maps, cfg.centre)
         else:

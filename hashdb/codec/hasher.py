@@ -31,8 +31,8 @@ CHAIN_FIXED: dict[str, dict[str, Any]] = {
     CHAIN_V3: {},
 }
 CHAIN_DEFAULTS: dict[str, dict[str, Any]] = {
-    CODEC_VERSION: {"dim": 96, "omega": 2.0, "ridge": 0.3, "decay": 1.0, "power": 1.5},
-    CHAIN_V3: {"dim": 32, "omega": 2.0, "ridge": 0.3, "decay": 0.0, "power": 1.0},
+    CODEC_VERSION: {"dim": 96, "omega": 2.0, "ridge": 0.3, "decay": 0.75},
+    CHAIN_V3: {"dim": 32, "omega": 2.0, "ridge": 0.3, "decay": 0.0},
 }
 
 # copy_radius / bits that maximizes min(precision, recall) of light copies vs distinct models on the zoo, per
@@ -82,8 +82,7 @@ class ModelHasher:
     ``include_linear``, ``radius_fraction`` (copy_radius / bits; default from the codec's fitted null).
     Chain codec tunables: ``dim`` (descriptor dimension: v4 96, v3 32), ``omega`` (Fourier frequency: higher is
     more distinctive, lower more tolerant of fine-tuning; 2), ``ridge`` (whitening regularisation; 0.3); v4 only:
-    ``decay`` (a layer's sketch counts (1 + max(depth, 1))^-decay in the model's code; 1.0), ``power``
-    (descriptors are made of sign(w) |w|^power of the balanced weights; 1.5).
+    ``decay`` (a layer's sketch counts (1 + max(depth, 1))^-decay in the model's code; 0.75).
     Codec v2 tunables: ``prune``, ``prune_rule``, ``features``, ``encoding``, ``contrast``, ``max_kernels``.
 
     ``hash`` / ``hash_bits`` give the code; ``features`` the real values it binarizes (sign); ``layer_sketches``
@@ -105,7 +104,6 @@ class ModelHasher:
         omega: float | None = None,
         ridge: float | None = None,
         decay: float | None = None,
-        power: float | None = None,
         prune: float = 0.5,
         prune_rule: str = "relative",
         features: Sequence[str] = ("skew", "kurt"),
@@ -129,14 +127,11 @@ class ModelHasher:
         dim = chain_defaults["dim"] if dim is None else dim
         omega = chain_defaults["omega"] if omega is None else omega
         ridge = chain_defaults["ridge"] if ridge is None else ridge
-        for name, value, low, high in (("decay", decay, 0.0, 4.0), ("power", power, 0.25, 4.0)):
-            if value is not None and codec != CODEC_VERSION and value != chain_defaults.get(name):
-                raise InvalidArgument(f"{name} is a {CODEC_VERSION} setting; codec {codec} has none")
-            if value is not None and not (isinstance(value, int | float) and not isinstance(value, bool)
-                                          and low <= value <= high):  # fmt: skip
-                raise InvalidArgument(f"{name} must be in [{low:g}, {high:g}], got {value!r}")
+        if decay is not None and codec != CODEC_VERSION and decay != chain_defaults.get("decay"):
+            raise InvalidArgument(f"decay is a {CODEC_VERSION} setting; codec {codec} has none")
         decay = chain_defaults.get("decay", 0.0) if decay is None else decay
-        power = chain_defaults.get("power", 1.0) if power is None else power
+        if not (isinstance(decay, int | float) and not isinstance(decay, bool) and 0.0 <= decay <= 4.0):
+            raise InvalidArgument(f"decay must be in [0, 4], got {decay!r}")
         if not isinstance(dim, int) or isinstance(dim, bool) or not 4 <= dim <= 256:
             raise InvalidArgument(f"dim must be an int in 4..256, got {dim!r}")
         if not (isinstance(omega, int | float) and 0.0 < omega <= 100.0):
@@ -162,7 +157,7 @@ class ModelHasher:
         self.prune_rule = prune_rule
         self.encoding = encoding
         self.chain = ChainConfig(dim=dim, omega=float(omega), ridge=float(ridge), decay=float(decay),
-                                 power=float(power), **CHAIN_FIXED.get(codec, {}))
+                                 **CHAIN_FIXED.get(codec, {}))
         if codec in CHAIN_CODECS:
             self.feature_names: tuple[str, ...] = ("sketch",)
             self.directions = self.bits
@@ -204,7 +199,7 @@ class ModelHasher:
                 "dim": self.chain.dim,
                 "omega": self.chain.omega,
                 "ridge": self.chain.ridge,
-                **({"decay": self.chain.decay, "power": self.chain.power} if self.codec == CODEC_VERSION else {}),
+                **({"decay": self.chain.decay} if self.codec == CODEC_VERSION else {}),
             }
         return {
             "codec": self.codec,

@@ -45,7 +45,7 @@ def _table() -> dict[str, Any]:
 
 # What a fit depends on: the sketch's geometry. Which tensors are read (layout, include_linear) is not part of
 # it: linear layers of independent models are as independent as their convs (not separately measured).
-_FIT_KEYS = ("codec", "dim", "omega", "ridge", "decay", "power")
+_FIT_KEYS = ("codec", "dim", "omega", "ridge", "decay")
 
 
 def _fit_at(by_bits: dict[str, Any], bits: int) -> NullFit:
