@@ -421,7 +421,10 @@ def decided_lines(results: Mapping[str, dict[str, Any]]) -> list[str]:
                 f"within the decision radius for that size, {dec['radius_2d']} bits for 2-D suspects and "
                 f"{dec['radius_other']} otherwise, or two layer twins with a 'copy' verdict): light-copy recall "
                 f"{dec['recall_light']:.4f} of {dec['light']} ({dec['by_layers']} by layers only; {classes}); "
-                f"entries of other originals reported as copies: {dec['false_flags']} over {dec['queries']} "
+                + (f"over the {dec['working']} that still work (accuracy within {WORKING_DROP * 100:.0f} points of "
+                   f"the original's) {dec['recall_working']:.4f}, over the {dec['broken']} broken ones "
+                   f"{dec['recall_broken']:.4f}; " if "working" in dec else "")
+                + f"entries of other originals reported as copies: {dec['false_flags']} over {dec['queries']} "
                 "queries (distilled students left out).", ""]  # fmt: skip
     return out
 
@@ -474,7 +477,15 @@ def decided(run: HashRun, library: Any) -> dict[str, Any] | None:
         found |= hit & mine_all
         false_flags += int((hit & ~mine_all & ~distill).sum()) if not distill[q] else 0
     lights = light & run.ok
-    return {"recall_light": float(found[lights].mean()) if lights.any() else float("nan"),
+    working: dict[str, Any] = {}
+    if run.accuracy is not None and not np.isnan(run.accuracy).all():  # --accuracy: copies that still work
+        acc = run.accuracy
+        ok_acc = lights & ~np.isnan(acc) & ~np.isnan(acc[root])
+        works = ok_acc & (acc >= acc[root] - WORKING_DROP)
+        working = {"working": int(works.sum()), "broken": int((ok_acc & ~works).sum()),
+                   "recall_working": float(found[works].mean()) if works.any() else float("nan"),
+                   "recall_broken": float(found[ok_acc & ~works].mean()) if (ok_acc & ~works).any() else float("nan")}
+    return {**working, "recall_light": float(found[lights].mean()) if lights.any() else float("nan"),
             "by_layers": int((found & by_layers & lights).sum()), "light": int(lights.sum()),
             "false_flags": false_flags, "queries": len(queries),
             "radius_2d": decision_radius(run.config, n, "2d"), "radius_other": decision_radius(run.config, n, None),
