@@ -634,10 +634,10 @@ def chain_sketches(
             maps = maps_cache[layer.kshape] = tap_maps(layer.kshape, cfg.dim)
         if cfg.prune > 0:
             b = balance(prune_small(b, cfg.prune), layer.groups)
-        if cfg.single:
+        if cfg.single or cfg.centre:
             d = descriptors_gemm(b, inputs, layer.groups, maps, cfg.centre)
-        else:
-            d = descriptors(b - b.mean(axis=(1, 2), keepdims=True) if cfg.centre else b, inputs, layer.groups, maps)
+        else:  # v3's own arithmetic, so that its codes stay bit for bit
+            d = descriptors(b, inputs, layer.groups, maps)
         del b
         sk, handed = sketch_and_propagate(d, freq, cfg.ridge, cfg.single)
         entry = (layer.name, sk * (1.0 + max(depth[pos], 1)) ** -cfg.decay if cfg.decay else sk)
