@@ -1,4 +1,4 @@
-"""Codec v3: canonical channel descriptors propagated from the input, and random Fourier sketches of them.
+"""The chain codecs (v3, v4): canonical channel descriptors propagated from the input, and random Fourier sketches.
 
 Why: statistics of pooled kernels (codec v2) describe the architecture and the training data; by the law of
 large numbers independently trained models of one architecture converge to the same statistics, more so the
@@ -18,7 +18,7 @@ wider they are. Identity lives in the specific weights and in how layers connect
    d_o = normalize(sum_{i, s} W[o, i, s] P_s d_i), with P_s a fixed random m x m map per kernel tap (the
    centre tap's is the identity, so 1x1 and identity layers pass descriptors through). It is invariant to the
    producer's channel order and scale, and equivariant to the layer's own output order: canonical.
-4. **Sketch** (``layer_sketch``): a layer's descriptor set is whitened (its own mean and covariance) and
+4. **Sketch** (``sketch_and_propagate``): a layer's descriptor set is whitened (its own mean and covariance) and
    summed through K random Fourier features sin(omega <g_k, x>). The expected value of an odd feature is ~0
    for any distribution of descriptors (symmetry, and the decay of the characteristic function), so the sum is
    a random walk over the model's own channels, not a law-of-large-numbers mean: independent models get
@@ -35,7 +35,8 @@ Codec v4 (``chain-sketch-4``, ChainConfig(centre=True, sweeps=6, single=True), d
 each filter centred before its descriptors are made, descriptors of dimension 96 (v3: 32), and the arithmetic
 made cheap enough to pay for them: balancing keeps each block's scale as a row factor times a column factor and
 sweeps in float32 (6 sweeps after the exact double centring), descriptors are one matrix product per group, and
-whitening and sines run in float32. Measured in docs/codec.md ("Codec v4").
+whitening and sines run in float32; each layer's sketch counts (1 + max(depth, 1))^-0.75 in the model's code
+(deep layers carry every earlier layer's change). Measured in docs/codec.md ("Codec v4").
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ def sinkhorn_balance(w: np.ndarray, groups: int = 1, sweeps: int = 30, single: b
     log_scale = np.full((out, in_g), -np.inf)
     for g in range(groups):
         rows = slice(g * rows_g, (g + 1) * rows_g)
-        log_scale[rows] = _block_log_scale(sq[rows], sweeps, single)
+        log_scale[rows] = _block_log_scale(sq[rows], sweeps)
     with np.errstate(under="ignore", over="ignore"):
         scale = np.exp(log_scale)  # 0 for dead rows/columns
     scale32 = scale.astype(np.float32)
@@ -301,7 +302,7 @@ def _block_factors(sq: np.ndarray, sweeps: int) -> tuple[np.ndarray, np.ndarray]
         return np.exp(-row64 / 2) * np.sqrt(r.astype(np.float64)), np.exp(-col64 / 2) * np.sqrt(c.astype(np.float64))
 
 
-def _block_log_scale(sq: np.ndarray, sweeps: int, single: bool = False) -> np.ndarray:
+def _block_log_scale(sq: np.ndarray, sweeps: int) -> np.ndarray:
     """log of the per-kernel scale of one group block from its squared norms: closed-form double centring of
     the log-norms (masked alternating means where kernels are zero), then ``sweeps`` Sinkhorn sweeps."""
     mask = sq > 0
@@ -321,11 +322,9 @@ def _block_log_scale(sq: np.ndarray, sweeps: int, single: bool = False) -> np.nd
         if done:
             break
     e = np.where(mask, np.exp(2 * (logn - row[:, None] - col[None, :])), 0.0)  # squared norms after centring
-    if single:
-        e = e.astype(np.float32)
-    r = np.ones(sq.shape[0], dtype=e.dtype)
-    c = np.ones(sq.shape[1], dtype=e.dtype)
-    col_target = e.dtype.type(rows_live.sum() / cols_live.sum())
+    r = np.ones(sq.shape[0])
+    c = np.ones(sq.shape[1])
+    col_target = rows_live.sum() / cols_live.sum()
     for _ in range(sweeps):
         rs = e @ c
         r = np.divide(1.0, rs, out=np.zeros_like(rs), where=rs > 0)
@@ -333,7 +332,6 @@ def _block_log_scale(sq: np.ndarray, sweeps: int, single: bool = False) -> np.nd
         c = np.divide(col_target, cs, out=np.zeros_like(cs), where=cs > 0)
     rs = e @ c  # end on exact unit row energies
     r = np.divide(1.0, rs, out=np.zeros_like(rs), where=rs > 0)
-    r, c = r.astype(np.float64), c.astype(np.float64)
     with np.errstate(divide="ignore"):
         out[:] = -row[:, None] - col[None, :] + 0.5 * (np.log(r)[:, None] + np.log(c)[None, :])
     out[~mask] = np.where(np.isfinite(out[~mask]), out[~mask], -np.inf)
@@ -519,27 +517,21 @@ def whiten(d: np.ndarray, ridge: float, single: bool = False) -> np.ndarray:
     return x @ inv_sqrt
 
 
-def propagated(d: np.ndarray, ridge: float) -> np.ndarray:
-    """The descriptors a layer hands on: whitened by the layer's own (ridge-regularised) covariance and
-    renormalised, live rows only. Without it deep descriptors collapse towards a few shared directions as
-    normalised linear maps compose (bits of independent models' deep layers agreed: dof 0.13-0.22 x bits)."""
-    live = np.abs(d).sum(axis=1) > 0
-    if live.sum() < 2:
-        return d
-    out = np.zeros_like(d)
-    x = whiten(d[live], ridge)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    out[live] = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
-    return out
-
-
 def sketch_and_propagate(
     d: np.ndarray, freq: np.ndarray, ridge: float, single: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(``layer_sketch(d)``, ``propagated(d)``) from one whitening of the layer's descriptors. ``single``
-    (codec v4) takes the sines in float32 (the sketch is a sum of a few thousand of them: float32's error is
-    far below a bit's margin); the phases stay float64, as a float32 product's rounding depends on how many
-    features it computes at once."""
+    """(the layer's sketch, the descriptors it hands on) from one whitening of its live descriptors.
+
+    Sketch: sum_o sin(<x_o, freq_k>) / sqrt(#channels) over the whitened descriptors, scaled so that every
+    projection has unit variance. Odd features: their expectation is zero for any distribution that is
+    symmetric about its mean, and nearly so for skewed ones at this frequency (measured: bits of independent
+    models agree 0.50 per layer where cosines agreed up to 0.63 on deep VGG layers).
+    Handed on: the same whitened descriptors renormalised. Without it deep descriptors collapse towards a few
+    shared directions as normalised linear maps compose (bits of independent models' deep layers agreed: dof
+    0.13-0.22 x bits).
+    ``single`` (codec v4) takes the sines in float32 (the sketch is a sum of a few thousand of them: float32's
+    error is far below a bit's margin); the phases stay float64, as a float32 product's rounding depends on how
+    many features it computes at once."""
     live = np.abs(d).sum(axis=1) > 0
     if live.sum() < 2:
         return np.zeros(freq.shape[1]), d
@@ -553,19 +545,6 @@ def sketch_and_propagate(
     else:
         sketch = np.sin(x @ freq).sum(axis=0)
     return sketch / np.sqrt(live.sum()), handed
-
-
-def layer_sketch(d: np.ndarray, freq: np.ndarray, ridge: float) -> np.ndarray:
-    """sum_o sin(<x_o, freq_k>) / sqrt(#channels) over a layer's whitened live descriptors, scaled so that
-    every projection has unit variance. Odd features: their expectation is zero for any distribution that is
-    symmetric about its mean, and nearly so for skewed ones at this frequency (measured: bits of independent
-    models agree 0.50 per layer where cosines agreed up to 0.63 on deep VGG layers)."""
-    live = np.abs(d).sum(axis=1) > 0
-    if live.sum() < 2:
-        return np.zeros(freq.shape[1])
-    x = whiten(d[live], ridge)
-    x *= np.sqrt(x.shape[1] / max(float(np.einsum("om,om->", x, x)) / len(x), 1e-300))
-    return np.sin(x @ freq).sum(axis=0) / np.sqrt(live.sum())
 
 
 @dataclass(frozen=True)
