@@ -202,10 +202,16 @@ def sinkhorn_balance(w: np.ndarray, groups: int = 1, sweeps: int = 30, single: b
         log_scale[rows] = _block_log_scale(sq[rows], sweeps)
     with np.errstate(under="ignore", over="ignore"):
         scale = np.exp(log_scale)  # 0 for dead rows/columns
-    scale32 = scale.astype(np.float32)
+    return _apply_scale(w, scale)
+
+
+def _apply_scale(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``w`` (out, in, k) times its (out, in) float64 kernel scales, in float32; where a scale float32 cannot
+    hold (norms near its range's ends) the product is formed in float64 and rounded once."""
+    with np.errstate(under="ignore", over="ignore"):
+        scale32 = scale.astype(np.float32)
     live = scale > 0
     if not (np.isfinite(scale32).all() and (scale32[live] >= np.finfo(np.float32).tiny).all()):
-        # a scale float32 cannot hold (norms near its range's ends): form the product in float64, round once
         return (w.astype(np.float64) * scale[:, :, None]).astype(np.float32)
     return w * scale32[:, :, None]
 
@@ -216,24 +222,18 @@ def _balanced_single(w: np.ndarray, sq: np.ndarray, groups: int, sweeps: int) ->
     logarithms and exponentials is formed; the sweeps run in float32. A depthwise layer's blocks are single
     kernels, each scaled to unit norm at once."""
     out, in_g, _ = w.shape
-    if groups > 1 and in_g == 1:  # one kernel per block: balancing divides it by its norm
+    if groups == 1:  # the common case: the product of the factors, never an (out, in) float64 matrix
+        return _scaled(w, *_block_factors(sq, sweeps))
+    if in_g == 1:  # depthwise: one kernel per block, which balancing divides by its norm
         with np.errstate(divide="ignore"):
-            scale = np.where(sq > 0, 1.0 / np.sqrt(np.where(sq > 0, sq, 1.0)), 0.0)
-    else:
-        rows_g = out // groups
-        scale = np.empty((out, in_g))
-        for g in range(groups):
-            rows = slice(g * rows_g, (g + 1) * rows_g)
-            a, b = _block_factors(sq[rows], sweeps)
-            if groups == 1:
-                return _scaled(w, a, b)
-            scale[rows] = a[:, None] * b[None, :]
-    with np.errstate(over="ignore", under="ignore"):
-        scale32 = scale.astype(np.float32)
-    live = scale > 0
-    if not (np.isfinite(scale32).all() and (scale32[live] >= np.finfo(np.float32).tiny).all()):
-        return (w.astype(np.float64) * scale[:, :, None]).astype(np.float32)
-    return w * scale32[:, :, None]
+            return _apply_scale(w, np.where(sq > 0, 1.0 / np.sqrt(np.where(sq > 0, sq, 1.0)), 0.0))
+    rows_g = out // groups
+    scale = np.empty((out, in_g))
+    for g in range(groups):
+        rows = slice(g * rows_g, (g + 1) * rows_g)
+        a, b = _block_factors(sq[rows], sweeps)
+        scale[rows] = a[:, None] * b[None, :]
+    return _apply_scale(w, scale)
 
 
 def _scaled(w: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -251,6 +251,23 @@ def _scaled(w: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         scale = a[:, None] * b[None, :]
         scale[~np.isfinite(scale)] = 0.0
         return (w.astype(np.float64) * scale[:, :, None]).astype(np.float32)
+
+
+def _masked_centres(values: np.ndarray, mask: np.ndarray, rounds: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column effects of a two-way additive fit to ``values`` over the ``mask``ed entries (alternating
+    masked means, at most ``rounds``, until the columns move less than 1e-12; one round is exact when every live
+    row meets every live column): the double centring that cancels row and column scales of log-norms."""
+    cnt_r, cnt_c = np.maximum(mask.sum(axis=1), 1), np.maximum(mask.sum(axis=0), 1)
+    row = np.zeros(values.shape[0])
+    col = np.zeros(values.shape[1])
+    for _ in range(rounds):
+        row = ((values - col[None, :]) * mask).sum(axis=1) / cnt_r
+        new_col = ((values - row[:, None]) * mask).sum(axis=0) / cnt_c
+        done = np.abs(new_col - col).max() < 1e-12
+        col = new_col
+        if done:
+            break
+    return row, col
 
 
 def _block_factors(sq: np.ndarray, sweeps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -272,15 +289,7 @@ def _block_factors(sq: np.ndarray, sweeps: int) -> tuple[np.ndarray, np.ndarray]
         mask = sq > 0
         log_sq = np.log(np.where(mask, sq, 1.0))
         rows_live, cols_live = np.asarray(mask.any(axis=1)), np.asarray(mask.any(axis=0))
-        cnt_r, cnt_c = np.maximum(mask.sum(axis=1), 1), np.maximum(mask.sum(axis=0), 1)
-        row, col = np.zeros(sq.shape[0]), np.zeros(sq.shape[1])
-        for _ in range(200):
-            row = ((log_sq - col[None, :]) * mask).sum(axis=1) / cnt_r
-            new_col = ((log_sq - row[:, None]) * mask).sum(axis=0) / cnt_c
-            done = np.abs(new_col - col).max() < 1e-12
-            col = new_col
-            if done:
-                break
+        row, col = _masked_centres(log_sq, mask, 200)
     log_sq -= row[:, None]
     log_sq -= col[None, :]
     with np.errstate(over="ignore", under="ignore"):
@@ -311,16 +320,7 @@ def _block_log_scale(sq: np.ndarray, sweeps: int) -> np.ndarray:
         return out
     logn = 0.5 * np.log(np.where(mask, sq, 1.0))
     rows_live, cols_live = mask.any(axis=1), mask.any(axis=0)
-    cnt_r, cnt_c = np.maximum(mask.sum(axis=1), 1), np.maximum(mask.sum(axis=0), 1)
-    row = np.zeros(sq.shape[0])
-    col = np.zeros(sq.shape[1])
-    for _ in range(1 if mask[rows_live][:, cols_live].all() else 200):
-        row = ((logn - col[None, :]) * mask).sum(axis=1) / cnt_r
-        new_col = ((logn - row[:, None]) * mask).sum(axis=0) / cnt_c
-        done = np.abs(new_col - col).max() < 1e-12
-        col = new_col
-        if done:
-            break
+    row, col = _masked_centres(logn, mask, 1 if mask[rows_live][:, cols_live].all() else 200)
     e = np.where(mask, np.exp(2 * (logn - row[:, None] - col[None, :])), 0.0)  # squared norms after centring
     r = np.ones(sq.shape[0])
     c = np.ones(sq.shape[1])
