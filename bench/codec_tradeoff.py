@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import null  # noqa: E402
 from bench._results import machine_line, write_section  # noqa: E402
+from bench.codec_bench import time_big  # noqa: E402
 from bench.null_bench import LIGHT, _state, cached_copy, copy_classes  # noqa: E402
 from hashdb.codec import ModelHasher  # noqa: E402
 from hashdb.codec.hasher import CHAIN_DEFAULTS, CODEC_VERSION  # noqa: E402
@@ -47,8 +47,7 @@ def _fit(codes: np.ndarray, bits: int) -> tuple[float, float]:
 
 
 def measure(dim: int, omega: float, decay: float, bits_list: list[int], library: dict[str, list[dict[str, np.ndarray]]],
-            copies: dict[tuple[str, str], dict[str, np.ndarray]], big: dict[str, np.ndarray],
-            repeats: int) -> dict[str, Any]:  # fmt: skip
+            copies: dict[tuple[str, str], dict[str, np.ndarray]], repeats: int) -> dict[str, Any]:  # fmt: skip
     top = max(bits_list)
     h = ModelHasher(top, dim=dim, omega=omega, decay=decay)
     codes = {g: np.array([h.hash_bits(sd) for sd in sds]) for g, sds in library.items()}
@@ -74,14 +73,7 @@ def measure(dim: int, omega: float, decay: float, bits_list: list[int], library:
                   "radius_2d_1m": largest_distance(b, fit2, MILLION_FMR), "light": float(np.mean(light)),
                   "transfer": float(np.mean(found.get("transfer 30 epochs", [0]))),
                   "prune": float(np.mean(found.get("prune 30%", [0])))}  # fmt: skip
-    small = ModelHasher(256, dim=dim, omega=omega, decay=decay)
-    small.hash(big)
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        small.hash(big)
-        ts.append(time.perf_counter() - t)
-    out["seconds"] = float(np.median(ts))
+    out["seconds"] = time_big(ModelHasher(256, dim=dim, omega=omega, decay=decay), repeats)["seconds"]
     return out
 
 
@@ -95,9 +87,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-results", action="store_true", help="print only; leave bench/RESULTS.md as it is")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    from bench.codec_bench import resnet50_state_dict
-
-    big = {k: v.numpy() for k, v in resnet50_state_dict().items()}
     library = {g: [_state(null.trained(g, s)) for s in range(30) if null.cache_path(g, s).exists()]
                for g in null.GROUPS}  # fmt: skip
     library = {g: sds for g, sds in library.items() if len(sds) >= 3}
@@ -114,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     settings += [(shipped[0], shipped[1], c) for c in args.decays if c != shipped[2]]
     rows = []
     for dim, omega, decay in settings:
-        r = measure(dim, omega, decay, args.bits, library, copies, big, args.repeats)
+        r = measure(dim, omega, decay, args.bits, library, copies, args.repeats)
         mark = " (shipped)" if (dim, omega, decay) == shipped else ""
         cells = [f"{r[b]['p']:.4f} / {r[b]['dof']:.2f} / {r[b]['radius']} / {r[b]['radius_2d_1m']} / "
                  f"{r[b]['light']:.2f} / {r[b]['transfer']:.2f} / {r[b]['prune']:.2f}" for b in args.bits]  # fmt: skip
