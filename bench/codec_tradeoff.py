@@ -18,7 +18,6 @@ here: bench/null_bench.py's "found in 1M" column counts both for the shipped set
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,41 +30,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import null  # noqa: E402
 from bench._results import machine_line, write_section  # noqa: E402
 from bench.codec_bench import time_big  # noqa: E402
-from bench.null_bench import LIGHT, _state, cached_copy, copy_classes  # noqa: E402
+from bench.null_bench import LIGHT, _state, cached_copy, copy_classes, fit_families, group_stats  # noqa: E402
 from hashdb.codec import ModelHasher  # noqa: E402
 from hashdb.codec.hasher import CHAIN_DEFAULTS, CODEC_VERSION  # noqa: E402
 from hashdb.codec.null import COPY_RADIUS_FMR, NullFit, largest_distance  # noqa: E402
 
 MILLION_FMR = 0.01 / 1_000_000  # the per-pair rate a 'copy' verdict needs in a database of 1M codes
-CROSS_SEEDS = 6
-
-
-def _fit(codes: np.ndarray, bits: int) -> tuple[float, float]:
-    frac = np.array([np.count_nonzero(a[:bits] != b[:bits]) for a, b in itertools.combinations(codes, 2)]) / bits
-    p, sd = float(frac.mean()), float(frac.std(ddof=1))
-    return p, p * (1 - p) / sd**2
 
 
 def measure(dim: int, omega: float, decay: float, bits_list: list[int], library: dict[str, list[dict[str, np.ndarray]]],
             copies: dict[tuple[str, str], dict[str, np.ndarray]], repeats: int) -> dict[str, Any]:  # fmt: skip
+    """One setting's row: the fits as bench/null_bench.py makes them (group_stats, fit_families), copies found."""
     top = max(bits_list)
     h = ModelHasher(top, dim=dim, omega=omega, decay=decay)
     codes = {g: np.array([h.hash_bits(sd) for sd in sds]) for g, sds in library.items()}
     family = {g: h.suspect(sds[0]).family for g, sds in library.items()}
+    copy_codes = {key: h.hash_bits(sd) for key, sd in copies.items()}  # one hash at the longest length
+    fits = {b: [(g, st["p"], st["dof"]) for g, st in ((g, group_stats(c, b, 0)) for g, c in codes.items())]
+            for b in bits_list}  # fmt: skip
+    family_fits, _ = fit_families(codes, family, bits_list, fits)
     out: dict[str, Any] = {"dim": dim, "omega": omega, "decay": decay}
     for b in bits_list:
-        per = {g: _fit(c, b) for g, c in codes.items()}
-        cons = NullFit(min(p for p, _ in per.values()), min(d for _, d in per.values()), True)
-        two = [g for g in codes if family[g] == "2d"]
-        cross = np.array([np.count_nonzero(x[:b] != y[:b]) for g in two for o in codes if o != g
-                          for i, x in enumerate(codes[g][:CROSS_SEEDS])
-                          for j, y in enumerate(codes[o][:CROSS_SEEDS]) if i != j]) / b  # other seeds (null_bench)
-        cp = float(cross.mean())
-        cdof = cp * (1 - cp) / float(cross.std(ddof=1)) ** 2
-        fit2 = NullFit(min([cp] + [per[g][0] for g in two]), min([cdof] + [per[g][1] for g in two]), True)
+        cons = NullFit(min(p for _, p, _ in fits[b]), min(d for _, _, d in fits[b]), True)
+        two = family_fits["2d"]["by_bits"][str(b)]
+        fit2 = NullFit(two["p"], two["dof"], True)
         found: dict[str, list[bool]] = {}
-        for (g, name), sd in copies.items():
-            d = int(np.count_nonzero(h.hash_bits(sd)[:b] != codes[g][0][:b]))
+        for (g, name), c in copy_codes.items():
+            d = int(np.count_nonzero(c[:b] != codes[g][0][:b]))
             radius = largest_distance(b, fit2 if family[g] == "2d" else cons, MILLION_FMR)
             found.setdefault(name, []).append(d <= radius)
         light = [x for name, xs in found.items() if name in LIGHT for x in xs]
