@@ -37,6 +37,7 @@ from hashdb.codec.null import (  # noqa: E402
     false_match_rate,
     largest_distance,
     partial_false_match_rate,
+    same_fit,
 )
 from hashdb.matching import one_to_one  # noqa: E402
 
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         table = json.loads(NULL_JSON.read_text())
         cfg = ModelHasher(top).config
         for entry in table["fits"]:
-            if all(entry["config"].get(k) == cfg.get(k) for k in ("codec", "dim", "omega", "ridge", "decay")):
+            if same_fit(entry["config"], cfg):
                 entry["layers"] = {"by_bits": {str(b): {"p": round(p, 4), "dof": round(dof, 1)}
                                                for b, (p, dof) in conservative.items()},
                                    "groups": sorted(library), "seeds": args.seeds, "min_filters": 16,

@@ -32,7 +32,7 @@ from bench import null  # noqa: E402
 from bench._results import machine_line, write_section  # noqa: E402
 from hashdb.codec import ModelHasher  # noqa: E402
 from hashdb.codec.hasher import CHAIN_V3, CODEC_VERSION, LEGACY_CODEC  # noqa: E402
-from hashdb.codec.null import COPY_RADIUS_FMR, NullFit, false_match_rate, largest_distance  # noqa: E402
+from hashdb.codec.null import COPY_RADIUS_FMR, FIT_KEYS, NullFit, false_match_rate, largest_distance  # noqa: E402
 
 NULL_JSON = Path(__file__).resolve().parent.parent / "hashdb" / "codec" / "null.json"
 COPY_SEEDS = 1  # originals per group that get every copy class (training copies is the cost on 2 cores)
@@ -163,8 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.write_null and conservative:
         cfg = ModelHasher(top).config
-        entry = {"config": {k: cfg[k] for k in ("codec", "layout", "include_linear", "dim", "omega", "ridge", "decay")
-                            if k in cfg},
+        entry = {"config": {"layout": cfg["layout"], "include_linear": cfg["include_linear"],
+                            **{k: cfg[k] for k in FIT_KEYS if k in cfg}},
                  "by_bits": {str(b): {"p": round(p, 4), "dof": round(dof, 1)} for b, (p, dof) in conservative.items()},
                  "groups": sorted(g for g, _, _ in fits[max(fits)]), "seeds": args.seeds,
                  "families": family_fits}  # fmt: skip

@@ -45,7 +45,12 @@ def _table() -> dict[str, Any]:
 
 # What a fit depends on: the sketch's geometry. Which tensors are read (layout, include_linear) is not part of
 # it: linear layers of independent models are as independent as their convs (not separately measured).
-_FIT_KEYS = ("codec", "dim", "omega", "ridge", "decay")
+FIT_KEYS = ("codec", "dim", "omega", "ridge", "decay")
+
+
+def same_fit(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two codec configs share one fitted null: every FIT_KEYS setting equal (one neither has: equal)."""
+    return all(a.get(k) == b.get(k) for k in FIT_KEYS)
 
 
 def _fit_at(by_bits: dict[str, Any], bits: int) -> NullFit:
@@ -63,7 +68,7 @@ def _fit_at(by_bits: dict[str, Any], bits: int) -> NullFit:
 
 def _entry(config: dict[str, Any]) -> dict[str, Any] | None:
     for entry in _table().get("fits", []):
-        if all(entry["config"].get(k) == config.get(k) for k in _FIT_KEYS):  # a key neither has: both None
+        if same_fit(entry["config"], config):
             return entry
     return None
 
