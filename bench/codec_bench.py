@@ -127,9 +127,9 @@ class HashRun:
     errors: dict[str, str] = field(default_factory=dict)
     rel_change: np.ndarray | None = None  # ||w' - w|| / ||w|| over same-named weights (original: 0)
     accuracy: np.ndarray | None = None  # test accuracy on the model's own task (NaN when not measured)
-    # hashers with ModelHasher.suspect: each entry's kernel family and layer codes (bool rows), for `decided`
+    # hashers with ModelHasher.suspect: each entry's kernel family and (layer name, code) list, for `decided`
     families: dict[int, str | None] = field(default_factory=dict)
-    layers: dict[int, np.ndarray] = field(default_factory=dict)
+    layers: dict[int, list[tuple[str, bytes]]] = field(default_factory=dict)
     config: dict[str, Any] | None = None
 
 
@@ -196,8 +196,7 @@ def hash_all(
                     found = h.suspect(sd)
                     code = found.code
                     run.families[i] = found.family
-                    run.layers[i] = np.array([np.unpackbits(np.frombuffer(c, np.uint8)) for _, c in found.layers],
-                                             bool).reshape(len(found.layers), h.bits)  # fmt: skip
+                    run.layers[i] = found.layers
                     run.config = h.config
                 else:
                     code = h.hash(sd)
@@ -430,18 +429,19 @@ def decided_lines(results: Mapping[str, dict[str, Any]]) -> list[str]:
 
 
 def decided(run: HashRun, library: Any) -> dict[str, Any] | None:
-    """Light copies found as ``hashdb query`` decides, in a database holding every zoo entry: each original's
-    query reports an entry as a copy when its whole code is within the decision radius of a database of that
-    size for the original's kernel family (fmr x N <= 0.01), or when >= 2 of its layers are twins of the
-    original's within the layer screening radius with a 'k of n layers' verdict of copy (hashdb.matching's rule,
-    from the same pieces). Recall: light copies reported for their own original; false: entries derived from
-    another original (distilled students left out on both sides: they share no weights). None for hashers
-    without layer codes."""
+    """Light copies found as ``hashdb query`` decides: every zoo entry goes into a HashDB (model and layer codes,
+    the hasher's config) and each original is queried with hashdb.matching.find_matches at its defaults (the
+    decision radius for that many codes and the original's kernel family, or >= 2 layer twins with a 'copy'
+    verdict). Recall: light copies reported as copies of their own original; false: entries derived from
+    another original reported (distilled students left out: they share no weights). None for hashers without
+    layer codes."""
     if run.config is None:
         return None
-    from hashdb.codec.null import layer_match_rates, layer_screen_radius
+    import tempfile
+
+    from hashdb import HashDB
     from hashdb.codec.radius import decision_radius
-    from hashdb.matching import one_to_one
+    from hashdb.matching import find_matches
 
     entries = library.entries
     n = len(entries)
@@ -449,33 +449,29 @@ def decided(run: HashRun, library: Any) -> dict[str, Any] | None:
     root = np.array([i if e.original is None else index[e.original] for i, e in enumerate(entries)])
     light = np.array([e.light and e.original is not None and e.mclass != "distill" for e in entries])
     distill = np.array([e.mclass == "distill" for e in entries])
-    owner = np.concatenate([np.full(len(run.layers.get(i, ())), i) for i in range(n)]).astype(int)
-    stack = np.concatenate([run.layers.get(i, np.zeros((0, run.bits), bool)) for i in range(n)])
+    stored = [i for i in range(n) if run.ok[i]]
     found = np.zeros(n, bool)
     by_layers = np.zeros(n, bool)
     false_flags = 0
     queries = [i for i, e in enumerate(entries) if e.original is None and run.ok[i]]
-    for q in queries:
-        family = run.families.get(q)
-        radius = decision_radius(run.config, n, family)
-        d = _distances(run, q)
-        hit = d <= (radius if radius is not None else -1)
-        mine = run.layers.get(q, np.zeros((0, run.bits), bool))
-        screen = layer_screen_radius(run.config, family)
-        if len(mine) and len(stack):
-            ld = (mine[:, None, :] != stack[None, :, :]).sum(axis=2)  # (suspect layers, every stored layer)
-            for j in np.unique(owner[(ld <= screen).any(axis=0)]):
-                if hit[j] or j == q:
-                    continue
-                cols = np.flatnonzero(owner == j)
-                twins = one_to_one([(a, int(c), int(ld[a, c])) for a in range(len(mine)) for c in cols
-                                    if ld[a, c] <= screen])  # fmt: skip
-                rates = layer_match_rates(run.config, [t[2] for t in twins], len(mine), len(cols), n, family)
-                if rates is not None and rates.verdict == "copy":
-                    hit[j] = by_layers[j] = True
-        mine_all = root == q
-        found |= hit & mine_all
-        false_flags += int((hit & ~mine_all & ~distill).sum()) if not distill[q] else 0
+    with tempfile.TemporaryDirectory() as tmp:
+        db = HashDB(os.path.join(tmp, "db"), bits=run.bits, codec=run.config, durable=False)
+        try:
+            db.insert_many([entries[i].key for i in stored], [np.packbits(run.codes[i]).tobytes() for i in stored],
+                           layers=[run.layers.get(i, []) for i in stored])  # fmt: skip
+            for q in queries:
+                code = np.packbits(run.codes[q]).tobytes()
+                for m in find_matches(db, code, run.layers.get(q, []), family=run.families.get(q)):
+                    j = index[m.key]
+                    if m.verdict != "copy" or j == q:
+                        continue
+                    if root[j] == q:
+                        found[j] = True
+                        by_layers[j] = m.kind == "partial"
+                    elif not distill[j]:
+                        false_flags += 1
+        finally:
+            db.close()
     lights = light & run.ok
     working: dict[str, Any] = {}
     if run.accuracy is not None and not np.isnan(run.accuracy).all():  # --accuracy: copies that still work
@@ -485,12 +481,12 @@ def decided(run: HashRun, library: Any) -> dict[str, Any] | None:
         working = {"working": int(works.sum()), "broken": int((ok_acc & ~works).sum()),
                    "recall_working": float(found[works].mean()) if works.any() else float("nan"),
                    "recall_broken": float(found[ok_acc & ~works].mean()) if (ok_acc & ~works).any() else float("nan")}
+    mclass = np.array([e.mclass for e in entries])
     return {**working, "recall_light": float(found[lights].mean()) if lights.any() else float("nan"),
             "by_layers": int((found & by_layers & lights).sum()), "light": int(lights.sum()),
             "false_flags": false_flags, "queries": len(queries),
             "radius_2d": decision_radius(run.config, n, "2d"), "radius_other": decision_radius(run.config, n, None),
-            "per_class": {c: float(found[lights & (mc == c)].mean()) for mc in [np.array([e.mclass for e in entries])]
-                          for c in sorted(set(mc[lights]))}}  # fmt: skip
+            "per_class": {c: float(found[lights & (mclass == c)].mean()) for c in sorted(set(mclass[lights]))}}
 
 
 def evaluate_many(
