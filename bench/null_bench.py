@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.write_null and conservative:
         cfg = ModelHasher(top).config
-        entry = {"config": {"layout": cfg["layout"], "include_linear": cfg["include_linear"],
+        entry = {"config": {"codec": cfg["codec"], "layout": cfg["layout"], "include_linear": cfg["include_linear"],
                             **{k: cfg[k] for k in FIT_KEYS if k in cfg}},
                  "by_bits": {str(b): {"p": round(p, 4), "dof": round(dof, 1)} for b, (p, dof) in conservative.items()},
                  "groups": sorted(g for g, _, _ in fits[max(fits)]), "seeds": args.seeds,
