@@ -6,11 +6,11 @@ Two exact methods, one answer (tests/test_pairs.py checks both against brute for
   pair within r agrees exactly on at least one of them, so only rows sharing a substring bucket are
   compared, and a pair is reported by the first table where its substrings agree (no dedupe set). Candidates
   number about m n^2 / 2^(bits/m): far below n^2 / 2 for small r (r = 16 at 256 bits: 17 tables of 15 bits).
-- ``"blocked"``: all pairs, tile by tile, each row counted against a tile without a branch (a loop LLVM
-  vectorizes, popcount included) and walked again only when it has hits. At 256 bits the codes are
-  transposed once to (4, n) and four rows are counted at a time against contiguous columns (register
-  blocking: each column loaded serves four pairs). At the codec's copy radius (about 0.3 x bits) no
-  pigeonhole split prunes anything, so this is the method there.
+- ``"blocked"``: all pairs, tile by tile. The codes are transposed once to (words, n); four rows at a time
+  sum their distances to a tile of contiguous columns word by word, without a branch (a loop LLVM vectorizes,
+  popcount included, at any code length: 512-bit codes cost twice 256-bit ones per pair), and are walked
+  again only when they have hits. At the codec's copy radius (about 0.3 x bits) no pigeonhole split prunes
+  anything, so this is the method there.
 
 Both cut the work into tasks run by ``prange`` in waves; each task writes its first ``cap`` pairs into its
 own row of a wave buffer and counts them all, and the rare task that overflows is rerun alone with a buffer
@@ -24,8 +24,8 @@ from numba import njit, prange
 
 from .bits import popcount64, substring_of
 
-BLOCK = 256  # rows per tile: two tiles of 256 x 32 B fit in L1 beside the distance buffer
-BLOCK4 = 512  # columns per tile of the transposed 256-bit kernel: 4 x 512 x 8 B = 16 KB, in L1
+BLOCK = 256  # tasks are squares of 4 x BLOCK rows
+BLOCK_COLUMNS = 512  # columns per tile: 512 x 8 B per word read, and four rows' distances (8 KB), in L1
 WAVE_TASKS = 256  # tasks per prange wave: enough to balance two to a few dozen threads
 TASK_CAP = 1024  # pairs a task may write before it is rerun alone (random codes at the copy radius: ~0)
 MIH_VERIFY_NS = 8.0  # measured cost ratio: one random-row candidate check vs one tiled pair (about 0.5 ns)
@@ -37,128 +37,50 @@ Pairs = tuple[np.ndarray, np.ndarray, np.ndarray]
 # ---- blocked all pairs -----------------------------------------------------------------------------------
 
 
-@njit(cache=True, inline="always")
-def _hits4(codes: np.ndarray, i: int, js: int, je: int, r: int) -> int:
-    """How many j in [js, je) are within r of row i, for 4-word (256-bit) codes: branch-free, so LLVM
-    vectorizes it (popcount by nibble lookup) with row i in registers."""
-    q0, q1, q2, q3 = codes[i, 0], codes[i, 1], codes[i, 2], codes[i, 3]
-    hits = 0
-    for j in range(js, je):
-        d = (popcount64(q0 ^ codes[j, 0]) + popcount64(q1 ^ codes[j, 1])
-             + popcount64(q2 ^ codes[j, 2]) + popcount64(q3 ^ codes[j, 3]))  # fmt: skip
-        hits += d <= r
-    return hits
-
-
-@njit(cache=True, inline="always")
-def _hits(codes: np.ndarray, i: int, js: int, je: int, r: int) -> int:
-    hits = 0
-    for j in range(js, je):
-        d = 0
-        for w in range(codes.shape[1]):
-            d += popcount64(codes[i, w] ^ codes[j, w])
-        hits += d <= r
-    return hits
-
-
 @njit(cache=True)
 def tile_pairs(
-    codes: np.ndarray, i0: int, i1: int, j0: int, j1: int, r: int,
-    out_a: np.ndarray, out_b: np.ndarray, out_d: np.ndarray,
-) -> int:  # fmt: skip
-    """Pairs (i, j) with i in [i0, i1), j in [j0, j1), i < j and distance <= r, tile by tile. Writes the first
-    len(out_a) of them, returns how many there are. Each row is first counted against a tile without a
-    branch; only a row with hits (rare outside copy clusters) is walked again to write them."""
-    cap = out_a.shape[0]
-    words = codes.shape[1]
-    n = 0
-    for jb in range(j0, j1, BLOCK):
-        je = min(jb + BLOCK, j1)
-        for i in range(i0, min(i1, je - 1)):
-            js = max(jb, i + 1)
-            if js >= je:
-                continue
-            hits = _hits4(codes, i, js, je, r) if words == 4 else _hits(codes, i, js, je, r)
-            if hits == 0:
-                continue
-            for j in range(js, je):
-                d = 0
-                for w in range(words):
-                    d += popcount64(codes[i, w] ^ codes[j, w])
-                if d <= r:
-                    if n < cap:
-                        out_a[n] = i
-                        out_b[n] = j
-                        out_d[n] = d
-                    n += 1
-    return n
-
-
-@njit(cache=True, inline="always")
-def _hits4x4(ct: np.ndarray, i: int, js: int, je: int, r: int) -> int:
-    """Hits of rows i..i+3 against columns j in [js, je) of the transposed 256-bit codes ``ct`` (4, n), each row
-    counting only j above itself. Register blocking: the four rows stay in registers and every column loaded
-    serves four pairs; branch-free with contiguous column loads, so LLVM vectorizes it four columns at a time
-    (popcount by nibble lookup)."""
-    a0, a1, a2, a3 = ct[0, i], ct[1, i], ct[2, i], ct[3, i]
-    b0, b1, b2, b3 = ct[0, i + 1], ct[1, i + 1], ct[2, i + 1], ct[3, i + 1]
-    c0, c1, c2, c3 = ct[0, i + 2], ct[1, i + 2], ct[2, i + 2], ct[3, i + 2]
-    e0, e1, e2, e3 = ct[0, i + 3], ct[1, i + 3], ct[2, i + 3], ct[3, i + 3]
-    hits = 0
-    for j in range(js, je):
-        x0, x1, x2, x3 = ct[0, j], ct[1, j], ct[2, j], ct[3, j]
-        da = popcount64(a0 ^ x0) + popcount64(a1 ^ x1) + popcount64(a2 ^ x2) + popcount64(a3 ^ x3)
-        db = popcount64(b0 ^ x0) + popcount64(b1 ^ x1) + popcount64(b2 ^ x2) + popcount64(b3 ^ x3)
-        dc = popcount64(c0 ^ x0) + popcount64(c1 ^ x1) + popcount64(c2 ^ x2) + popcount64(c3 ^ x3)
-        de = popcount64(e0 ^ x0) + popcount64(e1 ^ x1) + popcount64(e2 ^ x2) + popcount64(e3 ^ x3)
-        hits += (da <= r) + ((db <= r) & (j > i + 1)) + ((dc <= r) & (j > i + 2)) + ((de <= r) & (j > i + 3))
-    return hits
-
-
-@njit(cache=True, inline="always")
-def _hits1x4(ct: np.ndarray, i: int, js: int, je: int, r: int) -> int:
-    a0, a1, a2, a3 = ct[0, i], ct[1, i], ct[2, i], ct[3, i]
-    hits = 0
-    for j in range(js, je):
-        x0, x1, x2, x3 = ct[0, j], ct[1, j], ct[2, j], ct[3, j]
-        d = popcount64(a0 ^ x0) + popcount64(a1 ^ x1) + popcount64(a2 ^ x2) + popcount64(a3 ^ x3)
-        hits += d <= r
-    return hits
-
-
-@njit(cache=True)
-def tile_pairs4(
     ct: np.ndarray, i0: int, i1: int, j0: int, j1: int, r: int,
     out_a: np.ndarray, out_b: np.ndarray, out_d: np.ndarray,
 ) -> int:  # fmt: skip
-    """tile_pairs for 256-bit codes given transposed, ``ct`` = codes.T (4, n) contiguous: rows four at a time
-    against a tile of BLOCK4 columns (16 KB, in L1), counted without a branch; only a group of rows with hits
+    """Pairs (i, j) with i in [i0, i1), j in [j0, j1), i < j and distance <= r, of the transposed codes ``ct`` =
+    codes.T (words, n) contiguous. Writes the first len(out_a) of them, returns how many there are.
+
+    Rows four at a time against a tile of BLOCK_COLUMNS columns: each row's distances are summed word by word
+    into a buffer (the loop over columns reads them contiguously, branch-free, so LLVM vectorizes it, popcount
+    included, at any code length), then counted; only a group of rows with hits (rare outside copy clusters)
     is walked again to write them."""
     cap = out_a.shape[0]
+    words = ct.shape[0]
+    dist = np.empty((4, BLOCK_COLUMNS), np.int32)
     n = 0
-    for jb in range(j0, j1, BLOCK4):
-        je = min(jb + BLOCK4, j1)
+    for jb in range(j0, j1, BLOCK_COLUMNS):
+        je = min(jb + BLOCK_COLUMNS, j1)
         ie = min(i1, je - 1)
         i = i0
         while i < ie:
             k = min(4, ie - i)
-            if k == 4:
-                hits = _hits4x4(ct, i, max(jb, i + 1), je, r)
-            else:
-                hits = 0
+            js = max(jb, i + 1)
+            m = je - js
+            dist[:k, :m] = 0
+            for w in range(words):
+                row = ct[w, js:je]
                 for x in range(k):
-                    hits += _hits1x4(ct, i + x, max(jb, i + x + 1), je, r)
+                    a = ct[w, i + x]
+                    dx = dist[x]
+                    for j in range(m):
+                        dx[j] += popcount64(a ^ row[j])
+            hits = 0
+            for x in range(k):  # row i + x pairs only with columns above it
+                for j in range(m):
+                    hits += (dist[x, j] <= r) & (js + j > i + x)
             if hits > 0:
                 for x in range(k):
-                    ii = i + x
-                    for j in range(max(jb, ii + 1), je):
-                        d = (popcount64(ct[0, ii] ^ ct[0, j]) + popcount64(ct[1, ii] ^ ct[1, j])
-                             + popcount64(ct[2, ii] ^ ct[2, j]) + popcount64(ct[3, ii] ^ ct[3, j]))  # fmt: skip
-                        if d <= r:
+                    for j in range(m):
+                        if dist[x, j] <= r and js + j > i + x:
                             if n < cap:
-                                out_a[n] = ii
-                                out_b[n] = j
-                                out_d[n] = d
+                                out_a[n] = i + x
+                                out_b[n] = js + j
+                                out_d[n] = dist[x, j]
                             n += 1
             i += k
     return n
@@ -166,29 +88,16 @@ def tile_pairs4(
 
 @njit(cache=True, parallel=True)
 def _tile_wave(
-    codes: np.ndarray, tasks: np.ndarray, r: int,
-    out_a: np.ndarray, out_b: np.ndarray, out_d: np.ndarray, counts: np.ndarray,
-) -> None:  # fmt: skip
-    for t in prange(tasks.shape[0]):
-        i0, i1, j0, j1 = tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3]
-        counts[t] = tile_pairs(codes, i0, i1, j0, j1, r, out_a[t], out_b[t], out_d[t])
-
-
-@njit(cache=True, parallel=True)
-def _tile_wave4(
     ct: np.ndarray, tasks: np.ndarray, r: int,
     out_a: np.ndarray, out_b: np.ndarray, out_d: np.ndarray, counts: np.ndarray,
 ) -> None:  # fmt: skip
     for t in prange(tasks.shape[0]):
         i0, i1, j0, j1 = tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3]
-        counts[t] = tile_pairs4(ct, i0, i1, j0, j1, r, out_a[t], out_b[t], out_d[t])
+        counts[t] = tile_pairs(ct, i0, i1, j0, j1, r, out_a[t], out_b[t], out_d[t])
 
 
 def _run_tile_tasks(codes: np.ndarray, tasks: np.ndarray, r: int) -> Pairs:
-    if codes.shape[1] == 4:  # 256 bits, the default: the transposed, register-blocked kernel
-        data, wave_fn, one_fn = np.ascontiguousarray(codes.T), _tile_wave4, tile_pairs4
-    else:
-        data, wave_fn, one_fn = codes, _tile_wave, tile_pairs
+    data = np.ascontiguousarray(codes.T)
     parts_a, parts_b, parts_d = [], [], []
     cap = TASK_CAP
     for w0 in range(0, len(tasks), WAVE_TASKS):
@@ -198,7 +107,7 @@ def _run_tile_tasks(codes: np.ndarray, tasks: np.ndarray, r: int) -> Pairs:
         out_b = np.empty((k, cap), np.int64)
         out_d = np.empty((k, cap), np.int32)
         counts = np.zeros(k, np.int64)
-        wave_fn(data, wave, r, out_a, out_b, out_d, counts)
+        _tile_wave(data, wave, r, out_a, out_b, out_d, counts)
         for t in range(k):
             c = int(counts[t])
             if c == 0:
@@ -209,7 +118,7 @@ def _run_tile_tasks(codes: np.ndarray, tasks: np.ndarray, r: int) -> Pairs:
                 parts_d.append(out_d[t, :c].copy())
             else:  # overflowed: rerun alone into a buffer of exactly its size
                 a, b, d = np.empty(c, np.int64), np.empty(c, np.int64), np.empty(c, np.int32)
-                one_fn(data, wave[t, 0], wave[t, 1], wave[t, 2], wave[t, 3], r, a, b, d)
+                tile_pairs(data, wave[t, 0], wave[t, 1], wave[t, 2], wave[t, 3], r, a, b, d)
                 parts_a.append(a)
                 parts_b.append(b)
                 parts_d.append(d)
