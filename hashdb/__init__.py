@@ -26,6 +26,11 @@ from .errors import (
 
 __version__ = "0.1.0"
 
+# Code length of the codec when none is given (ModelHasher, `hashdb hash`, the demo). 512 bits: the length at which
+# the codec meets both its independence and its recall targets (docs/codec.md, *Code length*). A database keeps
+# the length it was created with.
+DEFAULT_BITS = 512
+
 __all__ = [
     "HashDB",
     "connect",
@@ -42,6 +47,7 @@ __all__ = [
     "ModelFormatError",
     "ProtocolError",
     "ServerError",
+    "DEFAULT_BITS",
     "__version__",
 ]
 

@@ -20,6 +20,7 @@ import signal
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
+from . import DEFAULT_BITS
 from .errors import HashDBError, InvalidArgument, ModelFormatError
 from .raycluster import SINGLE_THREAD_ENV, import_ray, ray_init
 
@@ -47,7 +48,7 @@ class BulkResult(NamedTuple):
 def hash_units(
     sources: Iterable[Any],
     *,
-    bits: int = 256,
+    bits: int = DEFAULT_BITS,
     hasher_kwargs: dict[str, Any] | None = None,
     workers: int | None = None,
     engine: str = "local",

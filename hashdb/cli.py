@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import IO, TYPE_CHECKING, Any, NamedTuple, NoReturn
 
-from . import __version__
+from . import DEFAULT_BITS, __version__
 from .errors import HashDBError, InvalidCode, InvalidMeta, KeyNotFound, ModelFormatError
 
 if TYPE_CHECKING:
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from .types import Database, Match
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
-DEFAULT_BITS = 256  # of `hashdb hash`; creating a database needs an explicit --bits
 
 
 class UsageError(Exception):
@@ -991,7 +990,7 @@ def cmd_demo(argv: list[str]) -> int:
 
 
 EXAMPLES = {
-    "add": "hashdb add models.db --bits 256 zoo/ --workers 4   (again later: only new and changed files are hashed)",
+    "add": "hashdb add models.db --bits 512 zoo/ --workers 4   (again later: only new and changed files are hashed)",
     "clusters": "hashdb clusters models.db   (--edges lists every pair; --tree orders each into a derivation tree)",
     "compare": "hashdb compare original.pt suspect.safetensors --html evidence.html",
     "report": "hashdb report models.db suspect.pt -o report.html",
@@ -1003,7 +1002,7 @@ EXAMPLES = {
     "export": "hashdb export models.db -o models.jsonl   (or: hashdb export models.db | hashdb add other.db)",
     "import": "hashdb import other.db models.jsonl",
     "serve": "hashdb serve models.db --socket /tmp/hashdb.sock",
-    "hash": "hashdb hash zoo/*.pt | hashdb add models.db --bits 256",
+    "hash": "hashdb hash zoo/*.pt | hashdb add models.db --bits 512",
 }
 
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from . import DEFAULT_BITS
+
 
 def _digits() -> tuple[np.ndarray, np.ndarray, str]:
     try:
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the demo; exit status 0 when every copy is found and no unrelated model is flagged."""
     parser = argparse.ArgumentParser(prog="hashdb demo", description=__doc__.splitlines()[0])
     parser.add_argument("--dir", help="keep the models and the database in DIR (default: a temporary folder, removed)")
-    parser.add_argument("--bits", type=int, default=256)
+    parser.add_argument("--bits", type=int, default=DEFAULT_BITS)
     parser.add_argument("--seeds", type=int, default=3, help="originals per architecture")
     args = parser.parse_args(argv)
     if args.seeds < 1:

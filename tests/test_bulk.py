@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hashdb import HashDB, HashDBError, InvalidArgument
+from hashdb import DEFAULT_BITS, HashDB, HashDBError, InvalidArgument
 from hashdb.bulk import BulkResult, hash_units
 from hashdb.cli import main
 from hashdb.codec import ModelHasher
@@ -73,8 +73,8 @@ def as_dict(results: list[BulkResult]) -> dict[str, bytes | str]:
     return {r.key: (r.code if r.code is not None else f"error: {r.error}") for r in results}
 
 
-def expected_codes(zoo) -> dict[str, bytes | str]:  # type: ignore[no-untyped-def]
-    hasher = ModelHasher(256)
+def expected_codes(zoo, bits: int = DEFAULT_BITS) -> dict[str, bytes | str]:  # type: ignore[no-untyped-def]
+    hasher = ModelHasher(bits)  # by default hash_units' default length
     out: dict[str, bytes | str] = {}
     for path in sorted(zoo.rglob("*.pt")):
         try:
@@ -98,7 +98,7 @@ def test_one_and_two_local_workers_give_the_in_process_codes(zoo) -> None:  # ty
 def test_missing_paths_become_error_results_and_bad_arguments_raise(zoo, tmp_path) -> None:  # type: ignore[no-untyped-def]
     results = list(hash_units([tmp_path / "nope.pt", zoo / "m0.pt"], workers=1))
     assert results[0].error is not None and "nope.pt" in str(results[0].error)
-    assert results[1].code == ModelHasher(256).hash(zoo / "m0.pt")
+    assert results[1].code == ModelHasher(DEFAULT_BITS).hash(zoo / "m0.pt")
     with pytest.raises(InvalidArgument):
         list(hash_units([zoo], workers=0))
     with pytest.raises(InvalidArgument):
@@ -124,7 +124,7 @@ def test_cli_add_with_two_workers_commits_every_good_model_and_reports_the_bad_o
     code = main(["add", db, "--bits", "256", str(zoo), "--workers", "2", "--json"])
     out, err = capsys.readouterr()
     assert code == 2 and "linear.pt" in err and "1 of 7" in err
-    expected = {k: v for k, v in expected_codes(zoo).items() if isinstance(v, bytes)}
+    expected = {k: v for k, v in expected_codes(zoo, 256).items() if isinstance(v, bytes)}
     assert {d["key"]: bytes.fromhex(d["code"]) for d in map(json.loads, out.splitlines())} == expected
     with HashDB(db, bits=None) as stored:
         assert {k: stored.get(k)[0] for k in stored} == expected
@@ -193,7 +193,7 @@ def test_cli_add_on_ray_then_clusters_on_ray_match_local(zoo, tmp_path, ray_loca
     assert ray_local.is_initialized()  # the fixture's connection is reused, not shut down
     with HashDB(db, bits=None) as stored:
         assert {k: stored.get(k)[0] for k in stored} == {
-            k: v for k, v in expected_codes(zoo).items() if isinstance(v, bytes)
+            k: v for k, v in expected_codes(zoo, 256).items() if isinstance(v, bytes)
         }
         local = stored.pairs(200)
         assert stored.pairs(200, engine="ray") == local and len(local) == 15  # all pairs of 6 models

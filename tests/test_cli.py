@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from frontend_helpers import run_cli, short_socket_path, start_server_process
 
+from hashdb import DEFAULT_BITS
 from hashdb.cli import Progress, main
 from hashdb.codec import ModelHasher
 from hashdb.db import HashDB
@@ -90,7 +91,7 @@ def test_hash_prints_one_line_per_model_and_names_each_bad_file(models):
     assert done.returncode == 2
     lines = done.stdout.splitlines()
     assert [line.split()[1] for line in lines] == [models["m0"], models["m1"]]
-    assert all(len(line.split()[0]) == BITS // 4 for line in lines)
+    assert all(len(line.split()[0]) == DEFAULT_BITS // 4 for line in lines)  # `hash` without --bits
     errors = done.stderr.strip().splitlines()
     assert len(errors) == 3
     for bad, line in zip([models["linear"], models["empty"], models["missing"]], errors, strict=True):
@@ -472,12 +473,12 @@ def test_keys_of_model_files_follow_one_rule_and_a_replaced_key_says_so(tmp_path
 
 def test_hash_output_pipes_into_add_as_text_and_as_json(tmp_path):
     files = [npz_model(tmp_path / f"m{i}.npz", i) for i in range(3)]
-    hashed = run_cli("hash", *files)
+    hashed = run_cli("hash", "--bits", str(BITS), *files)
     assert hashed.returncode == 0, hashed.stderr
     text_db, json_db = str(tmp_path / "text.db"), str(tmp_path / "json.db")
     done = run_cli("add", text_db, "--bits", "256", stdin=hashed.stdout)
     assert done.returncode == 0, done.stderr
-    hashed_json = run_cli("hash", "--json", *files)
+    hashed_json = run_cli("hash", "--json", "--bits", str(BITS), *files)
     done = run_cli("add", json_db, "--bits", "256", "--json", stdin=hashed_json.stdout)
     assert done.returncode == 0, done.stderr
     expected = {line.split()[1]: line.split()[0] for line in hashed.stdout.splitlines()}

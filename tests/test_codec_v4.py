@@ -118,3 +118,19 @@ def test_the_shipped_fit_is_the_v4_configs_own_and_another_decay_is_uncalibrated
     assert fit.calibrated and fit.p >= 0.48 and fit.dof >= 0.75 * 256  # the codec's targets at its default length
     other = null_fit({**config, "decay": 0.5})  # a fit holds for the settings it was measured with only
     assert not other.calibrated and other.dof < fit.dof
+
+
+def test_a_longer_code_extends_a_shorter_one_for_the_model_and_every_layer() -> None:
+    """Each feature is the same whatever the code length (phases in float64), so a 256- or 512-bit code is the
+    first bits of the 1024-bit one, model code and layer codes alike: bench/codec_bench.py --lengths scores every
+    length from one hashing pass on this, and a database can be re-cut to a shorter length without re-hashing."""
+    rng = np.random.default_rng(7)
+    shapes = {"stem": (12, 3, 3, 3), "block.dw": (12, 1, 3, 3), "block.pw": (24, 12, 1, 1), "head": (32, 24, 3, 3)}
+    sd = {f"{name}.weight": rng.standard_normal(shape) for name, shape in shapes.items()}
+    found = {bits: ModelHasher(bits).suspect(sd) for bits in (256, 512, 1024)}
+    longest = found[1024]
+    assert len(longest.layers) >= 2  # the layers wide enough for a code of their own
+    for bits in (256, 512):
+        assert found[bits].code == longest.code[: bits // 8]
+        assert found[bits].layers == [(name, code[: bits // 8]) for name, code in longest.layers]
+    assert ModelHasher(1024, codec="chain-sketch-3").hash(sd)[:32] == ModelHasher(256, codec="chain-sketch-3").hash(sd)

@@ -224,7 +224,7 @@ def test_a_file_name_cannot_forge_a_record_through_hash_and_add(tmp_path: Path) 
     official = npz_model(tmp_path / "r.npz", 3)
     assert run_cli("add", db, "--bits", "256", "--key", "resnet50-official", official).returncode == 0
     names = [str(inj / FORGED), str(inj / "ok.npz")]  # as a shell glob (inj/*) names them
-    hashed = run_cli("hash", *names)
+    hashed = run_cli("hash", "--bits", "256", *names)
     assert hashed.returncode == 2 and "control character" in hashed.stderr and "\\n" in hashed.stderr
     assert len(hashed.stdout.splitlines()) == 1  # ok.npz only
     run_cli("add", db, stdin=hashed.stdout)

@@ -299,7 +299,7 @@ def test_hash_json_piped_into_add_stores_the_layer_codes(
 ) -> None:
     from hashdb.cli import main
 
-    assert main(["hash", "--json", "-q", "--workers", "1", str(models)]) == 0
+    assert main(["hash", "--json", "-q", "--workers", "1", "--bits", str(BITS), str(models)]) == 0
     hashed = capsys.readouterr().out
     added = run_cli("add", str(tmp_path / "db"), "--bits", str(BITS), "-q", stdin=hashed)
     assert added.returncode == 0, added.stderr

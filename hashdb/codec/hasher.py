@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .. import DEFAULT_BITS
 from ..codes import check_bits
 from ..errors import InvalidArgument, ModelFormatError
 from .chain import ChainConfig, chain_sketches
@@ -93,7 +94,7 @@ class ModelHasher:
 
     def __init__(
         self,
-        bits: int = 256,
+        bits: int = DEFAULT_BITS,
         *,
         codec: str = CODEC_VERSION,
         layout: str = "auto",
@@ -358,13 +359,13 @@ def _one_blas_thread() -> Any:
     return controller.limit(limits=1, user_api="blas")
 
 
-def hash_model(source: Any, bits: int = 256, **kwargs: Any) -> bytes:
+def hash_model(source: Any, bits: int = DEFAULT_BITS, **kwargs: Any) -> bytes:
     """Shorthand for ``ModelHasher(bits, **kwargs).hash(source)``."""
     return ModelHasher(bits, **kwargs).hash(source)
 
 
 def hash_files(
-    paths: Iterable[str | os.PathLike], bits: int = 256, **kwargs: Any
+    paths: Iterable[str | os.PathLike], bits: int = DEFAULT_BITS, **kwargs: Any
 ) -> list[tuple[str, bytes | ModelFormatError]]:
     """Hash each file, and each model unit of each folder (keys by hashdb.codec.units.unit_key: the normalized
     path, or ORG/NAME@REV for a Hugging Face cache snapshot); a bad unit yields its ModelFormatError (naming

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .. import DEFAULT_BITS
 from ..codec.load import load_tensors
 from ..errors import ModelFormatError
 from .align import Layer, align_layers, input_order, match_filters, model_layers
@@ -136,7 +137,7 @@ def compare(
     *,
     n_perm: int = DEFAULT_PERMUTATIONS,
     seed: int = 0,
-    bits: int | None = 256,
+    bits: int | None = DEFAULT_BITS,
     layout: str = "auto",
 ) -> dict[str, Any]:
     """Align model ``b`` to model ``a`` and weigh the evidence that one was derived from the other.
