@@ -424,7 +424,9 @@ def decided_lines(results: Mapping[str, dict[str, Any]]) -> list[str]:
                    f"the original's) {dec['recall_working']:.4f}, over the {dec['broken']} broken ones "
                    f"{dec['recall_broken']:.4f}; " if "working" in dec else "")
                 + f"entries of other originals reported as copies: {dec['false_flags']} over {dec['queries']} "
-                "queries (distilled students left out).", ""]  # fmt: skip
+                f"queries (distilled students left out), {dec.get('false_same_seed', '?')} of them derived from an "
+                f"original trained from the query's own seed (a shared initialisation); "
+                f"{dec.get('false_originals', '?')} pairs of originals involved.", ""]  # fmt: skip
     return out
 
 
@@ -453,6 +455,8 @@ def decided(run: HashRun, library: Any) -> dict[str, Any] | None:
     found = np.zeros(n, bool)
     by_layers = np.zeros(n, bool)
     false_flags = 0
+    same_seed = 0  # of them, entries of an original trained from the same seed (shared initialisation)
+    false_pairs: set[tuple[int, int]] = set()  # (query, other original) pairs with a false flag
     queries = [i for i, e in enumerate(entries) if e.original is None and run.ok[i]]
     with tempfile.TemporaryDirectory() as tmp:
         db = HashDB(os.path.join(tmp, "db"), bits=run.bits, codec=run.config, durable=False)
@@ -470,6 +474,8 @@ def decided(run: HashRun, library: Any) -> dict[str, Any] | None:
                         by_layers[j] = m.kind == "partial"
                     elif not distill[j]:
                         false_flags += 1
+                        same_seed += entries[root[j]].seed == entries[q].seed
+                        false_pairs.add((q, int(root[j])))
         finally:
             db.close()
     lights = light & run.ok
@@ -484,9 +490,53 @@ def decided(run: HashRun, library: Any) -> dict[str, Any] | None:
     mclass = np.array([e.mclass for e in entries])
     return {**working, "recall_light": float(found[lights].mean()) if lights.any() else float("nan"),
             "by_layers": int((found & by_layers & lights).sum()), "light": int(lights.sum()),
-            "false_flags": false_flags, "queries": len(queries),
+            "false_flags": false_flags, "queries": len(queries), "false_same_seed": same_seed,
+            "false_originals": len(false_pairs),
             "radius_2d": decision_radius(run.config, n, "2d"), "radius_other": decision_radius(run.config, n, None),
             "per_class": {c: float(found[lights & (mclass == c)].mean()) for c in sorted(set(mclass[lights]))}}
+
+
+def truncated(run: HashRun, bits: int) -> HashRun:
+    """A chain codec's run at a shorter length from its codes at a longer one: each feature does not depend on the
+    code length, so the first ``bits`` bits of a code (and of each layer code) are the shorter code, bit for bit
+    (checked in tests/test_codec_v4.py). The radius and config are that length's."""
+    from hashdb.codec import ModelHasher
+
+    if run.config is None or bits > run.bits or bits % 8:
+        raise ValueError(f"cannot cut a {run.bits}-bit run without a codec config to {bits} bits")
+    stored = {k: v for k, v in run.config.items() if k != "radius_fraction"}
+    config = ModelHasher.from_config(stored | {"bits": bits}).config
+    return HashRun(run.name, bits, config["copy_radius"], run.codes[:, :bits], run.ok, run.seconds, run.params,
+                   run.errors, run.rel_change, run.accuracy, run.families,
+                   {i: [(name, code[: bits // 8]) for name, code in layers] for i, layers in run.layers.items()},
+                   config)  # fmt: skip
+
+
+def lengths_table(run: HashRun, library: Any, lengths: list[int]) -> list[str]:
+    """One row per code length: whole codes at the conservative copy radius, and light copies found as a query
+    decides (decided), the weak classes on their own."""
+    rows = []
+    for bits in lengths:
+        cut = truncated(run, bits)
+        m, dec = metrics(cut, library), decided(cut, library)
+        assert dec is not None
+        per = dec["per_class"]
+        rows.append(
+            f"| {bits} | {cut.radius} | {m['recall_light']:.4f} | {m['precision_light']:.4f} | {m['mAP']:.4f} | "
+            f"{dec['radius_2d']} / {dec['radius_other']} | {dec['recall_light']:.4f} | "
+            f"{dec.get('recall_working', float('nan')):.4f} | {dec.get('recall_broken', float('nan')):.4f} | "
+            f"{dec['by_layers']} | {per.get('transfer', float('nan')):.3f} | "
+            f"{per.get('prune_magnitude', float('nan')):.3f} | {per.get('prune_filters', float('nan')):.3f} | "
+            f"{per.get('combo', float('nan')):.3f} | {dec['false_flags']} ({dec['false_same_seed']} same seed; "
+            f"{dec['false_originals']} pairs of originals) |"
+        )
+    return [
+        "| bits | copy radius | recall light at it (whole code) | precision light | mAP | decision radius 2-D / other "
+        "| as a query decides: light | working | broken | by layers only | transfer | magnitude pruning | "
+        "filter pruning | combinations | other originals' entries reported (same seed; pairs) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
 
 
 def evaluate_many(
@@ -666,7 +716,10 @@ def composition_table(library: Any) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Codec benchmark on the bench.zoo model library")
     ap.add_argument("--quick", action="store_true", help="small library smoke run (prints only unless --write)")
-    ap.add_argument("--bits", type=int, default=256)
+    ap.add_argument("--bits", type=int, default=None, help="code length (default: hashdb.DEFAULT_BITS)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=None,
+                    help="also score the ModelHasher at these code lengths (hashed once at the longest; section "
+                         "'codec_lengths')")  # fmt: skip
     ap.add_argument("--hasher-kwargs", default="{}", help="JSON dict of ModelHasher tunables")
     ap.add_argument("--radius", type=int, default=None, help="Hamming radius (default: the hasher's copy_radius)")
     ap.add_argument("--no-baselines", action="store_true")
@@ -684,13 +737,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     from bench import zoo
     from bench._results import machine_line, write_section
+    from hashdb import DEFAULT_BITS
 
+    args.bits = args.bits or DEFAULT_BITS
+    lengths = sorted(set(args.lengths or []) | ({args.bits} if args.lengths else set()))
     kwargs = json.loads(args.hasher_kwargs)
     hashers: dict[str, Hasher] = {}
     try:
         from hashdb.codec import ModelHasher
 
-        hashers["ModelHasher"] = ModelHasher(args.bits, **kwargs)
+        hashers["ModelHasher"] = ModelHasher(max(lengths) if lengths else args.bits, **kwargs)
     except ImportError as exc:
         print(f"hashdb.codec unavailable ({exc}); baselines only", file=sys.stderr)
     if not args.no_baselines or not hashers:
@@ -705,8 +761,14 @@ def main(argv: list[str] | None = None) -> int:
     t_lib = time.perf_counter() - t0
     print(f"library: {len(library)} models ({t_lib:.1f} s to build/load)", flush=True)
     t0 = time.perf_counter()
-    results = evaluate_many(hashers, library, args.radius, verbose=True, accuracy=args.accuracy)
+    runs = hash_all(hashers, library, verbose=True, accuracy=args.accuracy)
     t_hash = time.perf_counter() - t0
+    full = runs.get("ModelHasher")
+    if lengths and full is not None:  # hashed at the longest length: score the default one here
+        runs["ModelHasher"] = truncated(full, args.bits)
+        hashers["ModelHasher"] = ModelHasher(args.bits, **kwargs)
+    results = {name: metrics(run, library, args.radius) | {"decided": decided(run, library)}
+               for name, run in runs.items()}  # fmt: skip
     big = {name: time_big(h, 1 if args.quick else args.repeats) for name, h in hashers.items()}
 
     main_name = next(iter(hashers))
@@ -782,6 +844,28 @@ def main(argv: list[str] | None = None) -> int:
     if (not args.quick or args.write) and not args.no_write:
         write_section("codec", text)
         print("\nwrote section 'codec' of bench/RESULTS.md")
+    if lengths and full is not None:
+        text = "\n".join([
+            "## Codec: the zoo at each code length (bench/codec_bench.py --lengths)",
+            "",
+            f"`nice -n 10 {cmd.strip()}`; {machine_line()}",
+            "",
+            f"The ModelHasher (`{hashers['ModelHasher'].config['codec']}`) hashed every zoo entry once at "
+            f"{max(lengths)} bits; each shorter code is the first bits of that one, bit for bit (model and layer "
+            "codes). Whole-code columns at the conservative copy radius of each length; 'as a query decides' puts "
+            "every entry into a HashDB and queries each original with hashdb.matching.find_matches (the decision "
+            "radius for that many codes and the suspect's kernel family, or two layer twins). Working / broken: light "
+            f"copies whose accuracy is within {WORKING_DROP * 100:.0f} points of the original's, or not "
+            "(`--accuracy`). Other originals' entries: copies of another original reported as copies; 'same seed' "
+            "when that original was trained from the query's own seed (the zoo seeds every architecture alike, so "
+            "they share first-layer initialisations).",
+            "",
+            *lengths_table(full, library, lengths),
+        ])
+        print("\n" + text)
+        if (not args.quick or args.write) and not args.no_write:
+            write_section("codec_lengths", text)
+            print("\nwrote section 'codec_lengths' of bench/RESULTS.md")
     return 0
 
 

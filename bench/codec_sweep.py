@@ -189,7 +189,7 @@ def sweep(args: argparse.Namespace) -> None:
 
 
 def report(args: argparse.Namespace) -> None:
-    """The default ModelHasher (dihedral, skew+kurt) on cached features of ``--file``: metrics per code
+    """Codec v2's ModelHasher (dihedral, skew+kurt) on cached features of ``--file``: metrics per code
     length at ModelHasher's copy_radius, and distance per modification class at ``--detail-bits``."""
     from bench._results import machine_line, write_section
     from hashdb.codec.hasher import radius_fraction_for
@@ -197,7 +197,7 @@ def report(args: argparse.Namespace) -> None:
     z = dict(np.load(FEAT_DIR / args.file))
     lib = load_library_subset(z["keys"])
     lines = [
-        "## Codec sweep: the default ModelHasher on the zoo, per code length",
+        "## Codec sweep: codec v2 (`nts-dihedral-2`, no longer the default) on the zoo, per code length",
         "",
         f"`python3 bench/codec_sweep.py features --prune 0.5` then `python3 bench/codec_sweep.py report "
         f"{' '.join(sys.argv[2:])}`",
@@ -251,7 +251,13 @@ def speed(args: argparse.Namespace) -> None:
             models["ResNet-18, trained (null library)"] = {k: v.detach().numpy() for k, v in net.state_dict().items()}
     except ImportError:
         pass
-    hashers = {codec: ModelHasher(args.bits, codec=codec) for codec in CODECS}
+    from hashdb import DEFAULT_BITS
+
+    args.bits = args.bits or DEFAULT_BITS
+    # the budget's reference: codec v2 at its own default length, 256 bits (what hashing cost before codec v3)
+    hashers = {f"{codec}, {args.bits} bits": ModelHasher(args.bits, codec=codec) for codec in CODECS}
+    reference = f"{CODECS[-1]}, 256 bits"
+    hashers.setdefault(reference, ModelHasher(256, codec=CODECS[-1]))
     rows = []
     for name, sd in models.items():
         n = sum(v.size for v in sd.values())
@@ -264,7 +270,7 @@ def speed(args: argparse.Namespace) -> None:
                 h.hash(sd)
                 times[codec].append(time.perf_counter() - t)
         med = {c: float(np.median(v)) for c, v in times.items()}
-        base = med[CODECS[-1]]
+        base = med[reference]
         rows += [f"| {name} | {n / 1e6:.1f}M | {c} | {med[c]:.3f} | {med[c] / base:.2f} |" for c in hashers]
     cmd = "python3 bench/codec_sweep.py speed " + " ".join(sys.argv[2:])
     text = "\n".join(
@@ -276,10 +282,10 @@ def speed(args: argparse.Namespace) -> None:
             machine_line() + f"; one thread; median of {args.repeats} after a warm-up, codecs interleaved run by run; "
             f"load average at start {os.getloadavg()[0]:.1f} (the machine is shared, so these are upper bounds)",
             "",
-            f"Weights in memory as numpy, bits={args.bits}; the ratio is to {CODECS[-1]} (the codec the hashing-time "
-            "budget of codec v3+ is measured against: 1.5x).",
+            f"Weights in memory as numpy; the ratio is to {reference} (the codec and length the hashing-time budget "
+            "of codec v3+ is measured against: 1.5x).",
             "",
-            "| model | parameters | codec | seconds | x v2 |",
+            "| model | parameters | codec | seconds | x v2 at 256 bits |",
             "|---|---|---|---|---|",
             *rows,
         ]
@@ -310,7 +316,7 @@ def main() -> None:
     rp.add_argument("--detail-bits", type=int, default=256)
     rp.add_argument("--write", action="store_true", help="write the 'codec_sweep' section of bench/RESULTS.md")
     sp = sub.add_parser("speed")
-    sp.add_argument("--bits", type=int, default=256)
+    sp.add_argument("--bits", type=int, default=None, help="code length (default: hashdb.DEFAULT_BITS)")
     sp.add_argument("--repeats", type=int, default=5)
     sp.add_argument("--write", action="store_true", help="write the 'codec_speed' section of bench/RESULTS.md")
     args = ap.parse_args()

@@ -1,6 +1,6 @@
 """Bytes on disk per model and per layer code: the same models stored without and with per-layer codes.
 
-    nice -n 10 python3 bench/layer_storage_bench.py                    # 20,000 models x 20 layers, 256 bits
+    nice -n 10 python3 bench/layer_storage_bench.py                    # 20,000 models x 20 layers, 512 bits
     python3 bench/layer_storage_bench.py --models 2000 --layers 10     # quick look
 
 Models go in with insert_many in chunks (as ``hashdb add`` writes them), layer names like the tensor names of
@@ -23,6 +23,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from hashdb import DEFAULT_BITS  # noqa: E402
 
 
 def table_bytes(db: object) -> dict[str, int]:
@@ -69,7 +71,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", type=int, default=20_000)
     ap.add_argument("--layers", type=int, default=20, help="layer codes per model")
-    ap.add_argument("--bits", type=int, default=256)
+    ap.add_argument("--bits", type=int, default=DEFAULT_BITS)
     ap.add_argument("--chunk", type=int, default=1000, help="models per insert_many")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="hashdb-layer-bytes-") as d:
@@ -90,7 +92,9 @@ def main() -> None:
     print(json.dumps(report, indent=1))
     from bench._results import machine_line, write_section
 
-    per_layer_index = 96  # bytes per layer code in the in-memory index and its file (measured: 37.5 MB / 400k)
+    # bytes per layer code in the in-memory index and its file: 64 beside the code itself (measured at 256 bits:
+    # 37.5 MB / 400k layer codes = 96 B, of which the code is 32)
+    per_layer_index = 64 + args.bits // 8
     total = n * report["bytes_per_model_file"] + n_layers * report["bytes_per_layer_file"]  # type: ignore[operator]
     scale = 1e7 / n
     write_section("layer_storage", "\n".join([
