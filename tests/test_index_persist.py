@@ -339,3 +339,45 @@ def test_random_edits_with_valid_sums_never_change_an_answer(db_path: str, monke
             assert db.knn(q, 5) == brute_knn(recs, q, 5)
 
     run()
+
+
+TABLE_EDITS = {
+    "ramped offsets": _ramp,
+    "an id listed twice": CRAFTED["an id listed twice"],
+    "entries swapped between tables": CRAFTED["entries swapped between tables"],
+    "entry ids past the code matrix": _id_past_capacity,
+    "two entries of a run swapped": lambda a, s: a["mih_entries"][0].__setitem__(
+        slice(0, 2), a["mih_entries"][0][1::-1].copy()),
+    "a live id dropped for another": lambda a, s: a["mih_entries"][1].__setitem__(
+        -1, a["mih_entries"][1][-1] - np.uint32(1) if a["mih_entries"][1][-1] & 1 else a["mih_entries"][1][-1] + 1),
+    "nothing": lambda a, s: None,
+}
+
+
+@pytest.mark.parametrize("edit", list(TABLE_EDITS))
+def test_the_whole_table_check_rejects_what_the_chunk_checks_reject(db_path: str, edit: str) -> None:
+    """Before the numba kernels take the tables, SavedTables.whole checks them in one numba pass per table
+    (validate_kernels.py) instead of chunk by chunk in numpy: on every crafted table the two must agree, to the
+    problem they name."""
+    from hashdb.index.validate import SavedTables
+
+    _craft(db_path, TABLE_EDITS[edit])
+    header = persist.read_header(db_path)
+    _, arrays, _ = persist.read(db_path, {})
+    verdicts = []
+    for path in ("chunks", "whole"):
+        try:
+            saved = SavedTables(header["bits"], dict(arrays), dict(header["scalars"]))
+            if path == "whole":
+                assert saved.whole("mih_entries") and not saved.whole("mih_offsets")
+            else:
+                saved.chunk("mih_entries", 0, arrays["mih_entries"].nbytes)
+            saved.complete()
+            verdicts.append("kept")
+        except persist.Rejected as e:
+            verdicts.append(str(e))
+    # the same table rejected (an id moved to another one is both a duplicate and a mismatch: either may be named)
+    assert [v.split(" (")[0].split(" ")[:3] for v in verdicts] == [verdicts[0].split(" (")[0].split(" ")[:3]] * 2
+    assert all((v == "kept") == (edit == "nothing") for v in verdicts)
+    if edit != "a live id dropped for another":
+        assert verdicts[0] == verdicts[1]

@@ -128,7 +128,7 @@ class NumpyIndex:
         index = cls(bits, codes, alive, tables, scalars, checker)
         if checker is not None:
             saved.current = lambda: (index.alive, index.delta())
-            checker.validate, checker.complete = saved.chunk, saved.complete
+            checker.validate, checker.complete, checker.whole = saved.chunk, saved.complete, saved.whole
         return index
 
     def _check(self, name: str, index: np.ndarray, item_bytes: int) -> None:

@@ -8,7 +8,9 @@ raised raw IndexError. So every scalar and the small arrays are checked on load 
 the two large tables chunk by chunk as the persist.Checker first reads each chunk (``SavedTables.chunk``:
 vectorized, once per chunk, so a query that reads nine runs still checks a few chunks, not the file), and as
 a whole before the tables are handed to the kernels (``SavedTables.complete``). Any mismatch raises
-persist.Rejected and HashDB rebuilds from LMDB. Only numpy is needed here.
+persist.Rejected and HashDB rebuilds from LMDB. Only numpy is needed here, except for ``SavedTables.whole``:
+when every table is about to go to the numba kernels anyway, the tables not yet checked are checked whole in
+one numba pass each (validate_kernels.py), the same checks as ``_entries`` and ``complete`` together.
 """
 
 from __future__ import annotations
@@ -97,6 +99,28 @@ class SavedTables:
         if delta.size and (int(delta.min()) < 0 or int(delta.max()) >= cap):
             raise Rejected("pending ids lie outside the code matrix (corrupt)")
         self._rows_ok = np.zeros(m, bool)
+        self._complete_done = False
+
+    def whole(self, name: str) -> bool:
+        """Check all of array ``name`` against the rest at once (True), or leave it to ``chunk`` (False): the MIH
+        entries are checked whole with the numba kernels, every entry and ``complete``'s checks too."""
+        if name != "mih_entries":
+            return False
+        from .validate_kernels import PROBLEMS, check_tables
+
+        m = self.entries.shape[0]
+        rows = np.stack([self._row(j) for j in range(m)]) if m else np.zeros((0, 2), np.int64)
+        alive_now, pending_ids = self.current()
+        live = (np.asarray(alive_now[: self.capacity]) != 0).astype(np.uint8)
+        live[pending_ids[pending_ids < self.capacity]] = 0
+        found = np.zeros(m, np.int64)
+        check_tables(self.codes, self.entries, rows, self.starts, self.lens, self.t, self.id_bits, live, found)
+        bad = np.flatnonzero(found)
+        if bad.size:
+            j = int(bad[0])
+            raise Rejected(f"MIH table {j} {PROBLEMS[int(found[j])]} (corrupt)")
+        self._complete_done = True
+        return True
 
     def chunk(self, name: str, lo_byte: int, hi_byte: int) -> None:
         """Check bytes [lo_byte, hi_byte) of array ``name`` (whole items) against the rest; Rejected if not."""
@@ -171,6 +195,8 @@ class SavedTables:
     def complete(self) -> None:
         """Before the kernels take the tables: each table lists every id at most once, and every live id is
         in each table or pending (what the chunk checks alone cannot see)."""
+        if self._complete_done:  # ``whole`` checked it, with everything else
+            return
         alive_now, pending_ids = self.current()
         alive = np.asarray(alive_now[: self.capacity]) != 0
         pending = np.zeros(self.capacity, bool)
