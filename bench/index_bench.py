@@ -2,10 +2,12 @@
 scan, faiss IndexBinaryFlat / IndexBinaryMultiHash and pybktree; HashDB build, reopen, insert rate and
 resident memory. Writes the "index" section of bench/RESULTS.md.
 
-Data: seeded uniform random codes; for each query, 10 planted near copies at random distances 1..32 (so
-every radius has answers). Queries single-threaded (faiss omp 1); only bulk_load's table builds use 2 threads.
+Data: seeded uniform random codes; for each query, 10 planted near copies at random distances 1..bits/8 (so
+every radius has answers). Radii: small ones (an eighth of the bits and below), and the codec's decision radius
+for a 2-D suspect in a database of that size (what `hashdb query` asks: hashdb.codec.radius.decision_radius).
+Queries single-threaded (faiss omp 1); only bulk_load's table builds use 2 threads.
 
-    nice -n 10 python3 bench/index_bench.py            # N = 1M and 10M (about 15 minutes)
+    nice -n 10 python3 bench/index_bench.py            # N = 1M and 10M, 256 and 512 bits (about 25 minutes)
     python3 bench/index_bench.py --quick               # N = 100k smoke run
 """
 
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._results import machine_line, write_section  # noqa: E402
 
-RADII = (4, 8, 16, 24, 32)
+RADII = (4, 8, 16, 24, 32)  # at 256 bits; scaled with the code length
 RADII_64 = (2, 4, 8, 12)
 PLANTED = 10
 
@@ -45,14 +47,14 @@ def flip(code: np.ndarray, bits: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def make_data(n: int, nbits: int, queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(n, nbits/8) uint8 codes and (queries, nbits/8) query codes with planted neighbours."""
+    """(n, nbits/8) uint8 codes and (queries, nbits/8) query codes with planted neighbours 1..nbits/8 away."""
     rng = np.random.default_rng(seed)
     codes = rng.integers(0, 256, size=(n, nbits // 8), dtype=np.uint8)
     qs = rng.integers(0, 256, size=(queries, nbits // 8), dtype=np.uint8)
     rows = rng.choice(n, queries * PLANTED, replace=False)
     for qi in range(queries):
         for j in range(PLANTED):
-            codes[rows[qi * PLANTED + j]] = flip(qs[qi], int(rng.integers(1, 33)), rng)
+            codes[rows[qi * PLANTED + j]] = flip(qs[qi], int(rng.integers(1, nbits // 8 + 1)), rng)
     return codes, qs
 
 
@@ -111,13 +113,22 @@ class Table:
         print(line, flush=True)
 
 
-def bench_size(n: int, args: argparse.Namespace, table: Table, notes: list[str]) -> None:
+def radii(n: int, nbits: int) -> list[int]:
+    """The small radii scaled to the code length, and the codec's decision radius for a 2-D suspect among n."""
+    from hashdb.codec import ModelHasher
+    from hashdb.codec.radius import decision_radius
+
+    small = [r * nbits // 256 for r in RADII]
+    return small + [decision_radius(ModelHasher(nbits).config, n, "2d")]
+
+
+def bench_size(n: int, nbits: int, args: argparse.Namespace, table: Table, notes: list[str]) -> None:
     import faiss
 
     from hashdb import HashDB
 
-    nbits = 256
-    codes_u8, qs_u8 = make_data(n, nbits, args.queries, seed=n)
+    radii_here = radii(n, nbits)
+    codes_u8, qs_u8 = make_data(n, nbits, args.queries, seed=n + (nbits != 256))
     words = codes_u8.view("<u8").astype(np.uint64).reshape(n, nbits // 64)
     qwords = qs_u8.view("<u8").astype(np.uint64).reshape(-1, nbits // 64)
     slow = qwords[: args.slow_queries]
@@ -132,7 +143,7 @@ def bench_size(n: int, args: argparse.Namespace, table: Table, notes: list[str])
     t = time.perf_counter()
     alone.bulk_load(ids, words)
     notes.append(
-        f"N={n:,}: MemoryIndex.bulk_load {time.perf_counter() - t:.1f} s "
+        f"N={n:,} x {nbits} bits: MemoryIndex.bulk_load {time.perf_counter() - t:.1f} s "
         f"(numba threads: {os.environ.get('NUMBA_NUM_THREADS')}); all index arrays {alone.nbytes() / n:.1f} B/code"
     )
     print(notes[-1], flush=True)
@@ -161,7 +172,8 @@ def bench_size(n: int, args: argparse.Namespace, table: Table, notes: list[str])
     mih = st["index"]["structures"]["mih"]
     idx = db._live.index  # the MemoryIndex, for forced-structure timings without key mapping noise
     notes.append(
-        f"N={n:,}: insert_many {n / insert_s:,.0f} codes/s ({insert_s:.1f} s, batches of {batch:,}, durable=False); "
+        f"N={n:,} x {nbits} bits: insert_many {n / insert_s:,.0f} codes/s ({insert_s:.1f} s, batches of {batch:,}, "
+        "durable=False); "
         f"reopen + refresh {reopen_s:.1f} s ({st['index_source']}); index {st['index_bytes'] / n:.1f} B/code "
         f"({st['index_bytes'] / (n * nbits / 8):.2f}x raw code bytes), "
         f"process RSS grew {(rss1 - rss0) / n:.1f} B/code; MIH m={mih['m']} substrings of "
@@ -172,23 +184,25 @@ def bench_size(n: int, args: argparse.Namespace, table: Table, notes: list[str])
     scan = numba_scan_kernel()
     truth: dict[int, list[set[int]]] = {}
     scan_med: dict[int, float] = {}
-    for r in RADII:
+    for r in radii_here:
         med_scan, p99_scan, res = timed(lambda q, r=r: scan(words, q, r), slow)
         scan_med[r] = med_scan
         truth[r] = [set(x.tolist()) for x in res]
         hits = f"{np.mean([len(x) for x in truth[r]]):.1f}"
         table.add(n, nbits, r, "numba linear scan", med_scan, p99_scan, med_scan, hits)
 
-        med, p99, res = timed(lambda q, r=r: db.radius(q.tobytes(), r), qs_u8)
+        med, p99, res = timed(lambda q, r=r: db.radius(q.tobytes(), r), qs_u8 if r <= nbits // 8 else slow_u8)
         table.add(n, nbits, r, f"hashdb HashDB.radius (planner: {idx.plan(r)})", med, p99, med_scan, "")
         for force in ("mih", "scan", "bktree"):
-            if force == "bktree" and (n > args.bktree_max or r > 8):
+            if force == "bktree" and (n > args.bktree_max or r > nbits // 32):
+                continue
+            if force == "mih" and r > nbits // 8:  # the decision radius: probes outnumber codes (seconds a query)
                 continue
             qset = slow if force != "mih" else qwords
             med, p99, res = timed(lambda q, r=r, f=force: idx.radius(q, r, force=f), qset)
             ok = all(set(x[0].tolist()) == t for x, t in zip(res, truth[r], strict=False))
             table.add(n, nbits, r, f"hashdb MemoryIndex force={force}", med, p99, med_scan, verdict(ok))
-        med, p99, res = timed(lambda q, r=r: idx.radius(q, r), qwords)
+        med, p99, res = timed(lambda q, r=r: idx.radius(q, r), qwords if r <= nbits // 8 else slow)
         table.add(n, nbits, r, "hashdb MemoryIndex planner", med, p99, med_scan, "")
     db.close()
     db = idx = None
@@ -199,7 +213,7 @@ def bench_size(n: int, args: argparse.Namespace, table: Table, notes: list[str])
     faiss.omp_set_num_threads(1)
     flat = faiss.IndexBinaryFlat(nbits)
     flat.add(codes_u8)
-    for r in RADII:
+    for r in radii_here:
         # IndexBinaryFlat.range_search keeps distance < radius, hence r + 1
         def flat_q(q: np.ndarray, r: int = r) -> set[int]:
             _, _, ids = flat.range_search(q[None, :], r + 1)
@@ -210,21 +224,23 @@ def bench_size(n: int, args: argparse.Namespace, table: Table, notes: list[str])
         table.add(n, nbits, r, "faiss IndexBinaryFlat.range_search", med, p99, scan_med[r], verdict(ok))
     flat = None
     gc.collect()
-    b = 16 if n >= 1_000_000 else 16  # m * b = bits: 16 tables of 16 bits
+    b = 16  # m * b = bits: bits / 16 tables of 16 bits
     m = nbits // b
     t = time.perf_counter()
     mh = faiss.IndexBinaryMultiHash(nbits, m, b)
     mh.add(codes_u8)
     build_mh = time.perf_counter() - t
-    notes.append(f"N={n:,}: faiss IndexBinaryMultiHash(nhash={m}, b={b}) built in {build_mh:.1f} s")
-    for r in RADII:
+    notes.append(f"N={n:,} x {nbits} bits: faiss IndexBinaryMultiHash(nhash={m}, b={b}) built in {build_mh:.1f} s")
+    for r in radii_here:
+        if r // m > 2:  # beyond two flips per substring the probes outnumber the codes
+            continue
         mh.nflip = r // m  # pigeonhole: some substring within floor(r/m) flips, so this is exact
 
         def mh_q(q: np.ndarray, r: int = r) -> set[int]:
             _, _, ids = mh.range_search(q[None, :], r + 1)
             return set(ids.tolist())
 
-        med, p99, res = timed(mh_q, slow_u8 if r >= 24 else qs_u8)
+        med, p99, res = timed(mh_q, slow_u8 if r >= m * 3 // 2 else qs_u8)
         ok = all(x == t for x, t in zip(res, truth[r], strict=False))
         table.add(n, nbits, r, f"faiss IndexBinaryMultiHash nflip={r // m}", med, p99, scan_med[r], verdict(ok))
     mh = None
@@ -236,8 +252,8 @@ def bench_size(n: int, args: argparse.Namespace, table: Table, notes: list[str])
         ints = [int.from_bytes(c.tobytes(), "big") for c in codes_u8]
         t = time.perf_counter()
         tree = pybktree.BKTree(lambda a, b: (a ^ b).bit_count(), ints)
-        notes.append(f"N={n:,}: pybktree built in {time.perf_counter() - t:.1f} s")
-        for r in (4, 8, 16):
+        notes.append(f"N={n:,} x {nbits} bits: pybktree built in {time.perf_counter() - t:.1f} s")
+        for r in radii_here[:3]:
             med, p99, _ = timed(lambda q, r=r: tree.find(int.from_bytes(q.tobytes(), "big"), r), slow_u8[:5])
             table.add(n, nbits, r, "pybktree", med, p99, scan_med[r], "")
         tree = ints = None
@@ -278,7 +294,8 @@ def bench_64(n: int, args: argparse.Namespace, table: Table, notes: list[str]) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="N = 100k only (smoke run)")
-    ap.add_argument("--sizes", default=None, help="comma-separated N for 256-bit codes (default 1M,10M)")
+    ap.add_argument("--sizes", default=None, help="comma-separated N (default 1M,10M)")
+    ap.add_argument("--bits", default="256,512", help="comma-separated code lengths (default 256,512)")
     ap.add_argument("--n64", type=int, default=None, help="N for the 64-bit run (default 10M; quick: 100k)")
     ap.add_argument("--queries", type=int, default=100, help="queries per radius for the fast methods")
     ap.add_argument("--slow-queries", type=int, default=10, help="queries per radius for scans and slow peers")
@@ -297,8 +314,9 @@ def main() -> None:
 
     table, notes = Table(), []
     started = time.time()
-    for n in sizes:
-        bench_size(n, args, table, notes)
+    for nbits in [int(x) for x in args.bits.split(",")]:
+        for n in sizes:
+            bench_size(n, nbits, args, table, notes)
     bench_64(n64, args, table, notes)
     wall = time.time() - started
 
@@ -311,7 +329,10 @@ def main() -> None:
             "",
             machine_line() + "; queries single-threaded for every method (faiss omp 1); the machine may be shared",
             "with other jobs, so absolute times are noisy (a numba scan of 10M x 256 bits was reported at ~35 ms on",
-            "the reference 2-core machine; see this run's own scan rows); compare ratios within the run.",
+            "the reference 2-core machine; see this run's own scan rows); compare ratios within the run. The last",
+            "radius of each length is the codec's decision radius for a 2-D suspect in a database of that size, the",
+            "radius `hashdb query` asks (hashdb.codec.radius.decision_radius): there no index prunes, and every method",
+            "is a scan.",
             "",
             "Latency in ms per query (median and p99). `vs scan` = the numba linear scan's median over this",
             "method's median at the same N and r. `hits`: mean answers per query (scan rows), or whether every",

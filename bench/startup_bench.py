@@ -4,13 +4,14 @@ bench/RESULTS.md.
 
 Measured, each as the median of --runs fresh processes, interleaved so machine load hits all alike:
   * bare Python start (import numpy, lmdb);
-  * ``python -m hashdb query DB HEX --radius 8`` and at the copy radius 78, at 1M and 10M codes;
+  * ``python -m hashdb query DB HEX --radius 8`` and at the codec's decision radius for that many codes (a
+    2-D suspect: what `hashdb query MODEL` asks), at 1M and 10M codes;
   * in-process: open + first query at 10M (with the index file, and with it moved aside);
   * first query after a fresh install: an empty numba cache (NUMBA_CACHE_DIR), for the CLI query and for a
     query on the numba kernels (forced MIH), which is what compiles.
 
-Databases are built once under --dir (uniform random 256-bit codes, keys m000000000.., bulk insert with
-durable=False; the writer's close writes the index file) and reused.
+Databases are built once under --dir (uniform random codes of --bits, default hashdb.DEFAULT_BITS, keys
+m000000000.., bulk insert with durable=False; the writer's close writes the index file) and reused.
 
     python3 bench/startup_bench.py --dir /tmp/hdb             # 1M and 10M (10M: ~5 min to build once)
     python3 bench/startup_bench.py --dir /tmp/hdb --sizes 1e5  # smoke run
@@ -42,13 +43,20 @@ def label(n: int) -> str:
     return f"{n // 1_000_000}m" if n >= 1_000_000 and n % 1_000_000 == 0 else f"{n // 1000}k"
 
 
-def query_hex() -> str:
+def query_hex(bits: int) -> str:
     import numpy as np
 
-    return np.random.default_rng(SEED).integers(0, 256, (1, 32), dtype=np.uint8)[0].tobytes().hex()
+    return np.random.default_rng(SEED).integers(0, 256, (1, bits // 8), dtype=np.uint8)[0].tobytes().hex()
 
 
-def build(path: str, n: int) -> float:
+def decision_radius(n: int, bits: int) -> int:
+    from hashdb.codec import ModelHasher
+    from hashdb.codec.radius import decision_radius
+
+    return decision_radius(ModelHasher(bits).config, n, "2d")
+
+
+def build(path: str, n: int, bits: int) -> float:
     """Create the database of ``n`` codes unless it exists; returns seconds spent (0 when reused)."""
     if os.path.exists(os.path.join(path, "data.mdb")):
         return 0.0
@@ -56,10 +64,11 @@ def build(path: str, n: int) -> float:
         "import sys, numpy as np\n"
         "from hashdb import HashDB\n"
         f"rng = np.random.default_rng({SEED}); n = {n}\n"
-        f"db = HashDB({path!r}, bits=256, durable=False)\n"
+        f"db = HashDB({path!r}, bits={bits}, durable=False)\n"
         f"for s in range(0, n, {BATCH}):\n"
         f"    m = min({BATCH}, n - s)\n"
-        "    db.insert_many([f'm{i:09d}' for i in range(s, s + m)], rng.integers(0, 256, (m, 32), dtype=np.uint8))\n"
+        "    db.insert_many([f'm{i:09d}' for i in range(s, s + m)],\n"
+        f"                   rng.integers(0, 256, (m, {bits // 8}), dtype=np.uint8))\n"
         "db.close()\n"
     )
     t = time.perf_counter()
@@ -104,16 +113,20 @@ def main() -> None:
     ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "hashdb-startup"))
     ap.add_argument("--sizes", default="1e6,1e7", help="comma-separated database sizes")
     ap.add_argument("--runs", type=int, default=7, help="fresh processes per measurement (median)")
+    ap.add_argument("--bits", type=int, default=None, help="code length (default: hashdb.DEFAULT_BITS)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     sizes = [int(float(x)) for x in args.sizes.split(",")]
-    hexcode = query_hex()
+    from hashdb import DEFAULT_BITS
+
+    bits = args.bits or DEFAULT_BITS
+    hexcode = query_hex(bits)
     notes = []
     paths = {}
     for n in sizes:
-        paths[n] = os.path.join(args.dir, f"db{label(n)}")
-        spent = build(paths[n], n)
+        paths[n] = os.path.join(args.dir, f"db{label(n)}" + ("" if bits == 256 else f"x{bits}"))
+        spent = build(paths[n], n, bits)
         if spent:
             notes.append(f"built the {n:,}-code database in {spent:.0f} s (bulk insert, durable=False, index file)")
         print(f"database {paths[n]} ready", flush=True)
@@ -121,7 +134,7 @@ def main() -> None:
     started = time.time()
     cases: list[tuple[str, list[str]]] = [("bare `python -c \"import numpy, lmdb\"`", [PY, "-c", "import numpy, lmdb"])]
     for n in sizes:
-        for r in (8, 78):
+        for r in (8, decision_radius(n, bits)):
             cmd = [PY, "-m", "hashdb", "query", paths[n], hexcode, "--radius", str(r)]
             cases.append((f"`hashdb query` {n:,} codes, r={r}", cmd))
     times: dict[str, list[float]] = {name: [] for name, _ in cases}
@@ -172,7 +185,8 @@ def main() -> None:
             "",
             machine_line() + "; the machine was shared with other jobs (load varies), so compare ratios",
             f"within the run. Median of {args.runs} fresh processes each, run interleaved; the query code is in",
-            "the database (1 match at r=8). Uniform random 256-bit codes.",
+            f"the database (1 match at r=8). Uniform random {bits}-bit codes; the larger radius is the codec's "
+            "decision radius for a 2-D suspect in a database of that size (what `hashdb query MODEL` asks).",
             "",
             "| command | median s | vs bare Python |",
             "|---|---|---|",
