@@ -25,6 +25,22 @@ from .persist import Rejected
 MAX_DIRECTORY_BITS = 30  # mih.choose_directory_bits stays far below this: 2^30 offsets would be 4 GiB a table
 MAX_SUBSTRING_BITS = 32  # substring values are uint32 when the tables are built
 
+# What a table can get wrong, by the code validate_kernels.check_table returns, and its words in Rejected.
+OUT_OF_RANGE = 1  # an id past the code matrix, or value bits wider than the substring's low bits
+UNSORTED = 2  # entries do not ascend within a run of the directory
+MISMATCH = 3  # a live code's entry holds another substring, or sits in another substring's run
+DUPLICATE_OR_MISSING = 4  # an id listed twice, or a live id not listed
+PROBLEMS = {
+    OUT_OF_RANGE: "holds ids or values out of range",
+    UNSORTED: "is not sorted within its runs",
+    MISMATCH: "does not match the codes it indexes",
+    DUPLICATE_OR_MISSING: "lists an id twice or misses a live one",
+}
+
+
+def _bad_table(j: int, problem: int) -> Rejected:
+    return Rejected(f"MIH table {j} {PROBLEMS[problem]} (corrupt)")
+
 
 def _int(scalars: dict[str, Any], name: str, low: int, high: int) -> int:
     value = scalars.get(name)
@@ -106,21 +122,25 @@ class SavedTables:
         entries are checked whole with the numba kernels, every entry and ``complete``'s checks too."""
         if name != "mih_entries":
             return False
-        from .validate_kernels import PROBLEMS, check_tables
+        from .validate_kernels import check_tables
 
-        m = self.entries.shape[0]
-        rows = np.stack([self._row(j) for j in range(m)]) if m else np.zeros((0, 2), np.int64)
-        alive_now, pending_ids = self.current()
-        live = (np.asarray(alive_now[: self.capacity]) != 0).astype(np.uint8)
-        live[pending_ids[pending_ids < self.capacity]] = 0
+        m = self.entries.shape[0]  # at least 1 (checked on load)
+        rows = np.stack([self._row(j) for j in range(m)])
         found = np.zeros(m, np.int64)
-        check_tables(self.codes, self.entries, rows, self.starts, self.lens, self.t, self.id_bits, live, found)
+        check_tables(self.codes, self.entries, rows, self.starts, self.lens, self.t, self.id_bits,
+                     self._must_list().view(np.uint8), found)  # fmt: skip
         bad = np.flatnonzero(found)
         if bad.size:
-            j = int(bad[0])
-            raise Rejected(f"MIH table {j} {PROBLEMS[int(found[j])]} (corrupt)")
+            raise _bad_table(int(bad[0]), int(found[bad[0]]))
         self._complete_done = True
         return True
+
+    def _must_list(self) -> np.ndarray:
+        """The ids every table must list now: alive and not pending (bool, one per row of the code matrix)."""
+        alive_now, pending_ids = self.current()
+        must = np.asarray(alive_now[: self.capacity]) != 0
+        must[pending_ids[pending_ids < self.capacity]] = False
+        return must
 
     def chunk(self, name: str, lo_byte: int, hi_byte: int) -> None:
         """Check bytes [lo_byte, hi_byte) of array ``name`` (whole items) against the rest; Rejected if not."""
@@ -170,14 +190,14 @@ class SavedTables:
             ids = e & kind((1 << id_bits) - 1)
             low_bits = int(self.lens[j]) - t
             if int(ids.max()) >= self.capacity or int((e >> kind(id_bits)).max()) >> low_bits:
-                raise Rejected(f"MIH table {j} holds ids or values out of range (corrupt)")
+                raise _bad_table(j, OUT_OF_RANGE)
             row = self._row(j)
             # runs of the directory start at row[k]; within a run entries ascend (value bits, then id)
             first = np.zeros(hi - start, bool)
             inside = row[(row >= start - j * n_base) & (row < hi - j * n_base)] - (start - j * n_base)
             first[inside] = True
             if ((e[1:] <= e[:-1]) & ~first[1:]).any():
-                raise Rejected(f"MIH table {j} is not sorted within its runs (corrupt)")
+                raise _bad_table(j, UNSORTED)
             # each live code's entry holds its substring's low bits, in the run of its top bits
             alive, pending = self.current()
             live = np.flatnonzero((alive[ids] != 0) & ~np.isin(ids, pending))
@@ -190,22 +210,19 @@ class SavedTables:
                 or (row[top] > col).any()
                 or (row[top + 1] <= col).any()
             ):
-                raise Rejected(f"MIH table {j} does not match the codes it indexes (corrupt)")
+                raise _bad_table(j, MISMATCH)
 
     def complete(self) -> None:
         """Before the kernels take the tables: each table lists every id at most once, and every live id is
         in each table or pending (what the chunk checks alone cannot see)."""
         if self._complete_done:  # ``whole`` checked it, with everything else
             return
-        alive_now, pending_ids = self.current()
-        alive = np.asarray(alive_now[: self.capacity]) != 0
-        pending = np.zeros(self.capacity, bool)
-        pending[pending_ids[pending_ids < self.capacity]] = True
+        must = self._must_list()
         idmask = np.uint64((1 << self.id_bits) - 1)
         for j in range(self.entries.shape[0]):
             ids = (self.entries[j].astype(np.uint64) & idmask).astype(np.int64)
             if ids.size and int(ids.max()) >= self.capacity:
                 raise Rejected(f"MIH table {j} holds ids out of range (corrupt)")
             counts = np.bincount(ids, minlength=self.capacity)
-            if (counts > 1).any() or (alive & ~pending & (counts == 0)).any():
-                raise Rejected(f"MIH table {j} lists an id twice or misses a live one (corrupt)")
+            if (counts > 1).any() or (must & (counts == 0)).any():
+                raise _bad_table(j, DUPLICATE_OR_MISSING)

@@ -1,8 +1,8 @@
 """The saved MIH tables checked whole, in one numba pass per table: what validate.SavedTables checks chunk by
 chunk with numpy (``_entries``) and as a whole (``complete``), for the moment every table is handed to the
 kernels. The numpy checks gather each entry's code in entry order, pass by pass: 0.9 s a table at 10M codes
-(a 10M x 512-bit file, 22 tables, took 21 s before its first kernel query); here each entry is read once, its
-code once, and the tables are checked in parallel.
+(a 10M x 512-bit file, 22 tables, took 21 s before its first kernel query); here each entry and each code is
+read once, the codes in id order, and the tables are checked in parallel.
 """
 
 from __future__ import annotations
@@ -11,19 +11,9 @@ import numpy as np
 from numba import njit, prange
 
 from .bits import substring_of
+from .validate import DUPLICATE_OR_MISSING, MISMATCH, OUT_OF_RANGE, UNSORTED
 
 OK = 0
-OUT_OF_RANGE = 1  # an id past the code matrix, or value bits wider than the substring's low bits
-UNSORTED = 2  # entries do not ascend within a run of the directory
-MISMATCH = 3  # a live code's entry holds another substring, or sits in another substring's run
-DUPLICATE_OR_MISSING = 4  # an id listed twice, or a live id not listed
-
-PROBLEMS = {
-    OUT_OF_RANGE: "holds ids or values out of range",
-    UNSORTED: "is not sorted within its runs",
-    MISMATCH: "does not match the codes it indexes",
-    DUPLICATE_OR_MISSING: "lists an id twice or misses a live one",
-}
 
 
 @njit(cache=True)
@@ -33,11 +23,12 @@ def check_table(
 ) -> int:  # fmt: skip
     """One table: ``entries`` (n_base,) over the directory ``row`` (2^t + 1 offsets, already checked monotone
     from 0 to n_base); ``live`` (capacity,) marks the ids every table must list (alive and not pending).
-    Returns OK or the first problem found.
+    Returns OK or the first problem found (validate.PROBLEMS).
 
     Two passes, so that no code is read in entry order: the entries, in order, write the substring each one
-    stands for (its run's top bits over its own low bits) into a per-id array (4 bytes an id, where the codes
-    are 32-64), and then the codes, in id order, are compared with what was written for them."""
+    stands for (its run's top bits over its own low bits) into a per-id array (8 bytes an id, a tenth of the
+    reads of a 64-byte code in entry order), and then the codes, in id order, are compared with what was written
+    for them."""
     capacity = codes.shape[0]
     low_bits = length - t
     id_mask = (np.uint64(1) << np.uint64(id_bits)) - np.uint64(1)
