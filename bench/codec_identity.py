@@ -8,6 +8,11 @@ Models: random-init CNNs (plain, BatchNorm, conv1d, mixed conv3d/conv2d), magnit
 inside a layer), filter-pruned (zero rows), per-channel rescaled, and a sample of the small zoo (trained,
 then quantized, cast, pruned, permuted ... copies; `--no-zoo` skips it). Hashers: 64/256/2048 bits, the
 quantile rule, and a setting with every feature, odd_sign encoding and a small kernel cap.
+
+`--cached` adds every model the benchmarks have cached (bench/cache: the null library, its copies, the zoo),
+with the default hasher's model code and layer codes. `compare` also counts the bits that differ: a change of
+arithmetic that is only a change of float32 rounding flips a handful of bits in millions (a feature within
+rounding of zero), and a changed codec flips a good share of them.
 """
 
 from __future__ import annotations
@@ -85,7 +90,17 @@ def models(zoo_sample: bool) -> Iterator[tuple[str, Any]]:
             yield f"zoo:{e.key}", lib.model(e)
 
 
-def dump(path: str, zoo_sample: bool) -> None:
+def cached() -> Iterator[tuple[str, Any]]:
+    """Every model cached under bench/cache (safetensors files; the null library's copies are named .st), by its
+    path there."""
+    from safetensors.numpy import load_file
+
+    root = Path(__file__).resolve().parent / "cache"
+    for f in sorted(p for p in root.rglob("*") if p.suffix in (".safetensors", ".st")):
+        yield f"cache:{f.relative_to(root)}", str(f) if f.suffix == ".safetensors" else load_file(str(f))
+
+
+def dump(path: str, zoo_sample: bool, with_cached: bool = False) -> None:
     from hashdb.codec import ModelHasher
 
     hashers = {str(b): ModelHasher(b) for b in (64, 256, 2048)}
@@ -100,6 +115,16 @@ def dump(path: str, zoo_sample: bool) -> None:
                 out[f"{name}/{hn}"] = h.hash(m).hex()
             except Exception as exc:  # noqa: BLE001 - a refusal is part of the record
                 out[f"{name}/{hn}"] = f"error: {exc}"
+    if with_cached:
+        h = ModelHasher()
+        for name, f in cached():
+            try:
+                code, layers = h.hash_with_layers(f)
+            except Exception as exc:  # noqa: BLE001 - a refusal is part of the record
+                out[f"{name}/default"] = f"error: {exc}"
+                continue
+            out[f"{name}/default"] = code.hex()
+            out[f"{name}/default-layers"] = b"".join(c for _, c in layers).hex()
     Path(path).write_text(json.dumps(out, indent=0, sort_keys=True))
     print(f"{len(out)} codes -> {path}")
 
@@ -107,9 +132,16 @@ def dump(path: str, zoo_sample: bool) -> None:
 def compare(a: str, b: str) -> int:
     x, y = json.loads(Path(a).read_text()), json.loads(Path(b).read_text())
     differ = sorted(k for k in x.keys() | y.keys() if x.get(k) != y.get(k))
+    bits = flipped = 0
+    for k in x.keys() & y.keys():
+        if len(x[k]) == len(y[k]) and not x[k].startswith("error"):
+            a, b = np.frombuffer(bytes.fromhex(x[k]), np.uint8), np.frombuffer(bytes.fromhex(y[k]), np.uint8)
+            bits += 8 * len(a)
+            flipped += int(np.unpackbits(a ^ b).sum())
     for k in differ:
-        print(f"  differs: {k}: {x.get(k)} vs {y.get(k)}")
-    print(f"{len(x.keys() & y.keys())} codes in both, {len(differ)} differ")
+        shown = [v if v is None or len(v) <= 80 else v[:77] + "..." for v in (x.get(k), y.get(k))]
+        print(f"  differs: {k}: {shown[0]} vs {shown[1]}")
+    print(f"{len(x.keys() & y.keys())} codes in both, {len(differ)} differ; {flipped} of {bits} bits differ")
     return 1 if differ else 0
 
 
@@ -119,12 +151,13 @@ def main() -> int:
     d = sub.add_parser("dump")
     d.add_argument("path")
     d.add_argument("--no-zoo", action="store_true")
+    d.add_argument("--cached", action="store_true", help="add every model cached under bench/cache")
     c = sub.add_parser("compare")
     c.add_argument("a")
     c.add_argument("b")
     args = ap.parse_args()
     if args.cmd == "dump":
-        dump(args.path, not args.no_zoo)
+        dump(args.path, not args.no_zoo, args.cached)
         return 0
     return compare(args.a, args.b)
 
