@@ -10,7 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hashdb.codec import ModelHasher, chain
-from hashdb.codec.chain import descriptors, descriptors_gemm, sinkhorn_balance, tap_maps, whiten
+from hashdb.codec.chain import (
+    Balanced,
+    balanced,
+    channel_pass,
+    descriptors,
+    descriptors_gemm,
+    sinkhorn_balance,
+    tap_maps,
+    whiten,
+)
 from hashdb.codec.hasher import CHAIN_V3, CODEC_VERSION
 from hashdb.errors import InvalidArgument
 
@@ -70,6 +79,50 @@ def test_matrix_product_descriptors_equal_the_tap_by_tap_sum(monkeypatch, out, i
                                descriptors(centred, inputs, groups, maps), rtol=1e-4, atol=1e-5)  # fmt: skip
 
 
+@given(st.integers(0, 2**31), st.sampled_from([(1,), (3, 3), (1, 7)]), st.booleans(), st.booleans())
+@settings(max_examples=25, deadline=None)
+def test_balancing_factors_folded_into_the_descriptors_give_the_formed_layers_descriptors(
+    seed: int, kshape: tuple[int, ...], centre: bool, dead: bool
+) -> None:
+    """A dense layer's balancing stays a row and a column factor (``Balanced``); its descriptors, tap slices
+    and pass-through test match those of the formed layer, with dead rows and columns and several slices."""
+    rng = np.random.default_rng(seed)
+    k = int(np.prod(kshape))
+    out, in_g, m = int(rng.integers(2, 12)), int(rng.integers(2, 12)), 8
+    w = (rng.standard_normal((out, in_g, k)) * np.exp(rng.uniform(-3, 3, (out, 1, 1)))).astype(np.float32)
+    if dead:  # a pruned filter and a pruned input channel
+        w[int(rng.integers(out))] = 0.0
+        w[:, int(rng.integers(in_g))] = 0.0
+    lazy = balanced(w, 1, 6)
+    assert lazy.row is not None and lazy.col is not None
+    formed = lazy.array()
+    np.testing.assert_allclose(formed, sinkhorn_balance(w, 1, 6, True), rtol=1e-6)
+    for s in range(k):
+        np.testing.assert_allclose(lazy.tap(s), formed[:, :, s], rtol=1e-6)
+    inputs = rng.standard_normal((in_g, m))
+    maps = tap_maps(kshape, m)
+    chunk = chain.DESCRIPTOR_CHUNK
+    try:
+        chain.DESCRIPTOR_CHUNK = 2 * k * (m + 1)  # several input-channel slices per product
+        folded = descriptors_gemm(lazy, inputs, 1, maps, centre)
+    finally:
+        chain.DESCRIPTOR_CHUNK = chunk
+    np.testing.assert_allclose(folded, descriptors_gemm(formed, inputs, 1, maps, centre), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(np.linalg.norm(folded, axis=1) > 0, np.abs(formed).sum(axis=(1, 2)) > 0)
+    near_identity = 0.01 * rng.standard_normal((out, out, k)).astype(np.float32)
+    near_identity[:, :, k // 2] += np.eye(out, dtype=np.float32)[rng.permutation(out)]
+    assert channel_pass(balanced(near_identity, 1, 6), 1, kshape) is not None
+    for layer in (near_identity, w[:, :out] if in_g >= out else w[:in_g]):
+        assert _same_pass(balanced(layer, 1, 6), kshape)
+
+
+def _same_pass(lazy: Balanced, kshape: tuple[int, ...]) -> bool:
+    a, b = channel_pass(lazy, 1, kshape), channel_pass(Balanced(lazy.array()), 1, kshape)
+    if a is None or b is None:
+        return a is b
+    return bool(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]))
+
+
 def test_single_precision_whitening_is_the_same_whitening() -> None:
     d = np.random.default_rng(2).standard_normal((300, 24)) @ np.diag(np.linspace(0.1, 3, 24))
     np.testing.assert_allclose(whiten(d, 0.3, single=True), whiten(d, 0.3), rtol=1e-3, atol=1e-4)
@@ -121,16 +174,16 @@ def test_the_shipped_fit_is_the_v4_configs_own_and_another_decay_is_uncalibrated
 
 
 def test_a_longer_code_extends_a_shorter_one_for_the_model_and_every_layer() -> None:
-    """Each feature is the same whatever the code length (phases in float64), so a 256- or 512-bit code is the
+    """Each feature is the same whatever the code length (phases in fixed blocks of 64), so a shorter code is the
     first bits of the 1024-bit one, model code and layer codes alike: bench/codec_bench.py --lengths scores every
     length from one hashing pass on this, and a database can be re-cut to a shorter length without re-hashing."""
     rng = np.random.default_rng(7)
     shapes = {"stem": (12, 3, 3, 3), "block.dw": (12, 1, 3, 3), "block.pw": (24, 12, 1, 1), "head": (32, 24, 3, 3)}
     sd = {f"{name}.weight": rng.standard_normal(shape) for name, shape in shapes.items()}
-    found = {bits: ModelHasher(bits).suspect(sd) for bits in (256, 512, 1024)}
+    found = {bits: ModelHasher(bits).suspect(sd) for bits in (64, 192, 256, 512, 1024)}
     longest = found[1024]
     assert len(longest.layers) >= 2  # the layers wide enough for a code of their own
-    for bits in (256, 512):
+    for bits in (64, 192, 256, 512):
         assert found[bits].code == longest.code[: bits // 8]
         assert found[bits].layers == [(name, code[: bits // 8]) for name, code in longest.layers]
     assert ModelHasher(1024, codec="chain-sketch-3").hash(sd)[:32] == ModelHasher(256, codec="chain-sketch-3").hash(sd)

@@ -34,9 +34,10 @@ wider they are. Identity lives in the specific weights and in how layers connect
 Codec v4 (``chain-sketch-4``, ChainConfig(centre=True, sweeps=6, single=True), dim 96) is the same pipeline with
 each filter centred before its descriptors are made, descriptors of dimension 96 (v3: 32), and the arithmetic
 made cheap enough to pay for them: balancing keeps each block's scale as a row factor times a column factor and
-sweeps in float32 (6 sweeps after the exact double centring), descriptors are one matrix product per group, and
-whitening and sines run in float32; each layer's sketch counts (1 + max(depth, 1))^-0.75 in the model's code
-(deep layers carry every earlier layer's change). Measured in docs/codec.md ("Codec v4").
+sweeps in float32 (6 sweeps after the exact double centring), descriptors are one matrix product per group (a dense
+layer's balancing folded into it, the balanced layer never formed), and whitening, phases (64 features at a time)
+and sines run in float32; each layer's sketch counts (1 + max(depth, 1))^-0.75 in the model's code (deep layers
+carry every earlier layer's change). Measured in docs/codec.md ("Codec v4").
 """
 
 from __future__ import annotations
@@ -193,9 +194,9 @@ def sinkhorn_balance(w: np.ndarray, groups: int = 1, sweeps: int = 30, single: b
 
     out, in_g, _ = w.shape
     rows_g = out // groups
-    sq = kernel_sq_norms(np.ascontiguousarray(w, dtype=np.float32))  # float64, exact for any finite float32
     if single:
-        return _balanced_single(w, sq, groups, sweeps)
+        return balanced(w, groups, sweeps).array()
+    sq = kernel_sq_norms(np.ascontiguousarray(w, dtype=np.float32))  # float64, exact for any finite float32
     log_scale = np.full((out, in_g), -np.inf)
     for g in range(groups):
         rows = slice(g * rows_g, (g + 1) * rows_g)
@@ -216,24 +217,54 @@ def _apply_scale(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return w * scale32[:, :, None]
 
 
-def _balanced_single(w: np.ndarray, sq: np.ndarray, groups: int, sweeps: int) -> np.ndarray:
+@dataclass(frozen=True)
+class Balanced:
+    """A balanced (out, in per group, k) layer: ``w`` itself, or (codec v4, dense layers) the raw weights ``w``
+    times ``row[o] col[i]``, float64 factors that balancing found, kept apart so that the descriptors can fold them
+    into their inputs (``descriptors_gemm``) and the layer-sized product is formed only where it is needed."""
+
+    w: np.ndarray
+    row: np.ndarray | None = None
+    col: np.ndarray | None = None
+
+    def array(self) -> np.ndarray:
+        """The balanced layer, float32."""
+        return self.w if self.row is None or self.col is None else _scaled(self.w, self.row, self.col)
+
+    def tap(self, s: int) -> np.ndarray:
+        """The (out, in per group) weights of kernel tap ``s``, balanced."""
+        if self.row is None or self.col is None:
+            return self.w[:, :, s]
+        return _scaled(self.w[:, :, s : s + 1], self.row, self.col)[:, :, 0]
+
+
+def balanced(w: np.ndarray, groups: int, sweeps: int) -> Balanced:
     """sinkhorn_balance for codec v4: the same balancing with each block's scale kept as a row factor times a
     column factor (the double centring and the sweeps are both such products), so no (out, in) matrix of
-    logarithms and exponentials is formed; the sweeps run in float32. A depthwise layer's blocks are single
-    kernels, each scaled to unit norm at once."""
+    logarithms and exponentials is formed; the sweeps run in float32. A dense layer's factors are kept apart
+    (``Balanced``) when they are moderate numbers (any trained layer), so the balanced layer need not be formed.
+    A depthwise layer's blocks are single kernels, each scaled to unit norm at once."""
+    from .select import kernel_sq_norms
+
     out, in_g, _ = w.shape
+    w32 = np.ascontiguousarray(w, dtype=np.float32)
+    sq = kernel_sq_norms(w32)  # float64, exact for any finite float32
     if groups == 1:  # the common case: the product of the factors, never an (out, in) float64 matrix
-        return _scaled(w, *_block_factors(sq, sweeps))
+        a, b = _block_factors(sq, sweeps)
+        live_a, live_b = a[a > 0], b[b > 0]
+        if len(live_a) and len(live_b) and all(1e-15 < v.min() and v.max() < 1e15 for v in (live_a, live_b)):
+            return Balanced(w32, a, b)
+        return Balanced(_scaled(w, a, b))
     if in_g == 1:  # depthwise: one kernel per block, which balancing divides by its norm
         with np.errstate(divide="ignore"):
-            return _apply_scale(w, np.where(sq > 0, 1.0 / np.sqrt(np.where(sq > 0, sq, 1.0)), 0.0))
+            return Balanced(_apply_scale(w, np.where(sq > 0, 1.0 / np.sqrt(np.where(sq > 0, sq, 1.0)), 0.0)))
     rows_g = out // groups
     scale = np.empty((out, in_g))
     for g in range(groups):
         rows = slice(g * rows_g, (g + 1) * rows_g)
         a, b = _block_factors(sq[rows], sweeps)
         scale[rows] = a[:, None] * b[None, :]
-    return _apply_scale(w, scale)
+    return Balanced(_apply_scale(w, scale))
 
 
 def _scaled(w: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -280,22 +311,27 @@ def _block_factors(sq: np.ndarray, sweeps: int) -> tuple[np.ndarray, np.ndarray]
     full = lo > 0
     if full:
         narrow = np.float32 if lo > 1e-37 and hi < 1e37 else np.float64
-        log_sq = np.log(sq.astype(narrow))
+        sq_narrow = sq.astype(narrow)
+        log_sq = np.log(sq_narrow)
         rows_live: np.ndarray = np.ones(sq.shape[0], bool)
         cols_live: np.ndarray = np.ones(sq.shape[1], bool)
         row = log_sq.mean(axis=1)
         col = log_sq.mean(axis=0) - row.mean()
+        # squared norms after centring: sq / (exp(row) exp(col)), a product where float32 holds every step of it
+        e = _centred(sq_narrow, row, col, lo, hi) if narrow is np.float32 else None
     else:
         mask = sq > 0
         log_sq = np.log(np.where(mask, sq, 1.0))
         rows_live, cols_live = np.asarray(mask.any(axis=1)), np.asarray(mask.any(axis=0))
         row, col = _masked_centres(log_sq, mask, 200)
-    log_sq -= row[:, None]
-    log_sq -= col[None, :]
-    with np.errstate(over="ignore", under="ignore"):
-        e = np.exp(log_sq, out=log_sq).astype(np.float32, copy=False)  # squared norms after centring
-    if not full:
-        e[~mask] = 0
+        e = None
+    if e is None:
+        log_sq -= row[:, None]
+        log_sq -= col[None, :]
+        with np.errstate(over="ignore", under="ignore"):
+            e = np.exp(log_sq, out=log_sq).astype(np.float32, copy=False)
+        if not full:
+            e[~mask] = 0
     r = np.ones(sq.shape[0], dtype=np.float32)
     c = np.ones(sq.shape[1], dtype=np.float32)
     col_target = np.float32(rows_live.sum() / cols_live.sum())
@@ -309,6 +345,20 @@ def _block_factors(sq: np.ndarray, sweeps: int) -> tuple[np.ndarray, np.ndarray]
     row64, col64 = np.asarray(row, np.float64), np.asarray(col, np.float64)
     with np.errstate(over="ignore"):
         return np.exp(-row64 / 2) * np.sqrt(r.astype(np.float64)), np.exp(-col64 / 2) * np.sqrt(c.astype(np.float64))
+
+
+def _centred(sq: np.ndarray, row: np.ndarray, col: np.ndarray, lo: float, hi: float) -> np.ndarray | None:
+    """float32 sq[o, i] exp(-row[o]) exp(-col[i]) for a block of float32 squared norms in [lo, hi] (all
+    positive), computed in place as float32 products; None where a step of it could leave float32's normal
+    range (the caller then takes exponentials of the centred logarithms)."""
+    a, b = np.exp(-row.astype(np.float64)), np.exp(-col.astype(np.float64))
+    a_lo, a_hi, b_lo, b_hi = float(a.min()), float(a.max()), float(b.min()), float(b.max())
+    if not (1e-30 < a_lo and a_hi < 1e30 and 1e-30 < b_lo and b_hi < 1e30
+            and 1e-30 < lo * a_lo * min(b_lo, 1.0) and hi * a_hi * max(b_hi, 1.0) < 1e30):  # fmt: skip
+        return None
+    sq *= a.astype(np.float32)[:, None]
+    sq *= b.astype(np.float32)[None, :]
+    return sq
 
 
 def _block_log_scale(sq: np.ndarray, sweeps: int) -> np.ndarray:
@@ -350,19 +400,22 @@ PASS_DOMINANCE = 3.0
 PASS_SHARE = 0.5
 
 
-def channel_pass(b: np.ndarray, groups: int, kshape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray] | None:
+def channel_pass(
+    b: np.ndarray | Balanced, groups: int, kshape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray] | None:
     """(source input channel, sign) of every output channel when the balanced (out, in per group, k) layer is a
     signed channel permutation (a square dense layer) or a per-channel map (a depthwise layer) at its centre tap
     plus small noise, else None. Such a layer (an inserted near-identity layer, Neural Structural Obfuscation)
     carries no identity of its own: its consumers get its producer's descriptors, permuted as it permutes.
     Invariant to the positive scales and the permutations balancing already cancels. Costs one (out, in)
     pass for layers that are no permutation (every trained layer measured), one layer-sized pass otherwise."""
-    out, in_g, k = b.shape
+    layer = b if isinstance(b, Balanced) else Balanced(b)
+    out, in_g, k = layer.w.shape
     if not all(d % 2 for d in kshape):
         return None  # an even kernel has no centre tap: no shift-free identity
     centre = int(np.ravel_multi_index(tuple(d // 2 for d in kshape), kshape))
     if groups == 1 and out == in_g > 1:
-        src = np.abs(b[:, :, centre]).argmax(axis=1)
+        src = np.abs(layer.tap(centre)).argmax(axis=1)
         if len(np.unique(src)) != out:
             return None
         flat = src * k + centre
@@ -371,7 +424,7 @@ def channel_pass(b: np.ndarray, groups: int, kshape: tuple[int, ...]) -> tuple[n
         flat = np.full(out, centre)
     else:
         return None
-    rows = b.reshape(out, -1)
+    rows = layer.array().reshape(out, -1)
     top = rows[np.arange(out), flat].astype(np.float64)
     rest = np.abs(rows)
     rest[np.arange(out), flat] = 0.0
@@ -443,7 +496,11 @@ DESCRIPTOR_CHUNK = 1 << 22  # codec v4: at most this many float32 numbers of tap
 
 
 def descriptors_gemm(
-    w: np.ndarray, inputs: np.ndarray, groups: int, maps: tuple[np.ndarray, np.ndarray], centre: bool = False
+    w: np.ndarray | Balanced,
+    inputs: np.ndarray,
+    groups: int,
+    maps: tuple[np.ndarray, np.ndarray],
+    centre: bool = False,
 ) -> np.ndarray:
     """Codec v4's ``descriptors``: the same sum as one matrix product per group, (out, in x k) weights times the
     (in x k, m) tap images of the inputs, float32 with a float64 result. The images are made a slice of input
@@ -451,6 +508,10 @@ def descriptors_gemm(
     set stays below the layer's own. ``centre`` first subtracts each filter's mean weight (applied to the
     product, not to a copy of the layer): a component every filter of a layer shares says more about the
     architecture and the data than about the model (independent 1-D models agreed on it, docs/codec.md)."""
+    if isinstance(w, Balanced):
+        if w.row is not None and w.col is not None and groups == 1:
+            return _descriptors_folded(w.w, w.row, w.col, inputs, maps, centre)
+        w = w.array()
     out, in_g, k = w.shape
     m = inputs.shape[1]
     index, signs = maps
@@ -489,6 +550,41 @@ def descriptors_gemm(
     return np.divide(t64, norms, out=np.zeros_like(t64), where=norms > 0)
 
 
+def _descriptors_folded(
+    w: np.ndarray, row: np.ndarray, col: np.ndarray, inputs: np.ndarray, maps: tuple[np.ndarray, np.ndarray],
+    centre: bool,
+) -> np.ndarray:
+    """descriptors_gemm of the dense balanced layer w[o, i] row[o] col[i] (``Balanced``) without forming it.
+
+    Each output descriptor is normalised, so the row factors only say which rows are dead; the column factors
+    scale the inputs (an (in, m) product, not a layer-sized one). The images carry one more column, each input's
+    factor, so the same matrix product also sums each filter's balanced weights (the mean ``centre`` takes
+    away). The filter mean times the sum of the (unscaled) images is the mean times the sum over taps of
+    P_s applied to the inputs' sum: the maps are linear."""
+    out, in_g, k = w.shape
+    m = inputs.shape[1]
+    index, signs = maps
+    x = inputs.astype(np.float32)
+    scaled = x * col.astype(np.float32)[:, None]
+    t = np.zeros((out, m + 1), dtype=np.float32)
+    step = max(1, min(DESCRIPTOR_CHUNK, w.size // 4) // max(k * (m + 1), 1))
+    images = np.empty((min(step, in_g), k, m + 1), dtype=np.float32)
+    for i0 in range(0, in_g, step):
+        i1 = min(in_g, i0 + step)
+        part = images[: i1 - i0]
+        np.multiply(scaled[i0:i1][:, index], signs, out=part[:, :, :m])
+        part[:, :, m] = col[i0:i1, None]
+        t += w[:, i0:i1, :].reshape(out, (i1 - i0) * k) @ part.reshape((i1 - i0) * k, m + 1)
+    d = t[:, :m]
+    if centre:
+        total = (x.sum(axis=0)[index] * signs).sum(axis=0)  # sum over taps s of P_s (sum of the inputs)
+        d -= (t[:, m] / np.float32(in_g * k))[:, None] * total[None, :]
+    d[row <= 0] = 0
+    t64 = d.astype(np.float64)
+    norms = np.linalg.norm(t64, axis=1, keepdims=True)
+    return np.divide(t64, norms, out=np.zeros_like(t64), where=norms > 0)
+
+
 def frequencies(m: int, features: int, omega: float) -> np.ndarray:
     """The fixed random Fourier frequencies: (m, features) unit directions scaled by ``omega``."""
     rng = np.random.default_rng([0x52464600, m])
@@ -517,6 +613,12 @@ def whiten(d: np.ndarray, ridge: float, single: bool = False) -> np.ndarray:
     return x @ inv_sqrt
 
 
+# codec v4 computes its float32 phases PHASE_BLOCK features at a time: a matrix product's rounding may depend on
+# how many columns it computes at once, and a fixed block makes feature k the same number at every code length
+# (code lengths are multiples of 64), so a longer code extends a shorter one bit for bit
+PHASE_BLOCK = 64
+
+
 def sketch_and_propagate(
     d: np.ndarray, freq: np.ndarray, ridge: float, single: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -529,9 +631,8 @@ def sketch_and_propagate(
     Handed on: the same whitened descriptors renormalised. Without it deep descriptors collapse towards a few
     shared directions as normalised linear maps compose (bits of independent models' deep layers agreed: dof
     0.13-0.22 x bits).
-    ``single`` (codec v4) takes the sines in float32 (the sketch is a sum of a few thousand of them: float32's
-    error is far below a bit's margin); the phases stay float64, as a float32 product's rounding depends on how
-    many features it computes at once."""
+    ``single`` (codec v4) takes the phases, the sines and their sum in float32 (the sketch is a sum of a few
+    thousand sines: float32's error is far below a bit's margin)."""
     live = np.abs(d).sum(axis=1) > 0
     if live.sum() < 2:
         return np.zeros(freq.shape[1]), d
@@ -540,8 +641,12 @@ def sketch_and_propagate(
     handed = np.zeros_like(d)
     handed[live] = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
     x *= np.sqrt(x.shape[1] / max(float(np.einsum("om,om->", x, x)) / len(x), 1e-300))
-    if single:  # phases in float64 (so each feature is the same whatever the code length), sines in float32
-        sketch = np.sin((x @ freq).astype(np.float32)).sum(axis=0, dtype=np.float64)
+    if single:  # float32 phases and sines, a fixed block of features at a time (see PHASE_BLOCK)
+        x32, f32 = x.astype(np.float32), np.asarray(freq, np.float32)
+        ones = np.ones(len(x32), dtype=np.float32)
+        sketch = np.empty(f32.shape[1])
+        for k in range(0, f32.shape[1], PHASE_BLOCK):
+            sketch[k : k + PHASE_BLOCK] = ones @ np.sin(x32 @ f32[:, k : k + PHASE_BLOCK])
     else:
         sketch = np.sin(x @ freq).sum(axis=0)
     return sketch / np.sqrt(live.sum()), handed
@@ -579,11 +684,15 @@ def chain_sketches(
         raise ModelFormatError("no convolution weights found")
     made: dict[int, np.ndarray] = {}  # layers made ahead (square 1x1 layers, to place near-identity ones)
 
-    def balance(w: np.ndarray, groups: int) -> np.ndarray:
-        return sinkhorn_balance(w, groups, cfg.sweeps, cfg.single)
+    def balance(w: np.ndarray, groups: int) -> Balanced:
+        if cfg.single:
+            return balanced(w, groups, cfg.sweeps)
+        return Balanced(sinkhorn_balance(w, groups, cfg.sweeps))
 
     chain = _place_near_identity_1x1(chain, make_layer, made, balance)
     freq = frequencies(cfg.dim, features, cfg.omega)
+    if cfg.single:
+        freq = freq.astype(np.float32)
     desc: list[np.ndarray] = []
     depth: list[int] = []  # per chain position: layers with sketches between it and the data (v4's weights)
     out: list[tuple[str, np.ndarray]] = []
@@ -604,7 +713,7 @@ def chain_sketches(
         c = chain[nxt[0]]
         return c.groups == 1 and c.out == c.in_per_group and int(np.prod(c.kshape)) == 1
 
-    def sketch(pos: int, b: np.ndarray, inputs: np.ndarray) -> np.ndarray:
+    def sketch(pos: int, b: Balanced, inputs: np.ndarray) -> np.ndarray:
         """The layer's descriptors (as handed on) from its balanced (out, in per group, k) weights; adds its
         sketch, weighted by its depth (or replaces the one it had)."""
         layer = chain[pos]
@@ -612,11 +721,11 @@ def chain_sketches(
         if maps is None:
             maps = maps_cache[layer.kshape] = tap_maps(layer.kshape, cfg.dim)
         if cfg.prune > 0:
-            b = balance(prune_small(b, cfg.prune), layer.groups)
+            b = balance(prune_small(b.array(), cfg.prune), layer.groups)
         if cfg.single or cfg.centre:
             d = descriptors_gemm(b, inputs, layer.groups, maps, cfg.centre)
         else:  # v3's own arithmetic, so that its codes stay bit for bit
-            d = descriptors(b, inputs, layer.groups, maps)
+            d = descriptors(b.array(), inputs, layer.groups, maps)
         del b
         sk, handed = sketch_and_propagate(d, freq, cfg.ridge, cfg.single)
         entry = (layer.name, sk * (1.0 + max(depth[pos], 1)) ** -cfg.decay if cfg.decay else sk)
@@ -666,7 +775,7 @@ def _place_near_identity_1x1(
     chain: list[ChainLayer],
     make_layer: Callable[[int], np.ndarray],
     made: dict[int, np.ndarray],
-    balance: Callable[[np.ndarray, int], np.ndarray] = sinkhorn_balance,
+    balance: Callable[[np.ndarray, int], np.ndarray | Balanced] = sinkhorn_balance,
 ) -> list[ChainLayer]:
     """The chain with each near-identity square 1x1 layer (``channel_pass``) placed right after the layer it
     follows in name order (``features.3`` -> ``features.3.x``; ``stem`` -> ``stem.x``), reading that layer and
