@@ -148,6 +148,19 @@ def test_small_library_labels_are_consistent() -> None:
     assert heavy and not any(e.light for e in heavy)
 
 
+def test_a_recovery_fine_tune_keeps_the_pruning_mask_and_an_ordinary_one_does_not() -> None:
+    pruned = zoo.prune_magnitude(zoo.make_model("plain", 0), 0.5)
+    before = {k: v for k, v in pruned.state_dict().items() if v.is_floating_point()}
+    zeros = {k: v == 0 for k, v in before.items()}
+    assert sum(int(z.sum()) for z in zeros.values()) > 0
+    for masked in (True, False):
+        tuned = zoo.MODIFICATIONS["finetune"](pruned, 1e-2, 0, steps=3, opt="sgd", masked=masked).state_dict()
+        kept = all(bool((tuned[k][z] == 0).all()) for k, z in zeros.items())
+        assert kept == masked and any(not torch.equal(tuned[k], v) for k, v in before.items())
+    plan = [e for e in zoo.library_plan() if e.mclass == "prune_recover"]
+    assert plan and all(e.light and e.steps[-1][0] == "finetune" and dict(e.steps[-1][3])["masked"] for e in plan)
+
+
 def test_library_plan_is_reproducible_and_every_copy_names_a_real_original() -> None:
     entries = zoo.library_plan()
     assert entries == zoo.library_plan()  # seeded: the same recipes, hence the same cache keys, every run

@@ -32,12 +32,20 @@ def _gen(seed: int) -> torch.Generator:
 
 
 def finetune(
-    model: nn.Module, strength: float, seed: int, *, steps: int = 120, opt: str = "sgd", data: str | None = None
+    model: nn.Module,
+    strength: float,
+    seed: int,
+    *,
+    steps: int = 120,
+    opt: str = "sgd",
+    data: str | None = None,
+    masked: bool = False,
 ) -> nn.Module:
-    """Continue training on the same task: ``strength`` is the learning rate (1e-4..1e-2), SGD or Adam."""
+    """Continue training on the same task: ``strength`` is the learning rate (1e-4..1e-2), SGD or Adam.
+    ``masked``: weights that are exactly zero stay zero (the recovery fine-tune after pruning)."""
     m = _clone(model)
     x, y = dataset(data or getattr(model, "zoo_data", "digits"))
-    return train(m, x, y, steps, float(strength), seed=seed, opt=opt)
+    return train(m, x, y, steps, float(strength), seed=seed, opt=opt, keep_zeros=masked)
 
 
 def transfer(model: nn.Module, strength: float, seed: int, *, steps: int = 150, task: str | None = None) -> nn.Module:

@@ -21,10 +21,14 @@ def train(
     batch: int = 32,
     soft: torch.Tensor | None = None,
     temperature: float = 4.0,
+    keep_zeros: bool = False,
 ) -> nn.Module:
-    """Train in place for ``steps`` minibatch steps (cross-entropy, or KL to ``soft`` logits for distillation)."""
+    """Train in place for ``steps`` minibatch steps (cross-entropy, or KL to ``soft`` logits for distillation).
+    ``keep_zeros``: every parameter entry that is exactly zero stays zero (a pruned model's recovery fine-tune
+    keeps its pruning mask)."""
     gen = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
+    zeros = [p.detach() == 0 for p in params] if keep_zeros else []
     optim = torch.optim.Adam(params, lr=lr) if opt == "adam" else torch.optim.SGD(params, lr=lr, momentum=0.9)
     model.train()
     order = torch.randperm(len(x), generator=gen)
@@ -43,6 +47,10 @@ def train(
             loss = F.kl_div(F.log_softmax(out / t, 1), F.softmax(soft[idx] / t, 1), reduction="batchmean") * t * t
         loss.backward()
         optim.step()
+        if zeros:
+            with torch.no_grad():
+                for p, z in zip(params, zeros, strict=True):
+                    p.masked_fill_(z, 0.0)
     model.eval()
     return model
 
