@@ -527,14 +527,15 @@ def lengths_table(run: HashRun, library: Any, lengths: list[int]) -> list[str]:
             f"{dec.get('recall_working', float('nan')):.4f} | {dec.get('recall_broken', float('nan')):.4f} | "
             f"{dec['by_layers']} | {per.get('transfer', float('nan')):.3f} | "
             f"{per.get('prune_magnitude', float('nan')):.3f} | {per.get('prune_filters', float('nan')):.3f} | "
+            f"{per.get('prune_recover', float('nan')):.3f} | "
             f"{per.get('combo', float('nan')):.3f} | {dec['false_flags']} ({dec['false_same_seed']} same seed; "
             f"{dec['false_originals']} pairs of originals) |"
         )
     return [
         "| bits | copy radius | recall light at it (whole code) | precision light | mAP | decision radius 2-D / other "
         "| as a query decides: light | working | broken | by layers only | transfer | magnitude pruning | "
-        "filter pruning | combinations | other originals' entries reported (same seed; pairs) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "filter pruning | pruning + recovery | combinations | other originals' entries reported (same seed; pairs) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]
 
