@@ -2,11 +2,13 @@
 (HashDB.pairs' kernels at 1M codes, r = 16 and the copy radius, against a naive all-pairs numba loop).
 Writes the "scale" section of bench/RESULTS.md, with a projection to a 100-node Ray cluster.
 
-Data: ``--models`` CNN checkpoints of about 2.1M parameters (8.5 MB) each, torch random init, seeded,
-generated once under bench/data/scale_zoo; ``--codes`` uniform random 256-bit codes (seeded) with planted
-clusters of near copies so every radius has answers.
+Data: ``--models`` (default 400: enough that each engine's run lasts seconds, so a worker's or an actor's start
+does not decide the ratio) CNN checkpoints of about 2.1M parameters (8.5 MB) each, torch random init, seeded,
+generated once under bench/data/scale_zoo; ``--codes`` uniform random codes (seeded) of ``--bits`` bits (default:
+the codec's, hashdb.DEFAULT_BITS) with planted clusters of near copies so every radius has answers; the join runs
+at r = 16 and at the codec's copy radius for that length.
 
-    python3 bench/scale_bench.py                 # 100 models, 1M codes (about 10 minutes on 2 cores)
+    python3 bench/scale_bench.py                 # 400 models, 1M codes (about 15 minutes on 2 cores)
     python3 bench/scale_bench.py --quick         # 20 models, 100k codes (smoke run)
 """
 
@@ -29,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._results import machine_line, write_section  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data" / "scale_zoo"
-COPY_RADIUS_256 = 78
+BITS = [0]  # the code length of this run (--bits), set by main()
 
 
 def make_zoo(n: int) -> list[Path]:
@@ -73,9 +75,9 @@ def time_hashing(paths: list[Path], pool_of: int = 0, **kwargs) -> tuple[float, 
         from hashdb.codec.units import expand
 
         units, _ = expand(paths)
-        results = bulk._hash_in_processes(units, 256, {}, pool_of, None, ())
+        results = bulk._hash_in_processes(units, BITS[0], {}, pool_of, None, ())
     else:
-        results = bulk.hash_units(paths, **kwargs)
+        results = bulk.hash_units(paths, bits=BITS[0], **kwargs)
     for res in results:
         first = first or time.perf_counter() - t0
         assert res.error is None, res.error
@@ -92,7 +94,7 @@ def bench_hashing(n_models: int, rows: list[str], facts: dict[str, float]) -> No
     mb = sum(p.stat().st_size for p in paths) / 1e6
     from hashdb.codec import ModelHasher
 
-    ModelHasher(256).hash(paths[0])  # warm this process (torch import) so workers=1 is not charged for it
+    ModelHasher(BITS[0]).hash(paths[0])  # warm this process (torch import) so workers=1 is not charged for it
     inproc, first0, codes0, load0 = time_hashing(paths, engine="inline")
     cpu0 = CPU_S[0]
     # A worker's start (a fresh interpreter importing hashdb.codec) is timed once on its own and reported; each
@@ -150,7 +152,7 @@ def bench_hashing(n_models: int, rows: list[str], facts: dict[str, float]) -> No
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
     same = codes0 == codes1 == codes2 == codes_r == codes_a
-    rows.append(f"Bulk hashing: {n_models} models, {mb:.0f} MB ({mb / n_models:.1f} MB each), 256 bits. "
+    rows.append(f"Bulk hashing: {n_models} models, {mb:.0f} MB ({mb / n_models:.1f} MB each), {BITS[0]} bits. "
                 f"Codes identical across engines: {same}.\n")  # fmt: skip
     rows.append("| engine | wall s | models/s | MB/s | first result s | speed-up vs 1 worker | load before |")
     rows.append("|---|---|---|---|---|---|---|")
@@ -176,14 +178,17 @@ def bench_hashing(n_models: int, rows: list[str], facts: dict[str, float]) -> No
     facts.update(hash_core_s_per_mb=min(one, two * 2) / mb)
 
 
-def planted_codes(n: int, seed: int) -> np.ndarray:
+def planted_codes(n: int, seed: int, nbits: int = 256) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    codes = rng.integers(0, 2**63, (n, 4), dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, (n, 4), dtype=np.uint64)
-    # 1% of rows are near copies of earlier rows, 1..100 bits away: answers at every radius.
+    words = nbits // 64
+    codes = rng.integers(0, 2**63, (n, words), dtype=np.uint64) * np.uint64(2) + rng.integers(
+        0, 2, (n, words), dtype=np.uint64
+    )
+    # 1% of rows are near copies of earlier rows, 1..100 bits away per 256 bits: answers at every radius.
     for i in rng.choice(np.arange(n // 2, n), n // 100, replace=False):
         src = rng.integers(0, n // 2)
         bits = np.unpackbits(codes[src].view(np.uint8))
-        flip = rng.choice(256, rng.integers(1, 101), replace=False)
+        flip = rng.choice(nbits, rng.integers(1, 100 * nbits // 256 + 1), replace=False)
         bits[flip] ^= 1
         codes[i] = np.packbits(bits).view(np.uint64)
     return codes
@@ -191,17 +196,19 @@ def planted_codes(n: int, seed: int) -> np.ndarray:
 
 def bench_join(n: int, slab: int, naive_slab: int, rows: list[str], facts: dict[str, float]) -> None:
     from bench.naive_join import naive_pairs_count
+    from hashdb.codec import ModelHasher
     from hashdb.index import join
 
-    codes = planted_codes(n, 1)
+    radius = ModelHasher(BITS[0]).copy_radius
+    codes = planted_codes(n, 1, BITS[0])
     small = codes[:4096]
     for method in ("mih", "blocked"):  # compile outside the timings
         join.self_join(small, 16, method)
-    join.rectangle_join(small, COPY_RADIUS_256, 0, 64, 0, 4096)
-    naive_pairs_count(small, COPY_RADIUS_256, 0, 8)
+    join.rectangle_join(small, radius, 0, 64, 0, 4096)
+    naive_pairs_count(small, radius, 0, 8)
     all_pairs = n * (n - 1) / 2
 
-    rows.append(f"Self-join: N = {n:,} x 256 bits (1% planted near copies), numba threads "
+    rows.append(f"Self-join: N = {n:,} x {BITS[0]} bits (1% planted near copies), copy radius {radius}, numba threads "
                 f"{__import__('numba').get_num_threads()}.\n")  # fmt: skip
     rows.append("| radius | method | measured on | measured s | pairs found | s at N (extrapolated where noted) |"
                 " naive loop s at N (extrapolated) | speed-up | load before |")  # fmt: skip
@@ -231,20 +238,20 @@ def bench_join(n: int, slab: int, naive_slab: int, rows: list[str], facts: dict[
     # The copy radius: tiled all-pairs on a slab of rows against all N, extrapolated by pair count.
     load = load_note()
     t0, c0 = time.perf_counter(), time.process_time()
-    a, _, _ = join.rectangle_join(codes, COPY_RADIUS_256, 0, slab, 0, n)
+    a, _, _ = join.rectangle_join(codes, radius, 0, slab, 0, n)
     tslab = time.perf_counter() - t0
     cslab = time.process_time() - c0
     work = sum(n - 1 - i for i in range(slab))
-    t78 = tslab / work * all_pairs
-    naive78 = naive_ns_per_pair(COPY_RADIUS_256) * all_pairs
-    rows.append(f"| {COPY_RADIUS_256} | blocked | rows 0..{slab:,} x all | {tslab:.2f} | {len(a):,} | {t78:.0f} "
-                f"(extrapolated) | {naive78:.0f} | {naive78 / t78:.1f}x | {load} |")  # fmt: skip
+    t_copy = tslab / work * all_pairs
+    naive_copy = naive_ns_per_pair(radius) * all_pairs
+    rows.append(f"| {radius} | blocked | rows 0..{slab:,} x all | {tslab:.2f} | {len(a):,} | {t_copy:.0f} "
+                f"(extrapolated) | {naive_copy:.0f} | {naive_copy / t_copy:.1f}x | {load} |")  # fmt: skip
     rows.append(f"\nThe naive loop (one thread, no tiling) ran on rows 0..{naive_slab:,} against all N and is "
                 "extrapolated by pair count; so is the copy-radius join, on its own slab. Targets: r = 16 at 1M "
                 "under 10 s; copy radius >= 4x faster than naive.\n")  # fmt: skip
     threads = __import__("numba").get_num_threads()
     tiled_cpu = cslab / work * 1e9
-    naive_cpu = cpu[f"naive{COPY_RADIUS_256}"]
+    naive_cpu = cpu[f"naive{radius}"]
     rows.append(f"CPU time, which the other jobs' load does not inflate: r = 16 took {cpu16:.1f} CPU-s "
                 f"({cpu16 / threads:.1f} s of wall on {threads} idle cores). At the copy radius the tiled kernel "
                 f"costs {tiled_cpu:.2f} ns of CPU per pair against the naive loop's "
@@ -275,8 +282,8 @@ def projection(facts: dict[str, float], rows: list[str]) -> None:
                 "; the writer is far from it.")  # fmt: skip
     rows.append(f"- Joining {n:,} codes at the copy radius: {n * (n - 1) / 2:.1e} pairs x {ns_core:.2f} ns per pair "
                 f"per core / {nodes * cores} cores -> {join_wall / 60:.1f} min, plus one broadcast of "
-                f"{n * 32 / 1e6:.0f} MB of codes; the driver then maps and sorts the pairs, which is where the "
-                "time goes once copies are common (one Python tuple per pair).")  # fmt: skip
+                f"{n * BITS[0] / 8 / 1e6:.0f} MB of codes; the driver then maps and sorts the pairs, which is where "
+                "the time goes once copies are common (one Python tuple per pair).")  # fmt: skip
 
 
 def main() -> None:
@@ -286,9 +293,13 @@ def main() -> None:
     ap.add_argument("--codes", type=int, default=None)
     ap.add_argument("--slab", type=int, default=None, help="rows of the copy-radius join slab")
     ap.add_argument("--naive-slab", type=int, default=None, help="rows of the naive loop's slab")
+    ap.add_argument("--bits", type=int, default=None, help="code length (default: hashdb.DEFAULT_BITS)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    n_models = args.models or (20 if args.quick else 100)
+    from hashdb import DEFAULT_BITS
+
+    BITS[0] = args.bits or DEFAULT_BITS
+    n_models = args.models or (20 if args.quick else 400)
     n_codes = args.codes or (100_000 if args.quick else 1_000_000)
     slab = args.slab or (2000 if args.quick else 4000)
     naive_slab = args.naive_slab or (500 if args.quick else 1000)
