@@ -88,12 +88,12 @@ def _copy_plan(arch: str, big: bool, rng: np.random.Generator) -> list[tuple[str
     # pruning as a thief prunes: then a recovery fine-tune that keeps the mask (the pruning copies above have
     # none, and most of the heavier ones are broken); light as pruning alone is (magnitude up to 50 %). Seeded
     # apart from ``rng``, so that adding them changed no other copy's seed (nor any cache key).
-    recovery = ("adam", 1e-3, 30 if big else 100)
+    n = 30 if big else 100
     for j, (kind, p) in enumerate((("prune_filters", 0.3), ("prune_filters", 0.5), ("prune_magnitude", 0.5),
                                    ("prune_magnitude", 0.7))):  # fmt: skip
-        add("prune_recover", f"{kind.split('_')[1]} {p:.0%} + {recovery[0]} lr={recovery[1]:g} steps={recovery[2]}",
-            kind == "prune_filters" or p <= 0.5, step(kind, p), step("finetune", recovery[1], 9000 + j, steps=recovery[2], opt=recovery[0],
-                                       masked=True))  # fmt: skip
+        recover = step("finetune", 1e-3, 9000 + j, steps=n, opt="adam", masked=True)
+        light = kind == "prune_filters" or p <= 0.5
+        add("prune_recover", f"{kind.split('_')[1]} {p:.0%} + adam lr=0.001 steps={n}", light, step(kind, p), recover)
     return plan
 
 
