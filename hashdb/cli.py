@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import difflib
 import json
-import logging
 import math
 import os
 import re
@@ -965,6 +964,8 @@ def _open_text(path: str) -> IO[str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
     from .server import serve
 
     logging.basicConfig(

@@ -745,3 +745,29 @@ def test_installing_hashdb_does_not_pull_torch():
     assert not [d for d in project["dependencies"] if d.lower().startswith("torch")]
     assert any(d.startswith("torch") for d in project["optional-dependencies"]["torch"])
     assert any(d.startswith("torch") for d in project["optional-dependencies"]["test"])
+
+
+def test_a_query_by_code_from_a_fresh_process_loads_only_what_it_needs(tmp_path):
+    """`hashdb query DB HEX` answers from the index file with numpy alone: no numba, no torch, not the hasher's
+    modules (a query by code needs the codec's radius and null only), and not numpy.ma, which np.unique imports
+    (each costs a fresh process milliseconds: bench/startup_bench.py)."""
+    import subprocess
+    import sys
+
+    from db_helpers import REPO
+
+    from hashdb.live_index import PERSIST_MIN_CODES
+
+    path = str(tmp_path / "db")
+    codes = np.random.default_rng(0).integers(0, 256, (PERSIST_MIN_CODES, 8), dtype=np.uint8)
+    with HashDB(path, bits=64) as db:
+        db.insert_many([f"k{i}" for i in range(len(codes))], codes)
+    assert os.path.exists(os.path.join(path, "index.hashdb"))  # the query below reads the index file
+    script = (
+        "import sys\nfrom hashdb.cli import main\n"
+        f"rc = main(['query', {path!r}, {codes[7].tobytes().hex()!r}, '--radius', '2'])\n"
+        "print(rc, *[m for m in ('numpy.ma', 'hashdb.codec.hasher', 'numba', 'torch') if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True,
+                         timeout=120)  # fmt: skip
+    assert "k7" in out.stdout and out.stdout.split("\n")[-2] == "0"

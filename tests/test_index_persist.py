@@ -381,3 +381,18 @@ def test_the_whole_table_check_rejects_what_the_chunk_checks_reject(db_path: str
     assert all((v == "kept") == (edit == "nothing") for v in verdicts)
     if edit != "a live id dropped for another":
         assert verdicts[0] == verdicts[1]
+
+
+def test_sorted_unique_is_np_unique() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from hashdb.index.arrays import sorted_unique
+
+    @given(st.lists(st.integers(-3, 40), max_size=60))
+    @settings(max_examples=60, deadline=None)
+    def check(values: list[int]) -> None:
+        a = np.array(values, dtype=np.int64)
+        np.testing.assert_array_equal(sorted_unique(a), np.unique(a))
+
+    check()

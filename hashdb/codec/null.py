@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 from functools import cache
-from importlib import resources
 from typing import Any, NamedTuple
 
 COPY_EXPECTED_FALSE = 0.01  # the verdict 'copy' means at most this many chance matches expected in the database
@@ -40,6 +39,8 @@ _UNCALIBRATED = (0.38, 0.06)
 
 @cache
 def _table() -> dict[str, Any]:
+    from importlib import resources  # imports tempfile and more: only when a fit is first needed
+
     return json.loads(resources.files(__package__).joinpath("null.json").read_text())
 
 

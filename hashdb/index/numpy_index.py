@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .arrays import sorted_unique
 from .contract import FORCES  # noqa: F401 - re-exported: defined once, in contract.py
 
 SCAN_CHUNK = 1 << 16  # rows per numpy pass: the chunk is checked, then read again while still in cache
@@ -243,7 +244,7 @@ class NumpyIndex:
             e = entries[j, pos].astype(np.int64)
             hit = (e >> id_bits) == np.repeat(low, n_run)
             found.append(e[hit] & idmask)
-        ids = np.unique(np.concatenate(found))
+        ids = sorted_unique(np.concatenate(found))
         ids = ids[self.alive[ids] != 0]
         self._check("codes", ids, 8 * self.words)
         d = distances(self.codes[ids], query)

@@ -39,6 +39,8 @@ from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 
+from .arrays import sorted_unique
+
 FILENAME = "index.hashdb"
 LAYERS_FILENAME = "layers.index.hashdb"  # the layer space's index (db.py): the same format, its own file
 MAGIC = b"HDBINDEX"
@@ -115,7 +117,7 @@ class Checker:
         ok = self.ok.get(name)
         if ok is None or chunks.size == 0:
             return
-        todo = np.unique(chunks)
+        todo = sorted_unique(chunks)
         todo = todo[~ok[todo]]
         if todo.size == 0:
             return
