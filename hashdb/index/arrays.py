@@ -3,7 +3,8 @@
 Kernels receive these as *plain* tuples at the call from Python and name them with ``Bundle(*args)`` inside:
 numba types a plain tuple of arrays in C but a NamedTuple in Python, which measured about 2 us more per call
 (as much as a whole r=4 MIH query at 1M); inside compiled code the names cost nothing. Shells build them
-with ``tuple(bundle)`` or the ``*_args`` helpers. This module imports only numpy.
+with ``tuple(bundle)`` or the ``*_args`` helpers. Also ``sorted_unique``, which the numpy query path and the
+index file's checks share. This module imports only numpy.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class Tree(NamedTuple):
 
 Result = tuple[np.ndarray, np.ndarray]
 
-__all__ = ["Budget", "Delta", "Found", "Matrix", "Result", "Tables", "Tree"]
+__all__ = ["Budget", "Delta", "Found", "Matrix", "Result", "Tables", "Tree", "sorted_unique"]
 
 
 def sorted_unique(a: np.ndarray) -> np.ndarray:
@@ -82,4 +83,3 @@ def sorted_unique(a: np.ndarray) -> np.ndarray:
     keep[0] = True
     np.not_equal(s[1:], s[:-1], out=keep[1:])
     return s[keep]
-
