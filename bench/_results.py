@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -17,6 +18,11 @@ def machine_line() -> str:
         f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
         f"Python {sys.version.split()[0]}, {platform.system()} {platform.release()}"
     )
+
+
+def command(script: str, argv: list[str] | None = None) -> str:
+    """The command line that ran ``script`` (a path under the repository, e.g. bench/x.py), for a section's header."""
+    return shlex.join(["python3", script, *(sys.argv[1:] if argv is None else argv)])
 
 
 def write_section(name: str, body: str) -> None:

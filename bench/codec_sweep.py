@@ -88,7 +88,7 @@ def compute_features(
     keys, ok = [], []
     t0 = time.perf_counter()
     for i, e in enumerate(entries):
-        sd = {k: v.detach().float().numpy() for k, v in lib.state_dict(e).items() if v.is_floating_point()}
+        sd = lib.arrays(e)
         keys.append(e.key)
         good = True
         for p in prunes:

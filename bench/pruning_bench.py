@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import zoo  # noqa: E402
-from bench._results import machine_line, write_section  # noqa: E402
+from bench._results import command, machine_line, write_section  # noqa: E402
 from hashdb import DEFAULT_BITS  # noqa: E402
 from hashdb.codec import ModelHasher  # noqa: E402
 
@@ -53,14 +53,6 @@ SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 
 
-def _weights(lib: zoo.Library, e: zoo.Entry) -> dict[str, np.ndarray]:
-    return {k: v.detach().float().numpy() for k, v in lib.model(e).state_dict().items() if v.is_floating_point()}
-
-
-def _bits(h: ModelHasher, sd: dict[str, np.ndarray]) -> np.ndarray:
-    return np.unpackbits(np.frombuffer(h.hash(sd), np.uint8))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archs", nargs="+", default=["plain", "vgg", "resnet", "mobilenet"])
@@ -79,13 +71,21 @@ def main() -> None:
                      and e.strength.startswith(strength)]  # fmt: skip
             copies[label] += [(o, e) for e in found[:1]]
     independent = [(a, b) for a, b in itertools.combinations(originals, 2) if a.arch == b.arch]
-    weights = {e.key: _weights(lib, e) for e in originals}
+    weights = {e.key: lib.arrays(e) for e in originals}
     for pairs in copies.values():
-        weights.update({e.key: _weights(lib, e) for _, e in pairs})
+        weights.update({e.key: lib.arrays(e) for _, e in pairs})
 
-    # 1. per layer: first layer, the median of the middle ones, the last one
-    h = ModelHasher(bits)
-    layers = {k: [np.asarray(s) > 0 for _, s in h.layer_sketches(sd)] for k, sd in weights.items()}
+    # One pass per setting: each layer's sketch; a layer's code is the sign of its sketch, the model's the sign
+    # of their sum (as ModelHasher.suspect makes them)
+    sketches: dict[str, dict[str, list[np.ndarray]]] = {}
+    for name, change in SETTINGS:
+        hs = ModelHasher(bits)
+        hs.chain = dataclasses.replace(hs.chain, **change)
+        sketches[name] = {k: [np.asarray(sk) for _, sk in hs.layer_sketches(sd)] for k, sd in weights.items()}
+
+    # 1. per layer, default settings: first layer, the median of the middle ones, the last one
+    default = SETTINGS[0][0]
+    layers = {k: [sk > 0 for sk in v] for k, v in sketches[default].items()}
 
     def by_depth(a: str, b: str) -> tuple[int, int, int]:
         d = [int(np.count_nonzero(x != y)) for x, y in zip(layers[a], layers[b], strict=False)]
@@ -99,10 +99,8 @@ def main() -> None:
     # 2. model codes under each setting
     head = "| setting | independent: min / median | " + " | ".join(label for label, _, _ in COPIES) + " |"
     rows2 = [head, "|---" * (len(COPIES) + 2) + "|"]
-    for name, change in SETTINGS:
-        hs = ModelHasher(bits)
-        hs.chain = dataclasses.replace(hs.chain, **change)
-        codes = {k: _bits(hs, sd) for k, sd in weights.items()}
+    for name, _ in SETTINGS:
+        codes = {k: np.sum(v, axis=0) > 0 for k, v in sketches[name].items()}
         ind = [int(np.count_nonzero(codes[a.key] != codes[b.key])) for a, b in independent]
         med = [int(np.median([np.count_nonzero(codes[a.key] != codes[b.key]) for a, b in copies[label]]))
                for label, _, _ in COPIES]  # fmt: skip
@@ -111,7 +109,7 @@ def main() -> None:
     body = "\n".join([
         "## Pruning: where pruned copies move the code, and what other settings would do",
         "",
-        f"`python3 bench/pruning_bench.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
+        f"`{command('bench/pruning_bench.py')}`",
         "",
         machine_line(),
         "",
@@ -119,7 +117,7 @@ def main() -> None:
         f"per original, {bits} bits. Medians of the Hamming distance to the original (independent: between "
         "originals of one architecture).",
         "",
-        f"Each layer's own code (`{h.codec}`):",
+        f"Each layer's own code (`{ModelHasher(bits).codec}`):",
         "",
         *rows,
         "",

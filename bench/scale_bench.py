@@ -28,10 +28,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._results import machine_line, write_section  # noqa: E402
+from bench._results import command, machine_line, write_section  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data" / "scale_zoo"
-BITS = [0]  # the code length of this run (--bits), set by main()
 
 
 def make_zoo(n: int) -> list[Path]:
@@ -61,7 +60,7 @@ def load_note() -> str:
     return f"load {one:.1f}/{five:.1f}"
 
 
-def time_hashing(paths: list[Path], pool_of: int = 0, **kwargs) -> tuple[float, float, list[bytes], str]:  # type: ignore[no-untyped-def]
+def time_hashing(paths: list[Path], bits: int, pool_of: int = 0, **kwargs) -> tuple[float, float, list[bytes], str]:  # type: ignore[no-untyped-def]
     """(total seconds, seconds to the first result, codes in key order, load before) for one hash_units run
     (``pool_of=N``: hashdb.bulk's process pool of N single-threaded workers, used directly so N may be 1)."""
     from hashdb import bulk
@@ -75,9 +74,9 @@ def time_hashing(paths: list[Path], pool_of: int = 0, **kwargs) -> tuple[float, 
         from hashdb.codec.units import expand
 
         units, _ = expand(paths)
-        results = bulk._hash_in_processes(units, BITS[0], {}, pool_of, None, ())
+        results = bulk._hash_in_processes(units, bits, {}, pool_of, None, ())
     else:
-        results = bulk.hash_units(paths, bits=BITS[0], **kwargs)
+        results = bulk.hash_units(paths, bits=bits, **kwargs)
     for res in results:
         first = first or time.perf_counter() - t0
         assert res.error is None, res.error
@@ -89,21 +88,21 @@ def time_hashing(paths: list[Path], pool_of: int = 0, **kwargs) -> tuple[float, 
 CPU_S = [0.0]
 
 
-def bench_hashing(n_models: int, rows: list[str], facts: dict[str, float]) -> None:
+def bench_hashing(n_models: int, bits: int, rows: list[str], facts: dict[str, float]) -> None:
     paths = make_zoo(n_models)
     mb = sum(p.stat().st_size for p in paths) / 1e6
     from hashdb.codec import ModelHasher
 
-    ModelHasher(BITS[0]).hash(paths[0])  # warm this process (torch import) so workers=1 is not charged for it
-    inproc, first0, codes0, load0 = time_hashing(paths, engine="inline")
+    ModelHasher(bits).hash(paths[0])  # warm this process (torch import) so workers=1 is not charged for it
+    inproc, first0, codes0, load0 = time_hashing(paths, bits, engine="inline")
     cpu0 = CPU_S[0]
     # A worker's start (a fresh interpreter importing hashdb.codec) is timed once on its own and reported; each
     # run below pays its own workers' start.
     t0 = time.perf_counter()
-    time_hashing(paths[:1], pool_of=1)
+    time_hashing(paths[:1], bits, pool_of=1)
     server_start = time.perf_counter() - t0
-    one, first1, codes1, load1 = time_hashing(paths, pool_of=1)
-    two, first2, codes2, load2 = time_hashing(paths, workers=2)
+    one, first1, codes1, load1 = time_hashing(paths, bits, pool_of=1)
+    two, first2, codes2, load2 = time_hashing(paths, bits, workers=2)
     import ray
 
     # Ray as `--ray local` does it: a private instance started by ray.init (timed apart).
@@ -113,7 +112,7 @@ def bench_hashing(n_models: int, rows: list[str], facts: dict[str, float]) -> No
     ray_init("local", num_cpus=2)
     ray_start = time.perf_counter() - t0
     try:
-        on_ray, first_r, codes_r, load_r = time_hashing(paths, engine="ray", workers=2)
+        on_ray, first_r, codes_r, load_r = time_hashing(paths, bits, engine="ray", workers=2)
     finally:
         ray.shutdown()
     # Ray as `--ray auto` / an address meets it: a cluster already running (`ray start --head`), joined by
@@ -143,7 +142,7 @@ def bench_hashing(n_models: int, rows: list[str], facts: dict[str, float]) -> No
         ray_init(address)
         ray.shutdown()
         connect = time.perf_counter() - t0
-        on_auto, first_a, codes_a, load_a = time_hashing(paths, engine="ray", workers=2, ray_address=address)
+        on_auto, first_a, codes_a, load_a = time_hashing(paths, bits, engine="ray", workers=2, ray_address=address)
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -152,7 +151,7 @@ def bench_hashing(n_models: int, rows: list[str], facts: dict[str, float]) -> No
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
     same = codes0 == codes1 == codes2 == codes_r == codes_a
-    rows.append(f"Bulk hashing: {n_models} models, {mb:.0f} MB ({mb / n_models:.1f} MB each), {BITS[0]} bits. "
+    rows.append(f"Bulk hashing: {n_models} models, {mb:.0f} MB ({mb / n_models:.1f} MB each), {bits} bits. "
                 f"Codes identical across engines: {same}.\n")  # fmt: skip
     rows.append("| engine | wall s | models/s | MB/s | first result s | speed-up vs 1 worker | load before |")
     rows.append("|---|---|---|---|---|---|---|")
@@ -194,13 +193,13 @@ def planted_codes(n: int, seed: int, nbits: int = 256) -> np.ndarray:
     return codes
 
 
-def bench_join(n: int, slab: int, naive_slab: int, rows: list[str], facts: dict[str, float]) -> None:
+def bench_join(n: int, bits: int, slab: int, naive_slab: int, rows: list[str], facts: dict[str, float]) -> None:
     from bench.naive_join import naive_pairs_count
     from hashdb.codec import ModelHasher
     from hashdb.index import join
 
-    radius = ModelHasher(BITS[0]).copy_radius
-    codes = planted_codes(n, 1, BITS[0])
+    radius = ModelHasher(bits).copy_radius
+    codes = planted_codes(n, 1, bits)
     small = codes[:4096]
     for method in ("mih", "blocked"):  # compile outside the timings
         join.self_join(small, 16, method)
@@ -208,7 +207,7 @@ def bench_join(n: int, slab: int, naive_slab: int, rows: list[str], facts: dict[
     naive_pairs_count(small, radius, 0, 8)
     all_pairs = n * (n - 1) / 2
 
-    rows.append(f"Self-join: N = {n:,} x {BITS[0]} bits (1% planted near copies), copy radius {radius}, numba threads "
+    rows.append(f"Self-join: N = {n:,} x {bits} bits (1% planted near copies), copy radius {radius}, numba threads "
                 f"{__import__('numba').get_num_threads()}.\n")  # fmt: skip
     rows.append("| radius | method | measured on | measured s | pairs found | s at N (extrapolated where noted) |"
                 " naive loop s at N (extrapolated) | speed-up | load before |")  # fmt: skip
@@ -260,7 +259,7 @@ def bench_join(n: int, slab: int, naive_slab: int, rows: list[str], facts: dict[
     facts.update(join_cpu_ns_per_pair=tiled_cpu)
 
 
-def projection(facts: dict[str, float], rows: list[str]) -> None:
+def projection(facts: dict[str, float], bits: int, rows: list[str]) -> None:
     """On paper: 10M models hashed and 10M codes joined on 100 nodes x 16 cores, from this run's unit costs."""
     nodes, cores = 100, 16
     models, mb_each = 10_000_000, 100.0  # a 25M-parameter checkpoint
@@ -282,7 +281,7 @@ def projection(facts: dict[str, float], rows: list[str]) -> None:
                 "; the writer is far from it.")  # fmt: skip
     rows.append(f"- Joining {n:,} codes at the copy radius: {n * (n - 1) / 2:.1e} pairs x {ns_core:.2f} ns per pair "
                 f"per core / {nodes * cores} cores -> {join_wall / 60:.1f} min, plus one broadcast of "
-                f"{n * BITS[0] / 8 / 1e6:.0f} MB of codes; the driver then maps and sorts the pairs, which is where "
+                f"{n * bits / 8 / 1e6:.0f} MB of codes; the driver then maps and sorts the pairs, which is where "
                 "the time goes once copies are common (one Python tuple per pair).")  # fmt: skip
 
 
@@ -298,19 +297,18 @@ def main() -> None:
     args = ap.parse_args()
     from hashdb import DEFAULT_BITS
 
-    BITS[0] = args.bits or DEFAULT_BITS
+    bits = args.bits or DEFAULT_BITS
     n_models = args.models or (20 if args.quick else 400)
     n_codes = args.codes or (100_000 if args.quick else 1_000_000)
     slab = args.slab or (2000 if args.quick else 4000)
     naive_slab = args.naive_slab or (500 if args.quick else 1000)
     rows: list[str] = []
     facts: dict[str, float] = {}
-    bench_hashing(n_models, rows, facts)
-    bench_join(n_codes, slab, naive_slab, rows, facts)
-    projection(facts, rows)
-    argv = " ".join(sys.argv[1:])
+    bench_hashing(n_models, bits, rows, facts)
+    bench_join(n_codes, bits, slab, naive_slab, rows, facts)
+    projection(facts, bits, rows)
     body = "\n".join(
-        ["## Scale-out (bench/scale_bench.py)\n", f"`python3 bench/scale_bench.py {argv}`".replace(" `", "`"),
+        ["## Scale-out (bench/scale_bench.py)\n", f"`{command('bench/scale_bench.py')}`",
          f"\n{machine_line()}; shared with other jobs (load average shown per row).\n", *rows]
     )  # fmt: skip
     print(body)

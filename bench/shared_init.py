@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import zoo  # noqa: E402
-from bench._results import machine_line, write_section  # noqa: E402
+from bench._results import command, machine_line, write_section  # noqa: E402
 from hashdb import DEFAULT_BITS  # noqa: E402
 from hashdb.codec import ModelHasher  # noqa: E402
 from hashdb.evidence import compare  # noqa: E402
@@ -40,10 +40,7 @@ def main() -> None:
     bits = args.bits or DEFAULT_BITS
     torch.set_num_threads(1)
     lib = zoo.Library(zoo.library_plan(copies=False), zoo.DEFAULT_CACHE)
-    models = {
-        o.key: {k: v.detach().float().numpy() for k, v in lib.model(o).state_dict().items() if v.is_floating_point()}
-        for o in lib.originals
-    }
+    models = {o.key: lib.arrays(o) for o in lib.originals}
     hasher = ModelHasher(bits)
     codes = {k: np.unpackbits(np.frombuffer(hasher.hash(sd), np.uint8)) for k, sd in models.items()}
     pairs = sorted(
@@ -73,7 +70,7 @@ def main() -> None:
     body = "\n".join([
         "## Shared initialisation: the per-layer evidence for originals grown from one seed",
         "",
-        f"`python3 bench/shared_init.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
+        f"`{command('bench/shared_init.py')}`",
         "",
         machine_line(),
         "",

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -98,6 +99,10 @@ class Library:
 
     def state_dict(self, entry: Entry | str) -> dict[str, torch.Tensor]:
         return self.model(entry).state_dict()
+
+    def arrays(self, entry: Entry | str) -> dict[str, np.ndarray]:
+        """The entry's floating-point tensors as float32 numpy arrays, by name: what the benchmarks hash."""
+        return {k: v.detach().float().numpy() for k, v in self.state_dict(entry).items() if v.is_floating_point()}
 
     def trained_keys(self, entry: Entry | str) -> list[str]:
         """Cache keys of the trained parts the entry is made from: its original, then each trained step."""
