@@ -1,6 +1,6 @@
 """Codec v4 (chain-sketch-4): its faster pieces compute what v3's did, its invariances hold, v3 stays
-selectable. The invariance and copy tests of tests/test_codec.py and tests/test_codec_v3.py run on v4 too
-(it is the default)."""
+selectable. The invariance and copy tests of tests/test_codec.py and tests/test_codec_v3.py run on the default
+codec, v5, which is v4 with a soft threshold (tests/test_codec_v5.py): v4's pieces are v5's."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from hashdb.codec.chain import (
     tap_maps,
     whiten,
 )
-from hashdb.codec.hasher import CHAIN_V3, CODEC_VERSION
+from hashdb.codec.hasher import CHAIN_V3, CHAIN_V4
 from hashdb.errors import InvalidArgument
 
 
@@ -132,8 +132,8 @@ def test_v3_stays_selectable_and_its_databases_keep_it() -> None:
     rng = np.random.default_rng(3)
     sd = {"a.weight": rng.standard_normal((16, 3, 3, 3)).astype(np.float32),
           "b.weight": rng.standard_normal((32, 16, 3, 3)).astype(np.float32)}  # fmt: skip
-    v3, v4 = ModelHasher(256, codec=CHAIN_V3), ModelHasher(256)
-    assert v4.config["codec"] == CODEC_VERSION and v3.config["codec"] == CHAIN_V3
+    v3, v4 = ModelHasher(256, codec=CHAIN_V3), ModelHasher(256, codec=CHAIN_V4)
+    assert v4.config["codec"] == CHAIN_V4 and v3.config["codec"] == CHAIN_V3
     assert v3.config["dim"] == 32 and v4.config["dim"] == 96
     again = ModelHasher.from_config(v3.config)
     assert again.config == v3.config and again.hash(sd) == v3.hash(sd)
@@ -166,7 +166,7 @@ def test_depth_weights_change_the_model_code_but_never_a_layer_code() -> None:
 def test_the_shipped_fit_is_the_v4_configs_own_and_another_decay_is_uncalibrated() -> None:
     from hashdb.codec.null import null_fit
 
-    config = ModelHasher(256).config
+    config = ModelHasher(256, codec=CHAIN_V4).config
     fit = null_fit(config)
     assert fit.calibrated and fit.p >= 0.48 and fit.dof >= 0.75 * 256  # the codec's targets at its default length
     other = null_fit({**config, "decay": 0.5})  # a fit holds for the settings it was measured with only

@@ -1,4 +1,4 @@
-"""The chain codecs (v3, v4): canonical channel descriptors propagated from the input, and random Fourier sketches.
+"""The chain codecs (v3, v4, v5): canonical channel descriptors propagated from the input, and random Fourier sketches.
 
 Why: statistics of pooled kernels (codec v2) describe the architecture and the training data; by the law of
 large numbers independently trained models of one architecture converge to the same statistics, more so the
@@ -38,6 +38,12 @@ sweeps in float32 (6 sweeps after the exact double centring), descriptors are on
 layer's balancing folded into it, the balanced layer never formed), and whitening, phases (64 features at a time)
 and sines run in float32; each layer's sketch counts (1 + max(depth, 1))^-0.75 in the model's code (deep layers
 carry every earlier layer's change). Measured in docs/codec.md ("Codec v4").
+
+Codec v5 (``chain-sketch-5``, v4 with ``shrink`` 0.35) soft-thresholds each layer's balanced weights before its
+descriptors are made (``shrink_small``): every |w| loses 0.35 x the layer's 90th percentile of |w|, and what is
+smaller becomes 0. The weights that magnitude pruning removes then count for (almost) nothing in the original as
+in the copy, so a pruned copy keeps its code. Continuous in the weights, unlike zeroing them (``prune``), so a
+fine-tune still moves the code a little. Measured in docs/codec.md ("Codec v5").
 """
 
 from __future__ import annotations
@@ -443,6 +449,21 @@ def prune_small(b: np.ndarray, prune: float) -> np.ndarray:
     return np.where(a > thr, b, 0.0)
 
 
+def shrink_small(b: np.ndarray, shrink: float) -> np.ndarray:
+    """Codec v5: the balanced layer soft-thresholded, sign(w) max(|w| - t, 0) with t = ``shrink`` x the layer's
+    90th percentile of |w|. The percentile of a layer whose smallest half was zeroed is the original's, and the
+    threshold scales with the layer, so every invariance of the balanced layer holds (a permutation permutes,
+    a scale was divided out before). A new array of b's dtype, the only one made: |w| is partitioned in it to
+    find the percentile, then it takes w - clip(w, -t, t), which is the soft threshold."""
+    a = np.abs(b)
+    flat = a.ravel(order="K")  # freshly made, so dense in its own order: a view, partitioned in place
+    k = int(0.9 * (flat.size - 1))
+    flat.partition(k)
+    thr = a.dtype.type(shrink * flat[k])
+    np.clip(b, -thr, thr, out=a)
+    return np.subtract(b, a, out=a)
+
+
 def tap_maps(kshape: tuple[int, ...], m: int) -> tuple[np.ndarray, np.ndarray]:
     """Fixed maps of descriptor space, one per kernel tap: signed permutations (orthogonal, O(m) each, so a
     1x512 kernel costs 512 x m numbers), the identity at the centre tap of odd kernels so that 1x1 and identity
@@ -658,6 +679,8 @@ class ChainConfig:
     omega: float = 2.0
     ridge: float = 0.3
     prune: float = 0.0
+    # v5 (chain-sketch-5): soft-threshold each balanced layer at shrink x its 90th percentile of |w| (shrink_small)
+    shrink: float = 0.0
     whiten_chain: bool = True
     # codec v4 (chain-sketch-4): filters centred, float32 balancing sweeps (fewer), matrix-product descriptors
     centre: bool = False
@@ -722,6 +745,8 @@ def chain_sketches(
             maps = maps_cache[layer.kshape] = tap_maps(layer.kshape, cfg.dim)
         if cfg.prune > 0:
             b = balance(prune_small(b.array(), cfg.prune), layer.groups)
+        if cfg.shrink > 0:
+            b = Balanced(shrink_small(b.array(), cfg.shrink))
         if cfg.single or cfg.centre:
             d = descriptors_gemm(b, inputs, layer.groups, maps, cfg.centre)
         else:  # v3's own arithmetic, so that its codes stay bit for bit
