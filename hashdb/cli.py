@@ -122,7 +122,8 @@ def _json_record(text: str, bits: int) -> Any:
     except InvalidCode as e:
         raise InvalidCode(f"{_shown(key)}: {e}") from None
     same_codec = doc.get("codec") == CODEC_VERSION and doc.get("bits") == bits  # a `hashdb hash --json` line
-    return Entry(key, to_bytes(doc["code"], bits), meta=meta, from_codec=same_codec, layers=layers)
+    codec = doc.get("codec") if isinstance(doc.get("codec"), str) else None  # checked against the database's
+    return Entry(key, to_bytes(doc["code"], bits), meta=meta, from_codec=same_codec, layers=layers, codec=codec)
 
 
 def _key_of(path: str) -> str:

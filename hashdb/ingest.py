@@ -56,7 +56,9 @@ class Entry:
     (``code`` None: ``path`` is hashed with the database's codec). ``from_codec``: the code came from this
     hashdb's default codec at the database's width (a ``hashdb hash --json`` line), so it counts as hashed.
     ``layers``: the model's layer codes, (layer name, code) in chain order, stored with its code (None: none;
-    a hashed unit gets the hasher's)."""
+    a hashed unit gets the hasher's). ``codec``: the codec version a hash line says made ``code`` (None: a line
+    that names none); a code of another version than the database's is refused, and a new database takes the
+    version of its first such line."""
 
     key: str
     code: bytes | None = None
@@ -65,6 +67,7 @@ class Entry:
     from_codec: bool = False
     file: dict[str, Any] | None = field(default=None, repr=False)
     layers: list[tuple[str, bytes]] | None = field(default=None, repr=False)
+    codec: str | None = None
 
 
 class Outcome(NamedTuple):
@@ -311,9 +314,27 @@ class Ingest:
         except InvalidKey as e:
             yield self._fail(entry.key, InvalidKey(f"{shown(entry.key)}: {e}"))
             return
+        if entry.codec is not None:
+            other = self._other_codec(entry.codec)
+            if other is not None:
+                yield self._fail(entry.key, InvalidCode(
+                    f"{shown(entry.key)}: this code was made with codec {entry.codec!r} and the database's with "
+                    f"{other!r}; codes of two codecs do not compare: hash the model again (hashdb add DB MODEL)"))
+                return
+            entry.from_codec = True  # a code of the database's own codec: it counts as hashed (check_codec)
         self._pending.append(entry)
         if len(self._pending) >= self.chunk or time.monotonic() - self._since >= self.flush_s:
             yield from self._flush()
+
+    def _other_codec(self, codec: str) -> str | None:
+        """The database's codec version when a hash line's ``codec`` is another one, else None. A database
+        that holds no codec yet takes a known version from its first such line (v4 lines make a v4 database)."""
+        from .codec.hasher import CODECS
+
+        if self._config is None and self.db.codec is None and not self.hasher_kwargs and codec in CODECS:
+            self.hasher_kwargs = {"codec": codec}
+        mine = self.config.get("codec")
+        return None if codec == mine else str(mine)
 
     def _meta(self, entry: Entry) -> dict[str, Any] | None:
         meta = entry.meta if entry.meta is not None else self.meta

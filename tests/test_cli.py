@@ -113,6 +113,43 @@ def test_hash_json_is_stable_and_matches_the_library(models, capsys):
     assert docs[1]["code"] == hasher.hash(models["m2"]).hex()
 
 
+def test_hash_lines_of_another_codec_version_are_refused_and_make_a_new_database_of_theirs(
+    models, tmp_path, capsys, monkeypatch
+):
+    """A `hashdb hash --json` line names the codec that made its code: into a database of another version it
+    fails alone, in one line, and nothing of it is stored; a new database takes the version of its first line
+    and keeps hashing model files with it (the v4 lines a previous hashdb wrote make a v4 database)."""
+    from hashdb.codec.hasher import CHAIN_V4, CODEC_VERSION
+
+    code, out, _ = cli(capsys, "hash", "--json", "--bits", "256", models["m1"], models["m2"])
+    assert code == 0
+    lines = out.splitlines()
+    v4 = ModelHasher(256, codec=CHAIN_V4)
+    old = []  # the lines a hashdb of codec v4 wrote for the same files
+    for line in lines:
+        doc = json.loads(line)
+        code4, layers4 = v4.hash_with_layers(doc["path"])
+        old.append(json.dumps({**doc, "codec": CHAIN_V4, "code": code4.hex(),
+                               "layers": [[name, layer.hex()] for name, layer in layers4]}))  # fmt: skip
+    db = str(tmp_path / "db")
+    assert cli(capsys, "add", db, "--bits", "256", models["m0"])[0] == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO(old[0] + "\n" + lines[1] + "\n"))
+    code, _, err = cli(capsys, "add", db, "--json")
+    assert code != 0
+    refused = [e for e in err.splitlines() if "error" in e]
+    assert len(refused) == 1 and CHAIN_V4 in refused[0] and CODEC_VERSION in refused[0] and "Traceback" not in err
+    with HashDB(db, bits=None) as embedded:
+        assert models["m1"] not in embedded and models["m2"] in embedded
+        assert embedded.codec is not None and embedded.codec["codec"] == CODEC_VERSION
+    fresh = str(tmp_path / "v4")
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(old) + "\n"))
+    assert cli(capsys, "add", fresh, "--bits", "256", "--json")[0] == 0
+    assert cli(capsys, "add", fresh, models["m0"])[0] == 0
+    with HashDB(fresh, bits=None) as embedded:
+        assert embedded.codec == v4.config
+        assert embedded.get(models["m0"])[0] == v4.hash(models["m0"])
+
+
 def test_add_models_then_query_finds_the_copy(models, tmp_path, capsys):
     db = str(tmp_path / "db")
     argv = ["add", db, "--bits", "256", models["m0"], models["m1"], models["m2"], "--meta", '{"owner": "lab"}']
