@@ -275,6 +275,19 @@ def balanced(w: np.ndarray, groups: int, sweeps: int) -> Balanced:
 
 def _scaled(w: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``w`` (out, in, k) times a[o] b[i], in float32 when every product is a normal float32 number."""
+    factor = _float32_factors(a, b)
+    if factor is not None:
+        with np.errstate(under="ignore"):
+            return w * factor
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        scale = a[:, None] * b[None, :]
+        scale[~np.isfinite(scale)] = 0.0
+        return (w.astype(np.float64) * scale[:, :, None]).astype(np.float32)
+
+
+def _float32_factors(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+    """The (out, in, 1) float32 products a[o] b[i] that ``_scaled`` multiplies by, or None where one of them
+    would not be a normal float32 number (then it works in float64)."""
     f32 = np.finfo(np.float32)
     pos_a, pos_b = a[a > 0], b[b > 0]
     if (
@@ -283,11 +296,8 @@ def _scaled(w: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         and pos_a.max() < f32.max and pos_b.max() < f32.max and pos_a.min() > f32.tiny and pos_b.min() > f32.tiny
     ):
         with np.errstate(under="ignore"):
-            return w * (a.astype(np.float32)[:, None] * b.astype(np.float32)[None, :])[:, :, None]
-    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        scale = a[:, None] * b[None, :]
-        scale[~np.isfinite(scale)] = 0.0
-        return (w.astype(np.float64) * scale[:, :, None]).astype(np.float32)
+            return (a.astype(np.float32)[:, None] * b.astype(np.float32)[None, :])[:, :, None]
+    return None
 
 
 def _masked_centres(values: np.ndarray, mask: np.ndarray, rounds: int) -> tuple[np.ndarray, np.ndarray]:
@@ -449,19 +459,67 @@ def prune_small(b: np.ndarray, prune: float) -> np.ndarray:
     return np.where(a > thr, b, 0.0)
 
 
-def shrink_small(b: np.ndarray, shrink: float) -> np.ndarray:
+def shrink_small(b: Balanced | np.ndarray, shrink: float, out: np.ndarray | None = None) -> np.ndarray:
     """Codec v5: the balanced layer soft-thresholded, sign(w) max(|w| - t, 0) with t = ``shrink`` x the layer's
     90th percentile of |w|. The percentile of a layer whose smallest half was zeroed is the original's, and the
     threshold scales with the layer, so every invariance of the balanced layer holds (a permutation permutes,
-    a scale was divided out before). A new array of b's dtype, the only one made: |w| is partitioned in it to
-    find the percentile, then it takes w - clip(w, -t, t), which is the soft threshold."""
-    a = np.abs(b)
-    flat = a.ravel(order="K")  # freshly made, so dense in its own order: a view, partitioned in place
+    a scale was divided out before). ``b``: the balanced layer, or a ``Balanced`` whose factors are folded in
+    here. Written to ``out`` (a C-ordered array of the layer's shape and dtype), else to a new array: the only
+    layer-sized array made. |w| is made in it a block of rows at a time and partitioned there to find the
+    percentile; then each block is formed again and thresholded (w - clip(w, -t, t) is the soft threshold)."""
+    source, factor = (b.w, None) if isinstance(b, Balanced) else (b, None)
+    if isinstance(b, Balanced) and b.row is not None and b.col is not None:
+        factor = _float32_factors(b.row, b.col)
+        if factor is None:  # extreme factors: formed once in float64 (``_scaled``), then thresholded as it is
+            source = _scaled(b.w, b.row, b.col)
+    res = np.empty(source.shape, _balanced_dtype(b)) if out is None else out
+    step = max(1, (1 << 16) // max(res[0].size, 1)) if len(res) else 1
+    blocks = [slice(i, i + step) for i in range(0, len(res), step)]
+
+    def form(rows: slice, dst: np.ndarray) -> np.ndarray:
+        if factor is None:
+            dst[...] = source[rows]
+        else:
+            with np.errstate(under="ignore"):
+                np.multiply(source[rows], factor[rows], out=dst)
+        return dst
+
+    for rows in blocks:
+        np.abs(form(rows, res[rows]), out=res[rows])
+    flat = res.reshape(-1)
     k = int(0.9 * (flat.size - 1))
     flat.partition(k)
-    thr = a.dtype.type(shrink * flat[k])
-    np.clip(b, -thr, thr, out=a)
-    return np.subtract(b, a, out=a)
+    thr = res.dtype.type(shrink * flat[k])
+    formed = np.empty((min(step, len(res)), *res.shape[1:]), res.dtype)
+    for rows in blocks:
+        part = res[rows]
+        block = form(rows, formed[: len(part)])
+        np.clip(block, -thr, thr, out=part)
+        np.subtract(block, part, out=part)
+    return res
+
+
+def _balanced_dtype(b: Balanced | np.ndarray) -> np.dtype:
+    """The dtype of the balanced layer ``b`` stands for (float32 where the factors are folded in)."""
+    if isinstance(b, Balanced):
+        return np.dtype(np.float32) if b.row is not None and b.col is not None else b.w.dtype
+    return b.dtype
+
+
+class Work:
+    """Layer-sized work arrays that one hash reuses from layer to layer: a fresh large array costs page
+    faults, which for a layer-sized array cost about as much as the arithmetic codec v5 does in it."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[tuple[str, str], np.ndarray] = {}
+
+    def array(self, slot: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        """A C-ordered array of ``shape`` in ``slot``'s storage (grown as needed), its content undefined."""
+        n, key = int(np.prod(shape)), (slot, np.dtype(dtype).str)
+        have = self._arrays.get(key)
+        if have is None or have.size < n:
+            have = self._arrays[key] = np.empty(n, dtype)
+        return have[:n].reshape(shape)
 
 
 def tap_maps(kshape: tuple[int, ...], m: int) -> tuple[np.ndarray, np.ndarray]:
@@ -706,6 +764,7 @@ def chain_sketches(
     if not chain:
         raise ModelFormatError("no convolution weights found")
     made: dict[int, np.ndarray] = {}  # layers made ahead (square 1x1 layers, to place near-identity ones)
+    work = Work()  # codec v5's thresholded layer: one array, reused by every layer
 
     def balance(w: np.ndarray, groups: int) -> Balanced:
         if cfg.single:
@@ -746,7 +805,7 @@ def chain_sketches(
         if cfg.prune > 0:
             b = balance(prune_small(b.array(), cfg.prune), layer.groups)
         if cfg.shrink > 0:
-            b = Balanced(shrink_small(b.array(), cfg.shrink))
+            b = Balanced(shrink_small(b, cfg.shrink, out=work.array("shrunk", b.w.shape, _balanced_dtype(b))))
         if cfg.single or cfg.centre:
             d = descriptors_gemm(b, inputs, layer.groups, maps, cfg.centre)
         else:  # v3's own arithmetic, so that its codes stay bit for bit
