@@ -12,7 +12,8 @@ quantile rule, and a setting with every feature, odd_sign encoding and a small k
 `--cached` adds every model the benchmarks have cached (bench/cache: the null library, its copies, the zoo),
 with the default hasher's model code and layer codes. `compare` also counts the bits that differ: a change of
 arithmetic that is only a change of float32 rounding flips a handful of bits in millions (a feature within
-rounding of zero), and a changed codec flips a good share of them.
+rounding of zero), and a changed codec flips a good share of them. `--codec` hashes with another codec than the
+default (a new codec version must leave the older ones' codes as they were).
 """
 
 from __future__ import annotations
@@ -100,13 +101,14 @@ def cached() -> Iterator[tuple[str, Any]]:
         yield f"cache:{f.relative_to(root)}", str(f) if f.suffix == ".safetensors" else load_file(str(f))
 
 
-def dump(path: str, zoo_sample: bool, with_cached: bool = False) -> None:
+def dump(path: str, zoo_sample: bool, with_cached: bool = False, codec: str | None = None) -> None:
     from hashdb.codec import ModelHasher
 
-    hashers = {str(b): ModelHasher(b) for b in (64, 256, 2048)}
-    hashers["quantile"] = ModelHasher(256, prune_rule="quantile", prune=0.7)
+    kw = {} if codec is None else {"codec": codec}
+    hashers = {str(b): ModelHasher(b, **kw) for b in (64, 256, 2048)}
+    hashers["quantile"] = ModelHasher(256, prune_rule="quantile", prune=0.7, **kw)
     hashers["all"] = ModelHasher(
-        256, prune=0.0, features=("skew", "kurt", "mean", "k2"), encoding="odd_sign", max_kernels=64
+        256, prune=0.0, features=("skew", "kurt", "mean", "k2"), encoding="odd_sign", max_kernels=64, **kw
     )
     out: dict[str, str] = {}
     for name, m in models(zoo_sample):
@@ -116,7 +118,7 @@ def dump(path: str, zoo_sample: bool, with_cached: bool = False) -> None:
             except Exception as exc:  # noqa: BLE001 - a refusal is part of the record
                 out[f"{name}/{hn}"] = f"error: {exc}"
     if with_cached:
-        h = ModelHasher()
+        h = ModelHasher(**kw)
         for name, f in cached():
             try:
                 code, layers = h.hash_with_layers(f)
@@ -152,12 +154,14 @@ def main() -> int:
     d.add_argument("path")
     d.add_argument("--no-zoo", action="store_true")
     d.add_argument("--cached", action="store_true", help="add every model cached under bench/cache")
+    d.add_argument("--codec", default=None, help="hash with this codec (default: the default codec), e.g. to show "
+                   "that an older codec kept its codes")
     c = sub.add_parser("compare")
     c.add_argument("a")
     c.add_argument("b")
     args = ap.parse_args()
     if args.cmd == "dump":
-        dump(args.path, not args.no_zoo, args.cached)
+        dump(args.path, not args.no_zoo, args.cached, args.codec)
         return 0
     return compare(args.a, args.b)
 

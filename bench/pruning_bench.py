@@ -1,20 +1,22 @@
-"""Why pruned copies move the code: per-layer distances, and the codec settings a next version could change.
+"""Why pruned copies move the code: per-layer distances, and what the soft threshold of codec v5 changes.
 
     python3 -m bench.zoo                    # the zoo (bench/zoo), cached
     python3 bench/pruning_bench.py          # tables -> bench/RESULTS.md section pruning
 
-Pruning is the default codec's weak spot (docs/codec.md, *Pruning as a thief prunes*): pruned copies that a
-recovery fine-tune made work again land about as far from their originals as pruning alone puts them. For the
-zoo originals of ``--archs`` and ``--seeds`` this measures
+Pruning was codec v4's weak spot (docs/codec.md, *Pruning as a thief prunes*): pruned copies that a recovery
+fine-tune made work again land about as far from their originals as pruning alone puts them. Codec v5
+soft-thresholds each balanced layer (``ChainConfig.shrink``, chain.shrink_small) so that the weights magnitude
+pruning removes count for nothing. For the zoo originals of ``--archs`` and ``--seeds`` this measures
 
 1. each layer's own code distance (the sign of its sketch, as the database stores it) between the original and
    its pruned, recovered, fine-tuned copies and an independently trained model of its architecture: is the
    damage local to each layer, or does it grow with depth through the propagated descriptors?
-2. the model-code distance under the default settings and under the alternatives a next codec version could
-   take (``ChainConfig.prune``: small balanced weights zeroed before the descriptors; a lower Fourier
-   frequency ``omega``), beside the same-architecture independent pairs: what each buys and what it costs.
+2. the model-code distance under the default (v5) and under the neighbouring settings: v4 (no threshold), other
+   thresholds, v4 with small balanced weights zeroed (``ChainConfig.prune``: a hard threshold), beside the
+   same-architecture independent pairs: what each buys and what it costs.
 
-No null is refitted here: the alternatives are probes for a next codec version, not settings to ship.
+Only v4 and v5 have fitted nulls; the other rows are probes (bench/codec_tradeoff.py measures the threshold's
+cost in independence on the null library).
 """
 
 from __future__ import annotations
@@ -47,9 +49,11 @@ COPIES = (
     ("filters 30 % + recovery", "prune_recover", "filters 30%"),
 )
 SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("default (v4)", {}),
-    ("prune 0.5", {"prune": 0.5}),
-    ("omega 1", {"omega": 1.0}),
+    ("default (v5: shrink 0.35)", {}),
+    ("v4 (shrink 0)", {"shrink": 0.0}),
+    ("shrink 0.2", {"shrink": 0.2}),
+    ("shrink 0.5", {"shrink": 0.5}),
+    ("v4 + prune 0.5 (hard)", {"shrink": 0.0, "prune": 0.5}),
 )
 
 
@@ -83,18 +87,22 @@ def main() -> None:
         hs.chain = dataclasses.replace(hs.chain, **change)
         sketches[name] = {k: [np.asarray(sk) for _, sk in hs.layer_sketches(sd)] for k, sd in weights.items()}
 
-    # 1. per layer, default settings: first layer, the median of the middle ones, the last one
-    default = SETTINGS[0][0]
-    layers = {k: [sk > 0 for sk in v] for k, v in sketches[default].items()}
+    # 1. per layer, v5 and v4: first layer, the median of the middle ones, the last one
+    rows = ["| copy | pairs | first layer: v5 / v4 | middle layers (median): v5 / v4 | last layer: v5 / v4 |",
+            "|---|---|---|---|---|"]  # fmt: skip
+    per_setting = []
+    for name, _ in SETTINGS[:2]:
+        layers = {k: [sk > 0 for sk in v] for k, v in sketches[name].items()}
 
-    def by_depth(a: str, b: str) -> tuple[int, int, int]:
-        d = [int(np.count_nonzero(x != y)) for x, y in zip(layers[a], layers[b], strict=False)]
-        return d[0], int(np.median(d[1:-1])) if len(d) > 2 else d[0], d[-1]
+        def by_depth(a: str, b: str, layers: dict[str, list[np.ndarray]] = layers) -> tuple[int, int, int]:
+            d = [int(np.count_nonzero(x != y)) for x, y in zip(layers[a], layers[b], strict=False)]
+            return d[0], int(np.median(d[1:-1])) if len(d) > 2 else d[0], d[-1]
 
-    rows = ["| copy | pairs | first layer | middle layers (median) | last layer |", "|---|---|---|---|---|"]
-    for label, pairs in [("independent, same architecture", independent), *copies.items()]:
-        ds = np.array([by_depth(a.key, b.key) for a, b in pairs])
-        rows.append(f"| {label} | {len(pairs)} | " + " | ".join(f"{int(np.median(ds[:, j]))}" for j in range(3)) + " |")
+        per_setting.append({label: np.array([by_depth(a.key, b.key) for a, b in pairs])
+                            for label, pairs in [("independent, same architecture", independent), *copies.items()]})
+    for label in per_setting[0]:
+        cells = [" / ".join(f"{int(np.median(ds[label][:, j]))}" for ds in per_setting) for j in range(3)]
+        rows.append(f"| {label} | {len(per_setting[0][label])} | " + " | ".join(cells) + " |")
 
     # 2. model codes under each setting
     head = "| setting | independent: min / median | " + " | ".join(label for label, _, _ in COPIES) + " |"
@@ -121,8 +129,8 @@ def main() -> None:
         "",
         *rows,
         "",
-        "The model code under the default settings and under probes for a next codec version (no null refitted; "
-        "`prune`: balanced weights at or under prune / 0.9 of the layer's 90th percentile zeroed):",
+        "The model code under the default (v5) and neighbouring settings (`shrink`: the soft threshold, a fraction "
+        "of the layer's 90th percentile of |w|; `prune`: balanced weights at or under prune / 0.9 of it zeroed):",
         "",
         *rows2,
     ])  # fmt: skip
