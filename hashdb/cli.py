@@ -114,16 +114,16 @@ def _json_record(text: str, bits: int) -> Any:
     meta = doc.get("meta")
     if meta is not None and not isinstance(meta, dict):
         raise InvalidMeta(f"{_shown(key)}: 'meta' must be an object")
-    from .codec.hasher import CODEC_VERSION
     from .transfer import layers_of
 
     try:
         layers = layers_of(doc.get("layers"), bits)  # an export line's layer codes go in with its code
     except InvalidCode as e:
         raise InvalidCode(f"{_shown(key)}: {e}") from None
-    same_codec = doc.get("codec") == CODEC_VERSION and doc.get("bits") == bits  # a `hashdb hash --json` line
-    codec = doc.get("codec") if isinstance(doc.get("codec"), str) else None  # checked against the database's
-    return Entry(key, to_bytes(doc["code"], bits), meta=meta, from_codec=same_codec, layers=layers, codec=codec)
+    # a `hashdb hash --json` line names its codec: ingest checks it against the database's and, if it is the
+    # same, counts the code as hashed with it
+    codec = doc.get("codec") if isinstance(doc.get("codec"), str) else None
+    return Entry(key, to_bytes(doc["code"], bits), meta=meta, layers=layers, codec=codec)
 
 
 def _key_of(path: str) -> str:

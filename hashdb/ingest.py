@@ -53,8 +53,8 @@ _READ_BLOCK = 1 << 20
 @dataclass
 class Entry:
     """One thing to store: a key with its code (e.g. a ``hashdb hash`` line), or a model unit to hash
-    (``code`` None: ``path`` is hashed with the database's codec). ``from_codec``: the code came from this
-    hashdb's default codec at the database's width (a ``hashdb hash --json`` line), so it counts as hashed.
+    (``code`` None: ``path`` is hashed with the database's codec). ``from_codec``: the code came from the
+    database's codec (set for a hashed unit, and for a hash line that names that codec), so it counts as hashed.
     ``layers``: the model's layer codes, (layer name, code) in chain order, stored with its code (None: none;
     a hashed unit gets the hasher's). ``codec``: the codec version a hash line says made ``code`` (None: a line
     that names none); a code of another version than the database's is refused, and a new database takes the
@@ -315,11 +315,9 @@ class Ingest:
             yield self._fail(entry.key, InvalidKey(f"{shown(entry.key)}: {e}"))
             return
         if entry.codec is not None:
-            other = self._other_codec(entry.codec)
-            if other is not None:
-                yield self._fail(entry.key, InvalidCode(
-                    f"{shown(entry.key)}: this code was made with codec {entry.codec!r} and the database's with "
-                    f"{other!r}; codes of two codecs do not compare: hash the model again (hashdb add DB MODEL)"))
+            why = self._other_codec(entry.codec)
+            if why is not None:
+                yield self._fail(entry.key, InvalidCode(f"{shown(entry.key)}: {why}"))
                 return
             entry.from_codec = True  # a code of the database's own codec: it counts as hashed (check_codec)
         self._pending.append(entry)
@@ -327,14 +325,22 @@ class Ingest:
             yield from self._flush()
 
     def _other_codec(self, codec: str) -> str | None:
-        """The database's codec version when a hash line's ``codec`` is another one, else None. A database
-        that holds no codec yet takes a known version from its first such line (v4 lines make a v4 database)."""
+        """Why a code that a hash line says ``codec`` made cannot be stored here (another codec version than the
+        database's, or one this hashdb does not know), else None. A database that holds no codec yet takes the
+        version of its first such line (v4 lines make a v4 database)."""
         from .codec.hasher import CODECS
 
-        if self._config is None and self.db.codec is None and not self.hasher_kwargs and codec in CODECS:
-            self.hasher_kwargs = {"codec": codec}
+        if codec not in CODECS:
+            known = ", ".join(CODECS)
+            return f"this code was made with codec {codec!r}, which this hashdb does not know (it knows {known})"
+        if self._config is None and self.db.codec is None and "codec" not in self.hasher_kwargs:
+            self.hasher_kwargs = {**self.hasher_kwargs, "codec": codec}
         mine = self.config.get("codec")
-        return None if codec == mine else str(mine)
+        if codec == mine:
+            return None
+        whose = "the database's" if self.db.codec is not None else "this run's"
+        return (f"this code was made with codec {codec!r} and {whose} codes with {mine!r}; codes of two codecs do "
+                "not compare: hash the model again (hashdb add DB MODEL)")
 
     def _meta(self, entry: Entry) -> dict[str, Any] | None:
         meta = entry.meta if entry.meta is not None else self.meta

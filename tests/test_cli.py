@@ -148,6 +148,13 @@ def test_hash_lines_of_another_codec_version_are_refused_and_make_a_new_database
     with HashDB(fresh, bits=None) as embedded:
         assert embedded.codec == v4.config
         assert embedded.get(models["m0"])[0] == v4.hash(models["m0"])
+    unknown = json.dumps({**json.loads(lines[0]), "codec": "chain-sketch-99"})  # a codec this hashdb does not know
+    monkeypatch.setattr("sys.stdin", io.StringIO(unknown + "\n" + old[1] + "\n"))
+    newest = str(tmp_path / "unknown")
+    code, _, err = cli(capsys, "add", newest, "--bits", "256", "--json")
+    assert code != 0 and "chain-sketch-99" in err and "does not know" in err
+    with HashDB(newest, bits=None) as embedded:  # the unknown line decided nothing: the v4 line made it v4
+        assert models["m1"] not in embedded and embedded.codec == v4.config
 
 
 def test_add_models_then_query_finds_the_copy(models, tmp_path, capsys):

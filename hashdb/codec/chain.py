@@ -464,7 +464,8 @@ def shrink_small(b: Balanced | np.ndarray, shrink: float, out: np.ndarray | None
     90th percentile of |w|. The percentile of a layer whose smallest half was zeroed is the original's, and the
     threshold scales with the layer, so every invariance of the balanced layer holds (a permutation permutes,
     a scale was divided out before). ``b``: the balanced layer, or a ``Balanced`` whose factors are folded in
-    here. Written to ``out`` (a C-ordered array of the layer's shape and dtype), else to a new array: the only
+    here. Written to ``out`` (a C-ordered array of the layer's shape and dtype that shares no memory with the
+    layer), else to a new array: the only
     layer-sized array made. |w| is made in it a block of rows at a time and partitioned there to find the
     percentile; then each block is formed again and thresholded (w - clip(w, -t, t) is the soft threshold)."""
     source, factor = (b.w, None) if isinstance(b, Balanced) else (b, None)
@@ -487,9 +488,11 @@ def shrink_small(b: Balanced | np.ndarray, shrink: float, out: np.ndarray | None
     for rows in blocks:
         np.abs(form(rows, res[rows]), out=res[rows])
     flat = res.reshape(-1)
+    if flat.size == 0:
+        return res
     k = int(0.9 * (flat.size - 1))
     flat.partition(k)
-    thr = res.dtype.type(shrink * flat[k])
+    thr = res.dtype.type(shrink) * flat[k]  # in the layer's dtype, whatever numpy's rules for mixed scalars
     formed = np.empty((min(step, len(res)), *res.shape[1:]), res.dtype)
     for rows in blocks:
         part = res[rows]
