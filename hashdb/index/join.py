@@ -25,7 +25,7 @@ from numba import njit, prange
 from .bits import popcount64, substring_of
 
 BLOCK = 256  # tasks are squares of 4 x BLOCK rows
-BLOCK_COLUMNS = 512  # columns per tile: 512 x 8 B per word read, and four rows' distances (8 KB), in L1
+BLOCK_COLUMNS = 512  # columns per tile: 512 x 8 B per word read, and four rows' distances (16 KB), in L1
 WAVE_TASKS = 256  # tasks per prange wave: enough to balance two to a few dozen threads
 TASK_CAP = 1024  # pairs a task may write before it is rerun alone (random codes at the copy radius: ~0)
 MIH_VERIFY_NS = 8.0  # measured cost ratio: one random-row candidate check vs one tiled pair (about 0.5 ns)
@@ -51,7 +51,7 @@ def tile_pairs(
     is walked again to write them."""
     cap = out_a.shape[0]
     words = ct.shape[0]
-    dist = np.empty((4, BLOCK_COLUMNS), np.int32)
+    dist = np.empty((4, BLOCK_COLUMNS), np.int64)
     n = 0
     for jb in range(j0, j1, BLOCK_COLUMNS):
         je = min(jb + BLOCK_COLUMNS, j1)
