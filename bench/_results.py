@@ -33,3 +33,13 @@ def write_section(name: str, body: str) -> None:
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.S)
     text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block
     RESULTS.write_text(text)
+
+
+def publish(name: str, title: str, script: str, lines: list[str], write: bool = True) -> str:
+    """A section of bench/RESULTS.md: ``## title``, the command line that ran ``script``, the machine, then
+    ``lines``; printed, and written to the section ``name`` when ``write``. Returns its text."""
+    body = "\n".join([f"## {title}", "", f"`{command(script)}`", "", machine_line(), "", *lines])
+    print(body)
+    if write:
+        write_section(name, body)
+    return body

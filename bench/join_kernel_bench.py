@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._results import command, machine_line, write_section  # noqa: E402
+from bench._results import publish  # noqa: E402
 
 
 def main() -> None:
@@ -49,21 +49,13 @@ def main() -> None:
         best, med = min(times) / pairs * 1e9, float(np.median(times)) / pairs * 1e9
         rows.append(f"| {bits} | {r} | {best:.2f} / {med:.2f} | {found} |")
         print(rows[-1], flush=True)
-    body = "\n".join([
-        "## Self-join tile kernel, one thread (bench/join_kernel_bench.py)",
-        "",
-        f"`{command('bench/join_kernel_bench.py')}`",
-        "",
-        machine_line(),
-        "",
+    title = "Self-join tile kernel, one thread (bench/join_kernel_bench.py)"
+    publish("join_kernel", title, "bench/join_kernel_bench.py", [
         f"{args.n:,} random codes ({pairs:.2e} pairs) per length, `hashdb.index.join.blocked_pairs`, numba on one "
         f"thread, {args.repeats} runs after a warm-up.",
         "",
         *rows,
-    ])  # fmt: skip
-    print(body)
-    if not args.no_write:
-        write_section("join_kernel", body)
+    ], write=not args.no_write)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import zoo  # noqa: E402
-from bench._results import command, machine_line, write_section  # noqa: E402
+from bench._results import publish  # noqa: E402
 from hashdb import DEFAULT_BITS  # noqa: E402
 from hashdb.codec import ModelHasher  # noqa: E402
 
@@ -114,13 +114,8 @@ def main() -> None:
                for label, _, _ in COPIES]  # fmt: skip
         rows2.append(f"| {name} | {min(ind)} / {int(np.median(ind))} | " + " | ".join(map(str, med)) + " |")
 
-    body = "\n".join([
-        "## Pruning: where pruned copies move the code, and what other settings would do",
-        "",
-        f"`{command('bench/pruning_bench.py')}`",
-        "",
-        machine_line(),
-        "",
+    title = "Pruning: where pruned copies move the code, and what other settings would do"
+    publish("pruning", title, "bench/pruning_bench.py", [
         f"{len(originals)} zoo originals ({', '.join(args.archs)}; seeds 0-{args.seeds - 1}), one copy of each kind "
         f"per original, {bits} bits. Medians of the Hamming distance to the original (independent: between "
         "originals of one architecture).",
@@ -133,10 +128,7 @@ def main() -> None:
         "of the layer's 90th percentile of |w|; `prune`: balanced weights at or under prune / 0.9 of it zeroed):",
         "",
         *rows2,
-    ])  # fmt: skip
-    print(body)
-    if not args.no_write:
-        write_section("pruning", body)
+    ], write=not args.no_write)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import zoo  # noqa: E402
-from bench._results import command, machine_line, write_section  # noqa: E402
+from bench._results import publish  # noqa: E402
 from hashdb import DEFAULT_BITS  # noqa: E402
 from hashdb.codec import ModelHasher  # noqa: E402
 from hashdb.evidence import compare  # noqa: E402
@@ -67,13 +67,8 @@ def main() -> None:
         rows.append(f"| {ka} vs {kb} | {d} | {r['verdict']['call']} | {len(r['layers'])} of {r['layers_a']} | "
                     f"{layers} |")  # fmt: skip
     derived = calls.count("derived")
-    body = "\n".join([
-        "## Shared initialisation: the per-layer evidence for originals grown from one seed",
-        "",
-        f"`{command('bench/shared_init.py')}`",
-        "",
-        machine_line(),
-        "",
+    title = "Shared initialisation: the per-layer evidence for originals grown from one seed"
+    publish("shared_init", title, "bench/shared_init.py", [
         f"{len(lib.originals)} zoo originals hashed at {bits} bits (`{hasher.codec}`). Pairs of originals of different "
         f"architectures: {len(same)} trained from one seed (closest {same[0][0]}, median "
         f"{int(np.median([p[0] for p in same]))}), {len(other)} from different seeds (closest {other[0][0]}, median "
@@ -81,10 +76,7 @@ def main() -> None:
         f"(`hashdb.evidence.compare`): {derived} called 'derived', {len(calls) - derived} 'no evidence'.",
         "",
         *rows,
-    ])  # fmt: skip
-    print(body)
-    if not args.no_write:
-        write_section("shared_init", body)
+    ], write=not args.no_write)  # fmt: skip
 
 
 if __name__ == "__main__":
