@@ -465,10 +465,11 @@ def shrink_small(b: Balanced | np.ndarray, shrink: float, out: np.ndarray | None
     threshold scales with the layer, so every invariance of the balanced layer holds (a permutation permutes,
     a scale was divided out before). ``b``: the balanced layer, or a ``Balanced`` whose factors are folded in
     here. Written to ``out`` (a C-ordered array of the layer's shape and dtype that shares no memory with the
-    layer), else to a new array: the only
-    layer-sized array made. |w| is made in it a block of rows at a time and partitioned there to find the
-    percentile; then each block is formed again and thresholded (w - clip(w, -t, t) is the soft threshold)."""
-    source, factor = (b.w, None) if isinstance(b, Balanced) else (b, None)
+    layer), else to a new array: the only layer-sized array made. |w| is made in it a block of rows at a time
+    and partitioned there to find the percentile; then each block is formed again and thresholded
+    (w - clip(w, -t, t) is the soft threshold)."""
+    source = b.w if isinstance(b, Balanced) else b
+    factor = None
     if isinstance(b, Balanced) and b.row is not None and b.col is not None:
         factor = _float32_factors(b.row, b.col)
         if factor is None:  # extreme factors: formed once in float64 (``_scaled``), then thresholded as it is
@@ -514,11 +515,12 @@ class Work:
     faults, which for a layer-sized array cost about as much as the arithmetic codec v5 does in it."""
 
     def __init__(self) -> None:
-        self._arrays: dict[tuple[str, str], np.ndarray] = {}
+        self._arrays: dict[str, np.ndarray] = {}
 
-    def array(self, slot: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
-        """A C-ordered array of ``shape`` in ``slot``'s storage (grown as needed), its content undefined."""
-        n, key = int(np.prod(shape)), (slot, np.dtype(dtype).str)
+    def array(self, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        """A C-ordered array of ``shape`` in the storage kept for ``dtype`` (grown as needed), its content
+        undefined."""
+        n, key = int(np.prod(shape)), np.dtype(dtype).str
         have = self._arrays.get(key)
         if have is None or have.size < n:
             have = self._arrays[key] = np.empty(n, dtype)
@@ -808,7 +810,7 @@ def chain_sketches(
         if cfg.prune > 0:
             b = balance(prune_small(b.array(), cfg.prune), layer.groups)
         if cfg.shrink > 0:
-            b = Balanced(shrink_small(b, cfg.shrink, out=work.array("shrunk", b.w.shape, _balanced_dtype(b))))
+            b = Balanced(shrink_small(b, cfg.shrink, out=work.array(b.w.shape, _balanced_dtype(b))))
         if cfg.single or cfg.centre:
             d = descriptors_gemm(b, inputs, layer.groups, maps, cfg.centre)
         else:  # v3's own arithmetic, so that its codes stay bit for bit
