@@ -426,7 +426,11 @@ def decided_lines(results: Mapping[str, dict[str, Any]]) -> list[str]:
                 + f"entries of other originals reported as copies: {dec['false_flags']} over {dec['queries']} "
                 f"queries (distilled students left out), {dec.get('false_same_seed', '?')} of them derived from an "
                 f"original trained from the query's own seed (a shared initialisation); "
-                f"{dec.get('false_originals', '?')} pairs of originals involved.", ""]  # fmt: skip
+                f"{dec.get('false_originals', '?')} pairs of originals involved."
+                + (" Working light copies missed, by class and strength: "
+                   + ", ".join(f"{k} {v}" for k, v in dec["missed_working"].items()) + "; by architecture: "
+                   + ", ".join(f"{k} {v}" for k, v in dec["missed_working_arch"].items()) + "."
+                   if dec.get("missed_working") else ""), ""]  # fmt: skip
     return out
 
 
@@ -484,9 +488,17 @@ def decided(run: HashRun, library: Any) -> dict[str, Any] | None:
         acc = run.accuracy
         ok_acc = lights & ~np.isnan(acc) & ~np.isnan(acc[root])
         works = ok_acc & (acc >= acc[root] - WORKING_DROP)
+        missed: dict[str, int] = {}
+        missed_arch: dict[str, int] = {}
+        for j in np.flatnonzero(works & ~found):
+            label = f"{entries[j].mclass} {entries[j].strength}"
+            missed[label] = missed.get(label, 0) + 1
+            missed_arch[entries[j].arch] = missed_arch.get(entries[j].arch, 0) + 1
         working = {"working": int(works.sum()), "broken": int((ok_acc & ~works).sum()),
                    "recall_working": float(found[works].mean()) if works.any() else float("nan"),
-                   "recall_broken": float(found[ok_acc & ~works].mean()) if (ok_acc & ~works).any() else float("nan")}
+                   "recall_broken": float(found[ok_acc & ~works].mean()) if (ok_acc & ~works).any() else float("nan"),
+                   "missed_working": dict(sorted(missed.items(), key=lambda kv: -kv[1])),
+                   "missed_working_arch": dict(sorted(missed_arch.items(), key=lambda kv: -kv[1]))}
     mclass = np.array([e.mclass for e in entries])
     return {**working, "recall_light": float(found[lights].mean()) if lights.any() else float("nan"),
             "by_layers": int((found & by_layers & lights).sum()), "light": int(lights.sum()),
