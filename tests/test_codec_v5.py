@@ -1,5 +1,6 @@
 """Codec v5 (chain-sketch-5): v4 with each balanced layer soft-thresholded (chain.shrink_small), so that what
-magnitude pruning removes counts for nothing; v4 stays selectable with its codes and its fit."""
+magnitude pruning removes counts for nothing; v4 stays selectable with its codes and its fit. v6, the default
+(tests/test_codec_v6.py), is v5 with its threshold taken from the shape; v5 stays selectable."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 
 from hashdb.codec import ModelHasher
 from hashdb.codec.chain import shrink_small
-from hashdb.codec.hasher import CHAIN_V3, CHAIN_V4, CODEC_VERSION
+from hashdb.codec.hasher import CHAIN_V3, CHAIN_V4, CHAIN_V5
 from hashdb.errors import InvalidArgument
 
 
@@ -56,7 +57,7 @@ def test_the_soft_threshold_ignores_what_falls_below_it(out: int, cin: int, k: i
 def test_magnitude_pruning_moves_v5_codes_far_less_than_v4_codes() -> None:
     """The point of v5: the same 30 % and 50 % magnitude prunes of five models land closer to their originals
     under v5 than under v4 (bench/pruning_bench.py and the zoo measure it on trained models)."""
-    v4, v5 = ModelHasher(512, codec=CHAIN_V4), ModelHasher(512)
+    v4, v5 = ModelHasher(512, codec=CHAIN_V4), ModelHasher(512, codec=CHAIN_V5)
     for share in (0.3, 0.5):
         d4, d5 = [], []
         for seed in range(5):
@@ -81,7 +82,7 @@ def test_v5_keeps_every_exact_invariance() -> None:
         scale = np.exp(rng.uniform(-2, 2, len(p))).astype(np.float32)
         moved[name] = moved[name][p] * scale[:, None, None, None]
         moved[names[i + 1]] = moved[names[i + 1]][:, p] / scale[None, :, None, None]
-    h = ModelHasher(512)
+    h = ModelHasher(512, codec=CHAIN_V5)
     assert h.suspect(moved) == h.suspect(sd)
 
 
@@ -91,17 +92,17 @@ def test_v4_stays_selectable_with_its_own_codes_and_shrink_is_v5s() -> None:
     from hashdb.codec.null import null_fit
 
     sd = _model(5)
-    v4, v5 = ModelHasher(512, codec=CHAIN_V4), ModelHasher(512)
-    assert v5.config["codec"] == CODEC_VERSION and v5.config["shrink"] == 0.35
+    v4, v5 = ModelHasher(512, codec=CHAIN_V4), ModelHasher(512, codec=CHAIN_V5)
+    assert v5.config["codec"] == CHAIN_V5 and v5.config["shrink"] == 0.35
     assert "shrink" not in v4.config and v4.config["decay"] == 0.75
     assert ModelHasher.from_config(v4.config).config == v4.config
     assert ModelHasher.from_config(v5.config).config == v5.config
-    assert v4.hash(sd) == ModelHasher(512, shrink=0.0).hash(sd) != v5.hash(sd)
+    assert v4.hash(sd) == ModelHasher(512, codec=CHAIN_V5, shrink=0.0).hash(sd) != v5.hash(sd)
     for codec in (CHAIN_V4, CHAIN_V3):
         with pytest.raises(InvalidArgument, match="shrink"):
             ModelHasher(256, codec=codec, shrink=0.35)
     with pytest.raises(InvalidArgument, match="shrink"):
-        ModelHasher(256, shrink=1.0)
+        ModelHasher(256, codec=CHAIN_V5, shrink=1.0)
     for h in (v4, v5):
         fit = null_fit(h.config)
         assert fit.calibrated and fit.p >= 0.48 and fit.dof >= 0.75 * 512  # the codec's targets at its length

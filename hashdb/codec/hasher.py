@@ -19,24 +19,30 @@ from .nts import CONTRASTS, FEATURES, projection_statistics
 from .null import null_radius_fraction
 from .select import PRUNE_RULES, Pool, capped_pools, conv_layer, conv_plan, important_kernels, kernel_shape
 
-CODEC_VERSION = "chain-sketch-5"  # the default codec: chain.py (canonical descriptors, Fourier sketches)
+CODEC_VERSION = "chain-sketch-6"  # the default codec: chain.py (canonical descriptors, Fourier sketches)
+CHAIN_V5 = "chain-sketch-5"  # codec v5: v6 with its threshold from a percentile, kept to query and extend its databases
 CHAIN_V4 = "chain-sketch-4"  # codec v4: v5 without its soft threshold, kept to query and extend its databases
 CHAIN_V3 = "chain-sketch-3"  # codec v3: chain.py as first shipped, kept to query and extend databases made with it
 LEGACY_CODEC = "nts-dihedral-2"  # codec v2 (pooled-kernel statistics), kept to query databases made with it
-CHAIN_CODECS = (CODEC_VERSION, CHAIN_V4, CHAIN_V3)
-CODECS = (CODEC_VERSION, CHAIN_V4, CHAIN_V3, LEGACY_CODEC)
-DEPTH_CODECS = (CODEC_VERSION, CHAIN_V4)  # the codecs with depth weights (``decay``)
+CHAIN_CODECS = (CODEC_VERSION, CHAIN_V5, CHAIN_V4, CHAIN_V3)
+CODECS = (CODEC_VERSION, CHAIN_V5, CHAIN_V4, CHAIN_V3, LEGACY_CODEC)
+DEPTH_CODECS = (CODEC_VERSION, CHAIN_V5, CHAIN_V4)  # the codecs with depth weights (``decay``)
+SHRINK_CODECS = (CODEC_VERSION, CHAIN_V5)  # the codecs with a soft threshold (``shrink``)
 
 # Each chain codec's fixed choices (chain.ChainConfig) and its tunables' defaults. v4 (docs/codec.md, "Codec v4"):
 # filters centred, float32 balancing with fewer sweeps, descriptors as matrix products, a wider descriptor. v5
-# ("Codec v5"): v4 with each balanced layer soft-thresholded (``shrink``), so magnitude pruning keeps the code.
+# ("Codec v5"): v4 with each balanced layer soft-thresholded (``shrink``), so magnitude pruning keeps the code. v6
+# ("Codec v6"): the threshold a multiple of the balanced layer's RMS weight, a number of its shape (no pass to find it).
 CHAIN_FIXED: dict[str, dict[str, Any]] = {
-    CODEC_VERSION: {"centre": True, "sweeps": 6, "single": True},
+    CODEC_VERSION: {"centre": True, "sweeps": 6, "single": True, "shrink_by_rms": True},
+    CHAIN_V5: {"centre": True, "sweeps": 6, "single": True},
     CHAIN_V4: {"centre": True, "sweeps": 6, "single": True},
     CHAIN_V3: {},
 }
+SHRINK_LIMITS = {CODEC_VERSION: 4.0, CHAIN_V5: 1.0}  # shrink < this (v6: x the RMS weight; v5: x a percentile)
 CHAIN_DEFAULTS: dict[str, dict[str, Any]] = {
-    CODEC_VERSION: {"dim": 96, "omega": 2.0, "ridge": 0.3, "decay": 0.75, "shrink": 0.35},
+    CODEC_VERSION: {"dim": 96, "omega": 2.0, "ridge": 0.3, "decay": 0.75, "shrink": 0.6},
+    CHAIN_V5: {"dim": 96, "omega": 2.0, "ridge": 0.3, "decay": 0.75, "shrink": 0.35},
     CHAIN_V4: {"dim": 96, "omega": 2.0, "ridge": 0.3, "decay": 0.75, "shrink": 0.0},
     CHAIN_V3: {"dim": 32, "omega": 2.0, "ridge": 0.3, "decay": 0.0, "shrink": 0.0},
 }
@@ -79,18 +85,20 @@ class ModelHasher:
     """Perceptual hash of a CNN's weights: copies land within ``copy_radius`` bits of each other, independently
     trained models (even of the same architecture) about half the bits apart.
 
-    ``bits``: code length, a multiple of 64 in 64..2048. ``codec``: 'chain-sketch-5' (the default,
+    ``bits``: code length, a multiple of 64 in 64..2048. ``codec``: 'chain-sketch-6' (the default,
     hashdb/codec/chain.py: channel descriptors propagated from the input in canonical coordinates, summed
     through random Fourier features; independent bits for independently trained models, docs/codec.md),
-    'chain-sketch-4' (the same without v5's soft threshold) and 'chain-sketch-3' (the first version: 32-dimensional
-    descriptors, uncentred filters, float64 balancing), both kept so that databases made with them keep their
+    'chain-sketch-5' (the same with its soft threshold found from a percentile of the weights),
+    'chain-sketch-4' (without a soft threshold) and 'chain-sketch-3' (the first version: 32-dimensional
+    descriptors, uncentred filters, float64 balancing), all kept so that databases made with them keep their
     codes, or 'nts-dihedral-2' (pooled-kernel statistics; kept so that
     databases made with it can still be queried). Shared tunables: ``layout`` ('auto' | 'oihw' | 'hwio'),
     ``include_linear``, ``radius_fraction`` (copy_radius / bits; default from the codec's fitted null).
-    Chain codec tunables: ``dim`` (descriptor dimension: v4 and v5 96, v3 32), ``omega`` (Fourier frequency:
+    Chain codec tunables: ``dim`` (descriptor dimension: v4-v6 96, v3 32), ``omega`` (Fourier frequency:
     higher is more distinctive, lower more tolerant of fine-tuning; 2), ``ridge`` (whitening regularisation; 0.3);
-    v4 and v5: ``decay`` (a layer's sketch counts (1 + max(depth, 1))^-decay in the model's code; 0.75); v5 only:
-    ``shrink`` (each balanced layer soft-thresholded at shrink x its 90th percentile of |w|; 0.35).
+    v4-v6: ``decay`` (a layer's sketch counts (1 + max(depth, 1))^-decay in the model's code; 0.75); v6 and v5:
+    ``shrink`` (each balanced layer soft-thresholded; v6: at shrink x its RMS weight, 0.6; v5: at shrink x its
+    90th percentile of |w|, 0.35).
     Codec v2 tunables: ``prune``, ``prune_rule``, ``features``, ``encoding``, ``contrast``, ``max_kernels``.
 
     ``hash`` / ``hash_bits`` give the code; ``features`` the real values it binarizes (sign); ``layer_sketches``
@@ -141,11 +149,12 @@ class ModelHasher:
         decay = chain_defaults.get("decay", 0.0) if decay is None else decay
         if not (isinstance(decay, int | float) and not isinstance(decay, bool) and 0.0 <= decay <= 4.0):
             raise InvalidArgument(f"decay must be in [0, 4], got {decay!r}")
-        if shrink is not None and codec != CODEC_VERSION and shrink != chain_defaults.get("shrink"):
-            raise InvalidArgument(f"shrink is a {CODEC_VERSION} setting; codec {codec} has none")
+        if shrink is not None and codec not in SHRINK_CODECS and shrink != chain_defaults.get("shrink"):
+            raise InvalidArgument(f"shrink is a setting of {' and '.join(SHRINK_CODECS)}; codec {codec} has none")
         shrink = chain_defaults.get("shrink", 0.0) if shrink is None else shrink
-        if not (isinstance(shrink, int | float) and not isinstance(shrink, bool) and 0.0 <= shrink < 1.0):
-            raise InvalidArgument(f"shrink must be in [0, 1), got {shrink!r}")
+        limit = SHRINK_LIMITS.get(codec, 1.0)
+        if not (isinstance(shrink, int | float) and not isinstance(shrink, bool) and 0.0 <= shrink < limit):
+            raise InvalidArgument(f"shrink must be in [0, {limit:g}) for codec {codec}, got {shrink!r}")
         if not isinstance(dim, int) or isinstance(dim, bool) or not 4 <= dim <= 256:
             raise InvalidArgument(f"dim must be an int in 4..256, got {dim!r}")
         if not (isinstance(omega, int | float) and 0.0 < omega <= 100.0):
@@ -214,7 +223,7 @@ class ModelHasher:
                 "omega": self.chain.omega,
                 "ridge": self.chain.ridge,
                 **({"decay": self.chain.decay} if self.codec in DEPTH_CODECS else {}),
-                **({"shrink": self.chain.shrink} if self.codec == CODEC_VERSION else {}),
+                **({"shrink": self.chain.shrink} if self.codec in SHRINK_CODECS else {}),
             }
         return {
             "codec": self.codec,

@@ -1,0 +1,107 @@
+"""Codec v6 (chain-sketch-6, the default): v5 with the soft threshold taken from the balanced layer's shape
+(``shrink`` x its RMS weight, 1 / sqrt(fan-in): balancing gives every filter unit energy) instead of a percentile
+of its weights. Same invariances, no pass over the layer to find the threshold; v5 stays selectable with its codes
+and its fit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hashdb.codec import ModelHasher
+from hashdb.codec.chain import balanced, rms_threshold, shrink_small
+from hashdb.codec.hasher import CHAIN_V4, CHAIN_V5, CODEC_VERSION
+from hashdb.errors import InvalidArgument
+from tests.test_codec_v5 import _distance, _magnitude_pruned, _model
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 30), st.sampled_from([1, 9]), st.floats(0.05, 3.9), st.integers(0, 2**31))
+def test_the_rms_threshold_is_a_number_of_the_shape(out: int, cin: int, k: int, shrink: float, seed: int) -> None:
+    """sign(w) max(|w| - t, 0) with t = shrink / sqrt(cin x k): the threshold does not depend on the weights, so
+    zeroing any of the weights at or under it (magnitude pruning of any share, up to t) changes nothing, and a
+    permutation only permutes."""
+    rng = np.random.default_rng(seed)
+    b = rng.standard_normal((out, cin, k)).astype(np.float32)
+    s = shrink_small(b, shrink, by_rms=True)
+    t = np.float32(rms_threshold(b.shape, shrink))
+    assert t == np.float32(shrink / np.sqrt(cin * k))
+    np.testing.assert_array_equal(s, b - np.clip(b, -t, t))
+    assert s.dtype == b.dtype and not np.shares_memory(s, b)
+    pruned = np.where(np.abs(b) <= t, np.float32(0), b)
+    np.testing.assert_array_equal(shrink_small(pruned, shrink, by_rms=True), s)
+    rows, cols = rng.permutation(out), rng.permutation(cin)
+    np.testing.assert_array_equal(shrink_small(b[rows][:, cols], shrink, by_rms=True), s[rows][:, cols])
+
+
+def test_the_threshold_is_the_balanced_layers_rms_weight() -> None:
+    """After balancing every live filter has unit energy, so 1 / sqrt(fan-in) is the RMS weight of each filter
+    (what makes the threshold a multiple of it, for any trained or random layer)."""
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((48, 32, 9)) * np.exp(rng.normal(0, 1, (48, 1, 1)))).astype(np.float32)
+    b = balanced(w, 1, 6).array()
+    rms = np.sqrt((b.astype(np.float64) ** 2).mean(axis=(1, 2)))
+    np.testing.assert_allclose(rms, rms_threshold(b.shape, 1.0), rtol=1e-4)
+    bal = balanced(w, 1, 6)
+    np.testing.assert_array_equal(shrink_small(bal, 0.6, by_rms=True), shrink_small(bal.array(), 0.6, by_rms=True))
+
+
+def test_v6_keeps_every_exact_invariance() -> None:
+    """Channel permutations and positive per-channel rescalings leave the v6 code and its layer codes as they
+    are, bit for bit."""
+    sd = _model(3)
+    rng = np.random.default_rng(4)
+    names = list(sd)
+    moved = dict(sd)
+    for i, name in enumerate(names[:-1]):  # permute and rescale layer i's outputs, and layer i+1's inputs
+        p = rng.permutation(sd[name].shape[0])
+        scale = np.exp(rng.uniform(-2, 2, len(p))).astype(np.float32)
+        moved[name] = moved[name][p] * scale[:, None, None, None]
+        moved[names[i + 1]] = moved[names[i + 1]][:, p] / scale[None, :, None, None]
+    h = ModelHasher(512)
+    assert h.config["codec"] == CODEC_VERSION
+    assert h.suspect(moved) == h.suspect(sd)
+
+
+def test_magnitude_pruning_moves_v6_codes_far_less_than_v4_codes() -> None:
+    """As v5 does: the same 30 % and 50 % magnitude prunes of five models land closer to their originals under
+    v6 than under v4, and unrelated models stay about half the bits apart."""
+    v4, v6 = ModelHasher(512, codec=CHAIN_V4), ModelHasher(512)
+    for share in (0.3, 0.5):
+        d4, d6 = [], []
+        for seed in range(5):
+            sd = _model(seed)
+            cut = _magnitude_pruned(sd, share)
+            d4.append(_distance(v4.hash(sd), v4.hash(cut)))
+            d6.append(_distance(v6.hash(sd), v6.hash(cut)))
+        assert np.median(d6) < 0.6 * np.median(d4), (share, d4, d6)
+    independent = [_distance(v6.hash(_model(s)), v6.hash(_model(s + 10))) for s in range(5)]
+    assert min(independent) > 200
+
+
+def test_v5_stays_selectable_and_shrink_means_a_multiple_of_the_rms_in_v6() -> None:
+    """v6 and v5 differ only in the threshold: without one (shrink 0) both are v4 bit for bit. Configs
+    round-trip; v6's shrink is a multiple of the RMS weight (0.6, under 4), v5's of a percentile (under 1);
+    both fits ship (calibrated, the targets met at 512 bits) and another shrink is uncalibrated."""
+    from hashdb.codec.null import null_fit
+
+    sd = _model(5)
+    v5, v6 = ModelHasher(512, codec=CHAIN_V5), ModelHasher(512)
+    assert v6.config["codec"] == CODEC_VERSION == "chain-sketch-6" and v6.config["shrink"] == 0.6
+    assert v5.config["codec"] == CHAIN_V5 and v5.config["shrink"] == 0.35
+    for h in (v5, v6):
+        assert ModelHasher.from_config(h.config).config == h.config
+    assert v6.hash(sd) != v5.hash(sd)
+    v4 = ModelHasher(512, codec=CHAIN_V4).hash(sd)
+    assert ModelHasher(512, shrink=0.0).hash(sd) == ModelHasher(512, codec=CHAIN_V5, shrink=0.0).hash(sd) == v4
+    assert ModelHasher(512, shrink=2.0).config["shrink"] == 2.0
+    with pytest.raises(InvalidArgument, match="shrink"):
+        ModelHasher(512, shrink=4.0)
+    with pytest.raises(InvalidArgument, match="shrink"):
+        ModelHasher(512, codec=CHAIN_V5, shrink=2.0)
+    for h in (v5, v6):
+        fit = null_fit(h.config)
+        assert fit.calibrated and fit.p >= 0.48 and fit.dof >= 0.75 * 512
+    assert not null_fit({**v6.config, "shrink": 0.35}).calibrated
