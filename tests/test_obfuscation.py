@@ -70,9 +70,9 @@ def test_inserted_near_identity_layers_leave_the_code_within_a_few_bits() -> Non
             obfuscated = with_near_identity(sd, 10 + seed, k=k)
             assert len(h.layer_sketches(obfuscated)) == len(conv_names(sd))  # no sketch of their own
             # a 3x3 one is passed through: exact. A 1x1 one composes into the layer before it (as the split conv's
-            # 1x1 half must, having nothing between): its 1 % noise over 48 channels (7 % of the kernel) adds 12-17
-            # of 256 bits, inside the copy radius (38)
-            assert hamming(h.hash(obfuscated), code) <= (2 if k == 3 else 24), (seed, k)
+            # 1x1 half must, having nothing between): its 1 % noise over 48 channels (7 % of the kernel) adds 26-28
+            # of 256 bits under codec v6 (v5 20-23, v4 10-22), under half the copy radius (61)
+            assert hamming(h.hash(obfuscated), code) <= (2 if k == 3 else min(32, h.copy_radius // 2)), (seed, k)
         assert hamming(h.hash(weights(cnn(seed + 5))), code) > 80  # an independent model stays far
 
 
