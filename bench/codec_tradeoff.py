@@ -11,7 +11,8 @@ falls within their family's 1M decision radius (all light classes together; tran
 magnitude pruning apart, the hardest light ones), and the hashing time of a ResNet-50-shaped model. Higher
 omega or dimension or lower decay: more independent bits; the other way: copies closer (decay weighs a layer's
 sketch by (1 + depth)^-decay: deep layers carry every earlier layer's change, so transfer learning moves them
-most; a higher shrink makes magnitude-pruned copies closer and fine-tuned ones further). Layer twins (partial
+most; a higher shrink, the soft threshold as a multiple of each balanced layer's RMS weight, makes magnitude-pruned
+copies closer and fine-tuned ones further). Layer twins (partial
 matches) are not counted
 here: bench/null_bench.py's "found in 1M" column counts both for the shipped setting.
 """
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dims", type=int, nargs="+", default=[32, 64, 96, 128])
     ap.add_argument("--omegas", type=float, nargs="+", default=[1.0, 2.0, 3.0])
     ap.add_argument("--decays", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
-    ap.add_argument("--shrinks", type=float, nargs="+", default=[0.0, 0.2, 0.35, 0.5])
+    ap.add_argument("--shrinks", type=float, nargs="+", default=[0.0, 0.35, 0.6, 0.9])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-results", action="store_true", help="print only; leave bench/RESULTS.md as it is")
     args = ap.parse_args(argv)
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
         f"and {n_copies} copies of one model per group. Per length: conservative p / dof per bit / copy radius "
         "(fmr <= 1e-12) / 2-D family's decision radius for 1M codes / share of light copies within their family's "
         "1M radius (whole code) / transfer 30 epochs / prune 30 % / prune 50 % (not light). Targets: p >= 0.48, "
-        "dof >= 0.75 x bits. `shrink` 0 is codec v4 (chain-sketch-4) at these settings. Last "
+        "dof >= 0.75 x bits. `shrink`: the soft threshold, a multiple of each balanced layer's RMS weight; 0 is "
+        "codec v4 (chain-sketch-4) at these settings. Last "
         "column: seconds to hash the ResNet-50-shaped model (25.6M parameters, one thread, median).",
         "",
         "| dim | omega | decay | shrink | " + " | ".join(f"{b} bits" for b in args.bits) + " | seconds |",

@@ -1,4 +1,4 @@
-"""Why pruned copies move the code: per-layer distances, and what the soft threshold of codec v5 changes.
+"""Why pruned copies move the code: per-layer distances, and what the soft threshold of codecs v5 and v6 changes.
 
     python3 -m bench.zoo                    # the zoo (bench/zoo), cached
     python3 bench/pruning_bench.py          # tables -> bench/RESULTS.md section pruning
@@ -6,16 +6,18 @@
 Pruning was codec v4's weak spot (docs/codec.md, *Pruning as a thief prunes*): pruned copies that a recovery
 fine-tune made work again land about as far from their originals as pruning alone puts them. Codec v5
 soft-thresholds each balanced layer (``ChainConfig.shrink``, chain.shrink_small) so that the weights magnitude
-pruning removes count for nothing. For the zoo originals of ``--archs`` and ``--seeds`` this measures
+pruning removes count for nothing; codec v6 (the default) takes the threshold from the balanced layer's shape (a
+multiple of its RMS weight) instead of a percentile of its weights. For the zoo originals of ``--archs`` and
+``--seeds`` this measures
 
 1. each layer's own code distance (the sign of its sketch, as the database stores it) between the original and
    its pruned, recovered, fine-tuned copies and an independently trained model of its architecture: is the
    damage local to each layer, or does it grow with depth through the propagated descriptors?
-2. the model-code distance under the default (v5) and under the neighbouring settings: v4 (no threshold), other
+2. the model-code distance under the default (v6) and under the neighbouring settings: v5, v4 (no threshold), other
    thresholds, v4 with small balanced weights zeroed (``ChainConfig.prune``: a hard threshold), beside the
    same-architecture independent pairs: what each buys and what it costs.
 
-Only v4 and v5 have fitted nulls; the other rows are probes (bench/codec_tradeoff.py measures the threshold's
+Only v4, v5 and v6 have fitted nulls; the other rows are probes (bench/codec_tradeoff.py measures the threshold's
 cost in independence on the null library).
 """
 
@@ -49,12 +51,60 @@ COPIES = (
     ("filters 30 % + recovery", "prune_recover", "filters 30%"),
 )
 SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("default (v5: shrink 0.35)", {}),
+    ("default (v6: shrink 0.6 x the RMS weight)", {}),
     ("v4 (shrink 0)", {"shrink": 0.0}),
-    ("shrink 0.2", {"shrink": 0.2}),
-    ("shrink 0.5", {"shrink": 0.5}),
+    ("v5 (shrink 0.35 x the 90th percentile)", {"shrink": 0.35, "shrink_by_rms": False}),
+    ("v6, shrink 0.35", {"shrink": 0.35}),
+    ("v6, shrink 0.9", {"shrink": 0.9}),
     ("v4 + prune 0.5 (hard)", {"shrink": 0.0, "prune": 0.5}),
 )
+
+
+def _norms(w: torch.Tensor, dim: int) -> np.ndarray:
+    """Norms of ``w`` over every axis but ``dim`` (filters: 0; a consumer's input channels: 1)."""
+    a = w.detach().double().numpy()
+    return np.sqrt((np.moveaxis(a, dim, 0).reshape(a.shape[dim], -1) ** 2).sum(axis=1))
+
+
+def prune_choice(lib: Any, originals: list[Any], shares: tuple[float, ...] = (0.3, 0.5)) -> list[str]:
+    """Which filters a filter prune takes, against what a code exactly invariant to rescaling could know.
+
+    The zoo's ``prune_filters`` zeroes each conv's filters of lowest L2 norm, as stored. A code invariant to
+    every function-preserving positive rescaling (ReLU rescaling, BatchNorm folding, a BatchNorm absorbing a
+    rescaled conv) can see a channel's magnitude only as the function does: its filter norm after folding its
+    BatchNorm (gamma / sqrt(var + eps)), times its consumers' input-column norms. Per conv with consumers: the
+    share of the pruned filters that are also lowest by that importance (chance: the share itself)."""
+    rows: dict[tuple[str, bool], dict[float, list[float]]] = {}
+    for o in originals:
+        m = lib.model(o)
+        for grp in m.channel_groups():
+            if not grp.into:
+                continue
+            col = np.sqrt(sum(_norms(m.get_submodule(n).weight, 1) ** 2 for n in grp.into))
+            for name in grp.out:
+                raw = _norms(m.get_submodule(name).weight, 0)
+                if len(raw) != len(col) or len(raw) < 8:
+                    continue
+                folded = raw
+                if grp.bn is not None:
+                    bn = m.get_submodule(grp.bn)
+                    gain = bn.weight.detach().double().abs() / torch.sqrt(bn.running_var.detach().double() + bn.eps)
+                    folded = raw * gain.numpy()
+                importance = folded * col
+                for share in shares:
+                    k = int(share * len(raw))
+                    pruned = set(np.argsort(raw, kind="stable")[:k].tolist())
+                    weak = set(np.argsort(importance, kind="stable")[:k].tolist())
+                    rows.setdefault((o.arch, grp.bn is not None), {}).setdefault(share, []).append(
+                        len(pruned & weak) / k
+                    )
+    out = ["| architecture | BatchNorm | convs | " + " | ".join(f"overlap at {s:.0%} (chance {s:.2f})" for s in shares)
+           + " |", "|---|---|---|" + "---|" * len(shares)]  # fmt: skip
+    for (arch, bn), by_share in sorted(rows.items()):
+        n = len(next(iter(by_share.values())))
+        out.append(f"| {arch} | {'yes' if bn else 'no'} | {n} | "
+                   + " | ".join(f"{np.mean(by_share[s]):.2f}" for s in shares) + " |")  # fmt: skip
+    return out
 
 
 def main() -> None:
@@ -87,8 +137,8 @@ def main() -> None:
         hs.chain = dataclasses.replace(hs.chain, **change)
         sketches[name] = {k: [np.asarray(sk) for _, sk in hs.layer_sketches(sd)] for k, sd in weights.items()}
 
-    # 1. per layer, v5 and v4: first layer, the median of the middle ones, the last one
-    rows = ["| copy | pairs | first layer: v5 / v4 | middle layers (median): v5 / v4 | last layer: v5 / v4 |",
+    # 1. per layer, v6 and v4: first layer, the median of the middle ones, the last one
+    rows = ["| copy | pairs | first layer: v6 / v4 | middle layers (median): v6 / v4 | last layer: v6 / v4 |",
             "|---|---|---|---|---|"]  # fmt: skip
     per_setting = []
     for name, _ in SETTINGS[:2]:
@@ -124,10 +174,18 @@ def main() -> None:
         "",
         *rows,
         "",
-        "The model code under the default (v5) and neighbouring settings (`shrink`: the soft threshold, a fraction "
-        "of the layer's 90th percentile of |w|; `prune`: balanced weights at or under prune / 0.9 of it zeroed):",
+        "The model code under the default (v6) and neighbouring settings (`shrink`: the soft threshold, v6: a "
+        "multiple of the balanced layer's RMS weight, v5: a fraction of its 90th percentile of |w|; `prune`: "
+        "balanced weights at or under prune / 0.9 of that percentile zeroed):",
         "",
         *rows2,
+        "",
+        "Which filters a filter prune takes (`prune_filters`: each conv's lowest-L2 filters as stored) against the "
+        "lowest by the importance a code exactly invariant to rescaling could use (filter norm after folding the "
+        "BatchNorm, times the consumers' input-column norms), per conv with consumers: the share of the pruned "
+        "filters that are also the least important. At chance the code cannot know which filters will go.",
+        "",
+        *prune_choice(lib, originals),
     ], write=not args.no_write)  # fmt: skip
 
 
