@@ -1,4 +1,4 @@
-"""The chain codecs (v3, v4, v5): canonical channel descriptors propagated from the input, and random Fourier sketches.
+"""The chain codecs (v3-v6): canonical channel descriptors propagated from the input, and random Fourier sketches.
 
 Why: statistics of pooled kernels (codec v2) describe the architecture and the training data; by the law of
 large numbers independently trained models of one architecture converge to the same statistics, more so the
@@ -46,9 +46,9 @@ in the copy, so a pruned copy keeps its code. Continuous in the weights, unlike 
 fine-tune still moves the code a little. Measured in docs/codec.md ("Codec v5").
 
 Codec v6 (``chain-sketch-6``, the default) is v5 with the threshold taken from the shape instead of the weights:
-0.6 x the balanced layer's RMS weight, 1 / sqrt(fan-in) since balancing gives every filter unit energy
-(``rms_threshold``). The same codes' quality for a fifth less hashing time: no percentile to find, each layer formed
-once. Measured in docs/codec.md ("Codec v6").
+0.6 x each live filter's RMS weight, 1 / sqrt(fan-in) since balancing gives every filter unit energy
+(``rms_threshold``). The same codes' quality for about a seventh less hashing time: no percentile to find, each
+layer formed once. Measured in docs/codec.md ("Codec v6").
 """
 
 from __future__ import annotations
@@ -467,8 +467,8 @@ def prune_small(b: np.ndarray, prune: float) -> np.ndarray:
 def shrink_small(
     b: Balanced | np.ndarray, shrink: float, out: np.ndarray | None = None, by_rms: bool = False
 ) -> np.ndarray:
-    """Codec v5: the balanced layer soft-thresholded, sign(w) max(|w| - t, 0) with t = ``shrink`` x the layer's
-    90th percentile of |w|. The percentile of a layer whose smallest half was zeroed is the original's, and the
+    """Codecs v5 and v6: the balanced layer soft-thresholded, sign(w) max(|w| - t, 0). v5: t = ``shrink`` x the
+    layer's 90th percentile of |w|. The percentile of a layer whose smallest half was zeroed is the original's, and the
     threshold scales with the layer, so every invariance of the balanced layer holds (a permutation permutes,
     a scale was divided out before). ``b``: the balanced layer, or a ``Balanced`` whose factors are folded in
     here. Written to ``out`` (a C-ordered array of the layer's shape and dtype that shares no memory with the
@@ -476,10 +476,10 @@ def shrink_small(
     and partitioned there to find the percentile; then each block is formed again and thresholded
     (w - clip(w, -t, t) is the soft threshold).
 
-    ``by_rms`` (codec v6): t = ``shrink`` x the balanced layer's root-mean-square weight, which balancing fixes:
-    every live filter has unit energy, so the RMS of a filter's (inputs x taps) weights is 1 / sqrt(inputs x
-    taps), a number of the shape alone (``rms_threshold``). No pass over the layer finds it, and each block is
-    formed once."""
+    ``by_rms`` (codec v6): t = ``shrink`` x each live filter's root-mean-square weight, which balancing fixes:
+    every live filter has unit energy, so the RMS of its (inputs per group x taps) weights is 1 / sqrt(inputs per
+    group x taps), a number of the shape alone (``rms_threshold``). No pass over the layer finds it, and each
+    block is formed once. With ``shrink`` < 1 every live filter keeps at least its largest weight."""
     source = b.w if isinstance(b, Balanced) else b
     factor = None
     if isinstance(b, Balanced) and b.row is not None and b.col is not None:
@@ -524,9 +524,10 @@ def shrink_small(
 
 
 def rms_threshold(shape: tuple[int, ...], shrink: float) -> float:
-    """Codec v6's soft threshold for a balanced (out, in per group, k) layer: ``shrink`` x its RMS weight,
-    1 / sqrt(in per group x k) (its filters have unit energy). A Gaussian layer's 90th percentile of |w| is 1.645
-    x its RMS, so v6's 0.6 is v5's 0.35 for such a layer; unlike a percentile it needs no pass over the weights."""
+    """Codec v6's soft threshold for a balanced (out, in per group, k) layer: ``shrink`` x each live filter's RMS
+    weight, 1 / sqrt(in per group x k) (its filters have unit energy; dead rows and columns make the layer's own
+    RMS differ). A Gaussian layer's 90th percentile of |w| is 1.645 x its RMS, so v6's 0.6 is about v5's 0.35
+    (0.576) for such a layer; unlike a percentile it needs no pass over the weights."""
     return float(shrink) / float(np.sqrt(max(int(np.prod(shape[1:])), 1)))
 
 
@@ -770,7 +771,7 @@ class ChainConfig:
     ridge: float = 0.3
     prune: float = 0.0
     # v5 (chain-sketch-5): soft-threshold each balanced layer at shrink x its 90th percentile of |w| (shrink_small);
-    # v6 (``shrink_by_rms``): at shrink x its RMS weight, which the balancing fixes (rms_threshold)
+    # v6 (``shrink_by_rms``): at shrink x each live filter's RMS weight, which the balancing fixes (rms_threshold)
     shrink: float = 0.0
     shrink_by_rms: bool = False
     whiten_chain: bool = True
@@ -798,7 +799,7 @@ def chain_sketches(
     if not chain:
         raise ModelFormatError("no convolution weights found")
     made: dict[int, np.ndarray] = {}  # layers made ahead (square 1x1 layers, to place near-identity ones)
-    work = Work()  # codec v5's thresholded layer: one array, reused by every layer
+    work = Work()  # the thresholded layer of codecs v5 and v6: one array, reused by every layer
 
     def balance(w: np.ndarray, groups: int) -> Balanced:
         if cfg.single:

@@ -39,7 +39,9 @@ CHAIN_FIXED: dict[str, dict[str, Any]] = {
     CHAIN_V4: {"centre": True, "sweeps": 6, "single": True},
     CHAIN_V3: {},
 }
-SHRINK_LIMITS = {CODEC_VERSION: 4.0, CHAIN_V5: 1.0}  # shrink < this (v6: x the RMS weight; v5: x a percentile)
+# shrink < 1: v6's threshold is shrink / sqrt(fan-in), and a filter of unit energy has a weight of at least that
+# size, so every live filter keeps a weight (at 1 or more whole layers could vanish, and every code with them)
+SHRINK_LIMITS = {CODEC_VERSION: 1.0, CHAIN_V5: 1.0}
 CHAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     CODEC_VERSION: {"dim": 96, "omega": 2.0, "ridge": 0.3, "decay": 0.75, "shrink": 0.6},
     CHAIN_V5: {"dim": 96, "omega": 2.0, "ridge": 0.3, "decay": 0.75, "shrink": 0.35},
@@ -97,8 +99,8 @@ class ModelHasher:
     Chain codec tunables: ``dim`` (descriptor dimension: v4-v6 96, v3 32), ``omega`` (Fourier frequency:
     higher is more distinctive, lower more tolerant of fine-tuning; 2), ``ridge`` (whitening regularisation; 0.3);
     v4-v6: ``decay`` (a layer's sketch counts (1 + max(depth, 1))^-decay in the model's code; 0.75); v6 and v5:
-    ``shrink`` (each balanced layer soft-thresholded; v6: at shrink x its RMS weight, 0.6; v5: at shrink x its
-    90th percentile of |w|, 0.35).
+    ``shrink`` (each balanced layer soft-thresholded; v6: at shrink x each live filter's RMS weight, 1 / sqrt(fan-in),
+    0.6; v5: at shrink x the layer's 90th percentile of |w|, 0.35; both in [0, 1)).
     Codec v2 tunables: ``prune``, ``prune_rule``, ``features``, ``encoding``, ``contrast``, ``max_kernels``.
 
     ``hash`` / ``hash_bits`` give the code; ``features`` the real values it binarizes (sign); ``layer_sketches``
@@ -141,16 +143,17 @@ class ModelHasher:
         self.include_linear = bool(include_linear)
         # every tunable is checked whichever codec uses it: a typo is an error, not silently ignored
         chain_defaults = CHAIN_DEFAULTS.get(codec, CHAIN_DEFAULTS[CODEC_VERSION])
+        own = CHAIN_DEFAULTS.get(codec, {})  # the codec's own chain settings (none for v2): what it may be given
         dim = chain_defaults["dim"] if dim is None else dim
         omega = chain_defaults["omega"] if omega is None else omega
         ridge = chain_defaults["ridge"] if ridge is None else ridge
-        if decay is not None and codec not in DEPTH_CODECS and decay != chain_defaults.get("decay"):
-            raise InvalidArgument(f"decay is a setting of {' and '.join(DEPTH_CODECS)}; codec {codec} has none")
+        if decay is not None and codec not in DEPTH_CODECS and decay != own.get("decay"):
+            raise InvalidArgument(f"decay is a setting of {', '.join(DEPTH_CODECS)}; codec {codec} has none")
         decay = chain_defaults.get("decay", 0.0) if decay is None else decay
         if not (isinstance(decay, int | float) and not isinstance(decay, bool) and 0.0 <= decay <= 4.0):
             raise InvalidArgument(f"decay must be in [0, 4], got {decay!r}")
-        if shrink is not None and codec not in SHRINK_CODECS and shrink != chain_defaults.get("shrink"):
-            raise InvalidArgument(f"shrink is a setting of {' and '.join(SHRINK_CODECS)}; codec {codec} has none")
+        if shrink is not None and codec not in SHRINK_CODECS and shrink != own.get("shrink"):
+            raise InvalidArgument(f"shrink is a setting of {', '.join(SHRINK_CODECS)}; codec {codec} has none")
         shrink = chain_defaults.get("shrink", 0.0) if shrink is None else shrink
         limit = SHRINK_LIMITS.get(codec, 1.0)
         if not (isinstance(shrink, int | float) and not isinstance(shrink, bool) and 0.0 <= shrink < limit):
