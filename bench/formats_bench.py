@@ -352,10 +352,8 @@ import numpy as np
 from hashdb.codec import ModelHasher
 h = ModelHasher(256)
 h.hash({{"w": np.random.default_rng(0).standard_normal((64, 32, 3, 3)).astype(np.float32)}})  # JIT warm-up
-for name in ("pickle", "safetensors", "numpy", "onnx", "keras", "tflite", "flax", "tensorflow", "paddle",
-             "coreml"):  # reader imports
-for name in ("pickle", "safetensors", "numpy", "onnx", "keras", "tflite", "flax", "caffe", "darknet", "ncnn",
-             "openvino", "mxnet", "mnn"):  # reader imports
+for name in ("pickle", "safetensors", "numpy", "onnx", "keras", "tflite", "flax", "tensorflow", "paddle", "coreml",
+             "caffe", "darknet", "ncnn", "openvino", "mxnet", "mnn"):  # reader imports
     try:
         importlib.import_module("hashdb.codec.readers." + name)
     except ImportError:
