@@ -131,3 +131,38 @@ def test_v5_stays_selectable_and_shrink_means_a_multiple_of_the_rms_in_v6() -> N
         fit = null_fit(h.config)
         assert fit.calibrated and fit.p >= 0.48 and fit.dof >= 0.75 * 512
     assert not null_fit({**v6.config, "shrink": 0.35}).calibrated
+
+
+def test_channel_weights_of_one_change_nothing_and_weigh_each_channels_term() -> None:
+    """The research hook bench/importance_probe.py uses (no codec does): weights of 1 give the codec's sketches
+    bit for bit; a common factor cancels; a channel of weight 0 adds nothing to its layer's sketch."""
+    from hashdb.codec.chain import frequencies, sketch_and_propagate
+
+    rng = np.random.default_rng(2)
+    d = rng.standard_normal((40, 96))
+    freq = frequencies(96, 256, 2.0).astype(np.float32)
+    plain, handed = sketch_and_propagate(d, freq, 0.3, True)
+    ones, handed1 = sketch_and_propagate(d, freq, 0.3, True, np.ones(40))
+    np.testing.assert_array_equal(ones, plain)
+    np.testing.assert_array_equal(handed1, handed)
+    w = rng.uniform(0.1, 1.0, 40)
+    np.testing.assert_allclose(sketch_and_propagate(d, freq, 0.3, True, 3 * w)[0],
+                               sketch_and_propagate(d, freq, 0.3, True, w)[0], rtol=1e-5, atol=1e-6)  # fmt: skip
+    w[7] = 0.0
+    weighted = sketch_and_propagate(d, freq, 0.3, True, w)[0]
+    w[7] = 1e-3
+    assert np.abs(sketch_and_propagate(d, freq, 0.3, True, w)[0] - weighted).max() < 1e-2
+    h = ModelHasher(512)
+    sd = _model(6)
+    names = [n for n, _ in h.layer_sketches(sd)]
+    sketches, _ = h._sketches(sd)
+    import hashdb.codec.hasher as hasher_module
+
+    real = hasher_module.chain_sketches
+    try:
+        hasher_module.chain_sketches = lambda s, m, f, c: real(  # type: ignore[assignment]
+            s, m, f, c, {n: np.ones(sd[n].shape[0]) for n in names})
+        weighted_sketches, _ = h._sketches(sd)
+    finally:
+        hasher_module.chain_sketches = real  # type: ignore[assignment]
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(sketches, weighted_sketches, strict=True))

@@ -54,7 +54,7 @@ layer formed once. Measured in docs/codec.md ("Codec v6").
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -732,7 +732,7 @@ PHASE_BLOCK = 64
 
 
 def sketch_and_propagate(
-    d: np.ndarray, freq: np.ndarray, ridge: float, single: bool = False
+    d: np.ndarray, freq: np.ndarray, ridge: float, single: bool = False, weights: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(the layer's sketch, the descriptors it hands on) from one whitening of its live descriptors.
 
@@ -744,7 +744,9 @@ def sketch_and_propagate(
     shared directions as normalised linear maps compose (bits of independent models' deep layers agreed: dof
     0.13-0.22 x bits).
     ``single`` (codec v4) takes the phases, the sines and their sum in float32 (the sketch is a sum of a few
-    thousand sines: float32's error is far below a bit's margin)."""
+    thousand sines: float32's error is far below a bit's margin). ``weights`` (one per channel; no codec uses
+    them, bench/importance_probe.py does) weigh each channel's term, and the sum is divided by the root of the
+    live weights' squares instead of the channel count."""
     live = np.abs(d).sum(axis=1) > 0
     if live.sum() < 2:
         return np.zeros(freq.shape[1]), d
@@ -755,12 +757,14 @@ def sketch_and_propagate(
     x *= np.sqrt(x.shape[1] / max(float(np.einsum("om,om->", x, x)) / len(x), 1e-300))
     if single:  # float32 phases and sines, a fixed block of features at a time (see PHASE_BLOCK)
         x32, f32 = x.astype(np.float32), np.asarray(freq, np.float32)
-        ones = np.ones(len(x32), dtype=np.float32)
+        ones = np.ones(len(x32), dtype=np.float32) if weights is None else weights[live].astype(np.float32)
         sketch = np.empty(f32.shape[1])
         for k in range(0, f32.shape[1], PHASE_BLOCK):
             sketch[k : k + PHASE_BLOCK] = ones @ np.sin(x32 @ f32[:, k : k + PHASE_BLOCK])
     else:
-        sketch = np.sin(x @ freq).sum(axis=0)
+        sketch = np.sin(x @ freq).sum(axis=0) if weights is None else weights[live] @ np.sin(x @ freq)
+    if weights is not None:
+        return sketch / np.sqrt(max(float(weights[live] @ weights[live]), 1e-300)), handed
     return sketch / np.sqrt(live.sum()), handed
 
 
@@ -791,10 +795,13 @@ def chain_sketches(
     make_layer: Callable[[int], np.ndarray],
     features: int,
     cfg: ChainConfig,
+    channel_weights: Mapping[str, np.ndarray] | None = None,
 ) -> list[tuple[str, np.ndarray]]:
     """(layer name, sketch) of every layer, in chain order. ``shapes`` are (name, out, in per group, kernel
     shape) and ``make_layer(index)`` makes layer ``index`` as an (out, in per group, *kernel) array; each
-    layer is made, used and dropped in turn."""
+    layer is made, used and dropped in turn. ``channel_weights`` (by layer name; no codec uses them,
+    bench/importance_probe.py does): each output channel's weight in its layer's sketch
+    (``sketch_and_propagate``) and on the descriptor it hands to its consumers."""
     chain = plan_chain(shapes)
     if not chain:
         raise ModelFormatError("no convolution weights found")
@@ -847,7 +854,10 @@ def chain_sketches(
         else:  # v3's own arithmetic, so that its codes stay bit for bit
             d = descriptors(b.array(), inputs, layer.groups, maps)
         del b
-        sk, handed = sketch_and_propagate(d, freq, cfg.ridge, cfg.single)
+        weights = None if channel_weights is None else channel_weights.get(layer.name)
+        sk, handed = sketch_and_propagate(d, freq, cfg.ridge, cfg.single, weights)
+        if weights is not None:
+            handed = handed * weights[:, None]
         entry = (layer.name, sk * (1.0 + max(depth[pos], 1)) ** -cfg.decay if cfg.decay else sk)
         if pos in sketch_at:
             out[sketch_at[pos]] = entry
