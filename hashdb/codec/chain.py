@@ -500,20 +500,15 @@ def shrink_small(
 
     if by_rms:
         thr = res.dtype.type(rms_threshold(res.shape, shrink))
-        clipped = np.empty((min(step, len(res)), *res.shape[1:]), res.dtype)
+    else:
         for rows in blocks:
-            part = form(rows, res[rows])
-            np.clip(part, -thr, thr, out=clipped[: len(part)])
-            np.subtract(part, clipped[: len(part)], out=part)
-        return res
-    for rows in blocks:
-        np.abs(form(rows, res[rows]), out=res[rows])
-    flat = res.reshape(-1)
-    if flat.size == 0:
-        return res
-    k = int(0.9 * (flat.size - 1))
-    flat.partition(k)
-    thr = res.dtype.type(shrink) * flat[k]  # in the layer's dtype, whatever numpy's rules for mixed scalars
+            np.abs(form(rows, res[rows]), out=res[rows])
+        flat = res.reshape(-1)
+        if flat.size == 0:
+            return res
+        k = int(0.9 * (flat.size - 1))
+        flat.partition(k)
+        thr = res.dtype.type(shrink) * flat[k]  # in the layer's dtype, whatever numpy's rules for mixed scalars
     formed = np.empty((min(step, len(res)), *res.shape[1:]), res.dtype)
     for rows in blocks:
         part = res[rows]

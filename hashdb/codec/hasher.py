@@ -40,8 +40,9 @@ CHAIN_FIXED: dict[str, dict[str, Any]] = {
     CHAIN_V3: {},
 }
 # shrink < 1: v6's threshold is shrink / sqrt(fan-in), and a filter of unit energy has a weight of at least that
-# size, so every live filter keeps a weight (at 1 or more whole layers could vanish, and every code with them)
-SHRINK_LIMITS = {CODEC_VERSION: 1.0, CHAIN_V5: 1.0}
+# size, so every live filter keeps a weight (at 1 or more whole layers could vanish, and every code with them);
+# v5's is a fraction of a percentile of |w|
+SHRINK_LIMIT = 1.0
 CHAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     CODEC_VERSION: {"dim": 96, "omega": 2.0, "ridge": 0.3, "decay": 0.75, "shrink": 0.6},
     CHAIN_V5: {"dim": 96, "omega": 2.0, "ridge": 0.3, "decay": 0.75, "shrink": 0.35},
@@ -155,9 +156,8 @@ class ModelHasher:
         if shrink is not None and codec not in SHRINK_CODECS and shrink != own.get("shrink"):
             raise InvalidArgument(f"shrink is a setting of {', '.join(SHRINK_CODECS)}; codec {codec} has none")
         shrink = chain_defaults.get("shrink", 0.0) if shrink is None else shrink
-        limit = SHRINK_LIMITS.get(codec, 1.0)
-        if not (isinstance(shrink, int | float) and not isinstance(shrink, bool) and 0.0 <= shrink < limit):
-            raise InvalidArgument(f"shrink must be in [0, {limit:g}) for codec {codec}, got {shrink!r}")
+        if not (isinstance(shrink, int | float) and not isinstance(shrink, bool) and 0.0 <= shrink < SHRINK_LIMIT):
+            raise InvalidArgument(f"shrink must be in [0, {SHRINK_LIMIT:g}), got {shrink!r}")
         if not isinstance(dim, int) or isinstance(dim, bool) or not 4 <= dim <= 256:
             raise InvalidArgument(f"dim must be an int in 4..256, got {dim!r}")
         if not (isinstance(omega, int | float) and 0.0 < omega <= 100.0):
