@@ -1,6 +1,7 @@
 """Codec v5 (chain-sketch-5): v4 with each balanced layer soft-thresholded (chain.shrink_small), so that what
 magnitude pruning removes counts for nothing; v4 stays selectable with its codes and its fit. v6, the default
-(tests/test_codec_v6.py), is v5 with its threshold taken from the shape; v5 stays selectable."""
+(tests/test_codec_v6.py), is v5 with its threshold taken from the shape; the pruning and invariance tests here
+run on both."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from hashdb.codec import ModelHasher
 from hashdb.codec.chain import shrink_small
-from hashdb.codec.hasher import CHAIN_V3, CHAIN_V4, CHAIN_V5
+from hashdb.codec.hasher import CHAIN_V3, CHAIN_V4, CHAIN_V5, CODEC_VERSION
 from hashdb.errors import InvalidArgument
 
 
@@ -54,10 +55,14 @@ def test_the_soft_threshold_ignores_what_falls_below_it(out: int, cin: int, k: i
     np.testing.assert_allclose(shrink_small(b * np.float32(8.0), shrink), s * 8.0, rtol=1e-6, atol=1e-6)
 
 
-def test_magnitude_pruning_moves_v5_codes_far_less_than_v4_codes() -> None:
-    """The point of v5: the same 30 % and 50 % magnitude prunes of five models land closer to their originals
-    under v5 than under v4 (bench/pruning_bench.py and the zoo measure it on trained models)."""
-    v4, v5 = ModelHasher(512, codec=CHAIN_V4), ModelHasher(512, codec=CHAIN_V5)
+THRESHOLDED = pytest.mark.parametrize("codec", [CHAIN_V5, CODEC_VERSION], ids=["v5", "v6"])
+
+
+@THRESHOLDED
+def test_magnitude_pruning_moves_thresholded_codes_far_less_than_v4_codes(codec: str) -> None:
+    """The point of v5's soft threshold (v6's too): the same 30 % and 50 % magnitude prunes of five models land
+    closer to their originals than under v4 (bench/pruning_bench.py and the zoo measure it on trained models)."""
+    v4, v5 = ModelHasher(512, codec=CHAIN_V4), ModelHasher(512, codec=codec)
     for share in (0.3, 0.5):
         d4, d5 = [], []
         for seed in range(5):
@@ -70,9 +75,10 @@ def test_magnitude_pruning_moves_v5_codes_far_less_than_v4_codes() -> None:
     assert min(independent) > 200  # unrelated models stay about half the bits apart
 
 
-def test_v5_keeps_every_exact_invariance() -> None:
+@THRESHOLDED
+def test_thresholded_codecs_keep_every_exact_invariance(codec: str) -> None:
     """Channel permutations and positive per-channel rescalings (the balanced layer divides them out before the
-    threshold is taken) leave the v5 code as it is, bit for bit."""
+    threshold is taken) leave the v5 and v6 codes and layer codes as they are, bit for bit."""
     sd = _model(3)
     rng = np.random.default_rng(4)
     names = list(sd)
@@ -82,7 +88,7 @@ def test_v5_keeps_every_exact_invariance() -> None:
         scale = np.exp(rng.uniform(-2, 2, len(p))).astype(np.float32)
         moved[name] = moved[name][p] * scale[:, None, None, None]
         moved[names[i + 1]] = moved[names[i + 1]][:, p] / scale[None, :, None, None]
-    h = ModelHasher(512, codec=CHAIN_V5)
+    h = ModelHasher(512, codec=codec)
     assert h.suspect(moved) == h.suspect(sd)
 
 
