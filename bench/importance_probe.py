@@ -147,10 +147,8 @@ def load(archs: list[str], seeds: int) -> dict[str, Any]:
     for o in [o for o in lib.originals if o.arch in archs and o.seed < seeds]:
         models["zoo"][("original", o.key, o.arch)] = lib.arrays(o)
         for label, mclass, strength in ZOO_COPIES:
-            found = [e for e in lib.entries if e.original == o.key and e.mclass == mclass
-                     and e.strength.startswith(strength)]  # fmt: skip
-            if found:
-                models["zoo"][(label, o.key, o.arch)] = lib.arrays(found[0])
+            if (e := lib.first_copy(o, mclass, strength)) is not None:
+                models["zoo"][(label, o.key, o.arch)] = lib.arrays(e)
     return models
 
 

@@ -124,9 +124,8 @@ def main() -> None:
     copies: dict[str, list[tuple[zoo.Entry, zoo.Entry]]] = {label: [] for label, _, _ in COPIES}
     for o in originals:
         for label, mclass, strength in COPIES:
-            found = [e for e in lib.entries if e.original == o.key and e.mclass == mclass
-                     and e.strength.startswith(strength)]  # fmt: skip
-            copies[label] += [(o, e) for e in found[:1]]
+            if (e := lib.first_copy(o, mclass, strength)) is not None:
+                copies[label].append((o, e))
     independent = [(a, b) for a, b in itertools.combinations(originals, 2) if a.arch == b.arch]
     weights = {e.key: lib.arrays(e) for e in originals}
     for pairs in copies.values():

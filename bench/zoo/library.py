@@ -73,6 +73,11 @@ class Library:
     def originals(self) -> list[Entry]:
         return [e for e in self.entries if e.original is None]
 
+    def first_copy(self, original: Entry, mclass: str, strength: str) -> Entry | None:
+        """The first entry derived from ``original`` of class ``mclass`` whose strength starts with ``strength``."""
+        return next((e for e in self.entries if e.original == original.key and e.mclass == mclass
+                     and e.strength.startswith(strength)), None)  # fmt: skip
+
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for e in self.entries:
