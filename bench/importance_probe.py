@@ -1,34 +1,28 @@
-"""A probe for filter pruning (not a codec): weigh each channel by an importance that keeps every invariance.
+"""Channel importance against filter pruning: codec v6 (every channel alike) against v7 (each channel weighed by
+its importance to the function), on the same models.
 
     python3 -m bench.null train; python3 -m bench.zoo   # the null library and the zoo, cached
     python3 bench/importance_probe.py                   # table -> bench/RESULTS.md section importance_probe
 
-Filter pruning removes the filters an attacker ranks weakest, and the default codec weighs every channel alike, so
-a 30 % filter prune removes 30 % of each layer's sketch terms (docs/codec.md, *Codec v6*). This probe hashes with
-the default codec, but each channel's term of its layer's sketch, and the descriptor it hands to its consumers,
-weighted (``chain_sketches``' ``channel_weights``) by
+Filter pruning removes the filters an attacker ranks weakest. Codec v6 weighs every channel alike, so a 30 % filter
+prune removes 30 % of each layer's sketch terms. Codec v7 weighs channel i's term of its layer's sketch, and the
+descriptor it hands to its consumers, by
 
-    importance_i = 1 / (a_i b_i)
+    importance_i = (1 / (a_i b_i)) ** 0.75
 
 with a_i the producer's balancing row factor of filter i and b_i the balancing column factor of input i in its
-consumers (root mean square over consumers read whole; a channel without one gets no weights in its layer). A
-positive rescaling of channel i multiplies a_i by 1/c and b_i by c, so the importance is exactly invariant where
-the balancing factors are: permutations, ReLU rescaling. BatchNorm folding changes a_i, so the probe first folds
-every BatchNorm it can pair by name into its convolution (``conv1`` / ``bn1``, ``stem`` / ``stem_bn``,
-``features.N`` / ``features.N+1``, ``down.0`` / ``down.1``), as a codec using it would have to at load time for
-every format. It reports, against the default codec on the same models: the null library's independence (the
-most conservative group's p and dof), the null library's copies (invariances included), and zoo originals'
-pruned and fine-tuned copies, in the nets without and with BatchNorm.
+consumers (hashdb/codec/chain.py, ``channel_importance``), BatchNorm folded in first (hashdb/codec/batchnorm.py).
+This bench began as the probe that chose it (docs/codec.md, *Codec v7*); it reports, for both codecs: the null
+library's independence (the most conservative group's p and dof), the null library's copies (invariances
+included), and zoo originals' pruned and fine-tuned copies, in the nets without and with BatchNorm.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import re
 import sys
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +36,7 @@ from bench._results import publish  # noqa: E402
 from bench.null_bench import _state, copy_classes, group_stats  # noqa: E402
 from hashdb import DEFAULT_BITS  # noqa: E402
 from hashdb.codec import ModelHasher  # noqa: E402
-from hashdb.codec import hasher as hasher_module  # noqa: E402
-from hashdb.codec.chain import ChainConfig, balanced, plan_chain  # noqa: E402
+from hashdb.codec.hasher import CHAIN_V6, CODEC_VERSION  # noqa: E402
 
 NULL_COPIES = ("permute channels", "rescale per channel", "BN folding", "fine-tune Adam 1e-3", "transfer 150 steps",
                "transfer 30 epochs", "prune 50%", "filter prune 25%")  # fmt: skip
@@ -53,81 +46,6 @@ ZOO_COPIES = (("fine-tune sgd 1e-2, 150 steps", "finetune", "sgd lr=0.01 steps=1
               ("filters 10 %", "prune_filters", "10%"),
               ("filters 30 % + recovery", "prune_recover", "filters 30%"),
               ("filters 50 % + recovery", "prune_recover", "filters 50%"))  # fmt: skip
-
-
-def _bn_of(prefix: str, sd: Mapping[str, np.ndarray], out: int) -> str | None:
-    """The BatchNorm right after conv ``prefix``, by the naming conventions of the zoo and of torchvision."""
-    candidates = [re.sub(r"conv(\d*)$", r"bn\1", prefix), prefix + "_bn"]
-    m = re.match(r"(.*\.)(\d+)$", prefix)
-    if m:
-        candidates.append(m.group(1) + str(int(m.group(2)) + 1))
-    for c in candidates:
-        if c != prefix and c + ".running_var" in sd and sd[c + ".running_var"].shape == (out,):
-            return c
-    return None
-
-
-def fold_batchnorm(sd: Mapping[str, np.ndarray], eps: float = 1e-5) -> dict[str, np.ndarray]:
-    """Each conv's weights times gamma / sqrt(var + eps) of the BatchNorm paired with it, that BatchNorm dropped."""
-    out: dict[str, np.ndarray] = {}
-    used: set[str] = set()
-    for k, v in sd.items():
-        if k.endswith(".weight") and v.ndim >= 3 and (bn := _bn_of(k[: -len(".weight")], sd, v.shape[0])):
-            gain = sd[bn + ".weight"].astype(np.float64) / np.sqrt(sd[bn + ".running_var"].astype(np.float64) + eps)
-            v = (v.astype(np.float64) * gain.reshape(-1, *([1] * (v.ndim - 1)))).astype(np.float32)
-            used.add(bn)
-        out[k] = v
-    return {k: v for k, v in out.items() if not any(k.startswith(b + ".") for b in used)}
-
-
-def importance_weights(
-    shapes: list[tuple[str, int, int, tuple[int, ...]]], make_layer: Callable[[int], np.ndarray], cfg: ChainConfig
-) -> dict[str, np.ndarray]:
-    """importance_i = 1 / (a_i b_i) per layer with dense consumers, normalised to a largest weight of 1."""
-    chain = plan_chain(shapes)
-    factors: dict[int, tuple[np.ndarray, np.ndarray] | None] = {}
-
-    def of(pos: int) -> tuple[np.ndarray, np.ndarray] | None:  # a dense layer's (row, column) balancing factors
-        if pos not in factors:
-            layer = chain[pos]
-            w = make_layer(layer.index)
-            b = balanced(w.reshape(w.shape[0], w.shape[1], -1), 1, cfg.sweeps) if layer.groups == 1 else None
-            factors[pos] = None if b is None or b.row is None or b.col is None else (b.row, b.col)
-        return factors[pos]
-
-    weights = {}
-    for pos, layer in enumerate(chain):
-        own = of(pos)
-        cols = [of(c)[1] for c, x in enumerate(chain) if x.producer == pos and x.groups == 1 and of(c) is not None]
-        if own is None or not cols:
-            continue
-        inv_b = np.sqrt(np.mean([np.divide(1.0, b**2, out=np.zeros_like(b), where=b > 0) for b in cols], axis=0))
-        v = np.divide(1.0, own[0], out=np.zeros_like(own[0]), where=own[0] > 0) * inv_b
-        if v.max() > 0:
-            weights[layer.name] = v / v.max()
-    return weights
-
-
-@contextmanager
-def weighted_hashing() -> Iterator[None]:
-    """Every ModelHasher hashes with importance weights (its layers made once and kept for the lookahead)."""
-    real = hasher_module.chain_sketches
-
-    def chain_sketches(shapes: Any, make_layer: Any, features: int, cfg: ChainConfig) -> Any:
-        kept: dict[int, np.ndarray] = {}
-
-        def make(i: int) -> np.ndarray:
-            if i not in kept:
-                kept[i] = make_layer(i)
-            return kept[i]
-
-        return real(shapes, make, features, cfg, importance_weights(shapes, make, cfg))
-
-    hasher_module.chain_sketches = chain_sketches  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        hasher_module.chain_sketches = real  # type: ignore[assignment]
 
 
 def load(archs: list[str], seeds: int) -> dict[str, Any]:
@@ -152,12 +70,12 @@ def load(archs: list[str], seeds: int) -> dict[str, Any]:
     return models
 
 
-def measure(models: dict[str, Any], bits: int) -> dict[str, Any]:
-    """Independence, null copies and zoo copies under the hasher in effect (BatchNorm folded first)."""
-    h = ModelHasher(bits)
+def measure(models: dict[str, Any], bits: int, codec: str) -> dict[str, Any]:
+    """Independence, null copies and zoo copies under ``codec``."""
+    h = ModelHasher(bits, codec=codec)
 
     def code(sd: Mapping[str, np.ndarray]) -> np.ndarray:
-        return h.hash_bits(fold_batchnorm(sd))
+        return h.hash_bits(sd)
 
     library = {k: code(v) for k, v in models["null"].items()}
     groups = sorted({g for g, _ in library})
@@ -189,10 +107,9 @@ def main() -> None:
     bits = args.bits or DEFAULT_BITS
     torch.set_num_threads(1)
     models = load(args.archs, args.seeds)
-    plain = measure(models, bits)
-    with weighted_hashing():
-        weighted = measure(models, bits)
-    runs = (("default codec", plain), ("importance-weighted", weighted))
+    plain = measure(models, bits, CHAIN_V6)
+    weighted = measure(models, bits, CODEC_VERSION)
+    runs = ((f"v6 ({CHAIN_V6})", plain), (f"v7 ({CODEC_VERSION}, the default)", weighted))
     rows = ["| | " + " | ".join(name for name, _ in runs) + " |", "|---|---|---|",
             "| null library, most conservative group: p / dof per bit | "
             + " | ".join(f"{r['p']:.4f} / {r['dof']:.3f}" for _, r in runs) + " |"]  # fmt: skip
@@ -208,13 +125,13 @@ def main() -> None:
                 rows.append(f"| zoo, {'BatchNorm' if bn else 'no BatchNorm'}: {label} (median) | "
                             + " | ".join(str(r["zoo"][(label, bn)]) for _, r in runs) + " |")  # fmt: skip
     n_zoo = sum(1 for k in models["zoo"] if k[0] == "original")
-    publish("importance_probe", "Importance probe: filter pruning against channels weighed by 1/(a_i b_i)",
+    publish("importance_probe", "Channel importance: filter pruning under codec v6 and v7",
             "bench/importance_probe.py", [
-                f"Whole codes at {bits} bits, BatchNorm folded by name before hashing in both columns (the default "
-                "codec is invariant to that folding). Null library: "
+                f"Whole codes at {bits} bits, the files as stored (v7 folds BatchNorm in itself; v6 is invariant to "
+                "that folding). Null library: "
                 f"{len(models['null'])} models, copies of seed 0 of each group; zoo: {n_zoo} originals "
                 f"({', '.join(args.archs)}; seeds 0-{args.seeds - 1}), one copy of each kind; the nets without "
-                "BatchNorm are plain and VGG. A probe, not a codec: no null is fitted for it.",
+                "BatchNorm are plain and VGG.",
                 "",
                 *rows,
             ], write=not args.no_write)  # fmt: skip

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import null  # noqa: E402
 from bench._results import machine_line, write_section  # noqa: E402
 from hashdb.codec import ModelHasher  # noqa: E402
-from hashdb.codec.hasher import CHAIN_V3, CHAIN_V4, CHAIN_V5, CODEC_VERSION, LEGACY_CODEC  # noqa: E402
+from hashdb.codec.hasher import CHAIN_V3, CHAIN_V4, CHAIN_V5, CHAIN_V6, CODEC_VERSION, LEGACY_CODEC  # noqa: E402
 from hashdb.codec.null import COPY_RADIUS_FMR, FIT_KEYS, NullFit, false_match_rate, largest_distance  # noqa: E402
 
 NULL_JSON = Path(__file__).resolve().parent.parent / "hashdb" / "codec" / "null.json"
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     groups = [g for g in (args.groups or list(null.GROUPS)) if null.cache_path(g, 0).exists()]
     top = max(args.bits)
-    codecs = [CODEC_VERSION] + ([] if args.no_legacy else [CHAIN_V5, CHAIN_V4, CHAIN_V3, LEGACY_CODEC])
+    codecs = [CODEC_VERSION] + ([] if args.no_legacy else [CHAIN_V6, CHAIN_V5, CHAIN_V4, CHAIN_V3, LEGACY_CODEC])
     lines = ["## Null library: independently trained models and their copies (bench/null_bench.py)\n",
              f"`python3 -m bench.null train` then `python3 bench/null_bench.py {' '.join(argv or sys.argv[1:])}`"
              f"; {machine_line()}.\n"]  # fmt: skip

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import null  # noqa: E402
 from bench._results import machine_line, write_section  # noqa: E402
 from hashdb.codec import ModelHasher  # noqa: E402
-from hashdb.codec.hasher import CHAIN_V3, CHAIN_V4, CHAIN_V5, CODEC_VERSION, LEGACY_CODEC  # noqa: E402
+from hashdb.codec.hasher import CHAIN_V3, CHAIN_V4, CHAIN_V5, CHAIN_V6, CODEC_VERSION, LEGACY_CODEC  # noqa: E402
 
 
 def conv_names(sd: dict[str, np.ndarray]) -> list[str]:
@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.set_num_threads(1)
     hashers = {
-        f"v6 ({CODEC_VERSION})": ModelHasher(args.bits),
+        f"v7 ({CODEC_VERSION})": ModelHasher(args.bits),
+        f"v6 ({CHAIN_V6})": ModelHasher(args.bits, codec=CHAIN_V6),
         f"v5 ({CHAIN_V5})": ModelHasher(args.bits, codec=CHAIN_V5),
         f"v4 ({CHAIN_V4})": ModelHasher(args.bits, codec=CHAIN_V4),
         f"v3 ({CHAIN_V3})": ModelHasher(args.bits, codec=CHAIN_V3),

@@ -47,9 +47,13 @@ def caffe_blob(arr: np.ndarray, legacy: bool = False, double: bool = False) -> b
     return head + pb_len(5, np.ascontiguousarray(arr, "<f4").tobytes())
 
 
-def caffe_model(layers: list[Layer], v1: bool = False, double: bool = False) -> bytes:
+def caffe_model(
+    layers: list[Layer], v1: bool = False, double: bool = False, norms: dict[int, list[np.ndarray]] | None = None
+) -> bytes:
     """A NetParameter: a ``layer`` (or V1 ``layers``) per conv/linear with its weight and bias blobs, plus a
-    data layer without blobs and a BatchNorm-like layer with three flat blobs."""
+    data layer without blobs and a BatchNorm-like layer with three flat blobs. ``norms``: conv index -> (mean, var,
+    moving-average factor, gamma, beta), written as Caffe does, a BatchNorm (mean and var times the factor) and a
+    Scale layer (gamma, beta) after it."""
     out = pb_len(1, b"net")
     data_layer = pb_len(1, b"data") + pb_len(2, b"Input")
     out += pb_len(100, data_layer) if not v1 else pb_len(2, pb_len(4, b"data") + pb_int(5, 5))
@@ -66,8 +70,15 @@ def caffe_model(layers: list[Layer], v1: bool = False, double: bool = False) -> 
         if kind == "conv" and not v1:
             n = w.shape[0]
             stats = [np.linspace(-1, 1, n, dtype=np.float32), np.ones(n, np.float32), np.ones(1, np.float32)]
+            scale = None
+            if norms is not None and i in norms:
+                mean, var, factor, gamma, beta = norms[i]
+                stats, scale = [mean * factor[0], var * factor[0], factor], [gamma, beta]
             body = pb_len(1, f"bn{i}".encode()) + pb_len(2, b"BatchNorm")
             out += pb_len(100, body + b"".join(pb_len(7, caffe_blob(x)) for x in stats))
+            if scale is not None:
+                body = pb_len(1, f"scale{i}".encode()) + pb_len(2, b"Scale")
+                out += pb_len(100, body + b"".join(pb_len(7, caffe_blob(x)) for x in scale))
     return out
 
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from hashdb.codec import ModelHasher
 from hashdb.codec.chain import shrink_small
-from hashdb.codec.hasher import CHAIN_V3, CHAIN_V4, CHAIN_V5, CODEC_VERSION
+from hashdb.codec.hasher import CHAIN_V3, CHAIN_V4, CHAIN_V5, CHAIN_V6, CODEC_VERSION
 from hashdb.errors import InvalidArgument
 
 
@@ -55,7 +55,7 @@ def test_the_soft_threshold_ignores_what_falls_below_it(out: int, cin: int, k: i
     np.testing.assert_allclose(shrink_small(b * np.float32(8.0), shrink), s * 8.0, rtol=1e-6, atol=1e-6)
 
 
-THRESHOLDED = pytest.mark.parametrize("codec", [CHAIN_V5, CODEC_VERSION], ids=["v5", "v6"])
+THRESHOLDED = pytest.mark.parametrize("codec", [CHAIN_V5, CHAIN_V6, CODEC_VERSION], ids=["v5", "v6", "v7"])
 
 
 @THRESHOLDED

@@ -386,3 +386,26 @@ def test_openvino_shared_inputs_are_evaluated_once_per_weight(tmp_path: Path) ->
     (got,) = load_tensors(xml)
     np.testing.assert_array_equal(got.array, np.ones((2, 1, 1, 1), np.float32))  # (-1)^(2^12) = 1
     assert got.layout == "oihw"
+
+
+def test_a_caffe_batchnorm_and_its_scale_fold_into_the_conv_before_them(tmp_path: Path) -> None:
+    """Caffe keeps a BatchNorm's statistics times a moving-average factor, and its gamma and beta in a Scale layer
+    after it. The reader hands them on as that BatchNorm's (hashdb/codec/readers/caffe.py), so codec v7 folds
+    them into the convolution before: the model and its folded copy give one code."""
+    rng = np.random.default_rng(3)
+    sd = {"0.weight": rng.standard_normal((16, 3, 3, 3)).astype(np.float32),
+          "1.weight": rng.standard_normal((24, 16, 3, 3)).astype(np.float32)}  # fmt: skip
+    mean, var = rng.normal(0, 1, 16).astype(np.float32), rng.uniform(0.05, 5.0, 16).astype(np.float32)
+    gamma, beta = rng.uniform(0.2, 3.0, 16).astype(np.float32), rng.normal(0, 1, 16).astype(np.float32)
+    factor = np.array([999.0], np.float32)
+    g = gamma / np.sqrt(var + np.float32(1e-5))
+    plain = [("conv", sd["0.weight"], None), ("conv", sd["1.weight"], None)]
+    folded = [("conv", sd["0.weight"] * g[:, None, None, None], beta - mean * g), ("conv", sd["1.weight"], None)]
+    (tmp_path / "bn.caffemodel").write_bytes(caffe_model(plain, norms={0: [mean, var, factor, gamma, beta]}))
+    (tmp_path / "folded.caffemodel").write_bytes(caffe_model(folded))
+    names = [t.name for t in load_tensors(tmp_path / "bn.caffemodel")]
+    assert {"bn0.running_mean", "bn0.running_var", "bn0.weight", "bn0.bias"} <= set(names), names
+    stats = {t.name: t.array for t in load_tensors(tmp_path / "bn.caffemodel")}
+    np.testing.assert_allclose(stats["bn0.running_var"], var, rtol=1e-6)
+    h = ModelHasher(256)
+    assert h.hash(tmp_path / "bn.caffemodel") == h.hash(tmp_path / "folded.caffemodel")

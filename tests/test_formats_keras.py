@@ -285,3 +285,45 @@ def test_fuzzed_bytes_raise_only_model_format_error(saved, tmp_path: Path, data:
         assert str(exc).startswith(str(p)) and "\n" not in str(exc)
     else:
         assert all(t.array.dtype == np.float32 for t in out)
+
+
+@pytest.mark.parametrize("kind", ["keras", "h5"])
+def test_a_batchnorm_after_a_conv_folds_into_it(keras: Any, tmp_path: Path, kind: str) -> None:
+    """Codec v7 folds each BatchNorm into the convolution it reads (hashdb/codec/batchnorm.py): in a .keras
+    archive the model config says which (Keras 3 stores a BatchNorm's variables by index, apart from its conv),
+    in a legacy .h5 the layers' order. The model with trained-looking BatchNorm statistics and the same model with
+    them folded into its kernels give one code; a .weights.h5 holds no graph, so there they stay apart."""
+    L = keras.layers
+    rng = np.random.default_rng(4)
+    k0, k1 = rng.standard_normal((3, 3, 3, 16)), rng.standard_normal((3, 3, 16, 24))
+    gamma, beta = rng.uniform(0.2, 3.0, 16), rng.normal(0, 1, 16)
+    mean, var = rng.normal(0, 1, 16), rng.uniform(0.05, 5.0, 16)
+
+    def net(folded: bool) -> Any:
+        inp = keras.Input((12, 12, 3))
+        x = L.Conv2D(16, 3, name="c0", use_bias=folded)(inp)
+        if not folded:
+            x = L.BatchNormalization(name="bn0", epsilon=1e-5)(x)
+        x = L.Conv2D(24, 3, name="c1")(L.ReLU()(x))
+        model = keras.Model(inp, x)
+        g = gamma / np.sqrt(var + 1e-5)
+        if folded:
+            model.get_layer("c0").set_weights([(k0 * g).astype(np.float32), (beta - mean * g).astype(np.float32)])
+        else:
+            model.get_layer("c0").set_weights([k0.astype(np.float32)])
+            model.get_layer("bn0").set_weights([a.astype(np.float32) for a in (gamma, beta, mean, var)])
+        model.get_layer("c1").set_weights([k1.astype(np.float32), np.zeros(24, np.float32)])
+        return model
+
+    h = ModelHasher(256)
+    paths = {}
+    for folded in (False, True):
+        paths[folded] = tmp_path / f"{folded}.{kind}"
+        net(folded).save(paths[folded])
+    assert h.hash(paths[False]) == h.hash(paths[True])
+    if kind == "keras":
+        names = [t.name for t in load_tensors(paths[False])]
+        assert any(n.endswith(".bn.moving_variance") for n in names), names
+        weights_only = tmp_path / "bn.weights.h5"
+        net(False).save_weights(weights_only)
+        assert h.hash(weights_only) != h.hash(paths[True])

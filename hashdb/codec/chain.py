@@ -1,4 +1,4 @@
-"""The chain codecs (v3-v6): canonical channel descriptors propagated from the input, and random Fourier sketches.
+"""The chain codecs (v3-v7): canonical channel descriptors propagated from the input, and random Fourier sketches.
 
 Why: statistics of pooled kernels (codec v2) describe the architecture and the training data; by the law of
 large numbers independently trained models of one architecture converge to the same statistics, more so the
@@ -45,10 +45,19 @@ smaller becomes 0. The weights that magnitude pruning removes then count for (al
 in the copy, so a pruned copy keeps its code. Continuous in the weights, unlike zeroing them (``prune``), so a
 fine-tune still moves the code a little. Measured in docs/codec.md ("Codec v5").
 
-Codec v6 (``chain-sketch-6``, the default) is v5 with the threshold taken from the shape instead of the weights:
-0.6 x each live filter's RMS weight, 1 / sqrt(fan-in) since balancing gives every filter unit energy
-(``rms_threshold``). The same codes' quality for about a seventh less hashing time: no percentile to find, each
-layer formed once. Measured in docs/codec.md ("Codec v6").
+Codec v6 (``chain-sketch-6``) is v5 with the threshold taken from the shape instead of the weights: 0.6 x each
+live filter's RMS weight, 1 / sqrt(fan-in) since balancing gives every filter unit energy (``rms_threshold``). The
+same codes' quality for about a seventh less hashing time: no percentile to find, each layer formed once. Measured
+in docs/codec.md ("Codec v6").
+
+Codec v7 (``chain-sketch-7``, the default) is v6 with each channel weighed by its importance to the function
+(``channel_importance``, to the power ``importance`` 0.75) in its layer's sketch and on the descriptor it hands
+on: 1 / (a_i b_i), a_i its filter's balancing row factor and b_i its consumers' balancing column factors, which a
+function-preserving rescaling leaves unchanged. BatchNorm is folded in at load time (codec.batchnorm), so a
+filter's norm means what it means to the function. A filter prune removes the least important filters, which
+then weigh least. Each layer's consumers are made and balanced ahead of it (once; they are reused at their
+turn); pass-through layers are looked through, and a split conv's consumers read as composed. Measured in
+docs/codec.md ("Codec v7").
 """
 
 from __future__ import annotations
@@ -237,6 +246,9 @@ class Balanced:
     w: np.ndarray
     row: np.ndarray | None = None
     col: np.ndarray | None = None
+    # a dense layer's (row, column) balancing factors, kept even where they were applied to ``w`` (extreme scales):
+    # what codec v7's channel importance reads (``channel_importance``)
+    factors: tuple[np.ndarray, np.ndarray] | None = None
 
     def array(self) -> np.ndarray:
         """The balanced layer, float32."""
@@ -264,8 +276,8 @@ def balanced(w: np.ndarray, groups: int, sweeps: int) -> Balanced:
         a, b = _block_factors(sq, sweeps)
         live_a, live_b = a[a > 0], b[b > 0]
         if len(live_a) and len(live_b) and all(1e-15 < v.min() and v.max() < 1e15 for v in (live_a, live_b)):
-            return Balanced(w32, a, b)
-        return Balanced(_scaled(w, a, b))
+            return Balanced(w32, a, b, (a, b))
+        return Balanced(_scaled(w, a, b), factors=(a, b))
     if in_g == 1:  # depthwise: one kernel per block, which balancing divides by its norm
         with np.errstate(divide="ignore"):
             return Balanced(_apply_scale(w, np.where(sq > 0, 1.0 / np.sqrt(np.where(sq > 0, sq, 1.0)), 0.0)))
@@ -739,8 +751,8 @@ def sketch_and_propagate(
     shared directions as normalised linear maps compose (bits of independent models' deep layers agreed: dof
     0.13-0.22 x bits).
     ``single`` (codec v4) takes the phases, the sines and their sum in float32 (the sketch is a sum of a few
-    thousand sines: float32's error is far below a bit's margin). ``weights`` (one per channel; no codec uses
-    them, bench/importance_probe.py does) weigh each channel's term, and the sum is divided by the root of the
+    thousand sines: float32's error is far below a bit's margin). ``weights`` (one per channel; codec v7's
+    importance, ``channel_importance``) weigh each channel's term, and the sum is divided by the root of the
     live weights' squares instead of the channel count."""
     live = np.abs(d).sum(axis=1) > 0
     if live.sum() < 2:
@@ -783,6 +795,25 @@ class ChainConfig:
     # reads the data's few channels, and its filters are the most alike across independent models (per-layer
     # dof 0.48 x bits for a 12-filter grey first layer where its consumers had 0.96-1.33)
     decay: float = 0.0
+    # v7 (chain-sketch-7): each channel weighs importance_i ** importance in its layer's sketch and on the descriptor
+    # it hands on (``channel_importance``); 0 weighs every channel alike (v3-v6)
+    importance: float = 0.0
+
+
+def channel_importance(row: np.ndarray, inverse_sq_columns: np.ndarray, power: float) -> np.ndarray | None:
+    """Codec v7's weight of each output channel of a dense layer: (1 / (a_i b_i)) ** ``power``, largest 1, with
+    a_i the layer's balancing row factor of filter i and 1 / b_i ** 2 the mean over its consumers of their
+    balancing column factors' inverse squares (``inverse_sq_columns``). A channel's importance to the function is
+    its filter's norm times its consumers' input-column norms; balancing divides exactly those norms out, so
+    1 / (a_i b_i) is that importance, and a function-preserving rescaling of channel i (a_i / c, b_i c) leaves it
+    unchanged (up to one factor for the whole layer, which the largest-1 normalisation removes). Pruned channels
+    (a zero filter or zero consumer columns) weigh 0. None when no channel has any weight."""
+    inv_a = np.divide(1.0, row, out=np.zeros_like(row, dtype=np.float64), where=row > 0)
+    v = inv_a * np.sqrt(np.maximum(inverse_sq_columns, 0.0))
+    top = float(v.max()) if len(v) else 0.0
+    if not np.isfinite(top) or top <= 0:
+        return None
+    return (v / top) ** power
 
 
 def chain_sketches(
@@ -790,13 +821,15 @@ def chain_sketches(
     make_layer: Callable[[int], np.ndarray],
     features: int,
     cfg: ChainConfig,
-    channel_weights: Mapping[str, np.ndarray] | None = None,
+    gains: Mapping[int, np.ndarray] | None = None,
 ) -> list[tuple[str, np.ndarray]]:
     """(layer name, sketch) of every layer, in chain order. ``shapes`` are (name, out, in per group, kernel
     shape) and ``make_layer(index)`` makes layer ``index`` as an (out, in per group, *kernel) array; each
-    layer is made, used and dropped in turn. ``channel_weights`` (by layer name; no codec uses them,
-    bench/importance_probe.py does): each output channel's weight in its layer's sketch
-    (``sketch_and_propagate``) and on the descriptor it hands to its consumers."""
+    layer is made, used and dropped in turn (codec v7 makes a layer's consumers ahead of it, each still once).
+    Codec v7 (``cfg.importance``) weighs each output channel by ``channel_importance`` in its layer's sketch
+    (``sketch_and_propagate``) and on the descriptor it hands to its consumers. ``gains`` (codec v7; by layer
+    index): the magnitudes of the BatchNorm gains folded into each filter (codec.batchnorm), which multiply its
+    importance as they would its norm."""
     chain = plan_chain(shapes)
     if not chain:
         raise ModelFormatError("no convolution weights found")
@@ -809,6 +842,72 @@ def chain_sketches(
         return Balanced(sinkhorn_balance(w, groups, cfg.sweeps))
 
     chain = _place_near_identity_1x1(chain, make_layer, made, balance)
+    # Layers made and balanced ahead of their turn (codec v7 reads a layer's consumers' balancing before its
+    # sketch): chain position -> (raw (out, in per group, k) weights, balanced, channel_pass). Each is used at its
+    # turn as if made then, so at most a layer's consumers are held beside it.
+    prepared: dict[int, tuple[np.ndarray, Balanced, tuple[np.ndarray, np.ndarray] | None]] = {}
+    columns_seen: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def prepare(pos: int) -> tuple[np.ndarray, Balanced, tuple[np.ndarray, np.ndarray] | None]:
+        if pos not in prepared:
+            layer = chain[pos]
+            w = made.pop(layer.index) if layer.index in made else make_layer(layer.index)
+            w = w.reshape(w.shape[0], w.shape[1], -1)
+            b = balance(w, layer.groups)
+            prepared[pos] = (w, b, channel_pass(b, layer.groups, layer.kshape))
+        return prepared[pos]
+
+    def inverse_sq_columns(pos: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sum over the dense layers reading position ``pos``'s channels of 1 / column factor ** 2, how many
+        such layers) per channel; a pass-through layer (``channel_pass``) is looked through to its consumers.
+        Kept per position: a split conv's producer is sketched again once its 1x1 is composed into it."""
+        if pos in columns_seen:
+            return columns_seen[pos]
+        total, count = np.zeros(chain[pos].out), np.zeros(chain[pos].out)
+        for c in consumers.get(pos, []):
+            _, bc, through_c = prepare(c)
+            if through_c is not None:
+                sub_total, sub_count = inverse_sq_columns(c)
+                if composable(pos):  # a near-identity 1x1 composed into ``pos`` (a split conv): its channel order
+                    src = np.arange(len(sub_total))
+                else:  # channel j of the pass-through is ``pos``'s channel src[j], times its filter's norm
+                    src = through_c[0]
+                    w_c = prepare(c)[0]
+                    sub_total = sub_total * np.einsum("oik,oik->o", w_c, w_c, dtype=np.float64)
+                np.add.at(total, src, sub_total)
+                np.add.at(count, src, sub_count)
+            elif chain[c].groups == 1 and bc.factors is not None and len(bc.factors[1]) == chain[pos].out:
+                col = composed_columns(c) if composable(c) else None
+                col = bc.factors[1] if col is None else col
+                total += np.divide(1.0, col * col, out=np.zeros(len(col)), where=col > 0)
+                count += 1
+        columns_seen[pos] = (total, count)
+        return total, count
+
+    def composed_columns(c: int) -> np.ndarray | None:
+        """The balancing column factors of layer ``c`` with the near-identity 1x1 after it composed in (a split
+        conv: A^-1 W's columns are not W's), or None when its 1x1 is no near-identity."""
+        one = consumers[c][0]
+        w_one, _, through_one = prepare(one)
+        if through_one is None:
+            return None
+        factors = balance(np.einsum("po,oik->pik", w_one[:, :, 0], prepare(c)[0]), 1).factors
+        return None if factors is None else factors[1]
+
+    def importance_of(pos: int, b: Balanced) -> np.ndarray | None:
+        if cfg.importance <= 0 or b.factors is None:
+            return None
+        total, count = inverse_sq_columns(pos)
+        if not count.any():
+            return None
+        mean = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+        row = b.factors[0]
+        # a BatchNorm paired with a split conv's first half scales the composed layer's rows, which it follows
+        gain = None if gains is None else gains.get(chain[pos].index)
+        if gain is not None and len(gain) == len(row):  # a filter times |g| has its row factor divided by |g|
+            g = np.abs(gain.astype(np.float64))
+            row = np.divide(row, g, out=np.zeros_like(row), where=g > 0)
+        return channel_importance(row, mean, cfg.importance)
     freq = frequencies(cfg.dim, features, cfg.omega)
     if cfg.single:
         freq = freq.astype(np.float32)
@@ -839,6 +938,7 @@ def chain_sketches(
         maps = maps_cache.get(layer.kshape)
         if maps is None:
             maps = maps_cache[layer.kshape] = tap_maps(layer.kshape, cfg.dim)
+        weights = importance_of(pos, b)
         if cfg.prune > 0:
             b = balance(prune_small(b.array(), cfg.prune), layer.groups)
         if cfg.shrink > 0:
@@ -849,7 +949,6 @@ def chain_sketches(
         else:  # v3's own arithmetic, so that its codes stay bit for bit
             d = descriptors(b.array(), inputs, layer.groups, maps)
         del b
-        weights = None if channel_weights is None else channel_weights.get(layer.name)
         sk, handed = sketch_and_propagate(d, freq, cfg.ridge, cfg.single, weights)
         if weights is not None:
             handed = handed * weights[:, None]
@@ -862,15 +961,13 @@ def chain_sketches(
         return handed if cfg.whiten_chain else d
 
     for pos, layer in enumerate(chain):
-        w = made.pop(layer.index) if layer.index in made else make_layer(layer.index)
-        w = w.reshape(w.shape[0], w.shape[1], -1)
+        w, b, through = prepare(pos)
+        del prepared[pos]
         inputs = (
             data_descriptors(layer.in_per_group * layer.groups, cfg.dim)
             if layer.producer is None
             else desc[layer.producer]
         )
-        b = balance(w, layer.groups)
-        through = channel_pass(b, layer.groups, layer.kshape)
         if through is not None and layer.producer in kept:
             # a near-identity 1x1 A after a kernel W (a split conv W -> A^-1 W, A): hash A @ (A^-1 W) = W in the
             # producer's place. Exact with nothing between them; with a ReLU between, A's noise is all it adds.

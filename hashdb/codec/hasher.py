@@ -12,6 +12,7 @@ import numpy as np
 from .. import DEFAULT_BITS
 from ..codes import check_bits
 from ..errors import InvalidArgument, ModelFormatError
+from .batchnorm import batchnorm_gains, fold_sign
 from .chain import ChainConfig, chain_sketches
 from .encode import ENCODINGS, encode
 from .load import load_tensors
@@ -19,22 +20,26 @@ from .nts import CONTRASTS, FEATURES, projection_statistics
 from .null import null_radius_fraction
 from .select import PRUNE_RULES, Pool, capped_pools, conv_layer, conv_plan, important_kernels, kernel_shape
 
-CODEC_VERSION = "chain-sketch-6"  # the default codec: chain.py (canonical descriptors, Fourier sketches)
+CODEC_VERSION = "chain-sketch-7"  # the default codec: chain.py (canonical descriptors, Fourier sketches)
+CHAIN_V6 = "chain-sketch-6"  # codec v6: v7 without its channel importance, kept to query and extend its databases
 CHAIN_V5 = "chain-sketch-5"  # codec v5: v6 with its threshold from a percentile, kept to query and extend its databases
 CHAIN_V4 = "chain-sketch-4"  # codec v4: v5 without its soft threshold, kept to query and extend its databases
 CHAIN_V3 = "chain-sketch-3"  # codec v3: chain.py as first shipped, kept to query and extend databases made with it
 LEGACY_CODEC = "nts-dihedral-2"  # codec v2 (pooled-kernel statistics), kept to query databases made with it
-CHAIN_CODECS = (CODEC_VERSION, CHAIN_V5, CHAIN_V4, CHAIN_V3)
-CODECS = (CODEC_VERSION, CHAIN_V5, CHAIN_V4, CHAIN_V3, LEGACY_CODEC)
-DEPTH_CODECS = (CODEC_VERSION, CHAIN_V5, CHAIN_V4)  # the codecs with depth weights (``decay``)
-SHRINK_CODECS = (CODEC_VERSION, CHAIN_V5)  # the codecs with a soft threshold (``shrink``)
+CHAIN_CODECS = (CODEC_VERSION, CHAIN_V6, CHAIN_V5, CHAIN_V4, CHAIN_V3)
+CODECS = (CODEC_VERSION, CHAIN_V6, CHAIN_V5, CHAIN_V4, CHAIN_V3, LEGACY_CODEC)
+DEPTH_CODECS = (CODEC_VERSION, CHAIN_V6, CHAIN_V5, CHAIN_V4)  # the codecs with depth weights (``decay``)
+SHRINK_CODECS = (CODEC_VERSION, CHAIN_V6, CHAIN_V5)  # the codecs with a soft threshold (``shrink``)
+IMPORTANCE_CODECS = (CODEC_VERSION,)  # the codecs that weigh channels by importance (``importance``)
 
 # Each chain codec's fixed choices (chain.ChainConfig) and its tunables' defaults. v4 (docs/codec.md, "Codec v4"):
 # filters centred, float32 balancing with fewer sweeps, descriptors as matrix products, a wider descriptor. v5
 # ("Codec v5"): v4 with each balanced layer soft-thresholded (``shrink``), so magnitude pruning keeps the code. v6
 # ("Codec v6"): the threshold a multiple of the balanced layer's RMS weight, a number of its shape (no pass to find it).
+# v7 ("Codec v7"): v6 with each channel weighed by its importance to the function (``importance``), BatchNorm folded.
 CHAIN_FIXED: dict[str, dict[str, Any]] = {
     CODEC_VERSION: {"centre": True, "sweeps": 6, "single": True, "shrink_by_rms": True},
+    CHAIN_V6: {"centre": True, "sweeps": 6, "single": True, "shrink_by_rms": True},
     CHAIN_V5: {"centre": True, "sweeps": 6, "single": True},
     CHAIN_V4: {"centre": True, "sweeps": 6, "single": True},
     CHAIN_V3: {},
@@ -44,7 +49,8 @@ CHAIN_FIXED: dict[str, dict[str, Any]] = {
 # v5's is a fraction of a percentile of |w|
 SHRINK_LIMIT = 1.0
 CHAIN_DEFAULTS: dict[str, dict[str, Any]] = {
-    CODEC_VERSION: {"dim": 96, "omega": 2.0, "ridge": 0.3, "decay": 0.75, "shrink": 0.6},
+    CODEC_VERSION: {"dim": 96, "omega": 2.0, "ridge": 0.3, "decay": 0.75, "shrink": 0.6, "importance": 0.75},
+    CHAIN_V6: {"dim": 96, "omega": 2.0, "ridge": 0.3, "decay": 0.75, "shrink": 0.6},
     CHAIN_V5: {"dim": 96, "omega": 2.0, "ridge": 0.3, "decay": 0.75, "shrink": 0.35},
     CHAIN_V4: {"dim": 96, "omega": 2.0, "ridge": 0.3, "decay": 0.75, "shrink": 0.0},
     CHAIN_V3: {"dim": 32, "omega": 2.0, "ridge": 0.3, "decay": 0.0, "shrink": 0.0},
@@ -88,20 +94,23 @@ class ModelHasher:
     """Perceptual hash of a CNN's weights: copies land within ``copy_radius`` bits of each other, independently
     trained models (even of the same architecture) about half the bits apart.
 
-    ``bits``: code length, a multiple of 64 in 64..2048. ``codec``: 'chain-sketch-6' (the default,
+    ``bits``: code length, a multiple of 64 in 64..2048. ``codec``: 'chain-sketch-7' (the default,
     hashdb/codec/chain.py: channel descriptors propagated from the input in canonical coordinates, summed
-    through random Fourier features; independent bits for independently trained models, docs/codec.md),
-    'chain-sketch-5' (the same with its soft threshold found from a percentile of the weights),
+    through random Fourier features, each channel weighed by its importance to the function; independent bits for
+    independently trained models, docs/codec.md), 'chain-sketch-6' (the same with every channel weighed alike),
+    'chain-sketch-5' (v6 with its soft threshold found from a percentile of the weights),
     'chain-sketch-4' (without a soft threshold) and 'chain-sketch-3' (the first version: 32-dimensional
     descriptors, uncentred filters, float64 balancing), all kept so that databases made with them keep their
     codes, or 'nts-dihedral-2' (pooled-kernel statistics; kept so that
     databases made with it can still be queried). Shared tunables: ``layout`` ('auto' | 'oihw' | 'hwio'),
     ``include_linear``, ``radius_fraction`` (copy_radius / bits; default from the codec's fitted null).
-    Chain codec tunables: ``dim`` (descriptor dimension: v4-v6 96, v3 32), ``omega`` (Fourier frequency:
+    Chain codec tunables: ``dim`` (descriptor dimension: v4-v7 96, v3 32), ``omega`` (Fourier frequency:
     higher is more distinctive, lower more tolerant of fine-tuning; 2), ``ridge`` (whitening regularisation; 0.3);
-    v4-v6: ``decay`` (a layer's sketch counts (1 + max(depth, 1))^-decay in the model's code; 0.75); v6 and v5:
-    ``shrink`` (each balanced layer soft-thresholded; v6: at shrink x each live filter's RMS weight, 1 / sqrt(fan-in),
-    0.6; v5: at shrink x the layer's 90th percentile of |w|, 0.35; both in [0, 1)).
+    v4-v7: ``decay`` (a layer's sketch counts (1 + max(depth, 1))^-decay in the model's code; 0.75); v5-v7:
+    ``shrink`` (each balanced layer soft-thresholded; v6 and v7: at shrink x each live filter's RMS weight,
+    1 / sqrt(fan-in), 0.6; v5: at shrink x the layer's 90th percentile of |w|, 0.35; both in [0, 1)); v7:
+    ``importance`` (each channel weighs (1 / (a_i b_i)) ** importance, chain.channel_importance, BatchNorm folded
+    in at load time, codec.batchnorm; 0.75, in [0, 2]; 0 is v6).
     Codec v2 tunables: ``prune``, ``prune_rule``, ``features``, ``encoding``, ``contrast``, ``max_kernels``.
 
     ``hash`` / ``hash_bits`` give the code; ``features`` the real values it binarizes (sign); ``layer_sketches``
@@ -124,6 +133,7 @@ class ModelHasher:
         ridge: float | None = None,
         decay: float | None = None,
         shrink: float | None = None,
+        importance: float | None = None,
         prune: float = 0.5,
         prune_rule: str = "relative",
         features: Sequence[str] = ("skew", "kurt"),
@@ -158,6 +168,11 @@ class ModelHasher:
         shrink = chain_defaults.get("shrink", 0.0) if shrink is None else shrink
         if not (isinstance(shrink, int | float) and not isinstance(shrink, bool) and 0.0 <= shrink < SHRINK_LIMIT):
             raise InvalidArgument(f"shrink must be in [0, {SHRINK_LIMIT:g}), got {shrink!r}")
+        if importance is not None and codec not in IMPORTANCE_CODECS and importance != own.get("importance"):
+            raise InvalidArgument(f"importance is a setting of {', '.join(IMPORTANCE_CODECS)}; codec {codec} has none")
+        importance = chain_defaults.get("importance", 0.0) if importance is None else importance
+        if not (isinstance(importance, int | float) and not isinstance(importance, bool) and 0.0 <= importance <= 2.0):
+            raise InvalidArgument(f"importance must be in [0, 2], got {importance!r}")
         if not isinstance(dim, int) or isinstance(dim, bool) or not 4 <= dim <= 256:
             raise InvalidArgument(f"dim must be an int in 4..256, got {dim!r}")
         if not (isinstance(omega, int | float) and 0.0 < omega <= 100.0):
@@ -183,7 +198,7 @@ class ModelHasher:
         self.prune_rule = prune_rule
         self.encoding = encoding
         self.chain = ChainConfig(dim=dim, omega=float(omega), ridge=float(ridge), decay=float(decay),
-                                 shrink=float(shrink), **CHAIN_FIXED.get(codec, {}))
+                                 shrink=float(shrink), importance=float(importance), **CHAIN_FIXED.get(codec, {}))
         if codec in CHAIN_CODECS:
             self.feature_names: tuple[str, ...] = ("sketch",)
             self.directions = self.bits
@@ -227,6 +242,7 @@ class ModelHasher:
                 "ridge": self.chain.ridge,
                 **({"decay": self.chain.decay} if self.codec in DEPTH_CODECS else {}),
                 **({"shrink": self.chain.shrink} if self.codec in SHRINK_CODECS else {}),
+                **({"importance": self.chain.importance} if self.codec in IMPORTANCE_CODECS else {}),
             }
         return {
             "codec": self.codec,
@@ -292,6 +308,8 @@ class ModelHasher:
             ks = kernel_shape(arr, read)
             out, cin = (arr.shape[-1], arr.shape[-2]) if read == "hwio" else arr.shape[:2]
             shapes.append((tensors[i].name, int(out), int(cin), tuple(int(k) for k in ks) or (1,)))
+        # codec v7 weighs filters by their norms, which a BatchNorm after them sets: fold it in (codec.batchnorm)
+        gains = batchnorm_gains(tensors, plan) if self.chain.importance > 0 else {}
         arrays: list[np.ndarray | None] = [t.array for t in tensors]
         del tensors  # each layer's array is dropped once its descriptors are made
 
@@ -299,11 +317,11 @@ class ModelHasher:
             i, read = plan[j]
             w = conv_layer(arrays[i], read)  # type: ignore[arg-type]
             arrays[i] = None
-            return w
+            return fold_sign(w, gains[j]) if j in gains else w
 
         try:
             with _one_blas_thread():
-                return chain_sketches(shapes, make_layer, self.bits, self.chain), shapes
+                return chain_sketches(shapes, make_layer, self.bits, self.chain, gains=gains), shapes
         except (ModelFormatError, ValueError) as exc:
             raise ModelFormatError(f"{where}: {exc}") from None
 

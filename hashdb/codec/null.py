@@ -46,7 +46,7 @@ def _table() -> dict[str, Any]:
 
 # What a fit depends on: the sketch's geometry. Which tensors are read (layout, include_linear) is not part of
 # it: linear layers of independent models are as independent as their convs (not separately measured).
-FIT_KEYS = ("codec", "dim", "omega", "ridge", "decay", "shrink")
+FIT_KEYS = ("codec", "dim", "omega", "ridge", "decay", "shrink", "importance")
 
 
 def same_fit(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -8,7 +8,10 @@ data[5]: packed float, shape[7]: BlobShape{dim[1]: packed int64}, double_data[8]
 Layout: Convolution kernels are ``(out, in/group, *k)`` (OIHW) and Deconvolution kernels ``(in, out/group,
 *k)``, torch's ConvTranspose order; both are returned as they are with ``layout="oihw"``. InnerProduct
 weights are ``(out, in)`` (V1 files store them as ``(1, 1, out, in)``: the leading ones are dropped).
-Every other blob (biases, BatchNorm/Scale/PReLU parameters) is returned flat. The ``.prototxt`` beside the
+A BatchNorm's blobs are returned as ``<name>.running_mean``/``.running_var`` (divided by the moving-average factor
+Caffe keeps in the third blob), and a Scale layer right after it as that BatchNorm's ``.weight``/``.bias`` (its
+gamma and beta), so that codec v7 can fold it into its convolution. Every other blob (biases, PReLU parameters) is
+returned flat. The ``.prototxt`` beside the
 file describes the net but holds no weights and is not needed.
 """
 
@@ -47,6 +50,7 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
 def _read_net(path: Path, buf: memoryview, mm: mmap.mmap) -> list[NamedTensor]:
     out: list[NamedTensor] = []
     layers = 0
+    last_norm: tuple[str, int] | None = None  # the BatchNorm just read (name, channels): a Scale after it is its own
     for number, _, value in pw.fields(buf):
         if number not in (2, 100):
             continue
@@ -60,21 +64,42 @@ def _read_net(path: Path, buf: memoryview, mm: mmap.mmap) -> list[NamedTensor]:
             name = pw.text(layer[4][-1]) if 4 in layer else f"layer{layers}"
             kind = _V1_TYPES.get(pw.as_int(layer[5][-1]), "") if 5 in layer else ""
             blobs = layer.get(6, [])
-        for i, blob in enumerate(blobs):
-            arr = _blob(path, name, i, pw.message(pw.as_bytes(blob)))
+        arrays = [_blob(path, name, i, pw.message(pw.as_bytes(blob))) for i, blob in enumerate(blobs)]
+        norm: tuple[str, int] | None = None
+        if kind == "BatchNorm" and len(arrays) == 3 and all(a is not None for a in arrays):
+            out.extend(stats := _batchnorm(name, arrays))  # type: ignore[arg-type]
+            norm = (name, len(stats[0].array))
+            arrays = []  # read: nothing left for the loop below
+        for i, arr in enumerate(arrays):
             if arr is None:
                 continue
-            tensor_name = f"{name}.{('weight', 'bias')[i] if i < 2 else f'blob{i}'}"
+            owner = name
+            if kind == "Scale" and i < 2 and last_norm is not None and arr.size == last_norm[1]:
+                owner = last_norm[0]  # the BatchNorm's gamma and beta, which Caffe keeps in a Scale layer after it
+            tensor_name = f"{owner}.{('weight', 'bias')[i] if i < 2 else f'blob{i}'}"
             if i == 0 and kind in _CONV_TYPES and arr.ndim >= 3:
                 out.append(NamedTensor(tensor_name, arr, "oihw"))
             elif i == 0 and kind == "InnerProduct" and arr.ndim >= 2:
                 out.append(NamedTensor(tensor_name, arr.reshape(arr.shape[-2], arr.shape[-1])))
             else:
                 out.append(NamedTensor(tensor_name, arr.reshape(-1)))
+        last_norm = norm
         drop_mapped_pages(mm)  # the layer's values are copied out
     if layers == 0:
         raise ModelFormatError(f"{path}: not a Caffe model (no layers in the NetParameter)")
     return out
+
+
+def _batchnorm(name: str, blobs: list[np.ndarray]) -> list[NamedTensor]:
+    """A Caffe BatchNorm's blobs (mean and variance, each times the moving-average factor in the third) as
+    ``<name>.running_mean`` and ``<name>.running_var``, the statistics they stand for (codec v7 folds them into the
+    convolution before: hashdb/codec/batchnorm.py); flat blobs as they are where the shapes do not fit."""
+    mean, var, factor = (b.reshape(-1) for b in blobs)
+    if len(mean) != len(var) or len(factor) != 1:
+        return [NamedTensor(f"{name}.{part}", b) for part, b in zip(("weight", "bias", "blob2"), (mean, var, factor),
+                                                                     strict=True)]  # fmt: skip
+    scale = np.float32(0.0 if factor[0] == 0 else 1.0 / factor[0])  # Caffe's own rule: a factor of 0 reads as 0
+    return [NamedTensor(f"{name}.running_mean", mean * scale), NamedTensor(f"{name}.running_var", var * scale)]
 
 
 def _blob(path: Path, layer: str, index: int, blob: dict[int, list[int | memoryview]]) -> np.ndarray | None:

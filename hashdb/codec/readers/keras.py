@@ -209,7 +209,7 @@ def _read_h5_file(h5py: Any, f: Any, path: Path, max_bytes: int, config: Any) ->
             config = config if config is not None else _json_attr(_attr(f, "model_config"))
             entries = _legacy_entries(h5py, f, _config_classes(config))
         elif "layers" in f or "vars" in f:
-            entries = _v3_entries(h5py, f, _config_classes(config))
+            entries = _v3_batchnorms(h5py, f, _v3_entries(h5py, f, _config_classes(config)), config)
         else:
             raise ModelFormatError(f"{path}: HDF5 file without Keras weights (no model_weights, layers or layer_names)")
         # What reading makes, against what the file stores: an unallocated dataset reads as its fill value
@@ -384,3 +384,86 @@ def _v3_entries(h5py: Any, root: Any, classes: dict[str, str | None]) -> list[tu
             kind = _LAYER_KERNELS.get(cls or "", {}).get(int(parts[-1]))
         entries.append((name, ds, kind))
     return entries
+
+
+def _inbound(layer: dict) -> str | None:
+    """The name of the layer a functional model's layer reads (its first input), Keras 3 or Keras 2 form."""
+    stack: list[Any] = [layer.get("inbound_nodes")]
+    while stack:
+        node = stack.pop(0)
+        if isinstance(node, dict):
+            history = node.get("keras_history")
+            if isinstance(history, list) and history and isinstance(history[0], str):
+                return history[0]
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            if node and isinstance(node[0], str):  # Keras 2: [layer name, node index, tensor index, kwargs]
+                return node[0]
+            stack.extend(node)
+    return None
+
+
+def _config_batchnorms(config: Any) -> dict[str, tuple[str, bool, bool]]:
+    """BatchNormalization layer name -> (the layer it reads, scale, center), from a model config: a functional
+    model's inbound nodes, or the layer before it in a Sequential."""
+    found: dict[str, tuple[str, bool, bool]] = {}
+    stack, seen = [config], 0
+    while stack and seen < 1_000_000:
+        node = stack.pop()
+        seen += 1
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        stack.extend(node.values())
+        cfg = node.get("config")
+        layers = cfg.get("layers") if isinstance(cfg, dict) else None
+        if not isinstance(layers, list):
+            continue
+        previous = None
+        for layer in layers:
+            lcfg = layer.get("config") if isinstance(layer, dict) else None
+            name = lcfg.get("name") if isinstance(lcfg, dict) else None
+            if not isinstance(name, str) or not isinstance(lcfg, dict):
+                continue
+            source = _inbound(layer) if node.get("class_name") != "Sequential" else previous
+            if layer.get("class_name") == "BatchNormalization" and isinstance(source, str):
+                found[name] = (source, lcfg.get("scale", True) is not False, lcfg.get("center", True) is not False)
+            previous = name
+    return found
+
+
+def _v3_batchnorms(
+    h5py: Any, root: Any, entries: list[tuple[str, Any, str | None]], config: Any
+) -> list[tuple[str, Any, str | None]]:
+    """Keras 3 stores a BatchNormalization's variables by index (``vars/0``..``vars/3``) under a group named
+    by class, apart from the convolution it follows. Renamed by role after the kernel of the layer it reads
+    (``<kernel>.bn.gamma``, ``<kernel>.bn.moving_variance``), so that codec v7 folds it into that convolution
+    (hashdb/codec/batchnorm.py). The model config says which layer that is; without one nothing is renamed."""
+    norms = _config_batchnorms(config)
+    if not norms:
+        return entries
+    layer_of: dict[str, str] = {}
+    for name, _, _ in entries:
+        parts = name.split("/")
+        if len(parts) >= 3 and parts[-2] == "vars" and parts[-1].isdigit():
+            layer = _attr(root[name].parent, "name")
+            layer = layer.decode("utf-8", "replace") if isinstance(layer, bytes) else layer
+            if isinstance(layer, str):
+                layer_of[name] = layer
+    kernel_of: dict[str, str] = {}  # a layer's kernel that sets its outputs (a separable conv's pointwise one)
+    for name, _, kind in entries:
+        if kind is not None and name in layer_of and (kind != "depthwise" or layer_of[name] not in kernel_of):
+            kernel_of[layer_of[name]] = name
+    out = []
+    for name, ds, kind in entries:
+        norm = norms.get(layer_of.get(name, ""))
+        if norm is not None and norm[0] in kernel_of:
+            source, scale, center = norm
+            roles = ["gamma"] * scale + ["beta"] * center + ["moving_mean", "moving_variance"]
+            index = int(name.rsplit("/", 1)[1])
+            if index < len(roles):
+                name = f"{kernel_of[source]}.bn.{roles[index]}"
+        out.append((name, ds, kind))
+    return out
