@@ -1,4 +1,5 @@
-"""Why pruned copies move the code: per-layer distances, and what the soft threshold of codecs v5 and v6 changes.
+"""Why pruned copies move the code: per-layer distances, and what the soft threshold (codecs v5-v7) and the channel
+importance (codec v7) change.
 
     python3 -m bench.zoo                    # the zoo (bench/zoo), cached
     python3 bench/pruning_bench.py          # tables -> bench/RESULTS.md section pruning
@@ -6,19 +7,21 @@
 Pruning was codec v4's weak spot (docs/codec.md, *Pruning as a thief prunes*): pruned copies that a recovery
 fine-tune made work again land about as far from their originals as pruning alone puts them. Codec v5
 soft-thresholds each balanced layer (``ChainConfig.shrink``, chain.shrink_small) so that the weights magnitude
-pruning removes count for nothing; codec v6 (the default) takes the threshold from the balanced layer's shape (a
-multiple of its RMS weight) instead of a percentile of its weights. For the zoo originals of ``--archs`` and
-``--seeds`` this measures
+pruning removes count for nothing; codec v6 takes the threshold from the balanced layer's shape (a multiple of its
+RMS weight); codec v7 (the default) weighs each channel by its importance to the function
+(``ChainConfig.importance``, chain.channel_importance), so the filters a filter prune removes weigh little. For
+the zoo originals of ``--archs`` and ``--seeds`` this measures
 
 1. each layer's own code distance (the sign of its sketch, as the database stores it) between the original and
-   its pruned, recovered, fine-tuned copies and an independently trained model of its architecture: is the
-   damage local to each layer, or does it grow with depth through the propagated descriptors?
-2. the model-code distance under the default (v6) and under the neighbouring settings: v5, v4 (no threshold), other
-   thresholds, v4 with small balanced weights zeroed (``ChainConfig.prune``: a hard threshold), beside the
-   same-architecture independent pairs: what each buys and what it costs.
+   its pruned, recovered, fine-tuned copies and an independently trained model of its architecture, under v7 and
+   v6: is the damage local to each layer, or does it grow with depth through the propagated descriptors?
+2. the model-code distance under the default (v7) and under the neighbouring settings: v6 (no importance),
+   importance 1, v5, v4 (no threshold), another threshold, beside the same-architecture independent pairs: what
+   each buys and what it costs;
+3. which filters a filter prune takes, against the importance a code exactly invariant to rescaling can use.
 
-Only v4, v5 and v6 have fitted nulls; the other rows are probes (bench/codec_tradeoff.py measures the threshold's
-cost in independence on the null library).
+Only v4-v7 at their defaults have fitted nulls; the other rows are probes (bench/codec_tradeoff.py measures the
+threshold's cost in independence on the null library).
 """
 
 from __future__ import annotations
@@ -51,12 +54,12 @@ COPIES = (
     ("filters 30 % + recovery", "prune_recover", "filters 30%"),
 )
 SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("default (v6: shrink 0.6 x the RMS weight)", {}),
-    ("v4 (shrink 0)", {"shrink": 0.0}),
-    ("v5 (shrink 0.35 x the 90th percentile)", {"shrink": 0.35, "shrink_by_rms": False}),
-    ("v6, shrink 0.35", {"shrink": 0.35}),
-    ("v6, shrink 0.9", {"shrink": 0.9}),
-    ("v4 + prune 0.5 (hard)", {"shrink": 0.0, "prune": 0.5}),
+    ("default (v7: importance 0.75, shrink 0.6 x the RMS weight)", {}),
+    ("v6 (importance 0)", {"importance": 0.0}),
+    ("v7, importance 1", {"importance": 1.0}),
+    ("v4 (shrink 0, importance 0)", {"shrink": 0.0, "importance": 0.0}),
+    ("v5 (shrink 0.35 x the 90th percentile)", {"shrink": 0.35, "shrink_by_rms": False, "importance": 0.0}),
+    ("v6, shrink 0.9", {"shrink": 0.9, "importance": 0.0}),
 )
 
 
@@ -139,8 +142,8 @@ def main() -> None:
         hs.chain = dataclasses.replace(hs.chain, **change)
         sketches[name] = {k: [np.asarray(sk) for _, sk in hs.layer_sketches(sd)] for k, sd in weights.items()}
 
-    # 1. per layer, v6 and v4: first layer, the median of the middle ones, the last one
-    rows = ["| copy | pairs | first layer: v6 / v4 | middle layers (median): v6 / v4 | last layer: v6 / v4 |",
+    # 1. per layer, v7 and v6: first layer, the median of the middle ones, the last one
+    rows = ["| copy | pairs | first layer: v7 / v6 | middle layers (median): v7 / v6 | last layer: v7 / v6 |",
             "|---|---|---|---|---|"]  # fmt: skip
     per_setting = []
     for name, _ in SETTINGS[:2]:
@@ -176,7 +179,8 @@ def main() -> None:
         "",
         *rows,
         "",
-        "The model code under the default (v6) and neighbouring settings (`shrink`: the soft threshold, v6: a "
+        "The model code under the default (v7) and neighbouring settings (`importance`: the power of each "
+        "channel's importance, 0 weighs every channel alike as v6 did; `shrink`: the soft threshold, v6 and v7: a "
         "multiple of the balanced layer's RMS weight, v5: a fraction of its 90th percentile of |w|; `prune`: "
         "balanced weights at or under prune / 0.9 of that percentile zeroed):",
         "",

@@ -234,9 +234,13 @@ def lod_tensor(arr: np.ndarray, lod: list[list[int]] | None = None) -> bytes:
     return out + struct.pack("<Ii", 0, len(desc)) + desc + np.ascontiguousarray(arr).tobytes()
 
 
-def paddle_inference(prefix: Path, params: dict[str, np.ndarray], conv_filters: list[str]) -> Path:
+def paddle_inference(
+    prefix: Path, params: dict[str, np.ndarray], conv_filters: list[str],
+    norms: dict[str, dict[str, str]] | None = None,
+) -> Path:  # fmt: skip
     """``PREFIX.pdmodel`` (feed -> conv2d per filter -> fetch, plus every param as a persistable var, in a
-    shuffled order as programs list them) and ``PREFIX.pdiparams`` (save_combine: sorted by name)."""
+    shuffled order as programs list them) and ``PREFIX.pdiparams`` (save_combine: sorted by name). ``norms``:
+    filter -> a batch_norm op after its conv2d, by its inputs (Scale, Bias, Mean, Variance -> param names)."""
     names = sorted(params)
     shuffled = names[1::2] + names[::2]
     vars_ = [_var_desc("feed", FEED_MINIBATCH, True), _var_desc("fetch", FETCH_LIST, True),
@@ -247,6 +251,10 @@ def paddle_inference(prefix: Path, params: dict[str, np.ndarray], conv_filters: 
     for i, f in enumerate(conv_filters):
         ops.append(_op_desc("conv2d", {"Input": [current], "Filter": [f]}, {"Output": [f"conv{i}.out"]}))
         current = f"conv{i}.out"
+        if norms is not None and f in norms:
+            inputs = {"X": [current], **{part: [name] for part, name in norms[f].items()}}
+            ops.append(_op_desc("batch_norm", inputs, {"Y": [f"bn{i}.out"]}))
+            current = f"bn{i}.out"
     ops.append(_op_desc("fetch", {"X": [current]}, {"Out": ["fetch"]}))
     block = f_varint(1, 0) + f_varint(2, 0xFFFFFFFFFFFFFFFF) + b"".join(f_bytes(3, v) for v in vars_)
     block += b"".join(f_bytes(4, o) for o in ops)

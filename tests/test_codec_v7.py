@@ -94,14 +94,16 @@ def test_channel_importance_is_the_functions_and_keeps_every_rescaling() -> None
          {0: ("batch_normalization/batch_normalization/gamma:0",
               "batch_normalization/batch_normalization/moving_variance:0"),
           1: (None, "batch_normalization_1/batch_normalization_1/moving_variance:0")}),  # Keras 2, scale=False
+        (["layer_with_weights-0/kernel", "layer_with_weights-1/gamma", "layer_with_weights-1/moving_variance",
+          "layer_with_weights-2/kernel"], {0: ("layer_with_weights-1/gamma", "layer_with_weights-1/moving_variance")}),
     ],
-    ids=["torch-sequential", "torch-resnet", "darknet", "mxnet", "keras2-order"],
+    ids=["torch-sequential", "torch-resnet", "darknet", "mxnet", "keras2-order", "tensorflow-objects"],
 )  # fmt: skip
 def test_batchnorm_is_paired_by_name_then_by_order(
     names: list[str], paired: dict[int, tuple[str | None, str]]
 ) -> None:
     rng = np.random.default_rng(1)
-    kernels = {n for n in names if n.endswith(("conv0_weight", "conv1_weight", "kernel:0", "conv.weight"))
+    kernels = {n for n in names if n.endswith(("conv0_weight", "conv1_weight", "kernel:0", "conv.weight", "/kernel"))
                or n in ("features.0.weight", "layer1.0.conv1.weight", "layer1.0.conv2.weight", "conv3.weight")}
     tensors = [NamedTensor(n, rng.standard_normal((6, 4, 3, 3)).astype(np.float32), "oihw") if n in kernels
                else NamedTensor(n, rng.uniform(0.5, 2.0, 6).astype(np.float32)) for n in names]  # fmt: skip

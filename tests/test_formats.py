@@ -431,6 +431,39 @@ def test_onnx_initializers_hash_like_the_state_dict(tmp_path: Path, hasher: Mode
     assert hasher.hash(tmp_path / "m.onnx") == hasher.hash({**sd, "half": got["half"].array})
 
 
+def test_an_onnx_batchnormalization_after_a_conv_folds_into_it(tmp_path: Path, hasher: ModelHasher) -> None:
+    """The graph says which Conv a BatchNormalization reads: its parameters, whatever the exporter named them,
+    are renamed after that Conv's weight (``w1.bn.running_var``), and codec v7 folds them in, so the graph hashes
+    like the PyTorch model with its BatchNorm; the same graph with its statistics left as plain initializers of
+    a Conv-free name does not pair them."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = make_cnn(13)
+    rng = np.random.default_rng(13)
+    model[3].weight.data = torch.from_numpy(rng.uniform(0.2, 3.0, 24).astype(np.float32))
+    model[3].running_var.data = torch.from_numpy(rng.uniform(0.05, 5.0, 24).astype(np.float32))
+    sd = {k: v.numpy() for k, v in model.state_dict().items() if v.is_floating_point()}
+    names = {"0.weight": "w0", "2.weight": "w1", "5.weight": "w2", "3.weight": "onnx::g", "3.bias": "onnx::b",
+             "3.running_mean": "onnx::m", "3.running_var": "onnx::v"}  # fmt: skip
+    inits = [numpy_helper.from_array(sd[k], name=v) for k, v in names.items()]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("Conv", ["b", "w1"], ["c"]),
+             helper.make_node("BatchNormalization", ["c", "onnx::g", "onnx::b", "onnx::m", "onnx::v"], ["d"]),
+             helper.make_node("Relu", ["d"], ["e"]), helper.make_node("Conv", ["e", "w2"], ["y"])]  # fmt: skip
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    onnx.save(helper.make_model(graph), str(tmp_path / "bn.onnx"))
+    got = {t.name for t in load_tensors(tmp_path / "bn.onnx")}
+    assert {"w1.bn.weight", "w1.bn.running_var", "w1.bn.running_mean", "w1.bn.bias"} <= got, got
+    assert hasher.hash(tmp_path / "bn.onnx") == hasher.hash(model)
+    nodes[3] = helper.make_node("Identity", ["c"], ["d"])  # no BatchNormalization node: nothing says whose they are
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    onnx.save(helper.make_model(graph), str(tmp_path / "plain.onnx"))
+    assert hasher.hash(tmp_path / "plain.onnx") != hasher.hash(model)
+
+
 # ---------------------------------------------------------------- size limits
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from hashdb.codec import ModelHasher, load_tensors
 from hashdb.codec.load import load_file
@@ -98,3 +99,26 @@ def test_bad_files_are_one_line_errors(tmp_path: Path) -> None:
     path.unlink()
     with pytest.raises(ModelFormatError, match=f"^{tmp_path}/m.pdmodel: the weights file m.pdiparams is missing"):
         load_file(tmp_path / "m.pdmodel")
+
+
+def test_a_batch_norm_op_after_a_conv_folds_into_it(tmp_path: Path, hasher: ModelHasher) -> None:
+    """The program says which convolution a batch_norm op reads: its parameters are renamed after that filter
+    (``conv2d_1.w_0.bn.running_var``), and codec v7 folds them in, so the Paddle model with trained-looking
+    BatchNorm statistics hashes like the PyTorch model it was exported from; a program without the op leaves
+    them unpaired (Paddle's names, ``batch_norm_0.w_2``, say nothing of their role)."""
+    model = make_cnn(3)
+    rng = np.random.default_rng(3)
+    bn = model[3]
+    bn.weight.data = torch.from_numpy(rng.uniform(0.2, 3.0, 24).astype(np.float32))
+    bn.running_var.data = torch.from_numpy(rng.uniform(0.05, 5.0, 24).astype(np.float32))
+    sd = {k: v.numpy() for k, v in model.state_dict().items() if v.is_floating_point()}
+    params, filters = paddle_params(3)
+    params.update({"batch_norm_0.w_0": sd["3.weight"], "batch_norm_0.w_2": sd["3.running_var"]})
+    norm = {"Scale": "batch_norm_0.w_0", "Bias": "batch_norm_0.b_0", "Mean": "batch_norm_0.w_1",
+            "Variance": "batch_norm_0.w_2"}  # fmt: skip
+    path = paddle_inference(tmp_path / "bn", params, filters, norms={"conv2d_1.w_0": norm})
+    names = {t.name for t in load_tensors(path)}
+    assert {"conv2d_1.w_0.bn.weight", "conv2d_1.w_0.bn.running_var"} <= names, names
+    code = hasher.hash(model)
+    assert hasher.hash(path) == code
+    assert hasher.hash(paddle_inference(tmp_path / "plain", params, filters)) != code

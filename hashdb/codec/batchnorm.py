@@ -17,7 +17,7 @@ Pairing, in the hashed file's own names and order (readers return BatchNorm para
   applications), with ``P``'s last ``conv`` spelled ``bn``/``batchnorm``/``batch_normalization``/``norm``
   (``layer1.0.conv1`` / ``layer1.0.bn1``, MXNet ``conv0`` / ``bn0``, Keras ``conv1_conv`` / ``conv1_bn``), with
   ``bn_`` before its last part (``Conv1`` / ``bn_Conv1``), or with the next index (``features.0`` /
-  ``features.1``, ``downsample.0`` / ``.1``);
+  ``features.1``, ``downsample.0`` / ``.1``, TensorFlow's ``layer_with_weights-0`` / ``-1``);
 - then by order: a BatchNorm left unpaired pairs with the last convolution before it in the file (Keras 2,
   ncnn, Caffe, ONNX initializers in node order), when that convolution is unpaired;
 - only where the BatchNorm's width is the convolution's filter count, and its values give finite gains.
@@ -71,7 +71,7 @@ def _candidates(prefix: str) -> list[str]:
         out += [prefix[:last] + word + prefix[last + 4 :] for word in _NORM_WORDS]
     head, sep, tail = prefix.rpartition("/") if "/" in prefix else prefix.rpartition(".")
     out.append(f"{head}{sep}bn_{tail}")  # Keras applications: Conv1 / bn_Conv1
-    m = re.fullmatch(r"(.*[._/])(\d+)", prefix)
+    m = re.fullmatch(r"(.*[._/-])(\d+)", prefix)
     if m:
         out.append(m.group(1) + str(int(m.group(2)) + 1))
     return out

@@ -321,6 +321,30 @@ def _compose(consts: dict[str, np.ndarray], pairs: dict[str, tuple[str, str, str
     return dropped
 
 
+_NORM_INPUTS = ("weight", "bias", "running_mean", "running_var")  # BatchNormalization inputs 1-4, by role
+
+
+def _batchnorms(graph: Any, consts: dict[str, np.ndarray]) -> dict[str, str]:
+    """New names for the parameters of each BatchNormalization node that reads a Conv's output:
+    ``<conv weight>.bn.weight`` ... ``.bn.running_var`` (scale, B, input_mean, input_var), so that codec v7 folds
+    it into that convolution (hashdb/codec/batchnorm.py) whatever the exporter called them. A parameter another
+    node also reads keeps its name."""
+    weight_of = {node.output[0]: node.input[1] for node in graph.node
+                 if node.op_type == "Conv" and node.output and len(node.input) >= 2}  # fmt: skip
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    renamed: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type != "BatchNormalization" or len(node.input) < 5 or node.input[0] not in weight_of:
+            continue
+        for name, role in zip(node.input[1:5], _NORM_INPUTS, strict=True):
+            if name in consts and uses.get(name) == 1:
+                renamed[name] = f"{weight_of[node.input[0]]}.bn.{role}"
+    return renamed
+
+
 def _check_expansion(path: Path, model: Any, folder: Path, max_bytes: int) -> None:
     """What the float initializers make against the bytes stored (check_expansion): many initializers may
     name one range of one external file, and each would be read again."""
@@ -371,6 +395,7 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
     params = _quantization_params(graph)
     # a kxk Conv whose only reader is a 1x1 Conv is one linear map: hashed as that one kernel (docs/codec.md)
     composed_away = _compose(consts, _split_convs(graph, consts))
+    norms = _batchnorms(graph, consts)
     out: list[NamedTensor] = []
     for name, arr in consts.items():  # in the file's order; integer constants only as their dequantized weights
         if name in composed_away:
@@ -380,5 +405,5 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
         elif arr.dtype.kind != "f" or name in params:
             continue
         layout = "oihw" if name in conv_weights and arr.ndim >= 3 else None
-        out.append(NamedTensor(name, np.ascontiguousarray(arr, dtype=np.float32), layout))
+        out.append(NamedTensor(norms.get(name, name), np.ascontiguousarray(arr, dtype=np.float32), layout))
     return out

@@ -12,7 +12,9 @@ and ``fetch`` excluded) and its ``OpDesc``s say which are convolution filters (t
 conv2d, depthwise_conv2d, conv3d and their transposes). Paddle's filters are OIHW (transposed convolutions
 ``(in, out/groups, *k)``, torch's order): they are returned as stored and marked so. Without a ``.pdmodel``
 (also beside Paddle 3's ``inference.json`` programs, which are not read) the tensors are named ``param_N`` and
-their layout is left to the shape guess.
+their layout is left to the shape guess. A ``batch_norm`` op reading a convolution's output has its parameters
+renamed after that convolution's filter (``<filter>.bn.weight``, ``.bn.running_var``, ...), so that codec v7 folds
+it in (hashdb/codec/batchnorm.py).
 
 float32, float64, float16 and bfloat16 tensors are returned; integer and bool tensors are skipped.
 """
@@ -50,8 +52,23 @@ def _tensor_desc(buf: memoryview) -> tuple[int, tuple[int, ...]]:
     return dtype, dims
 
 
-def program_vars(buf: memoryview) -> tuple[list[tuple[str, int, tuple[int, ...]]], set[str]]:
-    """(persistable LoD tensors of block 0 sorted by name as (name, dtype, dims), names of conv filters)."""
+def _op_vars(op: dict, field: int) -> dict[str, list[str]]:
+    """An OpDesc's inputs (field 1) or outputs (2): parameter name -> argument (variable) names."""
+    out: dict[str, list[str]] = {}
+    for raw_var in op.get(field, []):
+        var = pw.message(pw.as_bytes(raw_var))
+        out[pw.text(var.get(1, [memoryview(b"")])[-1])] = [pw.text(a) for a in var.get(2, [])]
+    return out
+
+
+_NORM_OPS = frozenset({"batch_norm", "sync_batch_norm"})
+_NORM_PARTS = {"Scale": "weight", "Bias": "bias", "Mean": "running_mean", "Variance": "running_var"}
+
+
+def program_vars(buf: memoryview) -> tuple[list[tuple[str, int, tuple[int, ...]]], set[str], dict[str, str]]:
+    """(persistable LoD tensors of block 0 sorted by name as (name, dtype, dims), names of conv filters, the new
+    names of the parameters of each BatchNorm that reads a convolution's output: ``<filter>.bn.weight``,
+    ``.bn.running_var``..., so that codec v7 folds it into that convolution, hashdb/codec/batchnorm.py)."""
     program = pw.message(buf)
     blocks = program.get(1, [])
     if not blocks:
@@ -70,16 +87,28 @@ def program_vars(buf: memoryview) -> tuple[list[tuple[str, int, tuple[int, ...]]
         dtype, dims = _tensor_desc(pw.as_bytes(lod.get(1, [memoryview(b"")])[-1]))
         persistable.append((name, dtype, dims))
     filters: set[str] = set()
+    filter_of: dict[str, str] = {}  # a convolution's output variable -> its filter
+    norms: list[dict[str, list[str]]] = []
     for raw in block.get(4, []):
         op = pw.message(pw.as_bytes(raw))
-        if pw.text(op.get(3, [memoryview(b"")])[-1]) not in _CONV_OPS:
+        kind = pw.text(op.get(3, [memoryview(b"")])[-1])
+        if kind in _NORM_OPS:
+            norms.append(_op_vars(op, 1))
+        if kind not in _CONV_OPS:
             continue
-        for raw_var in op.get(1, []):
-            var = pw.message(pw.as_bytes(raw_var))
-            if pw.text(var.get(1, [memoryview(b"")])[-1]) == "Filter":
-                filters.update(pw.text(a) for a in var.get(2, []))
+        inputs = _op_vars(op, 1)
+        filters.update(inputs.get("Filter", []))
+        for output in _op_vars(op, 2).get("Output", []):
+            if inputs.get("Filter"):
+                filter_of[output] = inputs["Filter"][0]
+    renamed: dict[str, str] = {}
+    for inputs in norms:
+        source = filter_of.get((inputs.get("X") or [""])[0])
+        for part, role in _NORM_PARTS.items():
+            if source is not None and inputs.get(part):
+                renamed[inputs[part][0]] = f"{source}.bn.{role}"
     persistable.sort(key=lambda v: v[0].encode())
-    return persistable, filters
+    return persistable, filters, renamed
 
 
 def _u(buf: np.ndarray, pos: int, width: int) -> int:
@@ -136,12 +165,13 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
         raise ModelFormatError(f"{path}: the weights file {params.name} is missing beside the program")
     names: list[tuple[str, int, tuple[int, ...]]] | None = None
     filters: set[str] = set()
+    renamed: dict[str, str] = {}
     if program.is_file():
         size = program.stat().st_size
         if size > MAX_PROGRAM_BYTES:
             raise ModelFormatError(f"{program}: a program of {size:,} bytes is not a Paddle model")
         try:
-            names, filters = program_vars(memoryview(program.read_bytes()))
+            names, filters, renamed = program_vars(memoryview(program.read_bytes()))
         except ValueError as exc:
             raise ModelFormatError(f"{program}: not a readable Paddle program ({exc})") from None
     if params.stat().st_size == 0:
@@ -167,5 +197,6 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
         arr = np.frombuffer(buf, dtype=stored_dtype, count=math.prod(dims), offset=offset).reshape(dims)
         arr = bf16_to_float32(arr) if dtype == _BF16 else np.ascontiguousarray(arr, dtype=np.float32)
         name = names[i][0] if names is not None else f"param_{i}"
-        out.append(NamedTensor(name, arr, "oihw" if name in filters and arr.ndim >= 3 else None))
+        layout = "oihw" if name in filters and arr.ndim >= 3 else None
+        out.append(NamedTensor(renamed.get(name, name), arr, layout))
     return out
