@@ -62,12 +62,12 @@ TASKS = ("digits_perm", "synth")  # the thefts' new tasks (bench/zoo/data.py), a
 STEPS = 300
 LR_NEW = 3e-3  # new parts and models from scratch (the null library's recipe)
 LR_FINETUNE = 1e-3
-BITS = (256, 512)
+BITS = (256, 512, 768)
 # A theft of victim s against the victim of another architecture at the same seed s: null.make seeds every
 # architecture alike, so both first convs (1 -> 32 channels, 3x3) started from the very same weights, and
 # were trained on the same data in the same order: related by their init, though no weight was stolen.
 SHARED_INIT = "same seed, other architecture (shared first-layer init)"
-RADII = (40, 50, 60, 70, 80, 90, 100, 110, 120)  # at 256 bits; doubled at 512
+RADII = (40, 50, 60, 70, 80, 90, 100, 110, 120)  # at 256 bits; times bits / 256 at longer codes
 
 
 def group(arch: str) -> str:

@@ -66,7 +66,7 @@ def _stats(ds: np.ndarray, bits: int) -> tuple[float, float, float, int]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--bits", type=int, nargs="+", default=[256, 512, 1024])
+    ap.add_argument("--bits", type=int, nargs="+", default=[256, 512, 768, 1024])
     ap.add_argument("--seeds", type=int, default=12, help="models per group (pairs of layers grow as seeds^2)")
     ap.add_argument("--groups", nargs="*", default=None)
     ap.add_argument("--write-null", action="store_true", help=f"store the fit in {NULL_JSON.name}")

@@ -98,7 +98,7 @@ def group_stats(codes: np.ndarray, bits: int, radius: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--bits", type=int, nargs="+", default=[256, 512, 1024])
+    ap.add_argument("--bits", type=int, nargs="+", default=[256, 512, 768, 1024])
     ap.add_argument("--seeds", type=int, default=30)
     ap.add_argument("--groups", nargs="*", default=None)
     ap.add_argument("--no-copies", action="store_true")

@@ -992,7 +992,7 @@ def cmd_demo(argv: list[str]) -> int:
 
 
 EXAMPLES = {
-    "add": "hashdb add models.db --bits 512 zoo/ --workers 4   (again later: only new and changed files are hashed)",
+    "add": "hashdb add models.db --bits 768 zoo/ --workers 4   (again later: only new and changed files are hashed)",
     "clusters": "hashdb clusters models.db   (--edges lists every pair; --tree orders each into a derivation tree)",
     "compare": "hashdb compare original.pt suspect.safetensors --html evidence.html",
     "report": "hashdb report models.db suspect.pt -o report.html",
@@ -1004,7 +1004,7 @@ EXAMPLES = {
     "export": "hashdb export models.db -o models.jsonl   (or: hashdb export models.db | hashdb add other.db)",
     "import": "hashdb import other.db models.jsonl",
     "serve": "hashdb serve models.db --socket /tmp/hashdb.sock",
-    "hash": "hashdb hash zoo/*.pt | hashdb add models.db --bits 512",
+    "hash": "hashdb hash zoo/*.pt | hashdb add models.db --bits 768",
 }
 
 

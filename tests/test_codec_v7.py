@@ -207,7 +207,7 @@ def test_each_layer_is_made_once_with_lookahead_and_obfuscations() -> None:
 
 def test_v6_stays_selectable_and_importance_is_a_setting_of_v7_alone() -> None:
     """Importance 0 is v6 bit for bit (BatchNorm is folded only for the importance); v6 keeps its codes, its fit
-    and its config; v7's fit ships (the targets met at 512 bits) and another importance is uncalibrated."""
+    and its config; v7's fit ships (the targets met at 512 and 768 bits) and another importance is uncalibrated."""
     from hashdb.codec.null import null_fit
 
     sd = bn_net(7)
@@ -220,6 +220,9 @@ def test_v6_stays_selectable_and_importance_is_a_setting_of_v7_alone() -> None:
         fit = null_fit(h.config)
         assert fit.calibrated and fit.p >= 0.48 and fit.dof >= 0.75 * 512
     assert not null_fit({**v7.config, "importance": 0.5}).calibrated
+    default = ModelHasher()  # the default length (768 bits) was chosen for v7: its fit meets the targets there too
+    fit = null_fit(default.config)
+    assert default.bits == 768 and fit.calibrated and fit.p >= 0.48 and fit.dof >= 0.75 * default.bits
     for codec in (CHAIN_V6, CHAIN_V5):
         with pytest.raises(InvalidArgument, match="importance"):
             ModelHasher(512, codec=codec, importance=0.75)

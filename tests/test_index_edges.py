@@ -112,6 +112,23 @@ def test_planner_scans_tiny_sets_and_huge_radii_and_uses_mih_for_small_radii_on_
     assert not big.stats()["structures"]["bktree"]["built"], "the planner must not build a BK-tree on its own"
 
 
+@pytest.mark.parametrize("bits", [64, 256, 512, 768, 1024, 2048])
+def test_an_unbuilt_bktree_never_undercuts_the_scan_at_any_code_length(bits: int) -> None:
+    """The planner must not build a BK-tree on its own: its prior (every node visited) prices each node's
+    distance over all the code's words, so at 10M codes of 768 bits, where a node priced at one word undercut the
+    scan, the scan wins at the codec's decision radius (measured: 339 ms through a tree the planner built, 90 ms
+    scanned)."""
+    from hashdb.index.planner import bktree_prior_cost, choose, scan_cost
+
+    words = bits // 64
+    for n in (1_000, 1_000_000, 10_000_000, 100_000_000):
+        assert bktree_prior_cost(n, words) > scan_cost(n, words), (bits, n)
+        assert choose({"scan": scan_cost(n, words), "bktree": bktree_prior_cost(n, words)}) == "scan"
+    index = MemoryIndex(bits)
+    index.bulk_load(np.arange(5000), random_codes(5000, bits, seed=3))
+    assert index.plan(bits // 3) == "scan" and not index.stats()["structures"]["bktree"]["built"]
+
+
 def test_bktree_is_built_lazily_and_stats_report_structures() -> None:
     index = MemoryIndex(128)
     index.bulk_load(np.arange(1000), random_codes(1000, 128, seed=8))

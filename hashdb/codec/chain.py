@@ -908,6 +908,7 @@ def chain_sketches(
             g = np.abs(gain.astype(np.float64))
             row = np.divide(row, g, out=np.zeros_like(row), where=g > 0)
         return channel_importance(row, mean, cfg.importance)
+
     freq = frequencies(cfg.dim, features, cfg.omega)
     if cfg.single:
         freq = freq.astype(np.float32)

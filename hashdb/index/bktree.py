@@ -23,7 +23,7 @@ from numba import njit
 from .arrays import Budget, Delta, Found, Matrix, Tree
 from .base import CodeMatrix, Incremental, Pending, Result
 from .bits import keep_within, knn_threshold, row_distance, scan_ids
-from .planner import BK_NS_FIXED, BK_NS_NODE, bktree_prior_cost
+from .planner import BK_NS_FIXED, BK_NS_NODE, bk_node_cost, bktree_prior_cost
 
 
 @njit(cache=True)
@@ -255,7 +255,7 @@ class BKTree(Incremental):
         codes (BK-tree visits depend on the data too much for a formula to be of use)."""
         n = self.matrix.n_alive
         if self.due() or self.node_ids.size == 0:
-            return bktree_prior_cost(n)
+            return bktree_prior_cost(n, self.matrix.words)
         cached = self._costs.get(r)
         if cached is None:
             mat = self.matrix
@@ -269,8 +269,10 @@ class BKTree(Incremental):
                     self._stack, self._found_args, (budget, int(BK_NS_NODE), 0),
                 )
                 work.append(w)
-            cached = self._costs[r] = BK_NS_FIXED + float(np.mean(work))
-        return cached + BK_NS_NODE * self.pending.n
+            # the search counts BK_NS_NODE per node visited; a node of more words costs more (bk_node_cost)
+            scale = bk_node_cost(self.matrix.words) / BK_NS_NODE
+            cached = self._costs[r] = BK_NS_FIXED + float(np.mean(work)) * scale
+        return cached + bk_node_cost(self.matrix.words) * self.pending.n
 
     def knn_cost(self, k: int) -> float:
         """A kNN starts at the full radius and shrinks, so a full-radius search bounds it; an unbuilt tree

@@ -76,12 +76,20 @@ def mih_build_cost(n: int, m: int) -> float:
     return MIH_NS_BUILD * n * m
 
 
-def bktree_prior_cost(n: int) -> float:
+def bk_node_cost(words: int) -> float:
+    """One BK-tree node of ``words`` 64-bit words: BK_NS_NODE was measured at one word; each more is a distance
+    word more, as in the scan (a node of 768 bits costs twice one of 64)."""
+    return BK_NS_NODE + SCAN_NS_PER_WORD * max(words - 1, 0)
+
+
+def bktree_prior_cost(n: int, words: int = 1) -> float:
     """Before a BK-tree exists the planner assumes it visits every node: it never builds one on its own.
     Measured, it never beat MIH (uniform codes; 100k x 256 bits r=2: 10 us vs MIH 5 us, r=8: 147 vs 8 us;
-    1M x 64 bits r=4: 0.53 ms vs 0.015 ms), so the prior only keeps it out of the way. Once a tree was
-    forced into existence its cost is sampled (BKTree.cost)."""
-    return BK_NS_FIXED + BK_NS_NODE * n
+    1M x 64 bits r=4: 0.53 ms vs 0.015 ms), so the prior only keeps it out of the way. Every node's distance
+    reads all ``words`` of its code: priced per node alone, an unbuilt tree undercut the scan of 768-bit
+    codes (10M codes at the decision radius: the planner built a tree and answered in 339 ms, the scan in 90
+    ms). Once a tree was forced into existence its cost is sampled (BKTree.cost)."""
+    return BK_NS_FIXED + bk_node_cost(words) * n
 
 
 def knn_budget(scan: float, reach: float) -> float:
