@@ -115,6 +115,21 @@ def test_batchnorm_is_paired_by_name_then_by_order(
         np.testing.assert_allclose(gains[pos], expect, rtol=1e-12)
 
 
+def test_pairing_by_order_takes_the_last_convolution_before_each_batchnorm_in_a_huge_file() -> None:
+    """A file of 20,000 convolutions each followed by a BatchNorm of unrelated name (so order decides): each is
+    paired with the convolution right before it, none with an earlier one; the pairing is a sort and a binary
+    search per BatchNorm (a hostile file of many layers must not make it quadratic)."""
+    w, var = np.ones((3, 2, 1, 1), np.float32), np.full(3, 3.0, np.float32)
+    tensors = []
+    for i in range(20_000):
+        tensors += [NamedTensor(f"a{i}.weight", w * (i + 1), "oihw"), NamedTensor(f"z{i}.running_var", var * (i + 1))]
+    tensors.append(NamedTensor("tail.running_var", var))  # after the last convolution, which is already paired
+    gains = batchnorm_gains(tensors, conv_plan(tensors))
+    assert sorted(gains) == list(range(20_000))
+    for pos in (0, 1, 9_999, 19_999):
+        np.testing.assert_allclose(gains[pos], 1.0 / np.sqrt(3.0 * (pos + 1) + 1e-5), rtol=1e-12)
+
+
 def test_batchnorm_of_another_width_or_without_a_finite_gain_stays_unpaired() -> None:
     w = NamedTensor("conv.weight", np.ones((6, 4, 3, 3), np.float32), "oihw")
     for var in (np.ones(5, np.float32), np.array([1, 1, -1e-3, 1, 1, 1], np.float32),

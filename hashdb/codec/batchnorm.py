@@ -27,6 +27,7 @@ What stays unpaired is not folded: its convolution is hashed as stored (docs/cod
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Sequence
 
@@ -112,11 +113,13 @@ def batchnorm_gains(
                     gains[pos] = g
                     used.add(c)
                     break
+    by_index = sorted(range(len(plan)), key=lambda p: plan[p][0])  # plan positions in file order
+    starts = [plan[p][0] for p in by_index]
     for prefix, (var, gain, first) in sorted(groups.items(), key=lambda kv: kv[1][2]):
-        before = [pos for pos, (i, _) in enumerate(plan) if i < first]
-        if prefix in used or not before:
+        k = bisect.bisect_left(starts, first)  # the last convolution before the group in the file (n log n)
+        if prefix in used or k == 0:
             continue
-        pos = max(before, key=lambda p: plan[p][0])
+        pos = by_index[k - 1]
         if pos in gains:
             continue
         g = _gain(tensors, var, gain, _filters(tensors[plan[pos][0]], plan[pos][1]), eps)
