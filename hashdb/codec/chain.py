@@ -865,14 +865,13 @@ def chain_sketches(
             return columns_seen[pos]
         total, count = np.zeros(chain[pos].out), np.zeros(chain[pos].out)
         for c in consumers.get(pos, []):
-            _, bc, through_c = prepare(c)
+            w_c, bc, through_c = prepare(c)
             if through_c is not None:
                 sub_total, sub_count = inverse_sq_columns(c)
                 if composable(pos):  # a near-identity 1x1 composed into ``pos`` (a split conv): its channel order
                     src = np.arange(len(sub_total))
                 else:  # channel j of the pass-through is ``pos``'s channel src[j], times its filter's norm
                     src = through_c[0]
-                    w_c = prepare(c)[0]
                     sub_total = sub_total * np.einsum("oik,oik->o", w_c, w_c, dtype=np.float64)
                 np.add.at(total, src, sub_total)
                 np.add.at(count, src, sub_count)

@@ -209,7 +209,8 @@ def _read_h5_file(h5py: Any, f: Any, path: Path, max_bytes: int, config: Any) ->
             config = config if config is not None else _json_attr(_attr(f, "model_config"))
             entries = _legacy_entries(h5py, f, _config_classes(config))
         elif "layers" in f or "vars" in f:
-            entries = _v3_batchnorms(h5py, f, _v3_entries(h5py, f, _config_classes(config)), config)
+            entries, layer_of = _v3_entries(h5py, f, _config_classes(config))
+            entries = _v3_batchnorms(entries, layer_of, config)
         else:
             raise ModelFormatError(f"{path}: HDF5 file without Keras weights (no model_weights, layers or layer_names)")
         # What reading makes, against what the file stores: an unallocated dataset reads as its fill value
@@ -369,21 +370,26 @@ def _legacy_entries(h5py: Any, root: Any, classes: dict[str, str | None]) -> lis
     return entries
 
 
-def _v3_entries(h5py: Any, root: Any, classes: dict[str, str | None]) -> list[tuple[str, Any, str | None]]:
+def _v3_entries(
+    h5py: Any, root: Any, classes: dict[str, str | None]
+) -> tuple[list[tuple[str, Any, str | None]], dict[str, str]]:
     """Keras 3 layout: ``.../layers/<class in snake case>[_N]/vars/<i>``, the ``vars`` group carrying the
-    layer's name as an attribute."""
+    layer's name as an attribute. Also each such dataset's layer name (``_v3_batchnorms`` pairs by it)."""
     entries: list[tuple[str, Any, str | None]] = []
+    layer_of: dict[str, str] = {}
     for name, ds in _datasets(h5py, root):
         parts = name.split("/")
         kind = None
         if len(parts) >= 3 and parts[-2] == "vars" and parts[-1].isdigit():
             layer_name = _attr(root[name].parent, "name")
             layer_name = layer_name.decode() if isinstance(layer_name, bytes) else layer_name
+            if isinstance(layer_name, str):
+                layer_of[name] = layer_name
             cls = classes.get(layer_name) if isinstance(layer_name, str) else None
             cls = cls or _class_from_name(parts[-3])
             kind = _LAYER_KERNELS.get(cls or "", {}).get(int(parts[-1]))
         entries.append((name, ds, kind))
-    return entries
+    return entries, layer_of
 
 
 def _inbound(layer: dict) -> str | None:
@@ -435,7 +441,7 @@ def _config_batchnorms(config: Any) -> dict[str, tuple[str, bool, bool]]:
 
 
 def _v3_batchnorms(
-    h5py: Any, root: Any, entries: list[tuple[str, Any, str | None]], config: Any
+    entries: list[tuple[str, Any, str | None]], layer_of: dict[str, str], config: Any
 ) -> list[tuple[str, Any, str | None]]:
     """Keras 3 stores a BatchNormalization's variables by index (``vars/0``..``vars/3``) under a group named
     by class, apart from the convolution it follows. Renamed by role after the kernel of the layer it reads
@@ -444,14 +450,6 @@ def _v3_batchnorms(
     norms = _config_batchnorms(config)
     if not norms:
         return entries
-    layer_of: dict[str, str] = {}
-    for name, _, _ in entries:
-        parts = name.split("/")
-        if len(parts) >= 3 and parts[-2] == "vars" and parts[-1].isdigit():
-            layer = _attr(root[name].parent, "name")
-            layer = layer.decode("utf-8", "replace") if isinstance(layer, bytes) else layer
-            if isinstance(layer, str):
-                layer_of[name] = layer
     kernel_of: dict[str, str] = {}  # a layer's kernel that sets its outputs (a separable conv's pointwise one)
     for name, _, kind in entries:
         if kind is not None and name in layer_of and (kind != "depthwise" or layer_of[name] not in kernel_of):

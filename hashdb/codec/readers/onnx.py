@@ -258,6 +258,15 @@ def _ints(node: Any, name: str) -> list[int] | None:
     return next((list(a.ints) for a in node.attribute if a.name == name), None)
 
 
+def _input_uses(graph: Any) -> dict[str, int]:
+    """How many node inputs name each tensor (a weight read by one node only can be rewritten for it)."""
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    return uses
+
+
 def _split_convs(graph: Any, consts: dict[str, np.ndarray]) -> dict[str, tuple[str, str, str]]:
     """Pairs of Conv nodes the graph shows as one linear map: a Conv (group 1) whose output only a square 1x1
     Conv (group 1, stride 1, no padding) reads, with nothing between them (no activation, no BatchNorm, no add) and
@@ -265,10 +274,7 @@ def _split_convs(graph: Any, consts: dict[str, np.ndarray]) -> dict[str, tuple[s
     factorised layer. Returns the 1x1's weight name -> (the first weight's name, its bias name, the 1x1's
     bias name) ("" where absent); each weight plain float and used by its own node only."""
     producers = {out: node for node in graph.node for out in node.output}
-    uses: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
+    uses = _input_uses(graph)
     outputs = {o.name for o in graph.output}
 
     def plain_conv(node: Any) -> bool:
@@ -331,10 +337,7 @@ def _batchnorms(graph: Any, consts: dict[str, np.ndarray]) -> dict[str, str]:
     node also reads keeps its name."""
     weight_of = {node.output[0]: node.input[1] for node in graph.node
                  if node.op_type == "Conv" and node.output and len(node.input) >= 2}  # fmt: skip
-    uses: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
+    uses = _input_uses(graph)
     renamed: dict[str, str] = {}
     for node in graph.node:
         if node.op_type != "BatchNormalization" or len(node.input) < 5 or node.input[0] not in weight_of:
