@@ -62,6 +62,7 @@ docs/codec.md ("Codec v7").
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -271,13 +272,14 @@ def balanced(w: np.ndarray, groups: int, sweeps: int) -> Balanced:
 
     out, in_g, _ = w.shape
     w32 = np.ascontiguousarray(w, dtype=np.float32)
-    sq = kernel_sq_norms(w32)  # float64, exact for any finite float32
     if groups == 1:  # the common case: the product of the factors, never an (out, in) float64 matrix
-        a, b = _block_factors(sq, sweeps)
+        # float32 norms where they are the numbers float64 would hold (any trained layer), else float64
+        a, b = _block_factors(kernel_sq_norms(w32, float32_ok=True), sweeps)
         live_a, live_b = a[a > 0], b[b > 0]
         if len(live_a) and len(live_b) and all(1e-15 < v.min() and v.max() < 1e15 for v in (live_a, live_b)):
             return Balanced(w32, a, b, (a, b))
         return Balanced(_scaled(w, a, b), factors=(a, b))
+    sq = kernel_sq_norms(w32)  # float64, exact for any finite float32
     if in_g == 1:  # depthwise: one kernel per block, which balancing divides by its norm
         with np.errstate(divide="ignore"):
             return Balanced(_apply_scale(w, np.where(sq > 0, 1.0 / np.sqrt(np.where(sq > 0, sq, 1.0)), 0.0)))
@@ -337,14 +339,15 @@ def _masked_centres(values: np.ndarray, mask: np.ndarray, rounds: int) -> tuple[
 def _block_factors(sq: np.ndarray, sweeps: int) -> tuple[np.ndarray, np.ndarray]:
     """(row factors, column factors) of one block's kernel scales (``_block_log_scale``'s exp, as a product):
     the closed-form double centring of the log squared norms, then ``sweeps`` float32 Sinkhorn sweeps. Where
-    every norm is a normal float32 number (any trained layer) the logarithms are float32 too."""
+    every norm is a normal float32 number (any trained layer) the logarithms are float32 too. ``sq``: the
+    squared norms, float64, or float32 (``kernel_sq_norms(float32_ok=True)``: then it is overwritten)."""
     lo, hi = float(sq.min()), float(sq.max())
     if hi <= 0:
         return np.zeros(sq.shape[0]), np.zeros(sq.shape[1])
     full = lo > 0
     if full:
         narrow = np.float32 if lo > 1e-37 and hi < 1e37 else np.float64
-        sq_narrow = sq.astype(narrow)
+        sq_narrow = sq if sq.dtype == narrow else sq.astype(narrow)
         log_sq = np.log(sq_narrow)
         rows_live: np.ndarray = np.ones(sq.shape[0], bool)
         cols_live: np.ndarray = np.ones(sq.shape[1], bool)
@@ -369,15 +372,19 @@ def _block_factors(sq: np.ndarray, sweeps: int) -> tuple[np.ndarray, np.ndarray]
     c = np.ones(sq.shape[1], dtype=np.float32)
     col_target = np.float32(rows_live.sum() / cols_live.sum())
     for _ in range(sweeps):
-        rs = e @ c
-        r = np.divide(np.float32(1), rs, out=np.zeros_like(rs), where=rs > 0)
-        cs = r @ e
-        c = np.divide(col_target, cs, out=np.zeros_like(cs), where=cs > 0)
-    rs = e @ c  # end on exact unit row energies
-    r = np.divide(np.float32(1), rs, out=np.zeros_like(rs), where=rs > 0)
+        r = _reciprocal(np.float32(1), e @ c)
+        c = _reciprocal(col_target, r @ e)
+    r = _reciprocal(np.float32(1), e @ c)  # end on exact unit row energies
     row64, col64 = np.asarray(row, np.float64), np.asarray(col, np.float64)
     with np.errstate(over="ignore"):
         return np.exp(-row64 / 2) * np.sqrt(r.astype(np.float64)), np.exp(-col64 / 2) * np.sqrt(c.astype(np.float64))
+
+
+def _reciprocal(top: np.floating, sums: np.ndarray) -> np.ndarray:
+    """top / sums where sums > 0, else 0 (a dead row or column of a Sinkhorn sweep)."""
+    if sums.size and sums.min() > 0:  # the common case: every row and column is live
+        return top / sums
+    return np.divide(top, sums, out=np.zeros_like(sums), where=sums > 0)
 
 
 def _centred(sq: np.ndarray, row: np.ndarray, col: np.ndarray, lo: float, hi: float) -> np.ndarray | None:
@@ -636,7 +643,9 @@ def descriptors_gemm(
     index, signs = maps
     x = inputs.astype(np.float32)
     rows_g = out // groups
-    mean = w.reshape(out, -1).mean(axis=1, dtype=np.float64).astype(np.float32) if centre else None
+    mean = None
+    if centre:  # each filter's mean weight, summed in float64 (einsum: one pass, no cast of the layer)
+        mean = (np.einsum("oj->o", w.reshape(out, -1), dtype=np.float64) / max(in_g * k, 1)).astype(np.float32)
     t = np.zeros((out, m), dtype=np.float32)
     if groups > 1 and in_g == 1:  # depthwise (channel multiplier rows_g): row o reads input o // rows_g
         src = x[np.arange(out) // rows_g]
@@ -650,15 +659,17 @@ def descriptors_gemm(
             t -= mean[:, None] * tap_total
     else:
         step = max(1, min(DESCRIPTOR_CHUNK, w.size // 4) // max(k * m, 1))
+        flat_index = index.ravel()
         for g in range(groups):
             rows = slice(g * rows_g, (g + 1) * rows_g)
             xg = x[g * in_g : (g + 1) * in_g]
             total = np.zeros(m, dtype=np.float32)
             for i0 in range(0, in_g, step):
                 i1 = min(in_g, i0 + step)
-                images = xg[i0:i1][:, index]  # (slice, k, m): row i * k + s is P_s x_i
-                images *= signs
-                images = images.reshape((i1 - i0) * k, m)
+                # (slice, k, m), C-ordered (a flat index gathers in that order): row i * k + s is P_s x_i
+                gathered = xg[i0:i1][:, flat_index]
+                gathered.reshape(i1 - i0, k, m)[...] *= signs
+                images = gathered.reshape((i1 - i0) * k, m)
                 t[rows] += w[rows, i0:i1, :].reshape(rows_g, (i1 - i0) * k) @ images
                 if mean is not None:
                     total += images.sum(axis=0)
@@ -688,10 +699,11 @@ def _descriptors_folded(
     t = np.zeros((out, m + 1), dtype=np.float32)
     step = max(1, min(DESCRIPTOR_CHUNK, w.size // 4) // max(k * (m + 1), 1))
     images = np.empty((min(step, in_g), k, m + 1), dtype=np.float32)
+    flat_index = index.ravel()
     for i0 in range(0, in_g, step):
         i1 = min(in_g, i0 + step)
         part = images[: i1 - i0]
-        np.multiply(scaled[i0:i1][:, index], signs, out=part[:, :, :m])
+        np.multiply(scaled[i0:i1][:, flat_index].reshape(i1 - i0, k, m), signs, out=part[:, :, :m])
         part[:, :, m] = col[i0:i1, None]
         t += w[:, i0:i1, :].reshape(out, (i1 - i0) * k) @ part.reshape((i1 - i0) * k, m + 1)
     d = t[:, :m]
@@ -712,6 +724,15 @@ def frequencies(m: int, features: int, omega: float) -> np.ndarray:
     return g * omega
 
 
+@functools.lru_cache(maxsize=16)
+def _shared_frequencies(m: int, features: int, omega: float, single: bool) -> np.ndarray:
+    """``frequencies`` (float32 for ``single``) made once per process for every hash that uses them, read-only."""
+    freq = frequencies(m, features, omega)
+    freq = freq.astype(np.float32) if single else freq
+    freq.flags.writeable = False
+    return freq
+
+
 def whiten(d: np.ndarray, ridge: float, single: bool = False) -> np.ndarray:
     """Centre a layer's live descriptors and whiten them with their own (ridge-regularised) covariance, C^-1/2:
     the whitening that moves them least, so a copy's small changes stay small (a Cholesky whitening, tried for
@@ -722,7 +743,7 @@ def whiten(d: np.ndarray, ridge: float, single: bool = False) -> np.ndarray:
         cov = (x32.T @ x32).astype(np.float64) / max(len(x), 1)
     else:
         cov = x.T @ x / max(len(x), 1)
-    cov += ridge * np.trace(cov) / len(cov) * np.eye(len(cov))
+    cov[np.diag_indices(len(cov))] += ridge * np.trace(cov) / len(cov)  # the ridge: a multiple of the identity
     if single:
         vals32, vecs32 = np.linalg.eigh(cov.astype(np.float32))
         root = (vecs32 / np.sqrt(np.maximum(vals32, np.float32(1e-30)))) @ vecs32.T
@@ -757,17 +778,27 @@ def sketch_and_propagate(
     live = np.abs(d).sum(axis=1) > 0
     if live.sum() < 2:
         return np.zeros(freq.shape[1]), d
-    x = whiten(d[live], ridge, single)
+    every = bool(live.all())  # the common case: no copies to take out and put back
+    x = whiten(d if every else d[live], ridge, single)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
-    handed = np.zeros_like(d)
-    handed[live] = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+    if every and norms.min() > 0:
+        handed = x / norms
+    else:
+        handed = np.zeros_like(d)
+        handed[live] = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
     x *= np.sqrt(x.shape[1] / max(float(np.einsum("om,om->", x, x)) / len(x), 1e-300))
     if single:  # float32 phases and sines, a fixed block of features at a time (see PHASE_BLOCK)
         x32, f32 = x.astype(np.float32), np.asarray(freq, np.float32)
-        ones = np.ones(len(x32), dtype=np.float32) if weights is None else weights[live].astype(np.float32)
+        if weights is None:
+            ones = np.ones(len(x32), dtype=np.float32)
+        else:
+            ones = (weights if every else weights[live]).astype(np.float32)
         sketch = np.empty(f32.shape[1])
+        phases = np.empty((len(x32), min(PHASE_BLOCK, f32.shape[1])), np.float32)  # one buffer for every block
         for k in range(0, f32.shape[1], PHASE_BLOCK):
-            sketch[k : k + PHASE_BLOCK] = ones @ np.sin(x32 @ f32[:, k : k + PHASE_BLOCK])
+            block = phases[:, : min(PHASE_BLOCK, f32.shape[1] - k)]
+            np.matmul(x32, f32[:, k : k + PHASE_BLOCK], out=block)
+            sketch[k : k + PHASE_BLOCK] = ones @ np.sin(block, out=block)
     else:
         sketch = np.sin(x @ freq).sum(axis=0) if weights is None else weights[live] @ np.sin(x @ freq)
     if weights is not None:
@@ -908,9 +939,7 @@ def chain_sketches(
             row = np.divide(row, g, out=np.zeros_like(row), where=g > 0)
         return channel_importance(row, mean, cfg.importance)
 
-    freq = frequencies(cfg.dim, features, cfg.omega)
-    if cfg.single:
-        freq = freq.astype(np.float32)
+    freq = _shared_frequencies(cfg.dim, features, cfg.omega, cfg.single)
     desc: list[np.ndarray] = []
     depth: list[int] = []  # per chain position: layers with sketches between it and the data (v4's weights)
     out: list[tuple[str, np.ndarray]] = []

@@ -157,11 +157,25 @@ _SQ_MIN = 2.0**-100  # squared norms below this (~8e-31) may have lost bits to f
 _F32_TINY = float(np.finfo(np.float32).tiny)
 
 
-def kernel_sq_norms(w: np.ndarray) -> np.ndarray:
+# The largest float32 squared norm the balancing takes as it is (codec.chain._block_factors works in float32 where
+# every squared norm lies in [_SQ_MIN, _SQ_MAX32))
+_SQ_MAX32 = 1e37
+
+
+def kernel_sq_norms(w: np.ndarray, float32_ok: bool = False) -> np.ndarray:
     """Squared norms of the kernels of an (out, in, k) float32 layer as float64 (out, in), accurate for any
-    finite float32 values: a function-preserving rescaling by 1e30 or 1e-30 gives the rescaled norms."""
+    finite float32 values: a function-preserving rescaling by 1e30 or 1e-30 gives the rescaled norms.
+    ``float32_ok``: return the float32 sums themselves (the same numbers, not widened) when every one lies in
+    [_SQ_MIN, _SQ_MAX32), where float32 holds them exactly as float64 would (any trained layer without zero
+    kernels); the float64 array otherwise."""
     with np.errstate(over="ignore", under="ignore"):
-        sq = np.einsum("oik,oik->oi", w, w).astype(np.float64)
+        if w.shape[2] == 1:  # one tap: the square itself (what the sum of one product is, bit for bit)
+            sq32 = np.square(w[:, :, 0])
+        else:
+            sq32 = np.einsum("oik,oik->oi", w, w)
+    if float32_ok and sq32.size and _SQ_MIN <= float(sq32.min()) and float(sq32.max()) < _SQ_MAX32:
+        return sq32
+    sq = sq32.astype(np.float64)
     redo = ~(sq >= _SQ_MIN) | ~np.isfinite(sq)  # includes exact zeros, which float64 keeps at zero
     if redo.any():
         w64 = w[redo].astype(np.float64)
