@@ -308,6 +308,14 @@ def nn_relu(name: str) -> bytes:
     return f_bytes(1, name) + f_bytes(2, name + "_in") + f_bytes(3, name + "_out") + f_bytes(130, f_bytes(10, b""))
 
 
+def nn_batchnorm(name: str, source: str, params: list[np.ndarray], run_time: bool = False) -> bytes:
+    """A NeuralNetwork ``batchnorm`` layer (160) reading blob ``source``: gamma, beta, mean, variance (fields
+    15-18); ``run_time`` sets computeMeanVar (statistics computed at run time)."""
+    bn = f_varint(1, len(params[0])) + f_varint(5, int(run_time)) + f_float(10, 1e-5)
+    bn += b"".join(f_bytes(number, wp_float(p)) for number, p in zip((15, 16, 17, 18), params, strict=True))
+    return f_bytes(1, name) + f_bytes(2, source) + f_bytes(3, name + "_out") + f_bytes(160, bn)
+
+
 def coreml_nn(path: Path, layers: list[bytes], kind: int = 500) -> Path:
     """A NeuralNetwork ``.mlmodel`` (``kind`` 500 neuralNetwork, 403 classifier, 303 regressor)."""
     description = f_bytes(1, f_bytes(1, "input")) + f_bytes(10, f_bytes(1, "output"))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from hashdb.codec import ModelHasher, load_tensors
 from hashdb.codec.load import load_file
@@ -223,3 +224,60 @@ def test_ios16_palettized_weights_unpack_least_significant_bit_first(tmp_path: P
     (spec.parent / "weights" / "weight.bin").write_bytes(blobs.bytes())
     with pytest.raises(ModelFormatError, match=f"index bytes hold fewer than 3456 {nbits}-bit indices"):
         load_file(spec)
+
+
+def _bn_model(seed: int) -> tuple[torch.nn.Module, list[np.ndarray]]:
+    """make_cnn with trained-looking BatchNorm statistics, and those (gamma, beta, mean, variance)."""
+    model = make_cnn(seed)
+    rng = np.random.default_rng(seed)
+    bn = model[3]
+    params = [rng.uniform(0.2, 3.0, 24), rng.normal(0, 1, 24), rng.normal(0, 1, 24), rng.uniform(0.05, 5.0, 24)]
+    params = [p.astype(np.float32) for p in params]
+    for tensor, value in zip((bn.weight, bn.bias, bn.running_mean, bn.running_var), params, strict=True):
+        tensor.data = torch.from_numpy(value)
+    return model, params
+
+
+def test_a_batchnorm_layer_after_a_convolution_folds_into_it(tmp_path: Path, hasher: ModelHasher) -> None:
+    """Codec v7 folds a BatchNorm into the convolution it follows (hashdb/codec/batchnorm.py). A NeuralNetwork
+    ``batchnorm`` layer reading a convolution's output blob is named after that convolution's weight, so the
+    model hashes like the PyTorch model with its BatchNorm; one whose statistics are computed at run time has
+    nothing to fold and is left out."""
+    model, params = _bn_model(7)
+    ws = {k: v.detach().numpy() for k, v in model.state_dict().items() if k.endswith("weight") and v.ndim == 4}
+    convs = [fw.nn_conv(f"conv{k}", *w.shape[:2], w.shape[2:], fw.wp_float(w), None) for k, w in
+             zip(("0", "2", "5"), ws.values(), strict=True)]  # fmt: skip
+    layers = [convs[0], fw.nn_relu("r0"), convs[1], fw.nn_batchnorm("bn", "conv2_out", params), fw.nn_relu("r1"),
+              convs[2]]  # fmt: skip
+    path = fw.coreml_nn(tmp_path / "bn.mlmodel", layers)
+    got = {t.name: t for t in load_tensors(path)}
+    assert {"conv2.weight.bn.weight", "conv2.weight.bn.running_var"} <= set(got), sorted(got)
+    np.testing.assert_array_equal(got["conv2.weight.bn.running_var"].array, params[3])
+    assert hasher.hash(path) == hasher.hash(model)
+    layers[3] = fw.nn_batchnorm("bn", "conv2_out", params, run_time=True)
+    path = fw.coreml_nn(tmp_path / "run_time.mlmodel", layers)
+    assert not any(".bn." in t.name for t in load_tensors(path))
+    assert hasher.hash(path) != hasher.hash(model)
+
+
+def test_an_ml_program_batch_norm_after_a_conv_folds_into_it(tmp_path: Path, hasher: ModelHasher) -> None:
+    """MIL ``batch_norm`` reading a ``conv``'s output: its consts, whatever the converter named them (and cast
+    from fp16 or not), are named after the conv's weight, and the program hashes like the PyTorch model."""
+    model, params = _bn_model(8)
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    ops, x = [], "x"
+    for k in ("0", "2", "5"):
+        ops.append(fw.mil_op("const", f"w{k}", attrs={"val": fw.mil_immediate(sd[f"{k}.weight"])}))
+        ops.append(fw.mil_op("conv", f"y{k}", {"x": x, "weight": f"w{k}"}))
+        x = f"y{k}"
+        if k == "2":
+            for i, p in enumerate(params):
+                ops.append(fw.mil_op("const", f"op_{i}_fp16", attrs={"val": fw.mil_immediate(p)}))
+                ops.append(fw.mil_op("cast", f"op_{i}", {"x": f"op_{i}_fp16"}))
+            ops.append(fw.mil_op("batch_norm", "bn", {"x": "y2", "gamma": "op_0", "beta": "op_1", "mean": "op_2",
+                                                      "variance": "op_3"}))  # fmt: skip
+            x = "bn"
+    spec = fw.mlpackage(tmp_path / "bn.mlpackage", ops)
+    got = {t.name for t in load_tensors(spec)}
+    assert {"w2.bn.weight", "w2.bn.bias", "w2.bn.running_mean", "w2.bn.running_var"} <= got, sorted(got)
+    assert hasher.hash(spec) == hasher.hash(model)

@@ -291,8 +291,9 @@ def test_fuzzed_bytes_raise_only_model_format_error(saved, tmp_path: Path, data:
 def test_a_batchnorm_after_a_conv_folds_into_it(keras: Any, tmp_path: Path, kind: str) -> None:
     """Codec v7 folds each BatchNorm into the convolution it reads (hashdb/codec/batchnorm.py): in a .keras
     archive the model config says which (Keras 3 stores a BatchNorm's variables by index, apart from its conv),
-    in a legacy .h5 the layers' order. The model with trained-looking BatchNorm statistics and the same model with
-    them folded into its kernels give one code; a .weights.h5 holds no graph, so there they stay apart."""
+    in a legacy .h5 the layers' order, in a Keras 3 .weights.h5 (no config) the order Keras wrote the variables
+    in. The model with trained-looking BatchNorm statistics and the same model with them folded into its kernels
+    give one code."""
     L = keras.layers
     rng = np.random.default_rng(4)
     k0, k1 = rng.standard_normal((3, 3, 3, 16)), rng.standard_normal((3, 3, 16, 24))
@@ -326,4 +327,58 @@ def test_a_batchnorm_after_a_conv_folds_into_it(keras: Any, tmp_path: Path, kind
         assert any(n.endswith(".bn.moving_variance") for n in names), names
         weights_only = tmp_path / "bn.weights.h5"
         net(False).save_weights(weights_only)
-        assert h.hash(weights_only) != h.hash(paths[True])
+        assert h.hash(weights_only) == h.hash(paths[True])
+
+
+def test_a_weights_only_keras3_file_pairs_batchnorms_by_name_then_by_write_order(keras: Any, tmp_path: Path) -> None:
+    """Without a config a Keras 3 .weights.h5 says neither which layer a BatchNormalization reads nor which of its
+    variables is which: the count says the roles (4, or 3 with scale=False: beta, mean, variance), the layers'
+    names the pairs where they tell (two branches written conv, conv, bn, bn: ``x_0_conv``/``x_0_bn``; by write
+    order the first BatchNorm would go to the second conv), the write order where they do not (default names,
+    conv, bn, conv, bn). Each way the file hashes like its folded twin."""
+    L = keras.layers
+    rng = np.random.default_rng(5)
+    kernels = [rng.standard_normal(shape) for shape in ((3, 3, 3, 16), (1, 1, 3, 16), (3, 3, 16, 8))]
+    norms = [[rng.uniform(0.2, 3.0, 16), rng.normal(0, 1, 16), rng.normal(0, 1, 16), rng.uniform(0.05, 5.0, 16)]
+             for _ in range(2)]  # fmt: skip
+
+    def net(folded: bool, branches: bool, scale: bool = True) -> Any:
+        inp = keras.Input((10, 10, 3))
+        convs = [L.Conv2D(16, k.shape[0], padding="same", name=f"x_{i}_conv" if branches else None, use_bias=folded)
+                 for i, k in enumerate(kernels[:2])]  # fmt: skip
+        bns = [L.BatchNormalization(epsilon=1e-5, scale=scale, name=f"x_{i}_bn" if branches else None)
+               for i in range(2)]  # fmt: skip
+        if branches:  # both convs come before either BatchNorm in the model's layers
+            outs = [c(inp) for c in convs]
+            x = L.Add()(outs if folded else [bn(o) for bn, o in zip(bns, outs, strict=True)])
+        else:  # a chain: conv, bn, conv, bn
+            x = inp
+            for i, conv in enumerate(convs):
+                x = conv(x if i == 0 else L.Conv2D(3, 1, name=None)(x))
+                x = x if folded else bns[i](x)
+        head = L.Conv2D(8, 3)
+        model = keras.Model(inp, head(L.ReLU()(x)))
+        for conv, k, (gamma, beta, mean, var) in zip(convs, kernels[:2], norms, strict=True):
+            g = (gamma if scale else 1.0) / np.sqrt(var + 1e-5)
+            if folded:
+                conv.set_weights([(k * g).astype(np.float32), (beta - mean * g).astype(np.float32)])
+            else:
+                conv.set_weights([k.astype(np.float32)])
+        if not folded:
+            for bn, (gamma, beta, mean, var) in zip(bns, norms, strict=True):
+                bn.set_weights([a.astype(np.float32) for a in ([gamma] if scale else []) + [beta, mean, var]])
+        head.set_weights([kernels[2].astype(np.float32), np.zeros(8, np.float32)])
+        for layer in model.layers:  # the chain's 16 -> 3 adapters: fixed weights, the same in both twins
+            if isinstance(layer, L.Conv2D) and layer.filters == 3:
+                w = np.random.default_rng(1).standard_normal((1, 1, 16, 3)).astype(np.float32)
+                layer.set_weights([w, np.zeros(3, np.float32)])
+        return model
+
+    h = ModelHasher(256)
+    for branches, scale in ((True, True), (False, True), (True, False)):
+        paths = [tmp_path / f"{branches}{scale}{folded}.weights.h5" for folded in (False, True)]
+        for path, folded in zip(paths, (False, True), strict=True):
+            net(folded, branches, scale).save_weights(path)
+        renamed = [t.name for t in load_tensors(paths[0]) if ".bn." in t.name]
+        assert len(renamed) == (8 if scale else 4), renamed  # 3 variables: the first, beta or gamma, unnamed
+        assert h.hash(paths[0]) == h.hash(paths[1]), (branches, scale)

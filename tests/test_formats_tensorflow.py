@@ -203,3 +203,28 @@ def test_an_index_naming_one_block_many_times_is_refused(tmp_path: Path) -> None
     (tmp_path / "m.data-00000-of-00001").write_bytes(bytes(4))
     with pytest.raises(ModelFormatError, match="names more block bytes than the table holds"):
         load_file(path)
+
+
+def test_a_tf_slim_batchnorm_folds_into_the_conv_it_is_scoped_under(tmp_path: Path, hasher: ModelHasher) -> None:
+    """TF-slim checkpoints keep a conv's BatchNorm under its scope (``net/conv2/weights``,
+    ``net/conv2/BatchNorm/moving_variance``; slim's default has no gamma): codec v7 folds it in, so the checkpoint
+    hashes like the PyTorch model with that BatchNorm. The same statistics under another scope are not that conv's."""
+    import torch
+
+    model = make_cnn(9)
+    rng = np.random.default_rng(9)
+    bn = model[3]
+    bn.running_mean.data = torch.from_numpy(rng.normal(0, 1, 24).astype(np.float32))
+    bn.running_var.data = torch.from_numpy(rng.uniform(0.05, 5.0, 24).astype(np.float32))
+    bn.bias.data = torch.from_numpy(rng.normal(0, 1, 24).astype(np.float32))
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    tensors: dict[str, np.ndarray | bytes] = {
+        f"net/conv{i}/weights": sd[f"{k}.weight"].transpose(2, 3, 1, 0) for i, k in enumerate(("0", "2", "5"), 1)
+    }
+    norm = {"beta": sd["3.bias"], "moving_mean": sd["3.running_mean"], "moving_variance": sd["3.running_var"]}
+    scoped = {f"net/conv2/BatchNorm/{k}": v for k, v in norm.items()}
+    index = tf_checkpoint(tmp_path / "slim.ckpt", {**tensors, **scoped})
+    assert hasher.hash(index) == hasher.hash(model)
+    elsewhere = {f"net/head/BatchNorm/{k}": v for k, v in norm.items()}
+    other = tf_checkpoint(tmp_path / "other.ckpt", {**tensors, **elsewhere})
+    assert hasher.hash(other) != hasher.hash(model)

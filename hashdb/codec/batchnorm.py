@@ -13,11 +13,14 @@ Pairing, in the hashed file's own names and order (readers return BatchNorm para
 - a BatchNorm is a group of 1-D tensors sharing a prefix, one of them a variance (``running_var``,
   ``moving_variance``, ``moving_var``, ``variance``, ``var``), with a gain (``weight``, ``gamma``, ``scale``) or
   without (Keras ``scale=False``: gain 1);
-- by name first: conv ``P`` pairs with BatchNorm ``P.bn``/``P_bn``/``P/bn``/``P_BN`` (Darknet, Keras
-  applications), with ``P``'s last ``conv`` spelled ``bn``/``batchnorm``/``batch_normalization``/``norm``
-  (``layer1.0.conv1`` / ``layer1.0.bn1``, MXNet ``conv0`` / ``bn0``, Keras ``conv1_conv`` / ``conv1_bn``), with
-  ``bn_`` before its last part (``Conv1`` / ``bn_Conv1``), or with the next index (``features.0`` /
-  ``features.1``, ``downsample.0`` / ``.1``, TensorFlow's ``layer_with_weights-0`` / ``-1``);
+- by name first: a kernel ``K`` pairs with ``K.bn`` (the name a reader gives the BatchNorm the graph says
+  follows it: ONNX, Paddle, Core ML, Keras 3); conv ``P`` (the kernel's name without ``.weight``, ``/kernel``,
+  TF-slim's ``/weights``, ``/depthwise_weights`` ...) pairs with BatchNorm ``P.bn``/``P_bn``/``P/bn``/``P_BN``
+  (Darknet, Keras applications) or ``P/BatchNorm`` (TF-slim checkpoints), with ``P``'s last ``conv`` spelled
+  ``bn``/``batchnorm``/``batch_normalization``/``norm`` (``layer1.0.conv1`` / ``layer1.0.bn1``, MXNet ``conv0``
+  / ``bn0``, Keras ``conv1_conv`` / ``conv1_bn``), with ``bn_`` before its last part (``Conv1`` /
+  ``bn_Conv1``), or with the next index (``features.0`` / ``features.1``, ``downsample.0`` / ``.1``,
+  TensorFlow's ``layer_with_weights-0`` / ``-1``);
 - then by order: a BatchNorm left unpaired pairs with the last convolution before it in the file (Keras 2,
   ncnn, Caffe, ONNX initializers in node order), when that convolution is unpaired;
 - only where the BatchNorm's width is the convolution's filter count, and its values give finite gains.
@@ -39,7 +42,7 @@ BN_EPS = 1e-5  # PyTorch's default; frameworks differ (Keras 1e-3), which moves 
 
 _ROLE = re.compile(r"(?:^|[._/])(running_var|moving_variance|moving_var|variance|var|weight|gamma|scale)(?::\d+)?$")
 _VARIANCE = frozenset({"running_var", "moving_variance", "moving_var", "variance", "var"})
-_KERNEL = re.compile(r"[._/](weight|kernel|filter|filters|W)(?::\d+)?$")
+_KERNEL = re.compile(r"[._/](?:depthwise_|pointwise_)?(weight|weights|kernel|filter|filters|W)(?::\d+)?$")
 _NORM_WORDS = ("bn", "batchnorm", "batch_normalization", "norm")
 
 
@@ -64,9 +67,9 @@ def batchnorm_groups(tensors: Sequence[NamedTensor]) -> dict[str, tuple[int, int
     return {p: (g["var"], g.get("gain"), g["first"]) for p, g in found.items() if "var" in g}
 
 
-def _candidates(prefix: str) -> list[str]:
+def name_candidates(prefix: str) -> list[str]:
     """BatchNorm prefixes that name the one following conv ``prefix``, most specific first."""
-    out = [prefix + sep + "bn" for sep in (".", "_", "/")] + [prefix + "_BN"]
+    out = [prefix + sep + "bn" for sep in (".", "_", "/")] + [prefix + "_BN", prefix + "/BatchNorm"]
     last = prefix.lower().rfind("conv")
     if last >= 0:
         out += [prefix[:last] + word + prefix[last + 4 :] for word in _NORM_WORDS]
@@ -105,8 +108,9 @@ def batchnorm_gains(
     gains: dict[int, np.ndarray] = {}
     used: set[str] = set()
     for pos, (i, read) in enumerate(plan):
-        prefix = _KERNEL.sub("", _module(tensors[i].name))
-        for c in _candidates(prefix):
+        name = _module(tensors[i].name)
+        # first the name a reader gives a BatchNorm it found in the graph: ``<kernel's own name>.bn``
+        for c in [name + ".bn", *name_candidates(_KERNEL.sub("", name))]:
             if c in groups and c not in used:
                 g = _gain(tensors, groups[c][0], groups[c][1], _filters(tensors[i], read), eps)
                 if g is not None:

@@ -11,6 +11,11 @@ The spec is a ``Model`` message (Model.proto). Read from it:
   output channel) or ``lookupTableQuantization`` (palettized: ``table[q]``). Convolution weights are
   ``(outputChannels, kernelChannels, kH, kW)`` (deconvolution ``(kernelChannels, outputChannels / nGroups, kH,
   kW)``, torch's ConvTranspose order): OIHW, marked so. Inner products are ``(out, in)``.
+- BatchNorm: a NeuralNetwork ``batchnorm`` layer (160: gamma, beta, mean, variance) and an ML Program's
+  ``batch_norm`` op, named after the convolution whose output they read (``<conv weight>.bn.weight``,
+  ``.bn.running_var``), so that codec v7 folds them into it (hashdb/codec/batchnorm.py); a ``batchnorm`` layer
+  reading another layer keeps its own name (``<layer>.running_var``), and one that computes its statistics at
+  run time is skipped.
 - ML Programs (``mlProgram`` 502, MIL): every ``const`` op's float ``val`` (an immediate tensor, or a
   ``blobFileValue`` in ``@model_path/weights/*.bin``) and the weights of compression ops, named by their
   output: ``constexpr_affine_dequantize`` (iOS 16: int8/uint8 ``(q - zero_point) * scale`` along ``axis``),
@@ -41,7 +46,11 @@ from . import protowire as pw
 _NEURAL_NETWORKS = (500, 403, 303)
 _PIPELINES = (200, 201, 202)
 ML_PROGRAM = 502
-CONVOLUTION, INNER_PRODUCT = 100, 140
+CONVOLUTION, INNER_PRODUCT, BATCHNORM = 100, 140, 160
+# BatchnormLayerParams' gamma, beta, mean, variance (fields 15-18) and MIL batch_norm's inputs, by the role names
+# PyTorch gives them (codec.batchnorm folds a BatchNorm named ``<conv weight>.bn.<role>`` into that conv)
+_NORM_FIELDS = ((15, "weight"), (16, "bias"), (17, "running_mean"), (18, "running_var"))
+_NORM_INPUTS = (("gamma", "weight"), ("beta", "bias"), ("mean", "running_mean"), ("variance", "running_var"))
 # MIL DataType -> numpy dtype of the stored values
 _MIL_DTYPES = {
     10: "<f2", 11: "<f4", 12: "<f8", 13: "<u2", 21: "i1", 22: "<i2", 23: "<i4", 31: "u1", 32: "<u2", 33: "<u4",
@@ -137,10 +146,27 @@ def _quantized(msg: dict[int, list[int | memoryview]], shape: tuple[int, ...], c
 
 def _neural_network(path: Path, msg: dict[int, list[int | memoryview]], out: list[NamedTensor], max_bytes: int) -> None:
     used = 0
+    conv_of: dict[str, str] = {}  # a convolution layer's output blob -> its weight tensor's name
     for i, raw_layer in enumerate(msg.get(1, [])):
         layer = pw.message(pw.as_bytes(raw_layer))
         name = pw.text(layer[1][-1]) if 1 in layer else f"layer_{i}"
-        if CONVOLUTION in layer:
+        if CONVOLUTION in layer and 3 in layer:
+            conv_of[pw.text(layer[3][0])] = f"{name}.weight"
+        if BATCHNORM in layer:
+            bn = pw.message(_first(layer, BATCHNORM))
+            if _int(bn, 5) or _int(bn, 6):  # statistics computed at run time (or instance norm): nothing to fold
+                continue
+            channels = _int(bn, 1)
+            used += 4 * 4 * channels
+            check_size(path, used, max_bytes)
+            source = pw.text(layer[2][0]) if 2 in layer else ""
+            # named after the convolution it reads (``conv1.weight.bn.running_var``), else after itself
+            prefix = f"{conv_of[source]}.bn" if source in conv_of else name
+            for number, role in _NORM_FIELDS:
+                values = _weight_params(_first(bn, number), (channels,), 0) if number in bn else None
+                if values is not None:
+                    out.append(NamedTensor(f"{prefix}.{role}", values))
+        elif CONVOLUTION in layer:
             conv = pw.message(_first(layer, CONVOLUTION))
             out_ch, k_ch, groups = _int(conv, 1), _int(conv, 2), max(_int(conv, 10, 1), 1)
             kernel = tuple(pw.varints(conv.get(20, []))) or (3, 3)
@@ -181,6 +207,7 @@ class _Program:
         self.decoded: set[tuple[str, str]] = set()  # (constexpr op, output) decoded into tensors
         self.producers: dict[str, tuple[str, dict[str, str]]] = {}  # output -> (op type, input bindings)
         self.weights: set[str] = set()
+        self.norms: list[dict[str, str]] = []  # the input bindings of every batch_norm op
 
     def blob(self, file_name: str, offset: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
         if not file_name.startswith("@model_path/"):
@@ -292,6 +319,8 @@ class _Program:
                 self.decoded.add((op_type, outputs[0]))
             if op_type in _WEIGHT_OPS and _WEIGHT_OPS[op_type] in inputs:
                 self.weights.add(self.source(inputs[_WEIGHT_OPS[op_type]]))
+            if op_type == "batch_norm" and "x" in inputs:
+                self.norms.append(inputs)
             for nested in op.get(4, []):
                 self.block(pw.as_bytes(nested), depth + 1)
 
@@ -366,12 +395,32 @@ class _Program:
             w = w - per_block(offset)
         return (w * per_block(scale)).reshape(data.shape)
 
-    def source(self, name: str) -> str:
+    def batchnorms(self) -> dict[str, str]:
+        """New names for the consts of each batch_norm op that reads a conv's output: ``<conv weight>.bn.weight``
+        ... ``.bn.running_var``, so that codec v7 folds it into that conv (hashdb/codec/batchnorm.py)."""
+        renamed: dict[str, str] = {}
+        for inputs in self.norms:
+            producer = self.producers.get(inputs["x"])
+            if producer is None or producer[0] != "conv" or "weight" not in producer[1]:
+                continue
+            weight = self.uncast(producer[1]["weight"])
+            for key, role in _NORM_INPUTS:
+                if key in inputs:
+                    renamed.setdefault(self.uncast(inputs[key]), f"{weight}.bn.{role}")
+        return renamed
+
+    def uncast(self, name: str) -> str:
+        """The tensor ``name`` is a cast of (through up to 8 ``cast`` ops), else ``name``."""
         for _ in range(8):
             producer = self.producers.get(name)
             if producer is None or producer[0] != "cast" or "x" not in producer[1]:
                 break
             name = producer[1]["x"]
+        return name
+
+    def source(self, name: str) -> str:
+        """The const a weight input reads (``uncast``); a weight another constexpr op makes is refused."""
+        name = self.uncast(name)
         producer = self.producers.get(name)
         if producer is not None and producer[0].startswith("constexpr_") and (producer[0], name) not in self.decoded:
             raise ValueError(f"weight {name!r} is compressed with {producer[0]}: not supported")
@@ -384,10 +433,11 @@ def _program(path: Path, raw: memoryview, max_bytes: int, out: list[NamedTensor]
         function = pw.message(_first(pw.message(pw.as_bytes(entry)), 2))
         for spec in function.get(3, []):  # block_specializations: map<string, Block>
             program.block(_first(pw.message(pw.as_bytes(spec)), 2), 0)
+    norms = program.batchnorms()
     for name, arr in program.tensors.items():
         if arr.size and name not in program.params:  # a blockwise scale has its weight's rank: not a kernel
             layout = "oihw" if name in program.weights and arr.ndim >= 2 else None
-            out.append(NamedTensor(name, np.ascontiguousarray(arr, dtype=np.float32), layout))
+            out.append(NamedTensor(norms.get(name, name), np.ascontiguousarray(arr, dtype=np.float32), layout))
 
 
 def _model(path: Path, raw: memoryview, max_bytes: int, out: list[NamedTensor], depth: int) -> None:

@@ -446,22 +446,107 @@ def _v3_batchnorms(
     """Keras 3 stores a BatchNormalization's variables by index (``vars/0``..``vars/3``) under a group named
     by class, apart from the convolution it follows. Renamed by role after the kernel of the layer it reads
     (``<kernel>.bn.gamma``, ``<kernel>.bn.moving_variance``), so that codec v7 folds it into that convolution
-    (hashdb/codec/batchnorm.py). The model config says which layer that is; without one nothing is renamed."""
+    (hashdb/codec/batchnorm.py). The model config says which layer that is and which variables it has. Without
+    one (a ``.weights.h5``), or for a BatchNorm the config does not name: the variables by their count (4:
+    gamma, beta, mean, variance; 2: mean, variance; 3: the first, gamma or beta, is left unnamed, so only the
+    variance is folded), the layer by the layers' own names (``conv1``/``bn1``, ``x_conv``/``x_bn``: batchnorm's
+    name rules), then by the order Keras wrote the variables in (each layer's in model order, so a BatchNorm's
+    come right after its convolution's): the file offsets of their data. Only a convolution of the BatchNorm's
+    width is taken."""
     norms = _config_batchnorms(config)
-    if not norms:
-        return entries
     kernel_of: dict[str, str] = {}  # a layer's kernel that sets its outputs (a separable conv's pointwise one)
-    for name, _, kind in entries:
+    width: dict[str, int] = {}  # a kernel's output channels
+    for name, ds, kind in entries:
         if kind is not None and name in layer_of and (kind != "depthwise" or layer_of[name] not in kernel_of):
             kernel_of[layer_of[name]] = name
-    out = []
-    for name, ds, kind in entries:
+        shape = tuple(ds.shape or ())
+        if kind is not None and len(shape) >= 2:
+            width[name] = shape[-2] * shape[-1] if kind == "depthwise" else shape[-1]
+    renamed: dict[str, str] = {}
+    for name, _, _ in entries:  # the config's BatchNorms: roles and source from the config
         norm = norms.get(layer_of.get(name, ""))
         if norm is not None and norm[0] in kernel_of:
             source, scale, center = norm
             roles = ["gamma"] * scale + ["beta"] * center + ["moving_mean", "moving_variance"]
             index = int(name.rsplit("/", 1)[1])
             if index < len(roles):
-                name = f"{kernel_of[source]}.bn.{roles[index]}"
-        out.append((name, ds, kind))
-    return out
+                renamed[name] = f"{kernel_of[source]}.bn.{roles[index]}"
+    paired = {layer for layer, (source, _, _) in norms.items() if source in kernel_of}
+    groups = _unnamed_batchnorms(entries, layer_of, paired)
+    if groups:
+        taken = {kernel_of[norms[layer][0]] for layer in paired}
+        renamed.update(_pair_unnamed(entries, layer_of, kernel_of, width, groups, taken))
+    return [(renamed.get(name, name), ds, kind) for name, ds, kind in entries]
+
+
+# a Keras 3 BatchNormalization's variables by their count: gamma if scale, beta if center, then the statistics
+_BN_ROLES: dict[int, tuple[str | None, ...]] = {
+    4: ("gamma", "beta", "moving_mean", "moving_variance"),
+    3: (None, "moving_mean", "moving_variance"),  # gamma or beta: which, only the config says
+    2: ("moving_mean", "moving_variance"),
+}
+
+
+def _unnamed_batchnorms(
+    entries: list[tuple[str, Any, str | None]], layer_of: dict[str, str], paired: set[str]
+) -> dict[str, dict[int, tuple[str, Any]]]:
+    """The variable groups of Keras 3 BatchNormalization layers (by their group's name,
+    ``batch_normalization[_N]``) that the config did not pair: group path -> index -> (dataset name, dataset)."""
+    groups: dict[str, dict[int, tuple[str, Any]]] = {}
+    for name, ds, _ in entries:
+        parts = name.split("/")
+        if len(parts) < 3 or parts[-2] != "vars" or not parts[-1].isdigit() or layer_of.get(name) in paired:
+            continue
+        if re.sub(r"_\d+$", "", parts[-3].lower()) == "batch_normalization" and len(ds.shape or ()) == 1:
+            groups.setdefault(name.rsplit("/", 1)[0], {})[int(parts[-1])] = (name, ds)
+    return {g: v for g, v in groups.items() if len(v) in _BN_ROLES and sorted(v) == list(range(len(v)))}
+
+
+def _pair_unnamed(
+    entries: list[tuple[str, Any, str | None]],
+    layer_of: dict[str, str],
+    kernel_of: dict[str, str],
+    width: dict[str, int],
+    groups: dict[str, dict[int, tuple[str, Any]]],
+    taken: set[str],
+) -> dict[str, str]:
+    """New names (``<kernel>.bn.<role>``) for the variables of BatchNorm ``groups`` no config paired: by the
+    layers' names, then by write order (``_v3_batchnorms``). ``taken``: kernels already paired."""
+    from ..batchnorm import name_candidates
+
+    by_candidate: dict[str, str] = {}  # a BatchNorm layer name that a conv's layer name implies -> that conv's layer
+    for layer in kernel_of:
+        for c in name_candidates(layer):
+            by_candidate.setdefault(c, layer)
+    source: dict[str, str] = {}  # group -> kernel
+
+    def fits(group: str, kernel: str) -> bool:
+        return kernel not in taken and width.get(kernel) == groups[group][0][1].shape[0]
+
+    for group, variables in groups.items():
+        conv = by_candidate.get(layer_of.get(variables[0][0], ""))
+        if conv is not None and fits(group, kernel_of[conv]):
+            source[group] = kernel_of[conv]
+            taken.add(kernel_of[conv])
+    rest = [g for g in groups if g not in source]
+    if rest:  # by write order: a BatchNorm pairs with the last convolution written before it
+        offsets = {name: ds.id.get_offset() for name, ds, _ in entries}
+        events = [(offsets[k], 0, k) for k in kernel_of.values()] + [(offsets[groups[g][0][0]], 1, g) for g in rest]
+        if all(offset is not None for offset, _, _ in events):
+            last = None
+            for _, is_norm, key in sorted(events):
+                if not is_norm:
+                    last = key
+                elif last is not None and fits(key, last):
+                    source[key] = last
+                    taken.add(last)
+                    last = None
+    renamed = {}
+    for group, kernel in source.items():
+        roles = _BN_ROLES[len(groups[group])]
+        for index, (name, _) in groups[group].items():
+            role = roles[index]
+            if role is not None:
+                renamed[name] = f"{kernel}.bn.{role}"
+    return renamed
+
