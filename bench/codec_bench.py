@@ -608,6 +608,39 @@ def resnet50_state_dict(seed: int = 0) -> dict[str, Any]:
     return sd
 
 
+def mobilenet_v2_state_dict(seed: int = 0) -> dict[str, Any]:
+    """Random tensors with MobileNetV2's shapes (2.2M convolution parameters: inverted residual blocks, a 1x1
+    expansion, a 3x3 depthwise and a 1x1 projection each; BN, classifier), in memory. 97 % of its convolution
+    parameters are in 1x1 layers, which codec v2 never read: the family where v2 is cheapest and the chain
+    codecs, which read every layer and pay per channel and per layer, dearest."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, Any] = {}
+
+    def conv_bn(name: str, cout: int, cin_per_group: int, k: int) -> None:
+        scale = (2.0 / (cin_per_group * k * k)) ** 0.5
+        sd[f"{name}.0.weight"] = torch.randn(cout, cin_per_group, k, k, generator=g) * scale
+        sd[f"{name}.1.weight"], sd[f"{name}.1.bias"] = torch.ones(cout), torch.zeros(cout)
+        sd[f"{name}.1.running_mean"], sd[f"{name}.1.running_var"] = torch.zeros(cout), torch.ones(cout)
+
+    conv_bn("features.0", 32, 3, 3)
+    cin, i = 32, 1
+    for t, c, n in [(1, 16, 1), (6, 24, 2), (6, 32, 3), (6, 64, 4), (6, 96, 3), (6, 160, 3), (6, 320, 1)]:
+        for _ in range(n):
+            hidden, j = cin * t, 0
+            if t != 1:
+                conv_bn(f"features.{i}.conv.{j}", hidden, cin, 1)
+                j += 1
+            conv_bn(f"features.{i}.conv.{j}", hidden, 1, 3)
+            conv_bn(f"features.{i}.conv.{j + 1}", c, hidden, 1)
+            cin, i = c, i + 1
+    conv_bn(f"features.{i}", 1280, cin, 1)
+    sd["classifier.1.weight"] = torch.randn(1000, 1280, generator=g) * 0.01
+    sd["classifier.1.bias"] = torch.zeros(1000)
+    return sd
+
+
 def time_big(hasher: Hasher, repeats: int = 3) -> dict[str, float]:
     """Median seconds to hash a ResNet-50-sized state_dict (after one warm-up) on one thread."""
     import torch
