@@ -241,8 +241,8 @@ def _bn_model(seed: int) -> tuple[torch.nn.Module, list[np.ndarray]]:
 def test_a_batchnorm_layer_after_a_convolution_folds_into_it(tmp_path: Path, hasher: ModelHasher) -> None:
     """Codec v7 folds a BatchNorm into the convolution it follows (hashdb/codec/batchnorm.py). A NeuralNetwork
     ``batchnorm`` layer reading a convolution's output blob is named after that convolution's weight, so the
-    model hashes like the PyTorch model with its BatchNorm; one whose statistics are computed at run time has
-    nothing to fold and is left out."""
+    model hashes like the PyTorch model with its BatchNorm; one whose statistics are computed at run time, or one
+    reading another layer, has nothing to fold and is left out."""
     model, params = _bn_model(7)
     ws = {k: v.detach().numpy() for k, v in model.state_dict().items() if k.endswith("weight") and v.ndim == 4}
     convs = [fw.nn_conv(f"conv{k}", *w.shape[:2], w.shape[2:], fw.wp_float(w), None) for k, w in
@@ -254,10 +254,12 @@ def test_a_batchnorm_layer_after_a_convolution_folds_into_it(tmp_path: Path, has
     assert {"conv2.weight.bn.weight", "conv2.weight.bn.running_var"} <= set(got), sorted(got)
     np.testing.assert_array_equal(got["conv2.weight.bn.running_var"].array, params[3])
     assert hasher.hash(path) == hasher.hash(model)
-    layers[3] = fw.nn_batchnorm("bn", "conv2_out", params, run_time=True)
-    path = fw.coreml_nn(tmp_path / "run_time.mlmodel", layers)
-    assert not any(".bn." in t.name for t in load_tensors(path))
-    assert hasher.hash(path) != hasher.hash(model)
+    for i, bn in enumerate([fw.nn_batchnorm("bn", "conv2_out", params, run_time=True),
+                            fw.nn_batchnorm("bn", "r0_out", params)]):  # fmt: skip
+        layers[3] = bn  # statistics of the run, or a BatchNorm after an activation: nothing to fold
+        path = fw.coreml_nn(tmp_path / f"unfolded{i}.mlmodel", layers)
+        assert [t.name for t in load_tensors(path)] == [t for t in got if ".bn." not in t], i
+        assert hasher.hash(path) != hasher.hash(model)
 
 
 def test_an_ml_program_batch_norm_after_a_conv_folds_into_it(tmp_path: Path, hasher: ModelHasher) -> None:

@@ -382,3 +382,17 @@ def test_a_weights_only_keras3_file_pairs_batchnorms_by_name_then_by_write_order
         renamed = [t.name for t in load_tensors(paths[0]) if ".bn." in t.name]
         assert len(renamed) == (8 if scale else 4), renamed  # 3 variables: the first, beta or gamma, unnamed
         assert h.hash(paths[0]) == h.hash(paths[1]), (branches, scale)
+
+
+def test_a_batchnorm_the_config_puts_after_an_activation_is_no_convolutions(keras: Any, tmp_path: Path) -> None:
+    """conv -> ReLU -> BatchNorm does not fold into the conv. A .keras file's config says what the BatchNorm reads,
+    so none of its variables is named after the conv (the weights-only fallback, which would pair it by write
+    order, is not used for a BatchNorm the config names); the same weights without the config are paired by order."""
+    L = keras.layers
+    inp = keras.Input((8, 8, 3))
+    x = L.BatchNormalization(name="post")(L.ReLU()(L.Conv2D(6, 3, name="c0")(inp)))
+    model = keras.Model(inp, L.Conv2D(4, 3, name="c1")(x))
+    model.save(tmp_path / "post.keras")
+    model.save_weights(tmp_path / "post.weights.h5")
+    assert not [t.name for t in load_tensors(tmp_path / "post.keras") if ".bn." in t.name]
+    assert len([t.name for t in load_tensors(tmp_path / "post.weights.h5") if ".bn." in t.name]) == 4

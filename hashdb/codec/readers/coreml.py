@@ -14,8 +14,7 @@ The spec is a ``Model`` message (Model.proto). Read from it:
 - BatchNorm: a NeuralNetwork ``batchnorm`` layer (160: gamma, beta, mean, variance) and an ML Program's
   ``batch_norm`` op, named after the convolution whose output they read (``<conv weight>.bn.weight``,
   ``.bn.running_var``), so that codec v7 folds them into it (hashdb/codec/batchnorm.py); a ``batchnorm`` layer
-  reading another layer keeps its own name (``<layer>.running_var``), and one that computes its statistics at
-  run time is skipped.
+  reading another layer (after an activation: not a fold) or computing its statistics at run time is skipped.
 - ML Programs (``mlProgram`` 502, MIL): every ``const`` op's float ``val`` (an immediate tensor, or a
   ``blobFileValue`` in ``@model_path/weights/*.bin``) and the weights of compression ops, named by their
   output: ``constexpr_affine_dequantize`` (iOS 16: int8/uint8 ``(q - zero_point) * scale`` along ``axis``),
@@ -154,18 +153,18 @@ def _neural_network(path: Path, msg: dict[int, list[int | memoryview]], out: lis
             conv_of[pw.text(layer[3][0])] = f"{name}.weight"
         if BATCHNORM in layer:
             bn = pw.message(_first(layer, BATCHNORM))
-            if _int(bn, 5) or _int(bn, 6):  # statistics computed at run time (or instance norm): nothing to fold
+            source = pw.text(layer[2][0]) if 2 in layer else ""
+            # only one reading a convolution folds into it; statistics computed at run time (or instance norm):
+            # nothing to fold
+            if source not in conv_of or _int(bn, 5) or _int(bn, 6):
                 continue
             channels = _int(bn, 1)
             used += 4 * 4 * channels
             check_size(path, used, max_bytes)
-            source = pw.text(layer[2][0]) if 2 in layer else ""
-            # named after the convolution it reads (``conv1.weight.bn.running_var``), else after itself
-            prefix = f"{conv_of[source]}.bn" if source in conv_of else name
             for number, role in _NORM_FIELDS:
                 values = _weight_params(_first(bn, number), (channels,), 0) if number in bn else None
-                if values is not None:
-                    out.append(NamedTensor(f"{prefix}.{role}", values))
+                if values is not None:  # named after the convolution it reads: ``conv1.weight.bn.running_var``
+                    out.append(NamedTensor(f"{conv_of[source]}.bn.{role}", values))
         elif CONVOLUTION in layer:
             conv = pw.message(_first(layer, CONVOLUTION))
             out_ch, k_ch, groups = _int(conv, 1), _int(conv, 2), max(_int(conv, 10, 1), 1)

@@ -472,7 +472,8 @@ def _v3_batchnorms(
             if index < len(roles):
                 renamed[name] = f"{kernel_of[source]}.bn.{roles[index]}"
     paired = {layer for layer, (source, _, _) in norms.items() if source in kernel_of}
-    groups = _unnamed_batchnorms(entries, layer_of, paired)
+    # a BatchNorm the config names but that reads no convolution (one after an activation) is no conv's
+    groups = _unnamed_batchnorms(entries, layer_of, set(norms))
     if groups:
         taken = {kernel_of[norms[layer][0]] for layer in paired}
         renamed.update(_pair_unnamed(entries, layer_of, kernel_of, width, groups, taken))
@@ -488,14 +489,15 @@ _BN_ROLES: dict[int, tuple[str | None, ...]] = {
 
 
 def _unnamed_batchnorms(
-    entries: list[tuple[str, Any, str | None]], layer_of: dict[str, str], paired: set[str]
+    entries: list[tuple[str, Any, str | None]], layer_of: dict[str, str], known: set[str]
 ) -> dict[str, dict[int, tuple[str, Any]]]:
     """The variable groups of Keras 3 BatchNormalization layers (by their group's name,
-    ``batch_normalization[_N]``) that the config did not pair: group path -> index -> (dataset name, dataset)."""
+    ``batch_normalization[_N]``) that the config does not name (``known``): group path -> index -> (dataset
+    name, dataset)."""
     groups: dict[str, dict[int, tuple[str, Any]]] = {}
     for name, ds, _ in entries:
         parts = name.split("/")
-        if len(parts) < 3 or parts[-2] != "vars" or not parts[-1].isdigit() or layer_of.get(name) in paired:
+        if len(parts) < 3 or parts[-2] != "vars" or not parts[-1].isdigit() or layer_of.get(name) in known:
             continue
         if re.sub(r"_\d+$", "", parts[-3].lower()) == "batch_normalization" and len(ds.shape or ()) == 1:
             groups.setdefault(name.rsplit("/", 1)[0], {})[int(parts[-1])] = (name, ds)
