@@ -292,8 +292,9 @@ def wp_lut(q: np.ndarray, nbits: int, table: np.ndarray) -> bytes:
     return f_bytes(30, pack_bits(q, nbits)) + f_bytes(40, f_varint(1, nbits) + params)
 
 
-def nn_conv(name: str, out_ch: int, k_ch: int, kernel: tuple[int, int], weights: bytes, bias: bytes | None) -> bytes:
-    conv = f_varint(1, out_ch) + f_varint(2, k_ch) + f_varint(10, 1)
+def nn_conv(name: str, out_ch: int, k_ch: int, kernel: tuple[int, int], weights: bytes, bias: bytes | None,
+            deconv: bool = False) -> bytes:  # fmt: skip
+    conv = f_varint(1, out_ch) + f_varint(2, k_ch) + f_varint(10, 1) + (f_varint(60, 1) if deconv else b"")
     conv += f_bytes(20, varint(kernel[0]) + varint(kernel[1]))
     conv += f_varint(70, int(bias is not None)) + f_bytes(90, weights) + (f_bytes(91, bias) if bias else b"")
     return f_bytes(1, name) + f_bytes(2, name + "_in") + f_bytes(3, name + "_out") + f_bytes(100, conv)

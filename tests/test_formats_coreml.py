@@ -260,6 +260,10 @@ def test_a_batchnorm_layer_after_a_convolution_folds_into_it(tmp_path: Path, has
         path = fw.coreml_nn(tmp_path / f"unfolded{i}.mlmodel", layers)
         assert [t.name for t in load_tensors(path)] == [t for t in got if ".bn." not in t], i
         assert hasher.hash(path) != hasher.hash(model)
+    # a deconvolution's weights are (inputs, outputs, ...): a BatchNorm after one is not folded into its rows
+    deconv = fw.nn_conv("conv2", *ws["2.weight"].shape[:2], (3, 3), fw.wp_float(ws["2.weight"]), None, deconv=True)
+    layers[2], layers[3] = deconv, fw.nn_batchnorm("bn", "conv2_out", params)
+    assert not any(".bn." in t.name for t in load_tensors(fw.coreml_nn(tmp_path / "deconv.mlmodel", layers)))
 
 
 def test_an_ml_program_batch_norm_after_a_conv_folds_into_it(tmp_path: Path, hasher: ModelHasher) -> None:

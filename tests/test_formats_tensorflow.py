@@ -228,3 +228,26 @@ def test_a_tf_slim_batchnorm_folds_into_the_conv_it_is_scoped_under(tmp_path: Pa
     elsewhere = {f"net/head/BatchNorm/{k}": v for k, v in norm.items()}
     other = tf_checkpoint(tmp_path / "other.ckpt", {**tensors, **elsewhere})
     assert hasher.hash(other) != hasher.hash(model)
+
+
+def test_a_separable_convs_batchnorm_goes_to_its_pointwise_kernel(tmp_path: Path) -> None:
+    """TF-slim keeps a separable conv's two kernels and its BatchNorm in one scope (``sep/depthwise_weights``,
+    ``sep/pointwise_weights``, ``sep/BatchNorm``); the BatchNorm follows the pointwise kernel, even where the
+    depthwise one has as many channels. A depthwise-only scope keeps its own."""
+    from hashdb.codec.batchnorm import batchnorm_gains
+    from hashdb.codec.select import conv_plan
+
+    rng = np.random.default_rng(10)
+    norm = {"moving_mean": rng.normal(0, 1, 16), "moving_variance": rng.uniform(0.5, 2.0, 16)}
+    tensors = {"net/stem/weights": rng.standard_normal((3, 3, 3, 16)),
+               "net/sep/depthwise_weights": rng.standard_normal((3, 3, 16, 1)),
+               "net/sep/pointwise_weights": rng.standard_normal((1, 1, 16, 16)),
+               "net/dw/depthwise_weights": rng.standard_normal((3, 3, 16, 1)),
+               **{f"net/sep/BatchNorm/{k}": v for k, v in norm.items()},
+               **{f"net/dw/BatchNorm/{k}": 2 * v for k, v in norm.items()}}  # fmt: skip
+    index = tf_checkpoint(tmp_path / "sep.ckpt", {k: v.astype(np.float32) for k, v in tensors.items()})
+    loaded = load_file(index)
+    plan = conv_plan(loaded)
+    gains = {loaded[plan[pos][0]].name: g for pos, g in batchnorm_gains(loaded, plan).items()}
+    assert sorted(gains) == ["net/dw/depthwise_weights", "net/sep/pointwise_weights"], sorted(gains)
+    np.testing.assert_allclose(gains["net/sep/pointwise_weights"], 1 / np.sqrt(norm["moving_variance"] + 1e-5))

@@ -21,6 +21,8 @@ Pairing, in the hashed file's own names and order (readers return BatchNorm para
   / ``bn0``, Keras ``conv1_conv`` / ``conv1_bn``), with ``bn_`` before its last part (``Conv1`` /
   ``bn_Conv1``), or with the next index (``features.0`` / ``features.1``, ``downsample.0`` / ``.1``,
   TensorFlow's ``layer_with_weights-0`` / ``-1``);
+- a separable conv's depthwise kernel (``scope/depthwise_weights`` beside ``scope/pointwise_weights``) takes no
+  BatchNorm by name: the scope's BatchNorm follows the pointwise one;
 - then by order: a BatchNorm left unpaired pairs with the last convolution before it in the file (Keras 2,
   ncnn, Caffe, ONNX initializers in node order), when that convolution is unpaired;
 - only where the BatchNorm's width is the convolution's filter count, and its values give finite gains.
@@ -107,10 +109,16 @@ def batchnorm_gains(
         return {}
     gains: dict[int, np.ndarray] = {}
     used: set[str] = set()
+    names = [_module(tensors[i].name) for i, _ in plan]
+    suffixes = [m[0] if (m := _KERNEL.search(n)) else "" for n in names]
+    # a separable conv's depthwise kernel shares its scope with the pointwise one, whose BatchNorm it is
+    pointwise = {_KERNEL.sub("", n) for n, x in zip(names, suffixes, strict=True) if "pointwise_" in x}
     for pos, (i, read) in enumerate(plan):
-        name = _module(tensors[i].name)
+        name = names[pos]
+        prefix = _KERNEL.sub("", name)
+        shared = "depthwise_" in suffixes[pos] and prefix in pointwise
         # first the name a reader gives a BatchNorm it found in the graph: ``<kernel's own name>.bn``
-        for c in [name + ".bn", *name_candidates(_KERNEL.sub("", name))]:
+        for c in [name + ".bn"] + ([] if shared else name_candidates(prefix)):
             if c in groups and c not in used:
                 g = _gain(tensors, groups[c][0], groups[c][1], _filters(tensors[i], read), eps)
                 if g is not None:

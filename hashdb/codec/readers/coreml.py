@@ -149,8 +149,8 @@ def _neural_network(path: Path, msg: dict[int, list[int | memoryview]], out: lis
     for i, raw_layer in enumerate(msg.get(1, [])):
         layer = pw.message(pw.as_bytes(raw_layer))
         name = pw.text(layer[1][-1]) if 1 in layer else f"layer_{i}"
-        if CONVOLUTION in layer and 3 in layer:
-            conv_of[pw.text(layer[3][0])] = f"{name}.weight"
+        if CONVOLUTION in layer and 3 in layer and not _int(pw.message(_first(layer, CONVOLUTION)), 60):
+            conv_of[pw.text(layer[3][0])] = f"{name}.weight"  # not a deconvolution: its rows are its inputs
         if BATCHNORM in layer:
             bn = pw.message(_first(layer, BATCHNORM))
             source = pw.text(layer[2][0]) if 2 in layer else ""

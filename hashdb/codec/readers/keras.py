@@ -447,20 +447,23 @@ def _v3_batchnorms(
     by class, apart from the convolution it follows. Renamed by role after the kernel of the layer it reads
     (``<kernel>.bn.gamma``, ``<kernel>.bn.moving_variance``), so that codec v7 folds it into that convolution
     (hashdb/codec/batchnorm.py). The model config says which layer that is and which variables it has. Without
-    one (a ``.weights.h5``), or for a BatchNorm the config does not name: the variables by their count (4:
-    gamma, beta, mean, variance; 2: mean, variance; 3: the first, gamma or beta, is left unnamed, so only the
-    variance is folded), the layer by the layers' own names (``conv1``/``bn1``, ``x_conv``/``x_bn``: batchnorm's
-    name rules), then by the order Keras wrote the variables in (each layer's in model order, so a BatchNorm's
-    come right after its convolution's): the file offsets of their data. Only a convolution of the BatchNorm's
-    width is taken."""
+    one (a ``.weights.h5``), a BatchNorm is paired only where the layers' own names say so (``x_conv``/``x_bn``,
+    ``conv1``/``bn1``: batchnorm's name rules), its variables' roles from their count (4: gamma, beta, mean,
+    variance; 2: mean, variance; 3: the first, gamma or beta, is left unnamed, so only the variance is folded).
+    Not by the file's order: HDF5 packs small datasets together, so data offsets do not follow the order Keras
+    wrote them in, and Keras writes parallel branches conv, conv, bn, bn anyway (measured: order pairing put 16 of
+    InceptionV3's 94 BatchNorms on another convolution). A transposed convolution's kernel is (k, out, in): no
+    BatchNorm is folded into it."""
     norms = _config_batchnorms(config)
     kernel_of: dict[str, str] = {}  # a layer's kernel that sets its outputs (a separable conv's pointwise one)
     width: dict[str, int] = {}  # a kernel's output channels
     for name, ds, kind in entries:
-        if kind is not None and name in layer_of and (kind != "depthwise" or layer_of[name] not in kernel_of):
+        if kind is None or name not in layer_of or "transpose" in name.rsplit("/", 3)[-3].lower():
+            continue
+        if kind != "depthwise" or layer_of[name] not in kernel_of:
             kernel_of[layer_of[name]] = name
         shape = tuple(ds.shape or ())
-        if kind is not None and len(shape) >= 2:
+        if len(shape) >= 2:
             width[name] = shape[-2] * shape[-1] if kind == "depthwise" else shape[-1]
     renamed: dict[str, str] = {}
     for name, _, _ in entries:  # the config's BatchNorms: roles and source from the config
@@ -471,12 +474,23 @@ def _v3_batchnorms(
             index = int(name.rsplit("/", 1)[1])
             if index < len(roles):
                 renamed[name] = f"{kernel_of[source]}.bn.{roles[index]}"
-    paired = {layer for layer, (source, _, _) in norms.items() if source in kernel_of}
-    # a BatchNorm the config names but that reads no convolution (one after an activation) is no conv's
-    groups = _unnamed_batchnorms(entries, layer_of, set(norms))
-    if groups:
-        taken = {kernel_of[norms[layer][0]] for layer in paired}
-        renamed.update(_pair_unnamed(entries, layer_of, kernel_of, width, groups, taken))
+    # the rest by name; a BatchNorm the config names but that reads no convolution (one after an activation) is
+    # no conv's
+    taken = {kernel_of[source] for source, _, _ in norms.values() if source in kernel_of}
+    from ..batchnorm import name_candidates
+
+    by_candidate: dict[str, str] = {}  # a BatchNorm layer name that a conv's layer name implies -> that kernel
+    for layer, layer_kernel in kernel_of.items():
+        for c in name_candidates(layer):
+            by_candidate.setdefault(c, layer_kernel)
+    for variables in _unnamed_batchnorms(entries, layer_of, set(norms)).values():
+        kernel = by_candidate.get(layer_of[variables[0][0]])
+        if kernel is None or kernel in taken or width.get(kernel) != variables[0][1].shape[0]:
+            continue
+        taken.add(kernel)
+        for (name, _), role in zip(variables, _BN_ROLES[len(variables)], strict=True):
+            if role is not None:
+                renamed[name] = f"{kernel}.bn.{role}"
     return [(renamed.get(name, name), ds, kind) for name, ds, kind in entries]
 
 
@@ -490,65 +504,22 @@ _BN_ROLES: dict[int, tuple[str | None, ...]] = {
 
 def _unnamed_batchnorms(
     entries: list[tuple[str, Any, str | None]], layer_of: dict[str, str], known: set[str]
-) -> dict[str, dict[int, tuple[str, Any]]]:
-    """The variable groups of Keras 3 BatchNormalization layers (by their group's name,
-    ``batch_normalization[_N]``) that the config does not name (``known``): group path -> index -> (dataset
-    name, dataset)."""
+) -> dict[str, list[tuple[str, Any]]]:
+    """The variables, in index order, of each Keras 3 BatchNormalization layer (by its group's name,
+    ``batch_normalization[_N]``) that the config does not name (``known``): group path -> [(dataset name,
+    dataset)]. Only groups of 2-4 variables numbered 0.. that are all 1-D and of one width."""
     groups: dict[str, dict[int, tuple[str, Any]]] = {}
     for name, ds, _ in entries:
         parts = name.split("/")
-        if len(parts) < 3 or parts[-2] != "vars" or not parts[-1].isdigit() or layer_of.get(name) in known:
+        if len(parts) < 3 or parts[-2] != "vars" or not parts[-1].isdigit() or layer_of.get(name, "") in known:
             continue
-        if re.sub(r"_\d+$", "", parts[-3].lower()) == "batch_normalization" and len(ds.shape or ()) == 1:
+        if name in layer_of and re.sub(r"_\d+$", "", parts[-3].lower()) == "batch_normalization":
             groups.setdefault(name.rsplit("/", 1)[0], {})[int(parts[-1])] = (name, ds)
-    return {g: v for g, v in groups.items() if len(v) in _BN_ROLES and sorted(v) == list(range(len(v)))}
-
-
-def _pair_unnamed(
-    entries: list[tuple[str, Any, str | None]],
-    layer_of: dict[str, str],
-    kernel_of: dict[str, str],
-    width: dict[str, int],
-    groups: dict[str, dict[int, tuple[str, Any]]],
-    taken: set[str],
-) -> dict[str, str]:
-    """New names (``<kernel>.bn.<role>``) for the variables of BatchNorm ``groups`` no config paired: by the
-    layers' names, then by write order (``_v3_batchnorms``). ``taken``: kernels already paired."""
-    from ..batchnorm import name_candidates
-
-    by_candidate: dict[str, str] = {}  # a BatchNorm layer name that a conv's layer name implies -> that conv's layer
-    for layer in kernel_of:
-        for c in name_candidates(layer):
-            by_candidate.setdefault(c, layer)
-    source: dict[str, str] = {}  # group -> kernel
-
-    def fits(group: str, kernel: str) -> bool:
-        return kernel not in taken and width.get(kernel) == groups[group][0][1].shape[0]
-
-    for group, variables in groups.items():
-        conv = by_candidate.get(layer_of.get(variables[0][0], ""))
-        if conv is not None and fits(group, kernel_of[conv]):
-            source[group] = kernel_of[conv]
-            taken.add(kernel_of[conv])
-    rest = [g for g in groups if g not in source]
-    if rest:  # by write order: a BatchNorm pairs with the last convolution written before it
-        offsets = {name: ds.id.get_offset() for name, ds, _ in entries}
-        events = [(offsets[k], 0, k) for k in kernel_of.values()] + [(offsets[groups[g][0][0]], 1, g) for g in rest]
-        if all(offset is not None for offset, _, _ in events):
-            last = None
-            for _, is_norm, key in sorted(events):
-                if not is_norm:
-                    last = key
-                elif last is not None and fits(key, last):
-                    source[key] = last
-                    taken.add(last)
-                    last = None
-    renamed = {}
-    for group, kernel in source.items():
-        roles = _BN_ROLES[len(groups[group])]
-        for index, (name, _) in groups[group].items():
-            role = roles[index]
-            if role is not None:
-                renamed[name] = f"{kernel}.bn.{role}"
-    return renamed
-
+    out: dict[str, list[tuple[str, Any]]] = {}
+    for group, found in groups.items():
+        variables = [found[i] for i in sorted(found)]
+        shapes = {tuple(ds.shape or ()) for _, ds in variables}
+        if len(found) in _BN_ROLES and sorted(found) == list(range(len(found))) and len(shapes) == 1:
+            if len(next(iter(shapes))) == 1:
+                out[group] = variables
+    return out
