@@ -409,3 +409,19 @@ def test_a_caffe_batchnorm_and_its_scale_fold_into_the_conv_before_them(tmp_path
     np.testing.assert_allclose(stats["bn0.running_var"], var, rtol=1e-6)
     h = ModelHasher(256)
     assert h.hash(tmp_path / "bn.caffemodel") == h.hash(tmp_path / "folded.caffemodel")
+
+
+def test_a_caffe_batchnorm_whose_blobs_are_no_statistics_stays_as_stored(tmp_path: Path) -> None:
+    """A BatchNorm whose moving-average factor is not one number (or whose mean and variance differ in length) is
+    not read as statistics: its blobs come back flat under the layer's blob names, unscaled."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((16, 3, 3, 3)).astype(np.float32)
+    mean, var = rng.normal(0, 1, 16).astype(np.float32), rng.uniform(0.05, 5.0, 16).astype(np.float32)
+    factor = np.array([999.0, 2.0], np.float32)
+    gamma, beta = rng.uniform(0.2, 3.0, 16).astype(np.float32), rng.normal(0, 1, 16).astype(np.float32)
+    path = tmp_path / "odd.caffemodel"
+    path.write_bytes(caffe_model([("conv", w, None)], norms={0: [mean, var, factor, gamma, beta]}))
+    got = {t.name: t.array for t in load_tensors(path)}
+    assert "bn0.running_var" not in got and "bn0.blob2" in got, sorted(got)
+    np.testing.assert_array_equal(got["bn0.blob2"], factor)
+    assert len(got["bn0.weight"]) == 16 and len(got["bn0.bias"]) == 16

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .readers import NamedTensor
+from .readers import BATCHNORM_OF, NamedTensor
 
 BN_EPS = 1e-5  # PyTorch's default; frameworks differ (Keras 1e-3), which moves a gain only where var is tiny
 
@@ -110,15 +110,14 @@ def batchnorm_gains(
     gains: dict[int, np.ndarray] = {}
     used: set[str] = set()
     names = [_module(tensors[i].name) for i, _ in plan]
-    suffixes = [m[0] if (m := _KERNEL.search(n)) else "" for n in names]
+    kernels = [m[0] if (m := _KERNEL.search(n)) else "" for n in names]  # the kernel word a name ends in
+    prefixes = [n[: len(n) - len(k)] for n, k in zip(names, kernels, strict=True)]
     # a separable conv's depthwise kernel shares its scope with the pointwise one, whose BatchNorm it is
-    pointwise = {_KERNEL.sub("", n) for n, x in zip(names, suffixes, strict=True) if "pointwise_" in x}
+    pointwise = {p for p, k in zip(prefixes, kernels, strict=True) if "pointwise_" in k}
     for pos, (i, read) in enumerate(plan):
-        name = names[pos]
-        prefix = _KERNEL.sub("", name)
-        shared = "depthwise_" in suffixes[pos] and prefix in pointwise
-        # first the name a reader gives a BatchNorm it found in the graph: ``<kernel's own name>.bn``
-        for c in [name + ".bn"] + ([] if shared else name_candidates(prefix)):
+        shared = "depthwise_" in kernels[pos] and prefixes[pos] in pointwise
+        # first the name a reader gives a BatchNorm it found in the graph (readers.batchnorm_name)
+        for c in [names[pos] + BATCHNORM_OF] + ([] if shared else name_candidates(prefixes[pos])):
             if c in groups and c not in used:
                 g = _gain(tensors, groups[c][0], groups[c][1], _filters(tensors[i], read), eps)
                 if g is not None:

@@ -32,6 +32,16 @@ from ...errors import ModelFormatError
 DEFAULT_MAX_BYTES = 8 << 30
 
 
+# A reader that finds in the graph which convolution a BatchNorm follows names the BatchNorm's parameters after
+# that kernel, ``<kernel>.bn.<role>``; codec.batchnorm pairs ``<kernel>.bn`` with the kernel before any name rule
+BATCHNORM_OF = ".bn"
+
+
+def batchnorm_name(kernel: str, role: str) -> str:
+    """The name of a BatchNorm parameter (``role``: running_var, gamma, ...) the graph says follows ``kernel``."""
+    return f"{kernel}{BATCHNORM_OF}.{role}"
+
+
 class NamedTensor(NamedTuple):
     name: str
     array: np.ndarray  # float32

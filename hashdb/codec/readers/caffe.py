@@ -67,9 +67,11 @@ def _read_net(path: Path, buf: memoryview, mm: mmap.mmap) -> list[NamedTensor]:
         arrays = [_blob(path, name, i, pw.message(pw.as_bytes(blob))) for i, blob in enumerate(blobs)]
         norm: tuple[str, int] | None = None
         if kind == "BatchNorm" and len(arrays) == 3 and all(a is not None for a in arrays):
-            out.extend(stats := _batchnorm(name, arrays))  # type: ignore[arg-type]
-            norm = (name, len(stats[0].array))
-            arrays = []  # read: nothing left for the loop below
+            norm = (name, arrays[0].size)  # type: ignore[union-attr]
+            stats = _batchnorm(name, arrays)  # type: ignore[arg-type]
+            if stats is not None:
+                out.extend(stats)
+                arrays = []  # read: nothing left for the loop below, which takes blobs of other shapes flat
         for i, arr in enumerate(arrays):
             if arr is None:
                 continue
@@ -90,14 +92,13 @@ def _read_net(path: Path, buf: memoryview, mm: mmap.mmap) -> list[NamedTensor]:
     return out
 
 
-def _batchnorm(name: str, blobs: list[np.ndarray]) -> list[NamedTensor]:
+def _batchnorm(name: str, blobs: list[np.ndarray]) -> list[NamedTensor] | None:
     """A Caffe BatchNorm's blobs (mean and variance, each times the moving-average factor in the third) as
     ``<name>.running_mean`` and ``<name>.running_var``, the statistics they stand for (codec v7 folds them into the
-    convolution before: hashdb/codec/batchnorm.py); flat blobs as they are where the shapes do not fit."""
+    convolution before: hashdb/codec/batchnorm.py); None where the shapes do not fit."""
     mean, var, factor = (b.reshape(-1) for b in blobs)
     if len(mean) != len(var) or len(factor) != 1:
-        return [NamedTensor(f"{name}.{part}", b) for part, b in zip(("weight", "bias", "blob2"), (mean, var, factor),
-                                                                     strict=True)]  # fmt: skip
+        return None
     scale = np.float32(0.0 if factor[0] == 0 else 1.0 / factor[0])  # Caffe's own rule: a factor of 0 reads as 0
     return [NamedTensor(f"{name}.running_mean", mean * scale), NamedTensor(f"{name}.running_var", var * scale)]
 

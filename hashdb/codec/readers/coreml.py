@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import ModelFormatError
-from . import NamedTensor, bf16_to_float32, check_size
+from . import NamedTensor, batchnorm_name, bf16_to_float32, check_size
 from . import protowire as pw
 
 _NEURAL_NETWORKS = (500, 403, 303)
@@ -149,8 +149,6 @@ def _neural_network(path: Path, msg: dict[int, list[int | memoryview]], out: lis
     for i, raw_layer in enumerate(msg.get(1, [])):
         layer = pw.message(pw.as_bytes(raw_layer))
         name = pw.text(layer[1][-1]) if 1 in layer else f"layer_{i}"
-        if CONVOLUTION in layer and 3 in layer and not _int(pw.message(_first(layer, CONVOLUTION)), 60):
-            conv_of[pw.text(layer[3][0])] = f"{name}.weight"  # not a deconvolution: its rows are its inputs
         if BATCHNORM in layer:
             bn = pw.message(_first(layer, BATCHNORM))
             source = pw.text(layer[2][0]) if 2 in layer else ""
@@ -164,12 +162,15 @@ def _neural_network(path: Path, msg: dict[int, list[int | memoryview]], out: lis
             for number, role in _NORM_FIELDS:
                 values = _weight_params(_first(bn, number), (channels,), 0) if number in bn else None
                 if values is not None:  # named after the convolution it reads: ``conv1.weight.bn.running_var``
-                    out.append(NamedTensor(f"{conv_of[source]}.bn.{role}", values))
+                    out.append(NamedTensor(batchnorm_name(conv_of[source], role), values))
         elif CONVOLUTION in layer:
             conv = pw.message(_first(layer, CONVOLUTION))
             out_ch, k_ch, groups = _int(conv, 1), _int(conv, 2), max(_int(conv, 10, 1), 1)
             kernel = tuple(pw.varints(conv.get(20, []))) or (3, 3)
             deconv = bool(_int(conv, 60))
+            # a BatchNorm reading a convolution's output folds into it; a deconvolution's rows are its inputs
+            if not deconv and 3 in layer:
+                conv_of[pw.text(layer[3][0])] = f"{name}.weight"
             shape = (k_ch, out_ch // groups, *kernel) if deconv else (out_ch, k_ch, *kernel)
             used += 4 * (math.prod(shape) + out_ch)  # before decoding: n-bit weights expand up to 32x
             check_size(path, used, max_bytes)
@@ -405,7 +406,7 @@ class _Program:
             weight = self.uncast(producer[1]["weight"])
             for key, role in _NORM_INPUTS:
                 if key in inputs:
-                    renamed.setdefault(self.uncast(inputs[key]), f"{weight}.bn.{role}")
+                    renamed.setdefault(self.uncast(inputs[key]), batchnorm_name(weight, role))
         return renamed
 
     def uncast(self, name: str) -> str:

@@ -28,7 +28,15 @@ from typing import Any
 import numpy as np
 
 from ...errors import ModelFormatError
-from . import MAX_JSON_BYTES, NamedTensor, check_expansion, check_inflation, check_size, parse_json
+from . import (
+    MAX_JSON_BYTES,
+    NamedTensor,
+    batchnorm_name,
+    check_expansion,
+    check_inflation,
+    check_size,
+    parse_json,
+)
 
 # Keras layer classes whose kernels we read: class -> {weight: kind}. A weight is its Keras 3 variable index
 # (``vars/0``) or its Keras 2 / legacy weight name. kind: 'conv' (*k, in, out), 'depthwise' (*k, C, M),
@@ -473,7 +481,7 @@ def _v3_batchnorms(
             roles = ["gamma"] * scale + ["beta"] * center + ["moving_mean", "moving_variance"]
             index = int(name.rsplit("/", 1)[1])
             if index < len(roles):
-                renamed[name] = f"{kernel_of[source]}.bn.{roles[index]}"
+                renamed[name] = batchnorm_name(kernel_of[source], roles[index])
     # the rest by name; a BatchNorm the config names but that reads no convolution (one after an activation) is
     # no conv's
     taken = {kernel_of[source] for source, _, _ in norms.values() if source in kernel_of}
@@ -490,7 +498,7 @@ def _v3_batchnorms(
         taken.add(kernel)
         for (name, _), role in zip(variables, _BN_ROLES[len(variables)], strict=True):
             if role is not None:
-                renamed[name] = f"{kernel}.bn.{role}"
+                renamed[name] = batchnorm_name(kernel, role)
     return [(renamed.get(name, name), ds, kind) for name, ds, kind in entries]
 
 

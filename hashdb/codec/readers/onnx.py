@@ -21,7 +21,15 @@ from typing import Any
 import numpy as np
 
 from ...errors import ModelFormatError
-from . import NamedTensor, bf16_to_float32, check_expansion, check_size, float8_table, float32_or_none
+from . import (
+    NamedTensor,
+    batchnorm_name,
+    bf16_to_float32,
+    check_expansion,
+    check_size,
+    float8_table,
+    float32_or_none,
+)
 
 # TensorProto.DataType -> (numpy dtype of the stored bytes, decoding)
 _TYPES: dict[int, tuple[str, str]] = {
@@ -344,7 +352,7 @@ def _batchnorms(graph: Any, consts: dict[str, np.ndarray]) -> dict[str, str]:
             continue
         for name, role in zip(node.input[1:5], _NORM_INPUTS, strict=True):
             if name in consts and uses.get(name) == 1:
-                renamed[name] = f"{weight_of[node.input[0]]}.bn.{role}"
+                renamed[name] = batchnorm_name(weight_of[node.input[0]], role)
     return renamed
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import ModelFormatError
-from . import NamedTensor, bf16_to_float32, check_size
+from . import NamedTensor, batchnorm_name, bf16_to_float32, check_size
 from . import protowire as pw
 
 # VarType.Type -> (numpy dtype of the stored bytes, is a float type)
@@ -106,7 +106,7 @@ def program_vars(buf: memoryview) -> tuple[list[tuple[str, int, tuple[int, ...]]
         source = filter_of.get((inputs.get("X") or [""])[0])
         for part, role in _NORM_PARTS.items():
             if source is not None and inputs.get(part):
-                renamed[inputs[part][0]] = f"{source}.bn.{role}"
+                renamed[inputs[part][0]] = batchnorm_name(source, role)
     persistable.sort(key=lambda v: v[0].encode())
     return persistable, filters, renamed
 
