@@ -80,13 +80,19 @@ def _sibling_fixtures(folder: Path) -> dict[str, dict[str, bytes]]:
     fw.paddle_inference(folder / "inference", paddle_params, ["conv2d_0.w_0"])
     paddle = {name: (folder / name).read_bytes() for name in ("inference.pdmodel", "inference.pdiparams")}
     lut = fw.wp_lut(np.arange(54) % 4, 2, np.arange(4, dtype=np.float32))
+    stats = [np.full(3, 0.5, np.float32)] * 4  # a batchnorm layer (and below a batch_norm op) reading the conv
     nn = fw.coreml_nn(folder / "nn.mlmodel", [fw.nn_conv("c", 3, 2, (3, 3), fw.wp_float(w), fw.wp_half(w[:, 0, 0, 0])),
+                                              fw.nn_batchnorm("bn", "c_out", stats),
                                               fw.nn_inner_product("fc", 6, 9, lut)])  # fmt: skip
     blobs = fw.BlobWriter()
     w16 = w.astype(np.float16)
     ops = [fw.mil_op("const", "w16", attrs={"val": fw.mil_blob_value(w16, "@model_path/weights/weight.bin",
                                                                     blobs.add(w16))}),
            fw.mil_op("cast", "w", {"x": "w16"}), fw.mil_op("conv", "y", {"x": "x", "weight": "w"}),
+           *[fw.mil_op("const", f"bn_{k}", attrs={"val": fw.mil_immediate(v)}) for k, v in zip("gbmv", stats,
+                                                                                                strict=True)],
+           fw.mil_op("batch_norm", "n", {"x": "y", "gamma": "bn_g", "beta": "bn_b", "mean": "bn_m",
+                                         "variance": "bn_v"}),
            fw.mil_op("constexpr_affine_dequantize", "v", attrs={
                "quantized_data": fw.mil_immediate(np.arange(6, dtype=np.int8).reshape(2, 3)),
                "scale": fw.mil_immediate(np.ones(2, np.float32)), "zero_point": fw.mil_immediate(np.int8(1)),
