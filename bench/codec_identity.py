@@ -86,9 +86,10 @@ def models(zoo_sample: bool) -> Iterator[tuple[str, Any]]:
     if zoo_sample:
         from bench.zoo import small_library
 
-        lib = small_library(cache_dir=tempfile.mkdtemp(prefix="codec-identity-"))
-        for e in lib.entries[:: max(1, len(lib.entries) // 25)]:
-            yield f"zoo:{e.key}", lib.model(e)
+        with tempfile.TemporaryDirectory(prefix="codec-identity-") as cache:  # removed when the dump is done
+            lib = small_library(cache_dir=cache)
+            for e in lib.entries[:: max(1, len(lib.entries) // 25)]:
+                yield f"zoo:{e.key}", lib.model(e)
 
 
 def cached() -> Iterator[tuple[str, Any]]:

@@ -10,6 +10,8 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
     $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi
 PY=${PYTHON:-python3}
+# No wheel cache: the venv is ~2 GB already, and CI machines have run out of disk with a second copy in ~/.cache.
+export PIP_NO_CACHE_DIR=1
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
