@@ -413,7 +413,8 @@ def test_a_caffe_batchnorm_and_its_scale_fold_into_the_conv_before_them(tmp_path
 
 def test_a_caffe_batchnorm_whose_blobs_are_no_statistics_stays_as_stored(tmp_path: Path) -> None:
     """A BatchNorm whose moving-average factor is not one number (or whose mean and variance differ in length) is
-    not read as statistics: its blobs come back flat under the layer's blob names, unscaled."""
+    not read as statistics: its blobs come back flat under the layer's blob names, unscaled, and the Scale after it
+    keeps its own name (no two tensors share one)."""
     rng = np.random.default_rng(4)
     w = rng.standard_normal((16, 3, 3, 3)).astype(np.float32)
     mean, var = rng.normal(0, 1, 16).astype(np.float32), rng.uniform(0.05, 5.0, 16).astype(np.float32)
@@ -421,7 +422,12 @@ def test_a_caffe_batchnorm_whose_blobs_are_no_statistics_stays_as_stored(tmp_pat
     gamma, beta = rng.uniform(0.2, 3.0, 16).astype(np.float32), rng.normal(0, 1, 16).astype(np.float32)
     path = tmp_path / "odd.caffemodel"
     path.write_bytes(caffe_model([("conv", w, None)], norms={0: [mean, var, factor, gamma, beta]}))
-    got = {t.name: t.array for t in load_tensors(path)}
+    tensors = load_tensors(path)
+    got = {t.name: t.array for t in tensors}
+    assert len(got) == len(tensors), [t.name for t in tensors]
     assert "bn0.running_var" not in got and "bn0.blob2" in got, sorted(got)
     np.testing.assert_array_equal(got["bn0.blob2"], factor)
-    assert len(got["bn0.weight"]) == 16 and len(got["bn0.bias"]) == 16
+    np.testing.assert_array_equal(got["bn0.weight"], mean * factor[0])
+    np.testing.assert_array_equal(got["bn0.bias"], var * factor[0])
+    np.testing.assert_array_equal(got["scale0.weight"], gamma)
+    np.testing.assert_array_equal(got["scale0.bias"], beta)

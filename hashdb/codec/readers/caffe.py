@@ -67,9 +67,9 @@ def _read_net(path: Path, buf: memoryview, mm: mmap.mmap) -> list[NamedTensor]:
         arrays = [_blob(path, name, i, pw.message(pw.as_bytes(blob))) for i, blob in enumerate(blobs)]
         norm: tuple[str, int] | None = None
         if kind == "BatchNorm" and len(arrays) == 3 and all(a is not None for a in arrays):
-            norm = (name, arrays[0].size)  # type: ignore[union-attr]
             stats = _batchnorm(name, arrays)  # type: ignore[arg-type]
-            if stats is not None:
+            if stats is not None:  # only a BatchNorm read as statistics lends its name to the Scale after it
+                norm = (name, arrays[0].size)  # type: ignore[union-attr]
                 out.extend(stats)
                 arrays = []  # read: nothing left for the loop below, which takes blobs of other shapes flat
         for i, arr in enumerate(arrays):
