@@ -3,6 +3,8 @@ its sparsity, and the small library carries consistent labels."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -127,8 +129,8 @@ def test_quantization_uses_at_most_255_levels_per_channel(trained) -> None:
 
 
 @pytest.mark.slow
-def test_small_library_labels_are_consistent() -> None:
-    lib = zoo.small_library()
+def test_small_library_labels_are_consistent(tmp_path: Path) -> None:
+    lib = zoo.small_library(tmp_path)  # its model cache in pytest's folder, not a temporary one left behind
     originals = {e.key for e in lib.originals}
     assert len(originals) == sum(n for _, n in zoo.SMALL_ORIGINALS)
     assert {e.arch for e in lib.originals} == {a for a, _ in zoo.SMALL_ORIGINALS}
