@@ -37,3 +37,21 @@ def test_negative_int64_reads_back_signed() -> None:
 def test_malformed_messages_raise_value_error(data: bytes) -> None:
     with pytest.raises(ValueError):
         pw.message(data)
+
+
+def test_records_span_each_record_so_a_message_can_be_rebuilt_without_one_field() -> None:
+    t = onnx.TensorProto()
+    t.name = "w"
+    t.dims.extend([2, 3])
+    t.data_type = onnx.TensorProto.FLOAT
+    t.raw_data = np.arange(6, dtype="<f4").tobytes()
+    blob = t.SerializeToString()
+    spans = list(pw.records(blob))
+    assert b"".join(blob[start:end] for *_, start, end in spans) == blob  # the records tile the message
+    raw = next(r for r in spans if r[0] == 9)
+    assert bytes(blob[raw[4] - len(raw[2]) : raw[4]]) == t.raw_data  # the payload ends its record
+    kept = b"".join(blob[start:end] for number, *_, start, end in spans if number != 9)
+    rebuilt = onnx.TensorProto.FromString(kept + pw.length_record(9, b"\x00" * 24))
+    assert (rebuilt.name, list(rebuilt.dims), rebuilt.raw_data) == ("w", [2, 3], b"\x00" * 24)
+    for value in (0, 1, 127, 128, 300, 2**35, 2**64 - 1):
+        assert pw.read_varint(pw.encode_varint(value), 0) == (value, len(pw.encode_varint(value)))

@@ -9,12 +9,18 @@ by (none found: zero point only; a per-tensor scale does not change the code).
 External data is resolved against the model file's own folder only: an absolute location, one that
 leaves the folder (``..``, a symlink out) or a missing file is refused; the current directory is never
 looked at. Its declared length is size-checked before it is mapped.
+The weights' bytes (the raw_data of initializers and of Constant nodes' tensors) never go through onnx: the file
+is mapped, our wire-format reader (protowire) leaves those payloads out of what onnx parses and notes where each
+lies, and each tensor is copied out of the map when it is read, so the process holds a model's weights once
+(peak ~1.2x the weights, where onnx.load's parse plus the arrays made 2x).
 """
 
 from __future__ import annotations
 
 import math
+import mmap
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +33,12 @@ from . import (
     bf16_to_float32,
     check_expansion,
     check_size,
+    close_map,
+    drop_mapped_pages,
     float8_table,
     float32_or_none,
 )
+from . import protowire as pw
 
 # TensorProto.DataType -> (numpy dtype of the stored bytes, decoding)
 _TYPES: dict[int, tuple[str, str]] = {
@@ -88,8 +97,11 @@ _CONV_OPS = frozenset({"Conv", "ConvTranspose", "ConvInteger"})
 _PASS_THROUGH = frozenset({"Identity", "Cast"})
 
 
-def _stored(path: Path, init: Any, folder: Path, max_bytes: int, numpy_helper: Any) -> np.ndarray | None:
-    """The tensor as stored (floats decoded to float32, integers kept as integers); None for other types."""
+def _stored(
+    path: Path, init: Any, folder: Path, max_bytes: int, numpy_helper: Any, raw: Payload
+) -> np.ndarray | None:
+    """The tensor as stored (floats decoded to float32, integers kept as integers); None for other types.
+    ``raw``: where its raw_data lies in the file, which ``_without_payloads`` left out of ``init``."""
     if init.data_location == 1:  # TensorProto.EXTERNAL
         if init.data_type in _INT4_TYPES:
             raise ModelFormatError(f"{path}: tensor {init.name!r}: 4-bit weights in external data are not supported")
@@ -103,11 +115,13 @@ def _stored(path: Path, init: Any, folder: Path, max_bytes: int, numpy_helper: A
     try:
         if init.data_type in _INT4_TYPES:
             check_size(path, math.prod(shape), max_bytes)  # unpacked to a byte each
+            if raw is not None:  # onnx unpacks the nibbles from raw_data: handed back for this tensor only
+                init.raw_data = raw.copy()
             return np.asarray(numpy_helper.to_array(init)).astype(_INT4_TYPES[init.data_type])
-        if init.raw_data:
+        if raw is not None and raw.size:
             stored = _TYPES[init.data_type][0] if init.data_type in _TYPES else _INT_TYPES[init.data_type]
-            raw = np.frombuffer(init.raw_data, dtype=stored).reshape(shape)
-            return _decode(raw, init.data_type) if init.data_type in _TYPES else raw
+            values = raw.copy().view(stored).reshape(shape)  # out of the file's map: an array of its own
+            return _decode(values, init.data_type) if init.data_type in _TYPES else values
         # values in the typed fields (float_data, int32_data for fp16/bf16/int8): onnx decodes them
         arr = np.asarray(numpy_helper.to_array(init))
         return arr.astype(np.float32) if init.data_type in _TYPES else arr
@@ -115,21 +129,98 @@ def _stored(path: Path, init: Any, folder: Path, max_bytes: int, numpy_helper: A
         raise ModelFormatError(f"{path}: tensor {init.name!r}: {str(exc)[:120]}") from None
 
 
-def _constants(path: Path, graph: Any, folder: Path, max_bytes: int, numpy_helper: Any) -> dict[str, np.ndarray]:
-    """Initializers and the ``value`` tensors of Constant nodes (paddle2onnx keeps weights there), by name."""
+def _constants(
+    path: Path, graph: Any, folder: Path, max_bytes: int, numpy_helper: Any, file: Mapped
+) -> dict[str, np.ndarray]:
+    """Initializers and the ``value`` tensors of Constant nodes (paddle2onnx keeps weights there), by name, their
+    raw_data copied out of the file's map (``file``: the map and where each payload lies) one at a time."""
+    mm, payloads = file
     out: dict[str, np.ndarray] = {}
     used = 0
-    protos = [(init.name, init) for init in graph.initializer]
-    for node in graph.node:
+    protos: list[tuple[str, Any, tuple[Any, ...]]] = [
+        (init.name, init, ("initializer", i)) for i, init in enumerate(graph.initializer)
+    ]
+    for n, node in enumerate(graph.node):
         if node.op_type == "Constant" and node.output:
-            protos += [(node.output[0], a.t) for a in node.attribute if a.name == "value" and a.type == 4]
-    for name, proto in protos:
-        arr = _stored(path, proto, folder, max_bytes - used, numpy_helper)
+            protos += [(node.output[0], a.t, ("node", n, i)) for i, a in enumerate(node.attribute)
+                       if a.name == "value" and a.type == 4]  # fmt: skip
+    for name, proto, key in protos:
+        at = payloads.get(key)
+        raw = None if at is None else np.frombuffer(mm, dtype=np.uint8, count=at[1], offset=at[0])
+        arr = _stored(path, proto, folder, max_bytes - used, numpy_helper, raw)
+        del raw
+        drop_mapped_pages(mm)  # copied: the process holds the arrays, not the file's pages as well
         if arr is not None and arr.size:
             used += arr.size * 4
             check_size(path, used, max_bytes)
             out[name] = arr
     return out
+
+
+# Field numbers of onnx.proto on the way to the weights' bytes: ModelProto.graph, GraphProto.node and
+# .initializer, NodeProto.attribute, AttributeProto.t, TensorProto.raw_data.
+_MODEL_GRAPH, _GRAPH_NODE, _GRAPH_INITIALIZER, _NODE_ATTRIBUTE, _ATTRIBUTE_TENSOR, _TENSOR_RAW = 7, 1, 5, 5, 5, 9
+
+Payload = np.ndarray | None  # a tensor's raw_data: bytes viewed in the file's map
+Mapped = tuple[Any, dict[tuple[Any, ...], tuple[int, int]]]  # the file's map; (kind, index...) -> (offset, length)
+
+
+def _without_payloads(buf: memoryview) -> tuple[bytes, dict[tuple[Any, ...], tuple[int, int]]]:
+    """The ModelProto in ``buf`` without the raw_data of its graph's initializers and of its nodes' tensor
+    attributes (the weights: nearly all of a model file's bytes), and where each left-out raw_data lies in
+    ``buf``: ``("initializer", i)`` or ``("node", n, a)`` -> (offset, length), counted as protobuf merges a
+    message (the fields of a repeated ``graph`` or ``t`` record add to one message; a repeated raw_data: the
+    last). onnx parses the rest, so the file's weights are never held twice (peak ~1x the weights, not 2x)."""
+    payloads: dict[tuple[Any, ...], tuple[int, int]] = {}
+
+    def messages(msg: memoryview, at: int) -> Iterator[tuple[int, memoryview | None, memoryview, int]]:
+        """(field number, the payload of a LENGTH record or None, the whole record, the payload's offset)."""
+        for number, wire, value, start, end in pw.records(msg):
+            payload = value if wire == pw.LENGTH and isinstance(value, memoryview) else None
+            yield number, payload, msg[start:end], at + end - (len(payload) if payload is not None else 0)
+
+    def tensor(msg: memoryview, at: int, key: tuple[Any, ...]) -> bytes:
+        kept = bytearray()
+        for number, payload, record, payload_at in messages(msg, at):
+            if number == _TENSOR_RAW and payload is not None:
+                payloads[key] = (payload_at, len(payload))
+            else:
+                kept += record
+        return bytes(kept)
+
+    def node(msg: memoryview, at: int, n: int) -> bytes:
+        kept, attributes = bytearray(), 0
+        for number, payload, record, payload_at in messages(msg, at):
+            if number != _NODE_ATTRIBUTE or payload is None:
+                kept += record
+                continue
+            attribute = bytearray()
+            for a_number, a_payload, a_record, a_at in messages(payload, payload_at):
+                if a_number == _ATTRIBUTE_TENSOR and a_payload is not None:
+                    attribute += pw.length_record(a_number, tensor(a_payload, a_at, ("node", n, attributes)))
+                else:
+                    attribute += a_record
+            kept += pw.length_record(number, attribute)
+            attributes += 1
+        return bytes(kept)
+
+    model, initializers, nodes = bytearray(), 0, 0
+    for number, payload, record, payload_at in messages(buf, 0):
+        if number != _MODEL_GRAPH or payload is None:
+            model += record
+            continue
+        graph = bytearray()
+        for g_number, g_payload, g_record, g_at in messages(payload, payload_at):
+            if g_number == _GRAPH_INITIALIZER and g_payload is not None:
+                graph += pw.length_record(g_number, tensor(g_payload, g_at, ("initializer", initializers)))
+                initializers += 1
+            elif g_number == _GRAPH_NODE and g_payload is not None:
+                graph += pw.length_record(g_number, node(g_payload, g_at, nodes))
+                nodes += 1
+            else:
+                graph += g_record
+        model += pw.length_record(number, graph)
+    return bytes(model), payloads
 
 
 def _dequantize(path: Path, name: str, q: np.ndarray, scale: np.ndarray | None, zero: np.ndarray | None,
@@ -392,15 +483,22 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
         from onnx import numpy_helper
     except ImportError:
         raise ModelFormatError(f"{path}: needs the optional 'onnx' package: pip install hashdb[onnx]") from None
-    check_size(path, path.stat().st_size, max_bytes)
+    size = path.stat().st_size
+    check_size(path, size, max_bytes)
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf's DecodeError and friends: the file is not a valid ModelProto
-        raise ModelFormatError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
-    graph = model.graph
-    folder = path.resolve().parent
-    _check_expansion(path, model, folder, max_bytes)  # before anything is read: aliased external ranges
-    consts = _constants(path, graph, folder, max_bytes, numpy_helper)
+        try:
+            skeleton, payloads = _without_payloads(memoryview(mm)) if mm is not None else (b"", {})
+            model = onnx.load_model_from_string(skeleton)
+        except Exception as exc:  # protobuf's DecodeError and friends: the file is not a valid ModelProto
+            raise ModelFormatError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+        graph = model.graph
+        folder = path.resolve().parent
+        _check_expansion(path, model, folder, max_bytes)  # before anything is read: aliased external ranges
+        consts = _constants(path, graph, folder, max_bytes, numpy_helper, (mm, payloads))
+    finally:
+        close_map(mm)
     dequantized = _quantized(path, graph, consts)
     conv_weights = _conv_weights(graph)
     params = _quantization_params(graph)

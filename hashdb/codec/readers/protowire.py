@@ -41,35 +41,59 @@ def fields(buf: bytes | memoryview) -> Iterator[tuple[int, int, int | memoryview
     the payload for LENGTH (a nested message, a string, or a packed repeated field). Groups (deprecated
     wire types 3 and 4) are refused: none of the formats read here uses them.
     """
+    for number, wire, value, _, _ in records(buf):
+        yield number, wire, value
+
+
+def records(buf: bytes | memoryview) -> Iterator[tuple[int, int, int | memoryview, int, int]]:
+    """``fields``, each with the record's span in ``buf``: (number, wire type, value, start, end), where
+    ``buf[start:end]`` is the whole record (key, length and payload), so a reader can copy records as they are
+    or leave one out. A LENGTH payload is ``buf[end - len(value):end]``."""
     view = memoryview(buf)
     pos = 0
     end = len(view)
     while pos < end:
+        start = pos
         key, pos = read_varint(view, pos)
         number, wire = key >> 3, key & 7
         if number == 0:
             raise ValueError("field number 0")
         if wire == VARINT:
             value, pos = read_varint(view, pos)
-            yield number, wire, value
+            yield number, wire, value, start, pos
         elif wire == FIXED64:
             if pos + 8 > end:
                 raise ValueError("truncated fixed64 field")
-            yield number, wire, int.from_bytes(view[pos : pos + 8], "little")
+            yield number, wire, int.from_bytes(view[pos : pos + 8], "little"), start, pos + 8
             pos += 8
         elif wire == FIXED32:
             if pos + 4 > end:
                 raise ValueError("truncated fixed32 field")
-            yield number, wire, int.from_bytes(view[pos : pos + 4], "little")
+            yield number, wire, int.from_bytes(view[pos : pos + 4], "little"), start, pos + 4
             pos += 4
         elif wire == LENGTH:
             size, pos = read_varint(view, pos)
             if size > end - pos:
                 raise ValueError(f"field {number} claims {size} bytes, {end - pos} left")
-            yield number, wire, view[pos : pos + size]
+            yield number, wire, view[pos : pos + size], start, pos + size
             pos += size
         else:
             raise ValueError(f"unsupported wire type {wire} (field {number})")
+
+
+def encode_varint(value: int) -> bytes:
+    """``value`` (>= 0) as a protobuf varint."""
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def length_record(number: int, payload: bytes | bytearray | memoryview) -> bytes:
+    """One LENGTH record: field ``number`` holding ``payload`` (a message, a string or packed values)."""
+    return encode_varint(number << 3 | LENGTH) + encode_varint(len(payload)) + bytes(payload)
 
 
 def message(buf: bytes | memoryview) -> dict[int, list[int | memoryview]]:

@@ -1,0 +1,130 @@
+"""The ONNX reader takes the weights' bytes out of the file's map itself and has onnx parse only the rest
+(hashdb/codec/readers/onnx.py, _without_payloads), so a model's weights are never held twice. What it reads
+must be what onnx's own parse of the whole file gives, however protobuf lets the file spell it: a graph in
+several records (they merge), a raw_data given twice (the last counts), a Constant's tensor in two records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+
+from hashdb.codec import load_tensors
+from hashdb.codec.readers import protowire as pw
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+M = TypeVar("M", bound=Any)  # a protobuf message
+
+
+def _model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """Convs whose weights lie in raw float32, raw float16, typed float_data and a Constant node."""
+    rng = np.random.default_rng(7)
+    w = [rng.standard_normal(s).astype(np.float32) for s in ((8, 3, 3, 3), (8, 8, 3, 3), (6, 8, 1, 1))]
+    b = rng.standard_normal(8).astype(np.float32)
+    half = numpy_helper.from_array(w[1].astype(np.float16), "w1")
+    typed = helper.make_tensor("b0", TensorProto.FLOAT, [8], b.tolist())  # float_data, no raw_data
+    const = helper.make_node("Constant", [], ["w2"], value=numpy_helper.from_array(w[2], "c"))
+    convs = [helper.make_node("Conv", [x, w, *b], [y]) for x, w, b, y in
+             (("x", "w0", ["b0"], "y0"), ("y0", "w1", [], "y1"), ("y1", "w2", [], "y2"))]  # fmt: skip
+    nodes = [const, *convs]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y2", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(w[0], "w0"), half, typed],
+    )  # fmt: skip
+    want = {"w0": w[0], "w1": w[1].astype(np.float16).astype(np.float32), "b0": b, "w2": w[2]}
+    return helper.make_model(graph), want
+
+
+def _copy(message: M) -> M:
+    out = type(message)()
+    out.CopyFrom(message)
+    return out
+
+
+def _with_graph(model: onnx.ModelProto, *graphs: bytes) -> bytes:
+    """The model's other fields, then a ``graph`` record holding each of ``graphs`` (protobuf merges them)."""
+    rest = _copy(model)
+    rest.ClearField("graph")
+    return rest.SerializeToString() + b"".join(pw.length_record(7, g) for g in graphs)
+
+
+def _graph_split(model: onnx.ModelProto) -> bytes:
+    """The graph in two records, each holding part of the initializers and of the nodes."""
+    first, second = _copy(model.graph), onnx.GraphProto()
+    del first.initializer[1:], first.node[2:]
+    second.initializer.extend(model.graph.initializer[1:])
+    second.node.extend(model.graph.node[2:])
+    return _with_graph(model, first.SerializeToString(), second.SerializeToString())
+
+
+def _raw_data_twice(model: onnx.ModelProto) -> bytes:
+    """w0's raw_data given twice, zeros first (the runtime writes it once; protobuf keeps the last)."""
+    meta = _copy(model.graph.initializer[0])
+    meta.ClearField("raw_data")
+    values = model.graph.initializer[0].raw_data
+    tensor = meta.SerializeToString() + pw.length_record(9, b"\0" * len(values)) + pw.length_record(9, values)
+    graph = _copy(model.graph)
+    del graph.initializer[0]  # w0 comes back first, as its own record
+    return _with_graph(model, pw.length_record(5, tensor) + graph.SerializeToString())
+
+
+def _constant_in_two_records(model: onnx.ModelProto) -> bytes:
+    """The Constant's tensor attribute ``t`` in two records: its name, dims and type, then its raw_data."""
+    node = _copy(model.graph.node[0])
+    (attribute,) = node.attribute
+    meta, raw = _copy(attribute.t), onnx.TensorProto()
+    meta.ClearField("raw_data")
+    raw.raw_data = attribute.t.raw_data
+    head = _copy(attribute)
+    head.ClearField("t")
+    node.ClearField("attribute")
+    node_bytes = node.SerializeToString() + pw.length_record(5, head.SerializeToString() + pw.length_record(
+        5, meta.SerializeToString()) + pw.length_record(5, raw.SerializeToString()))  # fmt: skip
+    graph = _copy(model.graph)
+    del graph.node[0]  # the Constant comes back first, as its own record
+    return _with_graph(model, pw.length_record(1, node_bytes) + graph.SerializeToString())
+
+
+def _onnx_own(blob: bytes) -> dict[str, np.ndarray]:
+    """What onnx's parse of the whole file holds: initializers and Constant values, as float32."""
+    model = onnx.load_model_from_string(blob)
+    out = {t.name: numpy_helper.to_array(t).astype(np.float32) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            out[node.output[0]] = numpy_helper.to_array(node.attribute[0].t).astype(np.float32)
+    return out
+
+
+@pytest.mark.parametrize("spelling", ["plain", "graph split", "raw_data twice", "constant in two records"])
+def test_the_tensors_read_are_onnx_own_parse_of_the_whole_file(tmp_path: Path, spelling: str) -> None:
+    model, want = _model()
+    blob = {"plain": model.SerializeToString, "graph split": lambda: _graph_split(model),
+            "raw_data twice": lambda: _raw_data_twice(model),
+            "constant in two records": lambda: _constant_in_two_records(model)}[spelling]()  # fmt: skip
+    path = tmp_path / "m.onnx"
+    path.write_bytes(blob)
+    reference = _onnx_own(blob)
+    assert set(reference) == set(want)
+    for name, values in want.items():
+        np.testing.assert_array_equal(reference[name], values, err_msg=f"onnx's own parse, {name}")
+    got = {t.name: t for t in load_tensors(path)}
+    assert set(got) == set(want), sorted(got)
+    for name, values in want.items():
+        np.testing.assert_array_equal(got[name].array, values, err_msg=name)
+    assert got["w0"].layout == "oihw" and got["w2"].layout == "oihw"
+
+
+def test_the_arrays_are_the_readers_own_not_views_of_the_file(tmp_path: Path) -> None:
+    """The map is closed when the read returns: arrays copied out of it stay as read when the file changes."""
+    model, want = _model()
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    tensors = load_tensors(path)
+    path.write_bytes(b"\0" * path.stat().st_size)  # the same inode, every byte overwritten
+    for t in tensors:
+        np.testing.assert_array_equal(t.array, want[t.name], err_msg=t.name)
