@@ -128,3 +128,16 @@ def test_the_arrays_are_the_readers_own_not_views_of_the_file(tmp_path: Path) ->
     path.write_bytes(b"\0" * path.stat().st_size)  # the same inode, every byte overwritten
     for t in tensors:
         np.testing.assert_array_equal(t.array, want[t.name], err_msg=t.name)
+
+
+def test_a_name_that_is_not_utf8_is_read_with_its_bytes_replaced(tmp_path: Path) -> None:
+    """ONNX strings are proto2: protobuf hands an undecodable one back as bytes (found by fuzzing: a TypeError
+    escaped from the pruning pass). Names are only labels: the undecodable bytes are replaced."""
+    model, want = _model()
+    blob = model.SerializeToString()
+    assert blob.count(b"w1") == 2  # the initializer and the Conv reading it: both renamed, so the graph holds
+    path = tmp_path / "m.onnx"
+    path.write_bytes(blob.replace(b"w1", b"\xff\xfe"))
+    got = {t.name: t.array for t in load_tensors(path)}
+    assert set(got) == {"w0", "\ufffd\ufffd", "b0", "w2"}, sorted(got)
+    np.testing.assert_array_equal(got["\ufffd\ufffd"], want["w1"])

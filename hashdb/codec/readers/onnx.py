@@ -447,6 +447,12 @@ def _batchnorms(graph: Any, consts: dict[str, np.ndarray]) -> dict[str, str]:
     return renamed
 
 
+def _label(name: str | bytes) -> str:
+    """A tensor's name as text: ONNX's proto2 strings come back as bytes where they are not UTF-8 (undecodable
+    bytes replaced: names are only labels)."""
+    return name if isinstance(name, str) else name.decode("utf-8", "replace")
+
+
 def _check_expansion(path: Path, model: Any, folder: Path, max_bytes: int) -> None:
     """What the float initializers make against the bytes stored (check_expansion): many initializers may
     name one range of one external file, and each would be read again."""
@@ -514,5 +520,5 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
         elif arr.dtype.kind != "f" or name in params:
             continue
         layout = "oihw" if name in conv_weights and arr.ndim >= 3 else None
-        out.append(NamedTensor(norms.get(name, name), np.ascontiguousarray(arr, dtype=np.float32), layout))
+        out.append(NamedTensor(_label(norms.get(name, name)), np.ascontiguousarray(arr, dtype=np.float32), layout))
     return out
