@@ -13,6 +13,7 @@ import pytest
 
 from hashdb.codec import load_tensors
 from hashdb.codec.readers import protowire as pw
+from hashdb.errors import ModelFormatError
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
@@ -141,3 +142,34 @@ def test_a_name_that_is_not_utf8_is_read_with_its_bytes_replaced(tmp_path: Path)
     got = {t.name: t.array for t in load_tensors(path)}
     assert set(got) == {"w0", "\ufffd\ufffd", "b0", "w2"}, sorted(got)
     np.testing.assert_array_equal(got["\ufffd\ufffd"], want["w1"])
+
+
+def test_a_present_but_empty_raw_data_is_read_as_onnx_reads_it(tmp_path: Path) -> None:
+    """A raw_data record counts even when it is empty or follows a full one (protobuf keeps the last): onnx then
+    reads raw_data, not float_data, and so does the reader: b0's 8 values do not fit 0 bytes, one line."""
+    model, _ = _model()
+    typed = model.graph.initializer[2]  # b0, its values in float_data
+    assert typed.name == "b0" and not typed.raw_data
+    for tail in (pw.length_record(9, b""), pw.length_record(9, b"\0" * 32) + pw.length_record(9, b"")):
+        graph = _copy(model.graph)
+        del graph.initializer[2]
+        path = tmp_path / "m.onnx"
+        path.write_bytes(_with_graph(model, pw.length_record(5, typed.SerializeToString() + tail)
+                                     + graph.SerializeToString()))  # fmt: skip
+        with pytest.raises(ValueError, match="cannot reshape"):  # onnx's own reading of the same file
+            numpy_helper.to_array(onnx.load_model_from_string(path.read_bytes()).graph.initializer[0])
+        with pytest.raises(ModelFormatError, match=r"^\S+m\.onnx: tensor 'b0': cannot reshape array of size 0"):
+            load_tensors(path)
+
+
+def test_a_file_with_protobuf_groups_is_parsed_whole_by_onnx(tmp_path: Path) -> None:
+    """The wire-format walker does not read protobuf's deprecated groups; onnx keeps them as unknown fields. Such a
+    file is parsed whole by onnx, as before the walker: the same tensors."""
+    model, want = _model()
+    group = pw.encode_varint(99 << 3 | 3) + pw.encode_varint(1 << 3 | 0) + b"\x05" + pw.encode_varint(99 << 3 | 4)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString() + group)
+    got = {t.name: t.array for t in load_tensors(path)}
+    assert set(got) == set(want)
+    for name, values in want.items():
+        np.testing.assert_array_equal(got[name], values, err_msg=name)

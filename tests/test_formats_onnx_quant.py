@@ -211,9 +211,20 @@ def test_onnxruntime_quantized_models_read_as_their_float_weights_within_the_qua
     assert hamming(hasher.hash(dst), hasher.hash({f"w{i}": w for i, w in enumerate(ws)})) <= hasher.copy_radius
 
 
+def int4_tensor(name: str, kind: int, values: np.ndarray, raw: bool) -> TensorProto:
+    """An int4/uint4 tensor: in int32_data (one value each), or packed two to a byte in raw_data, the low nibble
+    first (what numpy_helper.from_array and onnxruntime's int4 quantizer write)."""
+    if not raw:
+        return helper.make_tensor(name, kind, values.shape, values.ravel().tolist())
+    nibbles = np.append(values.ravel(), [0] * (values.size % 2)).astype(np.uint8) & 0x0F
+    return helper.make_tensor(name, kind, values.shape, (nibbles[0::2] | nibbles[1::2] << 4).tobytes(), raw=True)
+
+
+@pytest.mark.parametrize("raw", [False, True])
 @pytest.mark.parametrize("signed", [True, False])
-def test_blocked_int4_dequantize_linear(tmp_path: Path, signed: bool) -> None:
-    """opset 21 blocked quantization: int4/uint4 weights, a scale (and zero point) per block of 8 input channels."""
+def test_blocked_int4_dequantize_linear(tmp_path: Path, signed: bool, raw: bool) -> None:
+    """opset 21 blocked quantization: int4/uint4 weights, a scale (and zero point) per block of 8 input channels;
+    their values in int32_data or packed in raw_data (which the reader takes out of the file itself)."""
     w = kernels(5)[1]  # (24, 16, 3, 3)
     block = 8
     lo, hi = (-8, 7) if signed else (0, 15)
@@ -224,8 +235,7 @@ def test_blocked_int4_dequantize_linear(tmp_path: Path, signed: bool) -> None:
     full_zero = np.repeat(zero.astype(np.float32), block, axis=1)
     q = np.clip(np.round(w / full_scale) + full_zero, lo, hi).astype(np.int8 if signed else np.uint8)
     kind = TensorProto.INT4 if signed else TensorProto.UINT4
-    inits = [helper.make_tensor("q", kind, q.shape, q.ravel().tolist()), numpy_helper.from_array(scale, "s"),
-             helper.make_tensor("z", kind, zero.shape, zero.ravel().tolist())]  # fmt: skip
+    inits = [int4_tensor("q", kind, q, raw), numpy_helper.from_array(scale, "s"), int4_tensor("z", kind, zero, raw)]
     nodes = [helper.make_node("DequantizeLinear", ["q", "s", "z"], ["w"], axis=1, block_size=block),
              helper.make_node("Conv", ["x0", "w"], ["x1"])]  # fmt: skip
     got = load_tensors(save(tmp_path / "int4.onnx", nodes, inits))

@@ -12,15 +12,18 @@ looked at. Its declared length is size-checked before it is mapped.
 The weights' bytes (the raw_data of initializers and of Constant nodes' tensors) never go through onnx: the file
 is mapped, our wire-format reader (protowire) leaves those payloads out of what onnx parses and notes where each
 lies, and each tensor is copied out of the map when it is read, so the process holds a model's weights once
-(peak ~1.2x the weights, where onnx.load's parse plus the arrays made 2x).
+(peak ~1.2x the weights, where onnx.load's parse plus the arrays made 2x; weights in the typed fields, such as
+float_data, still go through onnx: 2x). A file the walker does not read (protobuf's deprecated groups) is parsed
+whole by onnx, as before; a tag or length varint longer than protobuf allows, in a record the walker leaves out,
+is read where onnx would refuse the file.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import mmap
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,10 +101,11 @@ _PASS_THROUGH = frozenset({"Identity", "Cast"})
 
 
 def _stored(
-    path: Path, init: Any, folder: Path, max_bytes: int, numpy_helper: Any, raw: Payload
+    path: Path, init: Any, folder: Path, max_bytes: int, numpy_helper: Any, raw: np.ndarray | None
 ) -> np.ndarray | None:
     """The tensor as stored (floats decoded to float32, integers kept as integers); None for other types.
-    ``raw``: where its raw_data lies in the file, which ``_without_payloads`` left out of ``init``."""
+    ``raw``: its raw_data (uint8, copied out of the file's map), which ``_without_payloads`` left out of ``init``;
+    None where it has none."""
     if init.data_location == 1:  # TensorProto.EXTERNAL
         if init.data_type in _INT4_TYPES:
             raise ModelFormatError(f"{path}: tensor {init.name!r}: 4-bit weights in external data are not supported")
@@ -116,11 +120,11 @@ def _stored(
         if init.data_type in _INT4_TYPES:
             check_size(path, math.prod(shape), max_bytes)  # unpacked to a byte each
             if raw is not None:  # onnx unpacks the nibbles from raw_data: handed back for this tensor only
-                init.raw_data = raw.copy()
+                init.raw_data = raw.tobytes()
             return np.asarray(numpy_helper.to_array(init)).astype(_INT4_TYPES[init.data_type])
-        if raw is not None and raw.size:
+        if raw is not None:  # present, even empty: then onnx reads it, not the typed fields, and so do we
             stored = _TYPES[init.data_type][0] if init.data_type in _TYPES else _INT_TYPES[init.data_type]
-            values = raw.copy().view(stored).reshape(shape)  # out of the file's map: an array of its own
+            values = raw.view(stored).reshape(shape)
             return _decode(values, init.data_type) if init.data_type in _TYPES else values
         # values in the typed fields (float_data, int32_data for fp16/bf16/int8): onnx decodes them
         arr = np.asarray(numpy_helper.to_array(init))
@@ -130,14 +134,14 @@ def _stored(
 
 
 def _constants(
-    path: Path, graph: Any, folder: Path, max_bytes: int, numpy_helper: Any, file: Mapped
+    path: Path, graph: Any, folder: Path, max_bytes: int, numpy_helper: Any, mm: mmap.mmap | None,
+    payloads: Payloads,
 ) -> dict[str, np.ndarray]:
-    """Initializers and the ``value`` tensors of Constant nodes (paddle2onnx keeps weights there), by name, their
-    raw_data copied out of the file's map (``file``: the map and where each payload lies) one at a time."""
-    mm, payloads = file
+    """Initializers and the ``value`` tensors of Constant nodes (paddle2onnx keeps weights there), by name; each
+    one's raw_data (where ``payloads`` says it lies in the file's map ``mm``) copied out of the map as it is read."""
     out: dict[str, np.ndarray] = {}
     used = 0
-    protos: list[tuple[str, Any, tuple[Any, ...]]] = [
+    protos: list[tuple[str, Any, PayloadKey]] = [
         (init.name, init, ("initializer", i)) for i, init in enumerate(graph.initializer)
     ]
     for n, node in enumerate(graph.node):
@@ -146,10 +150,11 @@ def _constants(
                        if a.name == "value" and a.type == 4]  # fmt: skip
     for name, proto, key in protos:
         at = payloads.get(key)
-        raw = None if at is None else np.frombuffer(mm, dtype=np.uint8, count=at[1], offset=at[0])
+        # copied in one expression: no view of the map outlives it (an error's traceback would keep the map open)
+        raw = None if at is None or mm is None else np.frombuffer(mm, np.uint8, at[1], at[0]).copy()
         arr = _stored(path, proto, folder, max_bytes - used, numpy_helper, raw)
         del raw
-        drop_mapped_pages(mm)  # copied: the process holds the arrays, not the file's pages as well
+        drop_mapped_pages(mm)  # the process holds the arrays, not the file's pages as well
         if arr is not None and arr.size:
             used += arr.size * 4
             check_size(path, used, max_bytes)
@@ -157,70 +162,53 @@ def _constants(
     return out
 
 
-# Field numbers of onnx.proto on the way to the weights' bytes: ModelProto.graph, GraphProto.node and
-# .initializer, NodeProto.attribute, AttributeProto.t, TensorProto.raw_data.
-_MODEL_GRAPH, _GRAPH_NODE, _GRAPH_INITIALIZER, _NODE_ATTRIBUTE, _ATTRIBUTE_TENSOR, _TENSOR_RAW = 7, 1, 5, 5, 5, 9
+# Where the weights' bytes lie in a ModelProto: (message, field number) -> the message that field holds, down to
+# TensorProto.raw_data (ModelProto.graph, GraphProto.initializer and .node, NodeProto.attribute, AttributeProto.t).
+_FIELDS = {("model", 7): "graph", ("graph", 5): "tensor", ("graph", 1): "node", ("node", 5): "attribute",
+           ("attribute", 5): "tensor", ("tensor", 9): "raw_data"}  # fmt: skip
 
-Payload = np.ndarray | None  # a tensor's raw_data: bytes viewed in the file's map
-Mapped = tuple[Any, dict[tuple[Any, ...], tuple[int, int]]]  # the file's map; (kind, index...) -> (offset, length)
+PayloadKey = tuple[str, int] | tuple[str, int, int]  # ("initializer", i) or ("node", n, attribute a of node n)
+Payloads = dict[PayloadKey, tuple[int, int]]  # -> (offset, length) of that tensor's raw_data in the file
 
 
-def _without_payloads(buf: memoryview) -> tuple[bytes, dict[tuple[Any, ...], tuple[int, int]]]:
+def _without_payloads(buf: memoryview) -> tuple[bytes, Payloads]:
     """The ModelProto in ``buf`` without the raw_data of its graph's initializers and of its nodes' tensor
     attributes (the weights: nearly all of a model file's bytes), and where each left-out raw_data lies in
-    ``buf``: ``("initializer", i)`` or ``("node", n, a)`` -> (offset, length), counted as protobuf merges a
-    message (the fields of a repeated ``graph`` or ``t`` record add to one message; a repeated raw_data: the
-    last). onnx parses the rest, so the file's weights are never held twice (peak ~1x the weights, not 2x)."""
-    payloads: dict[tuple[Any, ...], tuple[int, int]] = {}
+    ``buf``. onnx parses the rest, so a model's weights are never held twice (peak ~1x the weights, not 2x).
 
-    def messages(msg: memoryview, at: int) -> Iterator[tuple[int, memoryview | None, memoryview, int]]:
-        """(field number, the payload of a LENGTH record or None, the whole record, the payload's offset)."""
+    Counted as protobuf merges messages: the fields of a repeated ``graph`` or ``t`` record add to one message, a
+    repeated raw_data is its last record, and a record of another wire type where a message belongs is an unknown
+    field to protobuf (kept as it is, not counted). Records are kept as slices of ``buf`` and joined once."""
+    payloads: Payloads = {}
+    initializers, nodes = itertools.count(), itertools.count()
+
+    def walk(msg: memoryview, at: int, kind: str, key: Any) -> list[bytes | memoryview]:
+        """``msg`` (a ``kind`` message at offset ``at`` of ``buf``) as pieces that join into its skeleton."""
+        pieces: list[bytes | memoryview] = []
+        attributes = itertools.count()
         for number, wire, value, start, end in pw.records(msg):
-            payload = value if wire == pw.LENGTH and isinstance(value, memoryview) else None
-            yield number, payload, msg[start:end], at + end - (len(payload) if payload is not None else 0)
-
-    def tensor(msg: memoryview, at: int, key: tuple[Any, ...]) -> bytes:
-        kept = bytearray()
-        for number, payload, record, payload_at in messages(msg, at):
-            if number == _TENSOR_RAW and payload is not None:
-                payloads[key] = (payload_at, len(payload))
-            else:
-                kept += record
-        return bytes(kept)
-
-    def node(msg: memoryview, at: int, n: int) -> bytes:
-        kept, attributes = bytearray(), 0
-        for number, payload, record, payload_at in messages(msg, at):
-            if number != _NODE_ATTRIBUTE or payload is None:
-                kept += record
+            inner = _FIELDS.get((kind, number)) if wire == pw.LENGTH else None
+            if inner is None or not isinstance(value, memoryview):
+                pieces.append(msg[start:end])
                 continue
-            attribute = bytearray()
-            for a_number, a_payload, a_record, a_at in messages(payload, payload_at):
-                if a_number == _ATTRIBUTE_TENSOR and a_payload is not None:
-                    attribute += pw.length_record(a_number, tensor(a_payload, a_at, ("node", n, attributes)))
-                else:
-                    attribute += a_record
-            kept += pw.length_record(number, attribute)
-            attributes += 1
-        return bytes(kept)
+            value_at = at + end - len(value)
+            if inner == "raw_data":
+                payloads[key] = (value_at, len(value))
+                continue
+            if inner == "tensor" and kind == "graph":
+                inner_key: Any = ("initializer", next(initializers))
+            elif inner == "node":
+                inner_key = ("node", next(nodes))
+            elif inner == "attribute":
+                inner_key = (*key, next(attributes))
+            else:  # the graph; an attribute's tensor, which is that attribute's
+                inner_key = key
+            parts = walk(value, value_at, inner, inner_key)
+            pieces.append(pw.length_header(number, sum(map(len, parts))))
+            pieces += parts
+        return pieces
 
-    model, initializers, nodes = bytearray(), 0, 0
-    for number, payload, record, payload_at in messages(buf, 0):
-        if number != _MODEL_GRAPH or payload is None:
-            model += record
-            continue
-        graph = bytearray()
-        for g_number, g_payload, g_record, g_at in messages(payload, payload_at):
-            if g_number == _GRAPH_INITIALIZER and g_payload is not None:
-                graph += pw.length_record(g_number, tensor(g_payload, g_at, ("initializer", initializers)))
-                initializers += 1
-            elif g_number == _GRAPH_NODE and g_payload is not None:
-                graph += pw.length_record(g_number, node(g_payload, g_at, nodes))
-                nodes += 1
-            else:
-                graph += g_record
-        model += pw.length_record(number, graph)
-    return bytes(model), payloads
+    return b"".join(walk(buf, 0, "model", None)), payloads
 
 
 def _dequantize(path: Path, name: str, q: np.ndarray, scale: np.ndarray | None, zero: np.ndarray | None,
@@ -483,6 +471,23 @@ def _check_expansion(path: Path, model: Any, folder: Path, max_bytes: int) -> No
     check_expansion(path, stored, produced, max_bytes)
 
 
+def _parse(mm: mmap.mmap | None, onnx: Any) -> tuple[Any, Payloads, str | None]:
+    """(the ModelProto without its weights' bytes, where they lie, None) or (None, {}, why it is unreadable).
+    A file our walker refuses (protobuf's deprecated groups, which it does not read) is parsed whole by onnx, as
+    it was before the walker: the same tensors at the old cost (2x the weights)."""
+    if mm is None:
+        return onnx.ModelProto(), {}, None
+    try:
+        skeleton, payloads = _without_payloads(memoryview(mm))
+    except ValueError:
+        skeleton, payloads = bytes(mm), {}
+    drop_mapped_pages(mm)  # the pages the skeleton was copied from
+    try:
+        return onnx.load_model_from_string(skeleton), payloads, None
+    except Exception as exc:  # protobuf's DecodeError and friends: the file is not a valid ModelProto
+        return None, {}, type(exc).__name__
+
+
 def read(path: Path, max_bytes: int) -> list[NamedTensor]:
     try:
         import onnx
@@ -494,15 +499,13 @@ def read(path: Path, max_bytes: int) -> list[NamedTensor]:
     with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
     try:
-        try:
-            skeleton, payloads = _without_payloads(memoryview(mm)) if mm is not None else (b"", {})
-            model = onnx.load_model_from_string(skeleton)
-        except Exception as exc:  # protobuf's DecodeError and friends: the file is not a valid ModelProto
-            raise ModelFormatError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+        model, payloads, failure = _parse(mm, onnx)
+        if failure is not None:  # raised here, not in an except block: no traceback holds a view of the map
+            raise ModelFormatError(f"{path}: not a readable ONNX model ({failure})")
         graph = model.graph
         folder = path.resolve().parent
         _check_expansion(path, model, folder, max_bytes)  # before anything is read: aliased external ranges
-        consts = _constants(path, graph, folder, max_bytes, numpy_helper, (mm, payloads))
+        consts = _constants(path, graph, folder, max_bytes, numpy_helper, mm, payloads)
     finally:
         close_map(mm)
     dequantized = _quantized(path, graph, consts)

@@ -91,9 +91,14 @@ def encode_varint(value: int) -> bytes:
     return bytes(out)
 
 
+def length_header(number: int, size: int) -> bytes:
+    """The key and length that open a LENGTH record of field ``number`` with a ``size``-byte payload."""
+    return encode_varint(number << 3 | LENGTH) + encode_varint(size)
+
+
 def length_record(number: int, payload: bytes | bytearray | memoryview) -> bytes:
     """One LENGTH record: field ``number`` holding ``payload`` (a message, a string or packed values)."""
-    return encode_varint(number << 3 | LENGTH) + encode_varint(len(payload)) + bytes(payload)
+    return length_header(number, len(payload)) + bytes(payload)
 
 
 def message(buf: bytes | memoryview) -> dict[int, list[int | memoryview]]:
