@@ -891,9 +891,24 @@ def chain_sketches(
     def inverse_sq_columns(pos: int) -> tuple[np.ndarray, np.ndarray]:
         """(sum over the dense layers reading position ``pos``'s channels of 1 / column factor ** 2, how many
         such layers) per channel; a pass-through layer (``channel_pass``) is looked through to its consumers.
-        Kept per position: a split conv's producer is sketched again once its 1x1 is composed into it."""
-        if pos in columns_seen:
-            return columns_seen[pos]
+        Kept per position: a split conv's producer is sketched again once its 1x1 is composed into it.
+        A run of pass-through layers is computed from its far end, each position from its consumers' entries,
+        so no run is a recursion as deep as it is long (1,000 depthwise 1x1 layers passed Python's limit)."""
+        if pos not in columns_seen:
+            run, seen, stack = [], {pos}, [pos]
+            while stack:
+                p = stack.pop()
+                run.append(p)
+                for c in consumers.get(p, []):
+                    if c not in seen and c not in columns_seen and prepare(c)[2] is not None:
+                        seen.add(c)
+                        stack.append(c)
+            for p in sorted(run, reverse=True):  # consumers come after their producers in the chain
+                columns_at(p)
+        return columns_seen[pos]
+
+    def columns_at(pos: int) -> None:
+        """``inverse_sq_columns`` of ``pos``, kept in ``columns_seen``."""
         total, count = np.zeros(chain[pos].out), np.zeros(chain[pos].out)
         for c in consumers.get(pos, []):
             w_c, bc, through_c = prepare(c)
@@ -912,7 +927,6 @@ def chain_sketches(
                 total += np.divide(1.0, col * col, out=np.zeros(len(col)), where=col > 0)
                 count += 1
         columns_seen[pos] = (total, count)
-        return total, count
 
     def composed_columns(c: int) -> np.ndarray | None:
         """The balancing column factors of layer ``c`` with the near-identity 1x1 after it composed in (a split
