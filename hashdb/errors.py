@@ -48,7 +48,16 @@ class NotADatabase(StorageError):
 
 
 class ModelFormatError(HashDBError):
-    """A model file or object that cannot be read, is empty, or holds no convolution weights."""
+    """A model file or object that cannot be read, is empty, or holds no convolution weights.
+
+    Always one line of printable text: what a file puts in a message (a name, a parser's quote of its bytes)
+    has its line breaks and other control characters (a terminal's colour codes) written as escapes."""
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        text = str(message)
+        if not text.isprintable():
+            text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+        super().__init__(text, *args)
 
 
 class ProtocolError(HashDBError):

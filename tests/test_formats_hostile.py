@@ -393,3 +393,18 @@ def test_every_bomb_class_is_one_error_line_from_the_cli_under_a_memory_cap(tmp_
     errors = run.stderr.strip().splitlines()
     assert sorted(line.split(": ")[2] for line in errors) == sorted(names), run.stderr
     assert run.stdout.strip().endswith("good.npy") and len(run.stdout.strip().splitlines()) == 1
+
+
+def test_what_a_file_puts_in_an_error_stays_on_one_line(tmp_path: Path) -> None:
+    """A parser may quote a file's bytes in its error (the unpickler quotes a FLOAT opcode's line, newline
+    included: found by fuzzing), and a file's name may hold a line break or a terminal's escape: a
+    ModelFormatError is one line of printable text, those written as escapes."""
+    quoted = tmp_path / "float.pt"
+    quoted.write_bytes(b"\x80\x02Fx\n.")  # FLOAT with the text "x"
+    named = tmp_path / "a\nb\x1b[31m.pt"
+    named.write_bytes(b"\x80\x02junk")
+    for path, shown in ((quoted, "'x\\n'"), (named, "a\\nb\\x1b[31m.pt")):
+        with pytest.raises(ModelFormatError) as info:
+            load_tensors(path)
+        message = str(info.value)
+        assert message.isprintable() and shown in message, message
