@@ -4,9 +4,11 @@ from a file ever runs; sizes are checked from headers before anything is allocat
 from __future__ import annotations
 
 import collections
+import io
 import json
 import os
 import pickle
+import struct
 import subprocess
 import sys
 import tracemalloc
@@ -215,6 +217,37 @@ def test_npy_holds_one_tensor(tmp_path: Path, hasher: ModelHasher) -> None:
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ModelFormatError, match=r"obj\.npy: holds Python objects"):
         load_tensors(tmp_path / "obj.npy")
+
+
+def test_npy_and_npz_oddities_found_by_fuzzing(tmp_path: Path) -> None:
+    """A shape of booleans passes numpy's own header check (bool is an int): refused in our words. A member with
+    an empty name made zipfile's is_dir raise IndexError: it is read like any other."""
+    buf = io.BytesIO()
+    np.save(buf, np.ones((2, 3, 3, 3), np.float32))
+    npy = buf.getvalue()
+    header_end = npy.index(b"\n") + 1
+    header = npy[:header_end].replace(b"(2, 3, 3, 3)", b"(True, 3, 3, 3)")
+    header = header[:-1].ljust(header_end - 1) + b"\n"  # the header keeps its padded length
+    (tmp_path / "bool.npy").write_bytes(header + npy[header_end:])
+    with pytest.raises(ModelFormatError, match=r"bool\.npy: bad \.npy header \(shape \(True, 3, 3, 3\)\)$"):
+        load_tensors(tmp_path / "bool.npy")
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("A", npy)
+    raw = bytearray(archive.getvalue())  # the member's one-letter name taken out of both its headers
+    assert raw[26:28] == b"\x01\x00"
+    raw[26:28] = b"\0\0"
+    del raw[30]
+    entry = raw.rfind(b"PK\x01\x02")
+    raw[entry + 28 : entry + 30] = b"\0\0"
+    del raw[entry + 46]
+    end = raw.rfind(b"PK\x05\x06")
+    size, offset = struct.unpack("<II", raw[end + 12 : end + 20])
+    raw[end + 12 : end + 20] = struct.pack("<II", size - 1, offset - 1)
+    (tmp_path / "noname.npz").write_bytes(bytes(raw))
+    assert zipfile.ZipFile(tmp_path / "noname.npz").namelist() == [""]
+    ((name, array),) = [(t.name, t.array) for t in load_tensors(tmp_path / "noname.npz")]
+    assert name == "" and np.array_equal(array, np.ones((2, 3, 3, 3), np.float32))
 
 
 # ---------------------------------------------------------------- payloads never run

@@ -263,6 +263,10 @@ def test_darknet_connected_layers_follow_the_channel_chain(tmp_path: Path) -> No
                     (d / "a.bin").write_bytes(b"\0" * 200)), r"a.bin: 52 bytes left after the last layer"),
         (lambda d: ((d / "a.param").write_text("7767517\n1 1\nConvolution c 1 1 x y 0=2 1=3 6=35\n"),
                     (d / "a.bin").write_bytes(b"\0" * 200)), r"a.param: layer 'c': weight_data_size 35 does not fit"),
+        # two negative kernel dims multiply to a positive kernel size (found by fuzzing: numpy's reshape refused it)
+        (lambda d: ((d / "a.param").write_text("7767517\n1 1\nConvolutionDepthWise c 1 1 x y 0=4 1=-1 6=4 7=4\n"),
+                    (d / "a.bin").write_bytes(b"\0" * 200)),
+         r"a.param: layer 'c': weight_data_size 4 does not fit 4 outputs of kernel \[-1, -1\]"),
         (lambda d: (d / "a.xml").write_text("<net><layers/></net>"), r"a.xml: its weights file a.bin is missing"),
         (lambda d: ((d / "a.xml").write_text('<!DOCTYPE n [<!ENTITY x "xx">]><net>&x;</net>'),
                     (d / "a.bin").write_bytes(b"")), r"a.xml: xml with a DOCTYPE/ENTITY declaration refused"),

@@ -216,7 +216,7 @@ def _conv(path: Path, bin_: _Bin, kind: str, name: str, params: Params) -> list[
             kernel = [_p(params, 21, kw)] + kernel
     group = _p(params, 7, 1) if "DepthWise" in kind else 1
     k = math.prod(kernel)
-    if n <= 0 or k <= 0 or size <= 0 or group <= 0 or size % (n * k):
+    if n <= 0 or min(kernel) <= 0 or size <= 0 or group <= 0 or size % (n * k):  # each dim: two negatives multiply
         raise ModelFormatError(
             f"{path}: layer {name!r}: weight_data_size {size} does not fit {n} outputs of kernel {kernel}"
         )

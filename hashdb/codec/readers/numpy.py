@@ -39,6 +39,8 @@ def _header(f: IO[bytes], where: str) -> tuple[tuple[int, ...], bool, np.dtype, 
         raise ModelFormatError(f"{where}: bad .npy header ({type(exc).__name__})") from None
     if dtype.hasobject:
         raise ModelFormatError(f"{where}: holds Python objects (would need unpickling), refused")
+    if not all(type(d) is int and d >= 0 for d in shape):  # numpy's own check lets True and False through
+        raise ModelFormatError(f"{where}: bad .npy header (shape {shape!r})")
     return shape, fortran, dtype, f.tell()
 
 
@@ -58,7 +60,7 @@ def read_npy(path: Path, max_bytes: int) -> list[NamedTensor]:
 
 def read_npz(path: Path, max_bytes: int) -> list[NamedTensor]:
     with open(path, "rb") as raw, zipfile.ZipFile(raw) as zf:
-        infos = [i for i in zf.infolist() if not i.is_dir()]
+        infos = [i for i in zf.infolist() if not i.filename.endswith("/")]  # (is_dir fails on an empty name)
         check_zip_members(path, infos, max_bytes)
         out: list[NamedTensor] = []
         for info in infos:
