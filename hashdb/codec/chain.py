@@ -62,6 +62,7 @@ docs/codec.md ("Codec v7").
 
 from __future__ import annotations
 
+import collections
 import functools
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -102,14 +103,14 @@ def plan_chain(layers: Sequence[tuple[str, int, int, tuple[int, ...]]]) -> list[
     name order) reading at most 4 channels (grey, RGB, RGBA: later such layers are depthwise or grouped
     convolutions when some layer can feed them), and any layer whose input width no layer produces.
     """
-    outs = [out for _, out, _, _ in layers]
+    widths = collections.Counter(out for _, out, _, _ in layers)  # output width -> how many layers have it
 
     def fed(j: int, exactly: bool = False) -> bool:  # another layer's output could be this layer's input
         _, out, in_g, _ = layers[j]
         return any(
-            q != j and (_exact_groups(o, out, in_g) or (not exactly and _multiple_groups(o, out, in_g)))
-            for q, o in enumerate(outs)
-        )
+            n > (o == out) and (_exact_groups(o, out, in_g) or (not exactly and _multiple_groups(o, out, in_g)))
+            for o, n in widths.items()
+        )  # (a width ``out`` counts when a layer besides this one has it)
 
     by_name = sorted(range(len(layers)), key=lambda j: (natural_key(layers[j][0]), j))
     # layers reading at most 4 channels: the data root is one no layer can feed, else one no layer feeds
@@ -122,6 +123,7 @@ def plan_chain(layers: Sequence[tuple[str, int, int, tuple[int, ...]]]) -> list[
 
     # Each layer takes the first candidate producer that closes no cycle, so the producers form a forest.
     producer_of: dict[int, tuple[int | None, int]] = {}
+    consumed: set[int] = set()  # layers some layer took as its producer: only these can close a cycle
 
     def ancestors(q: int | None) -> Iterator[int]:
         while q is not None:
@@ -133,11 +135,11 @@ def plan_chain(layers: Sequence[tuple[str, int, int, tuple[int, ...]]]) -> list[
         producer_of[j] = (None, 1)
         if j in roots:
             continue
-        earlier = [order[q] for q in range(pos - 1, -1, -1)]
-        later = [order[q] for q in range(pos + 1, len(order))]
-        for producer, groups in _producers(out, in_g, earlier, later, layers):
-            if j not in ancestors(producer):
+        for producer, groups in _producers(out, in_g, order, pos, layers):
+            # a layer no layer reads yet has no descendants: no walk up a chain as long as the model
+            if j not in consumed or j not in ancestors(producer):
                 producer_of[j] = (producer, groups)
+                consumed.add(producer)
                 break
 
     # Processing order: a producer found among later layers is placed before its consumer.
@@ -160,22 +162,24 @@ def plan_chain(layers: Sequence[tuple[str, int, int, tuple[int, ...]]]) -> list[
 
 
 def _producers(
-    out: int, in_g: int, earlier: list[int], later: list[int], layers: Sequence[tuple[str, int, int, tuple]]
+    out: int, in_g: int, order: Sequence[int], pos: int, layers: Sequence[tuple[str, int, int, tuple]]
 ) -> Iterator[tuple[int, int]]:
-    """Candidate (producer, groups) in preference order: among earlier layers, then among later ones, the
-    nearest whose width is this layer's input width (or, for a depthwise layer, its output width), then the
-    nearest whose width is a multiple g of the input width that divides this layer's output (a grouped or
-    channel-multiplier depthwise conv). The first that closes no cycle is taken: where names do not sort in
-    execution order (c0, c2, dw), widths still tell which layer can feed which."""
-    for candidates in (earlier, later):
+    """Candidate (producer, groups) for the layer at ``order[pos]`` in preference order: among earlier layers,
+    then among later ones, the nearest whose width is this layer's input width (or, for a depthwise layer, its
+    output width), then the nearest whose width is a multiple g of the input width that divides this layer's
+    output (a grouped or channel-multiplier depthwise conv). The first that closes no cycle is taken: where
+    names do not sort in execution order (c0, c2, dw), widths still tell which layer can feed which. Made as
+    they are read: the nearest is nearly always the first, and lists of every other layer made planning
+    quadratic in the layer count."""
+    for candidates in (range(pos - 1, -1, -1), range(pos + 1, len(order))):
         for q in candidates:
-            groups = _exact_groups(layers[q][1], out, in_g)
+            groups = _exact_groups(layers[order[q]][1], out, in_g)
             if groups:
-                yield q, groups
+                yield order[q], groups
         for q in candidates:
-            groups = _multiple_groups(layers[q][1], out, in_g)
+            groups = _multiple_groups(layers[order[q]][1], out, in_g)
             if groups:
-                yield q, groups
+                yield order[q], groups
 
 
 def _exact_groups(width: int, out: int, in_g: int) -> int | None:
