@@ -414,3 +414,36 @@ def test_a_weights_only_batchnorm_group_of_odd_variables_is_left_alone(tmp_path:
                 bn.create_dataset(str(i if case != "gap" else 2 * i), data=values)
         renamed = [t.name for t in keras_reader.read_h5(path, 1 << 24) if ".bn." in t.name]
         assert len(renamed) == (4 if case == "good" else 0), (case, renamed)
+
+
+def test_an_hdf5_file_not_as_long_as_its_superblock_says_is_refused_before_hdf5_reads_it(tmp_path: Path) -> None:
+    """Bytes inserted or removed shift every HDF5 address after them, and HDF5 then allocates whatever size it
+    finds there (found by fuzzing: 200 bytes repeated in a 46 KB Keras file took 12 GB and a minute). Such a file
+    is refused from its superblock's end-of-file address, in one line; the file as written (with or without a
+    user block before the superblock, and inside a .keras archive) is read."""
+    sd = torch_layout(3)
+    good = keras2_file(tmp_path / "good.h5", sd, with_config=True)
+    blob = good.read_bytes()
+    middle = len(blob) // 2
+    cases = {"inserted": blob[:middle] + blob[middle : middle + 200] + blob[middle:],
+             "removed": blob[:middle] + blob[middle + 200 :], "appended": blob + b"\0" * 16}  # fmt: skip
+    for name, raw in cases.items():
+        bad = tmp_path / f"{name}.h5"
+        bad.write_bytes(raw)
+        want = rf"^{bad}: damaged HDF5 file: {len(raw):,} bytes where its superblock says {len(blob):,} \(bytes"
+        with pytest.raises(ModelFormatError, match=want):
+            load_tensors(bad)
+    expected = {t.name: t.array for t in load_tensors(good)}
+    for name, options in (("userblock", {"userblock_size": 512}), ("latest", {"libver": "latest"})):
+        copy = tmp_path / f"{name}.h5"  # a user block before the superblock; a version 3 superblock
+        with h5py.File(good, "r") as src, h5py.File(copy, "w", **options) as dst:
+            for key in src:
+                src.copy(src[key], dst, name=key)
+            dst.attrs.update(src.attrs)
+        head = copy.read_bytes()
+        assert head[512:520] == b"\x89HDF\r\n\x1a\n" if name == "userblock" else head[8] == 3
+        got = {t.name: t.array for t in load_tensors(copy)}
+        assert got.keys() == expected.keys() and all(np.array_equal(got[k], expected[k]) for k in got), name
+        (tmp_path / f"{name}-cut.h5").write_bytes(head[:-100])
+        with pytest.raises(ModelFormatError, match=f"bytes where its superblock says {len(head):,}"):
+            load_tensors(tmp_path / f"{name}-cut.h5")

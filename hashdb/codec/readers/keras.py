@@ -119,8 +119,53 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _stored_end(f: Any) -> tuple[int, int] | None:
+    """(where the HDF5 superblock says the file ends, the file's size), or None where no superblock is found at
+    the offsets HDF5 looks at (0, 512, 1024, 2048, ...: after a user block) or its fields do not fit."""
+    size = f.seek(0, io.SEEK_END)
+    at = 0
+    while at + 64 <= size:
+        f.seek(at)
+        head = f.read(64)
+        if head[:8] == _HDF5_SIGNATURE:
+            version = head[8]
+            if version in (0, 1):
+                width, fields = head[13], 24 + 4 * version  # then base, free space, end of file, driver addresses
+            elif version in (2, 3):
+                width, fields = head[9], 12  # then base, superblock extension, end of file, root group addresses
+            else:
+                return None
+            if width not in (2, 4, 8) or fields + 3 * width > len(head):
+                return None
+            # the end-of-file address, the third address after the fixed fields: absolute, user block included
+            # (HDF5's own truncation check reads it so: "the stored EOA being absolute offset")
+            return int.from_bytes(head[fields + 2 * width : fields + 3 * width], "little"), size
+        at = 512 if at == 0 else 2 * at
+    return None
+
+
 @contextmanager
 def _open_h5(h5py: Any, source: Any, path: Path) -> Iterator[Any]:
+    """The HDF5 file, after a check HDF5 does not make: that it is as long as its superblock says. Bytes inserted
+    or removed shift every address after them, and HDF5 then allocates whatever size it finds there (found by
+    fuzzing: 200 bytes repeated in a 46 KB Keras file made it take 12 GB and a minute)."""
+    try:
+        if isinstance(source, str | Path):
+            with open(source, "rb") as raw:
+                ends = _stored_end(raw)
+        else:
+            ends = _stored_end(source)
+            source.seek(0)
+    except OSError:
+        ends = None
+    if ends is not None and ends[0] != ends[1]:
+        raise ModelFormatError(
+            f"{path}: damaged HDF5 file: {ends[1]:,} bytes where its superblock says {ends[0]:,} (bytes inserted, "
+            "removed or cut off)"
+        )
     try:
         f = h5py.File(source, "r")
     except Exception:  # h5py raises OSError with HDF5's internal wording for every bad file
