@@ -408,3 +408,28 @@ def test_what_a_file_puts_in_an_error_stays_on_one_line(tmp_path: Path) -> None:
             load_tensors(path)
         message = str(info.value)
         assert message.isprintable() and shown in message, message
+
+
+def test_a_model_of_more_layers_than_the_limit_is_refused_before_any_is_hashed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each convolution layer costs the chain codec ~2 ms however small, so a 1 MB file of 12,000 tiny layers took
+    half a minute (found by fuzzing). More than DEFAULT_MAX_LAYERS (HASHDB_MAX_LAYERS) are refused in one line,
+    from the layers' shapes alone."""
+    from hashdb.codec import ModelHasher
+    from hashdb.codec.hasher import DEFAULT_MAX_LAYERS
+
+    rng = np.random.default_rng(0)
+    tiny = {f"l{i}.weight": rng.standard_normal((2, 2, 1, 1)).astype(np.float32) for i in range(DEFAULT_MAX_LAYERS + 1)}
+    h = ModelHasher()
+    with pytest.raises(ModelFormatError, match=rf"^dict: {DEFAULT_MAX_LAYERS + 1:,} convolution layers, more than"):
+        h.hash(tiny)
+    net = {f"c{i}.weight": rng.standard_normal((8, 3 if i == 0 else 8, 3, 3)).astype(np.float32) for i in range(4)}
+    monkeypatch.setenv("HASHDB_MAX_LAYERS", "3")
+    with pytest.raises(ModelFormatError, match=r"4 convolution layers, more than the 3 hashdb hashes"):
+        h.hash(net)
+    monkeypatch.setenv("HASHDB_MAX_LAYERS", "4")
+    assert len(h.hash(net)) == h.bits // 8
+    monkeypatch.setenv("HASHDB_MAX_LAYERS", "many")
+    with pytest.raises(ModelFormatError, match=r"HASHDB_MAX_LAYERS must be a positive number of layers, got 'many'"):
+        h.hash(net)

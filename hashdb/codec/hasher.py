@@ -18,6 +18,7 @@ from .encode import ENCODINGS, encode
 from .load import load_tensors
 from .nts import CONTRASTS, FEATURES, projection_statistics
 from .null import null_radius_fraction
+from .readers import positive_int_from_env
 from .select import PRUNE_RULES, Pool, capped_pools, conv_layer, conv_plan, important_kernels, kernel_shape
 
 CODEC_VERSION = "chain-sketch-7"  # the default codec: chain.py (canonical descriptors, Fourier sketches)
@@ -58,6 +59,10 @@ CHAIN_DEFAULTS: dict[str, dict[str, Any]] = {
 
 # copy_radius / bits that maximizes min(precision, recall) of light copies vs distinct models on the zoo, per
 # code length (bench/codec_sweep.py report; docs/codec.md); other lengths interpolate in log2(bits).
+# The most convolution layers a chain codec hashes (HASHDB_MAX_LAYERS overrides): each costs ~2 ms however small
+# (its 96 x 96 whitening), so a 1 MB file of 12,000 tiny layers took half a minute (found by fuzzing). The deepest
+# published CNNs have about 1,000 (ResNet-1001).
+DEFAULT_MAX_LAYERS = 10_000
 # Layers with fewer filters than this get no code of their own (hash_with_layers): their codes are too alike
 # across independently trained models to index (bench/null_bench.py, section null, layer codes).
 LAYER_MIN_FILTERS = 16
@@ -302,6 +307,10 @@ class ModelHasher:
         """layer_sketches() and each layer's (name, filters, inputs per group, kernel shape)."""
         where = _where(source)
         tensors, plan = self._plan(source, where)
+        limit = max_layers_from_env()
+        if len(plan) > limit:
+            raise ModelFormatError(f"{where}: {len(plan):,} convolution layers, more than the {limit:,} hashdb hashes "
+                                   "(HASHDB_MAX_LAYERS sets another limit)")  # fmt: skip
         shapes = []
         for i, read in plan:
             arr = tensors[i].array
@@ -437,3 +446,9 @@ def hash_files(
             except ModelFormatError as exc:
                 out.append((unit.key, exc))
     return out
+
+
+
+def max_layers_from_env() -> int:
+    """HASHDB_MAX_LAYERS when set (a positive integer), else DEFAULT_MAX_LAYERS."""
+    return positive_int_from_env("HASHDB_MAX_LAYERS", DEFAULT_MAX_LAYERS, "layers")

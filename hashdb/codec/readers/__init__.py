@@ -151,17 +151,22 @@ def check_zip_members(path: Path | str, infos: list, max_bytes: int) -> None:
 
 def max_bytes_from_env() -> int:
     """HASHDB_MAX_MODEL_BYTES when set (a positive integer of bytes), else DEFAULT_MAX_BYTES."""
+    return positive_int_from_env("HASHDB_MAX_MODEL_BYTES", DEFAULT_MAX_BYTES, "bytes")
+
+
+def positive_int_from_env(name: str, default: int, unit: str) -> int:
+    """The environment variable ``name`` when set (a positive integer, a number of ``unit``), else ``default``."""
     import os
 
-    text = os.environ.get("HASHDB_MAX_MODEL_BYTES", "").strip()
+    text = os.environ.get(name, "").strip()
     if not text:
-        return DEFAULT_MAX_BYTES
+        return default
     try:
         value = int(text)
     except ValueError:
         value = -1
     if value <= 0:
-        raise ModelFormatError(f"HASHDB_MAX_MODEL_BYTES must be a positive number of bytes, got {text!r}")
+        raise ModelFormatError(f"{name} must be a positive number of {unit}, got {text!r}")
     return value
 
 
