@@ -349,3 +349,27 @@ def test_importing_an_export_of_another_codec_version_is_refused_before_anything
         assert len(done.stderr.strip().splitlines()) == 1
     with HashDB(tmp_path / "new", bits=None) as new:
         assert len(new) == 0
+
+
+def test_planning_a_long_chain_named_against_its_order_needs_no_deep_recursion() -> None:
+    """1,101 layers whose names sort against their order (each one's only possible producer comes later by name)
+    are planned into one chain under a recursion limit of 300: placing a producer before its consumer is a loop
+    (found by review: it recursed once per layer, past Python's limit at 1,100)."""
+    import sys
+
+    primes: list[int] = []
+    c = 5
+    while len(primes) < 1101:
+        if all(c % p for p in range(2, math.isqrt(c) + 1)):
+            primes.append(c)
+        c += 1
+    shapes = [("L01101", primes[0], 3, (3, 3))]
+    shapes += [(f"L{1100 - k:05d}", primes[k + 1], primes[k], (1, 1)) for k in range(1100)]
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(300)
+    try:
+        chain = plan_chain(shapes)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert [layer.index for layer in chain] == list(range(1101))
+    assert [layer.producer for layer in chain] == [None, *range(1100)]

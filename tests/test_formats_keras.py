@@ -434,6 +434,10 @@ def test_an_hdf5_file_not_as_long_as_its_superblock_says_is_refused_before_hdf5_
         with pytest.raises(ModelFormatError, match=want):
             load_tensors(bad)
     expected = {t.name: t.array for t in load_tensors(good)}
+    prepended = tmp_path / "prepended.h5"  # 512 bytes put in front: HDF5 finds the superblock there and moves
+    prepended.write_bytes(b"\0" * 512 + blob)  # every address with it, as the check does
+    got = {t.name: t.array for t in load_tensors(prepended)}
+    assert got.keys() == expected.keys() and all(np.array_equal(got[k], expected[k]) for k in got)
     for name, options in (("userblock", {"userblock_size": 512}), ("latest", {"libver": "latest"})):
         copy = tmp_path / f"{name}.h5"  # a user block before the superblock; a version 3 superblock
         with h5py.File(good, "r") as src, h5py.File(copy, "w", **options) as dst:

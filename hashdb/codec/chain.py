@@ -146,18 +146,17 @@ def plan_chain(layers: Sequence[tuple[str, int, int, tuple[int, ...]]]) -> list[
     result: list[ChainLayer] = []
     placed: dict[int, int] = {}
 
-    def place(j: int) -> None:
-        if j in placed:
-            return
-        prod, groups = producer_of[j]
-        if prod is not None:
-            place(prod)
-        name, out, in_g, ks = layers[j]
-        placed[j] = len(result)
-        result.append(ChainLayer(j, name, out, in_g, ks, None if prod is None else placed[prod], groups))
-
-    for j in order:
-        place(j)
+    for j in order:  # j after its unplaced producers, placed from the top (a loop: chains may be long)
+        pending: list[int] = []
+        q: int | None = j
+        while q is not None and q not in placed:
+            pending.append(q)
+            q = producer_of[q][0]
+        for q in reversed(pending):
+            prod, groups = producer_of[q]
+            name, out, in_g, ks = layers[q]
+            placed[q] = len(result)
+            result.append(ChainLayer(q, name, out, in_g, ks, None if prod is None else placed[prod], groups))
     return result
 
 

@@ -448,7 +448,6 @@ def hash_files(
     return out
 
 
-
 def max_layers_from_env() -> int:
     """HASHDB_MAX_LAYERS when set (a positive integer), else DEFAULT_MAX_LAYERS."""
     return positive_int_from_env("HASHDB_MAX_LAYERS", DEFAULT_MAX_LAYERS, "layers")

@@ -141,17 +141,21 @@ def _stored_end(f: Any) -> tuple[int, int] | None:
             if width not in (2, 4, 8) or fields + 3 * width > len(head):
                 return None
             # the end-of-file address, the third address after the fixed fields: absolute, user block included
-            # (HDF5's own truncation check reads it so: "the stored EOA being absolute offset")
-            return int.from_bytes(head[fields + 2 * width : fields + 3 * width], "little"), size
+            # (HDF5's own truncation check reads it so: "the stored EOA being absolute offset"); a superblock
+            # found past its base address (bytes put in front of a file) moves it, as HDF5 moves every address
+            base = int.from_bytes(head[fields : fields + width], "little")
+            end = int.from_bytes(head[fields + 2 * width : fields + 3 * width], "little")
+            return end + at - base, size
         at = 512 if at == 0 else 2 * at
     return None
 
 
 @contextmanager
 def _open_h5(h5py: Any, source: Any, path: Path) -> Iterator[Any]:
-    """The HDF5 file, after a check HDF5 does not make: that it is as long as its superblock says. Bytes inserted
-    or removed shift every address after them, and HDF5 then allocates whatever size it finds there (found by
-    fuzzing: 200 bytes repeated in a 46 KB Keras file made it take 12 GB and a minute)."""
+    """The HDF5 file, after a check HDF5 makes only in part (it refuses a file shorter than its superblock says,
+    not a longer one): that it is exactly as long. Bytes inserted or removed shift every address after them, and
+    HDF5 then allocates whatever size it finds there (found by fuzzing: 200 bytes repeated in a 46 KB Keras file
+    made it take 12 GB and a minute). Bytes appended to a whole file are refused too: they cannot be told apart."""
     try:
         if isinstance(source, str | Path):
             with open(source, "rb") as raw:
@@ -164,7 +168,7 @@ def _open_h5(h5py: Any, source: Any, path: Path) -> Iterator[Any]:
     if ends is not None and ends[0] != ends[1]:
         raise ModelFormatError(
             f"{path}: damaged HDF5 file: {ends[1]:,} bytes where its superblock says {ends[0]:,} (bytes inserted, "
-            "removed or cut off)"
+            "removed, cut off or appended)"
         )
     try:
         f = h5py.File(source, "r")
