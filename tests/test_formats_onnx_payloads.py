@@ -10,9 +10,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pytest
+from formats_writers import f_bytes, varint  # the tests' own protobuf writers
 
 from hashdb.codec import load_tensors
-from hashdb.codec.readers import protowire as pw
 from hashdb.errors import ModelFormatError
 
 onnx = pytest.importorskip("onnx")
@@ -51,7 +51,7 @@ def _with_graph(model: onnx.ModelProto, *graphs: bytes) -> bytes:
     """The model's other fields, then a ``graph`` record holding each of ``graphs`` (protobuf merges them)."""
     rest = _copy(model)
     rest.ClearField("graph")
-    return rest.SerializeToString() + b"".join(pw.length_record(7, g) for g in graphs)
+    return rest.SerializeToString() + b"".join(f_bytes(7, g) for g in graphs)
 
 
 def _graph_split(model: onnx.ModelProto) -> bytes:
@@ -68,10 +68,10 @@ def _raw_data_twice(model: onnx.ModelProto) -> bytes:
     meta = _copy(model.graph.initializer[0])
     meta.ClearField("raw_data")
     values = model.graph.initializer[0].raw_data
-    tensor = meta.SerializeToString() + pw.length_record(9, b"\0" * len(values)) + pw.length_record(9, values)
+    tensor = meta.SerializeToString() + f_bytes(9, b"\0" * len(values)) + f_bytes(9, values)
     graph = _copy(model.graph)
     del graph.initializer[0]  # w0 comes back first, as its own record
-    return _with_graph(model, pw.length_record(5, tensor) + graph.SerializeToString())
+    return _with_graph(model, f_bytes(5, tensor) + graph.SerializeToString())
 
 
 def _constant_in_two_records(model: onnx.ModelProto) -> bytes:
@@ -84,11 +84,11 @@ def _constant_in_two_records(model: onnx.ModelProto) -> bytes:
     head = _copy(attribute)
     head.ClearField("t")
     node.ClearField("attribute")
-    node_bytes = node.SerializeToString() + pw.length_record(5, head.SerializeToString() + pw.length_record(
-        5, meta.SerializeToString()) + pw.length_record(5, raw.SerializeToString()))  # fmt: skip
+    node_bytes = node.SerializeToString() + f_bytes(5, head.SerializeToString() + f_bytes(
+        5, meta.SerializeToString()) + f_bytes(5, raw.SerializeToString()))  # fmt: skip
     graph = _copy(model.graph)
     del graph.node[0]  # the Constant comes back first, as its own record
-    return _with_graph(model, pw.length_record(1, node_bytes) + graph.SerializeToString())
+    return _with_graph(model, f_bytes(1, node_bytes) + graph.SerializeToString())
 
 
 def _onnx_own(blob: bytes) -> dict[str, np.ndarray]:
@@ -150,11 +150,11 @@ def test_a_present_but_empty_raw_data_is_read_as_onnx_reads_it(tmp_path: Path) -
     model, _ = _model()
     typed = model.graph.initializer[2]  # b0, its values in float_data
     assert typed.name == "b0" and not typed.raw_data
-    for tail in (pw.length_record(9, b""), pw.length_record(9, b"\0" * 32) + pw.length_record(9, b"")):
+    for tail in (f_bytes(9, b""), f_bytes(9, b"\0" * 32) + f_bytes(9, b"")):
         graph = _copy(model.graph)
         del graph.initializer[2]
         path = tmp_path / "m.onnx"
-        path.write_bytes(_with_graph(model, pw.length_record(5, typed.SerializeToString() + tail)
+        path.write_bytes(_with_graph(model, f_bytes(5, typed.SerializeToString() + tail)
                                      + graph.SerializeToString()))  # fmt: skip
         with pytest.raises(ValueError, match="cannot reshape"):  # onnx's own reading of the same file
             numpy_helper.to_array(onnx.load_model_from_string(path.read_bytes()).graph.initializer[0])
@@ -166,7 +166,7 @@ def test_a_file_with_protobuf_groups_is_parsed_whole_by_onnx(tmp_path: Path) -> 
     """The wire-format walker does not read protobuf's deprecated groups; onnx keeps them as unknown fields. Such a
     file is parsed whole by onnx, as before the walker: the same tensors."""
     model, want = _model()
-    group = pw.encode_varint(99 << 3 | 3) + pw.encode_varint(1 << 3 | 0) + b"\x05" + pw.encode_varint(99 << 3 | 4)
+    group = varint(99 << 3 | 3) + varint(1 << 3 | 0) + b"\x05" + varint(99 << 3 | 4)
     path = tmp_path / "m.onnx"
     path.write_bytes(model.SerializeToString() + group)
     got = {t.name: t.array for t in load_tensors(path)}

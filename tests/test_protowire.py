@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from formats_writers import f_bytes
 
 from hashdb.codec.readers import protowire as pw
 
@@ -51,7 +52,7 @@ def test_records_span_each_record_so_a_message_can_be_rebuilt_without_one_field(
     raw = next(r for r in spans if r[0] == 9)
     assert bytes(blob[raw[4] - len(raw[2]) : raw[4]]) == t.raw_data  # the payload ends its record
     kept = b"".join(blob[start:end] for number, *_, start, end in spans if number != 9)
-    rebuilt = onnx.TensorProto.FromString(kept + pw.length_record(9, b"\x00" * 24))
+    rebuilt = onnx.TensorProto.FromString(kept + f_bytes(9, b"\x00" * 24))
     assert (rebuilt.name, list(rebuilt.dims), rebuilt.raw_data) == ("w", [2, 3], b"\x00" * 24)
     for value in (0, 1, 127, 128, 300, 2**35, 2**64 - 1):
         assert pw.read_varint(pw.encode_varint(value), 0) == (value, len(pw.encode_varint(value)))

@@ -96,11 +96,6 @@ def length_header(number: int, size: int) -> bytes:
     return encode_varint(number << 3 | LENGTH) + encode_varint(size)
 
 
-def length_record(number: int, payload: bytes | bytearray | memoryview) -> bytes:
-    """One LENGTH record: field ``number`` holding ``payload`` (a message, a string or packed values)."""
-    return length_header(number, len(payload)) + bytes(payload)
-
-
 def message(buf: bytes | memoryview) -> dict[int, list[int | memoryview]]:
     """All records of one message grouped by field number, in order (repeated fields keep every value)."""
     out: dict[int, list[int | memoryview]] = {}
