@@ -140,7 +140,7 @@ def _constants(
     """Initializers and the ``value`` tensors of Constant nodes (paddle2onnx keeps weights there), by name; each
     one's raw_data (where ``payloads`` says it lies in the file's map ``mm``) copied out of the map as it is read."""
     out: dict[str, np.ndarray] = {}
-    used = 0
+    used = unmapped = 0  # bytes of arrays made; bytes copied out of the map since its pages were last dropped
     protos: list[tuple[str, Any, PayloadKey]] = [
         (init.name, init, ("initializer", i)) for i, init in enumerate(graph.initializer)
     ]
@@ -150,17 +150,26 @@ def _constants(
                        if a.name == "value" and a.type == 4]  # fmt: skip
     for name, proto, key in protos:
         at = payloads.get(key)
-        # copied in one expression: no view of the map outlives it (an error's traceback would keep the map open)
-        raw = None if at is None or mm is None else np.frombuffer(mm, np.uint8, at[1], at[0]).copy()
+        raw = None
+        if at is not None and mm is not None:
+            # copied in one expression: no view of the map outlives it (an error's traceback would keep it open)
+            raw = np.frombuffer(mm, np.uint8, at[1], at[0]).copy()
+            unmapped += at[1]
+            if unmapped >= _DROP_EVERY:  # the process holds the arrays, not the file's pages as well
+                drop_mapped_pages(mm)
+                unmapped = 0
         arr = _stored(path, proto, folder, max_bytes - used, numpy_helper, raw)
         del raw
-        drop_mapped_pages(mm)  # the process holds the arrays, not the file's pages as well
         if arr is not None and arr.size:
             used += arr.size * 4
             check_size(path, used, max_bytes)
             out[name] = arr
     return out
 
+
+# The file's pages are dropped once this many bytes have been copied out of them: a bounded excess over 1x the
+# weights, for one madvise call per 16 MiB instead of one per tensor (30 % of reading 20,000 small tensors)
+_DROP_EVERY = 16 << 20
 
 # Where the weights' bytes lie in a ModelProto: (message, field number) -> the message that field holds, down to
 # TensorProto.raw_data (ModelProto.graph, GraphProto.initializer and .node, NodeProto.attribute, AttributeProto.t).
