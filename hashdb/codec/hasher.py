@@ -57,8 +57,6 @@ CHAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     CHAIN_V3: {"dim": 32, "omega": 2.0, "ridge": 0.3, "decay": 0.0, "shrink": 0.0},
 }
 
-# copy_radius / bits that maximizes min(precision, recall) of light copies vs distinct models on the zoo, per
-# code length (bench/codec_sweep.py report; docs/codec.md); other lengths interpolate in log2(bits).
 # The most convolution layers a chain codec hashes (HASHDB_MAX_LAYERS overrides): each costs ~2 ms however small
 # (its 96 x 96 whitening), so a 1 MB file of 12,000 tiny layers took half a minute (found by fuzzing). The deepest
 # published CNNs have about 1,000 (ResNet-1001).
@@ -67,6 +65,8 @@ DEFAULT_MAX_LAYERS = 10_000
 # across independently trained models to index (bench/null_bench.py, section null, layer codes).
 LAYER_MIN_FILTERS = 16
 
+# copy_radius / bits that maximizes min(precision, recall) of light copies vs distinct models on the zoo, per
+# code length (bench/codec_sweep.py report; docs/codec.md); other lengths interpolate in log2(bits).
 RADIUS_FRACTIONS = {64: 0.20, 128: 0.266, 256: 0.305, 512: 0.315, 1024: 0.325, 2048: 0.33}
 
 
